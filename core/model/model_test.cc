@@ -1,0 +1,82 @@
+#include "core/model/model.h"
+
+#include "gtest/gtest.h"
+
+namespace qforge {
+namespace {
+
+TEST(WeightFormat, NamesRoundTrip) {
+  for (const WeightFormat& f :
+       {WeightFormat::F32(), WeightFormat::F16(), WeightFormat::BF16(), WeightFormat::Of(WeightType::kQ8_0),
+        WeightFormat::Of(WeightType::kQ4_0), WeightFormat::Of(WeightType::kQ4_K), WeightFormat::QInt(4, 128, true),
+        WeightFormat::QInt(3, 0, false), WeightFormat::NF4(64, true), WeightFormat::NF4(64, false)}) {
+    auto parsed = ParseFormatName(FormatName(f));
+    ASSERT_TRUE(parsed.ok()) << FormatName(f) << ": " << parsed.status();
+    EXPECT_EQ(*parsed, f) << FormatName(f);
+  }
+  EXPECT_FALSE(ParseFormatName("q5_k").ok());
+  EXPECT_FALSE(ParseFormatName("qint9_g32_sym").ok());
+  EXPECT_FALSE(ParseFormatName("qint4_g0_sym").ok());
+  EXPECT_FALSE(ParseFormatName("nf4_bx").ok());
+}
+
+TEST(WeightFormat, GgmlBlockSizes) {
+  EXPECT_EQ(*EncodedBytes(WeightFormat::Of(WeightType::kQ8_0), 2, 64), 2u * 2 * 34);
+  EXPECT_EQ(*EncodedBytes(WeightFormat::Of(WeightType::kQ4_0), 3, 32), 3u * 18);
+  EXPECT_EQ(*EncodedBytes(WeightFormat::Of(WeightType::kQ4_K), 4, 512), 4u * 2 * 144);
+  EXPECT_FALSE(EncodedBytes(WeightFormat::Of(WeightType::kQ4_K), 4, 64).ok());
+  EXPECT_FALSE(EncodedBytes(WeightFormat::Of(WeightType::kQ8_0), 1, 33).ok());
+}
+
+TEST(WeightFormat, QIntLayoutCountsScalesAndZeros) {
+  auto l = GetQIntLayout(WeightFormat::QInt(3, 64, false), 10, 128);
+  ASSERT_TRUE(l.ok());
+  EXPECT_EQ(l->groups_per_row, 2);
+  EXPECT_EQ(l->row_code_bytes, 48u);
+  EXPECT_EQ(l->scales_offset, 480u);
+  EXPECT_EQ(l->zeros_offset, 480u + 40u);
+  EXPECT_EQ(l->total_bytes, 480u + 40u + 20u);
+  auto pc = GetQIntLayout(WeightFormat::QInt(4, 0, true), 10, 128);
+  ASSERT_TRUE(pc.ok());
+  EXPECT_EQ(pc->group, 128);
+  EXPECT_EQ(pc->total_bytes, 640u + 20u);
+  EXPECT_FALSE(GetQIntLayout(WeightFormat::QInt(4, 48, true), 1, 128).ok());
+  EXPECT_FALSE(GetQIntLayout(WeightFormat::QInt(3, 0, true), 1, 4).ok());  // 12 bits is not whole bytes
+}
+
+TEST(WeightFormat, Nf4DoubleQuantIsQloraBitsPerWeight) {
+  const int64_t rows = 256, cols = 4096;
+  auto l = GetNf4Layout(WeightFormat::NF4(64, true), rows, cols);
+  ASSERT_TRUE(l.ok());
+  const double bpw = 8.0 * l->total_bytes / (rows * cols);
+  // QLoRA: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter.
+  EXPECT_NEAR(bpw, 4.127, 0.001);
+  auto plain = GetNf4Layout(WeightFormat::NF4(64, false), rows, cols);
+  EXPECT_NEAR(8.0 * plain->total_bytes / (rows * cols), 4.5, 1e-9);
+}
+
+TEST(Tensor, ValidateCatchesSizeMismatch) {
+  std::vector<float> v(6, 1.0f);
+  Tensor t = Tensor::FromFloats("w", {2, 3}, v);
+  EXPECT_TRUE(ValidateTensor(t).ok());
+  t.shape = {2, 4};
+  EXPECT_FALSE(ValidateTensor(t).ok());
+  t.shape = {int64_t{1} << 40, int64_t{1} << 40};
+  EXPECT_FALSE(ValidateTensor(t).ok());
+  t.shape = {-2, -3};
+  EXPECT_FALSE(ValidateTensor(t).ok());
+}
+
+TEST(ModelConfig, RejectsInconsistentHeads) {
+  ModelConfig c{.dim = 64, .hidden_dim = 172, .n_layers = 5, .n_heads = 8, .n_kv_heads = 4, .vocab_size = 512,
+                .seq_len = 512};
+  EXPECT_TRUE(ValidateConfig(c).ok());
+  c.n_kv_heads = 3;
+  EXPECT_FALSE(ValidateConfig(c).ok());
+  c.n_kv_heads = 4;
+  c.n_heads = 7;
+  EXPECT_FALSE(ValidateConfig(c).ok());
+}
+
+}  // namespace
+}  // namespace qforge

@@ -1,0 +1,251 @@
+#include "core/model/tensor.h"
+
+#include <cstring>
+#include <limits>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "core/base/status_macros.h"
+
+namespace qforge {
+
+const float kNf4Levels[16] = {
+    -1.0f,
+    -0.6961928009986877f,
+    -0.5250730514526367f,
+    -0.39491748809814453f,
+    -0.28444138169288635f,
+    -0.18477343022823334f,
+    -0.09105003625154495f,
+    0.0f,
+    0.07958029955625534f,
+    0.16093020141124725f,
+    0.24611230194568634f,
+    0.33791524171829224f,
+    0.44070982933044434f,
+    0.5626170039176941f,
+    0.7229568362236023f,
+    1.0f,
+};
+
+std::string FormatName(const WeightFormat& f) {
+  switch (f.type) {
+    case WeightType::kF32: return "f32";
+    case WeightType::kF16: return "f16";
+    case WeightType::kBF16: return "bf16";
+    case WeightType::kQ8_0: return "q8_0";
+    case WeightType::kQ4_0: return "q4_0";
+    case WeightType::kQ4_K: return "q4_k";
+    case WeightType::kQInt:
+      return absl::StrCat("qint", f.bits, "_", f.group == 0 ? std::string("pc") : absl::StrCat("g", f.group),
+                          f.symmetric ? "_sym" : "_asym");
+    case WeightType::kNF4:
+      return absl::StrCat("nf4_b", f.group, f.double_quant ? "_dq" : "");
+  }
+  return "unknown";
+}
+
+absl::StatusOr<WeightFormat> ParseFormatName(const std::string& name) {
+  if (name == "f32") return WeightFormat::F32();
+  if (name == "f16") return WeightFormat::F16();
+  if (name == "bf16") return WeightFormat::BF16();
+  if (name == "q8_0") return WeightFormat::Of(WeightType::kQ8_0);
+  if (name == "q4_0") return WeightFormat::Of(WeightType::kQ4_0);
+  if (name == "q4_k") return WeightFormat::Of(WeightType::kQ4_K);
+  const std::vector<absl::string_view> parts = absl::StrSplit(name, '_');
+  auto bad = [&] { return absl::InvalidArgumentError(absl::StrCat("unknown weight format '", name, "'")); };
+  if (parts.size() == 3 && absl::StartsWith(parts[0], "qint")) {
+    int bits = 0, group = 0;
+    if (!absl::SimpleAtoi(parts[0].substr(4), &bits)) return bad();
+    if (parts[1] == "pc") {
+      group = 0;
+    } else if (!absl::StartsWith(parts[1], "g") || !absl::SimpleAtoi(parts[1].substr(1), &group) || group <= 0) {
+      return bad();
+    }
+    if (parts[2] != "sym" && parts[2] != "asym") return bad();
+    if (bits < 2 || bits > 8) return bad();
+    return WeightFormat::QInt(bits, group, parts[2] == "sym");
+  }
+  if ((parts.size() == 2 || parts.size() == 3) && parts[0] == "nf4" && absl::StartsWith(parts[1], "b")) {
+    int block = 0;
+    if (!absl::SimpleAtoi(parts[1].substr(1), &block) || block <= 0 || block % 2 != 0) return bad();
+    if (parts.size() == 3 && parts[2] != "dq") return bad();
+    return WeightFormat::NF4(block, parts.size() == 3);
+  }
+  return bad();
+}
+
+namespace {
+constexpr int64_t kMaxElements = int64_t{1} << 48;
+
+absl::Status CheckDims(int64_t rows, int64_t cols) {
+  if (rows < 0 || cols < 0) return absl::InvalidArgumentError("negative tensor dimension");
+  if (cols > 0 && rows > kMaxElements / cols)
+    return absl::InvalidArgumentError(absl::StrCat("tensor of ", rows, " x ", cols, " elements is too large"));
+  return absl::OkStatus();
+}
+
+absl::Status NeedMultiple(const WeightFormat& f, int64_t cols, int64_t block) {
+  if (cols % block != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(FormatName(f), " needs a row length that is a multiple of ", block, ", got ", cols));
+  }
+  return absl::OkStatus();
+}
+}  // namespace
+
+absl::StatusOr<QIntLayout> GetQIntLayout(const WeightFormat& f, int64_t rows, int64_t cols) {
+  if (f.type != WeightType::kQInt) return absl::InvalidArgumentError("not a qint format");
+  QF_RETURN_IF_ERROR(CheckDims(rows, cols));
+  if (f.bits < 2 || f.bits > 8) return absl::InvalidArgumentError(absl::StrCat("qint bits must be 2..8, got ", f.bits));
+  if (f.group < 0) return absl::InvalidArgumentError("qint group must be >= 0");
+  QIntLayout l{};
+  l.group = f.group == 0 ? cols : f.group;
+  if (l.group == 0) {
+    l.groups_per_row = 0;
+  } else {
+    QF_RETURN_IF_ERROR(NeedMultiple(f, cols, l.group));
+    l.groups_per_row = cols / l.group;
+  }
+  if ((cols * f.bits) % 8 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(FormatName(f), " needs row length * bits to be a multiple of 8, got ", cols));
+  }
+  l.row_code_bytes = static_cast<size_t>(cols * f.bits / 8);
+  l.codes_offset = 0;
+  l.scales_offset = l.row_code_bytes * static_cast<size_t>(rows);
+  l.zeros_offset = l.scales_offset + 2 * static_cast<size_t>(rows * l.groups_per_row);
+  l.total_bytes = l.zeros_offset + (f.symmetric ? 0 : static_cast<size_t>(rows * l.groups_per_row));
+  return l;
+}
+
+absl::StatusOr<Nf4Layout> GetNf4Layout(const WeightFormat& f, int64_t rows, int64_t cols) {
+  if (f.type != WeightType::kNF4) return absl::InvalidArgumentError("not an nf4 format");
+  QF_RETURN_IF_ERROR(CheckDims(rows, cols));
+  if (f.group <= 0 || f.group % 2 != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("nf4 block must be a positive even number, got ", f.group));
+  }
+  QF_RETURN_IF_ERROR(NeedMultiple(f, cols, f.group));
+  Nf4Layout l{};
+  const int64_t n = rows * cols;
+  l.block = f.group;
+  l.blocks = n / f.group;
+  l.codes_offset = 0;
+  l.absmax_offset = static_cast<size_t>(n / 2);
+  if (f.double_quant) {
+    l.dq_groups = (l.blocks + kNf4DoubleQuantGroup - 1) / kNf4DoubleQuantGroup;
+    l.dq_scale_offset = l.absmax_offset + static_cast<size_t>(l.blocks);
+    l.dq_offset_offset = l.dq_scale_offset + 4 * static_cast<size_t>(l.dq_groups);
+    l.total_bytes = l.dq_offset_offset + 4;
+  } else {
+    l.dq_groups = 0;
+    l.dq_scale_offset = l.dq_offset_offset = l.absmax_offset + 4 * static_cast<size_t>(l.blocks);
+    l.total_bytes = l.dq_scale_offset;
+  }
+  return l;
+}
+
+absl::StatusOr<size_t> EncodedBytes(const WeightFormat& f, int64_t rows, int64_t cols) {
+  QF_RETURN_IF_ERROR(CheckDims(rows, cols));
+  const size_t n = static_cast<size_t>(rows) * static_cast<size_t>(cols);
+  switch (f.type) {
+    case WeightType::kF32: return n * 4;
+    case WeightType::kF16:
+    case WeightType::kBF16: return n * 2;
+    case WeightType::kQ8_0:
+      QF_RETURN_IF_ERROR(NeedMultiple(f, cols, 32));
+      return n / 32 * 34;
+    case WeightType::kQ4_0:
+      QF_RETURN_IF_ERROR(NeedMultiple(f, cols, 32));
+      return n / 32 * 18;
+    case WeightType::kQ4_K:
+      QF_RETURN_IF_ERROR(NeedMultiple(f, cols, 256));
+      return n / 256 * 144;
+    case WeightType::kQInt: {
+      QF_ASSIGN_OR_RETURN(QIntLayout l, GetQIntLayout(f, rows, cols));
+      return l.total_bytes;
+    }
+    case WeightType::kNF4: {
+      QF_ASSIGN_OR_RETURN(Nf4Layout l, GetNf4Layout(f, rows, cols));
+      return l.total_bytes;
+    }
+  }
+  return absl::InvalidArgumentError("unknown weight type");
+}
+
+int64_t Tensor::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+int64_t Tensor::rows() const {
+  int64_t n = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) n *= shape[i];
+  return n;
+}
+int64_t Tensor::cols() const { return shape.empty() ? 1 : shape.back(); }
+
+Tensor Tensor::FromBytes(std::string name, std::vector<int64_t> shape, WeightFormat format,
+                         std::vector<uint8_t> bytes) {
+  auto buf = std::make_shared<std::vector<uint8_t>>(std::move(bytes));
+  Tensor t;
+  t.name = std::move(name);
+  t.shape = std::move(shape);
+  t.format = format;
+  t.data = buf->data();
+  t.nbytes = buf->size();
+  t.owner = std::move(buf);
+  return t;
+}
+
+Tensor Tensor::FromFloats(std::string name, std::vector<int64_t> shape, std::span<const float> values) {
+  std::vector<uint8_t> bytes(values.size() * 4);
+  if (!values.empty()) std::memcpy(bytes.data(), values.data(), bytes.size());
+  return FromBytes(std::move(name), std::move(shape), WeightFormat::F32(), std::move(bytes));
+}
+
+Tensor Tensor::View(std::string name, std::vector<int64_t> shape, WeightFormat format,
+                    std::shared_ptr<const void> owner, const uint8_t* data, size_t nbytes) {
+  Tensor t;
+  t.name = std::move(name);
+  t.shape = std::move(shape);
+  t.format = format;
+  t.owner = std::move(owner);
+  t.data = data;
+  t.nbytes = nbytes;
+  return t;
+}
+
+absl::Status ValidateTensor(const Tensor& t) {
+  if (t.shape.empty() || t.shape.size() > 4) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' has ", t.shape.size(), " dimensions"));
+  }
+  int64_t rows = 1;
+  for (size_t i = 0; i < t.shape.size(); ++i) {
+    const int64_t d = t.shape[i];
+    if (d < 0) return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' has a negative dimension"));
+    if (i + 1 < t.shape.size()) {
+      if (d != 0 && rows > kMaxElements / d)
+        return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' shape overflows"));
+      rows *= d;
+    }
+  }
+  auto need = EncodedBytes(t.format, rows, t.shape.back());
+  if (!need.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "': ", need.status().message()));
+  }
+  if (*need != t.nbytes) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' has ", t.nbytes, " bytes, its shape [",
+                                                   absl::StrJoin(t.shape, ", "), "] in ", FormatName(t.format),
+                                                   " needs ", *need));
+  }
+  if (t.nbytes > 0 && t.data == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' has no data"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace qforge
