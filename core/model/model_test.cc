@@ -1,5 +1,7 @@
 #include "core/model/model.h"
 
+#include <cstring>
+
 #include "gtest/gtest.h"
 
 namespace qforge {
@@ -78,5 +80,26 @@ TEST(ModelConfig, RejectsInconsistentHeads) {
   EXPECT_FALSE(ValidateConfig(c).ok());
 }
 
+}  // namespace
+}  // namespace qforge
+
+#include "core/model/synthetic.h"
+
+namespace qforge {
+namespace {
+TEST(Synthetic, ModelsAreValidAndDeterministic) {
+  for (bool tied : {false, true}) {
+    ModelConfig c = TinyTestConfig();
+    c.tied_embeddings = tied;
+    Model a = MakeSyntheticModel(c, 5, true);
+    ASSERT_TRUE(ValidateModel(a).ok()) << ValidateModel(a);
+    Model b = MakeSyntheticModel(c, 5, true);
+    const Tensor& ta = a.tensors.at(names::AttnQ(1));
+    const Tensor& tb = b.tensors.at(names::AttnQ(1));
+    ASSERT_EQ(ta.nbytes, tb.nbytes);
+    EXPECT_EQ(0, std::memcmp(ta.data, tb.data, ta.nbytes));
+  }
+  EXPECT_TRUE(ValidateModel(MakeSyntheticModel(Q4kTestConfig(), 1)).ok());
+}
 }  // namespace
 }  // namespace qforge
