@@ -1,0 +1,56 @@
+// Internal plumbing between the dispatcher (kernels.cc) and the per-ISA kernel files. Not a public API.
+#pragma once
+
+#include <cstdint>
+
+#include "absl/status/statusor.h"
+#include "core/kernels/blocks.h"
+#include "core/model/tensor.h"
+
+namespace qforge::kernels::internal {
+
+// A validated 2-D view of an encoded weight matrix with its layout resolved once per call.
+struct WeightView {
+  WeightFormat format;
+  const uint8_t* data = nullptr;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  size_t row_bytes = 0;  // float and ggml types: bytes of one encoded row
+  QIntLayout qint{};
+  Nf4Layout nf4{};
+};
+
+absl::StatusOr<WeightView> MakeView(const Tensor& w);
+
+// Columns decoded per step of a matmul: a multiple of every block size (32, 256) and of the SIMD
+// widths, small enough that the decoded chunk stays in L1 while all tokens consume it.
+inline constexpr int64_t kChunk = 256;
+
+// NF4 per-block scale (absmax), resolving double quantization.
+inline float Nf4BlockScale(const WeightView& v, int64_t block) {
+  const uint8_t* base = v.data;
+  if (!v.format.double_quant) return LoadF32(base + v.nf4.absmax_offset + 4 * block);
+  const int8_t q = static_cast<int8_t>(base[v.nf4.absmax_offset + block]);
+  const float scale = LoadF32(base + v.nf4.dq_scale_offset + 4 * (block / kNf4DoubleQuantGroup));
+  const float offset = LoadF32(base + v.nf4.dq_offset_offset);
+  return scale * static_cast<float>(q) + offset;
+}
+
+// Scalar reference: decodes elements [c0, c0 + len) of row r into out. For Q8_0/Q4_0 c0 and len are
+// multiples of 32, for Q4_K of 256; other formats take any range.
+void DecodeScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
+
+// Reference matmul (the kScalar path): decodes each row once, accumulates every token in double.
+void MatMulScalar(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
+                  int64_t y_stride);
+
+// SIMD paths. Decoders produce exactly the scalar reference's floats (same operations, no FMA), so only
+// the dot products' summation order differs between ISAs.
+void DecodeAvx2(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
+void MatMulAvx2(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
+                int64_t y_stride);
+void DecodeAvx512(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
+void MatMulAvx512(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
+                  int64_t y_stride);
+
+}  // namespace qforge::kernels::internal

@@ -1,0 +1,69 @@
+#include "core/runtime/ops.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace qforge::runtime_ops {
+
+void RmsNorm(const float* x, const float* w, int n, float eps, float* out) {
+  float ss = 0.0f;
+  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  for (int i = 0; i < n; ++i) out[i] = w[i] * (inv * x[i]);
+}
+
+void ApplyRope(float* v, int n_heads, int head_dim, const float* cos_sin) {
+  for (int h = 0; h < n_heads; ++h) {
+    float* p = v + static_cast<int64_t>(h) * head_dim;
+    for (int i = 0; i < head_dim; i += 2) {
+      const float c = cos_sin[i];
+      const float s = cos_sin[i + 1];
+      const float a = p[i];
+      const float b = p[i + 1];
+      p[i] = a * c - b * s;
+      p[i + 1] = a * s + b * c;
+    }
+  }
+}
+
+void Softmax(float* x, int n) {
+  if (n <= 0) return;
+  const float max = *std::max_element(x, x + n);
+  float sum = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - max);
+    sum += x[i];
+  }
+  const float inv = 1.0f / sum;
+  for (int i = 0; i < n; ++i) x[i] *= inv;
+}
+
+void AttendHead(const float* q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
+                float scale, float* scores, float* out) {
+  for (int p = 0; p < n_pos; ++p) {
+    const float* kp = k + p * stride;
+    float dot = 0.0f;
+    for (int i = 0; i < head_dim; ++i) dot += q[i] * kp[i];
+    scores[p] = dot * scale;
+  }
+  Softmax(scores, n_pos);
+  std::fill(out, out + head_dim, 0.0f);
+  for (int p = 0; p < n_pos; ++p) {
+    const float* vp = v + p * stride;
+    const float a = scores[p];
+    for (int i = 0; i < head_dim; ++i) out[i] += a * vp[i];
+  }
+}
+
+void SwiGlu(float* gate, const float* up, int n) {
+  for (int i = 0; i < n; ++i) {
+    const float g = gate[i];
+    gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+  }
+}
+
+void AddInPlace(float* x, const float* y, int n) {
+  for (int i = 0; i < n; ++i) x[i] += y[i];
+}
+
+}  // namespace qforge::runtime_ops

@@ -1,0 +1,33 @@
+// The runtime's own numeric loops (everything in the forward pass that is not a weight matmul, which lives
+// in core/kernels): normalisation, rotary embedding, attention over the KV cache, the SwiGLU gate, softmax.
+// Single-threaded; the transformer splits work across its pool.
+#pragma once
+
+#include <cstdint>
+
+namespace qforge::runtime_ops {
+
+// out[i] = x[i] * w[i] / sqrt(mean(x^2) + eps). out may alias x.
+void RmsNorm(const float* x, const float* w, int n, float eps, float* out);
+
+// Rotates the interleaved pairs (v[2j], v[2j+1]) of every head of `v` (n_heads * head_dim floats) by
+// the angle pos * freq[j], given cos_sin[2j] = cos(pos * freq[j]), cos_sin[2j+1] = sin(pos * freq[j])
+// for j in [0, head_dim / 2).
+void ApplyRope(float* v, int n_heads, int head_dim, const float* cos_sin);
+
+// One query head attending to cache positions [0, n_pos): scores = q·k_p * scale, softmax, out = Σ p_p v_p.
+// k and v point at the head's slice of position 0; consecutive positions are `stride` floats apart.
+// `scores` is scratch of n_pos floats.
+void AttendHead(const float* q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
+                float scale, float* scores, float* out);
+
+// In place: x[i] = softmax(x)[i], subtracting the max first.
+void Softmax(float* x, int n);
+
+// gate[i] = silu(gate[i]) * up[i].
+void SwiGlu(float* gate, const float* up, int n);
+
+// x[i] += y[i].
+void AddInPlace(float* x, const float* y, int n);
+
+}  // namespace qforge::runtime_ops

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# README command 2: install, build, and run every test on a fresh Debian 12 machine. .ci/run calls this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+bash scripts/build.sh
+jobs=$(nproc 2>/dev/null || echo 2)
+ctest --test-dir build --output-on-failure -j"$jobs" --timeout 900

@@ -1,0 +1,34 @@
+// Minimal command-line parsing for the qforge CLI: `--name value`, `--name=value`, boolean `--flag`,
+// and positional arguments. Unknown flags are errors, so typos never pass silently.
+#pragma once
+
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace qforge::cli {
+
+class Flags {
+ public:
+  // `value_flags` take a value; `bool_flags` do not. Names without the leading "--".
+  static absl::StatusOr<Flags> Parse(const std::vector<std::string>& args, const std::set<std::string>& value_flags,
+                                     const std::set<std::string>& bool_flags);
+
+  bool Has(const std::string& name) const { return values_.count(name) > 0 || bools_.count(name) > 0; }
+  std::string Get(const std::string& name, const std::string& fallback = "") const;
+  absl::StatusOr<int> GetInt(const std::string& name, int fallback, int min, int max) const;
+  absl::StatusOr<double> GetDouble(const std::string& name, double fallback, double min, double max) const;
+  absl::StatusOr<uint64_t> GetSeed(const std::string& name, uint64_t fallback) const;
+  bool GetBool(const std::string& name) const { return bools_.count(name) > 0; }
+  const std::vector<std::string>& positional() const { return positional_; }
+
+ private:
+  std::map<std::string, std::string> values_;
+  std::set<std::string> bools_;
+  std::vector<std::string> positional_;
+};
+
+}  // namespace qforge::cli
