@@ -2,9 +2,22 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 
 namespace qforge::cli {
+
+namespace {
+constexpr char kUsagePayload[] = "qforge/usage";
+}  // namespace
+
+absl::Status UsageError(const std::string& message) {
+  absl::Status s = absl::InvalidArgumentError(message);
+  s.SetPayload(kUsagePayload, absl::Cord("1"));
+  return s;
+}
+
+bool IsUsageError(const absl::Status& status) { return status.GetPayload(kUsagePayload).has_value(); }
 
 absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const std::set<std::string>& value_flags,
                                    const std::set<std::string>& bool_flags) {
@@ -24,16 +37,16 @@ absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args, const s
       has_inline_value = true;
     }
     if (bool_flags.count(name)) {
-      if (has_inline_value) return absl::InvalidArgumentError(absl::StrCat("--", name, " takes no value"));
+      if (has_inline_value) return UsageError(absl::StrCat("--", name, " takes no value"));
       f.bools_.insert(name);
     } else if (value_flags.count(name)) {
       if (!has_inline_value) {
-        if (i + 1 >= args.size()) return absl::InvalidArgumentError(absl::StrCat("--", name, " needs a value"));
+        if (i + 1 >= args.size()) return UsageError(absl::StrCat("--", name, " needs a value"));
         value = args[++i];
       }
       f.values_[name] = value;
     } else {
-      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+      return UsageError(absl::StrCat("unknown flag --", name));
     }
   }
   return f;
@@ -49,7 +62,7 @@ absl::StatusOr<int> Flags::GetInt(const std::string& name, int fallback, int min
   if (it == values_.end()) return fallback;
   int v = 0;
   if (!absl::SimpleAtoi(it->second, &v) || v < min || v > max) {
-    return absl::InvalidArgumentError(
+    return UsageError(
         absl::StrCat("--", name, " must be an integer in [", min, ", ", max, "], got '", it->second, "'"));
   }
   return v;
@@ -60,7 +73,7 @@ absl::StatusOr<double> Flags::GetDouble(const std::string& name, double fallback
   if (it == values_.end()) return fallback;
   double v = 0;
   if (!absl::SimpleAtod(it->second, &v) || !(v >= min && v <= max)) {
-    return absl::InvalidArgumentError(
+    return UsageError(
         absl::StrCat("--", name, " must be a number in [", min, ", ", max, "], got '", it->second, "'"));
   }
   return v;
@@ -71,7 +84,7 @@ absl::StatusOr<uint64_t> Flags::GetSeed(const std::string& name, uint64_t fallba
   if (it == values_.end()) return fallback;
   uint64_t v = 0;
   if (!absl::SimpleAtoi(it->second, &v)) {
-    return absl::InvalidArgumentError(absl::StrCat("--", name, " must be a non-negative integer, got '", it->second, "'"));
+    return UsageError(absl::StrCat("--", name, " must be a non-negative integer, got '", it->second, "'"));
   }
   return v;
 }

@@ -1,5 +1,6 @@
 // Minimal command-line parsing for the qforge CLI: `--name value`, `--name=value`, boolean `--flag`,
-// and positional arguments. Unknown flags are errors, so typos never pass silently.
+// and positional arguments. Unknown flags are errors, so typos never pass silently. Every error Flags
+// returns is a UsageError.
 #pragma once
 
 #include <map>
@@ -10,6 +11,10 @@
 #include "absl/status/statusor.h"
 
 namespace qforge::cli {
+
+// A usage error (unknown command or flag, a bad flag value, a missing argument): exit code 2 rather than 1.
+absl::Status UsageError(const std::string& message);
+bool IsUsageError(const absl::Status& status);
 
 class Flags {
  public:

@@ -1,0 +1,171 @@
+#include "services/cli/commands.h"
+
+#include <cstdio>
+#include <functional>
+#include <map>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "core/base/status_macros.h"
+#include "core/formats/formats.h"
+#include "core/model/synthetic.h"
+#include "services/cli/flags.h"
+#include "services/cli/internal.h"
+
+namespace qforge::cli {
+
+
+absl::Status NeedPositional(const Flags& f, size_t n, const std::string& usage) {
+  if (f.positional().size() != n) return UsageError(absl::StrCat("usage: ", usage));
+  return absl::OkStatus();
+}
+
+absl::Status SaveModel(const Model& m, const std::string& path) {
+  if (absl::EndsWith(path, ".gguf")) return formats::WriteGguf(m, path);
+  if (absl::EndsWith(path, ".safetensors")) return formats::WriteSafetensors(m, path);
+  return UsageError(absl::StrCat("output '", path, "' must end in .gguf or .safetensors"));
+}
+
+namespace {
+
+std::string HumanBytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+  int u = 0;
+  while (b >= 1024 && u < 4) {
+    b /= 1024;
+    ++u;
+  }
+  return absl::StrFormat(u == 0 ? "%.0f %s" : "%.2f %s", b, units[u]);
+}
+
+absl::Status Inspect(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {}, {"tensors"}));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge inspect FILE [--tensors]"));
+  const std::string& path = f.positional()[0];
+  QF_ASSIGN_OR_RETURN(formats::FileFormat ff, formats::DetectFormat(path));
+  QF_ASSIGN_OR_RETURN(Model m, formats::LoadModel(path));
+  const ModelConfig& c = m.config;
+  out << "file:       " << path << " (" << formats::FileFormatName(ff) << ")\n";
+  out << absl::StrFormat(
+      "config:     %s dim=%d hidden=%d layers=%d heads=%d kv_heads=%d vocab=%d seq_len=%d rope_theta=%g eps=%g %s\n",
+      c.arch, c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len, c.rope_theta,
+      c.norm_eps, c.tied_embeddings ? "tied-classifier" : "separate-classifier");
+  out << "vocabulary: "
+      << (m.vocab ? absl::StrCat(m.vocab->tokens.size(), " tokens (", m.vocab->model, ")") : std::string("none"))
+      << "\n";
+  int64_t params = 0;
+  size_t bytes = 0;
+  std::map<std::string, std::pair<int64_t, size_t>> by_format;  // format -> (params, bytes)
+  for (const auto& [name, t] : m.tensors) {
+    params += t.numel();
+    bytes += t.nbytes;
+    auto& agg = by_format[FormatName(t.format)];
+    agg.first += t.numel();
+    agg.second += t.nbytes;
+  }
+  out << absl::StrFormat("tensors:    %d, %d parameters, %s (%.3f bits/weight overall)\n", m.tensors.size(), params,
+                         HumanBytes(static_cast<double>(bytes)), params ? 8.0 * bytes / params : 0.0);
+  for (const auto& [fmt, agg] : by_format) {
+    out << absl::StrFormat("  %-18s %12d params %12s  %.3f bits/weight\n", fmt, agg.first,
+                           HumanBytes(static_cast<double>(agg.second)), 8.0 * agg.second / agg.first);
+  }
+  if (f.GetBool("tensors")) {
+    for (const auto& [name, t] : m.tensors) {
+      out << absl::StrFormat("  %-32s [%s] %s %d bytes\n", name, absl::StrJoin(t.shape, ", "), FormatName(t.format),
+                             t.nbytes);
+    }
+  }
+  for (const auto& [k, v] : m.metadata) out << "meta:       " << k << " = " << v << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status Convert(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"tokenizer"}, {}));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 2, "qforge convert IN OUT.{gguf,safetensors} [--tokenizer TOK]"));
+  QF_ASSIGN_OR_RETURN(Model m, formats::LoadModel(f.positional()[0]));
+  if (f.Has("tokenizer")) {
+    QF_ASSIGN_OR_RETURN(Vocab v, LoadVocab(f.Get("tokenizer"), m.config.vocab_size));
+    m.vocab = std::move(v);
+  }
+  QF_RETURN_IF_ERROR(SaveModel(m, f.positional()[1]));
+  out << "wrote " << f.positional()[1] << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status MakeSynthetic(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"dim", "hidden", "layers", "heads", "kv-heads", "vocab", "seq-len", "seed"},
+                                          {"tied"}));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge make-synthetic OUT.{gguf,safetensors} [--dim N --hidden N "
+                                          "--layers N --heads N --kv-heads N --vocab N --seq-len N --seed S --tied]"));
+  ModelConfig c = Q4kTestConfig();
+  QF_ASSIGN_OR_RETURN(c.dim, f.GetInt("dim", c.dim, 2, 65536));
+  QF_ASSIGN_OR_RETURN(c.hidden_dim, f.GetInt("hidden", c.hidden_dim, 1, 262144));
+  QF_ASSIGN_OR_RETURN(c.n_layers, f.GetInt("layers", c.n_layers, 1, 1024));
+  QF_ASSIGN_OR_RETURN(c.n_heads, f.GetInt("heads", c.n_heads, 1, 1024));
+  QF_ASSIGN_OR_RETURN(c.n_kv_heads, f.GetInt("kv-heads", c.n_heads, 1, 1024));
+  QF_ASSIGN_OR_RETURN(c.vocab_size, f.GetInt("vocab", c.vocab_size, 259, 1 << 20));
+  QF_ASSIGN_OR_RETURN(c.seq_len, f.GetInt("seq-len", c.seq_len, 1, 1 << 20));
+  QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("seed", 1));
+  c.tied_embeddings = f.GetBool("tied");
+  QF_RETURN_IF_ERROR(ValidateConfig(c));
+  Model m = MakeSyntheticModel(c, seed, /*with_vocab=*/true);
+  QF_RETURN_IF_ERROR(SaveModel(m, f.positional()[0]));
+  int64_t params = 0;
+  for (const auto& [name, t] : m.tensors) params += t.numel();
+  out << "wrote " << f.positional()[0] << ": " << params << " parameters\n";
+  return absl::OkStatus();
+}
+
+struct Command {
+  const char* name;
+  const char* summary;
+  std::function<absl::Status(const std::vector<std::string>&, std::ostream&)> run;
+};
+
+const std::vector<Command>& Commands() {
+  static const auto* commands = new std::vector<Command>{
+      {"inspect", "inspect FILE [--tensors]: format, configuration, tensors and bits/weight", Inspect},
+      {"quantize",
+       "quantize --method M [--bits B] [--group G] [--asym] [--no-double-quant] [--quantize-embeddings] "
+       "[--threads N] IN OUT.{gguf,safetensors}: quantize a model (methods: see `qforge methods`)",
+       Quantize},
+      {"methods", "methods: list the quantization methods", Methods},
+      {"generate",
+       "generate MODEL --prompt TEXT [--tokenizer TOK] [--max-tokens N] [--temperature T] [--top-p P] [--seed S] "
+       "[--threads N]: generate text (streamed)",
+       Generate},
+      {"eval",
+       "eval MODEL [--base MODEL] [--text FILE] [--tokenizer TOK] [--streams N] [--stream-len L] [--seed S] "
+       "[--window W] [--threads N]: perplexity, and KL / top-1 agreement against --base",
+       Eval},
+      {"convert", "convert IN OUT.{gguf,safetensors} [--tokenizer TOK]: rewrite a model in another format", Convert},
+      {"make-synthetic", "make-synthetic OUT [--dim ...]: write a random Llama model (tests, benchmarks)",
+       MakeSynthetic},
+  };
+  return *commands;
+}
+
+}  // namespace
+
+std::string HelpText() {
+  std::string s = "qforge: make large language models small and serve them\n\nusage: qforge COMMAND [ARGS]\n\n";
+  for (const Command& c : Commands()) absl::StrAppend(&s, "  ", c.summary, "\n");
+  absl::StrAppend(&s, "  help: this text\n\nExit codes: 0 ok, 1 the operation failed, 2 bad usage.\n");
+  return s;
+}
+
+absl::Status RunCommand(const std::vector<std::string>& args, std::ostream& out) {
+  if (args.empty() || args[0] == "help" || args[0] == "--help" || args[0] == "-h") {
+    out << HelpText();
+    return args.empty() ? UsageError("no command given; see `qforge help`") : absl::OkStatus();
+  }
+  for (const Command& c : Commands()) {
+    if (args[0] == c.name) return c.run(std::vector<std::string>(args.begin() + 1, args.end()), out);
+  }
+  return UsageError(absl::StrCat("unknown command '", args[0], "'; see `qforge help`"));
+}
+
+}  // namespace qforge::cli

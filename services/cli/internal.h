@@ -1,0 +1,28 @@
+// Pieces shared by the CLI's command files.
+#pragma once
+
+#include <ostream>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/model/model.h"
+#include "services/cli/flags.h"
+
+namespace qforge::cli {
+
+// A usage error unless exactly `n` positional arguments were given.
+absl::Status NeedPositional(const Flags& f, size_t n, const std::string& usage);
+// Writes GGUF or safetensors by the path's extension.
+absl::Status SaveModel(const Model& m, const std::string& path);
+// A vocabulary from a SentencePiece .model or a llama2.c tokenizer.bin.
+absl::StatusOr<Vocab> LoadVocab(const std::string& path, int vocab_size);
+
+// Commands that run models (model_commands.cc).
+absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out);
+absl::Status Methods(const std::vector<std::string>& args, std::ostream& out);
+absl::Status Generate(const std::vector<std::string>& args, std::ostream& out);
+absl::Status Eval(const std::vector<std::string>& args, std::ostream& out);
+
+}  // namespace qforge::cli

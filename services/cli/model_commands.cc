@@ -1,0 +1,260 @@
+// CLI commands that quantize, run and evaluate models.
+#include <chrono>
+#include <iostream>
+#include <memory>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "core/base/mapped_file.h"
+#include "core/base/status_macros.h"
+#include "core/base/thread_pool.h"
+#include "core/eval/eval.h"
+#include "core/formats/formats.h"
+#include "core/quant/quantize_model.h"
+#include "core/runtime/generate.h"
+#include "core/runtime/transformer.h"
+#include "core/tokenizer/sentencepiece_tokenizer.h"
+#include "core/tokenizer/tokenizer.h"
+#include "services/cli/commands.h"
+#include "services/cli/internal.h"
+
+namespace qforge::cli {
+
+absl::StatusOr<Vocab> LoadVocab(const std::string& path, int vocab_size) {
+  if (absl::EndsWith(path, ".bin")) return formats::ReadLlama2cTokenizer(path, vocab_size);
+  QF_ASSIGN_OR_RETURN(auto sp, SentencePieceTokenizer::Load(path));
+  Vocab v = sp->ExportVocab();
+  if (static_cast<int>(v.tokens.size()) != vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat("tokenizer ", path, " has ", v.tokens.size(),
+                                                   " tokens, the model has ", vocab_size));
+  }
+  return v;
+}
+
+namespace {
+
+std::string MethodNames() {
+  std::vector<std::string> names;
+  for (const quant::QuantMethod* m : quant::ListMethods()) names.push_back(m->name());
+  return absl::StrJoin(names, ", ");
+}
+
+// The model's own vocabulary, else --tokenizer, else null (commands then work on token ids).
+absl::StatusOr<std::unique_ptr<Tokenizer>> ResolveTokenizer(const Model& m, const Flags& f) {
+  if (f.Has("tokenizer")) {
+    QF_ASSIGN_OR_RETURN(auto tok, LoadTokenizer(f.Get("tokenizer"), m.config.vocab_size));
+    if (tok->vocab_size() != m.config.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer ", f.Get("tokenizer"), " has ", tok->vocab_size(),
+                                                     " tokens, the model has ", m.config.vocab_size));
+    }
+    return tok;
+  }
+  if (m.vocab.has_value()) return TokenizerFromVocab(*m.vocab);
+  return std::unique_ptr<Tokenizer>();
+}
+
+absl::StatusOr<std::unique_ptr<Transformer>> MakeTransformer(Model m, int threads) {
+  return Transformer::Create(std::make_shared<const Model>(std::move(m)), RuntimeOptions{.threads = threads});
+}
+
+}  // namespace
+
+absl::Status Methods(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {}, {}));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 0, "qforge methods"));
+  for (const quant::QuantMethod* m : quant::ListMethods()) {
+    out << absl::StrFormat("  %-6s %s (defaults: %s)\n", m->name(), m->description(),
+                           quant::ParamsToString(m->DefaultParams()));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"method", "bits", "group", "threads", "tokenizer"},
+                                          {"asym", "no-double-quant", "quantize-embeddings"}));
+  const std::string usage = "qforge quantize --method M [--bits B] [--group G] [--asym] [--no-double-quant] "
+                            "[--quantize-embeddings] [--threads N] [--tokenizer TOK] IN OUT.{gguf,safetensors}";
+  if (!f.Has("method")) return UsageError(absl::StrCat("--method is required (", MethodNames(), "); usage: ", usage));
+  const quant::QuantMethod* method = quant::FindMethod(f.Get("method"));
+  if (method == nullptr) {
+    return UsageError(absl::StrCat("unknown method '", f.Get("method"), "' (known: ", MethodNames(), ")"));
+  }
+  quant::QuantParams params = method->DefaultParams();
+  QF_ASSIGN_OR_RETURN(params.bits, f.GetInt("bits", params.bits, 1, 64));
+  QF_ASSIGN_OR_RETURN(params.group, f.GetInt("group", params.group, 0, 1 << 20));
+  if (f.GetBool("asym")) params.symmetric = false;
+  if (f.GetBool("no-double-quant")) params.double_quant = false;
+  if (absl::Status s = method->Validate(params); !s.ok()) {
+    return UsageError(absl::StrCat("--method ", method->name(), ": ", s.message()));
+  }
+  QF_ASSIGN_OR_RETURN(int threads, f.GetInt("threads", 0, 0, 1024));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 2, usage));
+  const std::string& in_path = f.positional()[0];
+  const std::string& out_path = f.positional()[1];
+  if (!absl::EndsWith(out_path, ".gguf") && !absl::EndsWith(out_path, ".safetensors")) {
+    return UsageError(absl::StrCat("output '", out_path, "' must end in .gguf or .safetensors"));
+  }
+
+  QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(in_path));
+  if (f.Has("tokenizer")) {
+    QF_ASSIGN_OR_RETURN(Vocab v, LoadVocab(f.Get("tokenizer"), model.config.vocab_size));
+    model.vocab = std::move(v);
+  }
+  quant::QuantRecipe recipe;
+  recipe.method = method->name();
+  recipe.params = params;
+  recipe.quantize_embeddings = f.GetBool("quantize-embeddings");
+  ThreadPool pool(threads);
+  const auto start = std::chrono::steady_clock::now();
+  QF_ASSIGN_OR_RETURN(quant::QuantizeResult result, quant::QuantizeModel(model, recipe, &pool));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.model.metadata["source"] = in_path;
+  QF_RETURN_IF_ERROR(SaveModel(result.model, out_path));
+  out << quant::FormatReport(result.report);
+  out << absl::StrFormat("quantized %s in %.2f s -> %s\n", in_path, seconds, out_path);
+  return absl::OkStatus();
+}
+
+absl::Status Generate(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"prompt", "tokenizer", "max-tokens", "temperature", "top-p", "seed",
+                                                 "threads"},
+                                          {}));
+  QF_ASSIGN_OR_RETURN(int max_tokens, f.GetInt("max-tokens", 128, 1, 1 << 20));
+  QF_ASSIGN_OR_RETURN(double temperature, f.GetDouble("temperature", 0.8, 0.0, 100.0));
+  QF_ASSIGN_OR_RETURN(double top_p, f.GetDouble("top-p", 0.95, 1e-6, 1.0));
+  QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("seed", 42));
+  QF_ASSIGN_OR_RETURN(int threads, f.GetInt("threads", 0, 0, 1024));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge generate MODEL [--prompt TEXT] [--tokenizer TOK] [--max-tokens N] "
+                                          "[--temperature T] [--top-p P] [--seed S] [--threads N]"));
+  QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0]));
+  QF_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, ResolveTokenizer(model, f));
+  const int bos = tokenizer ? tokenizer->bos_id() : (model.vocab ? model.vocab->bos_id : 1);
+  const int eos = tokenizer ? tokenizer->eos_id() : (model.vocab ? model.vocab->eos_id : 2);
+  std::vector<int> prompt = {bos};
+  if (f.Has("prompt")) {
+    if (!tokenizer) {
+      return absl::InvalidArgumentError("--prompt needs a tokenizer: the model has no vocabulary, pass --tokenizer");
+    }
+    QF_ASSIGN_OR_RETURN(prompt, tokenizer->Encode(f.Get("prompt"), /*add_bos=*/true));
+  }
+  QF_ASSIGN_OR_RETURN(auto transformer, MakeTransformer(std::move(model), threads));
+  max_tokens = std::min(max_tokens, transformer->max_seq_len() - static_cast<int>(prompt.size()));
+  if (max_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("the prompt (", prompt.size(),
+                                                    " tokens) fills the model's context of ",
+                                                    transformer->max_seq_len()));
+  }
+
+  GenerateOptions options;
+  options.max_new_tokens = max_tokens;
+  options.sampler = SamplerOptions{.temperature = static_cast<float>(temperature),
+                                   .top_p = static_cast<float>(top_p), .seed = seed};
+  options.eos_id = eos;
+  // Stream: echo the prompt, then each new piece as it is sampled.
+  int prev = prompt.back();
+  absl::Status piece_status;
+  if (tokenizer) {
+    QF_ASSIGN_OR_RETURN(std::string prompt_text, tokenizer->Decode(prompt));
+    out << prompt_text << std::flush;
+  }
+  const auto start = std::chrono::steady_clock::now();
+  auto on_token = [&](int token) {
+    if (tokenizer) {
+      auto piece = tokenizer->DecodePiece(prev, token);
+      if (!piece.ok()) {
+        piece_status = piece.status();
+        return false;
+      }
+      out << *piece << std::flush;
+    } else {
+      out << token << ' ' << std::flush;
+    }
+    prev = token;
+    return true;
+  };
+  QF_ASSIGN_OR_RETURN(GenerateResult result, qforge::Generate(*transformer, prompt, options, on_token));
+  QF_RETURN_IF_ERROR(piece_status);
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const char* stop = result.stop == StopReason::kEos           ? "end of sequence"
+                     : result.stop == StopReason::kContextFull ? "context full"
+                                                               : "max tokens";
+  out << absl::StrFormat("\n-- %d prompt + %d generated tokens in %.3f s (%.1f tokens/s), stopped at %s\n",
+                         result.prompt_tokens, result.tokens.size(), seconds,
+                         seconds > 0 ? result.tokens.size() / seconds : 0.0, stop);
+  return absl::OkStatus();
+}
+
+absl::Status Eval(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"base", "text", "tokenizer", "streams", "stream-len", "seed",
+                                                 "window", "threads", "temperature"},
+                                          {}));
+  QF_ASSIGN_OR_RETURN(int streams, f.GetInt("streams", 8, 0, 100000));
+  QF_ASSIGN_OR_RETURN(int stream_len, f.GetInt("stream-len", 0, 0, 1 << 24));
+  QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("seed", 1));
+  QF_ASSIGN_OR_RETURN(int window, f.GetInt("window", 0, 0, 1 << 24));
+  QF_ASSIGN_OR_RETURN(int threads, f.GetInt("threads", 0, 0, 1024));
+  QF_ASSIGN_OR_RETURN(double temperature, f.GetDouble("temperature", 1.0, 0.0, 100.0));
+  if (window == 1) return UsageError("--window must be at least 2");
+  QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge eval MODEL [--base MODEL] [--text FILE] [--tokenizer TOK] "
+                                          "[--streams N] [--stream-len L] [--seed S] [--window W] [--threads N]"));
+  if (streams == 0 && !f.Has("text")) return UsageError("nothing to evaluate: --streams 0 and no --text");
+
+  QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0]));
+  QF_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, ResolveTokenizer(model, f));
+  QF_ASSIGN_OR_RETURN(auto subject, MakeTransformer(std::move(model), threads));
+  std::unique_ptr<Transformer> base;
+  if (f.Has("base")) {
+    QF_ASSIGN_OR_RETURN(Model base_model, formats::LoadModel(f.Get("base")));
+    if (base_model.config.vocab_size != subject->vocab_size()) {
+      return absl::InvalidArgumentError(absl::StrCat("--base has vocabulary ", base_model.config.vocab_size,
+                                                     ", the model has ", subject->vocab_size()));
+    }
+    QF_ASSIGN_OR_RETURN(base, MakeTransformer(std::move(base_model), threads));
+  }
+
+  auto report = [&](const std::string& what, const eval::CompareResult& r) {
+    out << absl::StrFormat("%s: perplexity base %.4f  model %.4f  (%d tokens)\n", what, r.base.perplexity,
+                           r.quant.perplexity, r.quant.tokens);
+    out << absl::StrFormat("%s: KL(base||model) mean %.6f max %.4f nats   top-1 agreement %.2f%%\n", what,
+                           r.mean_kl, r.max_kl, 100.0 * r.top1_agreement);
+  };
+
+  if (f.Has("text")) {
+    if (!tokenizer) return absl::InvalidArgumentError("--text needs a tokenizer: pass --tokenizer");
+    if (base) {
+      QF_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.Get("text")));
+      QF_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text, /*add_bos=*/true));
+      QF_ASSIGN_OR_RETURN(eval::CompareResult r, eval::CompareModels(*base, *subject, tokens, window));
+      report(absl::StrCat("text ", f.Get("text")), r);
+    } else {
+      QF_ASSIGN_OR_RETURN(eval::PerplexityResult r, eval::EvalText(*subject, *tokenizer, f.Get("text"), window));
+      out << absl::StrFormat("text %s: perplexity %.4f (%d tokens, %d windows)\n", f.Get("text"), r.perplexity,
+                             r.tokens, r.windows);
+    }
+  }
+  if (streams > 0) {
+    Transformer& source = base ? *base : *subject;
+    const int len = stream_len > 0 ? stream_len : std::min(256, source.max_seq_len());
+    if (len < 2 || len > source.max_seq_len()) {
+      return UsageError(absl::StrCat("--stream-len must be in [2, ", source.max_seq_len(), "]"));
+    }
+    const int bos = tokenizer ? tokenizer->bos_id() : 1;
+    QF_ASSIGN_OR_RETURN(auto sampled, eval::SampleStreams(source, streams, len, seed,
+                                                          static_cast<float>(temperature), bos));
+    const std::string what = absl::StrFormat("streams (%d x %d tokens sampled from the %s model, seed %d, T=%g)",
+                                             streams, len, base ? "base" : "evaluated", seed, temperature);
+    if (base) {
+      QF_ASSIGN_OR_RETURN(eval::CompareResult r, eval::CompareModels(*base, *subject, sampled, window));
+      report(what, r);
+    } else {
+      QF_ASSIGN_OR_RETURN(eval::PerplexityResult r, eval::Perplexity(*subject, sampled, window));
+      out << absl::StrFormat("%s: perplexity %.4f (%d tokens)\n", what, r.perplexity, r.tokens);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace qforge::cli

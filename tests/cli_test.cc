@@ -1,0 +1,106 @@
+// Runs the real `qforge` binary: exit codes, one-line errors, and the main commands on stories260K.
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "gtest/gtest.h"
+
+namespace {
+
+struct Result {
+  int exit_code;
+  std::string out;
+  std::string err;
+};
+
+// Runs qforge with `args` (a shell-quoted string), capturing stdout and stderr.
+Result RunQforge(const std::string& args) {
+  const std::string dir = ::testing::TempDir();
+  const std::string out_path = dir + "/qforge_cli_out.txt", err_path = dir + "/qforge_cli_err.txt";
+  const std::string cmd = absl::StrCat(QFORGE_CLI_PATH, " ", args, " >", out_path, " 2>", err_path);
+  const int status = std::system(cmd.c_str());
+  auto slurp = [](const std::string& p) {
+    std::ifstream in(p);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  return {WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status), slurp(out_path), slurp(err_path)};
+}
+
+const std::string kStories = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/stories260K.bin";
+
+bool HaveStories() { return std::filesystem::exists(kStories); }
+
+void ExpectOneLineError(const Result& r, int code, const std::string& needle) {
+  EXPECT_EQ(r.exit_code, code) << r.err;
+  EXPECT_TRUE(absl::StartsWith(r.err, "qforge: error: ")) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.err, needle)) << "expected '" << needle << "' in: " << r.err;
+}
+
+TEST(Cli, UsageErrorsExitTwoWithOneLine) {
+  ExpectOneLineError(RunQforge(""), 2, "no command");
+  ExpectOneLineError(RunQforge("frobnicate"), 2, "unknown command 'frobnicate'");
+  ExpectOneLineError(RunQforge("inspect"), 2, "usage: qforge inspect");
+  ExpectOneLineError(RunQforge("inspect a b"), 2, "usage: qforge inspect");
+  ExpectOneLineError(RunQforge("inspect --bogus x"), 2, "unknown flag --bogus");
+  ExpectOneLineError(RunQforge("quantize --method rtn --bits 99 a b.gguf"), 2, "--bits");
+  ExpectOneLineError(RunQforge("quantize --method nosuch in out.gguf"), 2, "nosuch");
+  ExpectOneLineError(RunQforge("generate model --max-tokens -5 --prompt x"), 2, "--max-tokens");
+}
+
+TEST(Cli, HelpListsEveryCommand) {
+  Result r = RunQforge("help");
+  EXPECT_EQ(r.exit_code, 0);
+  for (const char* c : {"inspect", "quantize", "generate", "eval", "convert", "methods"}) {
+    EXPECT_TRUE(absl::StrContains(r.out, c)) << c;
+  }
+}
+
+TEST(Cli, BadFilesFailWithOneLine) {
+  const std::string dir = ::testing::TempDir();
+  ExpectOneLineError(RunQforge("inspect /nonexistent/model.gguf"), 1, "/nonexistent/model.gguf");
+  const std::string junk = dir + "/junk.gguf";
+  {
+    std::ofstream f(junk, std::ios::binary);
+    f << "GGUF\x03\x00\x00\x00 this is not a real gguf file";
+  }
+  Result r = RunQforge("inspect " + junk);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(absl::StartsWith(r.err, "qforge: error: ")) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+}
+
+TEST(Cli, InspectStories) {
+  if (!HaveStories()) GTEST_SKIP() << kStories << " not present";
+  Result r = RunQforge("inspect " + kStories);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(absl::StrContains(r.out, "dim=64 hidden=172 layers=5 heads=8 kv_heads=4 vocab=512 seq_len=512"))
+      << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "tied-classifier")) << r.out;
+}
+
+TEST(Cli, QuantizeInspectEvalGenerate) {
+  if (!HaveStories()) GTEST_SKIP() << kStories << " not present";
+  const std::string out = ::testing::TempDir() + "/s260k-q8.gguf";
+  Result q = RunQforge("quantize --method q8_0 " + kStories + " " + out);
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  Result i = RunQforge("inspect " + out);
+  ASSERT_EQ(i.exit_code, 0) << i.err;
+  EXPECT_TRUE(absl::StrContains(i.out, "q8_0")) << i.out;
+  Result e = RunQforge("eval " + out + " --base " + kStories + " --streams 2 --stream-len 64 --seed 3");
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  EXPECT_TRUE(absl::StrContains(e.out, "KL")) << e.out;
+  EXPECT_TRUE(absl::StrContains(e.out, "top-1")) << e.out;
+  Result g = RunQforge("generate " + out + " --max-tokens 8 --temperature 0");
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  EXPECT_FALSE(g.out.empty());
+}
+
+}  // namespace
