@@ -1,56 +1,157 @@
-// Interim scalar implementation (f32/f16/bf16 only); replaced by the full kernel set.
+// Dispatch: validates the tensor once, resolves its layout, and routes to the ISA picked at run time.
 #include "core/kernels/kernels.h"
 
-#include <vector>
+#include <atomic>
+#include <cpuid.h>
+#include <cstdlib>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "core/base/half.h"
+#include "core/base/status_macros.h"
+#include "core/kernels/kernels_internal.h"
 
 namespace qforge::kernels {
+namespace {
 
-Isa DetectIsa() { return Isa::kScalar; }
-Isa ActiveIsa() { return Isa::kScalar; }
-Isa SetIsa(Isa) { return Isa::kScalar; }
-const char* IsaName(Isa isa) { return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "scalar"; }
+uint64_t ReadXcr0() {
+  uint32_t eax, edx;
+  // xgetbv is only legal once CPUID reports OSXSAVE; callers check that first.
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return (static_cast<uint64_t>(edx) << 32) | eax;
+}
+
+Isa DetectIsaUncached() {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return Isa::kScalar;
+  const bool osxsave = ecx & (1u << 27);
+  const bool avx = ecx & (1u << 28);
+  const bool fma = ecx & (1u << 12);
+  const bool f16c = ecx & (1u << 29);
+  if (!osxsave || !avx) return Isa::kScalar;
+  const uint64_t xcr0 = ReadXcr0();
+  // The OS must save YMM (bits 1, 2) and, for AVX-512, opmask/ZMM state (bits 5, 6, 7).
+  if ((xcr0 & 0x6) != 0x6) return Isa::kScalar;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return Isa::kScalar;
+  const bool avx2 = ebx & (1u << 5);
+  if (!(avx2 && fma && f16c)) return Isa::kScalar;
+  const bool avx512f = ebx & (1u << 16);
+  const bool avx512dq = ebx & (1u << 17);
+  const bool avx512bw = ebx & (1u << 30);
+  const bool avx512vl = ebx & (1u << 31);
+  if (avx512f && avx512dq && avx512bw && avx512vl && (xcr0 & 0xE6) == 0xE6) return Isa::kAvx512;
+  return Isa::kAvx2;
+}
+
+Isa InitialIsa() {
+  Isa isa = DetectIsa();
+  // QFORGE_ISA=scalar|avx2|avx512 lets benchmarks and bug reports pin a path without recompiling.
+  if (const char* env = std::getenv("QFORGE_ISA")) {
+    if (std::strcmp(env, "scalar") == 0) isa = Isa::kScalar;
+    if (std::strcmp(env, "avx2") == 0 && isa >= Isa::kAvx2) isa = Isa::kAvx2;
+  }
+  return isa;
+}
+
+std::atomic<int>& ActiveIsaSlot() {
+  static std::atomic<int> slot{static_cast<int>(InitialIsa())};
+  return slot;
+}
+
+}  // namespace
+
+Isa DetectIsa() {
+  static const Isa detected = DetectIsaUncached();
+  return detected;
+}
+
+Isa ActiveIsa() { return static_cast<Isa>(ActiveIsaSlot().load(std::memory_order_relaxed)); }
+
+Isa SetIsa(Isa isa) {
+  const Isa best = DetectIsa();
+  const Isa chosen = static_cast<int>(isa) > static_cast<int>(best) ? best : isa;
+  ActiveIsaSlot().store(static_cast<int>(chosen), std::memory_order_relaxed);
+  return chosen;
+}
+
+const char* IsaName(Isa isa) {
+  switch (isa) {
+    case Isa::kScalar: return "scalar";
+    case Isa::kAvx2: return "avx2";
+    case Isa::kAvx512: return "avx512";
+  }
+  return "unknown";
+}
+
+namespace internal {
+
+absl::StatusOr<WeightView> MakeView(const Tensor& w) {
+  QF_RETURN_IF_ERROR(ValidateTensor(w));
+  WeightView v;
+  v.format = w.format;
+  v.data = w.data;
+  v.rows = w.rows();
+  v.cols = w.cols();
+  switch (w.format.type) {
+    case WeightType::kF32: v.row_bytes = 4 * static_cast<size_t>(v.cols); break;
+    case WeightType::kF16:
+    case WeightType::kBF16: v.row_bytes = 2 * static_cast<size_t>(v.cols); break;
+    case WeightType::kQ8_0: v.row_bytes = static_cast<size_t>(v.cols / kQK8_0) * sizeof(block_q8_0); break;
+    case WeightType::kQ4_0: v.row_bytes = static_cast<size_t>(v.cols / kQK4_0) * sizeof(block_q4_0); break;
+    case WeightType::kQ4_K: v.row_bytes = static_cast<size_t>(v.cols / kQK_K) * sizeof(block_q4_K); break;
+    case WeightType::kQInt: {
+      QF_ASSIGN_OR_RETURN(v.qint, GetQIntLayout(w.format, v.rows, v.cols));
+      v.row_bytes = v.qint.row_code_bytes;
+      break;
+    }
+    case WeightType::kNF4: {
+      QF_ASSIGN_OR_RETURN(v.nf4, GetNf4Layout(w.format, v.rows, v.cols));
+      v.row_bytes = static_cast<size_t>(v.cols / 2);
+      break;
+    }
+  }
+  return v;
+}
+
+}  // namespace internal
+
+namespace {
+absl::Status CheckRows(const Tensor& w, int64_t row_begin, int64_t row_end) {
+  if (row_begin < 0 || row_end > w.rows() || row_begin > row_end) {
+    return absl::OutOfRangeError(absl::StrCat("rows [", row_begin, ", ", row_end, ") out of range for '", w.name,
+                                              "' with ", w.rows(), " rows"));
+  }
+  return absl::OkStatus();
+}
+}  // namespace
 
 absl::Status DequantizeRows(const Tensor& w, int64_t row_begin, int64_t row_end, float* out) {
-  const int64_t cols = w.cols();
-  if (row_begin < 0 || row_end > w.rows() || row_begin > row_end) return absl::OutOfRangeError("bad row range");
-  const int64_t n = (row_end - row_begin) * cols;
-  const int64_t off = row_begin * cols;
-  switch (w.format.type) {
-    case WeightType::kF32: {
-      const float* p = reinterpret_cast<const float*>(w.data) + off;
-      for (int64_t i = 0; i < n; ++i) out[i] = p[i];
-      return absl::OkStatus();
+  QF_RETURN_IF_ERROR(CheckRows(w, row_begin, row_end));
+  QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
+  const Isa isa = ActiveIsa();
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    float* dst = out + (r - row_begin) * v.cols;
+    switch (isa) {
+      case Isa::kAvx512: internal::DecodeAvx512(v, r, 0, v.cols, dst); break;
+      case Isa::kAvx2: internal::DecodeAvx2(v, r, 0, v.cols, dst); break;
+      case Isa::kScalar: internal::DecodeScalar(v, r, 0, v.cols, dst); break;
     }
-    case WeightType::kF16: {
-      const uint16_t* p = reinterpret_cast<const uint16_t*>(w.data) + off;
-      for (int64_t i = 0; i < n; ++i) out[i] = HalfToFloat(p[i]);
-      return absl::OkStatus();
-    }
-    case WeightType::kBF16: {
-      const uint16_t* p = reinterpret_cast<const uint16_t*>(w.data) + off;
-      for (int64_t i = 0; i < n; ++i) out[i] = Bf16ToFloat(p[i]);
-      return absl::OkStatus();
-    }
-    default:
-      return absl::UnimplementedError(absl::StrCat("no kernel for ", FormatName(w.format)));
   }
+  return absl::OkStatus();
 }
 
 absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, const float* x, int64_t n, float* y,
                         int64_t y_stride) {
-  const int64_t cols = w.cols();
-  std::vector<float> row(cols);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    auto s = DequantizeRows(w, r, r + 1, row.data());
-    if (!s.ok()) return s;
-    for (int64_t t = 0; t < n; ++t) {
-      float acc = 0;
-      for (int64_t c = 0; c < cols; ++c) acc += row[c] * x[t * cols + c];
-      y[t * y_stride + r] = acc;
-    }
+  QF_RETURN_IF_ERROR(CheckRows(w, row_begin, row_end));
+  if (n < 0) return absl::InvalidArgumentError("negative token count");
+  if (n > 1 && y_stride < row_end) {
+    return absl::InvalidArgumentError(absl::StrCat("y_stride ", y_stride, " < row_end ", row_end));
+  }
+  QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
+  if (n == 0 || row_begin == row_end) return absl::OkStatus();
+  switch (ActiveIsa()) {
+    case Isa::kAvx512: internal::MatMulAvx512(v, row_begin, row_end, x, n, y, y_stride); break;
+    case Isa::kAvx2: internal::MatMulAvx2(v, row_begin, row_end, x, n, y, y_stride); break;
+    case Isa::kScalar: internal::MatMulScalar(v, row_begin, row_end, x, n, y, y_stride); break;
   }
   return absl::OkStatus();
 }

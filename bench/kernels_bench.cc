@@ -1,0 +1,107 @@
+// MatMulRows throughput per weight format: decode (n = 1 token) and prompt (n = 16 tokens) on a
+// 4096 x 4096 matrix, for each ISA the CPU has. bytes/s counts the encoded weight bytes streamed.
+#include <benchmark/benchmark.h>
+
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/base/thread_pool.h"
+#include "core/kernels/kernels.h"
+#include "core/quant/quant_method.h"
+
+namespace qforge {
+namespace {
+
+constexpr int64_t kRows = 4096;
+constexpr int64_t kCols = 4096;
+
+struct FormatSpec {
+  const char* label;
+  const char* method;
+  quant::QuantParams params;
+};
+
+const std::vector<FormatSpec>& Specs() {
+  static const std::vector<FormatSpec> specs = {
+      {"f32", nullptr, {}},
+      {"f16", "f16", {}},
+      {"q8_0", "q8_0", {}},
+      {"q4_0", "q4_0", {}},
+      {"q4_k", "q4_k", {}},
+      {"qint4_g128_sym", "rtn", {4, 128, true, false}},
+      {"qint8_pc_sym", "rtn", {8, 0, true, false}},
+      {"qint3_g128_asym", "rtn", {3, 128, false, false}},
+      {"nf4_b64_dq", "nf4", {4, 64, true, true}},
+  };
+  return specs;
+}
+
+const std::vector<float>& Weights() {
+  static const std::vector<float> w = [] {
+    std::mt19937 rng(1);
+    std::normal_distribution<float> d(0.0f, 0.02f);
+    std::vector<float> v(static_cast<size_t>(kRows * kCols));
+    for (auto& x : v) x = d(rng);
+    return v;
+  }();
+  return w;
+}
+
+// Encoded once per format and cached across benchmarks.
+const Tensor& Matrix(int spec_index) {
+  static std::map<int, Tensor> cache;
+  auto it = cache.find(spec_index);
+  if (it != cache.end()) return it->second;
+  const FormatSpec& s = Specs()[spec_index];
+  Tensor t;
+  if (s.method == nullptr) {
+    t = Tensor::FromFloats("w", {kRows, kCols}, Weights());
+  } else {
+    const quant::QuantMethod* m = quant::FindMethod(s.method);
+    const quant::QuantParams p = s.params;  // the ggml methods and f16 ignore params
+    ThreadPool pool(2);
+    auto format = m->OutputFormat(p, kRows, kCols);
+    auto bytes = m->Quantize(Weights().data(), kRows, kCols, p, &pool);
+    if (!format.ok() || !bytes.ok()) std::abort();
+    t = Tensor::FromBytes("w", {kRows, kCols}, *format, std::move(*bytes));
+  }
+  return cache.emplace(spec_index, std::move(t)).first->second;
+}
+
+void BM_MatMulRows(benchmark::State& state) {
+  const int spec = static_cast<int>(state.range(0));
+  const int64_t n = state.range(1);
+  const auto isa = static_cast<kernels::Isa>(state.range(2));
+  if (kernels::SetIsa(isa) != isa) {
+    state.SkipWithError("ISA not supported on this CPU");
+    return;
+  }
+  const Tensor& w = Matrix(spec);
+  std::vector<float> x(static_cast<size_t>(n * kCols), 0.5f), y(static_cast<size_t>(n * kRows));
+  for (auto _ : state) {
+    if (!kernels::MatMulRows(w, 0, kRows, x.data(), n, y.data(), kRows).ok()) state.SkipWithError("MatMulRows failed");
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(w.nbytes));
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(std::string(Specs()[spec].label) + " " + (n == 1 ? "decode" : "prompt") + " " + kernels::IsaName(isa));
+  kernels::SetIsa(kernels::DetectIsa());
+}
+
+void Args(benchmark::internal::Benchmark* b) {
+  for (int spec = 0; spec < static_cast<int>(Specs().size()); ++spec) {
+    for (int64_t n : {1, 16}) {
+      for (int isa : {0, 1, 2}) b->Args({spec, n, isa});
+    }
+  }
+}
+
+BENCHMARK(BM_MatMulRows)->Apply(Args)->ArgNames({"fmt", "n", "isa"})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
+}  // namespace qforge
+
+BENCHMARK_MAIN();

@@ -1,0 +1,142 @@
+// Scalar reference kernels: the definition of what every format's bytes mean. SIMD paths must produce
+// the same decoded floats; tests compare them against these functions.
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "core/base/half.h"
+#include "core/kernels/blocks.h"
+#include "core/kernels/kernels_internal.h"
+
+namespace qforge::kernels::internal {
+namespace {
+
+void DecodeQ8_0Scalar(const block_q8_0* b, int64_t nblocks, float* out) {
+  for (int64_t i = 0; i < nblocks; ++i, ++b, out += kQK8_0) {
+    const float d = LoadHalf(&b->d);
+    for (int j = 0; j < kQK8_0; ++j) out[j] = static_cast<float>(b->qs[j]) * d;
+  }
+}
+
+void DecodeQ4_0Scalar(const block_q4_0* b, int64_t nblocks, float* out) {
+  for (int64_t i = 0; i < nblocks; ++i, ++b, out += kQK4_0) {
+    const float d = LoadHalf(&b->d);
+    for (int j = 0; j < kQK4_0 / 2; ++j) {
+      out[j] = static_cast<float>((b->qs[j] & 0xF) - 8) * d;
+      out[j + kQK4_0 / 2] = static_cast<float>((b->qs[j] >> 4) - 8) * d;
+    }
+  }
+}
+
+void DecodeQ4_KScalar(const block_q4_K* b, int64_t nblocks, float* out) {
+  for (int64_t i = 0; i < nblocks; ++i, ++b) {
+    const float d = LoadHalf(&b->d);
+    const float dmin = LoadHalf(&b->dmin);
+    const uint8_t* q = b->qs;
+    for (int chunk = 0; chunk < 4; ++chunk, q += 32) {
+      uint8_t sc1, m1, sc2, m2;
+      GetScaleMinK4(2 * chunk, b->scales, &sc1, &m1);
+      GetScaleMinK4(2 * chunk + 1, b->scales, &sc2, &m2);
+      const float d1 = d * sc1, min1 = dmin * m1;
+      const float d2 = d * sc2, min2 = dmin * m2;
+      for (int l = 0; l < 32; ++l) *out++ = d1 * static_cast<float>(q[l] & 0xF) - min1;
+      for (int l = 0; l < 32; ++l) *out++ = d2 * static_cast<float>(q[l] >> 4) - min2;
+    }
+  }
+}
+
+// Code of element c of a row: bits [c*bits, (c+1)*bits) of the row's LSB-first bit stream.
+inline int QIntCode(const uint8_t* row_codes, int64_t c, int bits) {
+  const int64_t bit = c * bits;
+  const int64_t byte = bit >> 3;
+  const int shift = static_cast<int>(bit & 7);
+  uint32_t v = row_codes[byte];
+  if (shift + bits > 8) v |= static_cast<uint32_t>(row_codes[byte + 1]) << 8;
+  return static_cast<int>((v >> shift) & ((1u << bits) - 1));
+}
+
+void DecodeQIntScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out) {
+  const WeightFormat& f = v.format;
+  const QIntLayout& l = v.qint;
+  const uint8_t* codes = v.data + l.codes_offset + static_cast<size_t>(r) * l.row_code_bytes;
+  const uint8_t* scales = v.data + l.scales_offset + 2 * static_cast<size_t>(r * l.groups_per_row);
+  const uint8_t* zeros = f.symmetric ? nullptr : v.data + l.zeros_offset + static_cast<size_t>(r * l.groups_per_row);
+  const int sym_zero = 1 << (f.bits - 1);
+  const int64_t end = c0 + len;
+  for (int64_t c = c0; c < end;) {
+    const int64_t g = c / l.group;
+    const int64_t group_end = std::min(end, (g + 1) * l.group);
+    const float scale = LoadHalf(scales + 2 * g);
+    const int zero = zeros ? zeros[g] : sym_zero;
+    for (; c < group_end; ++c) out[c - c0] = scale * static_cast<float>(QIntCode(codes, c, f.bits) - zero);
+  }
+}
+
+void DecodeNf4Scalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out) {
+  const int64_t base = r * v.cols + c0;
+  int64_t cached_block = -1;
+  float scale = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t e = base + i;
+    const int64_t block = e / v.nf4.block;
+    if (block != cached_block) {
+      scale = Nf4BlockScale(v, block);
+      cached_block = block;
+    }
+    const uint8_t byte = v.data[v.nf4.codes_offset + static_cast<size_t>(e >> 1)];
+    const int code = (e & 1) ? (byte >> 4) : (byte & 0xF);
+    out[i] = scale * kNf4Levels[code];
+  }
+}
+
+}  // namespace
+
+void DecodeScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out) {
+  const uint8_t* row = v.data + static_cast<size_t>(r) * v.row_bytes;
+  switch (v.format.type) {
+    case WeightType::kF32:
+      std::memcpy(out, row + 4 * c0, 4 * static_cast<size_t>(len));
+      return;
+    case WeightType::kF16:
+      for (int64_t i = 0; i < len; ++i) out[i] = LoadHalf(row + 2 * (c0 + i));
+      return;
+    case WeightType::kBF16:
+      for (int64_t i = 0; i < len; ++i) {
+        uint16_t b;
+        std::memcpy(&b, row + 2 * (c0 + i), 2);
+        out[i] = Bf16ToFloat(b);
+      }
+      return;
+    case WeightType::kQ8_0:
+      DecodeQ8_0Scalar(reinterpret_cast<const block_q8_0*>(row) + c0 / kQK8_0, len / kQK8_0, out);
+      return;
+    case WeightType::kQ4_0:
+      DecodeQ4_0Scalar(reinterpret_cast<const block_q4_0*>(row) + c0 / kQK4_0, len / kQK4_0, out);
+      return;
+    case WeightType::kQ4_K:
+      DecodeQ4_KScalar(reinterpret_cast<const block_q4_K*>(row) + c0 / kQK_K, len / kQK_K, out);
+      return;
+    case WeightType::kQInt:
+      DecodeQIntScalar(v, r, c0, len, out);
+      return;
+    case WeightType::kNF4:
+      DecodeNf4Scalar(v, r, c0, len, out);
+      return;
+  }
+}
+
+void MatMulScalar(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
+                  int64_t y_stride) {
+  std::vector<float> row(static_cast<size_t>(v.cols));
+  for (int64_t r = r0; r < r1; ++r) {
+    DecodeScalar(v, r, 0, v.cols, row.data());
+    for (int64_t t = 0; t < n; ++t) {
+      const float* xt = x + t * v.cols;
+      double acc = 0;
+      for (int64_t c = 0; c < v.cols; ++c) acc += static_cast<double>(row[c]) * xt[c];
+      y[t * y_stride + r] = static_cast<float>(acc);
+    }
+  }
+}
+
+}  // namespace qforge::kernels::internal

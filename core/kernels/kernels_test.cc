@@ -1,0 +1,385 @@
+#include "core/kernels/kernels.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/base/half.h"
+#include "core/kernels/blocks.h"
+#include "gtest/gtest.h"
+
+namespace qforge::kernels {
+namespace {
+
+// Restores the detected ISA after each test so forcing one never leaks into another.
+class IsaGuard {
+ public:
+  IsaGuard() : saved_(ActiveIsa()) {}
+  ~IsaGuard() { SetIsa(saved_); }
+
+ private:
+  Isa saved_;
+};
+
+void PutHalf(std::vector<uint8_t>& b, size_t off, float v) {
+  const uint16_t h = FloatToHalf(v);
+  std::memcpy(b.data() + off, &h, 2);
+}
+void PutF32(std::vector<uint8_t>& b, size_t off, float v) { std::memcpy(b.data() + off, &v, 4); }
+
+// Random but well-formed bytes for any format: code bytes are uniform, scales are finite and positive.
+Tensor RandomTensor(const WeightFormat& f, int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::uniform_real_distribution<float> scale(0.01f, 0.2f);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const size_t nbytes = EncodedBytes(f, rows, cols).value();
+  std::vector<uint8_t> b(nbytes);
+  for (auto& x : b) x = static_cast<uint8_t>(byte(rng));
+  const size_t n = static_cast<size_t>(rows * cols);
+  switch (f.type) {
+    case WeightType::kF32:
+      for (size_t i = 0; i < n; ++i) PutF32(b, 4 * i, normal(rng));
+      break;
+    case WeightType::kF16:
+      for (size_t i = 0; i < n; ++i) PutHalf(b, 2 * i, normal(rng));
+      break;
+    case WeightType::kBF16:
+      for (size_t i = 0; i < n; ++i) {
+        const uint16_t h = FloatToBf16(normal(rng));
+        std::memcpy(b.data() + 2 * i, &h, 2);
+      }
+      break;
+    case WeightType::kQ8_0:
+      for (size_t blk = 0; blk < n / 32; ++blk) PutHalf(b, blk * 34, scale(rng));
+      break;
+    case WeightType::kQ4_0:
+      for (size_t blk = 0; blk < n / 32; ++blk) PutHalf(b, blk * 18, scale(rng));
+      break;
+    case WeightType::kQ4_K:
+      for (size_t blk = 0; blk < n / 256; ++blk) {
+        PutHalf(b, blk * 144, scale(rng) * 0.1f);
+        PutHalf(b, blk * 144 + 2, scale(rng) * 0.1f);
+      }
+      break;
+    case WeightType::kQInt: {
+      const QIntLayout l = GetQIntLayout(f, rows, cols).value();
+      const size_t groups = static_cast<size_t>(rows * l.groups_per_row);
+      for (size_t g = 0; g < groups; ++g) PutHalf(b, l.scales_offset + 2 * g, scale(rng));
+      if (!f.symmetric) {
+        std::uniform_int_distribution<int> zero(0, (1 << f.bits) - 1);
+        for (size_t g = 0; g < groups; ++g) b[l.zeros_offset + g] = static_cast<uint8_t>(zero(rng));
+      }
+      break;
+    }
+    case WeightType::kNF4: {
+      const Nf4Layout l = GetNf4Layout(f, rows, cols).value();
+      if (f.double_quant) {
+        for (int64_t g = 0; g < l.dq_groups; ++g) PutF32(b, l.dq_scale_offset + 4 * g, scale(rng) * 0.01f);
+        PutF32(b, l.dq_offset_offset, 1.5f);
+      } else {
+        for (int64_t k = 0; k < l.blocks; ++k) PutF32(b, l.absmax_offset + 4 * k, scale(rng) * 10);
+      }
+      break;
+    }
+  }
+  return Tensor::FromBytes("w", {rows, cols}, f, std::move(b));
+}
+
+struct Case {
+  WeightFormat format;
+  int64_t rows, cols;
+};
+
+std::vector<Case> AllCases() {
+  std::vector<Case> cases = {
+      {WeightFormat::F32(), 7, 37},   {WeightFormat::F32(), 5, 300},  {WeightFormat::F16(), 7, 37},
+      {WeightFormat::F16(), 5, 300},  {WeightFormat::BF16(), 7, 45},  {WeightFormat::BF16(), 3, 264},
+      {WeightFormat::Of(WeightType::kQ8_0), 7, 96},   {WeightFormat::Of(WeightType::kQ8_0), 5, 288},
+      {WeightFormat::Of(WeightType::kQ4_0), 7, 96},   {WeightFormat::Of(WeightType::kQ4_0), 5, 288},
+      {WeightFormat::Of(WeightType::kQ4_K), 3, 256},  {WeightFormat::Of(WeightType::kQ4_K), 5, 768},
+      {WeightFormat::NF4(64, false), 5, 576},         {WeightFormat::NF4(64, true), 7, 320},
+      {WeightFormat::NF4(32, true), 600, 96},  // > 256 blocks: several double-quant groups
+      {WeightFormat::NF4(6, false), 5, 42},    // block not a multiple of 8: scalar fallback inside SIMD
+  };
+  for (int bits = 2; bits <= 8; ++bits) {
+    for (bool sym : {true, false}) {
+      cases.push_back({WeightFormat::QInt(bits, 0, sym), 5, 40});
+      cases.push_back({WeightFormat::QInt(bits, 32, sym), 7, 320});
+      cases.push_back({WeightFormat::QInt(bits, 128, sym), 3, 384});
+    }
+  }
+  cases.push_back({WeightFormat::QInt(4, 12, true), 3, 96});  // group not a multiple of 8
+  cases.push_back({WeightFormat::QInt(4, 0, false), 3, 300});  // per-channel, 300 % 16 != 0
+  return cases;
+}
+
+std::vector<float> RandomX(int64_t n, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(n * cols));
+  for (auto& v : x) v = normal(rng);
+  return x;
+}
+
+// Compares `isa` with the scalar reference: dequantization must be bit-identical, matmuls may differ
+// only by summation order (bounded relative to sum |w*x|).
+void CheckIsaAgainstScalar(Isa isa) {
+  IsaGuard guard;
+  uint32_t seed = 1;
+  for (const Case& c : AllCases()) {
+    SCOPED_TRACE(absl::StrCat(FormatName(c.format), " ", c.rows, "x", c.cols, " isa=", IsaName(isa)));
+    const Tensor w = RandomTensor(c.format, c.rows, c.cols, seed++);
+    const size_t n_el = static_cast<size_t>(c.rows * c.cols);
+    std::vector<float> ref(n_el), got(n_el);
+    ASSERT_EQ(SetIsa(Isa::kScalar), Isa::kScalar);
+    ASSERT_TRUE(DequantizeRows(w, 0, c.rows, ref.data()).ok());
+    ASSERT_EQ(SetIsa(isa), isa);
+    ASSERT_TRUE(DequantizeRows(w, 0, c.rows, got.data()).ok());
+    for (size_t i = 0; i < n_el; ++i) {
+      ASSERT_TRUE(std::isfinite(ref[i]));
+      ASSERT_EQ(FloatBits(ref[i]), FloatBits(got[i])) << "element " << i << ": " << ref[i] << " vs " << got[i];
+    }
+    for (int64_t n : {1, 3, 5, 16}) {
+      const std::vector<float> x = RandomX(n, c.cols, seed++);
+      // Rows [1, rows) into a strided y, so row offsets and strides are exercised too.
+      const int64_t stride = c.rows + 3;
+      std::vector<float> y_ref(static_cast<size_t>(n * stride), -7.0f), y(y_ref);
+      SetIsa(Isa::kScalar);
+      ASSERT_TRUE(MatMulRows(w, 1, c.rows, x.data(), n, y_ref.data(), stride).ok());
+      SetIsa(isa);
+      ASSERT_TRUE(MatMulRows(w, 1, c.rows, x.data(), n, y.data(), stride).ok());
+      for (int64_t t = 0; t < n; ++t) {
+        EXPECT_EQ(y[t * stride], -7.0f) << "row 0 must not be written";
+        for (int64_t r = 1; r < c.rows; ++r) {
+          double mag = 0;
+          for (int64_t k = 0; k < c.cols; ++k) mag += std::fabs(ref[r * c.cols + k] * x[t * c.cols + k]);
+          ASSERT_NEAR(y[t * stride + r], y_ref[t * stride + r], 2e-6 * mag + 1e-30)
+              << "n=" << n << " t=" << t << " r=" << r;
+        }
+      }
+    }
+  }
+}
+
+TEST(KernelsTest, ScalarMatMulMatchesDequantizedDot) {
+  IsaGuard guard;
+  SetIsa(Isa::kScalar);
+  for (const Case& c : AllCases()) {
+    SCOPED_TRACE(FormatName(c.format));
+    const Tensor w = RandomTensor(c.format, c.rows, c.cols, 99);
+    std::vector<float> dq(static_cast<size_t>(c.rows * c.cols));
+    ASSERT_TRUE(DequantizeRows(w, 0, c.rows, dq.data()).ok());
+    const std::vector<float> x = RandomX(2, c.cols, 5);
+    std::vector<float> y(2 * c.rows);
+    ASSERT_TRUE(MatMulRows(w, 0, c.rows, x.data(), 2, y.data(), c.rows).ok());
+    for (int64_t t = 0; t < 2; ++t) {
+      for (int64_t r = 0; r < c.rows; ++r) {
+        double want = 0, mag = 0;
+        for (int64_t k = 0; k < c.cols; ++k) {
+          want += static_cast<double>(dq[r * c.cols + k]) * x[t * c.cols + k];
+          mag += std::fabs(dq[r * c.cols + k] * x[t * c.cols + k]);
+        }
+        EXPECT_NEAR(y[t * c.rows + r], want, 1e-6 * mag + 1e-30);
+      }
+    }
+  }
+}
+
+TEST(KernelsTest, Avx2AgreesWithScalar) {
+  if (DetectIsa() < Isa::kAvx2) GTEST_SKIP() << "CPU lacks AVX2/FMA/F16C";
+  CheckIsaAgainstScalar(Isa::kAvx2);
+}
+
+TEST(KernelsTest, Avx512AgreesWithScalar) {
+  if (DetectIsa() < Isa::kAvx512) GTEST_SKIP() << "CPU lacks AVX-512 (F/BW/DQ/VL)";
+  CheckIsaAgainstScalar(Isa::kAvx512);
+}
+
+TEST(KernelsTest, SetIsaClampsToCpu) {
+  IsaGuard guard;
+  EXPECT_EQ(SetIsa(Isa::kAvx512), DetectIsa());
+  EXPECT_EQ(ActiveIsa(), DetectIsa());
+  EXPECT_EQ(SetIsa(Isa::kScalar), Isa::kScalar);
+  EXPECT_EQ(ActiveIsa(), Isa::kScalar);
+  EXPECT_STREQ(IsaName(Isa::kAvx2), "avx2");
+}
+
+// Runs `body` once per ISA this CPU supports.
+template <typename F>
+void ForEachIsa(F body) {
+  IsaGuard guard;
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (isa > DetectIsa()) continue;
+    SetIsa(isa);
+    SCOPED_TRACE(IsaName(isa));
+    body();
+  }
+}
+
+std::vector<float> Dequant(const Tensor& w) {
+  std::vector<float> out(static_cast<size_t>(w.rows() * w.cols()));
+  EXPECT_TRUE(DequantizeRows(w, 0, w.rows(), out.data()).ok());
+  return out;
+}
+
+TEST(KernelsTest, HandComputedQ8_0) {
+  std::vector<uint8_t> b(34);
+  const uint16_t d = 0x3400;  // 0.25
+  std::memcpy(b.data(), &d, 2);
+  for (int j = 0; j < 32; ++j) b[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(j - 16));
+  const Tensor w = Tensor::FromBytes("q8", {1, 32}, WeightFormat::Of(WeightType::kQ8_0), b);
+  ForEachIsa([&] {
+    const auto out = Dequant(w);
+    for (int j = 0; j < 32; ++j) EXPECT_EQ(out[j], 0.25f * (j - 16)) << j;
+  });
+}
+
+TEST(KernelsTest, HandComputedQ4_0) {
+  std::vector<uint8_t> b(18);
+  const uint16_t d = 0x3800;  // 0.5
+  std::memcpy(b.data(), &d, 2);
+  for (int j = 0; j < 16; ++j) b[2 + j] = static_cast<uint8_t>(j | ((15 - j) << 4));
+  const Tensor w = Tensor::FromBytes("q4", {1, 32}, WeightFormat::Of(WeightType::kQ4_0), b);
+  ForEachIsa([&] {
+    const auto out = Dequant(w);
+    for (int j = 0; j < 16; ++j) {
+      EXPECT_EQ(out[j], 0.5f * (j - 8)) << j;             // low nibble: q = j
+      EXPECT_EQ(out[j + 16], 0.5f * (7 - j)) << j + 16;  // high nibble: q = 15 - j
+    }
+    // sum_j w_j * 1 over the block: 0.5 * (sum_{j<16} (j-8) + sum_{j<16} (7-j)) = 0.5 * (-8 - 8) = -8.
+    std::vector<float> ones(32, 1.0f);
+    float y = 1;
+    ASSERT_TRUE(MatMulRows(w, 0, 1, ones.data(), 1, &y, 1).ok());
+    EXPECT_EQ(y, -8.0f);
+  });
+}
+
+// Scales/mins {1,2,3,4,40,50,60,63} / {5,6,7,8,17,33,48,63} packed by hand into the 12 bytes.
+constexpr uint8_t kHandScales[12] = {0x81, 0xC2, 0xC3, 0xC4, 0x45, 0x86, 0xC7, 0xC8, 0x18, 0x12, 0x0C, 0xFF};
+constexpr int kHandSc[8] = {1, 2, 3, 4, 40, 50, 60, 63};
+constexpr int kHandM[8] = {5, 6, 7, 8, 17, 33, 48, 63};
+
+TEST(KernelsTest, GetScaleMinK4UnpacksHandPackedBytes) {
+  for (int j = 0; j < 8; ++j) {
+    uint8_t sc, m;
+    GetScaleMinK4(j, kHandScales, &sc, &m);
+    EXPECT_EQ(sc, kHandSc[j]) << j;
+    EXPECT_EQ(m, kHandM[j]) << j;
+  }
+}
+
+TEST(KernelsTest, HandComputedQ4_K) {
+  std::vector<uint8_t> b(144);
+  const uint16_t d = 0x3C00, dmin = 0x3800;  // 1.0, 0.5
+  std::memcpy(b.data(), &d, 2);
+  std::memcpy(b.data() + 2, &dmin, 2);
+  std::memcpy(b.data() + 4, kHandScales, 12);
+  for (int k = 0; k < 4; ++k) {
+    for (int l = 0; l < 32; ++l) b[16 + 32 * k + l] = static_cast<uint8_t>((l % 16) | (((l + k) % 16) << 4));
+  }
+  const Tensor w = Tensor::FromBytes("q4k", {1, 256}, WeightFormat::Of(WeightType::kQ4_K), b);
+  ForEachIsa([&] {
+    const auto out = Dequant(w);
+    for (int k = 0; k < 4; ++k) {
+      for (int l = 0; l < 32; ++l) {
+        EXPECT_EQ(out[64 * k + l], 1.0f * kHandSc[2 * k] * (l % 16) - 0.5f * kHandM[2 * k]);
+        EXPECT_EQ(out[64 * k + 32 + l], 1.0f * kHandSc[2 * k + 1] * ((l + k) % 16) - 0.5f * kHandM[2 * k + 1]);
+      }
+    }
+  });
+}
+
+TEST(KernelsTest, HandComputedQInt3Asymmetric) {
+  // 8 codes 0..7 at 3 bits each, LSB-first: sum i << 3i = 0xFAC688 -> bytes 88 C6 FA.
+  std::vector<uint8_t> b = {0x88, 0xC6, 0xFA, 0x00, 0x38, 3};  // codes, f16 scale 0.5, zero 3
+  const Tensor w = Tensor::FromBytes("q3", {1, 8}, WeightFormat::QInt(3, 0, false), b);
+  ForEachIsa([&] {
+    const auto out = Dequant(w);
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(out[i], 0.5f * (i - 3)) << i;
+  });
+}
+
+TEST(KernelsTest, HandComputedQInt4Symmetric) {
+  // 2 rows x 16, group 8: element c in the low nibble of byte c/2 when even. Codes = c, zero = 8.
+  std::vector<uint8_t> b(2 * 8 + 2 * 2 * 2);
+  for (int r = 0; r < 2; ++r) {
+    for (int i = 0; i < 8; ++i) b[8 * r + i] = static_cast<uint8_t>((2 * i) | ((2 * i + 1) << 4));
+  }
+  const float scales[4] = {1.0f, 2.0f, 0.5f, 0.25f};
+  for (int g = 0; g < 4; ++g) {
+    const uint16_t h = FloatToHalf(scales[g]);
+    std::memcpy(b.data() + 16 + 2 * g, &h, 2);
+  }
+  const Tensor w = Tensor::FromBytes("q4", {2, 16}, WeightFormat::QInt(4, 8, true), b);
+  ForEachIsa([&] {
+    const auto out = Dequant(w);
+    for (int r = 0; r < 2; ++r) {
+      for (int c = 0; c < 16; ++c) EXPECT_EQ(out[16 * r + c], scales[2 * r + c / 8] * (c - 8)) << r << "," << c;
+    }
+  });
+}
+
+TEST(KernelsTest, HandComputedNf4) {
+  // Codes 0, 7, 8, 15 -> levels -1, 0, 0.0796..., 1.
+  const float absmax = 2.0f;
+  std::vector<uint8_t> plain = {0x70, 0xF8, 0, 0, 0, 0};
+  std::memcpy(plain.data() + 2, &absmax, 4);
+  const Tensor w = Tensor::FromBytes("nf4", {1, 4}, WeightFormat::NF4(4, false), plain);
+  // Double quant: q = 100, dq_scale = 0.01, offset 1.0 -> absmax = 0.01 * 100 + 1.
+  std::vector<uint8_t> dq = {0x70, 0xF8, 100};
+  dq.resize(3 + 8);
+  const float dq_scale = 0.01f, dq_offset = 1.0f;
+  std::memcpy(dq.data() + 3, &dq_scale, 4);
+  std::memcpy(dq.data() + 7, &dq_offset, 4);
+  const Tensor wdq = Tensor::FromBytes("nf4dq", {1, 4}, WeightFormat::NF4(4, true), dq);
+  const float dq_absmax = dq_scale * 100.0f + dq_offset;
+  ForEachIsa([&] {
+    auto out = Dequant(w);
+    EXPECT_EQ(out[0], -2.0f);
+    EXPECT_EQ(out[1], 0.0f);
+    EXPECT_EQ(out[2], 2.0f * kNf4Levels[8]);
+    EXPECT_EQ(out[3], 2.0f);
+    out = Dequant(wdq);
+    EXPECT_EQ(out[0], -dq_absmax);
+    EXPECT_EQ(out[3], dq_absmax);
+    EXPECT_NEAR(dq_absmax, 2.0f, 1e-6);
+  });
+}
+
+TEST(KernelsTest, HandComputedF16AndBf16) {
+  const uint16_t halves[4] = {0x3C00, 0xC000, 0x0001, 0x7BFF};  // 1, -2, smallest subnormal, 65504
+  std::vector<uint8_t> b(8);
+  std::memcpy(b.data(), halves, 8);
+  const Tensor f16 = Tensor::FromBytes("h", {1, 4}, WeightFormat::F16(), b);
+  const uint16_t bf[2] = {0x3F80, 0xC0A0};  // 1, -5
+  std::vector<uint8_t> bb(4);
+  std::memcpy(bb.data(), bf, 4);
+  const Tensor bf16 = Tensor::FromBytes("b", {1, 2}, WeightFormat::BF16(), bb);
+  ForEachIsa([&] {
+    auto out = Dequant(f16);
+    EXPECT_EQ(out[0], 1.0f);
+    EXPECT_EQ(out[1], -2.0f);
+    EXPECT_EQ(out[2], std::ldexp(1.0f, -24));
+    EXPECT_EQ(out[3], 65504.0f);
+    out = Dequant(bf16);
+    EXPECT_EQ(out[0], 1.0f);
+    EXPECT_EQ(out[1], -5.0f);
+  });
+}
+
+TEST(KernelsTest, RejectsBadArguments) {
+  const Tensor w = RandomTensor(WeightFormat::Of(WeightType::kQ4_0), 4, 64, 3);
+  std::vector<float> out(4 * 64), x(64), y(8);
+  EXPECT_EQ(DequantizeRows(w, 2, 5, out.data()).code(), absl::StatusCode::kOutOfRange);
+  EXPECT_EQ(MatMulRows(w, -1, 2, x.data(), 1, y.data(), 4).code(), absl::StatusCode::kOutOfRange);
+  Tensor broken = w;
+  broken.nbytes -= 1;
+  EXPECT_FALSE(DequantizeRows(broken, 0, 1, out.data()).ok());
+}
+
+}  // namespace
+}  // namespace qforge::kernels

@@ -1,0 +1,257 @@
+// The quantization methods and the registry table. The numeric encoders are in packing.cc.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "core/base/half.h"
+#include "core/base/status_macros.h"
+#include "core/quant/packing.h"
+#include "core/quant/quant_method.h"
+
+namespace qforge::quant {
+
+std::string ParamsToString(const QuantParams& p) {
+  return absl::StrCat("bits=", p.bits, " group=", p.group, p.symmetric ? " sym" : " asym",
+                      p.double_quant ? " dq" : " no-dq");
+}
+
+namespace {
+
+// Runs fn(begin, end) over [0, n) on the pool, or inline without one.
+void ForRange(ThreadPool* pool, int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  if (pool == nullptr || pool->size() <= 1) {
+    fn(0, n);
+    return;
+  }
+  pool->ParallelFor(n, min_chunk, fn);
+}
+
+absl::Status CheckShape(int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot quantize an empty [", rows, ", ", cols, "] matrix"));
+  }
+  return absl::OkStatus();
+}
+
+// A ggml block format quantized row by row with a fixed encoder.
+class GgmlBlockMethod : public QuantMethod {
+ public:
+  using RowEncoder = void (*)(const float*, int64_t, uint8_t*);
+  GgmlBlockMethod(std::string name, std::string description, WeightType type, int block, int bits,
+                  RowEncoder encode, std::optional<std::string> fallback)
+      : name_(std::move(name)), description_(std::move(description)), type_(type), block_(block), bits_(bits),
+        encode_(encode), fallback_(std::move(fallback)) {}
+
+  std::string name() const override { return name_; }
+  std::string description() const override { return description_; }
+  QuantParams DefaultParams() const override { return {bits_, block_, true, false}; }
+  absl::Status Validate(const QuantParams&) const override { return absl::OkStatus(); }
+  absl::StatusOr<WeightFormat> OutputFormat(const QuantParams&, int64_t rows, int64_t cols) const override {
+    QF_RETURN_IF_ERROR(CheckShape(rows, cols));
+    if (cols % block_ != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name_, ": row length ", cols, " is not a multiple of the block size ", block_));
+    }
+    return WeightFormat::Of(type_);
+  }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool* pool) const override {
+    QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
+    QF_ASSIGN_OR_RETURN(const size_t nbytes, EncodedBytes(f, rows, cols));
+    std::vector<uint8_t> out(nbytes);
+    const size_t row_bytes = nbytes / static_cast<size_t>(rows);
+    ForRange(pool, rows, 4, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) encode_(w + r * cols, cols, out.data() + static_cast<size_t>(r) * row_bytes);
+    });
+    return out;
+  }
+  std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams&) const override {
+    if (!fallback_) return std::nullopt;
+    return std::make_pair(*fallback_, FindMethod(*fallback_)->DefaultParams());
+  }
+
+ private:
+  std::string name_, description_;
+  WeightType type_;
+  int block_, bits_;
+  RowEncoder encode_;
+  std::optional<std::string> fallback_;
+};
+
+// Plain f16: fits every shape, the last resort of every fallback chain.
+class F16Method : public QuantMethod {
+ public:
+  std::string name() const override { return "f16"; }
+  std::string description() const override { return "IEEE half precision (round to nearest even)"; }
+  QuantParams DefaultParams() const override { return {16, 0, true, false}; }
+  absl::Status Validate(const QuantParams&) const override { return absl::OkStatus(); }
+  absl::StatusOr<WeightFormat> OutputFormat(const QuantParams&, int64_t rows, int64_t cols) const override {
+    QF_RETURN_IF_ERROR(CheckShape(rows, cols));
+    return WeightFormat::F16();
+  }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool* pool) const override {
+    QF_RETURN_IF_ERROR(CheckShape(rows, cols));
+    std::vector<uint8_t> out(2 * static_cast<size_t>(rows * cols));
+    ForRange(pool, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0 * cols; i < r1 * cols; ++i) {
+        const uint16_t h = FloatToHalf(w[i]);
+        std::memcpy(out.data() + 2 * i, &h, 2);
+      }
+    });
+    return out;
+  }
+  std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams&) const override {
+    return std::nullopt;
+  }
+};
+
+// Round-to-nearest integers in the qforge planar kQInt layout.
+class RtnMethod : public QuantMethod {
+ public:
+  std::string name() const override { return "rtn"; }
+  std::string description() const override {
+    return "round-to-nearest integers, 2..8 bits, per-channel or grouped, symmetric or asymmetric";
+  }
+  QuantParams DefaultParams() const override { return {4, 128, true, false}; }
+  absl::Status Validate(const QuantParams& p) const override {
+    if (p.bits < 2 || p.bits > 8) return absl::InvalidArgumentError(absl::StrCat("rtn: bits must be 2..8, got ", p.bits));
+    if (p.group < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("rtn: group must be 0 (per-channel) or positive, got ", p.group));
+    }
+    return absl::OkStatus();
+  }
+  absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
+    QF_RETURN_IF_ERROR(Validate(p));
+    QF_RETURN_IF_ERROR(CheckShape(rows, cols));
+    if (p.group > 0 && cols % p.group != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("rtn: group ", p.group, " does not divide the row length ", cols));
+    }
+    if ((cols * p.bits) % 8 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("rtn: bits ", p.bits, " times row length ", cols,
+                                                     " is not a whole number of bytes"));
+    }
+    return WeightFormat::QInt(p.bits, p.group, p.symmetric);
+  }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool* pool) const override {
+    QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
+    QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
+    std::vector<uint8_t> out(l.total_bytes, 0);
+    ForRange(pool, rows, 4, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) QuantizeRowQInt(w + r * cols, r, cols, f, l, out.data());
+    });
+    return out;
+  }
+  std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams& p) const override {
+    // A group that does not divide the row: one scale per row at the same bit width.
+    if (p.group != 0) return std::make_pair(std::string("rtn"), QuantParams{p.bits, 0, p.symmetric, false});
+    return std::make_pair(std::string("q8_0"), FindMethod("q8_0")->DefaultParams());
+  }
+};
+
+// NormalFloat-4 with blockwise absmax, optionally double-quantized (QLoRA).
+class Nf4Method : public QuantMethod {
+ public:
+  std::string name() const override { return "nf4"; }
+  std::string description() const override {
+    return "NormalFloat-4 (QLoRA), absmax per block, double-quantized absmax by default";
+  }
+  QuantParams DefaultParams() const override { return {4, 64, true, true}; }
+  absl::Status Validate(const QuantParams& p) const override {
+    if (p.group <= 0 || p.group % 2 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("nf4: group (block size) must be positive and even, got ", p.group));
+    }
+    return absl::OkStatus();
+  }
+  absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
+    QF_RETURN_IF_ERROR(Validate(p));
+    QF_RETURN_IF_ERROR(CheckShape(rows, cols));
+    if (cols % p.group != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("nf4: group (block size) ", p.group,
+                                                     " does not divide the row length ", cols));
+    }
+    return WeightFormat::NF4(p.group, p.double_quant);
+  }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool* pool) const override {
+    QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
+    QF_ASSIGN_OR_RETURN(const Nf4Layout l, GetNf4Layout(f, rows, cols));
+    std::vector<uint8_t> out(l.total_bytes, 0);
+    const int64_t B = l.block;
+    std::vector<float> absmax(static_cast<size_t>(l.blocks));
+    ForRange(pool, l.blocks, 64, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        float m = 0;
+        for (int64_t i = 0; i < B; ++i) m = std::max(m, std::fabs(w[b * B + i]));
+        absmax[b] = m;
+      }
+    });
+    // The scale each block is encoded against: what the kernels will reconstruct.
+    std::vector<float> stored(absmax);
+    if (f.double_quant) {
+      std::vector<int8_t> q(static_cast<size_t>(l.blocks));
+      std::vector<float> dq_scale(static_cast<size_t>(l.dq_groups));
+      float dq_offset = 0;
+      DoubleQuantizeAbsmax(absmax.data(), l.blocks, q.data(), dq_scale.data(), &dq_offset);
+      std::memcpy(out.data() + l.absmax_offset, q.data(), q.size());
+      std::memcpy(out.data() + l.dq_scale_offset, dq_scale.data(), 4 * dq_scale.size());
+      std::memcpy(out.data() + l.dq_offset_offset, &dq_offset, 4);
+      for (int64_t b = 0; b < l.blocks; ++b) {
+        stored[b] = dq_scale[b / kNf4DoubleQuantGroup] * static_cast<float>(q[b]) + dq_offset;
+      }
+    } else {
+      std::memcpy(out.data() + l.absmax_offset, absmax.data(), 4 * absmax.size());
+    }
+    ForRange(pool, l.blocks, 64, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        EncodeNf4Block(w + b * B, B, stored[b], out.data() + l.codes_offset + static_cast<size_t>(b * B / 2));
+      }
+    });
+    return out;
+  }
+  std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams&) const override {
+    return std::make_pair(std::string("q8_0"), FindMethod("q8_0")->DefaultParams());
+  }
+};
+
+// The registry table: one entry per method.
+const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
+  static const auto* registry = [] {
+    auto* r = new std::vector<std::unique_ptr<QuantMethod>>();
+    r->push_back(std::make_unique<RtnMethod>());
+    r->push_back(std::make_unique<Nf4Method>());
+    r->push_back(std::make_unique<GgmlBlockMethod>("q8_0", "ggml Q8_0: 32 weights per f16 scale, int8", WeightType::kQ8_0,
+                                                   32, 8, &QuantizeRowQ8_0, "f16"));
+    r->push_back(std::make_unique<GgmlBlockMethod>("q4_0", "ggml Q4_0: 32 weights per f16 scale, 4-bit",
+                                                   WeightType::kQ4_0, 32, 4, &QuantizeRowQ4_0, "q8_0"));
+    r->push_back(std::make_unique<GgmlBlockMethod>(
+        "q4_k", "ggml Q4_K: 256-weight super-blocks, 6-bit scales/mins per 32", WeightType::kQ4_K, 256, 4,
+        &QuantizeRowQ4_K, "q4_0"));
+    r->push_back(std::make_unique<F16Method>());
+    return r;
+  }();
+  return *registry;
+}
+
+}  // namespace
+
+const QuantMethod* FindMethod(const std::string& name) {
+  for (const auto& m : Registry()) {
+    if (m->name() == name) return m.get();
+  }
+  return nullptr;
+}
+
+std::vector<const QuantMethod*> ListMethods() {
+  std::vector<const QuantMethod*> out;
+  for (const auto& m : Registry()) out.push_back(m.get());
+  return out;
+}
+
+}  // namespace qforge::quant

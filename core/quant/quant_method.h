@@ -1,0 +1,51 @@
+// The quantizer interface and its registry. A method turns an fp32 [rows, cols] matrix into the bytes of
+// one WeightFormat. Adding a method = one class in core/quant plus one line in the registry table.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/base/thread_pool.h"
+#include "core/model/tensor.h"
+
+namespace qforge::quant {
+
+struct QuantParams {
+  int bits = 4;              // rtn: 2..8. Fixed-format methods (q8_0, q4_0, q4_k, nf4, f16) ignore it.
+  int group = 128;           // rtn: elements per scale, 0 = one scale per row; nf4: block size
+  bool symmetric = true;     // rtn only
+  bool double_quant = true;  // nf4 only
+  bool operator==(const QuantParams&) const = default;
+};
+
+// "bits=4 group=128 sym" style, for metadata and reports.
+std::string ParamsToString(const QuantParams& p);
+
+class QuantMethod {
+ public:
+  virtual ~QuantMethod() = default;
+  virtual std::string name() const = 0;
+  virtual std::string description() const = 0;
+  virtual QuantParams DefaultParams() const = 0;
+  // Shape-independent checks; errors name the offending field.
+  virtual absl::Status Validate(const QuantParams& p) const = 0;
+  // The format a [rows, cols] matrix gets, or an error when cols does not fit the method's blocks.
+  virtual absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const = 0;
+  // Encodes row-major w. Rows are split over `pool` (may be null); the bytes never depend on the split.
+  virtual absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols,
+                                                        const QuantParams& p, ThreadPool* pool = nullptr) const = 0;
+  // The method and params to try when OutputFormat rejects a shape; nullopt when there is none.
+  virtual std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams& p) const = 0;
+};
+
+// nullptr when unknown.
+const QuantMethod* FindMethod(const std::string& name);
+// Every registered method, in registry order.
+std::vector<const QuantMethod*> ListMethods();
+
+}  // namespace qforge::quant

@@ -1,0 +1,195 @@
+#include "core/quant/quantize_model.h"
+
+#include <cmath>
+#include <cstring>
+#include <functional>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "core/base/status_macros.h"
+#include "core/kernels/kernels.h"
+
+namespace qforge::quant {
+namespace {
+
+void ForRange(ThreadPool* pool, int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  if (pool == nullptr || pool->size() <= 1) {
+    fn(0, n);
+    return;
+  }
+  pool->ParallelFor(n, min_chunk, fn);
+}
+
+absl::StatusOr<std::vector<float>> ToF32(const Tensor& t, ThreadPool* pool) {
+  const int64_t rows = t.rows(), cols = t.cols();
+  std::vector<float> out(static_cast<size_t>(rows * cols));
+  if (t.format.type == WeightType::kF32) {
+    std::memcpy(out.data(), t.data, out.size() * 4);
+    return out;
+  }
+  QF_RETURN_IF_ERROR(kernels::DequantizeRows(t, 0, rows, out.data()));
+  return out;
+}
+
+struct ErrorSums {
+  double err2 = 0, ref2 = 0;
+};
+
+// Squared reconstruction error, per row then summed in row order so the result is thread-count independent.
+absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const std::vector<float>& ref, ThreadPool* pool) {
+  const int64_t rows = q.rows(), cols = q.cols();
+  std::vector<double> err(static_cast<size_t>(rows)), norm(static_cast<size_t>(rows));
+  std::vector<absl::Status> status(static_cast<size_t>(rows));
+  ForRange(pool, rows, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(static_cast<size_t>(cols));
+    for (int64_t r = r0; r < r1; ++r) {
+      status[r] = kernels::DequantizeRows(q, r, r + 1, row.data());
+      double e = 0, n = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        const double w = ref[r * cols + c];
+        const double d = w - row[c];
+        e += d * d;
+        n += w * w;
+      }
+      err[r] = e;
+      norm[r] = n;
+    }
+  });
+  ErrorSums s;
+  for (int64_t r = 0; r < rows; ++r) {
+    QF_RETURN_IF_ERROR(status[r]);
+    s.err2 += err[r];
+    s.ref2 += norm[r];
+  }
+  return s;
+}
+
+}  // namespace
+
+absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& method, const QuantParams& params,
+                                      ThreadPool* pool, TensorQuantReport* report) {
+  if (in.shape.size() < 2) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", in.name, "' is not a matrix"));
+  }
+  QF_RETURN_IF_ERROR(method.Validate(params));
+  const int64_t rows = in.rows(), cols = in.cols();
+  // Walk the fallback chain until a method accepts this shape.
+  const QuantMethod* m = &method;
+  QuantParams p = params;
+  std::string reason;
+  absl::StatusOr<WeightFormat> format = m->OutputFormat(p, rows, cols);
+  for (int hops = 0; !format.ok(); ++hops) {
+    if (reason.empty()) reason = std::string(format.status().message());
+    auto next = m->Fallback(p);
+    if (!next || hops > 8) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor '", in.name, "': ", format.status().message(),
+                                                     " and no fallback fits"));
+    }
+    m = FindMethod(next->first);
+    if (m == nullptr) return absl::InternalError(absl::StrCat("fallback method '", next->first, "' not registered"));
+    p = next->second;
+    format = m->OutputFormat(p, rows, cols);
+  }
+  QF_ASSIGN_OR_RETURN(const std::vector<float> w, ToF32(in, pool));
+  QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, m->Quantize(w.data(), rows, cols, p, pool));
+  Tensor out = Tensor::FromBytes(in.name, in.shape, *format, std::move(bytes));
+  QF_RETURN_IF_ERROR(ValidateTensor(out));
+  if (report != nullptr) {
+    QF_ASSIGN_OR_RETURN(const ErrorSums e, ReconstructionError(out, w, pool));
+    const double n = static_cast<double>(rows * cols);
+    report->name = in.name;
+    report->rows = rows;
+    report->cols = cols;
+    report->method = m->name();
+    report->format = FormatName(*format);
+    report->fell_back = m != &method || !(p == params);
+    report->fallback_reason = report->fell_back ? reason : "";
+    report->bytes_f32 = static_cast<size_t>(n) * 4;
+    report->bytes_f16 = static_cast<size_t>(n) * 2;
+    report->bytes_after = out.nbytes;
+    report->bits_per_weight = 8.0 * static_cast<double>(out.nbytes) / n;
+    report->rmse = std::sqrt(e.err2 / n);
+    report->rel_error = e.ref2 > 0 ? std::sqrt(e.err2 / e.ref2) : 0.0;
+  }
+  return out;
+}
+
+absl::StatusOr<QuantizeResult> QuantizeModel(const Model& in, const QuantRecipe& recipe, ThreadPool* pool) {
+  const QuantMethod* method = FindMethod(recipe.method);
+  if (method == nullptr) {
+    std::vector<std::string> known;
+    for (const QuantMethod* m : ListMethods()) known.push_back(m->name());
+    return absl::InvalidArgumentError(absl::StrCat("unknown quantization method '", recipe.method,
+                                                   "' (known: ", absl::StrJoin(known, ", "), ")"));
+  }
+  const QuantParams params = recipe.params.value_or(method->DefaultParams());
+  QF_RETURN_IF_ERROR(method->Validate(params));
+
+  std::vector<std::string> targets = LinearWeightNames(in.config);
+  if (recipe.quantize_embeddings) {
+    targets.push_back(names::kTokenEmbd);
+    if (in.Find(names::kOutput) != nullptr) targets.push_back(names::kOutput);
+  }
+
+  QuantizeResult result;
+  result.model.config = in.config;
+  result.model.vocab = in.vocab;
+  result.model.metadata = in.metadata;
+  result.model.tensors = in.tensors;  // shares the bytes of everything left as is
+  QuantReport& rep = result.report;
+  rep.method = recipe.method;
+  rep.params = params;
+  double err2 = 0, ref2 = 0;
+  for (const std::string& name : targets) {
+    QF_ASSIGN_OR_RETURN(const Tensor* t, in.Get(name));
+    TensorQuantReport tr;
+    QF_ASSIGN_OR_RETURN(Tensor q, QuantizeTensor(*t, *method, params, pool, &tr));
+    result.model.tensors[name] = std::move(q);
+    const double n = static_cast<double>(tr.rows * tr.cols);
+    err2 += tr.rmse * tr.rmse * n;
+    ref2 += tr.rel_error > 0 ? tr.rmse * tr.rmse * n / (tr.rel_error * tr.rel_error) : 0;
+    rep.weights += tr.rows * tr.cols;
+    rep.bytes_f32 += tr.bytes_f32;
+    rep.bytes_f16 += tr.bytes_f16;
+    rep.bytes_after += tr.bytes_after;
+    if (tr.fell_back) rep.fallbacks.push_back(name);
+    rep.tensors.push_back(std::move(tr));
+  }
+  if (rep.weights > 0) {
+    rep.bits_per_weight = 8.0 * static_cast<double>(rep.bytes_after) / static_cast<double>(rep.weights);
+    rep.rmse = std::sqrt(err2 / static_cast<double>(rep.weights));
+    rep.rel_error = ref2 > 0 ? std::sqrt(err2 / ref2) : 0.0;
+  }
+  for (const auto& [name, t] : in.tensors) rep.model_bytes_before += t.nbytes;
+  for (const auto& [name, t] : result.model.tensors) rep.model_bytes_after += t.nbytes;
+
+  auto& md = result.model.metadata;
+  md["quant.method"] = recipe.method;
+  md["quant.params"] = ParamsToString(params);
+  md["quant.quantize_embeddings"] = recipe.quantize_embeddings ? "true" : "false";
+  md["quant.fallbacks"] = absl::StrJoin(rep.fallbacks, ",");
+  QF_RETURN_IF_ERROR(ValidateModel(result.model));
+  return result;
+}
+
+std::string FormatReport(const QuantReport& r) {
+  std::string s = absl::StrCat("method ", r.method, " (", ParamsToString(r.params), ")\n");
+  absl::StrAppendFormat(&s, "%-28s %-12s %-16s %8s %12s %12s %12s %11s %10s\n", "tensor", "shape", "format", "bits/w",
+                        "f32 bytes", "f16 bytes", "bytes", "rmse", "rel err");
+  for (const TensorQuantReport& t : r.tensors) {
+    absl::StrAppendFormat(&s, "%-28s %-12s %-16s %8.4f %12d %12d %12d %11.4e %10.4e%s\n", t.name,
+                          absl::StrCat(t.rows, "x", t.cols), t.format, t.bits_per_weight, t.bytes_f32, t.bytes_f16,
+                          t.bytes_after, t.rmse, t.rel_error, t.fell_back ? "  (fallback)" : "");
+  }
+  absl::StrAppendFormat(&s, "%-28s %-12s %-16s %8.4f %12d %12d %12d %11.4e %10.4e\n", "total", "", "",
+                        r.bits_per_weight, r.bytes_f32, r.bytes_f16, r.bytes_after, r.rmse, r.rel_error);
+  absl::StrAppendFormat(&s, "model bytes %d -> %d\n", r.model_bytes_before, r.model_bytes_after);
+  for (const TensorQuantReport& t : r.tensors) {
+    if (t.fell_back) absl::StrAppend(&s, "fallback: ", t.name, " -> ", t.format, ": ", t.fallback_reason, "\n");
+  }
+  return s;
+}
+
+}  // namespace qforge::quant

@@ -1,0 +1,68 @@
+// Model-level quantization: applies one method to a model's weight matrices, falls back per tensor when
+// a matrix's row length does not fit the method's blocks, and measures what was lost.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/base/thread_pool.h"
+#include "core/model/model.h"
+#include "core/quant/quant_method.h"
+
+namespace qforge::quant {
+
+struct QuantRecipe {
+  std::string method = "q8_0";
+  std::optional<QuantParams> params;  // absent: the method's DefaultParams()
+  // Also quantize token_embd.weight and output.weight; by default only LinearWeightNames are touched.
+  bool quantize_embeddings = false;
+};
+
+struct TensorQuantReport {
+  std::string name;
+  int64_t rows = 0, cols = 0;
+  std::string method;  // the method actually used (differs from the recipe's after a fallback)
+  std::string format;  // FormatName of the output
+  bool fell_back = false;
+  std::string fallback_reason;  // why the recipe's method did not fit
+  double bits_per_weight = 0;   // everything stored: codes, scales, zeros, second-level scales
+  size_t bytes_f32 = 0, bytes_f16 = 0, bytes_after = 0;
+  double rmse = 0;          // sqrt(mean (w - w_hat)^2)
+  double rel_error = 0;     // ||W - W_hat||_F / ||W||_F
+};
+
+struct QuantReport {
+  std::string method;
+  QuantParams params;
+  std::vector<TensorQuantReport> tensors;  // quantized tensors, in LinearWeightNames order (+ embeddings)
+  std::vector<std::string> fallbacks;      // names of tensors that fell back
+  // Totals over the quantized tensors.
+  int64_t weights = 0;
+  size_t bytes_f32 = 0, bytes_f16 = 0, bytes_after = 0;
+  double bits_per_weight = 0, rmse = 0, rel_error = 0;
+  // Every tensor of the model (norms and untouched matrices included), before and after.
+  size_t model_bytes_before = 0, model_bytes_after = 0;
+};
+
+struct QuantizeResult {
+  Model model;
+  QuantReport report;
+};
+
+// Quantizes the selected matrices of `in`; everything else (norms, vocab, config) is carried over
+// unchanged. Metadata gains quant.method / quant.params / quant.fallbacks. `pool` may be null.
+// The output bytes do not depend on the pool's size.
+absl::StatusOr<QuantizeResult> QuantizeModel(const Model& in, const QuantRecipe& recipe, ThreadPool* pool);
+
+// Quantizes one fp32 matrix with `method` (following its fallback chain when the shape does not fit) and
+// fills `report` (may be null) including the reconstruction error measured with the kernels.
+absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& method, const QuantParams& params,
+                                      ThreadPool* pool, TensorQuantReport* report);
+
+// A fixed-width text table of the report for the CLI.
+std::string FormatReport(const QuantReport& report);
+
+}  // namespace qforge::quant
