@@ -1,5 +1,6 @@
 // Runs the real `qforge` binary: exit codes, one-line errors, and the main commands on stories260K.
 #include <sys/wait.h>
+#include <unistd.h>
 
 #include <array>
 #include <cstdio>
@@ -22,8 +23,10 @@ struct Result {
 
 // Runs qforge with `args` (a shell-quoted string), capturing stdout and stderr.
 Result RunQforge(const std::string& args) {
-  const std::string dir = ::testing::TempDir();
-  const std::string out_path = dir + "/qforge_cli_out.txt", err_path = dir + "/qforge_cli_err.txt";
+  // ctest runs each test case as its own process, in parallel: the capture files must not collide.
+  const std::string stem = absl::StrCat(::testing::TempDir(), "/qforge_cli_", getpid(), "_",
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+  const std::string out_path = stem + ".out", err_path = stem + ".err";
   const std::string cmd = absl::StrCat(QFORGE_CLI_PATH, " ", args, " >", out_path, " 2>", err_path);
   const int status = std::system(cmd.c_str());
   auto slurp = [](const std::string& p) {
