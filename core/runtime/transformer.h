@@ -24,7 +24,8 @@ struct RuntimeOptions {
 // Not thread-safe: one Transformer (and its KV cache) per concurrent sequence.
 class Transformer {
  public:
-  // Fails if the model is inconsistent (ValidateModel) or a tensor's encoding cannot be decoded.
+  // Fails if the model is inconsistent (ValidateModel) or a norm vector cannot be decoded. A matrix in an
+  // encoding the kernels cannot decode surfaces from Forward, with the tensor's name.
   static absl::StatusOr<std::unique_ptr<Transformer>> Create(std::shared_ptr<const Model> model,
                                                              const RuntimeOptions& options = {});
 

@@ -16,7 +16,6 @@
 #include "core/quant/quantize_model.h"
 #include "core/runtime/generate.h"
 #include "core/runtime/transformer.h"
-#include "core/tokenizer/sentencepiece_tokenizer.h"
 #include "core/tokenizer/tokenizer.h"
 #include "services/cli/commands.h"
 #include "services/cli/internal.h"
@@ -24,9 +23,7 @@
 namespace qforge::cli {
 
 absl::StatusOr<Vocab> LoadVocab(const std::string& path, int vocab_size) {
-  if (absl::EndsWith(path, ".bin")) return formats::ReadLlama2cTokenizer(path, vocab_size);
-  QF_ASSIGN_OR_RETURN(auto sp, SentencePieceTokenizer::Load(path));
-  Vocab v = sp->ExportVocab();
+  QF_ASSIGN_OR_RETURN(Vocab v, ReadVocabFile(path, vocab_size));
   if (static_cast<int>(v.tokens.size()) != vocab_size) {
     return absl::InvalidArgumentError(absl::StrCat("tokenizer ", path, " has ", v.tokens.size(),
                                                    " tokens, the model has ", vocab_size));

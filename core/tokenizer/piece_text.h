@@ -1,0 +1,21 @@
+// How one vocabulary piece reads as text; shared by both tokenizers so that they decode identically.
+#pragma once
+
+#include <string>
+
+#include "core/model/model.h"
+
+namespace qforge::tokenizer_internal {
+
+inline constexpr char kSpaceSymbol[] = "\xe2\x96\x81";  // U+2581 "▁", SentencePiece's escaped space
+// libsentencepiece's default surface for the unknown token.
+inline constexpr char kUnknownSurface[] = " \xe2\x81\x87 ";
+
+// The byte a "<0xNN>" piece stands for, or -1.
+int ParseBytePiece(const std::string& piece);
+
+// Text of `piece` of `type`: "" for control, raw byte for byte pieces, " ⁇ " for unknown, otherwise
+// the piece with "▁" -> " " (dropping one leading "▁" when at_text_start, the encoder's dummy prefix).
+std::string PieceSurface(const std::string& piece, TokenType type, bool at_text_start);
+
+}  // namespace qforge::tokenizer_internal

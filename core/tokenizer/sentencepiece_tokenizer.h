@@ -1,0 +1,43 @@
+// Tokenizer backed by Debian's libsentencepiece: the ground truth for SentencePiece .model files.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "core/tokenizer/tokenizer.h"
+#include "core/tokenizer/vocab_tokenizer.h"
+
+namespace qforge::tokenizer_internal {
+class SpProcessor;
+}
+
+namespace qforge {
+
+class SentencePieceTokenizer : public Tokenizer {
+ public:
+  static absl::StatusOr<std::unique_ptr<SentencePieceTokenizer>> Load(const std::string& model_path);
+  ~SentencePieceTokenizer() override;
+
+  absl::StatusOr<std::vector<int>> Encode(const std::string& text, bool add_bos) const override;
+  absl::StatusOr<std::string> Decode(std::span<const int> ids) const override;
+  absl::StatusOr<std::string> DecodePiece(int prev, int id) const override;
+  int vocab_size() const override;
+  int bos_id() const override;
+  int eos_id() const override;
+
+  // The vocabulary as GGUF stores it: pieces, scores, and types from IsControl/IsUnknown/IsByte/IsUnused
+  // (the public API cannot tell user-defined pieces apart: they are reported as normal).
+  Vocab ExportVocab() const;
+  // The model's normaliser flags (read from its NormalizerSpec), so that
+  // VocabTokenizer::Create(ExportVocab(), NormalizerOptions()) encodes like this tokenizer.
+  VocabTokenizerOptions NormalizerOptions() const { return normalizer_; }
+  // The piece string of `id` (with "▁"), or "" when out of range.
+  std::string IdToPiece(int id) const;
+
+ private:
+  SentencePieceTokenizer();
+  std::unique_ptr<tokenizer_internal::SpProcessor> sp_;
+  VocabTokenizerOptions normalizer_;
+};
+
+}  // namespace qforge

@@ -1,0 +1,48 @@
+// Text <-> token ids. Two implementations: SentencePieceTokenizer (libsentencepiece over a .model file)
+// and VocabTokenizer (a Vocab, as embedded in GGUF or read from llama2.c's tokenizer.bin, encoded with
+// SentencePiece-BPE merges by score and byte fallback).
+#pragma once
+
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/model/model.h"
+
+namespace qforge {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+
+  // Token ids for `text`, preceded by BOS when add_bos. Empty text gives just [BOS] (or nothing).
+  virtual absl::StatusOr<std::vector<int>> Encode(const std::string& text, bool add_bos) const = 0;
+  // The text of `ids`: control tokens (BOS/EOS) vanish, byte tokens become raw bytes, and the space the
+  // encoder prepended (the dummy prefix) is removed at the start of the text. INVALID_ARGUMENT on a bad id.
+  virtual absl::StatusOr<std::string> Decode(std::span<const int> ids) const = 0;
+  // The text token `id` contributes when it follows `prev` (for streaming): the piece with "▁" as space,
+  // raw bytes for byte tokens, "" for control tokens, and no leading space right after BOS.
+  // Concatenating DecodePiece over a sequence starting with BOS equals Decode of it.
+  virtual absl::StatusOr<std::string> DecodePiece(int prev, int id) const = 0;
+
+  virtual int vocab_size() const = 0;
+  virtual int bos_id() const = 0;
+  virtual int eos_id() const = 0;
+};
+
+// Loads by extension: *.model -> SentencePieceTokenizer; *.bin -> VocabTokenizer over llama2.c's
+// tokenizer.bin, which does not record its token count, so `vocab_size` (the model's) is required there.
+absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path, int vocab_size = 0);
+
+// The vocabulary of a tokenizer file in canonical SentencePiece spelling (pieces with "▁"), ready to embed in
+// GGUF: *.model via SentencePieceTokenizer::ExportVocab, *.bin via formats::ReadLlama2cTokenizer with the
+// exporter's plain spaces turned back into "▁" (vocab_size required for .bin).
+absl::StatusOr<Vocab> ReadVocabFile(const std::string& path, int vocab_size = 0);
+
+// A VocabTokenizer over `vocab` (checked for consistency) with Llama's normaliser behaviour: dummy prefix,
+// whitespace kept as is. VocabTokenizer::Create takes the flags for other SentencePiece models.
+absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromVocab(Vocab vocab);
+
+}  // namespace qforge

@@ -1,0 +1,179 @@
+#include "core/tokenizer/vocab_tokenizer.h"
+
+#include <cstring>
+#include <queue>
+
+#include "absl/strings/str_cat.h"
+#include "core/tokenizer/piece_text.h"
+
+namespace qforge {
+namespace {
+
+using tokenizer_internal::kSpaceSymbol;
+
+// Length of the UTF-8 character starting with `lead`; stray continuation or invalid lead bytes count as
+// one-byte characters (they can only be byte-fallback tokens anyway).
+int Utf8Length(unsigned char lead) {
+  if (lead < 0x80) return 1;
+  if ((lead & 0xE0) == 0xC0) return 2;
+  if ((lead & 0xF0) == 0xE0) return 3;
+  if ((lead & 0xF8) == 0xF0) return 4;
+  return 1;
+}
+
+struct Symbol {
+  size_t start;
+  size_t len;  // 0 once merged into its left neighbour
+  int prev, next;
+};
+
+struct Candidate {
+  float score;
+  int left, right;
+  size_t len;  // combined length when queued; a mismatch later means a side has changed
+};
+
+struct CandidateOrder {
+  // Highest score first; among equal scores the leftmost pair (as SentencePiece's BPE does).
+  bool operator()(const Candidate& a, const Candidate& b) const {
+    if (a.score != b.score) return a.score < b.score;
+    return a.left > b.left;
+  }
+};
+
+}  // namespace
+
+VocabTokenizer::VocabTokenizer(Vocab vocab, const VocabTokenizerOptions& options)
+    : vocab_(std::move(vocab)), options_(options) {
+  std::fill(std::begin(byte_ids_), std::end(byte_ids_), -1);
+  for (int id = 0; id < static_cast<int>(vocab_.tokens.size()); ++id) {
+    const TokenType type = vocab_.types[id];
+    if (type == TokenType::kNormal || type == TokenType::kUserDefined) {
+      // The first id wins for duplicate pieces, as in a SentencePiece model.
+      mergeable_.emplace(vocab_.tokens[id], id);
+    } else if (type == TokenType::kByte) {
+      const int b = tokenizer_internal::ParseBytePiece(vocab_.tokens[id]);
+      if (b >= 0 && byte_ids_[b] < 0) byte_ids_[b] = id;
+    }
+  }
+}
+
+absl::StatusOr<std::unique_ptr<VocabTokenizer>> VocabTokenizer::Create(Vocab vocab,
+                                                                       const VocabTokenizerOptions& options) {
+  const size_t n = vocab.tokens.size();
+  if (n == 0) return absl::InvalidArgumentError("vocabulary is empty");
+  if (vocab.scores.size() != n || vocab.types.size() != n) {
+    return absl::InvalidArgumentError(absl::StrCat("vocabulary has ", n, " tokens but ", vocab.scores.size(),
+                                                   " scores and ", vocab.types.size(), " types"));
+  }
+  for (int id : {vocab.bos_id, vocab.eos_id, vocab.unk_id}) {
+    if (id < 0 || id >= static_cast<int>(n)) {
+      return absl::InvalidArgumentError(absl::StrCat("special token id ", id, " outside the vocabulary of ", n));
+    }
+  }
+  return std::unique_ptr<VocabTokenizer>(new VocabTokenizer(std::move(vocab), options));
+}
+
+absl::StatusOr<std::vector<int>> VocabTokenizer::Encode(const std::string& text, bool add_bos) const {
+  std::vector<int> ids;
+  if (add_bos) ids.push_back(vocab_.bos_id);
+
+  // SentencePiece's normaliser without a character map: optional dummy prefix, spaces escaped to "▁";
+  // with remove_extra_whitespaces, spaces at the start and after a space are skipped, and every trailing
+  // "▁" is cut at the end (that includes a literal "▁" from the input, which mid-text stays as it is).
+  if (text.empty()) return ids;
+  const size_t sym_len = std::strlen(kSpaceSymbol);
+  std::string s;
+  s.reserve(text.size() * 3 + 3);
+  if (options_.add_dummy_prefix) s += kSpaceSymbol;
+  bool prev_space = options_.remove_extra_whitespaces;
+  for (char ch : text) {
+    if (ch == ' ') {
+      if (!(options_.remove_extra_whitespaces && prev_space)) s += kSpaceSymbol;
+      prev_space = true;
+    } else {
+      s.push_back(ch);
+      prev_space = false;
+    }
+  }
+  if (options_.remove_extra_whitespaces) {
+    while (s.size() >= sym_len && s.compare(s.size() - sym_len, sym_len, kSpaceSymbol) == 0) s.resize(s.size() - sym_len);
+  }
+  if (s.empty()) return ids;
+
+  std::vector<Symbol> sym;
+  for (size_t i = 0; i < s.size();) {
+    const size_t len = std::min<size_t>(Utf8Length(static_cast<unsigned char>(s[i])), s.size() - i);
+    const int index = static_cast<int>(sym.size());
+    sym.push_back({i, len, index - 1, -1});
+    if (index > 0) sym[index - 1].next = index;
+    i += len;
+  }
+
+  std::priority_queue<Candidate, std::vector<Candidate>, CandidateOrder> queue;
+  auto consider = [&](int left, int right) {
+    if (left < 0 || right < 0) return;
+    const size_t len = sym[left].len + sym[right].len;
+    auto it = mergeable_.find(s.substr(sym[left].start, len));
+    if (it == mergeable_.end()) return;
+    queue.push({vocab_.scores[it->second], left, right, len});
+  };
+  for (size_t i = 0; i + 1 < sym.size(); ++i) consider(static_cast<int>(i), static_cast<int>(i + 1));
+
+  while (!queue.empty()) {
+    const Candidate c = queue.top();
+    queue.pop();
+    Symbol& l = sym[c.left];
+    Symbol& r = sym[c.right];
+    if (l.len == 0 || r.len == 0 || l.next != c.right || l.len + r.len != c.len) continue;  // stale
+    l.len += r.len;
+    r.len = 0;
+    l.next = r.next;
+    if (r.next >= 0) sym[r.next].prev = c.left;
+    consider(l.prev, c.left);
+    consider(c.left, l.next);
+  }
+
+  for (int i = 0; i >= 0 && i < static_cast<int>(sym.size()); i = sym[i].next) {
+    const std::string piece = s.substr(sym[i].start, sym[i].len);
+    auto it = mergeable_.find(piece);
+    if (it != mergeable_.end()) {
+      ids.push_back(it->second);
+      continue;
+    }
+    for (unsigned char b : piece) {
+      if (byte_ids_[b] >= 0) {
+        ids.push_back(byte_ids_[b]);
+      } else {
+        // Without byte tokens the whole character is unknown (one unk, not one per byte).
+        ids.push_back(vocab_.unk_id);
+        break;
+      }
+    }
+  }
+  return ids;
+}
+
+absl::StatusOr<std::string> VocabTokenizer::Decode(std::span<const int> ids) const {
+  std::string text;
+  bool at_start = true;
+  for (int id : ids) {
+    if (id < 0 || id >= vocab_size()) {
+      return absl::InvalidArgumentError(absl::StrCat("decode: token id ", id, " outside [0, ", vocab_size(), ")"));
+    }
+    // Only the first non-control piece can carry the dummy prefix (libsentencepiece strips just that one,
+    // so "▁" "▁leading" decodes to " leading").
+    text += tokenizer_internal::PieceSurface(vocab_.tokens[id], vocab_.types[id], at_start);
+    if (vocab_.types[id] != TokenType::kControl) at_start = false;
+  }
+  return text;
+}
+
+absl::StatusOr<std::string> VocabTokenizer::DecodePiece(int prev, int id) const {
+  if (id < 0 || id >= vocab_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("decode: token id ", id, " outside [0, ", vocab_size(), ")"));
+  }
+  return tokenizer_internal::PieceSurface(vocab_.tokens[id], vocab_.types[id], prev < 0 || prev == vocab_.bos_id);
+}
+
+}  // namespace qforge

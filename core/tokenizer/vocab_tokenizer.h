@@ -1,0 +1,50 @@
+// SentencePiece-BPE tokenization from a bare vocabulary (pieces + scores + types), as GGUF files and
+// llama2.c's tokenizer.bin carry it: no normaliser beyond space escaping, merges ranked by piece score.
+#pragma once
+
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "core/tokenizer/tokenizer.h"
+
+
+namespace qforge {
+
+// The parts of a SentencePiece normaliser that matter without a character map. GGUF and tokenizer.bin do
+// not record them; the defaults are Llama's (and llama.cpp's): dummy prefix on, extra whitespace kept.
+struct VocabTokenizerOptions {
+  bool add_dummy_prefix = true;
+  // Strip leading/trailing spaces and collapse runs of spaces to one, as SentencePiece's
+  // remove_extra_whitespaces does (llama2.c's tok512 models were trained with it on).
+  bool remove_extra_whitespaces = false;
+};
+
+class VocabTokenizer : public Tokenizer {
+ public:
+  // INVALID_ARGUMENT when tokens/scores/types disagree in length or bos/eos/unk are out of range.
+  static absl::StatusOr<std::unique_ptr<VocabTokenizer>> Create(Vocab vocab, const VocabTokenizerOptions& options = {});
+
+  // Extra spaces are removed if the options say so, spaces become "▁", a "▁" is prepended (the dummy prefix), the text is split into UTF-8 characters,
+  // and the adjacent pair whose concatenation is a normal vocabulary piece with the highest score is
+  // merged (leftmost on ties) until no pair merges. Characters without a piece become <0xNN> byte tokens,
+  // or unk when the vocabulary has no byte tokens.
+  absl::StatusOr<std::vector<int>> Encode(const std::string& text, bool add_bos) const override;
+  absl::StatusOr<std::string> Decode(std::span<const int> ids) const override;
+  absl::StatusOr<std::string> DecodePiece(int prev, int id) const override;
+  int vocab_size() const override { return static_cast<int>(vocab_.tokens.size()); }
+  int bos_id() const override { return vocab_.bos_id; }
+  int eos_id() const override { return vocab_.eos_id; }
+
+  const Vocab& vocab() const { return vocab_; }
+
+ private:
+  VocabTokenizer(Vocab vocab, const VocabTokenizerOptions& options);
+
+  Vocab vocab_;
+  VocabTokenizerOptions options_;
+  std::unordered_map<std::string, int> mergeable_;  // normal and user-defined pieces -> id
+  int byte_ids_[256];                                // <0xNN> -> id, or -1
+};
+
+}  // namespace qforge
