@@ -48,6 +48,7 @@ class Json {
   const std::string& string_value() const;
   const Array& array() const;
   const Object& object() const;
+  // Copies share storage until written: these detach first (copy-on-write).
   Array& mutable_array();
   Object& mutable_object();
 
@@ -56,7 +57,8 @@ class Json {
   // Appends a member to an object (no duplicate check: the writer's caller owns the keys).
   void Set(std::string key, Json value);
 
-  // Compact serialisation (valid JSON; non-ASCII bytes are written as-is, control chars escaped).
+  // Compact serialisation: valid JSON; UTF-8 written as-is, control characters escaped, bytes that are not
+  // valid UTF-8 replaced by U+FFFD (JSON cannot carry them).
   std::string Dump() const;
 
   static const char* KindName(Kind k);

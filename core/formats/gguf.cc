@@ -1,0 +1,573 @@
+// GGUF v2/v3 (little-endian): magic "GGUF", u32 version, u64 tensor_count, u64 kv_count, the key/value
+// pairs, the tensor infos, padding to general.alignment, then the tensor data. v2 and v3 share this
+// layout (v3 only added big-endian files, which we do not read).
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/base/mapped_file.h"
+#include "core/base/status_macros.h"
+#include "core/formats/byte_reader.h"
+#include "core/formats/formats.h"
+#include "core/formats/parsers.h"
+
+namespace qforge::formats {
+namespace {
+
+constexpr uint32_t kMagic = 0x46554747;  // "GGUF" read as little-endian u32
+constexpr uint32_t kDefaultAlignment = 32;
+constexpr uint32_t kMaxAlignment = 1u << 16;
+constexpr uint64_t kMaxKeyBytes = 1u << 16;
+constexpr uint64_t kMaxNameBytes = 1u << 12;
+constexpr uint32_t kMaxDims = 4;
+
+// gguf_type: the value types of the key/value section.
+enum GgufType : uint32_t {
+  kU8 = 0, kI8 = 1, kU16 = 2, kI16 = 3, kU32 = 4, kI32 = 5, kF32 = 6, kBool = 7,
+  kString = 8, kArray = 9, kU64 = 10, kI64 = 11, kF64 = 12,
+};
+
+const char* GgufTypeName(uint32_t t) {
+  static const char* kNames[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool",
+                                 "string", "array", "u64", "i64", "f64"};
+  return t <= kF64 ? kNames[t] : "unknown";
+}
+
+// Bytes of one fixed-size value; 0 for string/array.
+size_t ScalarSize(uint32_t t) {
+  switch (t) {
+    case kU8: case kI8: case kBool: return 1;
+    case kU16: case kI16: return 2;
+    case kU32: case kI32: case kF32: return 4;
+    case kU64: case kI64: case kF64: return 8;
+    default: return 0;
+  }
+}
+
+// ggml_type ids of the tensor encodings we handle.
+enum GgmlType : uint32_t { kGgmlF32 = 0, kGgmlF16 = 1, kGgmlQ4_0 = 2, kGgmlQ8_0 = 8, kGgmlQ4_K = 12, kGgmlBF16 = 30 };
+
+// Names of ggml types we know of but do not decode, for clearer errors.
+const char* OtherGgmlTypeName(uint32_t t) {
+  switch (t) {
+    case 3: return "q4_1";
+    case 6: return "q5_0";
+    case 7: return "q5_1";
+    case 9: return "q8_1";
+    case 10: return "q2_k";
+    case 11: return "q3_k";
+    case 13: return "q5_k";
+    case 14: return "q6_k";
+    case 15: return "q8_k";
+    case 24: return "i8";
+    case 25: return "i16";
+    case 26: return "i32";
+    case 27: return "i64";
+    case 28: return "f64";
+    default: return nullptr;
+  }
+}
+
+absl::StatusOr<WeightFormat> FormatOfGgml(uint32_t t, const std::string& tensor) {
+  switch (t) {
+    case kGgmlF32: return WeightFormat::F32();
+    case kGgmlF16: return WeightFormat::F16();
+    case kGgmlBF16: return WeightFormat::BF16();
+    case kGgmlQ8_0: return WeightFormat::Of(WeightType::kQ8_0);
+    case kGgmlQ4_0: return WeightFormat::Of(WeightType::kQ4_0);
+    case kGgmlQ4_K: return WeightFormat::Of(WeightType::kQ4_K);
+  }
+  if (const char* name = OtherGgmlTypeName(t)) {
+    return absl::UnimplementedError(absl::StrCat("gguf: tensor '", tensor, "' has ggml type ", t, " (", name,
+                                                 "), which is not supported"));
+  }
+  return absl::InvalidArgumentError(absl::StrCat("gguf: tensor '", tensor, "' has unknown ggml type ", t));
+}
+
+absl::StatusOr<uint32_t> GgmlOfFormat(const WeightFormat& f, const std::string& tensor) {
+  switch (f.type) {
+    case WeightType::kF32: return uint32_t{kGgmlF32};
+    case WeightType::kF16: return uint32_t{kGgmlF16};
+    case WeightType::kBF16: return uint32_t{kGgmlBF16};
+    case WeightType::kQ8_0: return uint32_t{kGgmlQ8_0};
+    case WeightType::kQ4_0: return uint32_t{kGgmlQ4_0};
+    case WeightType::kQ4_K: return uint32_t{kGgmlQ4_K};
+    default: break;
+  }
+  return absl::InvalidArgumentError(absl::StrCat("gguf: tensor '", tensor, "' is ", FormatName(f),
+                                                 ", which GGUF has no type for (write safetensors instead)"));
+}
+
+// One metadata value. Scalars are decoded; numeric arrays are kept as a view of the file bytes.
+struct Value {
+  uint32_t type = 0;
+  uint64_t u = 0;   // unsigned scalars and bool
+  int64_t i = 0;    // signed scalars
+  double f = 0;     // f32/f64
+  std::string s;
+  uint32_t elem_type = 0;               // arrays
+  uint64_t count = 0;                   // arrays
+  const uint8_t* raw = nullptr;         // numeric array elements
+  std::vector<std::string> strings;     // string array elements
+};
+
+class GgufParser {
+ public:
+  GgufParser(std::span<const uint8_t> bytes) : r_(bytes, "gguf") {}
+
+  absl::Status ReadGgufString(std::string* out, uint64_t max, const char* what) {
+    uint64_t len = 0;
+    QF_RETURN_IF_ERROR(r_.Read(&len, what));
+    if (len > max) return Bad(absl::StrCat(what, " length ", len, " exceeds the limit of ", max));
+    return r_.ReadString(len, out, what);
+  }
+
+  absl::Status ReadScalar(uint32_t type, Value* v) {
+    switch (type) {
+      case kU8: { uint8_t x = 0; QF_RETURN_IF_ERROR(r_.Read(&x, "u8 value")); v->u = x; v->i = x; return absl::OkStatus(); }
+      case kI8: { int8_t x = 0; QF_RETURN_IF_ERROR(r_.Read(&x, "i8 value")); v->i = x; return absl::OkStatus(); }
+      case kU16: { uint16_t x = 0; QF_RETURN_IF_ERROR(r_.Read(&x, "u16 value")); v->u = x; v->i = x; return absl::OkStatus(); }
+      case kI16: { int16_t x = 0; QF_RETURN_IF_ERROR(r_.Read(&x, "i16 value")); v->i = x; return absl::OkStatus(); }
+      case kU32: { uint32_t x = 0; QF_RETURN_IF_ERROR(r_.Read(&x, "u32 value")); v->u = x; v->i = x; return absl::OkStatus(); }
+      case kI32: { int32_t x = 0; QF_RETURN_IF_ERROR(r_.Read(&x, "i32 value")); v->i = x; return absl::OkStatus(); }
+      case kU64: { uint64_t x = 0; QF_RETURN_IF_ERROR(r_.Read(&x, "u64 value")); v->u = x; return absl::OkStatus(); }
+      case kI64: { int64_t x = 0; QF_RETURN_IF_ERROR(r_.Read(&x, "i64 value")); v->i = x; return absl::OkStatus(); }
+      case kF32: { float x = 0; QF_RETURN_IF_ERROR(r_.Read(&x, "f32 value")); v->f = x; return absl::OkStatus(); }
+      case kF64: { double x = 0; QF_RETURN_IF_ERROR(r_.Read(&x, "f64 value")); v->f = x; return absl::OkStatus(); }
+      case kBool: {
+        uint8_t x = 0;
+        QF_RETURN_IF_ERROR(r_.Read(&x, "bool value"));
+        if (x > 1) return Bad(absl::StrCat("bool value ", int{x}, " is neither 0 nor 1"));
+        v->u = x;
+        return absl::OkStatus();
+      }
+    }
+    return absl::InternalError("gguf: ReadScalar on a non-scalar type");
+  }
+
+  absl::Status ReadValue(uint32_t type, const std::string& key, Value* v) {
+    v->type = type;
+    if (type == kString) return ReadGgufString(&v->s, r_.remaining(), "string value");
+    if (type == kArray) {
+      QF_RETURN_IF_ERROR(r_.Read(&v->elem_type, "array type"));
+      QF_RETURN_IF_ERROR(r_.Read(&v->count, "array length"));
+      if (v->elem_type == kArray) return Bad(absl::StrCat("key '", key, "' holds nested arrays, which are not supported"));
+      if (v->elem_type == kString) {
+        // Each string takes at least its 8-byte length: bounds the count before reserving.
+        if (v->count > r_.remaining() / 8) {
+          return Bad(absl::StrCat("key '", key, "' array length ", v->count, " exceeds the remaining ", r_.remaining(),
+                                  " bytes"));
+        }
+        v->strings.reserve(static_cast<size_t>(v->count));
+        for (uint64_t k = 0; k < v->count; ++k) {
+          std::string s;
+          QF_RETURN_IF_ERROR(ReadGgufString(&s, r_.remaining(), "array string"));
+          v->strings.push_back(std::move(s));
+        }
+        return absl::OkStatus();
+      }
+      const size_t es = ScalarSize(v->elem_type);
+      if (es == 0) return Bad(absl::StrCat("key '", key, "' has unknown array element type ", v->elem_type));
+      uint64_t bytes = 0;
+      if (!MulOk(v->count, es, &bytes) || bytes > r_.remaining()) {
+        return Bad(absl::StrCat("key '", key, "' array of ", v->count, " x ", GgufTypeName(v->elem_type),
+                                " exceeds the remaining ", r_.remaining(), " bytes"));
+      }
+      v->raw = r_.cursor();
+      if (v->elem_type == kBool) {
+        for (uint64_t k = 0; k < v->count; ++k) {
+          if (v->raw[k] > 1) return Bad(absl::StrCat("key '", key, "' has a bool array element that is not 0 or 1"));
+        }
+      }
+      return r_.Skip(bytes, "array data");
+    }
+    if (ScalarSize(type) == 0) return Bad(absl::StrCat("key '", key, "' has unknown value type ", type));
+    return ReadScalar(type, v);
+  }
+
+  absl::StatusOr<Model> Parse(std::shared_ptr<const void> owner) {
+    uint32_t magic = 0, version = 0;
+    uint64_t n_tensors = 0, n_kv = 0;
+    QF_RETURN_IF_ERROR(r_.Read(&magic, "magic"));
+    if (magic != kMagic) return Bad(absl::StrCat("bad magic 0x", absl::Hex(magic, absl::kZeroPad8), ", not \"GGUF\""));
+    QF_RETURN_IF_ERROR(r_.Read(&version, "version"));
+    if (version != 2 && version != 3) return Bad(absl::StrCat("unsupported version ", version, " (2 and 3 are read)"));
+    QF_RETURN_IF_ERROR(r_.Read(&n_tensors, "tensor_count"));
+    QF_RETURN_IF_ERROR(r_.Read(&n_kv, "kv_count"));
+    // Smallest possible encodings: a KV is an 8-byte key length + 4-byte type + 1-byte value; a tensor
+    // info is 8 (name length) + 4 (n_dims) + 8 (one dim) + 4 (type) + 8 (offset).
+    if (n_kv > r_.remaining() / 13) {
+      return Bad(absl::StrCat("kv_count ", n_kv, " cannot fit in the remaining ", r_.remaining(), " bytes"));
+    }
+    if (n_tensors > r_.remaining() / 32) {
+      return Bad(absl::StrCat("tensor_count ", n_tensors, " cannot fit in the remaining ", r_.remaining(), " bytes"));
+    }
+    for (uint64_t k = 0; k < n_kv; ++k) {
+      std::string key;
+      QF_RETURN_IF_ERROR(ReadGgufString(&key, kMaxKeyBytes, "key"));
+      uint32_t type = 0;
+      QF_RETURN_IF_ERROR(r_.Read(&type, "value type"));
+      Value v;
+      QF_RETURN_IF_ERROR(ReadValue(type, key, &v));
+      if (!kv_.emplace(key, std::move(v)).second) return Bad(absl::StrCat("duplicate key '", key, "'"));
+    }
+
+    uint64_t alignment = kDefaultAlignment;
+    if (const Value* a = Find("general.alignment")) {
+      if (a->type != kU32) return Bad("general.alignment is not a u32");
+      alignment = a->u;
+      if (alignment == 0 || (alignment & (alignment - 1)) != 0 || alignment > kMaxAlignment) {
+        return Bad(absl::StrCat("general.alignment ", alignment, " is not a power of two up to ", kMaxAlignment));
+      }
+    }
+
+    struct Info {
+      std::string name;
+      std::vector<int64_t> shape;  // outermost first (reversed ne)
+      WeightFormat format;
+      uint64_t offset;
+      size_t nbytes;
+    };
+    std::vector<Info> infos;
+    infos.reserve(static_cast<size_t>(n_tensors));
+    std::set<std::string> seen;
+    for (uint64_t k = 0; k < n_tensors; ++k) {
+      Info info;
+      QF_RETURN_IF_ERROR(ReadGgufString(&info.name, kMaxNameBytes, "tensor name"));
+      if (!seen.insert(info.name).second) return Bad(absl::StrCat("duplicate tensor name '", info.name, "'"));
+      uint32_t n_dims = 0;
+      QF_RETURN_IF_ERROR(r_.Read(&n_dims, "n_dims"));
+      if (n_dims == 0 || n_dims > kMaxDims) {
+        return Bad(absl::StrCat("tensor '", info.name, "' has ", n_dims, " dimensions (1 to ", kMaxDims, " allowed)"));
+      }
+      uint64_t ne[kMaxDims] = {};
+      uint64_t numel = 1;
+      for (uint32_t d = 0; d < n_dims; ++d) {
+        QF_RETURN_IF_ERROR(r_.Read(&ne[d], "tensor dimension"));
+        if (ne[d] > static_cast<uint64_t>(INT64_MAX) || !MulOk(numel, ne[d], &numel) || numel > (uint64_t{1} << 48)) {
+          return Bad(absl::StrCat("tensor '", info.name, "' shape overflows"));
+        }
+      }
+      for (uint32_t d = n_dims; d-- > 0;) info.shape.push_back(static_cast<int64_t>(ne[d]));
+      uint32_t type = 0;
+      QF_RETURN_IF_ERROR(r_.Read(&type, "tensor type"));
+      QF_ASSIGN_OR_RETURN(info.format, FormatOfGgml(type, info.name));
+      QF_RETURN_IF_ERROR(r_.Read(&info.offset, "tensor offset"));
+      if (info.offset % alignment != 0) {
+        return Bad(absl::StrCat("tensor '", info.name, "' offset ", info.offset, " is not a multiple of the alignment ",
+                                alignment));
+      }
+      const int64_t cols = info.shape.back();
+      const int64_t rows = cols == 0 ? 0 : static_cast<int64_t>(numel) / cols;
+      auto need = EncodedBytes(info.format, rows, cols);
+      if (!need.ok()) return Bad(absl::StrCat("tensor '", info.name, "': ", need.status().message()));
+      info.nbytes = *need;
+      infos.push_back(std::move(info));
+    }
+    const uint64_t data_start = (r_.pos() + alignment - 1) / alignment * alignment;
+    if (data_start > r_.size() && !infos.empty()) {
+      return Bad(absl::StrCat("data section at ", data_start, " is past the end of the file (", r_.size(), " bytes)"));
+    }
+
+    Model m;
+    for (const Info& info : infos) {
+      uint64_t begin = 0, end = 0;
+      if (!AddOk(data_start, info.offset, &begin) || !AddOk(begin, info.nbytes, &end) || end > r_.size()) {
+        return Bad(absl::StrCat("tensor '", info.name, "' offset ", info.offset, " + ", info.nbytes,
+                                " bytes is past the end of the file (", r_.size(), " bytes)"));
+      }
+      const uint8_t* data = r_.bytes().data() + begin;
+      m.tensors.emplace(info.name, Tensor::View(info.name, info.shape, info.format, owner, data, info.nbytes));
+    }
+    QF_RETURN_IF_ERROR(CheckNoOverlap(m));
+    QF_RETURN_IF_ERROR(FillConfig(&m));
+    QF_RETURN_IF_ERROR(FillVocab(&m));
+    if (const Value* v = Find("general.name"); v != nullptr && v->type == kString) m.metadata["general.name"] = v->s;
+    if (const Value* v = Find("general.file_type"); v != nullptr && v->type == kU32) {
+      m.metadata["general.file_type"] = absl::StrCat(v->u);
+    }
+    m.metadata["source.format"] = "gguf";
+    QF_RETURN_IF_ERROR(ValidateModel(m));
+    return m;
+  }
+
+ private:
+  absl::Status Bad(const std::string& what) const { return absl::InvalidArgumentError(absl::StrCat("gguf: ", what)); }
+
+  const Value* Find(const std::string& key) const {
+    auto it = kv_.find(key);
+    return it == kv_.end() ? nullptr : &it->second;
+  }
+
+  static bool IsInteger(uint32_t t) {
+    return t == kU8 || t == kI8 || t == kU16 || t == kI16 || t == kU32 || t == kI32 || t == kU64 || t == kI64;
+  }
+
+  // An integer key's value as int (any integer type), bounded to [0, INT32_MAX].
+  absl::Status GetInt(const std::string& key, int* out, bool required) const {
+    const Value* v = Find(key);
+    if (v == nullptr) return required ? Bad(absl::StrCat("missing required key '", key, "'")) : absl::OkStatus();
+    if (!IsInteger(v->type)) return Bad(absl::StrCat("key '", key, "' is a ", GgufTypeName(v->type), ", not an integer"));
+    const bool is_unsigned = v->type == kU8 || v->type == kU16 || v->type == kU32 || v->type == kU64;
+    const bool neg = !is_unsigned && v->i < 0;
+    const uint64_t mag = is_unsigned ? v->u : static_cast<uint64_t>(v->i);
+    if (neg || mag > static_cast<uint64_t>(INT32_MAX)) return Bad(absl::StrCat("key '", key, "' is out of range"));
+    *out = static_cast<int>(mag);
+    return absl::OkStatus();
+  }
+
+  absl::Status GetFloat(const std::string& key, float* out) const {
+    const Value* v = Find(key);
+    if (v == nullptr) return absl::OkStatus();
+    if (v->type != kF32 && v->type != kF64) return Bad(absl::StrCat("key '", key, "' is not a float"));
+    *out = static_cast<float>(v->f);
+    return absl::OkStatus();
+  }
+
+  absl::Status CheckNoOverlap(const Model& m) const {
+    std::vector<const Tensor*> ts;
+    for (const auto& [n, t] : m.tensors) {
+      if (t.nbytes > 0) ts.push_back(&t);
+    }
+    std::sort(ts.begin(), ts.end(), [](const Tensor* a, const Tensor* b) { return a->data < b->data; });
+    for (size_t k = 1; k < ts.size(); ++k) {
+      if (ts[k]->data < ts[k - 1]->data + ts[k - 1]->nbytes) {
+        return Bad(absl::StrCat("tensors '", ts[k - 1]->name, "' and '", ts[k]->name, "' overlap"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status FillConfig(Model* m) const {
+    const Value* arch = Find("general.architecture");
+    if (arch == nullptr) return Bad("missing required key 'general.architecture'");
+    if (arch->type != kString || arch->s != "llama") {
+      return Bad(absl::StrCat("general.architecture '", arch->s, "' is not supported (llama only)"));
+    }
+    ModelConfig& c = m->config;
+    c.arch = "llama";
+    QF_RETURN_IF_ERROR(GetInt("llama.embedding_length", &c.dim, true));
+    QF_RETURN_IF_ERROR(GetInt("llama.feed_forward_length", &c.hidden_dim, true));
+    QF_RETURN_IF_ERROR(GetInt("llama.block_count", &c.n_layers, true));
+    QF_RETURN_IF_ERROR(GetInt("llama.attention.head_count", &c.n_heads, true));
+    c.n_kv_heads = c.n_heads;
+    QF_RETURN_IF_ERROR(GetInt("llama.attention.head_count_kv", &c.n_kv_heads, false));
+    QF_RETURN_IF_ERROR(GetInt("llama.context_length", &c.seq_len, true));
+    c.norm_eps = 1e-5f;
+    QF_RETURN_IF_ERROR(GetFloat("llama.attention.layer_norm_rms_epsilon", &c.norm_eps));
+    c.rope_theta = 10000.0f;
+    QF_RETURN_IF_ERROR(GetFloat("llama.rope.freq_base", &c.rope_theta));
+    c.vocab_size = 0;
+    QF_RETURN_IF_ERROR(GetInt("llama.vocab_size", &c.vocab_size, false));
+    if (c.vocab_size == 0) {
+      if (const Value* toks = Find("tokenizer.ggml.tokens"); toks != nullptr && toks->type == kArray) {
+        c.vocab_size = static_cast<int>(std::min<uint64_t>(toks->count, INT32_MAX));
+      } else if (const Tensor* emb = m->Find(names::kTokenEmbd); emb != nullptr && emb->shape.size() == 2) {
+        c.vocab_size = static_cast<int>(std::min<int64_t>(emb->shape[0], INT32_MAX));
+      }
+    }
+    if (c.n_heads > 0) {
+      int rope_dims = c.dim / c.n_heads;
+      QF_RETURN_IF_ERROR(GetInt("llama.rope.dimension_count", &rope_dims, false));
+      if (rope_dims != c.dim / c.n_heads) {
+        return absl::UnimplementedError(absl::StrCat("gguf: llama.rope.dimension_count ", rope_dims,
+                                                     " differs from the head size ", c.dim / c.n_heads));
+      }
+    }
+    c.tied_embeddings = m->Find(names::kOutput) == nullptr;
+    if (absl::Status s = ValidateConfig(c); !s.ok()) return Bad(std::string(s.message()));
+    return absl::OkStatus();
+  }
+
+  absl::Status FillVocab(Model* m) const {
+    const Value* tokens = Find("tokenizer.ggml.tokens");
+    if (tokens == nullptr) return absl::OkStatus();
+    if (tokens->type != kArray || tokens->elem_type != kString) return Bad("tokenizer.ggml.tokens is not a string array");
+    Vocab v;
+    if (const Value* model = Find("tokenizer.ggml.model")) {
+      if (model->type != kString) return Bad("tokenizer.ggml.model is not a string");
+      v.model = model->s;
+    }
+    v.tokens = tokens->strings;
+    const size_t n = v.tokens.size();
+    v.scores.assign(n, 0.0f);
+    v.types.assign(n, TokenType::kNormal);
+    if (const Value* s = Find("tokenizer.ggml.scores")) {
+      if (s->type != kArray || s->elem_type != kF32 || s->count != n) {
+        return Bad(absl::StrCat("tokenizer.ggml.scores is not an f32 array of ", n, " entries"));
+      }
+      std::memcpy(v.scores.data(), s->raw, n * 4);
+    }
+    if (const Value* t = Find("tokenizer.ggml.token_type")) {
+      if (t->type != kArray || t->elem_type != kI32 || t->count != n) {
+        return Bad(absl::StrCat("tokenizer.ggml.token_type is not an i32 array of ", n, " entries"));
+      }
+      for (size_t k = 0; k < n; ++k) {
+        int32_t x = 0;
+        std::memcpy(&x, t->raw + 4 * k, 4);
+        if (x < static_cast<int32_t>(TokenType::kNormal) || x > static_cast<int32_t>(TokenType::kByte)) {
+          return Bad(absl::StrCat("token ", k, " has unknown token type ", x));
+        }
+        v.types[k] = static_cast<TokenType>(x);
+      }
+    }
+    auto id = [&](const char* key, int* out) -> absl::Status {
+      QF_RETURN_IF_ERROR(GetInt(key, out, false));
+      if (static_cast<size_t>(*out) >= n) return Bad(absl::StrCat(key, " ", *out, " is not a token id (", n, " tokens)"));
+      return absl::OkStatus();
+    };
+    QF_RETURN_IF_ERROR(id("tokenizer.ggml.bos_token_id", &v.bos_id));
+    QF_RETURN_IF_ERROR(id("tokenizer.ggml.eos_token_id", &v.eos_id));
+    QF_RETURN_IF_ERROR(id("tokenizer.ggml.unknown_token_id", &v.unk_id));
+    m->vocab = std::move(v);
+    return absl::OkStatus();
+  }
+
+  ByteReader r_;
+  std::map<std::string, Value> kv_;
+};
+
+// --- writer ---------------------------------------------------------------------------------------------
+
+class Writer {
+ public:
+  std::vector<uint8_t>& out() { return out_; }
+  template <typename T>
+  void Put(T v) {
+    const auto* p = reinterpret_cast<const uint8_t*>(&v);
+    out_.insert(out_.end(), p, p + sizeof(T));
+  }
+  void PutString(const std::string& s) {
+    Put<uint64_t>(s.size());
+    out_.insert(out_.end(), s.begin(), s.end());
+  }
+  void KeyString(const std::string& k, const std::string& v) { Key(k, kString); PutString(v); }
+  void KeyU32(const std::string& k, uint32_t v) { Key(k, kU32); Put(v); }
+  void KeyF32(const std::string& k, float v) { Key(k, kF32); Put(v); }
+  void Key(const std::string& k, uint32_t type) {
+    PutString(k);
+    Put<uint32_t>(type);
+    ++kv_count_;
+  }
+  void Pad(size_t alignment) { out_.resize((out_.size() + alignment - 1) / alignment * alignment, 0); }
+  uint64_t kv_count() const { return kv_count_; }
+
+ private:
+  std::vector<uint8_t> out_;
+  uint64_t kv_count_ = 0;
+};
+
+// general.file_type (llama_ftype) describing the dominant encoding of the weight matrices.
+uint32_t FileType(const Model& m) {
+  std::map<WeightType, size_t> count;
+  for (const std::string& n : LinearWeightNames(m.config)) {
+    if (const Tensor* t = m.Find(n)) ++count[t->format.type];
+  }
+  WeightType dominant = WeightType::kF32;
+  size_t best = 0;
+  for (const auto& [type, c] : count) {
+    if (c > best) best = c, dominant = type;
+  }
+  switch (dominant) {
+    case WeightType::kF16: return 1;   // MOSTLY_F16
+    case WeightType::kQ4_0: return 2;  // MOSTLY_Q4_0
+    case WeightType::kQ8_0: return 7;  // MOSTLY_Q8_0
+    case WeightType::kQ4_K: return 15; // MOSTLY_Q4_K_M
+    case WeightType::kBF16: return 32; // MOSTLY_BF16
+    default: return 0;                 // ALL_F32
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<Model> ParseGguf(std::span<const uint8_t> bytes, std::shared_ptr<const void> owner) {
+  return GgufParser(bytes).Parse(std::move(owner));
+}
+
+absl::StatusOr<Model> ReadGguf(const std::string& path) {
+  QF_ASSIGN_OR_RETURN(std::shared_ptr<const MappedFile> file, MappedFile::Open(path));
+  auto m = ParseGguf(file->bytes(), file);
+  if (!m.ok()) return absl::Status(m.status().code(), absl::StrCat(path, ": ", m.status().message()));
+  m->metadata["source.path"] = path;
+  return m;
+}
+
+absl::StatusOr<std::vector<uint8_t>> SerializeGguf(const Model& m) {
+  QF_RETURN_IF_ERROR(ValidateModel(m));
+  std::vector<std::pair<const Tensor*, uint32_t>> tensors;
+  for (const auto& [name, t] : m.tensors) {
+    QF_ASSIGN_OR_RETURN(uint32_t type, GgmlOfFormat(t.format, name));
+    tensors.emplace_back(&t, type);
+  }
+  const ModelConfig& c = m.config;
+  Writer kv;
+  kv.KeyString("general.architecture", "llama");
+  auto name_it = m.metadata.find("general.name");
+  kv.KeyString("general.name", name_it != m.metadata.end() ? name_it->second : "qforge");
+  kv.KeyU32("general.file_type", FileType(m));
+  kv.KeyU32("general.alignment", kDefaultAlignment);
+  kv.KeyU32("llama.context_length", c.seq_len);
+  kv.KeyU32("llama.embedding_length", c.dim);
+  kv.KeyU32("llama.block_count", c.n_layers);
+  kv.KeyU32("llama.feed_forward_length", c.hidden_dim);
+  kv.KeyU32("llama.rope.dimension_count", c.head_dim());
+  kv.KeyU32("llama.attention.head_count", c.n_heads);
+  kv.KeyU32("llama.attention.head_count_kv", c.n_kv_heads);
+  kv.KeyF32("llama.attention.layer_norm_rms_epsilon", c.norm_eps);
+  kv.KeyF32("llama.rope.freq_base", c.rope_theta);
+  kv.KeyU32("llama.vocab_size", c.vocab_size);
+  if (m.vocab.has_value()) {
+    const Vocab& v = *m.vocab;
+    kv.KeyString("tokenizer.ggml.model", v.model);
+    kv.Key("tokenizer.ggml.tokens", kArray);
+    kv.Put<uint32_t>(kString);
+    kv.Put<uint64_t>(v.tokens.size());
+    for (const std::string& t : v.tokens) kv.PutString(t);
+    kv.Key("tokenizer.ggml.scores", kArray);
+    kv.Put<uint32_t>(kF32);
+    kv.Put<uint64_t>(v.scores.size());
+    for (float s : v.scores) kv.Put(s);
+    kv.Key("tokenizer.ggml.token_type", kArray);
+    kv.Put<uint32_t>(kI32);
+    kv.Put<uint64_t>(v.types.size());
+    for (TokenType t : v.types) kv.Put(static_cast<int32_t>(t));
+    kv.KeyU32("tokenizer.ggml.bos_token_id", v.bos_id);
+    kv.KeyU32("tokenizer.ggml.eos_token_id", v.eos_id);
+    kv.KeyU32("tokenizer.ggml.unknown_token_id", v.unk_id);
+  }
+
+  Writer w;
+  w.Put<uint32_t>(kMagic);
+  w.Put<uint32_t>(3);
+  w.Put<uint64_t>(tensors.size());
+  w.Put<uint64_t>(kv.kv_count());
+  w.out().insert(w.out().end(), kv.out().begin(), kv.out().end());
+  uint64_t offset = 0;
+  for (const auto& [t, type] : tensors) {
+    w.PutString(t->name);
+    w.Put<uint32_t>(static_cast<uint32_t>(t->shape.size()));
+    for (size_t d = t->shape.size(); d-- > 0;) w.Put<uint64_t>(static_cast<uint64_t>(t->shape[d]));
+    w.Put<uint32_t>(type);
+    w.Put<uint64_t>(offset);
+    offset = (offset + t->nbytes + kDefaultAlignment - 1) / kDefaultAlignment * kDefaultAlignment;
+  }
+  w.Pad(kDefaultAlignment);
+  for (const auto& [t, type] : tensors) {
+    w.out().insert(w.out().end(), t->data, t->data + t->nbytes);
+    w.Pad(kDefaultAlignment);
+  }
+  return std::move(w.out());
+}
+
+absl::Status WriteGguf(const Model& m, const std::string& path) {
+  QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, SerializeGguf(m));
+  return WriteFileAtomically(path, bytes);
+}
+
+}  // namespace qforge::formats

@@ -1,0 +1,126 @@
+// Row permutations between the interleaved-pair RoPE order (canonical) and HF's rotate-half order.
+//
+// Within one head of size hd, interleaved row 2i+j (i < hd/2, j in {0,1}) is HF row j*hd/2 + i: HF's export
+// views the rows as [n_head, hd/2, 2] and transposes the last two axes. Permuting rows is exact in every
+// encoding because each encoding stores a row's data in row-major planes; we move each plane's rows.
+#include <cstring>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/base/status_macros.h"
+#include "core/formats/parsers.h"
+
+namespace qforge::formats {
+namespace {
+
+// A region of a tensor's bytes holding `row_bytes` per row, rows in order.
+struct Plane {
+  size_t offset;
+  size_t row_bytes;
+};
+
+// The row-major planes of `t`; bytes outside every plane are row-independent (copied as they are).
+absl::StatusOr<std::vector<Plane>> RowPlanes(const Tensor& t) {
+  const int64_t rows = t.rows(), cols = t.cols();
+  const size_t r = static_cast<size_t>(rows);
+  switch (t.format.type) {
+    case WeightType::kF32:
+    case WeightType::kF16:
+    case WeightType::kBF16:
+    case WeightType::kQ8_0:
+    case WeightType::kQ4_0:
+    case WeightType::kQ4_K:
+      // Block formats group elements along a row only, so a row is a contiguous run of bytes.
+      return std::vector<Plane>{{0, r == 0 ? 0 : t.nbytes / r}};
+    case WeightType::kQInt: {
+      QF_ASSIGN_OR_RETURN(QIntLayout l, GetQIntLayout(t.format, rows, cols));
+      std::vector<Plane> p = {{l.codes_offset, l.row_code_bytes},
+                              {l.scales_offset, 2 * static_cast<size_t>(l.groups_per_row)}};
+      if (!t.format.symmetric) p.push_back({l.zeros_offset, static_cast<size_t>(l.groups_per_row)});
+      return p;
+    }
+    case WeightType::kNF4: {
+      QF_ASSIGN_OR_RETURN(Nf4Layout l, GetNf4Layout(t.format, rows, cols));
+      const size_t blocks_per_row = static_cast<size_t>(cols / l.block);
+      // Blocks are numbered flat (row-major), so a row's absmax entries are contiguous too.
+      return std::vector<Plane>{{l.codes_offset, static_cast<size_t>(cols / 2)},
+                                {l.absmax_offset, blocks_per_row * (t.format.double_quant ? 1 : 4)}};
+    }
+  }
+  return absl::InvalidArgumentError("unknown weight type");
+}
+
+// out row i = in row src[i].
+absl::StatusOr<Tensor> PermuteRows(const Tensor& t, const std::vector<int64_t>& src) {
+  QF_RETURN_IF_ERROR(ValidateTensor(t));
+  QF_ASSIGN_OR_RETURN(std::vector<Plane> planes, RowPlanes(t));
+  if (t.format.type == WeightType::kNF4 && t.format.double_quant) {
+    // Double-quantized absmax values share an fp32 scale per 256 flat blocks: a moved block must stay in
+    // its scale group, otherwise it would be decoded with another group's scale.
+    const int64_t bpr = t.cols() / t.format.group;
+    for (size_t row = 0; row < src.size(); ++row) {
+      for (int64_t k = 0; k < bpr; ++k) {
+        if ((static_cast<int64_t>(row) * bpr + k) / kNf4DoubleQuantGroup !=
+            (src[row] * bpr + k) / kNf4DoubleQuantGroup) {
+          return absl::UnimplementedError(absl::StrCat(
+              "cannot permute q/k rows of '", t.name, "' in ", FormatName(t.format),
+              ": rows would move between double-quantization groups of ", kNf4DoubleQuantGroup,
+              " blocks; store q/k in nf4 without double quant or in another encoding"));
+        }
+      }
+    }
+  }
+  std::vector<uint8_t> out(t.data, t.data + t.nbytes);
+  for (const Plane& p : planes) {
+    for (size_t row = 0; row < src.size(); ++row) {
+      std::memcpy(out.data() + p.offset + row * p.row_bytes, t.data + p.offset + src[row] * p.row_bytes,
+                  p.row_bytes);
+    }
+  }
+  return Tensor::FromBytes(t.name, t.shape, t.format, std::move(out));
+}
+
+absl::StatusOr<std::vector<int64_t>> HfRows(const Tensor& t, int n_head, bool to_hf) {
+  if (t.shape.size() != 2) {
+    return absl::InvalidArgumentError(absl::StrCat("q/k tensor '", t.name, "' must be 2-D"));
+  }
+  const int64_t rows = t.shape[0];
+  // With at least one column every row costs at least one byte, so `rows` is bounded by the data size
+  // and the index vector below cannot be absurdly large.
+  if (t.shape[1] <= 0) return absl::InvalidArgumentError(absl::StrCat("q/k tensor '", t.name, "' has no columns"));
+  if (n_head <= 0 || rows % n_head != 0 || (rows / n_head) % 2 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("q/k tensor '", t.name, "' has ", rows, " rows, not n_head ", n_head, " x an even head size"));
+  }
+  const int64_t hd = rows / n_head, half = hd / 2;
+  std::vector<int64_t> src(static_cast<size_t>(rows));
+  for (int64_t h = 0; h < n_head; ++h) {
+    for (int64_t i = 0; i < half; ++i) {
+      for (int64_t j = 0; j < 2; ++j) {
+        const int64_t interleaved = h * hd + 2 * i + j;
+        const int64_t rotate_half = h * hd + j * half + i;
+        if (to_hf) {
+          src[rotate_half] = interleaved;
+        } else {
+          src[interleaved] = rotate_half;
+        }
+      }
+    }
+  }
+  return src;
+}
+
+}  // namespace
+
+absl::StatusOr<Tensor> PermuteQkToHf(const Tensor& t, int n_head) {
+  QF_ASSIGN_OR_RETURN(std::vector<int64_t> src, HfRows(t, n_head, true));
+  return PermuteRows(t, src);
+}
+
+absl::StatusOr<Tensor> PermuteQkFromHf(const Tensor& t, int n_head) {
+  QF_ASSIGN_OR_RETURN(std::vector<int64_t> src, HfRows(t, n_head, false));
+  return PermuteRows(t, src);
+}
+
+}  // namespace qforge::formats
