@@ -8,14 +8,20 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/half.h"
 #include "core/base/status_macros.h"
+#include "core/quant/gptq.h"
 #include "core/quant/packing.h"
 #include "core/quant/quant_method.h"
 
 namespace qforge::quant {
 
 std::string ParamsToString(const QuantParams& p) {
-  return absl::StrCat("bits=", p.bits, " group=", p.group, p.symmetric ? " sym" : " asym",
-                      p.double_quant ? " dq" : " no-dq");
+  std::string s = absl::StrCat("bits=", p.bits, " group=", p.group, p.symmetric ? " sym" : " asym",
+                               p.double_quant ? " dq" : " no-dq");
+  // The gptq fields appear only when they differ from their defaults, so other methods' strings are unchanged.
+  if (p.act_order) absl::StrAppend(&s, " act-order");
+  if (p.static_groups) absl::StrAppend(&s, " static-groups");
+  if (p.damp != QuantParams{}.damp) absl::StrAppend(&s, " damp=", p.damp);
+  return s;
 }
 
 namespace {
@@ -59,7 +65,7 @@ class GgmlBlockMethod : public QuantMethod {
     return WeightFormat::Of(type_);
   }
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
-                                                ThreadPool* pool) const override {
+                                                ThreadPool* pool, const calib::LayerStats*) const override {
     QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
     QF_ASSIGN_OR_RETURN(const size_t nbytes, EncodedBytes(f, rows, cols));
     std::vector<uint8_t> out(nbytes);
@@ -94,7 +100,7 @@ class F16Method : public QuantMethod {
     return WeightFormat::F16();
   }
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
-                                                ThreadPool* pool) const override {
+                                                ThreadPool* pool, const calib::LayerStats*) const override {
     QF_RETURN_IF_ERROR(CheckShape(rows, cols));
     std::vector<uint8_t> out(2 * static_cast<size_t>(rows * cols));
     ForRange(pool, rows, 16, [&](int64_t r0, int64_t r1) {
@@ -139,7 +145,7 @@ class RtnMethod : public QuantMethod {
     return WeightFormat::QInt(p.bits, p.group, p.symmetric);
   }
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
-                                                ThreadPool* pool) const override {
+                                                ThreadPool* pool, const calib::LayerStats*) const override {
     QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
     QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
     std::vector<uint8_t> out(l.total_bytes, 0);
@@ -179,7 +185,7 @@ class Nf4Method : public QuantMethod {
     return WeightFormat::NF4(p.group, p.double_quant);
   }
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
-                                                ThreadPool* pool) const override {
+                                                ThreadPool* pool, const calib::LayerStats*) const override {
     QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
     QF_ASSIGN_OR_RETURN(const Nf4Layout l, GetNf4Layout(f, rows, cols));
     std::vector<uint8_t> out(l.total_bytes, 0);
@@ -220,6 +226,73 @@ class Nf4Method : public QuantMethod {
   }
 };
 
+// GPTQ/OPTQ into the same kQInt grid as rtn: the codes are chosen with second-order error feedback from the
+// layer's calibration Hessian (gptq.h).
+class GptqMethod : public QuantMethod {
+ public:
+  std::string name() const override { return "gptq"; }
+  std::string description() const override {
+    return "GPTQ/OPTQ: Hessian-aware rounding into qint (needs calibration), 2..8 bits, grouped, act-order";
+  }
+  QuantParams DefaultParams() const override { return {4, 128, true, false}; }
+  bool NeedsCalibration() const override { return true; }
+  absl::Status Validate(const QuantParams& p) const override {
+    if (p.bits < 2 || p.bits > 8) {
+      return absl::InvalidArgumentError(absl::StrCat("gptq: bits must be 2..8, got ", p.bits));
+    }
+    if (p.group < 0) {
+      return absl::InvalidArgumentError(absl::StrCat("gptq: group must be 0 (per-channel) or positive, got ", p.group));
+    }
+    if (!(p.damp >= 0)) return absl::InvalidArgumentError(absl::StrCat("gptq: damp must be >= 0, got ", p.damp));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
+    QF_RETURN_IF_ERROR(Validate(p));
+    QF_RETURN_IF_ERROR(CheckShape(rows, cols));
+    if (p.group > 0 && cols % p.group != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gptq: group ", p.group, " does not divide the row length ", cols));
+    }
+    if ((cols * p.bits) % 8 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("gptq: bits ", p.bits, " times row length ", cols,
+                                                     " is not a whole number of bytes"));
+    }
+    return WeightFormat::QInt(p.bits, p.group, p.symmetric);
+  }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool*, const calib::LayerStats* calib) const override {
+    QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
+    QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
+    if (calib == nullptr) {
+      return absl::FailedPreconditionError("gptq: needs calibration statistics (the layer's input Hessian)");
+    }
+    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gptq: calibration statistics are for ", calib->cols, " inputs, the matrix has ", cols));
+    }
+    GptqOptions o;
+    o.bits = p.bits;
+    o.group = p.group;
+    o.symmetric = p.symmetric;
+    o.act_order = p.act_order;
+    o.static_groups = p.static_groups;
+    o.percdamp = p.damp;
+    QF_ASSIGN_OR_RETURN(const GptqResult r, GptqQuantize(w, rows, cols, calib->hessian.data(), o));
+    std::vector<uint8_t> out(l.total_bytes, 0);
+    PackQInt(r.codes.data(), r.scales.data(), r.zeros.data(), rows, cols, f, l, out.data());
+    return out;
+  }
+  std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams& p) const override {
+    if (p.group != 0) {
+      QuantParams pc = p;
+      pc.group = 0;
+      pc.static_groups = false;
+      return std::make_pair(std::string("gptq"), pc);
+    }
+    return std::make_pair(std::string("q8_0"), FindMethod("q8_0")->DefaultParams());
+  }
+};
+
 // The registry table: one entry per method.
 const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
   static const auto* registry = [] {
@@ -233,6 +306,7 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
     r->push_back(std::make_unique<GgmlBlockMethod>(
         "q4_k", "ggml Q4_K: 256-weight super-blocks, 6-bit scales/mins per 32", WeightType::kQ4_K, 256, 4,
         &QuantizeRowQ4_K, "q4_0"));
+    r->push_back(std::make_unique<GptqMethod>());
     r->push_back(std::make_unique<F16Method>());
     return r;
   }();

@@ -186,46 +186,69 @@ void QuantizeRowQ4_K(const float* x, int64_t n, uint8_t* out) {
   }
 }
 
+QIntGrid ChooseQIntGrid(const float* xg, int64_t n, int bits, bool symmetric) {
+  const int levels = (1 << bits) - 1;
+  constexpr float kMaxHalf = 65504.0f;  // scales beyond f16 range saturate instead of becoming inf
+  float range_min = 0;
+  float scale_f32;
+  if (symmetric) {
+    float amax = 0;
+    for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::fabs(xg[i]));
+    scale_f32 = amax / static_cast<float>((1 << (bits - 1)) - 1);
+  } else {
+    float mx = 0;  // the range always contains 0, so the zero point fits in [0, 2^bits - 1]
+    for (int64_t i = 0; i < n; ++i) {
+      range_min = std::min(range_min, xg[i]);
+      mx = std::max(mx, xg[i]);
+    }
+    scale_f32 = (mx - range_min) / static_cast<float>(levels);
+  }
+  QIntGrid g;
+  g.max_code = levels;
+  g.scale_half = FloatToHalf(std::min(scale_f32, kMaxHalf));
+  g.scale = HalfToFloat(g.scale_half);
+  g.zero = symmetric     ? 1 << (bits - 1)
+           : g.scale > 0 ? std::clamp(static_cast<int>(std::nearbyint(-range_min / g.scale)), 0, levels)
+                         : 0;
+  return g;
+}
+
+namespace {
+inline void PutCode(uint8_t* row_codes, int64_t c, int bits, uint32_t code) {
+  const int64_t bit = c * bits;
+  const uint32_t shifted = code << (bit & 7);
+  row_codes[bit >> 3] |= static_cast<uint8_t>(shifted);
+  if ((bit & 7) + bits > 8) row_codes[(bit >> 3) + 1] |= static_cast<uint8_t>(shifted >> 8);
+}
+}  // namespace
+
 void QuantizeRowQInt(const float* x, int64_t r, int64_t cols, const WeightFormat& f, const QIntLayout& l,
                      uint8_t* tensor_bytes) {
   const int bits = f.bits;
-  const int levels = (1 << bits) - 1;
   uint8_t* codes = tensor_bytes + l.codes_offset + static_cast<size_t>(r) * l.row_code_bytes;
   uint8_t* scales = tensor_bytes + l.scales_offset + 2 * static_cast<size_t>(r * l.groups_per_row);
   uint8_t* zeros = f.symmetric ? nullptr : tensor_bytes + l.zeros_offset + static_cast<size_t>(r * l.groups_per_row);
-  constexpr float kMaxHalf = 65504.0f;  // scales beyond f16 range saturate instead of becoming inf
   for (int64_t g = 0; g < l.groups_per_row; ++g) {
     const float* xg = x + g * l.group;
-    float range_min = 0;
-    float scale_f32;
-    if (f.symmetric) {
-      float amax = 0;
-      for (int64_t i = 0; i < l.group; ++i) amax = std::max(amax, std::fabs(xg[i]));
-      scale_f32 = amax / static_cast<float>((1 << (bits - 1)) - 1);
-    } else {
-      float mx = 0;  // the range always contains 0, so the zero point fits in [0, 2^bits - 1]
-      for (int64_t i = 0; i < l.group; ++i) {
-        range_min = std::min(range_min, xg[i]);
-        mx = std::max(mx, xg[i]);
-      }
-      scale_f32 = (mx - range_min) / static_cast<float>(levels);
-    }
-    const uint16_t h = FloatToHalf(std::min(scale_f32, kMaxHalf));
-    std::memcpy(scales + 2 * g, &h, 2);
-    const float s = HalfToFloat(h);
-    const int zero = f.symmetric ? 1 << (bits - 1)
-                     : s > 0     ? std::clamp(static_cast<int>(std::nearbyint(-range_min / s)), 0, levels)
-                                 : 0;
-    const int qmin = 0, qmax = levels;
-    if (zeros) zeros[g] = static_cast<uint8_t>(zero);
+    const QIntGrid grid = ChooseQIntGrid(xg, l.group, bits, f.symmetric);
+    std::memcpy(scales + 2 * g, &grid.scale_half, 2);
+    if (zeros) zeros[g] = static_cast<uint8_t>(grid.zero);
+    const float s = grid.scale;
     for (int64_t i = 0; i < l.group; ++i) {
-      const int q = s > 0 ? static_cast<int>(std::nearbyint(xg[i] / s)) + zero : zero;
-      const uint32_t code = static_cast<uint32_t>(std::clamp(q, qmin, qmax));
-      const int64_t bit = (g * l.group + i) * bits;
-      const uint32_t shifted = code << (bit & 7);
-      codes[bit >> 3] |= static_cast<uint8_t>(shifted);
-      if ((bit & 7) + bits > 8) codes[(bit >> 3) + 1] |= static_cast<uint8_t>(shifted >> 8);
+      const int q = s > 0 ? static_cast<int>(std::nearbyint(xg[i] / s)) + grid.zero : grid.zero;
+      PutCode(codes, g * l.group + i, bits, static_cast<uint32_t>(std::clamp(q, 0, grid.max_code)));
     }
+  }
+}
+
+void PackQInt(const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros, int64_t rows, int64_t cols,
+              const WeightFormat& f, const QIntLayout& l, uint8_t* tensor_bytes) {
+  const size_t groups = static_cast<size_t>(rows * l.groups_per_row);
+  std::memcpy(tensor_bytes + l.scales_offset, scales, 2 * groups);
+  if (!f.symmetric) std::memcpy(tensor_bytes + l.zeros_offset, zeros, groups);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint8_t* row_codes = tensor_bytes + l.codes_offset + static_cast<size_t>(r) * l.row_code_bytes;
+    for (int64_t c = 0; c < cols; ++c) PutCode(row_codes, c, f.bits, codes[r * cols + c]);
   }
 }
 

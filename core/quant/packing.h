@@ -2,6 +2,8 @@
 // caller-provided buffers; the registry (quant_method.h) and model plumbing live elsewhere.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "core/model/tensor.h"
@@ -22,6 +24,30 @@ void QuantizeRowQ4_K(const float* x, int64_t n, uint8_t* out);
 // Codes are computed against the f16-rounded scale so dequantization reproduces them exactly.
 void QuantizeRowQInt(const float* x, int64_t r, int64_t cols, const WeightFormat& f, const QIntLayout& l,
                      uint8_t* tensor_bytes);
+
+// The grid of one kQInt group, as QuantizeRowQInt chooses it (RTN's rule above) from n values: the stored
+// f16 scale, its float value, and the zero point (2^(bits-1) when symmetric). Methods that pick codes some
+// other way (GPTQ) reuse it so that their grid is the one the kernels decode.
+struct QIntGrid {
+  uint16_t scale_half = 0;
+  float scale = 0;
+  int zero = 0;
+  int max_code = 0;  // 2^bits - 1
+};
+QIntGrid ChooseQIntGrid(const float* x, int64_t n, int bits, bool symmetric);
+// The code nearest to w on the grid (round half to even), clamped to [0, max_code].
+inline int QIntCode(double w, const QIntGrid& g) {
+  if (!(g.scale > 0)) return g.zero;
+  const double q = std::nearbyint(w / static_cast<double>(g.scale)) + g.zero;
+  return static_cast<int>(std::clamp(q, 0.0, static_cast<double>(g.max_code)));
+}
+// What the kernels decode for `code`: scale * (code - zero).
+inline float QIntValue(int code, const QIntGrid& g) { return g.scale * static_cast<float>(code - g.zero); }
+
+// Writes a whole kQInt tensor from unpacked codes [rows, cols] (one per byte), f16 scales and zeros
+// [rows, groups_per_row] (zeros ignored when symmetric). `tensor_bytes` must be zero-filled, l.total_bytes long.
+void PackQInt(const uint8_t* codes, const uint16_t* scales, const uint8_t* zeros, int64_t rows, int64_t cols,
+              const WeightFormat& f, const QIntLayout& l, uint8_t* tensor_bytes);
 
 // The NF4 code whose level is nearest to v (v is w / absmax, nominally in [-1, 1]).
 int Nf4NearestCode(float v);

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/base/thread_pool.h"
+#include "core/calib/stats.h"
 #include "core/model/tensor.h"
 
 namespace qforge::quant {
@@ -20,6 +21,11 @@ struct QuantParams {
   int group = 128;           // rtn: elements per scale, 0 = one scale per row; nf4: block size
   bool symmetric = true;     // rtn only
   bool double_quant = true;  // nf4 only
+  // gptq only (docs/calibrated.md): column order by descending Hessian diagonal; group grids fixed from the
+  // original weights before the pass (implied by act_order with group > 0); damping as a fraction of mean(diag H).
+  bool act_order = false;
+  bool static_groups = false;
+  float damp = 0.01f;
   bool operator==(const QuantParams&) const = default;
 };
 
@@ -37,8 +43,13 @@ class QuantMethod {
   // The format a [rows, cols] matrix gets, or an error when cols does not fit the method's blocks.
   virtual absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const = 0;
   // Encodes row-major w. Rows are split over `pool` (may be null); the bytes never depend on the split.
+  // `calib`: statistics of this layer's inputs (cols == calib->cols); calibration-free methods ignore it,
+  // methods that NeedsCalibration() fail with FAILED_PRECONDITION without it.
   virtual absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols,
-                                                        const QuantParams& p, ThreadPool* pool = nullptr) const = 0;
+                                                        const QuantParams& p, ThreadPool* pool = nullptr,
+                                                        const calib::LayerStats* calib = nullptr) const = 0;
+  // True for methods that need calibration statistics (gptq).
+  virtual bool NeedsCalibration() const { return false; }
   // The method and params to try when OutputFormat rejects a shape; nullopt when there is none.
   virtual std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams& p) const = 0;
 };

@@ -72,7 +72,7 @@ TEST(RegistryTest, ListsEveryMethodOnce) {
     EXPECT_FALSE(m->description().empty());
     EXPECT_TRUE(m->Validate(m->DefaultParams()).ok()) << m->name();
   }
-  EXPECT_THAT(names, ::testing::UnorderedElementsAre("rtn", "nf4", "q8_0", "q4_0", "q4_k", "f16"));
+  EXPECT_THAT(names, ::testing::UnorderedElementsAre("rtn", "nf4", "q8_0", "q4_0", "q4_k", "gptq", "f16"));
   EXPECT_EQ(FindMethod("gptq-not-yet"), nullptr);
 }
 
@@ -298,12 +298,17 @@ TEST(DeterminismTest, SameBytesForAnyThreadCount) {
   const int64_t rows = 301, cols = 256;
   const std::vector<float> w = Gaussian(rows * cols, 23);
   ThreadPool one(1), three(3);
+  // Calibration statistics for the methods that need them (the others ignore them).
+  calib::StatsAccumulator acc(cols);
+  const std::vector<float> x = Gaussian(512 * cols, 24);
+  acc.Add(x.data(), 512);
+  const calib::LayerStats stats = acc.Finish();
   for (const QuantMethod* m : ListMethods()) {
     SCOPED_TRACE(m->name());
     const QuantParams p = m->DefaultParams();
-    auto a = m->Quantize(w.data(), rows, cols, p, nullptr);
-    auto b = m->Quantize(w.data(), rows, cols, p, &one);
-    auto c = m->Quantize(w.data(), rows, cols, p, &three);
+    auto a = m->Quantize(w.data(), rows, cols, p, nullptr, &stats);
+    auto b = m->Quantize(w.data(), rows, cols, p, &one, &stats);
+    auto c = m->Quantize(w.data(), rows, cols, p, &three, &stats);
     ASSERT_TRUE(a.ok() && b.ok() && c.ok());
     EXPECT_EQ(*a, *b);
     EXPECT_EQ(*a, *c);

@@ -1,5 +1,6 @@
 #include "core/quant/quantize_model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <functional>
@@ -9,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "core/base/status_macros.h"
 #include "core/kernels/kernels.h"
+#include "core/quant/gptq.h"
 
 namespace qforge::quant {
 namespace {
@@ -69,7 +71,7 @@ absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const std::vector
 }  // namespace
 
 absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& method, const QuantParams& params,
-                                      ThreadPool* pool, TensorQuantReport* report) {
+                                      ThreadPool* pool, TensorQuantReport* report, const calib::LayerStats* calib) {
   if (in.shape.size() < 2) {
     return absl::InvalidArgumentError(absl::StrCat("tensor '", in.name, "' is not a matrix"));
   }
@@ -93,7 +95,7 @@ absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& metho
     format = m->OutputFormat(p, rows, cols);
   }
   QF_ASSIGN_OR_RETURN(const std::vector<float> w, ToF32(in, pool));
-  QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, m->Quantize(w.data(), rows, cols, p, pool));
+  QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, m->Quantize(w.data(), rows, cols, p, pool, calib));
   Tensor out = Tensor::FromBytes(in.name, in.shape, *format, std::move(bytes));
   QF_RETURN_IF_ERROR(ValidateTensor(out));
   if (report != nullptr) {
@@ -112,6 +114,14 @@ absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& metho
     report->bits_per_weight = 8.0 * static_cast<double>(out.nbytes) / n;
     report->rmse = std::sqrt(e.err2 / n);
     report->rel_error = e.ref2 > 0 ? std::sqrt(e.err2 / e.ref2) : 0.0;
+    report->output_rel_error = -1;
+    if (calib != nullptr && calib->cols == cols && calib->tokens > 0) {
+      std::vector<float> w_hat(w.size());
+      QF_RETURN_IF_ERROR(kernels::DequantizeRows(out, 0, rows, w_hat.data()));
+      double oe = 0, on = 0;
+      LayerOutputError(w.data(), w_hat.data(), rows, cols, calib->hessian.data(), &oe, &on);
+      report->output_rel_error = on > 0 ? std::sqrt(std::max(0.0, oe) / on) : 0.0;
+    }
   }
   return out;
 }
@@ -144,8 +154,17 @@ absl::StatusOr<QuantizeResult> QuantizeModel(const Model& in, const QuantRecipe&
   double err2 = 0, ref2 = 0;
   for (const std::string& name : targets) {
     QF_ASSIGN_OR_RETURN(const Tensor* t, in.Get(name));
+    const calib::LayerStats* stats = nullptr;
+    if (recipe.calibration != nullptr) {
+      auto it = recipe.calibration->find(name);
+      if (it != recipe.calibration->end()) stats = it->second.get();
+    }
+    if (stats == nullptr && method->NeedsCalibration()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "method '", recipe.method, "' needs calibration statistics and there are none for '", name, "'"));
+    }
     TensorQuantReport tr;
-    QF_ASSIGN_OR_RETURN(Tensor q, QuantizeTensor(*t, *method, params, pool, &tr));
+    QF_ASSIGN_OR_RETURN(Tensor q, QuantizeTensor(*t, *method, params, pool, &tr, stats));
     result.model.tensors[name] = std::move(q);
     const double n = static_cast<double>(tr.rows * tr.cols);
     err2 += tr.rmse * tr.rmse * n;

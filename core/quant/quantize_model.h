@@ -19,6 +19,10 @@ struct QuantRecipe {
   std::optional<QuantParams> params;  // absent: the method's DefaultParams()
   // Also quantize token_embd.weight and output.weight; by default only LinearWeightNames are touched.
   bool quantize_embeddings = false;
+  // Statistics of each matrix's inputs (core/calib CollectCalibration), keyed by tensor name; not owned.
+  // Required by methods that NeedsCalibration() (gptq). When present, every tensor with statistics also gets
+  // its layer-output error in the report, whatever the method.
+  const calib::CalibrationStats* calibration = nullptr;
 };
 
 struct TensorQuantReport {
@@ -32,6 +36,8 @@ struct TensorQuantReport {
   size_t bytes_f32 = 0, bytes_f16 = 0, bytes_after = 0;
   double rmse = 0;          // sqrt(mean (w - w_hat)^2)
   double rel_error = 0;     // ||W - W_hat||_F / ||W||_F
+  // sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) = ||(W - Ŵ)X|| / ||WX|| over the calibration inputs; -1 without them.
+  double output_rel_error = -1;
 };
 
 struct QuantReport {
@@ -54,13 +60,16 @@ struct QuantizeResult {
 
 // Quantizes the selected matrices of `in`; everything else (norms, vocab, config) is carried over
 // unchanged. Metadata gains quant.method / quant.params / quant.fallbacks. `pool` may be null.
+// FAILED_PRECONDITION when the method needs calibration and a target tensor has no statistics.
 // The output bytes do not depend on the pool's size.
 absl::StatusOr<QuantizeResult> QuantizeModel(const Model& in, const QuantRecipe& recipe, ThreadPool* pool);
 
 // Quantizes one fp32 matrix with `method` (following its fallback chain when the shape does not fit) and
 // fills `report` (may be null) including the reconstruction error measured with the kernels.
+// `calib` (may be null) is passed to the method and, with a report, measures the layer-output error.
 absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& method, const QuantParams& params,
-                                      ThreadPool* pool, TensorQuantReport* report);
+                                      ThreadPool* pool, TensorQuantReport* report,
+                                      const calib::LayerStats* calib = nullptr);
 
 // A fixed-width text table of the report for the CLI.
 std::string FormatReport(const QuantReport& report);

@@ -92,6 +92,7 @@ absl::Status Transformer::Init() {
 }
 
 absl::Status Transformer::MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride) {
+  if (options_.linear_observer) options_.linear_observer(w.name, x, n, static_cast<int>(w.cols()));
   const int64_t rows = w.rows();
   // Chunks of at least ~32K multiply-adds so that small matrices are not drowned in dispatch overhead.
   const int64_t work_per_row = std::max<int64_t>(1, w.cols() * n);

@@ -4,8 +4,10 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -19,6 +21,11 @@ struct RuntimeOptions {
   int threads = 0;      // worker threads for matmuls and attention; <= 0 means hardware concurrency
   int max_seq_len = 0;  // KV-cache capacity in positions; <= 0 means the model's seq_len
   int max_batch = 64;   // tokens per internal chunk in Forward (bounds activation scratch memory)
+  // Calibration hook: when set, every matrix product (each linear layer and the classifier) first reports
+  // its weight's name and its input x, n_tokens rows of `cols` floats (row-major, valid only during the
+  // call). Called on the Forward caller's thread, once per chunk of at most max_batch tokens.
+  using LinearObserver = std::function<void(const std::string& tensor_name, const float* x, int n_tokens, int cols)>;
+  LinearObserver linear_observer = nullptr;
 };
 
 // Not thread-safe: one Transformer (and its KV cache) per concurrent sequence.

@@ -1,0 +1,231 @@
+// Prints the table of docs/calibrated.md: GPTQ next to RTN at the same bits and group, on the same models
+// and evaluation streams as the quality table (docs/quality.md). Calibration streams are sampled from the
+// fp32 model with a different seed than the evaluation streams, so no evaluated token was calibrated on.
+//
+//   calibrated_table [--stories PATH] [--streams N] [--stream-len L] [--calib-streams N] [--calib-len L]
+//                    [--calib-seed S] [--threads T] [--no-generated]
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "core/base/thread_pool.h"
+#include "core/calib/collect.h"
+#include "core/eval/eval.h"
+#include "core/formats/formats.h"
+#include "core/model/synthetic.h"
+#include "core/quant/quantize_model.h"
+#include "core/runtime/transformer.h"
+
+namespace qforge {
+namespace {
+
+struct QuantConfig {
+  const char* label;
+  const char* method;  // nullptr: the fp32 model itself
+  int bits = 0;
+  int group = 0;
+  bool act_order = false;
+};
+
+const QuantConfig kConfigs[] = {
+    {"fp32", nullptr},
+    {"RTN-4 g128 sym", "rtn", 4, 128},
+    {"GPTQ-4 g128 sym", "gptq", 4, 128},
+    {"GPTQ-4 g128 sym act-order", "gptq", 4, 128, true},
+    {"RTN-3 g64 sym", "rtn", 3, 64},
+    {"GPTQ-3 g64 sym", "gptq", 3, 64},
+    {"GPTQ-3 g64 sym act-order", "gptq", 3, 64, true},
+    {"RTN-2 g64 sym", "rtn", 2, 64},
+    {"GPTQ-2 g64 sym", "gptq", 2, 64},
+    {"GPTQ-2 g64 sym act-order", "gptq", 2, 64, true},
+};
+
+struct Options {
+  std::string stories;
+  int streams = 16;
+  int stream_len = 256;
+  int calib_streams = 64;
+  int calib_len = 256;
+  uint64_t calib_seed = 1000;
+  int threads = 0;
+  bool generated = true;
+};
+
+void Die(const std::string& what, const absl::Status& s) {
+  std::fprintf(stderr, "calibrated_table: %s: %s\n", what.c_str(), std::string(s.message()).c_str());
+  std::exit(1);
+}
+
+std::unique_ptr<Transformer> Runtime(Model m, int threads) {
+  auto t = Transformer::Create(std::make_shared<const Model>(std::move(m)), RuntimeOptions{.threads = threads});
+  if (!t.ok()) Die("runtime", t.status());
+  return std::move(*t);
+}
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+// How far from diagonal the Hessians are: ||offdiag(H)||_F / ||H||_F, per distinct input (q/k/v count once).
+// 0 means uncorrelated input channels, where GPTQ reduces to RTN.
+void PrintHessianShape(const ModelConfig& c, const calib::CalibrationStats& stats) {
+  std::set<const calib::LayerStats*> done;
+  std::printf("Hessian off-diagonal share ||offdiag H||_F / ||H||_F per layer input:");
+  for (const std::string& name : LinearWeightNames(c)) {
+    const calib::LayerStats* s = stats.at(name).get();
+    if (!done.insert(s).second) continue;
+    double off = 0, all = 0;
+    for (int64_t i = 0; i < s->cols; ++i) {
+      for (int64_t j = 0; j < s->cols; ++j) {
+        const double v = s->hessian[i * s->cols + j] * s->hessian[i * s->cols + j];
+        all += v;
+        if (i != j) off += v;
+      }
+    }
+    std::string shortname = name.substr(0, name.size() - std::strlen(".weight"));
+    std::printf(" %s %.2f", shortname.c_str(), all > 0 ? std::sqrt(off / all) : 0.0);
+  }
+  std::printf("\n\n");
+}
+
+void Table(const std::string& title, const Model& base_model, const Options& o) {
+  auto base = Runtime(base_model, o.threads);
+  const int len = std::min(o.stream_len, base->max_seq_len());
+  auto streams = eval::SampleStreams(*base, o.streams, len, /*seed=*/1);
+  if (!streams.ok()) Die("sampling", streams.status());
+  const int calib_len = std::min(o.calib_len, base->max_seq_len());
+  auto t0 = std::chrono::steady_clock::now();
+  auto calib_streams = eval::SampleStreams(*base, o.calib_streams, calib_len, o.calib_seed);
+  if (!calib_streams.ok()) Die("calibration sampling", calib_streams.status());
+  const double t_sample = Seconds(t0);
+  t0 = std::chrono::steady_clock::now();
+  calib::CalibrationOptions co;
+  co.threads = o.threads;
+  co.include_classifier = false;
+  auto stats = calib::CollectCalibration(base_model, *calib_streams, co);
+  if (!stats.ok()) Die("calibration", stats.status());
+  const double t_collect = Seconds(t0);
+
+  const ModelConfig& c = base_model.config;
+  std::printf("\n### %s\n\n", title.c_str());
+  std::printf("dim %d, hidden %d, %d layers, %d heads / %d kv heads, vocab %d. Evaluation: %d streams x %d tokens "
+              "sampled from fp32 (seed 1, T=1). Calibration: %d streams x %d tokens sampled from fp32 (seed %llu, "
+              "T=1), %.1f s to sample, %.1f s to collect.\n\n",
+              c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, o.streams, len,
+              o.calib_streams, calib_len, static_cast<unsigned long long>(o.calib_seed), t_sample, t_collect);
+  PrintHessianShape(c, *stats);
+  std::printf("| config | encodings | bits/weight (linear) | weight rel err | layer-output rel err (calib) | "
+              "KL mean (nats) | KL max | top-1 agreement | perplexity (streams) | quantize s | fallbacks |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
+  ThreadPool pool(o.threads);
+  for (const QuantConfig& qc : kConfigs) {
+    Model m = base_model;
+    std::string encodings = "f32", fallbacks = "-", weight_err = "-", out_err = "-", qtime = "-";
+    double bpw = 32.0;
+    if (qc.method != nullptr) {
+      quant::QuantRecipe recipe;
+      recipe.method = qc.method;
+      quant::QuantParams p = quant::FindMethod(qc.method)->DefaultParams();
+      p.bits = qc.bits;
+      p.group = qc.group;
+      p.act_order = qc.act_order;
+      recipe.params = p;
+      recipe.calibration = &*stats;  // rtn ignores it; the report then measures every row's output error
+      t0 = std::chrono::steady_clock::now();
+      auto q = quant::QuantizeModel(base_model, recipe, &pool);
+      if (!q.ok()) Die(qc.label, q.status());
+      qtime = absl::StrFormat("%.1f", Seconds(t0));
+      m = std::move(q->model);
+      bpw = q->report.bits_per_weight;
+      std::vector<std::string> formats;
+      // Mean over matrices of the relative layer-output error ||(W - Ŵ)X|| / ||WX||.
+      double sum_out = 0;
+      int counted = 0;
+      for (const auto& t : q->report.tensors) {
+        if (std::find(formats.begin(), formats.end(), t.format) == formats.end()) formats.push_back(t.format);
+        if (t.output_rel_error >= 0) {
+          sum_out += t.output_rel_error;
+          ++counted;
+        }
+      }
+      encodings = absl::StrJoin(formats, ", ");
+      weight_err = absl::StrFormat("%.4f", q->report.rel_error);
+      if (counted > 0) out_err = absl::StrFormat("%.4f", sum_out / counted);
+      if (!q->report.fallbacks.empty()) {
+        fallbacks = absl::StrFormat("%d of %d matrices", q->report.fallbacks.size(), q->report.tensors.size());
+      }
+    }
+    auto subject = Runtime(std::move(m), o.threads);
+    auto r = eval::CompareModels(*base, *subject, *streams);
+    if (!r.ok()) Die(qc.label, r.status());
+    std::printf("| %s | %s | %.3f | %s | %s | %.6f | %.4f | %.2f%% | %.4f | %s | %s |\n", qc.label, encodings.c_str(),
+                bpw, weight_err.c_str(), out_err.c_str(), r->mean_kl, r->max_kl, 100.0 * r->top1_agreement,
+                r->quant.perplexity, qtime.c_str(), fallbacks.c_str());
+    std::fflush(stdout);
+  }
+}
+
+}  // namespace
+}  // namespace qforge
+
+int main(int argc, char** argv) {
+  using namespace qforge;
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "calibrated_table: %s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--stories") o.stories = next();
+    else if (a == "--streams") o.streams = std::atoi(next().c_str());
+    else if (a == "--stream-len") o.stream_len = std::atoi(next().c_str());
+    else if (a == "--calib-streams") o.calib_streams = std::atoi(next().c_str());
+    else if (a == "--calib-len") o.calib_len = std::atoi(next().c_str());
+    else if (a == "--calib-seed") o.calib_seed = std::strtoull(next().c_str(), nullptr, 10);
+    else if (a == "--threads") o.threads = std::atoi(next().c_str());
+    else if (a == "--no-generated") o.generated = false;
+    else {
+      std::fprintf(stderr, "calibrated_table: unknown argument %s\n", a.c_str());
+      return 2;
+    }
+  }
+  if (o.streams <= 0 || o.stream_len < 2 || o.calib_streams <= 0 || o.calib_len < 2) {
+    std::fprintf(stderr, "calibrated_table: stream counts must be positive and lengths at least 2\n");
+    return 2;
+  }
+  if (o.calib_seed == 1) {
+    std::fprintf(stderr, "calibrated_table: --calib-seed 1 is the evaluation seed\n");
+    return 2;
+  }
+  if (!o.stories.empty()) {
+    auto m = formats::LoadModel(o.stories);
+    if (!m.ok()) Die(o.stories, m.status());
+    Table("stories260K (" + o.stories + ")", *m, o);
+  }
+  if (o.generated) {
+    // The quality table's generated model: every linear row length a multiple of 256, classifier x4.
+    ModelConfig c{.dim = 512, .hidden_dim = 1536, .n_layers = 4, .n_heads = 8, .n_kv_heads = 4, .vocab_size = 2048,
+                  .seq_len = 512};
+    Model generated = MakeSyntheticModel(c, 7);
+    const Tensor& out = generated.tensors.at(names::kOutput);
+    std::vector<float> scaled(out.numel());
+    std::memcpy(scaled.data(), out.data, out.nbytes);
+    for (float& v : scaled) v *= 4.0f;
+    generated.tensors[names::kOutput] = Tensor::FromFloats(names::kOutput, out.shape, scaled);
+    Table("generated Llama (seed 7, classifier x4)", generated, o);
+  }
+  return 0;
+}

@@ -1,0 +1,34 @@
+// Calibration capture: runs a model over token streams with the runtime's linear_observer hook and
+// accumulates, per linear weight, the statistics of its inputs (stats.h).
+//
+// Every block is calibrated on the activations of the model it is given (normally fp32): the "all blocks
+// from fp32 inputs" variant. Exact sequential GPTQ, where block i is calibrated on the outputs of the
+// already-quantized blocks < i, needs quantization and calibration interleaved per block (a later edge of
+// the job DAG).
+#pragma once
+
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/calib/stats.h"
+#include "core/model/model.h"
+
+namespace qforge::calib {
+
+struct CalibrationOptions {
+  // Tokens per forward window: each stream is cut into consecutive windows of this many tokens, each run
+  // from an empty KV cache (as eval's perplexity does). <= 0: the model's context length.
+  int window = 0;
+  int threads = 0;  // runtime threads; <= 0: hardware concurrency
+  // Also collect the classifier's input (output.weight, or token_embd.weight when tied). Costs a
+  // vocab x dim product per token.
+  bool include_classifier = true;
+};
+
+// Statistics for every LinearWeightNames matrix (plus the classifier when asked). q/k/v share one
+// LayerStats, and so do gate/up, because they read the same normalized activations.
+// INVALID_ARGUMENT when no stream has a token, or for out-of-range token ids.
+absl::StatusOr<CalibrationStats> CollectCalibration(const Model& model, const std::vector<std::vector<int>>& streams,
+                                                    const CalibrationOptions& options = {});
+
+}  // namespace qforge::calib

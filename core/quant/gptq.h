@@ -1,0 +1,48 @@
+// GPTQ / OPTQ (Frantar et al., "OPTQ: Accurate Quantization for Generative Pre-trained Transformers",
+// ICLR 2023): quantizes a linear layer's weight columns one at a time, each time spreading the rounding
+// error over the not-yet-quantized columns through the inverse Hessian of the layer-output loss
+// ||WX - ŴX||², H = 2XᵀX/n. Hot numeric code only: the method class is in methods.cc.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace qforge::quant {
+
+struct GptqOptions {
+  int bits = 4;
+  int group = 128;         // columns per (scale, zero); 0 = one per row
+  bool symmetric = true;
+  bool act_order = false;  // quantize columns in order of descending H_ii ("desc_act")
+  // Group grids computed on the unpermuted, not yet error-updated weights before the pass ("static_groups").
+  // Forced on by act_order with group > 0: only then do the groups stay the contiguous column ranges the kQInt
+  // layout stores.
+  bool static_groups = false;
+  double percdamp = 0.01;  // λ = percdamp * mean(diag H) added to the diagonal
+  int block_size = 128;    // lazy-batch width: columns whose updates to the rest are deferred into one GEMM
+};
+
+// The result in kQInt terms, columns in their original order.
+struct GptqResult {
+  std::vector<uint8_t> codes;    // [rows, cols], one code per byte
+  std::vector<uint16_t> scales;  // [rows, groups] f16
+  std::vector<uint8_t> zeros;    // [rows, groups]
+};
+
+// w: [rows, cols] row-major; hessian: [cols, cols] row-major symmetric (only read). Dead inputs (H_ii == 0)
+// get H_ii = 1 and zero weights. FAILED_PRECONDITION when H + λI is not positive definite (e.g. percdamp 0
+// with a singular H); INVALID_ARGUMENT for bad shapes or options.
+absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t cols, const double* hessian,
+                                        const GptqOptions& options);
+
+// The column order act-order uses: by descending H_ii, ties by ascending index.
+std::vector<int64_t> ActOrderPermutation(const double* hessian, int64_t cols);
+
+// Layer-output error terms for inputs with second moment H = 2XᵀX/n: *err = tr((W - Ŵ) H (W - Ŵ)ᵀ) and
+// *ref = tr(W H Wᵀ) (both 2/n times a squared Frobenius norm of a product with X).
+void LayerOutputError(const float* w, const float* w_hat, int64_t rows, int64_t cols, const double* hessian,
+                      double* err, double* ref);
+
+}  // namespace qforge::quant
