@@ -17,6 +17,7 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "bench/table_common.h"
 #include "core/base/thread_pool.h"
 #include "core/calib/collect.h"
 #include "core/eval/eval.h"
@@ -27,6 +28,10 @@
 
 namespace qforge {
 namespace {
+
+using bench::Die;
+using bench::MakeRuntime;
+constexpr char kProgram[] = "calibrated_table";
 
 struct QuantConfig {
   const char* label;
@@ -60,17 +65,6 @@ struct Options {
   bool generated = true;
 };
 
-void Die(const std::string& what, const absl::Status& s) {
-  std::fprintf(stderr, "calibrated_table: %s: %s\n", what.c_str(), std::string(s.message()).c_str());
-  std::exit(1);
-}
-
-std::unique_ptr<Transformer> Runtime(Model m, int threads) {
-  auto t = Transformer::Create(std::make_shared<const Model>(std::move(m)), RuntimeOptions{.threads = threads});
-  if (!t.ok()) Die("runtime", t.status());
-  return std::move(*t);
-}
-
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
 }
@@ -98,21 +92,21 @@ void PrintHessianShape(const ModelConfig& c, const calib::CalibrationStats& stat
 }
 
 void Table(const std::string& title, const Model& base_model, const Options& o) {
-  auto base = Runtime(base_model, o.threads);
+  auto base = MakeRuntime(kProgram, base_model, o.threads);
   const int len = std::min(o.stream_len, base->max_seq_len());
   auto streams = eval::SampleStreams(*base, o.streams, len, /*seed=*/1);
-  if (!streams.ok()) Die("sampling", streams.status());
+  if (!streams.ok()) Die(kProgram, "sampling", streams.status());
   const int calib_len = std::min(o.calib_len, base->max_seq_len());
   auto t0 = std::chrono::steady_clock::now();
   auto calib_streams = eval::SampleStreams(*base, o.calib_streams, calib_len, o.calib_seed);
-  if (!calib_streams.ok()) Die("calibration sampling", calib_streams.status());
+  if (!calib_streams.ok()) Die(kProgram, "calibration sampling", calib_streams.status());
   const double t_sample = Seconds(t0);
   t0 = std::chrono::steady_clock::now();
   calib::CalibrationOptions co;
   co.threads = o.threads;
   co.include_classifier = false;
   auto stats = calib::CollectCalibration(base_model, *calib_streams, co);
-  if (!stats.ok()) Die("calibration", stats.status());
+  if (!stats.ok()) Die(kProgram, "calibration", stats.status());
   const double t_collect = Seconds(t0);
 
   const ModelConfig& c = base_model.config;
@@ -142,7 +136,7 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
       recipe.calibration = &*stats;  // rtn ignores it; the report then measures every row's output error
       t0 = std::chrono::steady_clock::now();
       auto q = quant::QuantizeModel(base_model, recipe, &pool);
-      if (!q.ok()) Die(qc.label, q.status());
+      if (!q.ok()) Die(kProgram, qc.label, q.status());
       qtime = absl::StrFormat("%.1f", Seconds(t0));
       m = std::move(q->model);
       bpw = q->report.bits_per_weight;
@@ -164,9 +158,9 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
         fallbacks = absl::StrFormat("%d of %d matrices", q->report.fallbacks.size(), q->report.tensors.size());
       }
     }
-    auto subject = Runtime(std::move(m), o.threads);
+    auto subject = MakeRuntime(kProgram, std::move(m), o.threads);
     auto r = eval::CompareModels(*base, *subject, *streams);
-    if (!r.ok()) Die(qc.label, r.status());
+    if (!r.ok()) Die(kProgram, qc.label, r.status());
     std::printf("| %s | %s | %.3f | %s | %s | %.6f | %.4f | %.2f%% | %.4f | %s | %s |\n", qc.label, encodings.c_str(),
                 bpw, weight_err.c_str(), out_err.c_str(), r->mean_kl, r->max_kl, 100.0 * r->top1_agreement,
                 r->quant.perplexity, qtime.c_str(), fallbacks.c_str());
@@ -212,20 +206,11 @@ int main(int argc, char** argv) {
   }
   if (!o.stories.empty()) {
     auto m = formats::LoadModel(o.stories);
-    if (!m.ok()) Die(o.stories, m.status());
+    if (!m.ok()) Die(kProgram, o.stories, m.status());
     Table("stories260K (" + o.stories + ")", *m, o);
   }
   if (o.generated) {
-    // The quality table's generated model: every linear row length a multiple of 256, classifier x4.
-    ModelConfig c{.dim = 512, .hidden_dim = 1536, .n_layers = 4, .n_heads = 8, .n_kv_heads = 4, .vocab_size = 2048,
-                  .seq_len = 512};
-    Model generated = MakeSyntheticModel(c, 7);
-    const Tensor& out = generated.tensors.at(names::kOutput);
-    std::vector<float> scaled(out.numel());
-    std::memcpy(scaled.data(), out.data, out.nbytes);
-    for (float& v : scaled) v *= 4.0f;
-    generated.tensors[names::kOutput] = Tensor::FromFloats(names::kOutput, out.shape, scaled);
-    Table("generated Llama (seed 7, classifier x4)", generated, o);
+    Table(bench::kGeneratedEvalTitle, bench::GeneratedEvalModel(), o);
   }
   return 0;
 }

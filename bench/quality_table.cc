@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "bench/table_common.h"
 #include "core/base/mapped_file.h"
 #include "core/base/thread_pool.h"
 #include "core/eval/eval.h"
@@ -24,6 +25,10 @@
 
 namespace qforge {
 namespace {
+
+using bench::Die;
+using bench::MakeRuntime;
+constexpr char kProgram[] = "quality_table";
 
 struct QuantConfig {
   const char* label;
@@ -51,17 +56,6 @@ struct Options {
   int threads = 0;
 };
 
-void Die(const std::string& what, const absl::Status& s) {
-  std::fprintf(stderr, "quality_table: %s: %s\n", what.c_str(), std::string(s.message()).c_str());
-  std::exit(1);
-}
-
-std::unique_ptr<Transformer> Runtime(Model m, int threads) {
-  auto t = Transformer::Create(std::make_shared<const Model>(std::move(m)), RuntimeOptions{.threads = threads});
-  if (!t.ok()) Die("runtime", t.status());
-  return std::move(*t);
-}
-
 size_t ModelBytes(const Model& m) {
   size_t b = 0;
   for (const auto& [name, t] : m.tensors) b += t.nbytes;
@@ -69,20 +63,20 @@ size_t ModelBytes(const Model& m) {
 }
 
 void Table(const std::string& title, const Model& base_model, const Options& o) {
-  auto base = Runtime(base_model, o.threads);
+  auto base = MakeRuntime(kProgram, base_model, o.threads);
   const int len = std::min(o.stream_len, base->max_seq_len());
   auto streams = eval::SampleStreams(*base, o.streams, len, /*seed=*/1);
-  if (!streams.ok()) Die("sampling", streams.status());
+  if (!streams.ok()) Die(kProgram, "sampling", streams.status());
   std::unique_ptr<Tokenizer> tokenizer;
   std::vector<int> text_tokens;
   if (!o.text.empty()) {
     auto tok = LoadTokenizer(o.tokenizer, base_model.config.vocab_size);
-    if (!tok.ok()) Die("tokenizer", tok.status());
+    if (!tok.ok()) Die(kProgram, "tokenizer", tok.status());
     tokenizer = std::move(*tok);
     auto text = ReadFileToString(o.text);
-    if (!text.ok()) Die("text", text.status());
+    if (!text.ok()) Die(kProgram, "text", text.status());
     auto ids = tokenizer->Encode(*text, /*add_bos=*/true);
-    if (!ids.ok()) Die("tokenize", ids.status());
+    if (!ids.ok()) Die(kProgram, "tokenize", ids.status());
     text_tokens = std::move(*ids);
   }
   const ModelConfig& c = base_model.config;
@@ -109,7 +103,7 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
       if (qc.group > 0) p.group = qc.group;
       recipe.params = p;
       auto q = quant::QuantizeModel(base_model, recipe, &pool);
-      if (!q.ok()) Die(qc.label, q.status());
+      if (!q.ok()) Die(kProgram, qc.label, q.status());
       m = std::move(q->model);
       bpw = q->report.bits_per_weight;
       std::vector<std::string> formats;
@@ -122,13 +116,13 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
       }
     }
     const size_t bytes = ModelBytes(m);
-    auto subject = Runtime(std::move(m), o.threads);
+    auto subject = MakeRuntime(kProgram, std::move(m), o.threads);
     auto r = eval::CompareModels(*base, *subject, *streams);
-    if (!r.ok()) Die(qc.label, r.status());
+    if (!r.ok()) Die(kProgram, qc.label, r.status());
     std::string text_col;
     if (!text_tokens.empty()) {
       auto tp = eval::Perplexity(*subject, text_tokens);
-      if (!tp.ok()) Die("text perplexity", tp.status());
+      if (!tp.ok()) Die(kProgram, "text perplexity", tp.status());
       text_col = absl::StrFormat(" %.3f |", tp->perplexity);
     }
     std::printf("| %s | %s | %.3f | %.1f KiB | %.6f | %.4f | %.2f%% | %.4f |%s %s |\n", qc.label, encodings.c_str(),
@@ -170,24 +164,11 @@ int main(int argc, char** argv) {
   }
   if (!o.stories.empty()) {
     auto m = formats::LoadModel(o.stories);
-    if (!m.ok()) Die(o.stories, m.status());
+    if (!m.ok()) Die(kProgram, o.stories, m.status());
     Table("stories260K (" + o.stories + ")", *m, o);
   }
-  // A generated model whose every linear row length is a multiple of 256, so Q4_K applies everywhere.
-  ModelConfig c{.dim = 512, .hidden_dim = 1536, .n_layers = 4, .n_heads = 8, .n_kv_heads = 4, .vocab_size = 2048,
-                .seq_len = 512};
   Options synthetic = o;
   synthetic.text.clear();  // the text's tokenizer belongs to stories260K
-  Model generated = MakeSyntheticModel(c, 7);
-  // Random weights give nearly uniform next-token distributions, where top-1 agreement is noise. A classifier
-  // scaled by 4 gives peaked distributions, closer to a trained model's; the scaled matrix stays f32.
-  {
-    const Tensor& out = generated.tensors.at(names::kOutput);
-    std::vector<float> scaled(out.numel());
-    std::memcpy(scaled.data(), out.data, out.nbytes);
-    for (float& v : scaled) v *= 4.0f;
-    generated.tensors[names::kOutput] = Tensor::FromFloats(names::kOutput, out.shape, scaled);
-  }
-  Table("generated Llama (seed 7, classifier x4)", generated, synthetic);
+  Table(bench::kGeneratedEvalTitle, bench::GeneratedEvalModel(), synthetic);
   return 0;
 }

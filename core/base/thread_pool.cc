@@ -76,4 +76,14 @@ void ThreadPool::WorkerLoop(int index) {
   }
 }
 
+void ParallelForOrInline(ThreadPool* pool, int64_t n, int64_t min_chunk,
+                         const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  if (pool == nullptr || pool->size() <= 1) {
+    fn(0, n);
+    return;
+  }
+  pool->ParallelFor(n, min_chunk, fn);
+}
+
 }  // namespace qforge

@@ -39,4 +39,8 @@ class ThreadPool {
   bool stop_ = false;
 };
 
+// pool->ParallelFor(n, min_chunk, fn), or fn(0, n) on the calling thread when there is no pool (or one thread).
+void ParallelForOrInline(ThreadPool* pool, int64_t n, int64_t min_chunk,
+                         const std::function<void(int64_t, int64_t)>& fn);
+
 }  // namespace qforge

@@ -26,16 +26,6 @@ std::string ParamsToString(const QuantParams& p) {
 
 namespace {
 
-// Runs fn(begin, end) over [0, n) on the pool, or inline without one.
-void ForRange(ThreadPool* pool, int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn) {
-  if (n <= 0) return;
-  if (pool == nullptr || pool->size() <= 1) {
-    fn(0, n);
-    return;
-  }
-  pool->ParallelFor(n, min_chunk, fn);
-}
-
 absl::Status CheckShape(int64_t rows, int64_t cols) {
   if (rows <= 0 || cols <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("cannot quantize an empty [", rows, ", ", cols, "] matrix"));
@@ -70,7 +60,7 @@ class GgmlBlockMethod : public QuantMethod {
     QF_ASSIGN_OR_RETURN(const size_t nbytes, EncodedBytes(f, rows, cols));
     std::vector<uint8_t> out(nbytes);
     const size_t row_bytes = nbytes / static_cast<size_t>(rows);
-    ForRange(pool, rows, 4, [&](int64_t r0, int64_t r1) {
+    ParallelForOrInline(pool, rows, 4, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) encode_(w + r * cols, cols, out.data() + static_cast<size_t>(r) * row_bytes);
     });
     return out;
@@ -103,7 +93,7 @@ class F16Method : public QuantMethod {
                                                 ThreadPool* pool, const calib::LayerStats*) const override {
     QF_RETURN_IF_ERROR(CheckShape(rows, cols));
     std::vector<uint8_t> out(2 * static_cast<size_t>(rows * cols));
-    ForRange(pool, rows, 16, [&](int64_t r0, int64_t r1) {
+    ParallelForOrInline(pool, rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0 * cols; i < r1 * cols; ++i) {
         const uint16_t h = FloatToHalf(w[i]);
         std::memcpy(out.data() + 2 * i, &h, 2);
@@ -149,7 +139,7 @@ class RtnMethod : public QuantMethod {
     QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
     QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
     std::vector<uint8_t> out(l.total_bytes, 0);
-    ForRange(pool, rows, 4, [&](int64_t r0, int64_t r1) {
+    ParallelForOrInline(pool, rows, 4, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) QuantizeRowQInt(w + r * cols, r, cols, f, l, out.data());
     });
     return out;
@@ -191,7 +181,7 @@ class Nf4Method : public QuantMethod {
     std::vector<uint8_t> out(l.total_bytes, 0);
     const int64_t B = l.block;
     std::vector<float> absmax(static_cast<size_t>(l.blocks));
-    ForRange(pool, l.blocks, 64, [&](int64_t b0, int64_t b1) {
+    ParallelForOrInline(pool, l.blocks, 64, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         float m = 0;
         for (int64_t i = 0; i < B; ++i) m = std::max(m, std::fabs(w[b * B + i]));
@@ -214,7 +204,7 @@ class Nf4Method : public QuantMethod {
     } else {
       std::memcpy(out.data() + l.absmax_offset, absmax.data(), 4 * absmax.size());
     }
-    ForRange(pool, l.blocks, 64, [&](int64_t b0, int64_t b1) {
+    ParallelForOrInline(pool, l.blocks, 64, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         EncodeNf4Block(w + b * B, B, stored[b], out.data() + l.codes_offset + static_cast<size_t>(b * B / 2));
       }

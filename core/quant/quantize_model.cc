@@ -15,15 +15,6 @@
 namespace qforge::quant {
 namespace {
 
-void ForRange(ThreadPool* pool, int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn) {
-  if (n <= 0) return;
-  if (pool == nullptr || pool->size() <= 1) {
-    fn(0, n);
-    return;
-  }
-  pool->ParallelFor(n, min_chunk, fn);
-}
-
 absl::StatusOr<std::vector<float>> ToF32(const Tensor& t, ThreadPool* pool) {
   const int64_t rows = t.rows(), cols = t.cols();
   std::vector<float> out(static_cast<size_t>(rows * cols));
@@ -44,7 +35,7 @@ absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const std::vector
   const int64_t rows = q.rows(), cols = q.cols();
   std::vector<double> err(static_cast<size_t>(rows)), norm(static_cast<size_t>(rows));
   std::vector<absl::Status> status(static_cast<size_t>(rows));
-  ForRange(pool, rows, 8, [&](int64_t r0, int64_t r1) {
+  ParallelForOrInline(pool, rows, 8, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(static_cast<size_t>(cols));
     for (int64_t r = r0; r < r1; ++r) {
       status[r] = kernels::DequantizeRows(q, r, r + 1, row.data());
