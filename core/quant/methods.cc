@@ -33,6 +33,30 @@ absl::Status CheckShape(int64_t rows, int64_t cols) {
   return absl::OkStatus();
 }
 
+// Bits and group checks shared by every method that writes the qint encoding (rtn, gptq).
+absl::Status ValidateQIntParams(const char* method, const QuantParams& p) {
+  if (p.bits < 2 || p.bits > 8) {
+    return absl::InvalidArgumentError(absl::StrCat(method, ": bits must be 2..8, got ", p.bits));
+  }
+  if (p.group < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(method, ": group must be 0 (per-channel) or positive, got ", p.group));
+  }
+  return absl::OkStatus();
+}
+
+// The qint format a [rows, cols] matrix gets, or why the shape does not fit it.
+absl::StatusOr<WeightFormat> QIntOutputFormat(const char* method, const QuantParams& p, int64_t rows, int64_t cols) {
+  QF_RETURN_IF_ERROR(CheckShape(rows, cols));
+  if (p.group > 0 && cols % p.group != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(method, ": group ", p.group, " does not divide the row length ", cols));
+  }
+  if ((cols * p.bits) % 8 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(method, ": bits ", p.bits, " times row length ", cols, " is not a whole number of bytes"));
+  }
+  return WeightFormat::QInt(p.bits, p.group, p.symmetric);
+}
+
 // A ggml block format quantized row by row with a fixed encoder.
 class GgmlBlockMethod : public QuantMethod {
  public:
@@ -115,24 +139,11 @@ class RtnMethod : public QuantMethod {
   }
   QuantParams DefaultParams() const override { return {4, 128, true, false}; }
   absl::Status Validate(const QuantParams& p) const override {
-    if (p.bits < 2 || p.bits > 8) return absl::InvalidArgumentError(absl::StrCat("rtn: bits must be 2..8, got ", p.bits));
-    if (p.group < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("rtn: group must be 0 (per-channel) or positive, got ", p.group));
-    }
-    return absl::OkStatus();
+    return ValidateQIntParams("rtn", p);
   }
   absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
     QF_RETURN_IF_ERROR(Validate(p));
-    QF_RETURN_IF_ERROR(CheckShape(rows, cols));
-    if (p.group > 0 && cols % p.group != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("rtn: group ", p.group, " does not divide the row length ", cols));
-    }
-    if ((cols * p.bits) % 8 != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("rtn: bits ", p.bits, " times row length ", cols,
-                                                     " is not a whole number of bytes"));
-    }
-    return WeightFormat::QInt(p.bits, p.group, p.symmetric);
+    return QIntOutputFormat("rtn", p, rows, cols);
   }
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
                                                 ThreadPool* pool, const calib::LayerStats*) const override {
@@ -227,27 +238,13 @@ class GptqMethod : public QuantMethod {
   QuantParams DefaultParams() const override { return {4, 128, true, false}; }
   bool NeedsCalibration() const override { return true; }
   absl::Status Validate(const QuantParams& p) const override {
-    if (p.bits < 2 || p.bits > 8) {
-      return absl::InvalidArgumentError(absl::StrCat("gptq: bits must be 2..8, got ", p.bits));
-    }
-    if (p.group < 0) {
-      return absl::InvalidArgumentError(absl::StrCat("gptq: group must be 0 (per-channel) or positive, got ", p.group));
-    }
+    QF_RETURN_IF_ERROR(ValidateQIntParams("gptq", p));
     if (!(p.damp >= 0)) return absl::InvalidArgumentError(absl::StrCat("gptq: damp must be >= 0, got ", p.damp));
     return absl::OkStatus();
   }
   absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
     QF_RETURN_IF_ERROR(Validate(p));
-    QF_RETURN_IF_ERROR(CheckShape(rows, cols));
-    if (p.group > 0 && cols % p.group != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("gptq: group ", p.group, " does not divide the row length ", cols));
-    }
-    if ((cols * p.bits) % 8 != 0) {
-      return absl::InvalidArgumentError(absl::StrCat("gptq: bits ", p.bits, " times row length ", cols,
-                                                     " is not a whole number of bytes"));
-    }
-    return WeightFormat::QInt(p.bits, p.group, p.symmetric);
+    return QIntOutputFormat("gptq", p, rows, cols);
   }
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
                                                 ThreadPool*, const calib::LayerStats* calib) const override {
