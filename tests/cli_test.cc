@@ -107,3 +107,21 @@ TEST(Cli, QuantizeInspectEvalGenerate) {
 }
 
 }  // namespace
+
+namespace {
+TEST(Cli, GptqCalibratesFromSampledStreams) {
+  if (!HaveStories()) GTEST_SKIP() << kStories << " not present";
+  const std::string out = ::testing::TempDir() + "/s260k-gptq.safetensors";
+  Result q = RunQforge("quantize --method gptq --bits 4 --group 0 --act-order --calib-streams 4 --calib-len 64 " +
+                       kStories + " " + out);
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  EXPECT_TRUE(absl::StrContains(q.out, "calibration: 4 streams x 64 tokens")) << q.out;
+  EXPECT_TRUE(absl::StrContains(q.out, "qint4_pc_sym")) << q.out;
+  Result i = RunQforge("inspect " + out);
+  ASSERT_EQ(i.exit_code, 0) << i.err;
+  EXPECT_TRUE(absl::StrContains(i.out, "qint4_pc_sym")) << i.out;
+  ExpectOneLineError(RunQforge("quantize --method gptq --damp -1 " + kStories + " " + out), 2, "--damp");
+  ExpectOneLineError(RunQforge("quantize --method gptq --calib-len 100000 " + kStories + " " + out), 2,
+                     "--calib-len");
+}
+}  // namespace

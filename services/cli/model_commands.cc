@@ -11,6 +11,7 @@
 #include "core/base/mapped_file.h"
 #include "core/base/status_macros.h"
 #include "core/base/thread_pool.h"
+#include "core/calib/collect.h"
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
 #include "core/quant/quantize_model.h"
@@ -57,6 +58,31 @@ absl::StatusOr<std::unique_ptr<Transformer>> MakeTransformer(Model m, int thread
   return Transformer::Create(std::make_shared<const Model>(std::move(m)), RuntimeOptions{.threads = threads});
 }
 
+// Input statistics of every linear layer, from --calib-text (tokenized) or from token streams sampled from
+// the source model itself (tokenizer-free).
+absl::StatusOr<calib::CalibrationStats> Calibrate(const Model& model, const Flags& f, int streams, int len,
+                                                  uint64_t seed, int threads, std::ostream& out) {
+  std::vector<std::vector<int>> tokens;
+  if (f.Has("calib-text")) {
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, ResolveTokenizer(model, f));
+    if (!tokenizer) return absl::InvalidArgumentError("--calib-text needs a tokenizer: pass --tokenizer");
+    QF_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.Get("calib-text")));
+    QF_ASSIGN_OR_RETURN(std::vector<int> ids, tokenizer->Encode(text, /*add_bos=*/true));
+    out << "calibration: " << ids.size() << " tokens of " << f.Get("calib-text") << "\n";
+    tokens.push_back(std::move(ids));
+  } else {
+    QF_ASSIGN_OR_RETURN(auto source, MakeTransformer(model, threads));
+    if (len > source->max_seq_len()) {
+      return UsageError(absl::StrCat("--calib-len must be at most the context length ", source->max_seq_len()));
+    }
+    const int bos = model.vocab ? model.vocab->bos_id : 1;
+    QF_ASSIGN_OR_RETURN(tokens, eval::SampleStreams(*source, streams, len, seed, 1.0f, bos));
+    out << absl::StrFormat("calibration: %d streams x %d tokens sampled from the source model (seed %d)\n", streams,
+                           len, seed);
+  }
+  return calib::CollectCalibration(model, tokens, calib::CalibrationOptions{.threads = threads});
+}
+
 }  // namespace
 
 absl::Status Methods(const std::vector<std::string>& args, std::ostream& out) {
@@ -70,10 +96,12 @@ absl::Status Methods(const std::vector<std::string>& args, std::ostream& out) {
 }
 
 absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
-  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"method", "bits", "group", "threads", "tokenizer"},
-                                          {"asym", "no-double-quant", "quantize-embeddings"}));
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"method", "bits", "group", "threads", "tokenizer", "damp",
+                                                   "calib-text", "calib-streams", "calib-len", "calib-seed"},
+                                          {"asym", "no-double-quant", "quantize-embeddings", "act-order"}));
   const std::string usage = "qforge quantize --method M [--bits B] [--group G] [--asym] [--no-double-quant] "
-                            "[--quantize-embeddings] [--threads N] [--tokenizer TOK] IN OUT.{gguf,safetensors}";
+                            "[--quantize-embeddings] [--act-order] [--damp D] [--calib-text FILE | --calib-streams N "
+                            "--calib-len L --calib-seed S] [--threads N] [--tokenizer TOK] IN OUT.{gguf,safetensors}";
   if (!f.Has("method")) return UsageError(absl::StrCat("--method is required (", MethodNames(), "); usage: ", usage));
   const quant::QuantMethod* method = quant::FindMethod(f.Get("method"));
   if (method == nullptr) {
@@ -84,6 +112,13 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(params.group, f.GetInt("group", params.group, 0, 1 << 20));
   if (f.GetBool("asym")) params.symmetric = false;
   if (f.GetBool("no-double-quant")) params.double_quant = false;
+  if (f.GetBool("act-order")) params.act_order = true;
+  QF_ASSIGN_OR_RETURN(double damp, f.GetDouble("damp", params.damp, 0.0, 10.0));
+  params.damp = static_cast<float>(damp);
+  QF_ASSIGN_OR_RETURN(int calib_streams, f.GetInt("calib-streams", 64, 1, 1 << 20));
+  QF_ASSIGN_OR_RETURN(int calib_len, f.GetInt("calib-len", 256, 2, 1 << 24));
+  // Evaluation samples its streams with seed 1 by default; calibration must not see those tokens.
+  QF_ASSIGN_OR_RETURN(uint64_t calib_seed, f.GetSeed("calib-seed", 1000));
   if (absl::Status s = method->Validate(params); !s.ok()) {
     return UsageError(absl::StrCat("--method ", method->name(), ": ", s.message()));
   }
@@ -104,8 +139,13 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   recipe.method = method->name();
   recipe.params = params;
   recipe.quantize_embeddings = f.GetBool("quantize-embeddings");
-  ThreadPool pool(threads);
   const auto start = std::chrono::steady_clock::now();
+  calib::CalibrationStats calibration;
+  if (method->NeedsCalibration()) {
+    QF_ASSIGN_OR_RETURN(calibration, Calibrate(model, f, calib_streams, calib_len, calib_seed, threads, out));
+    recipe.calibration = &calibration;
+  }
+  ThreadPool pool(threads);
   QF_ASSIGN_OR_RETURN(quant::QuantizeResult result, quant::QuantizeModel(model, recipe, &pool));
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.model.metadata["source"] = in_path;
