@@ -1,4 +1,4 @@
-// Prints the table of docs/calibrated.md: GPTQ next to RTN at the same bits and group, on the same models
+// Prints the table of docs/calibrated.md: GPTQ and AWQ next to RTN at the same bits and group, on the same models
 // and evaluation streams as the quality table (docs/quality.md). Calibration streams are sampled from the
 // fp32 model with a different seed than the evaluation streams, so no evaluated token was calibrated on.
 //
@@ -23,6 +23,7 @@
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
 #include "core/model/synthetic.h"
+#include "core/quant/awq.h"
 #include "core/quant/quantize_model.h"
 #include "core/runtime/transformer.h"
 
@@ -39,6 +40,7 @@ struct QuantConfig {
   int bits = 0;
   int group = 0;
   bool act_order = false;
+  bool awq_scale = false;  // AwqScaleModel (search s per q/k/v and gate/up input, fold into the norms) first
 };
 
 const QuantConfig kConfigs[] = {
@@ -46,9 +48,15 @@ const QuantConfig kConfigs[] = {
     {"RTN-4 g128 sym", "rtn", 4, 128},
     {"GPTQ-4 g128 sym", "gptq", 4, 128},
     {"GPTQ-4 g128 sym act-order", "gptq", 4, 128, true},
+    {"AWQ-4 g128 sym", "awq", 4, 128, false, true},
+    {"AWQ-4 g128 sym scales only (rtn)", "rtn", 4, 128, false, true},
+    {"AWQ-4 g128 sym clipping only", "awq", 4, 128, false, false},
     {"RTN-3 g64 sym", "rtn", 3, 64},
     {"GPTQ-3 g64 sym", "gptq", 3, 64},
     {"GPTQ-3 g64 sym act-order", "gptq", 3, 64, true},
+    {"AWQ-3 g64 sym", "awq", 3, 64, false, true},
+    {"AWQ-3 g64 sym scales only (rtn)", "rtn", 3, 64, false, true},
+    {"AWQ-3 g64 sym clipping only", "awq", 3, 64, false, false},
     {"RTN-2 g64 sym", "rtn", 2, 64},
     {"GPTQ-2 g64 sym", "gptq", 2, 64},
     {"GPTQ-2 g64 sym act-order", "gptq", 2, 64, true},
@@ -121,6 +129,7 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
               "KL mean (nats) | KL max | top-1 agreement | perplexity (streams) | quantize s | fallbacks |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
   ThreadPool pool(o.threads);
+  std::vector<std::string> notes;
   for (const QuantConfig& qc : kConfigs) {
     Model m = base_model;
     std::string encodings = "f32", fallbacks = "-", weight_err = "-", out_err = "-", qtime = "-";
@@ -135,7 +144,23 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
       recipe.params = p;
       recipe.calibration = &*stats;  // rtn ignores it; the report then measures every row's output error
       t0 = std::chrono::steady_clock::now();
-      auto q = quant::QuantizeModel(base_model, recipe, &pool);
+      // AWQ: scale search + fold on a copy of the fp32 model; the quantizer then sees the folded weights and the
+      // statistics of the folded inputs (so the output error stays that of the original layer).
+      Model folded = base_model;
+      calib::CalibrationStats folded_stats = *stats;
+      if (qc.awq_scale) {
+        quant::AwqOptions ao;
+        ao.bits = qc.bits;
+        ao.group = qc.group;
+        ao.symmetric = p.symmetric;
+        std::vector<std::pair<double, double>> alphas;
+        if (absl::Status s = quant::AwqScaleModel(folded, folded_stats, ao, &alphas); !s.ok()) Die(kProgram, qc.label, s);
+        recipe.calibration = &folded_stats;
+        std::string note = absl::StrFormat("%s: alpha (attn, ffn) per block:", qc.label);
+        for (const auto& [a, b] : alphas) note += absl::StrFormat(" (%.2f, %.2f)", a, b);
+        if (std::strcmp(qc.method, "awq") == 0) notes.push_back(note);  // the scales-only rows choose the same α
+      }
+      auto q = quant::QuantizeModel(qc.awq_scale ? folded : base_model, recipe, &pool);
       if (!q.ok()) Die(kProgram, qc.label, q.status());
       qtime = absl::StrFormat("%.1f", Seconds(t0));
       m = std::move(q->model);
@@ -166,6 +191,8 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
                 r->quant.perplexity, qtime.c_str(), fallbacks.c_str());
     std::fflush(stdout);
   }
+  std::printf("\n");
+  for (const std::string& n : notes) std::printf("%s\n\n", n.c_str());
 }
 
 }  // namespace

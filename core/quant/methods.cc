@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/half.h"
 #include "core/base/status_macros.h"
+#include "core/quant/awq.h"
 #include "core/quant/gptq.h"
 #include "core/quant/packing.h"
 #include "core/quant/quant_method.h"
@@ -280,6 +281,55 @@ class GptqMethod : public QuantMethod {
   }
 };
 
+// AWQ's per-layer part into the same kQInt grid as rtn: the activation-aware clipping search (awq.h). The
+// per-channel scaling half of AWQ changes the model (1/s folded into the RMSNorm weights), so it is the model
+// transform AwqScaleModel, run before QuantizeModel; this method then quantizes the folded weights.
+class AwqMethod : public QuantMethod {
+ public:
+  static constexpr int kClipGrid = 20;
+  std::string name() const override { return "awq"; }
+  std::string description() const override {
+    return "AWQ: activation-aware clipping into qint (needs calibration; channel scaling via AwqScaleModel)";
+  }
+  QuantParams DefaultParams() const override { return {4, 128, true, false}; }
+  bool NeedsCalibration() const override { return true; }
+  absl::Status Validate(const QuantParams& p) const override { return ValidateQIntParams("awq", p); }
+  absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
+    QF_RETURN_IF_ERROR(Validate(p));
+    return QIntOutputFormat("awq", p, rows, cols);
+  }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool*, const calib::LayerStats* calib) const override {
+    QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
+    QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
+    if (calib == nullptr) {
+      return absl::FailedPreconditionError("awq: needs calibration statistics (the layer's input Hessian)");
+    }
+    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("awq: calibration statistics are for ", calib->cols, " inputs, the matrix has ", cols));
+    }
+    AwqOptions o;
+    o.bits = p.bits;
+    o.group = p.group;
+    o.symmetric = p.symmetric;
+    std::vector<uint8_t> codes, zeros;
+    std::vector<uint16_t> scales;
+    QF_RETURN_IF_ERROR(AwqClipQuantize(w, rows, cols, calib->hessian.data(), o, kClipGrid, &codes, &scales, &zeros));
+    std::vector<uint8_t> out(l.total_bytes, 0);
+    PackQInt(codes.data(), scales.data(), zeros.data(), rows, cols, f, l, out.data());
+    return out;
+  }
+  std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams& p) const override {
+    if (p.group != 0) {
+      QuantParams pc = p;
+      pc.group = 0;
+      return std::make_pair(std::string("awq"), pc);
+    }
+    return std::make_pair(std::string("q8_0"), FindMethod("q8_0")->DefaultParams());
+  }
+};
+
 // The registry table: one entry per method.
 const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
   static const auto* registry = [] {
@@ -294,6 +344,7 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
         "q4_k", "ggml Q4_K: 256-weight super-blocks, 6-bit scales/mins per 32", WeightType::kQ4_K, 256, 4,
         &QuantizeRowQ4_K, "q4_0"));
     r->push_back(std::make_unique<GptqMethod>());
+    r->push_back(std::make_unique<AwqMethod>());
     r->push_back(std::make_unique<F16Method>());
     return r;
   }();

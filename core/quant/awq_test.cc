@@ -1,0 +1,302 @@
+// AWQ: the scale fold leaves the fp model unchanged, the α search is never worse than rtn and helps on inputs
+// with a few loud channels, the clipping search never loses to rtn per group, validation names the field.
+#include "core/quant/awq.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/calib/collect.h"
+#include "core/calib/stats.h"
+#include "core/kernels/kernels.h"
+#include "core/model/synthetic.h"
+#include "core/quant/gptq.h"
+#include "core/quant/packing.h"
+#include "core/quant/quant_method.h"
+#include "core/quant/quantize_model.h"
+#include "core/runtime/transformer.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace qforge::quant {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::vector<float> GaussianF(int64_t n, uint32_t seed, double stddev = 1.0) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> d(0.0, stddev);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = static_cast<float>(d(rng));
+  return v;
+}
+
+// Independent Gaussian channels; every `every`-th channel is `gain` times louder (the outlier channels of LLM
+// activations that AWQ is built around).
+std::vector<float> LoudInputs(int64_t n, int64_t cols, uint32_t seed, int every, double gain) {
+  std::vector<float> x = GaussianF(n * cols, seed);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t j = 0; j < cols; j += every) x[t * cols + j] *= static_cast<float>(gain);
+  }
+  return x;
+}
+
+calib::LayerStats Stats(const std::vector<float>& x, int64_t n, int64_t cols) {
+  calib::StatsAccumulator acc(cols);
+  acc.Add(x.data(), n);
+  return acc.Finish();
+}
+
+double OutputError(const float* w, const float* w_hat, int64_t rows, int64_t cols, const calib::LayerStats& st) {
+  double err = 0, ref = 0;
+  LayerOutputError(w, w_hat, rows, cols, st.hessian.data(), &err, &ref);
+  return err;
+}
+
+std::vector<float> Logits(const Model& m, const std::vector<int>& tokens) {
+  auto t = Transformer::Create(std::make_shared<const Model>(m));
+  EXPECT_TRUE(t.ok()) << t.status();
+  std::vector<float> logits(tokens.size() * static_cast<size_t>(m.config.vocab_size));
+  EXPECT_TRUE((*t)->Forward(tokens, 0, logits.data(), true).ok());
+  return logits;
+}
+
+double MaxRelDiff(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num = std::max(num, std::fabs(static_cast<double>(a[i]) - b[i]));
+    den = std::max(den, std::fabs(static_cast<double>(a[i])));
+  }
+  return num / den;
+}
+
+TEST(AwqFoldTest, FpLogitsUnchanged) {
+  Model m = MakeSyntheticModel(TinyTestConfig(), 11);
+  const std::vector<int> tokens = {1, 5, 77, 300, 12, 9, 150, 42};
+  const std::vector<float> before = Logits(m, tokens);
+  std::vector<AwqLayerScales> layers(static_cast<size_t>(m.config.n_layers));
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<double> u(-1.5, 1.5);
+  for (auto& l : layers) {
+    for (int j = 0; j < m.config.dim; ++j) {
+      l.attn.push_back(static_cast<float>(std::exp(u(rng))));
+      l.ffn.push_back(static_cast<float>(std::exp(u(rng))));
+    }
+  }
+  const std::vector<float> q_before = [&] {
+    std::vector<float> v(static_cast<size_t>(m.tensors.at(names::AttnQ(0)).numel()));
+    std::memcpy(v.data(), m.tensors.at(names::AttnQ(0)).data, 4 * v.size());
+    return v;
+  }();
+  ASSERT_TRUE(AwqFoldScales(m, layers).ok());
+  // The weights did change...
+  std::vector<float> q_after(q_before.size());
+  std::memcpy(q_after.data(), m.tensors.at(names::AttnQ(0)).data, 4 * q_after.size());
+  EXPECT_NE(q_before, q_after);
+  EXPECT_TRUE(ValidateModel(m).ok());
+  // ...the function did not.
+  EXPECT_LT(MaxRelDiff(before, Logits(m, tokens)), 1e-5);
+}
+
+TEST(AwqFoldTest, RejectsBadScales) {
+  Model m = MakeSyntheticModel(TinyTestConfig(), 12);
+  std::vector<AwqLayerScales> layers(1);
+  EXPECT_THAT(std::string(AwqFoldScales(m, layers).message()), HasSubstr("layers"));
+  layers.resize(2);
+  layers[0].attn.assign(3, 1.0f);
+  EXPECT_THAT(std::string(AwqFoldScales(m, layers).message()), HasSubstr("attn_norm"));
+  layers[0].attn.assign(static_cast<size_t>(m.config.dim), 0.0f);
+  EXPECT_THAT(std::string(AwqFoldScales(m, layers).message()), HasSubstr("positive"));
+}
+
+TEST(AwqScaleTest, ScaledStatsMatchScaledInputs) {
+  const int64_t n = 300, cols = 32;
+  const std::vector<float> x = LoudInputs(n, cols, 5, 8, 10.0);
+  const calib::LayerStats st = Stats(x, n, cols);
+  const std::vector<float> s = AwqChannelScales(st.mean_abs, 0.5);
+  std::vector<float> xs(x);
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t j = 0; j < cols; ++j) xs[t * cols + j] /= s[j];
+  }
+  const calib::LayerStats direct = Stats(xs, n, cols);
+  const calib::LayerStats folded = AwqScaleStats(st, s);
+  for (int64_t i = 0; i < cols * cols; ++i) EXPECT_NEAR(folded.hessian[i], direct.hessian[i], 1e-4);
+  for (int64_t j = 0; j < cols; ++j) EXPECT_NEAR(folded.mean_abs[j], direct.mean_abs[j], 1e-4);
+}
+
+TEST(AwqScaleTest, ChannelScalesNormalised) {
+  const std::vector<double> mean_abs = {0.01, 1.0, 4.0, 0.0};
+  const std::vector<float> s0 = AwqChannelScales(mean_abs, 0.0);
+  for (float v : s0) EXPECT_EQ(v, 1.0f);
+  const std::vector<float> s = AwqChannelScales(mean_abs, 0.5);
+  // sqrt: {0.1, 1, 2, 1e-4 (clamped)} / sqrt(2 * 1e-4)
+  EXPECT_NEAR(s[2] / s[1], 2.0, 1e-6);
+  EXPECT_NEAR(s[2] * s[3], 1.0, 1e-5);
+}
+
+// Synthetic layers whose inputs have a few loud channels: the α search picks α > 0 and beats rtn (α = 0), on the
+// calibration inputs and on held-out inputs from the same distribution.
+TEST(AwqScaleTest, NeverWorseThanRtnAndHelpsOnLoudChannels) {
+  const int64_t n = 2048, cols = 256, rows = 96;
+  const std::vector<float> x = LoudInputs(n, cols, 21, 32, 20.0);
+  const calib::LayerStats st = Stats(x, n, cols);
+  const calib::LayerStats held_out = Stats(LoudInputs(n, cols, 22, 32, 20.0), n, cols);
+  const std::vector<float> wq = GaussianF(rows * cols, 7, 0.05);
+  const std::vector<float> wk = GaussianF(rows / 2 * cols, 8, 0.05);
+  struct Case {
+    int bits, group;
+    bool sym;
+  };
+  for (const Case& c : {Case{4, 128, true}, Case{3, 64, true}, Case{4, 128, false}, Case{3, 64, false}}) {
+    SCOPED_TRACE(testing::Message() << c.bits << "-bit g" << c.group << (c.sym ? " sym" : " asym"));
+    AwqOptions o;
+    o.bits = c.bits;
+    o.group = c.group;
+    o.symmetric = c.sym;
+    auto r = AwqSearchScales({{wq.data(), rows}, {wk.data(), rows / 2}}, cols, st, o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    ASSERT_EQ(r->errors.size(), 20u);
+    EXPECT_GE(r->alpha, 0.0);
+    EXPECT_LT(r->alpha, 1.0);
+    EXPECT_LE(r->error, r->errors[0]);
+    EXPECT_GT(r->alpha, 0.0);
+    // errors[0] is exactly rtn: compare against the rtn method's decoded bytes.
+    double rtn_err = 0, awq_err = 0, rtn_held = 0, awq_held = 0;
+    for (auto [w, rr] : {std::pair{&wq, rows}, std::pair{&wk, rows / 2}}) {
+      const QuantParams p{c.bits, c.group, c.sym, false};
+      auto bytes = FindMethod("rtn")->Quantize(w->data(), rr, cols, p);
+      ASSERT_TRUE(bytes.ok());
+      const Tensor t = Tensor::FromBytes("w", {rr, cols}, WeightFormat::QInt(c.bits, c.group, c.sym), *bytes);
+      std::vector<float> dec(static_cast<size_t>(rr * cols)), fake(dec.size());
+      ASSERT_TRUE(kernels::DequantizeRows(t, 0, rr, dec.data()).ok());
+      AwqFakeQuantize(w->data(), rr, cols, nullptr, o, fake.data());
+      EXPECT_EQ(dec, fake);
+      rtn_err += OutputError(w->data(), dec.data(), rr, cols, st);
+      rtn_held += OutputError(w->data(), dec.data(), rr, cols, held_out);
+      AwqFakeQuantize(w->data(), rr, cols, r->scales.data(), o, fake.data());
+      awq_err += OutputError(w->data(), fake.data(), rr, cols, st);
+      awq_held += OutputError(w->data(), fake.data(), rr, cols, held_out);
+    }
+    EXPECT_NEAR(r->errors[0], rtn_err, 1e-9 * rtn_err);
+    EXPECT_NEAR(r->error, awq_err, 1e-9 * awq_err);
+    EXPECT_LT(awq_err, 0.9 * rtn_err);
+    EXPECT_LT(awq_held, 0.9 * rtn_held);
+    std::printf("  %d-bit g%d %s: alpha %.2f  awq/rtn %.3f (held-out %.3f)\n", c.bits, c.group,
+                c.sym ? "sym" : "asym", r->alpha, awq_err / rtn_err, awq_held / rtn_held);
+  }
+}
+
+// The awq method (clipping search) never loses to rtn on any group's own error, and is valid kQInt.
+TEST(AwqMethodTest, ClippingNeverWorseThanRtnPerGroup) {
+  const int64_t n = 1024, cols = 128, rows = 32, g = 32;
+  const calib::LayerStats st = Stats(LoudInputs(n, cols, 31, 16, 8.0), n, cols);
+  const std::vector<float> w = GaussianF(rows * cols, 9);
+  const QuantParams p{3, static_cast<int>(g), true, false};
+  const WeightFormat f = WeightFormat::QInt(3, static_cast<int>(g), true);
+  std::vector<float> dec[2];
+  for (int k = 0; k < 2; ++k) {
+    const QuantMethod* m = FindMethod(k == 0 ? "rtn" : "awq");
+    auto bytes = m->Quantize(w.data(), rows, cols, p, nullptr, &st);
+    ASSERT_TRUE(bytes.ok()) << bytes.status();
+    const Tensor t = Tensor::FromBytes("w", {rows, cols}, f, *bytes);
+    ASSERT_TRUE(ValidateTensor(t).ok());
+    dec[k].resize(static_cast<size_t>(rows * cols));
+    ASSERT_TRUE(kernels::DequantizeRows(t, 0, rows, dec[k].data()).ok());
+  }
+  int better = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c0 = 0; c0 < cols; c0 += g) {
+      double e[2] = {0, 0};
+      for (int k = 0; k < 2; ++k) {
+        for (int64_t i = c0; i < c0 + g; ++i) {
+          for (int64_t j = c0; j < c0 + g; ++j) {
+            e[k] += (w[r * cols + i] - dec[k][r * cols + i]) * st.hessian[i * cols + j] *
+                    (w[r * cols + j] - dec[k][r * cols + j]);
+          }
+        }
+      }
+      EXPECT_LE(e[1], e[0] * (1 + 1e-9) + 1e-12);
+      better += e[1] < e[0] * 0.999;
+    }
+  }
+  EXPECT_GT(better, 0);
+  const double rtn = OutputError(w.data(), dec[0].data(), rows, cols, st);
+  const double awq = OutputError(w.data(), dec[1].data(), rows, cols, st);
+  EXPECT_LT(awq, rtn);
+  std::printf("  clip awq/rtn %.3f, %d groups improved\n", awq / rtn, better);
+}
+
+TEST(AwqMethodTest, ValidationErrorsNameTheField) {
+  const QuantMethod* m = FindMethod("awq");
+  ASSERT_NE(m, nullptr);
+  EXPECT_TRUE(m->NeedsCalibration());
+  EXPECT_THAT(std::string(m->Validate({9, 128, true, false}).message()), HasSubstr("bits"));
+  EXPECT_THAT(std::string(m->Validate({4, -1, true, false}).message()), HasSubstr("group"));
+  EXPECT_THAT(std::string(m->OutputFormat({4, 48, true, false}, 4, 128).status().message()), HasSubstr("group 48"));
+  const std::vector<float> w(4 * 128, 0.5f);
+  auto q = m->Quantize(w.data(), 4, 128, m->DefaultParams());
+  EXPECT_EQ(q.status().code(), absl::StatusCode::kFailedPrecondition);
+  calib::LayerStats wrong;
+  wrong.cols = 64;
+  EXPECT_THAT(std::string(m->Quantize(w.data(), 4, 128, m->DefaultParams(), nullptr, &wrong).status().message()),
+              HasSubstr("64 inputs"));
+  const calib::LayerStats st = Stats(GaussianF(64 * 128, 1), 64, 128);
+  AwqOptions o;
+  o.bits = 1;
+  EXPECT_THAT(std::string(AwqSearchScales({{w.data(), 4}}, 128, st, o).status().message()), HasSubstr("bits"));
+  o = {};
+  o.group = 48;
+  EXPECT_THAT(std::string(AwqSearchScales({{w.data(), 4}}, 128, st, o).status().message()), HasSubstr("group"));
+  o = {};
+  o.grid = 0;
+  EXPECT_THAT(std::string(AwqSearchScales({{w.data(), 4}}, 128, st, o).status().message()), HasSubstr("grid"));
+  o = {};
+  EXPECT_THAT(std::string(AwqSearchScales({}, 128, st, o).status().message()), HasSubstr("weights"));
+  EXPECT_THAT(std::string(AwqSearchScales({{w.data(), 4}}, 256, st, o).status().message()), HasSubstr("inputs"));
+}
+
+// The whole pipeline on a synthetic model: calibrate, AwqScaleModel (fold; fp logits unchanged), QuantizeModel
+// with the awq method on the folded statistics.
+TEST(AwqModelTest, ScaleModelThenQuantize) {
+  Model m = MakeSyntheticModel(TinyTestConfig(), 13);
+  const std::vector<int> tokens = {3, 9, 27, 81, 243, 7, 49, 100};
+  const std::vector<float> before = Logits(m, tokens);
+  std::vector<std::vector<int>> streams(2);
+  std::mt19937 rng(5);
+  for (auto& s : streams) {
+    for (int i = 0; i < 64; ++i) s.push_back(static_cast<int>(rng() % m.config.vocab_size));
+  }
+  auto stats = calib::CollectCalibration(m, streams);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  AwqOptions o;
+  o.bits = 3;
+  o.group = 32;
+  std::vector<std::pair<double, double>> alphas;
+  ASSERT_TRUE(AwqScaleModel(m, *stats, o, &alphas).ok());
+  ASSERT_EQ(alphas.size(), 2u);
+  for (auto [a, b] : alphas) {
+    EXPECT_TRUE(a >= 0 && a < 1);
+    EXPECT_TRUE(b >= 0 && b < 1);
+  }
+  EXPECT_LT(MaxRelDiff(before, Logits(m, tokens)), 1e-5);
+  QuantRecipe recipe{"awq", QuantParams{3, 32, true, false}, false};
+  recipe.calibration = &*stats;
+  auto q = QuantizeModel(m, recipe, nullptr);
+  ASSERT_TRUE(q.ok()) << q.status();
+  EXPECT_TRUE(ValidateModel(q->model).ok());
+  // g128 on dim 64: the search falls back to per-channel like the quantizer does.
+  Model m2 = MakeSyntheticModel(TinyTestConfig(), 13);
+  auto stats2 = calib::CollectCalibration(m2, streams);
+  ASSERT_TRUE(stats2.ok());
+  o.bits = 4;
+  o.group = 128;
+  EXPECT_TRUE(AwqScaleModel(m2, *stats2, o).ok());
+}
+
+}  // namespace
+}  // namespace qforge::quant
