@@ -14,6 +14,7 @@
 #include "core/calib/collect.h"
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
+#include "core/quant/awq.h"
 #include "core/quant/quantize_model.h"
 #include "core/runtime/generate.h"
 #include "core/runtime/transformer.h"
@@ -144,6 +145,14 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   if (method->NeedsCalibration()) {
     QF_ASSIGN_OR_RETURN(calibration, Calibrate(model, f, calib_streams, calib_len, calib_seed, threads, out));
     recipe.calibration = &calibration;
+    if (method->name() == "awq") {
+      // AWQ's activation-aware scaling is a model-level transform (folded into the RMSNorm weights); the
+      // method itself then searches the clipping range per group on the folded weights and statistics.
+      QF_RETURN_IF_ERROR(quant::AwqScaleModel(
+          model, calibration, quant::AwqOptions{.bits = params.bits, .group = params.group,
+                                                .symmetric = params.symmetric}));
+      out << "awq: activation-aware scales folded into attn_norm/q,k,v and ffn_norm/gate,up\n";
+    }
   }
   ThreadPool pool(threads);
   QF_ASSIGN_OR_RETURN(quant::QuantizeResult result, quant::QuantizeModel(model, recipe, &pool));
