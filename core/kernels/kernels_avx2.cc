@@ -269,20 +269,27 @@ QF_AVX2 float DotF32(const float* a, const float* b, int64_t len) {
 // applied once per block to a partial sum instead of once per weight.
 QF_AVX2 inline __m256 I8x8ToFloat(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)); }
 
+// Eight partial sums of q_l * x_l over one 32-weight block whose int8 codes are q[0..15] = `lo`, q[16..31] = `hi`
+// (Q8_0 and Q4_0 differ only in how they produce those codes).
+QF_AVX2 inline __m256 DotI8x32(__m128i lo, __m128i hi, const float* x) {
+  __m256 s0 = _mm256_mul_ps(I8x8ToFloat(lo), _mm256_loadu_ps(x));
+  __m256 s1 = _mm256_mul_ps(I8x8ToFloat(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(x + 8));
+  s0 = _mm256_fmadd_ps(I8x8ToFloat(hi), _mm256_loadu_ps(x + 16), s0);
+  s1 = _mm256_fmadd_ps(I8x8ToFloat(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(x + 24), s1);
+  return _mm256_add_ps(s0, s1);
+}
+
 QF_AVX2 float DotQ8_0(const block_q8_0* b, int64_t nblocks, const float* x) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   for (int64_t i = 0; i < nblocks; ++i, ++b, x += kQK8_0) {
     const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs));
     const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 16));
-    __m256 s0 = _mm256_mul_ps(I8x8ToFloat(q0), _mm256_loadu_ps(x));
-    __m256 s1 = _mm256_mul_ps(I8x8ToFloat(_mm_srli_si128(q0, 8)), _mm256_loadu_ps(x + 8));
-    s0 = _mm256_fmadd_ps(I8x8ToFloat(q1), _mm256_loadu_ps(x + 16), s0);
-    s1 = _mm256_fmadd_ps(I8x8ToFloat(_mm_srli_si128(q1, 8)), _mm256_loadu_ps(x + 24), s1);
+    const __m256 s = DotI8x32(q0, q1, x);
     const __m256 d = _mm256_set1_ps(LoadHalfF16c(&b->d));
     if (i & 1) {
-      acc1 = _mm256_fmadd_ps(d, _mm256_add_ps(s0, s1), acc1);
+      acc1 = _mm256_fmadd_ps(d, s, acc1);
     } else {
-      acc0 = _mm256_fmadd_ps(d, _mm256_add_ps(s0, s1), acc0);
+      acc0 = _mm256_fmadd_ps(d, s, acc0);
     }
   }
   return Hsum(_mm256_add_ps(acc0, acc1));
@@ -296,15 +303,12 @@ QF_AVX2 float DotQ4_0(const block_q4_0* b, int64_t nblocks, const float* x) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs));
     const __m128i lo = _mm_sub_epi8(_mm_and_si128(raw, low_mask), eight);  // elements 0..15, q - 8
     const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low_mask), eight);  // 16..31
-    __m256 s0 = _mm256_mul_ps(I8x8ToFloat(lo), _mm256_loadu_ps(x));
-    __m256 s1 = _mm256_mul_ps(I8x8ToFloat(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(x + 8));
-    s0 = _mm256_fmadd_ps(I8x8ToFloat(hi), _mm256_loadu_ps(x + 16), s0);
-    s1 = _mm256_fmadd_ps(I8x8ToFloat(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(x + 24), s1);
+    const __m256 s = DotI8x32(lo, hi, x);
     const __m256 d = _mm256_set1_ps(LoadHalfF16c(&b->d));
     if (i & 1) {
-      acc1 = _mm256_fmadd_ps(d, _mm256_add_ps(s0, s1), acc1);
+      acc1 = _mm256_fmadd_ps(d, s, acc1);
     } else {
-      acc0 = _mm256_fmadd_ps(d, _mm256_add_ps(s0, s1), acc0);
+      acc0 = _mm256_fmadd_ps(d, s, acc0);
     }
   }
   return Hsum(_mm256_add_ps(acc0, acc1));
