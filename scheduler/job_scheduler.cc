@@ -51,6 +51,8 @@ absl::StatusOr<std::unique_ptr<JobScheduler>> JobScheduler::Recover(SchedulerSta
     std::unique_ptr<Job> j = MakeJob(sj.id, *std::move(plan));
     j->state = sj.state;
     j->message = sj.message;
+    j->created_ms = sj.created_ms;
+    j->finished_ms = sj.state == JobState::kRunning ? 0 : sj.finished_ms;
     for (const auto& [t, ref] : sj.results) {
       if (t >= j->task_state.size() || j->task_state[t] == TaskState::kDone) continue;
       j->task_state[t] = TaskState::kDone;
@@ -65,6 +67,7 @@ absl::StatusOr<std::unique_ptr<JobScheduler>> JobScheduler::Recover(SchedulerSta
     if (j->state == JobState::kRunning && j->tasks_done == j->task_state.size()) {
       QF_RETURN_IF_ERROR(store->PutJobState(j->id, JobState::kSucceeded, "", now_ms));
       j->state = JobState::kSucceeded;
+      j->finished_ms = now_ms;
     }
     s->QueueInitiallyReady(*j);
     s->jobs_.emplace(sj.id, std::move(j));
@@ -80,6 +83,7 @@ absl::StatusOr<JobId> JobScheduler::SubmitJob(Plan plan, int64_t now_ms) {
   QF_RETURN_IF_ERROR(store_->PutJob(id, SerializePlan(plan), now_ms));
   ++next_id_;
   std::unique_ptr<Job> j = MakeJob(id, std::move(plan));
+  j->created_ms = now_ms;
   QueueInitiallyReady(*j);
   jobs_.emplace(id, std::move(j));
   return id;
@@ -113,6 +117,7 @@ absl::Status JobScheduler::FinishJob(Job& job, JobState state, const std::string
   QF_RETURN_IF_ERROR(store_->PutJobState(job.id, state, message, now_ms));
   job.state = state;
   job.message = message;
+  job.finished_ms = now_ms;
   DropLeasesOf(job.id);
   return absl::OkStatus();
 }
@@ -249,6 +254,7 @@ absl::StatusOr<CompleteOutcome> JobScheduler::Complete(const std::string& worker
     // The commit above is durable; if this write fails, Recover() finishes the job.
     (void)FinishJob(*job, JobState::kSucceeded, "", now_ms);
     job->state = JobState::kSucceeded;
+    job->finished_ms = now_ms;
   }
   return CompleteOutcome::kCommitted;
 }
@@ -282,6 +288,8 @@ absl::StatusOr<JobProgress> JobScheduler::Progress(JobId id, int64_t now_ms) con
   p.tasks_total = job->task_state.size();
   p.bytes_done = job->bytes_done;
   p.bytes_total = job->plan.total_input_bytes;
+  p.created_ms = job->created_ms;
+  p.finished_ms = job->finished_ms;
   if (job->state == JobState::kSucceeded) {
     p.eta_seconds = 0;
   } else if (job->rate_start_ms >= 0 && now_ms > job->rate_start_ms && job->bytes_done > job->rate_start_bytes) {
@@ -300,6 +308,12 @@ absl::StatusOr<std::string> JobScheduler::ResultRef(TaskRef ref) const {
   if (job->task_state[ref.task] != TaskState::kDone) return absl::NotFoundError("task not committed");
   const uint64_t pos = job->result_pos[ref.task];
   return job->result_arena.substr(pos >> 24, pos & 0xffffff);
+}
+
+const Plan* JobScheduler::PlanOf(JobId id) const {
+  std::lock_guard<std::mutex> l(mu_);
+  const Job* job = FindJob(id);
+  return job == nullptr ? nullptr : &job->plan;
 }
 
 std::vector<JobId> JobScheduler::Jobs() const {

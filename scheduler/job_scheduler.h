@@ -60,6 +60,7 @@ struct JobProgress {
   uint64_t bytes_done = 0, bytes_total = 0;  // quantize input bytes
   double eta_seconds = -1;                   // -1 until this process has seen a completion
   std::string message;
+  int64_t created_ms = 0, finished_ms = 0;   // finished_ms: 0 while running
 };
 
 enum class CompleteOutcome { kCommitted, kDuplicate, kJobNotRunning };
@@ -91,6 +92,8 @@ class JobScheduler {
 
   absl::StatusOr<JobProgress> Progress(JobId job, int64_t now_ms) const;
   absl::StatusOr<std::string> ResultRef(TaskRef task) const;  // NOT_FOUND until committed
+  // The job's plan; valid while the scheduler lives (jobs are never dropped). nullptr for an unknown job.
+  const Plan* PlanOf(JobId job) const;
   std::vector<JobId> Jobs() const;
   size_t LeasedCount() const;
   // Bytes held by plans, per-task state, queues and leases (not the store).
@@ -113,6 +116,7 @@ class JobScheduler {
     int64_t rate_start_ms = -1;  // first completion seen by this process
     uint64_t rate_start_bytes = 0;
     int64_t last_ms = 0;
+    int64_t created_ms = 0, finished_ms = 0;
   };
   struct LeaseInfo {
     std::string worker;

@@ -59,16 +59,24 @@ std::string Plan::Describe(uint32_t t) const {
 }
 
 size_t Plan::MemoryBytes() const {
-  size_t n = sizeof(*this) - sizeof(model) + model.MemoryBytes() + tasks.capacity() * sizeof(PlanTask) +
+  size_t n = sizeof(*this) - sizeof(model) + model.MemoryBytes() + attachment.capacity() +
+             tasks.capacity() * sizeof(PlanTask) +
              (dep_offsets.capacity() + deps.capacity()) * sizeof(uint32_t);
   for (const QuantConfig& c : configs) n += sizeof(c) + c.method.capacity();
   return n;
 }
 
+int MatchLayerRule(const JobRecipe& recipe, std::string_view tensor_name) {
+  const std::string n(tensor_name);
+  for (size_t i = 0; i < recipe.layers.size(); ++i) {
+    if (fnmatch(recipe.layers[i].pattern.c_str(), n.c_str(), 0) == 0) return static_cast<int>(i);
+  }
+  return -1;
+}
+
 absl::StatusOr<Plan> PlanJob(ModelDescription model, const JobRecipe& recipe, const PlanOptions& options) {
   // Rule 0 is the recipe's default; rules 1.. are recipe.layers in order.
   struct Rule {
-    std::string pattern;  // empty: matches everything
     const quant::QuantMethod* method;
     quant::QuantParams params;
   };
@@ -96,18 +104,14 @@ absl::StatusOr<Plan> PlanJob(ModelDescription model, const JobRecipe& recipe, co
       return absl::InvalidArgumentError(absl::StrCat(field, ".pattern: empty"));
     }
     calibrated |= method->NeedsCalibration();
-    rules.push_back({is_default ? std::string() : recipe.layers[i - 1].pattern, method, params});
+    rules.push_back({method, params});
   }
   if (calibrated && recipe.calibration_text_uri.empty()) {
     return absl::InvalidArgumentError("recipe.calibration_text_uri: a method of the recipe needs calibration text");
   }
   if (options.max_task_input_bytes == 0) return absl::InvalidArgumentError("options.max_task_input_bytes: must be > 0");
   auto rule_for = [&](std::string_view tensor_name) -> const Rule& {
-    const std::string n(tensor_name);
-    for (size_t i = 1; i < rules.size(); ++i) {
-      if (fnmatch(rules[i].pattern.c_str(), n.c_str(), 0) == 0) return rules[i];
-    }
-    return rules[0];
+    return rules[static_cast<size_t>(MatchLayerRule(recipe, tensor_name) + 1)];
   };
 
   Plan plan;
@@ -260,7 +264,7 @@ absl::Status ValidatePlan(const Plan& p) {
 // --- serialization ----------------------------------------------------------------------------------------
 namespace {
 
-constexpr char kMagic[8] = {'Q', 'F', 'P', 'L', 'A', 'N', '0', '1'};
+constexpr char kMagic[8] = {'Q', 'F', 'P', 'L', 'A', 'N', '0', '2'};
 
 class Writer {
  public:
@@ -367,6 +371,7 @@ std::string SerializePlan(const Plan& p) {
   w.Vec(p.deps);
   w.Pod(p.total_input_bytes);
   w.Pod(p.total_output_bytes);
+  w.Str(p.attachment);
   return std::move(w.out_);
 }
 
@@ -396,7 +401,7 @@ absl::StatusOr<Plan> DeserializePlan(const std::string& bytes) {
     p.configs.push_back(std::move(c));
   }
   if (!r.Vec(&p.tasks) || !r.Vec(&p.dep_offsets) || !r.Vec(&p.deps) || !r.Pod(&p.total_input_bytes) ||
-      !r.Pod(&p.total_output_bytes) || !r.done()) {
+      !r.Pod(&p.total_output_bytes) || !r.Str(&p.attachment) || !r.done()) {
     return bad();
   }
   QF_RETURN_IF_ERROR(ValidatePlan(p));

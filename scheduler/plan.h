@@ -34,6 +34,9 @@ struct JobRecipe {
   std::string evaluation_text_uri;   // non-empty: an evaluate task after assemble
 };
 
+// The index into recipe.layers of the first rule whose pattern matches `tensor_name`; -1: the recipe's default.
+int MatchLayerRule(const JobRecipe& recipe, std::string_view tensor_name);
+
 struct PlanOptions {
   uint64_t max_task_input_bytes = uint64_t{256} << 20;  // row slices keep every quantize task under this
   bool sequential_calibration = false;  // calibrate(i) also waits for block i-1's quantize tasks (exact GPTQ)
@@ -70,6 +73,9 @@ struct Plan {
   std::vector<uint32_t> deps;
   uint64_t total_input_bytes = 0;
   uint64_t total_output_bytes = 0;
+  // Opaque bytes the service layer attaches and gets back after recovery (the job's serialized request), so a
+  // job's identity is persisted in the same write as its plan.
+  std::string attachment;
 
   std::span<const uint32_t> DepsOf(uint32_t t) const {
     return {deps.data() + dep_offsets[t], deps.data() + dep_offsets[t + 1]};

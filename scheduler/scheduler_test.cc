@@ -150,9 +150,11 @@ TEST(PlanTest, CalibratedMethodChainsCalibrateTasks) {
 TEST(PlanTest, SerializationRoundTrips) {
   auto plan = PlanJob(TinyDescription(), Rtn4());
   ASSERT_TRUE(plan.ok());
+  plan->attachment = std::string("the service's request\0with a NUL", 33);
   const std::string blob = SerializePlan(*plan);
   auto back = DeserializePlan(blob);
   ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->attachment, plan->attachment);
   EXPECT_EQ(SerializePlan(*back), blob);
   EXPECT_FALSE(DeserializePlan(blob.substr(0, blob.size() - 3)).ok());
 }

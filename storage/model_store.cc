@@ -25,7 +25,9 @@ void AppendLe(std::string* out, uint64_t v, int bytes) {
   for (int i = 0; i < bytes; ++i) out->push_back(static_cast<char>((v >> (8 * i)) & 0xff));
 }
 
-std::string EncodeVocab(const Vocab& v) {
+}  // namespace
+
+std::string EncodeVocabChunk(const Vocab& v) {
   std::string out(kVocabMagic, sizeof(kVocabMagic));
   AppendLe(&out, v.model.size(), 4);
   out += v.model;
@@ -47,6 +49,8 @@ std::string EncodeVocab(const Vocab& v) {
   for (TokenType t : v.types) AppendLe(&out, static_cast<uint32_t>(t), 4);
   return out;
 }
+
+namespace {
 
 class Reader {
  public:
@@ -110,7 +114,9 @@ absl::StatusOr<Vocab> DecodeVocab(std::span<const uint8_t> bytes, const std::str
   return v;
 }
 
-absl::StatusOr<std::string> ConfigJson(const Model& model) {
+}  // namespace
+
+absl::StatusOr<std::string> ManifestConfigJson(const Model& model) {
   auto parsed = formats::ParseJson(formats::HfConfigJson(model.config));
   if (!parsed.ok()) return absl::InternalError(absl::StrCat("re-reading our own config.json: ", parsed.status().message()));
   Json meta = Json::MakeObject();
@@ -134,10 +140,12 @@ absl::StatusOr<std::string> ConfigJson(const Model& model) {
   return text;
 }
 
+namespace {
+
 absl::StatusOr<uint64_t> PutAndCommit(ArtifactStore& store, const Model& model, const std::string& name,
                                       const PutModelOptions& options, const std::string& holder) {
   qforge::v1::Manifest manifest;
-  QF_ASSIGN_OR_RETURN(*manifest.mutable_config_json(), ConfigJson(model));
+  QF_ASSIGN_OR_RETURN(*manifest.mutable_config_json(), ManifestConfigJson(model));
   *manifest.mutable_recipe() = options.recipe;
   manifest.set_source_uri(options.source_uri);
   for (const auto& [tensor_name, t] : model.tensors) {
@@ -150,7 +158,7 @@ absl::StatusOr<uint64_t> PutAndCommit(ArtifactStore& store, const Model& model, 
     for (std::string& id : ids) mt->add_chunk_ids(std::move(id));
   }
   if (model.vocab) {
-    const std::string vocab = EncodeVocab(*model.vocab);
+    const std::string vocab = EncodeVocabChunk(*model.vocab);
     if (vocab.size() > kMaxChunkBytes) {
       return absl::InvalidArgumentError(absl::StrCat("vocabulary of ", name, " encodes to ", vocab.size(),
                                                      " bytes, over the chunk limit ", kMaxChunkBytes));
@@ -191,8 +199,7 @@ absl::StatusOr<uint64_t> PutModel(ArtifactStore& store, const Model& model, cons
   return result;
 }
 
-absl::StatusOr<Model> LoadModel(ArtifactStore& store, const ModelRef& ref) {
-  QF_ASSIGN_OR_RETURN(qforge::v1::Manifest manifest, store.GetManifest(ref));
+absl::StatusOr<Model> ModelFromManifest(const qforge::v1::Manifest& manifest, const ChunkFetcher& get_chunk) {
   const std::string where = absl::StrCat(manifest.model().name(), "@", manifest.model().version());
   Model m;
   auto config = formats::ParseHfConfig(manifest.config_json());
@@ -217,22 +224,39 @@ absl::StatusOr<Model> LoadModel(ArtifactStore& store, const ModelRef& ref) {
     if (absl::Status s = ValidateTensor(probe); !s.ok()) {
       return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': ", s.message()));
     }
-    std::vector<std::string> ids(mt.chunk_ids().begin(), mt.chunk_ids().end());
-    auto bytes = store.ReadBlob(ids, mt.nbytes());
-    if (!bytes.ok()) {
-      return absl::Status(bytes.status().code(),
-                          absl::StrCat(where, " tensor '", mt.name(), "': ", bytes.status().message()));
+    // The chunks must add up to exactly nbytes; nothing beyond nbytes is ever appended.
+    std::vector<uint8_t> bytes;
+    bytes.reserve(mt.nbytes());
+    for (const std::string& id : mt.chunk_ids()) {
+      auto chunk = get_chunk(id);
+      if (!chunk.ok()) {
+        return absl::Status(chunk.status().code(),
+                            absl::StrCat(where, " tensor '", mt.name(), "': ", chunk.status().message()));
+      }
+      if (chunk->size() > mt.nbytes() - bytes.size()) {
+        return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': chunks exceed ", mt.nbytes(), " bytes"));
+      }
+      bytes.insert(bytes.end(), chunk->begin(), chunk->end());
     }
-    m.tensors.emplace(mt.name(), Tensor::FromBytes(mt.name(), std::move(shape), *format, std::move(*bytes)));
+    if (bytes.size() != mt.nbytes()) {
+      return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': chunks hold ", bytes.size(),
+                                              " bytes, the manifest says ", mt.nbytes()));
+    }
+    m.tensors.emplace(mt.name(), Tensor::FromBytes(mt.name(), std::move(shape), *format, std::move(bytes)));
   }
   if (!manifest.vocab_chunk_id().empty()) {
-    QF_ASSIGN_OR_RETURN(std::vector<uint8_t> vocab, store.GetChunk(manifest.vocab_chunk_id()));
+    QF_ASSIGN_OR_RETURN(std::vector<uint8_t> vocab, get_chunk(manifest.vocab_chunk_id()));
     QF_ASSIGN_OR_RETURN(m.vocab, DecodeVocab(vocab, where));
   }
   if (absl::Status s = ValidateModel(m); !s.ok()) {
     return absl::DataLossError(absl::StrCat(where, " does not form a valid model: ", s.message()));
   }
   return m;
+}
+
+absl::StatusOr<Model> LoadModel(ArtifactStore& store, const ModelRef& ref) {
+  QF_ASSIGN_OR_RETURN(qforge::v1::Manifest manifest, store.GetManifest(ref));
+  return ModelFromManifest(manifest, [&store](const std::string& id) { return store.GetChunk(id); });
 }
 
 absl::StatusOr<Model> LoadModel(ArtifactStore& store, const std::string& ref_text) {

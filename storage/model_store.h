@@ -9,11 +9,14 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/model/model.h"
+#include "qforge/v1/artifacts.pb.h"
 #include "qforge/v1/common.pb.h"
 #include "storage/artifact_store.h"
 #include "storage/chunk_codec.h"
@@ -34,6 +37,18 @@ absl::StatusOr<uint64_t> PutModel(ArtifactStore& store, const Model& model, cons
 
 // Loads a version; every chunk is verified (DATA_LOSS naming it on corruption). Tensors own their bytes.
 absl::StatusOr<Model> LoadModel(ArtifactStore& store, const ModelRef& ref);
+
+// The manifest's config_json for `model`: HF config.json text plus the "qforge_metadata" member.
+// INVALID_ARGUMENT if a metadata string is not UTF-8 (JSON could not carry it unchanged).
+absl::StatusOr<std::string> ManifestConfigJson(const Model& model);
+// The vocabulary chunk's bytes (the layout in docs/storage.md).
+std::string EncodeVocabChunk(const Vocab& vocab);
+
+// Rebuilds a model from a manifest, fetching chunks through `get_chunk` (which must verify them, as
+// ArtifactStore::GetChunk does). Shapes, encodings and byte counts are checked before anything of that size is
+// allocated. LoadModel is this over the local store; a remote client passes a fetch over ArtifactService.
+using ChunkFetcher = std::function<absl::StatusOr<std::vector<uint8_t>>(const std::string& chunk_id)>;
+absl::StatusOr<Model> ModelFromManifest(const qforge::v1::Manifest& manifest, const ChunkFetcher& get_chunk);
 absl::StatusOr<Model> LoadModel(ArtifactStore& store, const std::string& ref_text);
 
 enum class ExportFormat { kGguf, kSafetensors };

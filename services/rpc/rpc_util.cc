@@ -1,0 +1,163 @@
+#include "services/rpc/rpc_util.h"
+
+#include <climits>
+#include <cerrno>
+#include <charconv>
+#include <cstdlib>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+
+namespace qforge::rpc {
+
+grpc::Status ToGrpc(const absl::Status& s) {
+  if (s.ok()) return grpc::Status::OK;
+  // absl and gRPC share the canonical code numbers.
+  return grpc::Status(static_cast<grpc::StatusCode>(s.code()), std::string(s.message()));
+}
+
+absl::Status FromGrpc(const grpc::Status& s) {
+  if (s.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
+}
+
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  args.SetMaxSendMessageSize(kMaxMessageBytes);
+  return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+}
+
+void ConfigureServer(grpc::ServerBuilder& builder) {
+  builder.SetMaxReceiveMessageSize(kMaxMessageBytes);
+  builder.SetMaxSendMessageSize(kMaxMessageBytes);
+}
+
+namespace {
+template <typename T>
+bool ParseDecimal(std::string_view s, T* out) {
+  if (s.empty() || s.size() > 20 || (s.size() > 1 && s[0] == '0')) return false;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+  return ec == std::errc() && p == s.data() + s.size();
+}
+}  // namespace
+
+std::string FormatJobId(scheduler::JobId job) { return absl::StrCat(job); }
+
+absl::StatusOr<scheduler::JobId> ParseJobId(const std::string& id) {
+  scheduler::JobId job = 0;
+  if (!ParseDecimal(id, &job) || job == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("job_id: '", id.substr(0, 64), "' is not a job id"));
+  }
+  return job;
+}
+
+std::string FormatTaskId(scheduler::JobId job, uint32_t task) { return absl::StrCat(job, "/", task); }
+
+absl::StatusOr<std::pair<scheduler::JobId, uint32_t>> ParseTaskId(const std::string& id) {
+  const size_t slash = id.find('/');
+  const std::string_view job_text = std::string_view(id).substr(0, slash);
+  const std::string_view task_text = slash == std::string::npos ? std::string_view() : std::string_view(id).substr(slash + 1);
+  scheduler::JobId job = 0;
+  uint32_t task = 0;
+  if (!ParseDecimal(job_text, &job) || job == 0 || !ParseDecimal(task_text, &task)) {
+    return absl::InvalidArgumentError(absl::StrCat("task_id: '", id.substr(0, 64), "' is not <job>/<task>"));
+  }
+  return std::make_pair(job, task);
+}
+
+namespace {
+absl::StatusOr<std::string> RealPath(const std::string& path, const std::string& field) {
+  char buf[PATH_MAX];
+  if (::realpath(path.c_str(), buf) == nullptr) {
+    const int err = errno;
+    const std::string what = absl::StrCat(field, ": '", path.substr(0, 256), "': ", std::strerror(err));
+    if (err == ENOENT || err == ENOTDIR) return absl::NotFoundError(what);
+    if (err == EACCES) return absl::PermissionDeniedError(what);
+    return absl::InvalidArgumentError(what);
+  }
+  return std::string(buf);
+}
+}  // namespace
+
+absl::StatusOr<std::string> ResolveUnderRoots(const std::string& path, const std::vector<std::string>& roots,
+                                              const std::string& field) {
+  if (path.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": empty"));
+  if (path.find('\0') != std::string::npos) return absl::InvalidArgumentError(absl::StrCat(field, ": holds a NUL byte"));
+  auto real = RealPath(path, field);
+  if (!real.ok()) return real.status();
+  if (roots.empty()) return real;
+  for (const std::string& root : roots) {
+    if (*real == root || root == "/" ||
+        (real->size() > root.size() && real->compare(0, root.size(), root) == 0 && (*real)[root.size()] == '/')) {
+      return real;
+    }
+  }
+  return absl::PermissionDeniedError(absl::StrCat(field, ": '", path.substr(0, 256),
+                                                  "' is outside the allowed roots (", absl::StrJoin(roots, ", "), ")"));
+}
+
+absl::StatusOr<std::vector<std::string>> ResolveRoots(const std::vector<std::string>& roots) {
+  std::vector<std::string> out;
+  for (const std::string& r : roots) {
+    auto real = RealPath(r, "allowed root");
+    if (!real.ok()) return absl::InvalidArgumentError(real.status().message());
+    out.push_back(*std::move(real));
+  }
+  return out;
+}
+
+absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> ParamsFromProto(
+    const qforge::v1::QuantParams& p, const std::string& field) {
+  const quant::QuantMethod* method = quant::FindMethod(p.method());
+  if (method == nullptr) {
+    std::string known;
+    for (const quant::QuantMethod* m : quant::ListMethods()) absl::StrAppend(&known, known.empty() ? "" : ", ", m->name());
+    if (p.method().empty()) return absl::InvalidArgumentError(absl::StrCat(field, ".method: empty (known: ", known, ")"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".method: unknown method '", p.method().substr(0, 64), "' (known: ", known, ")"));
+  }
+  quant::QuantParams q = method->DefaultParams();
+  if (p.has_bits()) q.bits = p.bits();
+  if (p.has_group_size()) q.group = p.group_size();
+  if (p.has_asymmetric()) q.symmetric = !p.asymmetric();
+  if (p.has_double_quant()) q.double_quant = p.double_quant();
+  if (p.has_act_order()) q.act_order = p.act_order();
+  if (p.has_static_groups()) q.static_groups = p.static_groups();
+  if (p.has_damp()) q.damp = p.damp();
+  return std::make_pair(method, q);
+}
+
+qforge::v1::QuantParams ParamsToProto(const std::string& method, const quant::QuantParams& p) {
+  qforge::v1::QuantParams out;
+  out.set_method(method);
+  out.set_bits(p.bits);
+  out.set_group_size(p.group);
+  out.set_asymmetric(!p.symmetric);
+  out.set_double_quant(p.double_quant);
+  out.set_act_order(p.act_order);
+  out.set_static_groups(p.static_groups);
+  out.set_damp(p.damp);
+  return out;
+}
+
+absl::StatusOr<scheduler::JobRecipe> RecipeFromProto(const qforge::v1::Recipe& recipe) {
+  scheduler::JobRecipe r;
+  auto defaults = ParamsFromProto(recipe.defaults(), "recipe.defaults");
+  if (!defaults.ok()) return defaults.status();
+  r.method = defaults->first->name();
+  r.params = defaults->second;
+  r.quantize_embeddings = recipe.defaults().quantize_embeddings();
+  for (int i = 0; i < recipe.layers_size(); ++i) {
+    const std::string field = absl::StrCat("recipe.layers[", i, "]");
+    auto rule = ParamsFromProto(recipe.layers(i).params(), absl::StrCat(field, ".params"));
+    if (!rule.ok()) return rule.status();
+    r.layers.push_back({recipe.layers(i).pattern(), rule->first->name(), rule->second});
+  }
+  r.calibration_text_uri = recipe.calibration_text_uri();
+  r.evaluation_text_uri = recipe.evaluation_text_uri();
+  return r;
+}
+
+}  // namespace qforge::rpc

@@ -1,0 +1,807 @@
+#include "services/scheduler/scheduler_service.h"
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <filesystem>
+#include <map>
+#include <random>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "core/base/status_macros.h"
+#include "core/formats/parsers.h"
+#include "qforge/v1/artifacts.grpc.pb.h"
+#include "qforge/v1/jobs.grpc.pb.h"
+#include "qforge/v1/worker.grpc.pb.h"
+#include "scheduler/model_description.h"
+#include "services/rpc/rpc_util.h"
+#include "storage/chunk_codec.h"
+#include "storage/model_store.h"
+
+namespace qforge::services {
+namespace {
+
+namespace v1 = qforge::v1;
+using scheduler::JobId;
+using scheduler::JobState;
+using scheduler::Plan;
+using scheduler::TaskKind;
+using scheduler::TaskRef;
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+v1::JobState ToProto(JobState s) {
+  switch (s) {
+    case JobState::kRunning: return v1::JOB_STATE_RUNNING;
+    case JobState::kSucceeded: return v1::JOB_STATE_SUCCEEDED;
+    case JobState::kFailed: return v1::JOB_STATE_FAILED;
+    case JobState::kCancelled: return v1::JOB_STATE_CANCELLED;
+  }
+  return v1::JOB_STATE_UNSPECIFIED;
+}
+
+v1::TaskKind ToProto(TaskKind k) {
+  switch (k) {
+    case TaskKind::kCalibrate: return v1::TASK_KIND_CALIBRATE;
+    case TaskKind::kQuantize: return v1::TASK_KIND_QUANTIZE;
+    case TaskKind::kAssemble: return v1::TASK_KIND_ASSEMBLE;
+    case TaskKind::kEvaluate: return v1::TASK_KIND_EVALUATE;
+  }
+  return v1::TASK_KIND_UNSPECIFIED;
+}
+
+// A model name from a file name: "stories260K.bin" -> "stories260k".
+std::string NameFromPath(const std::string& path) {
+  std::string base = path.substr(path.find_last_of('/') + 1);
+  if (const size_t dot = base.find('.'); dot != std::string::npos && dot > 0) base.resize(dot);
+  std::string out;
+  for (char c : absl::AsciiStrToLower(base)) {
+    const bool ok = absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-';
+    out.push_back(ok ? c : '-');
+  }
+  while (!out.empty() && !absl::ascii_isalnum(static_cast<unsigned char>(out[0]))) out.erase(0, 1);
+  if (out.size() > storage::kMaxModelNameChars) out.resize(storage::kMaxModelNameChars);
+  return out.empty() ? "model" : out;
+}
+
+// A quantize task's committed result: "<nbytes>:<chunk id>,<chunk id>,...".
+std::string EncodeSliceResult(uint64_t nbytes, const google::protobuf::RepeatedPtrField<std::string>& ids) {
+  return absl::StrCat(nbytes, ":", absl::StrJoin(ids, ","));
+}
+
+absl::Status DecodeSliceResult(const std::string& ref, uint64_t* nbytes, std::vector<std::string>* ids) {
+  const size_t colon = ref.find(':');
+  if (colon == std::string::npos || !absl::SimpleAtoi(ref.substr(0, colon), nbytes)) {
+    return absl::DataLossError(absl::StrCat("malformed task result '", ref.substr(0, 80), "'"));
+  }
+  const std::string list = ref.substr(colon + 1);
+  if (!list.empty()) *ids = absl::StrSplit(list, ',');
+  return absl::OkStatus();
+}
+
+absl::StatusOr<storage::ModelRef> RefFromProto(const v1::ModelRef& ref) {
+  if (ref.version().empty()) return storage::ParseModelRef(ref.name());
+  return storage::ParseModelRef(absl::StrCat(ref.name(), "@", ref.version()));
+}
+
+}  // namespace
+
+std::string JobPinHolder(JobId job) { return absl::StrCat("qforge-job-", job); }
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared state of the three services.
+class SchedulerServer::Impl {
+ public:
+  Impl(SchedulerServer* server, SchedulerServiceOptions options)
+      : server_(server), options_(std::move(options)), jobs_svc_(this), workers_svc_(this), artifacts_svc_(this) {}
+
+  storage::ArtifactStore& store() { return *server_->store_; }
+  scheduler::JobScheduler& sched() { return *server_->jobs_; }
+  const SchedulerServiceOptions& options() const { return options_; }
+  bool stopping() const { return stopping_.load(); }
+  void Stop() {
+    stopping_ = true;
+    std::lock_guard<std::mutex> l(tick_mu_);
+    tick_cv_.notify_all();
+  }
+
+  // Expires overdue leases and releases the pins of jobs that ended without a version, until Stop().
+  void TickerLoop() {
+    std::unique_lock<std::mutex> l(tick_mu_);
+    while (!stopping_) {
+      tick_cv_.wait_for(l, std::chrono::milliseconds(options_.expiry_scan_ms));
+      if (stopping_) break;
+      l.unlock();
+      sched().ExpireLeases(NowMs()).IgnoreError();  // a failed store write is retried at the next tick
+      ReleaseFinishedJobPins();
+      l.lock();
+    }
+  }
+
+  void ReleaseFinishedJobPins() {
+    for (JobId id : sched().Jobs()) {
+      {
+        std::lock_guard<std::mutex> l(mu_);
+        if (pins_released_.contains(id)) continue;
+      }
+      auto p = sched().Progress(id, NowMs());
+      if (!p.ok() || p->state == JobState::kRunning) continue;
+      storage::StateBatch release;
+      release.ReleasePins(JobPinHolder(id));
+      if (store().Write(release).ok()) {
+        std::lock_guard<std::mutex> l(mu_);
+        pins_released_.insert(id);
+      }
+    }
+  }
+
+  // The job's identity (tenant, request, creation time), persisted inside its plan.
+  absl::StatusOr<v1::Job> JobRecord(JobId id) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = records_.find(id); it != records_.end()) return it->second;
+    }
+    const Plan* plan = sched().PlanOf(id);
+    if (plan == nullptr) return absl::NotFoundError(absl::StrCat("job_id: job ", id, " not found"));
+    v1::Job job;
+    if (!job.ParseFromString(plan->attachment)) return absl::DataLossError(absl::StrCat("job ", id, ": unreadable request"));
+    std::lock_guard<std::mutex> l(mu_);
+    records_.emplace(id, job);
+    if (!job.request().idempotency_key().empty()) {
+      idempotency_.emplace(std::make_pair(job.tenant(), job.request().idempotency_key()), id);
+    }
+    return job;
+  }
+
+  absl::StatusOr<v1::Job> DescribeJob(JobId id) {
+    QF_ASSIGN_OR_RETURN(v1::Job job, JobRecord(id));
+    QF_ASSIGN_OR_RETURN(scheduler::JobProgress p, sched().Progress(id, NowMs()));
+    job.set_job_id(rpc::FormatJobId(id));
+    v1::JobProgress* out = job.mutable_progress();
+    out->set_state(ToProto(p.state));
+    out->set_tasks_done(static_cast<int64_t>(p.tasks_done));
+    out->set_tasks_total(static_cast<int64_t>(p.tasks_total));
+    out->set_bytes_in(static_cast<int64_t>(p.bytes_done));
+    out->set_bytes_in_total(static_cast<int64_t>(p.bytes_total));
+    out->set_eta_seconds(p.eta_seconds);
+    out->set_message(p.message);
+    job.set_finished_unix_ms(p.finished_ms);
+    if (p.state == JobState::kFailed || p.state == JobState::kCancelled) job.set_error(p.message);
+    if (p.state == JobState::kSucceeded) {
+      const Plan* plan = sched().PlanOf(id);
+      for (uint32_t t = 0; t < plan->tasks.size(); ++t) {
+        if (plan->tasks[t].kind != TaskKind::kAssemble) continue;
+        auto ref = sched().ResultRef({id, t});
+        if (!ref.ok()) break;
+        auto model = storage::ParseModelRef(*ref);
+        if (!model.ok()) break;
+        job.mutable_result()->set_name(model->name);
+        job.mutable_result()->set_version(absl::StrCat(model->version.value_or(0)));
+        if (auto m = store().GetManifest(*model); m.ok()) {
+          uint64_t bytes = 0;
+          for (const auto& t : m->tensors()) bytes += t.nbytes();
+          out->set_bytes_out(static_cast<int64_t>(bytes));
+        }
+      }
+    }
+    return job;
+  }
+
+  // --- JobService ---------------------------------------------------------------------------------------------
+  absl::StatusOr<JobId> Submit(const v1::SubmitJobRequest& req) {
+    QF_ASSIGN_OR_RETURN(const std::string source, rpc::ResolveUnderRoots(req.source_uri(), roots_, "source_uri"));
+    const std::string name = req.output_name().empty() ? NameFromPath(source) : req.output_name();
+    if (absl::Status s = storage::ValidateModelName(name); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("output_name: ", s.message()));
+    }
+    QF_ASSIGN_OR_RETURN(scheduler::JobRecipe recipe, rpc::RecipeFromProto(req.recipe()));
+    for (size_t i = 0; i <= recipe.layers.size(); ++i) {
+      const std::string& method = i == 0 ? recipe.method : recipe.layers[i - 1].method;
+      if (quant::FindMethod(method)->NeedsCalibration()) {
+        return absl::UnimplementedError(absl::StrCat(
+            i == 0 ? "recipe.defaults" : absl::StrCat("recipe.layers[", i - 1, "].params"), ".method: ", method,
+            " needs calibrate tasks, which the distributed pipeline does not run yet; use `qforge quantize --method ",
+            method, "`"));
+      }
+    }
+    if (!recipe.evaluation_text_uri.empty()) {
+      return absl::UnimplementedError(
+          "recipe.evaluation_text_uri: evaluate tasks are not run by the distributed pipeline yet; use `qforge eval`");
+    }
+    if (!req.idempotency_key().empty()) {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = idempotency_.find({req.tenant(), req.idempotency_key()}); it != idempotency_.end()) return it->second;
+    }
+    auto description = scheduler::DescribeModel(source);
+    if (!description.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("source_uri: '", req.source_uri(), "' is not a model qforge reads: ", description.status().message()));
+    }
+    scheduler::PlanOptions plan_options;
+    plan_options.max_task_input_bytes = req.max_task_bytes() > 0 ? req.max_task_bytes() : options_.max_task_bytes;
+    QF_ASSIGN_OR_RETURN(Plan plan, scheduler::PlanJob(*std::move(description), recipe, plan_options));
+    v1::Job record;
+    record.set_tenant(req.tenant());
+    *record.mutable_request() = req;
+    record.mutable_request()->set_output_name(name);
+    record.set_created_unix_ms(NowMs());
+    plan.attachment = record.SerializeAsString();
+    // Submits with one idempotency key are serialised so a concurrent retry cannot create a second job.
+    std::lock_guard<std::mutex> submit(submit_mu_);
+    if (!req.idempotency_key().empty()) {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = idempotency_.find({req.tenant(), req.idempotency_key()}); it != idempotency_.end()) return it->second;
+    }
+    QF_ASSIGN_OR_RETURN(const JobId id, sched().SubmitJob(std::move(plan), record.created_unix_ms()));
+    std::lock_guard<std::mutex> l(mu_);
+    records_.emplace(id, record);
+    if (!req.idempotency_key().empty()) idempotency_.emplace(std::make_pair(req.tenant(), req.idempotency_key()), id);
+    return id;
+  }
+
+  // --- WorkerService --------------------------------------------------------------------------------------------
+  std::string RegisterWorker(const v1::RegisterWorkerRequest& req) {
+    std::string host;
+    for (char c : req.hostname().substr(0, 64)) host.push_back(absl::ascii_isalnum(static_cast<unsigned char>(c)) ? c : '-');
+    if (host.empty()) host = "worker";
+    static thread_local std::mt19937_64 rng(std::random_device{}());
+    const std::string id = absl::StrCat(host, "-", absl::Hex(rng(), absl::kZeroPad16));
+    std::lock_guard<std::mutex> l(mu_);
+    workers_[id] = req;
+    return id;
+  }
+
+  absl::Status FillTask(const scheduler::LeasedTask& leased, v1::Task* task) {
+    const Plan* plan = sched().PlanOf(leased.ref.job);
+    const scheduler::TaskSpec& spec = leased.spec;
+    task->set_task_id(rpc::FormatTaskId(leased.ref.job, leased.ref.task));
+    task->set_job_id(rpc::FormatJobId(leased.ref.job));
+    task->set_kind(ToProto(spec.kind));
+    task->set_source_uri(spec.source_uri);
+    task->set_attempt(leased.attempt);
+    task->set_layer(spec.layer);
+    if (spec.kind == TaskKind::kQuantize) {
+      task->add_tensor_names(spec.tensor);
+      *task->mutable_params() = rpc::ParamsToProto(spec.config->method, spec.config->params);
+      task->set_format(FormatName(spec.config->format));
+      task->set_row_begin(spec.row_begin);
+      task->set_row_end(spec.row_end);
+    } else if (spec.kind == TaskKind::kAssemble) {
+      const std::vector<bool> quantized = QuantizedTensors(*plan);
+      for (size_t i = 0; i < plan->model.tensors.size(); ++i) {
+        if (!quantized[i]) task->add_tensor_names(std::string(plan->model.name(i)));
+      }
+      QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(leased.ref.job));
+      QF_RETURN_IF_ERROR(QuantMetadata(*plan, record.request().recipe(), task->mutable_metadata()));
+    }
+    return absl::OkStatus();
+  }
+
+  // The metadata QuantizeModel adds, so a version made by the scheduler matches `qforge quantize`.
+  static absl::Status QuantMetadata(const Plan& plan, const v1::Recipe& recipe_proto,
+                                    google::protobuf::Map<std::string, std::string>* md) {
+    QF_ASSIGN_OR_RETURN(scheduler::JobRecipe recipe, rpc::RecipeFromProto(recipe_proto));
+    const quant::QuantParams defaults = recipe.params.value_or(quant::FindMethod(recipe.method)->DefaultParams());
+    // Tensors in QuantizeModel's order (LinearWeightNames, then embeddings), then any others (MoE experts).
+    std::map<std::string_view, uint32_t> config_of;
+    for (const scheduler::PlanTask& t : plan.tasks) {
+      if (t.kind == TaskKind::kQuantize) config_of.emplace(plan.model.name(t.tensor), t.config);
+    }
+    std::vector<std::string> order = LinearWeightNames(plan.model.config);
+    order.push_back(names::kTokenEmbd);
+    order.push_back(names::kOutput);
+    for (const auto& [name, c] : config_of) {
+      if (std::find(order.begin(), order.end(), name) == order.end()) order.emplace_back(name);
+    }
+    std::vector<std::string> fallbacks;
+    for (const std::string& name : order) {
+      auto it = config_of.find(name);
+      if (it == config_of.end()) continue;
+      const scheduler::QuantConfig& c = plan.configs[it->second];
+      const int rule = scheduler::MatchLayerRule(recipe, name);
+      const std::string& method = rule < 0 ? recipe.method : recipe.layers[rule].method;
+      const quant::QuantParams params = rule < 0 ? defaults
+                                                 : recipe.layers[rule].params.value_or(
+                                                       quant::FindMethod(method)->DefaultParams());
+      if (c.method != method || !(c.params == params)) fallbacks.push_back(name);
+    }
+    (*md)["quant.method"] = recipe.method;
+    (*md)["quant.params"] = quant::ParamsToString(defaults);
+    (*md)["quant.quantize_embeddings"] = recipe.quantize_embeddings ? "true" : "false";
+    (*md)["quant.fallbacks"] = absl::StrJoin(fallbacks, ",");
+    return absl::OkStatus();
+  }
+
+  static std::vector<bool> QuantizedTensors(const Plan& plan) {
+    std::vector<bool> quantized(plan.model.tensors.size(), false);
+    for (const scheduler::PlanTask& t : plan.tasks) {
+      if (t.kind == TaskKind::kQuantize) quantized[t.tensor] = true;
+    }
+    return quantized;
+  }
+
+  // Reads every chunk back (verifying it) and checks that they add up to `nbytes`: what a task reports must be
+  // in the store, intact, before it is committed.
+  absl::Status VerifyChunks(const google::protobuf::RepeatedPtrField<std::string>& ids, uint64_t nbytes,
+                            const std::string& what) {
+    uint64_t total = 0;
+    for (const std::string& id : ids) {
+      if (absl::Status s = storage::ValidateChunkId(id); !s.ok()) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": ", s.message()));
+      }
+      auto bytes = store().GetChunk(id);
+      if (!bytes.ok()) {
+        return absl::Status(bytes.status().code() == absl::StatusCode::kNotFound ? absl::StatusCode::kFailedPrecondition
+                                                                                   : bytes.status().code(),
+                            absl::StrCat(what, ": ", bytes.status().message()));
+      }
+      total += bytes->size();
+    }
+    if (total != nbytes) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": chunks hold ", total, " bytes, expected ", nbytes));
+    }
+    return absl::OkStatus();
+  }
+
+  static absl::Status CheckStoredTensor(const v1::StoredTensor& t, const std::string& what, WeightFormat format,
+                                        const std::vector<int64_t>& shape) {
+    if (t.format() != FormatName(format)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": format '", t.format().substr(0, 64), "', the plan says '", FormatName(format), "'"));
+    }
+    if (!std::equal(t.shape().begin(), t.shape().end(), shape.begin(), shape.end())) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": shape [", absl::StrJoin(t.shape(), ", "),
+                                                     "], the plan says [", absl::StrJoin(shape, ", "), "]"));
+    }
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+    QF_ASSIGN_OR_RETURN(const size_t expected, EncodedBytes(format, rows, shape.back()));
+    if (t.nbytes() != expected) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": ", t.nbytes(), " bytes, the encoding needs ", expected));
+    }
+    return absl::OkStatus();
+  }
+
+  absl::StatusOr<v1::CompleteTaskResponse> Complete(const v1::CompleteTaskRequest& req) {
+    QF_ASSIGN_OR_RETURN(const auto ids, rpc::ParseTaskId(req.task_id()));
+    const TaskRef ref{ids.first, ids.second};
+    const Plan* plan = sched().PlanOf(ref.job);
+    if (plan == nullptr || ref.task >= plan->tasks.size()) {
+      return absl::NotFoundError(absl::StrCat("task_id: ", req.task_id(), " not found"));
+    }
+    const scheduler::PlanTask& pt = plan->tasks[ref.task];
+    const std::string what = absl::StrCat("task ", req.task_id(), " (", plan->Describe(ref.task), ")");
+    std::string result;
+    if (pt.kind == TaskKind::kQuantize) {
+      if (req.outputs_size() != 1) return absl::InvalidArgumentError(absl::StrCat(what, ": expected one output"));
+      const v1::StoredTensor& out = req.outputs(0);
+      const scheduler::TensorDesc& td = plan->model.tensors[pt.tensor];
+      if (out.name() != plan->model.name(pt.tensor)) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": output names '", out.name().substr(0, 128), "'"));
+      }
+      QF_RETURN_IF_ERROR(CheckStoredTensor(out, what, plan->configs[pt.config].format,
+                                           {int64_t{pt.row_end} - pt.row_begin, td.cols}));
+      QF_RETURN_IF_ERROR(VerifyChunks(out.chunk_ids(), out.nbytes(), what));
+      result = EncodeSliceResult(out.nbytes(), out.chunk_ids());
+    } else if (pt.kind == TaskKind::kAssemble) {
+      // One assemble at a time: the check for an existing version and the commit must not interleave.
+      std::lock_guard<std::mutex> l(assemble_mu_);
+      QF_ASSIGN_OR_RETURN(result, CommitVersion(ref.job, *plan, req, what));
+    } else {
+      return absl::UnimplementedError(absl::StrCat(what, ": this task kind is not run by the distributed pipeline"));
+    }
+    QF_ASSIGN_OR_RETURN(const scheduler::CompleteOutcome outcome, sched().Complete(req.worker_id(), ref, result, NowMs()));
+    if (outcome == scheduler::CompleteOutcome::kJobNotRunning) {
+      return absl::FailedPreconditionError(absl::StrCat("job ", ref.job, " is no longer running"));
+    }
+    v1::CompleteTaskResponse resp;
+    resp.set_duplicate(outcome == scheduler::CompleteOutcome::kDuplicate);
+    return resp;
+  }
+
+  // Builds the manifest from the committed slices and the assemble worker's copied tensors, and commits it as
+  // the next version (or finds the version an earlier run of this assemble task already committed).
+  absl::StatusOr<std::string> CommitVersion(JobId job, const Plan& plan, const v1::CompleteTaskRequest& req,
+                                            const std::string& what) {
+    QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(job));
+    const std::string& name = record.request().output_name();
+    const std::string job_id = rpc::FormatJobId(job);
+    if (auto existing = FindVersionOfJob(name, job_id); existing.ok()) {
+      return storage::FormatModelRef(name, *existing);
+    }
+    v1::Manifest manifest;
+    auto config = formats::ParseHfConfig(req.config_json());
+    if (!config.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": config_json: ", config.status().message()));
+    if (!(*config == plan.model.config)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": config_json does not describe the planned model"));
+    }
+    manifest.set_config_json(req.config_json());
+    *manifest.mutable_recipe() = record.request().recipe();
+    manifest.set_source_uri(record.request().source_uri());
+    manifest.set_job_id(job_id);
+    if (!req.vocab_chunk_id().empty()) {
+      QF_ASSIGN_OR_RETURN(const bool has, store().HasChunk(req.vocab_chunk_id()));
+      if (!has) return absl::FailedPreconditionError(absl::StrCat(what, ": vocabulary chunk not stored"));
+      manifest.set_vocab_chunk_id(req.vocab_chunk_id());
+    }
+    // Quantized tensors: their slices' chunks in row order (the plan lists a tensor's slices in row order).
+    std::map<std::string, v1::ManifestTensor> tensors;
+    for (uint32_t t = 0; t < plan.tasks.size(); ++t) {
+      const scheduler::PlanTask& pt = plan.tasks[t];
+      if (pt.kind != TaskKind::kQuantize) continue;
+      const scheduler::TensorDesc& td = plan.model.tensors[pt.tensor];
+      v1::ManifestTensor& mt = tensors[std::string(plan.model.name(pt.tensor))];
+      if (mt.name().empty()) {
+        mt.set_name(std::string(plan.model.name(pt.tensor)));
+        mt.set_format(FormatName(plan.configs[pt.config].format));
+        mt.add_shape(td.rows);
+        mt.add_shape(td.cols);
+      }
+      QF_ASSIGN_OR_RETURN(const std::string ref, sched().ResultRef({job, t}));
+      uint64_t nbytes = 0;
+      std::vector<std::string> ids;
+      QF_RETURN_IF_ERROR(DecodeSliceResult(ref, &nbytes, &ids));
+      mt.set_nbytes(mt.nbytes() + nbytes);
+      for (std::string& id : ids) mt.add_chunk_ids(std::move(id));
+    }
+    // Copied tensors: exactly the ones the plan does not quantize, in their source shape and encoding.
+    const std::vector<bool> quantized = QuantizedTensors(plan);
+    std::map<std::string_view, size_t> index;
+    for (size_t i = 0; i < plan.model.tensors.size(); ++i) index.emplace(plan.model.name(i), i);
+    for (const v1::StoredTensor& st : req.outputs()) {
+      const std::string where = absl::StrCat(what, ": tensor '", st.name().substr(0, 128), "'");
+      auto it = index.find(st.name());
+      if (it == index.end() || quantized[it->second] || tensors.contains(st.name())) {
+        return absl::InvalidArgumentError(absl::StrCat(where, " is not one the job copies (or is repeated)"));
+      }
+      auto format = ParseFormatName(st.format());
+      if (!format.ok()) return absl::InvalidArgumentError(absl::StrCat(where, ": ", format.status().message()));
+      const scheduler::TensorDesc& td = plan.model.tensors[it->second];
+      const std::vector<int64_t> shape =
+          td.ndim == 1 ? std::vector<int64_t>{td.cols} : std::vector<int64_t>{td.rows, td.cols};
+      QF_RETURN_IF_ERROR(CheckStoredTensor(st, where, *format, shape));
+      QF_RETURN_IF_ERROR(VerifyChunks(st.chunk_ids(), st.nbytes(), where));
+      v1::ManifestTensor& mt = tensors[st.name()];
+      mt.set_name(st.name());
+      mt.set_format(st.format());
+      *mt.mutable_shape() = st.shape();
+      mt.set_nbytes(st.nbytes());
+      *mt.mutable_chunk_ids() = st.chunk_ids();
+    }
+    if (tensors.size() != plan.model.tensors.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": ", plan.model.tensors.size() - tensors.size(),
+                                                     " tensors the job copies are missing"));
+    }
+    for (auto& [n, mt] : tensors) *manifest.add_tensors() = std::move(mt);
+    storage::StateBatch also;
+    also.ReleasePins(JobPinHolder(job));
+    QF_ASSIGN_OR_RETURN(const uint64_t version, store().CommitVersion(name, std::move(manifest), &also));
+    return storage::FormatModelRef(name, version);
+  }
+
+  // The version of `name` whose manifest records `job_id`; NOT_FOUND if none.
+  absl::StatusOr<uint64_t> FindVersionOfJob(const std::string& name, const std::string& job_id) {
+    QF_ASSIGN_OR_RETURN(std::vector<storage::ModelVersions> models, store().ListModels());
+    for (const storage::ModelVersions& m : models) {
+      if (m.name != name) continue;
+      for (auto v = m.versions.rbegin(); v != m.versions.rend(); ++v) {
+        auto manifest = store().GetManifest(storage::ModelRef{name, *v});
+        if (manifest.ok() && manifest->job_id() == job_id) return *v;
+      }
+    }
+    return absl::NotFoundError("no version of this job");
+  }
+
+  // --- the gRPC services ----------------------------------------------------------------------------------------
+  class JobServiceImpl final : public v1::JobService::Service {
+   public:
+    explicit JobServiceImpl(Impl* impl) : impl_(impl) {}
+    grpc::Status SubmitJob(grpc::ServerContext*, const v1::SubmitJobRequest* req, v1::SubmitJobResponse* resp) override {
+      auto id = impl_->Submit(*req);
+      if (!id.ok()) return rpc::ToGrpc(id.status());
+      resp->set_job_id(rpc::FormatJobId(*id));
+      return grpc::Status::OK;
+    }
+    grpc::Status GetJob(grpc::ServerContext*, const v1::GetJobRequest* req, v1::Job* resp) override {
+      return Describe(req->job_id(), resp);
+    }
+    grpc::Status CancelJob(grpc::ServerContext*, const v1::CancelJobRequest* req, v1::Job* resp) override {
+      auto id = rpc::ParseJobId(req->job_id());
+      if (!id.ok()) return rpc::ToGrpc(id.status());
+      if (absl::Status s = impl_->sched().CancelJob(*id, NowMs()); !s.ok()) return rpc::ToGrpc(s);
+      impl_->ReleaseFinishedJobPins();
+      return Describe(req->job_id(), resp);
+    }
+    grpc::Status WatchJob(grpc::ServerContext* ctx, const v1::WatchJobRequest* req,
+                          grpc::ServerWriter<v1::JobProgress>* writer) override {
+      v1::Job job;
+      if (grpc::Status s = Describe(req->job_id(), &job); !s.ok()) return s;
+      std::string last;
+      int64_t last_sent_ms = 0;
+      while (!ctx->IsCancelled()) {
+        const std::string now = job.progress().SerializeAsString();
+        // Send on every change, and at least once a second so the client's ETA and throughput stay live.
+        if (now != last || NowMs() - last_sent_ms >= 1000) {
+          if (!writer->Write(job.progress())) return grpc::Status::OK;  // the client went away
+          last = now;
+          last_sent_ms = NowMs();
+        }
+        if (job.progress().state() != v1::JOB_STATE_RUNNING) return grpc::Status::OK;
+        if (impl_->stopping()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, "scheduler shutting down");
+        std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        if (grpc::Status s = Describe(req->job_id(), &job); !s.ok()) return s;
+      }
+      return grpc::Status(grpc::StatusCode::CANCELLED, "client cancelled");
+    }
+    grpc::Status ListJobs(grpc::ServerContext*, const v1::ListJobsRequest* req, v1::ListJobsResponse* resp) override {
+      if (req->page_size() < 0) return {grpc::StatusCode::INVALID_ARGUMENT, "page_size: negative"};
+      const int limit = req->page_size() == 0 ? 100 : std::min(req->page_size(), 1000);
+      JobId after = 0;
+      if (!req->page_token().empty()) {
+        auto t = rpc::ParseJobId(req->page_token());
+        if (!t.ok()) return {grpc::StatusCode::INVALID_ARGUMENT, "page_token: not one ListJobs returned"};
+        after = *t;
+      }
+      for (JobId id : impl_->sched().Jobs()) {
+        if (id <= after) continue;
+        auto job = impl_->DescribeJob(id);
+        if (!job.ok()) return rpc::ToGrpc(job.status());
+        if (!req->tenant().empty() && job->tenant() != req->tenant()) continue;
+        if (resp->jobs_size() == limit) {
+          resp->set_next_page_token(rpc::FormatJobId(after));
+          break;
+        }
+        *resp->add_jobs() = *std::move(job);
+        after = id;
+      }
+      return grpc::Status::OK;
+    }
+
+   private:
+    grpc::Status Describe(const std::string& job_id, v1::Job* out) {
+      auto id = rpc::ParseJobId(job_id);
+      if (!id.ok()) return rpc::ToGrpc(id.status());
+      auto job = impl_->DescribeJob(*id);
+      if (!job.ok()) return rpc::ToGrpc(job.status());
+      *out = *std::move(job);
+      return grpc::Status::OK;
+    }
+    Impl* impl_;
+  };
+
+  class WorkerServiceImpl final : public v1::WorkerService::Service {
+   public:
+    explicit WorkerServiceImpl(Impl* impl) : impl_(impl) {}
+    grpc::Status RegisterWorker(grpc::ServerContext*, const v1::RegisterWorkerRequest* req,
+                                v1::RegisterWorkerResponse* resp) override {
+      resp->set_worker_id(impl_->RegisterWorker(*req));
+      return grpc::Status::OK;
+    }
+    grpc::Status LeaseTask(grpc::ServerContext*, const v1::LeaseTaskRequest* req, v1::LeaseTaskResponse* resp) override {
+      if (req->worker_id().empty()) return {grpc::StatusCode::INVALID_ARGUMENT, "worker_id: empty"};
+      auto leased = impl_->sched().Lease(req->worker_id(), NowMs());
+      if (!leased.ok()) return rpc::ToGrpc(leased.status());
+      if (!leased->has_value()) {
+        resp->set_available(false);
+        return grpc::Status::OK;
+      }
+      if (absl::Status s = impl_->FillTask(**leased, resp->mutable_task()); !s.ok()) {
+        impl_->sched().Fail(req->worker_id(), (*leased)->ref, std::string(s.message()), NowMs()).IgnoreError();
+        return rpc::ToGrpc(s);
+      }
+      resp->set_available(true);
+      resp->set_lease_deadline_unix_ms((*leased)->deadline_ms);
+      return grpc::Status::OK;
+    }
+    grpc::Status Heartbeat(grpc::ServerContext*, const v1::HeartbeatRequest* req, v1::HeartbeatResponse* resp) override {
+      auto ids = rpc::ParseTaskId(req->task_id());
+      if (!ids.ok()) return rpc::ToGrpc(ids.status());
+      auto deadline = impl_->sched().Heartbeat(req->worker_id(), {ids->first, ids->second}, NowMs());
+      if (!deadline.ok()) return rpc::ToGrpc(deadline.status());
+      resp->set_lease_deadline_unix_ms(*deadline);
+      return grpc::Status::OK;
+    }
+    grpc::Status UploadChunk(grpc::ServerContext*, grpc::ServerReader<v1::UploadChunkRequest>* reader,
+                             v1::UploadChunkResponse* resp) override {
+      v1::UploadChunkRequest piece;
+      if (!reader->Read(&piece)) return {grpc::StatusCode::INVALID_ARGUMENT, "UploadChunk: empty stream"};
+      auto ids = rpc::ParseTaskId(piece.task_id());
+      if (!ids.ok()) return rpc::ToGrpc(ids.status());
+      auto progress = impl_->sched().Progress(ids->first, NowMs());
+      if (!progress.ok()) return rpc::ToGrpc(progress.status());
+      if (progress->state != JobState::kRunning) {
+        return {grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("job ", ids->first, " is no longer running")};
+      }
+      std::string bytes = std::move(*piece.mutable_data());
+      while (reader->Read(&piece)) {
+        if (bytes.size() + piece.data().size() > storage::kMaxChunkBytes) {
+          return {grpc::StatusCode::INVALID_ARGUMENT,
+                  absl::StrCat("UploadChunk: a chunk holds at most ", storage::kMaxChunkBytes, " bytes")};
+        }
+        bytes += piece.data();
+      }
+      auto id = impl_->store().PutChunk(
+          std::span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()), JobPinHolder(ids->first));
+      if (!id.ok()) return rpc::ToGrpc(id.status());
+      resp->set_chunk_id(*id);
+      resp->set_size(bytes.size());
+      return grpc::Status::OK;
+    }
+    grpc::Status CompleteTask(grpc::ServerContext*, const v1::CompleteTaskRequest* req,
+                              v1::CompleteTaskResponse* resp) override {
+      auto r = impl_->Complete(*req);
+      if (!r.ok()) return rpc::ToGrpc(r.status());
+      *resp = *std::move(r);
+      return grpc::Status::OK;
+    }
+    grpc::Status FailTask(grpc::ServerContext*, const v1::FailTaskRequest* req, v1::FailTaskResponse*) override {
+      auto ids = rpc::ParseTaskId(req->task_id());
+      if (!ids.ok()) return rpc::ToGrpc(ids.status());
+      const std::string error = req->error().substr(0, 4096);
+      return rpc::ToGrpc(impl_->sched().Fail(req->worker_id(), {ids->first, ids->second}, error, NowMs()));
+    }
+
+   private:
+    Impl* impl_;
+  };
+
+  class ArtifactServiceImpl final : public v1::ArtifactService::Service {
+   public:
+    explicit ArtifactServiceImpl(Impl* impl) : impl_(impl) {}
+    grpc::Status ListModels(grpc::ServerContext*, const v1::ListModelsRequest*, v1::ListModelsResponse* resp) override {
+      auto models = impl_->store().ListModels();
+      if (!models.ok()) return rpc::ToGrpc(models.status());
+      for (const storage::ModelVersions& m : *models) {
+        v1::ModelVersions* out = resp->add_models();
+        out->set_name(m.name);
+        for (uint64_t v : m.versions) out->add_versions(absl::StrCat(v));
+      }
+      return grpc::Status::OK;
+    }
+    grpc::Status GetManifest(grpc::ServerContext*, const v1::GetManifestRequest* req, v1::Manifest* resp) override {
+      auto ref = RefFromProto(req->model());
+      if (!ref.ok()) return rpc::ToGrpc(ref.status());
+      auto m = impl_->store().GetManifest(*ref);
+      if (!m.ok()) return rpc::ToGrpc(m.status());
+      *resp = *std::move(m);
+      return grpc::Status::OK;
+    }
+    grpc::Status GetChunk(grpc::ServerContext* ctx, const v1::GetChunkRequest* req,
+                          grpc::ServerWriter<v1::ChunkData>* writer) override {
+      if (absl::Status s = storage::ValidateChunkId(req->chunk_id()); !s.ok()) return rpc::ToGrpc(s);
+      auto bytes = impl_->store().GetChunk(req->chunk_id());
+      if (!bytes.ok()) return rpc::ToGrpc(bytes.status());
+      v1::ChunkData piece;
+      for (size_t off = 0; off < bytes->size() || off == 0; off += rpc::kChunkPieceBytes) {
+        if (ctx->IsCancelled()) return {grpc::StatusCode::CANCELLED, "client cancelled"};
+        const size_t n = std::min(rpc::kChunkPieceBytes, bytes->size() - off);
+        piece.set_offset(off);
+        piece.set_data(bytes->data() + off, n);
+        if (!writer->Write(piece)) break;
+        if (n == 0) break;
+      }
+      return grpc::Status::OK;
+    }
+    grpc::Status ExportModel(grpc::ServerContext*, const v1::ExportModelRequest* req,
+                             v1::ExportModelResponse* resp) override {
+      auto ref = RefFromProto(req->model());
+      if (!ref.ok()) return rpc::ToGrpc(ref.status());
+      const std::string& path = req->output_path();
+      if (path.empty() || path.back() == '/') return {grpc::StatusCode::INVALID_ARGUMENT, "output_path: not a file path"};
+      const size_t slash = path.find_last_of('/');
+      const std::string dir = slash == std::string::npos ? "." : (slash == 0 ? "/" : path.substr(0, slash));
+      auto real_dir = rpc::ResolveUnderRoots(dir, impl_->roots_, "output_path");
+      if (!real_dir.ok()) return rpc::ToGrpc(real_dir.status());
+      storage::ExportFormat format;
+      switch (req->format()) {
+        case v1::EXPORT_FORMAT_GGUF: format = storage::ExportFormat::kGguf; break;
+        case v1::EXPORT_FORMAT_SAFETENSORS: format = storage::ExportFormat::kSafetensors; break;
+        default: return {grpc::StatusCode::INVALID_ARGUMENT, "format: must be GGUF or SAFETENSORS"};
+      }
+      const std::string out = absl::StrCat(*real_dir, "/", path.substr(slash + 1));
+      if (absl::Status s = storage::ExportModel(impl_->store(), *ref, out, format); !s.ok()) return rpc::ToGrpc(s);
+      std::error_code ec;
+      resp->set_bytes_written(std::filesystem::file_size(out, ec));
+      return grpc::Status::OK;
+    }
+    grpc::Status DeleteVersion(grpc::ServerContext*, const v1::DeleteVersionRequest* req,
+                               v1::DeleteVersionResponse* resp) override {
+      auto ref = RefFromProto(req->model());
+      if (!ref.ok()) return rpc::ToGrpc(ref.status());
+      auto version = impl_->store().ResolveVersion(*ref);
+      if (!version.ok()) return rpc::ToGrpc(version.status());
+      auto n = impl_->store().DeleteVersion(ref->name, *version);
+      if (!n.ok()) return rpc::ToGrpc(n.status());
+      resp->set_chunks_collected(*n);
+      return grpc::Status::OK;
+    }
+
+   private:
+    Impl* impl_;
+  };
+
+  SchedulerServer* server_;
+  SchedulerServiceOptions options_;
+  std::vector<std::string> roots_;  // realpath'd allowed roots
+  std::atomic<bool> stopping_{false};
+  std::mutex tick_mu_;
+  std::condition_variable tick_cv_;
+  std::mutex submit_mu_;    // serialises submits (idempotency keys)
+  std::mutex assemble_mu_;  // serialises version commits
+  std::mutex mu_;           // guards the maps below
+  std::map<JobId, v1::Job> records_;
+  std::map<std::pair<std::string, std::string>, JobId> idempotency_;
+  std::set<JobId> pins_released_;
+  std::map<std::string, v1::RegisterWorkerRequest> workers_;
+
+ public:
+  JobServiceImpl jobs_svc_;
+  WorkerServiceImpl workers_svc_;
+  ArtifactServiceImpl artifacts_svc_;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+
+absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Open(const std::string& store_dir,
+                                                                       SchedulerServiceOptions options) {
+  std::unique_ptr<SchedulerServer> s(new SchedulerServer());
+  QF_ASSIGN_OR_RETURN(std::vector<std::string> roots, rpc::ResolveRoots(options.allowed_roots));
+  QF_ASSIGN_OR_RETURN(s->store_, storage::ArtifactStore::Open(store_dir));
+  s->state_ = std::make_unique<scheduler::RocksDbStateStore>(s->store_.get());
+  QF_ASSIGN_OR_RETURN(s->jobs_, scheduler::JobScheduler::Recover(s->state_.get(), options.scheduler, NowMs()));
+  s->impl_ = std::make_unique<Impl>(s.get(), std::move(options));
+  s->impl_->roots_ = std::move(roots);
+  // Load every job's record now: idempotency keys must be known before the first submit.
+  for (JobId id : s->jobs_->Jobs()) QF_RETURN_IF_ERROR(s->impl_->JobRecord(id).status());
+  s->ticker_ = std::thread([impl = s->impl_.get()] { impl->TickerLoop(); });
+  return s;
+}
+
+SchedulerServer::~SchedulerServer() {
+  Shutdown(0);
+  if (ticker_.joinable()) ticker_.join();
+}
+
+absl::StatusOr<int> SchedulerServer::Start(const std::string& address) {
+  if (server_ != nullptr) return absl::FailedPreconditionError("scheduler: already started");
+  grpc::ServerBuilder builder;
+  rpc::ConfigureServer(builder);
+  int port = 0;
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&impl_->jobs_svc_);
+  builder.RegisterService(&impl_->workers_svc_);
+  builder.RegisterService(&impl_->artifacts_svc_);
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port == 0) {
+    server_.reset();
+    return absl::UnavailableError(absl::StrCat("scheduler: cannot listen on ", address));
+  }
+  return port;
+}
+
+std::shared_ptr<grpc::Channel> SchedulerServer::InProcessChannel() {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(rpc::kMaxMessageBytes);
+  args.SetMaxSendMessageSize(rpc::kMaxMessageBytes);
+  return server_->InProcessChannel(args);
+}
+
+void SchedulerServer::Shutdown(int64_t grace_ms) {
+  if (impl_ != nullptr) impl_->Stop();
+  if (server_ != nullptr) {
+    server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(grace_ms));
+  }
+}
+
+void SchedulerServer::Wait() {
+  if (server_ != nullptr) server_->Wait();
+}
+
+}  // namespace qforge::services
