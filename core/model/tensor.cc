@@ -122,6 +122,21 @@ absl::StatusOr<QIntLayout> GetQIntLayout(const WeightFormat& f, int64_t rows, in
   return l;
 }
 
+absl::StatusOr<std::vector<size_t>> PlaneSizes(const WeightFormat& f, int64_t rows, int64_t cols) {
+  if (f.type == WeightType::kQInt) {
+    QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
+    std::vector<size_t> sizes = {l.scales_offset - l.codes_offset, l.zeros_offset - l.scales_offset};
+    if (l.total_bytes > l.zeros_offset) sizes.push_back(l.total_bytes - l.zeros_offset);
+    return sizes;
+  }
+  if (f.type == WeightType::kNF4 && !f.double_quant) {
+    QF_ASSIGN_OR_RETURN(const Nf4Layout l, GetNf4Layout(f, rows, cols));
+    return std::vector<size_t>{l.absmax_offset - l.codes_offset, l.total_bytes - l.absmax_offset};
+  }
+  QF_ASSIGN_OR_RETURN(const size_t n, EncodedBytes(f, rows, cols));
+  return std::vector<size_t>{n};
+}
+
 absl::StatusOr<Nf4Layout> GetNf4Layout(const WeightFormat& f, int64_t rows, int64_t cols) {
   if (f.type != WeightType::kNF4) return absl::InvalidArgumentError("not an nf4 format");
   QF_RETURN_IF_ERROR(CheckDims(rows, cols));

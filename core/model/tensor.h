@@ -90,6 +90,13 @@ inline constexpr int kNf4DoubleQuantGroup = 256;
 // The 16 NF4 levels of QLoRA (Dettmers et al. 2023, appendix E), ascending, in [-1, 1].
 extern const float kNf4Levels[16];
 
+// The byte sizes of an encoding's planes in storage order: qint stores codes | scales (| zeros), nf4 without
+// double quantization codes | absmax, each plane row-major; every other encoding is one plane of row-major
+// blocks. So a matrix cut into row slices is, plane by plane, its slices' parts of that plane in row order: the
+// rule by which the scheduler assembles a tensor from its slices. nf4 with double quantization shares its
+// second-level scales across rows; it is one plane here, and is never sliced.
+absl::StatusOr<std::vector<size_t>> PlaneSizes(const WeightFormat& f, int64_t rows, int64_t cols);
+
 // A named n-dimensional tensor whose bytes live in `owner` (a mapped file or a heap buffer).
 // Shape is outermost first: a weight matrix is {rows, cols}. Vectors are {n}.
 struct Tensor {

@@ -145,6 +145,17 @@ const std::vector<Command>& Commands() {
       {"convert", "convert IN OUT.{gguf,safetensors} [--tokenizer TOK]: rewrite a model in another format", Convert},
       {"make-synthetic", "make-synthetic OUT [--dim ...]: write a random Llama model (tests, benchmarks)",
        MakeSynthetic},
+      {"up",
+       "up [--store DIR] [--listen HOST:PORT] [--workers N] [--threads N] [--allowed-roots DIR,...]: run scheduler, "
+       "store and workers in one process (embedded mode) until Ctrl-C",
+       Up},
+      {"submit",
+       "submit MODEL --method M [method flags as for quantize] [--name NAME] [--tenant T] [--max-task-mib N] "
+       "[--watch]: submit a quantize job to the scheduler (--watch: live progress)",
+       Submit},
+      {"jobs", "jobs [--tenant T]: list the scheduler's jobs", Jobs},
+      {"models", "models: list the models and versions in the store", Models},
+      {"export", "export NAME@VERSION --format gguf|safetensors OUT: write a stored version to a file", Export},
   };
   return *commands;
 }
@@ -154,7 +165,9 @@ const std::vector<Command>& Commands() {
 std::string HelpText() {
   std::string s = "qforge: make large language models small and serve them\n\nusage: qforge COMMAND [ARGS]\n\n";
   for (const Command& c : Commands()) absl::StrAppend(&s, "  ", c.summary, "\n");
-  absl::StrAppend(&s, "  help: this text\n\nExit codes: 0 ok, 1 the operation failed, 2 bad usage.\n");
+  absl::StrAppend(&s, "  help: this text\n\nClient commands (submit, jobs, models, export) reach the scheduler at "
+                     "--scheduler HOST:PORT, else $QFORGE_SCHEDULER, else 127.0.0.1:7700.\n"
+                     "Exit codes: 0 ok, 1 the operation failed, 2 bad usage.\n");
   return s;
 }
 

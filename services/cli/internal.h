@@ -8,6 +8,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/model/model.h"
+#include "core/quant/quant_method.h"
 #include "services/cli/flags.h"
 
 namespace qforge::cli {
@@ -19,10 +20,25 @@ absl::Status SaveModel(const Model& m, const std::string& path);
 // A vocabulary from a SentencePiece .model or a llama2.c tokenizer.bin.
 absl::StatusOr<Vocab> LoadVocab(const std::string& path, int vocab_size);
 
+// "rtn, nf4, ...": every registered method.
+std::string MethodNames();
+// --method and its parameters (--bits, --group, --asym, --no-double-quant, --act-order, --damp), validated.
+inline const std::set<std::string> kMethodValueFlags = {"method", "bits", "group", "damp"};
+inline const std::set<std::string> kMethodBoolFlags = {"asym", "no-double-quant", "act-order"};
+absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodFromFlags(const Flags& f,
+                                                                                       const std::string& usage);
+
 // Commands that run models (model_commands.cc).
 absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Methods(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Generate(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Eval(const std::vector<std::string>& args, std::ostream& out);
+
+// Commands that talk to a scheduler, or run one (job_commands.cc).
+absl::Status Up(const std::vector<std::string>& args, std::ostream& out);
+absl::Status Submit(const std::vector<std::string>& args, std::ostream& out);
+absl::Status Jobs(const std::vector<std::string>& args, std::ostream& out);
+absl::Status Models(const std::vector<std::string>& args, std::ostream& out);
+absl::Status Export(const std::vector<std::string>& args, std::ostream& out);
 
 }  // namespace qforge::cli

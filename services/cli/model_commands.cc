@@ -35,11 +35,15 @@ absl::StatusOr<Vocab> LoadVocab(const std::string& path, int vocab_size) {
 
 namespace {
 
+}  // namespace
+
 std::string MethodNames() {
   std::vector<std::string> names;
   for (const quant::QuantMethod* m : quant::ListMethods()) names.push_back(m->name());
   return absl::StrJoin(names, ", ");
 }
+
+namespace {
 
 // The model's own vocabulary, else --tokenizer, else null (commands then work on token ids).
 absl::StatusOr<std::unique_ptr<Tokenizer>> ResolveTokenizer(const Model& m, const Flags& f) {
@@ -96,13 +100,8 @@ absl::Status Methods(const std::vector<std::string>& args, std::ostream& out) {
   return absl::OkStatus();
 }
 
-absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
-  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"method", "bits", "group", "threads", "tokenizer", "damp",
-                                                   "calib-text", "calib-streams", "calib-len", "calib-seed"},
-                                          {"asym", "no-double-quant", "quantize-embeddings", "act-order"}));
-  const std::string usage = "qforge quantize --method M [--bits B] [--group G] [--asym] [--no-double-quant] "
-                            "[--quantize-embeddings] [--act-order] [--damp D] [--calib-text FILE | --calib-streams N "
-                            "--calib-len L --calib-seed S] [--threads N] [--tokenizer TOK] IN OUT.{gguf,safetensors}";
+absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodFromFlags(const Flags& f,
+                                                                                       const std::string& usage) {
   if (!f.Has("method")) return UsageError(absl::StrCat("--method is required (", MethodNames(), "); usage: ", usage));
   const quant::QuantMethod* method = quant::FindMethod(f.Get("method"));
   if (method == nullptr) {
@@ -116,13 +115,27 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   if (f.GetBool("act-order")) params.act_order = true;
   QF_ASSIGN_OR_RETURN(double damp, f.GetDouble("damp", params.damp, 0.0, 10.0));
   params.damp = static_cast<float>(damp);
+  if (absl::Status s = method->Validate(params); !s.ok()) {
+    return UsageError(absl::StrCat("--method ", method->name(), ": ", s.message()));
+  }
+  return std::make_pair(method, params);
+}
+
+absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
+  std::set<std::string> value_flags = {"threads", "tokenizer", "calib-text", "calib-streams", "calib-len", "calib-seed"};
+  std::set<std::string> bool_flags = {"quantize-embeddings"};
+  value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
+  bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, bool_flags));
+  const std::string usage = "qforge quantize --method M [--bits B] [--group G] [--asym] [--no-double-quant] "
+                            "[--quantize-embeddings] [--act-order] [--damp D] [--calib-text FILE | --calib-streams N "
+                            "--calib-len L --calib-seed S] [--threads N] [--tokenizer TOK] IN OUT.{gguf,safetensors}";
+  QF_ASSIGN_OR_RETURN(auto method_and_params, MethodFromFlags(f, usage));
+  const auto [method, params] = method_and_params;
   QF_ASSIGN_OR_RETURN(int calib_streams, f.GetInt("calib-streams", 64, 1, 1 << 20));
   QF_ASSIGN_OR_RETURN(int calib_len, f.GetInt("calib-len", 256, 2, 1 << 24));
   // Evaluation samples its streams with seed 1 by default; calibration must not see those tokens.
   QF_ASSIGN_OR_RETURN(uint64_t calib_seed, f.GetSeed("calib-seed", 1000));
-  if (absl::Status s = method->Validate(params); !s.ok()) {
-    return UsageError(absl::StrCat("--method ", method->name(), ": ", s.message()));
-  }
   QF_ASSIGN_OR_RETURN(int threads, f.GetInt("threads", 0, 0, 1024));
   QF_RETURN_IF_ERROR(NeedPositional(f, 2, usage));
   const std::string& in_path = f.positional()[0];

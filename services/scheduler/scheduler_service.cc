@@ -71,18 +71,32 @@ std::string NameFromPath(const std::string& path) {
   return out.empty() ? "model" : out;
 }
 
-// A quantize task's committed result: "<nbytes>:<chunk id>,<chunk id>,...".
-std::string EncodeSliceResult(uint64_t nbytes, const google::protobuf::RepeatedPtrField<std::string>& ids) {
-  return absl::StrCat(nbytes, ":", absl::StrJoin(ids, ","));
+// A quantize task's committed result: "<nbytes>:<plane>.<chunk id>,<plane>.<chunk id>,...", every chunk tagged
+// with the plane of the encoding it holds part of (PlaneSizes), in the slice's byte order.
+struct SliceChunk {
+  size_t plane;
+  std::string id;
+};
+
+std::string EncodeSliceResult(uint64_t nbytes, const std::vector<SliceChunk>& chunks) {
+  std::string out = absl::StrCat(nbytes, ":");
+  for (size_t i = 0; i < chunks.size(); ++i) absl::StrAppend(&out, i ? "," : "", chunks[i].plane, ".", chunks[i].id);
+  return out;
 }
 
-absl::Status DecodeSliceResult(const std::string& ref, uint64_t* nbytes, std::vector<std::string>* ids) {
+absl::Status DecodeSliceResult(const std::string& ref, uint64_t* nbytes, std::vector<SliceChunk>* chunks) {
+  const auto bad = [&] { return absl::DataLossError(absl::StrCat("malformed task result '", ref.substr(0, 80), "'")); };
   const size_t colon = ref.find(':');
-  if (colon == std::string::npos || !absl::SimpleAtoi(ref.substr(0, colon), nbytes)) {
-    return absl::DataLossError(absl::StrCat("malformed task result '", ref.substr(0, 80), "'"));
-  }
+  if (colon == std::string::npos || !absl::SimpleAtoi(ref.substr(0, colon), nbytes)) return bad();
   const std::string list = ref.substr(colon + 1);
-  if (!list.empty()) *ids = absl::StrSplit(list, ',');
+  if (list.empty()) return absl::OkStatus();
+  for (const std::string& item : std::vector<std::string>(absl::StrSplit(list, ','))) {
+    const size_t dot = item.find('.');
+    SliceChunk c;
+    if (dot == std::string::npos || !absl::SimpleAtoi(item.substr(0, dot), &c.plane)) return bad();
+    c.id = item.substr(dot + 1);
+    chunks->push_back(std::move(c));
+  }
   return absl::OkStatus();
 }
 
@@ -328,9 +342,10 @@ class SchedulerServer::Impl {
   }
 
   // Reads every chunk back (verifying it) and checks that they add up to `nbytes`: what a task reports must be
-  // in the store, intact, before it is committed.
-  absl::Status VerifyChunks(const google::protobuf::RepeatedPtrField<std::string>& ids, uint64_t nbytes,
-                            const std::string& what) {
+  // in the store, intact, before it is committed. Returns each chunk's size.
+  absl::StatusOr<std::vector<size_t>> VerifyChunks(const google::protobuf::RepeatedPtrField<std::string>& ids,
+                                                   uint64_t nbytes, const std::string& what) {
+    std::vector<size_t> sizes;
     uint64_t total = 0;
     for (const std::string& id : ids) {
       if (absl::Status s = storage::ValidateChunkId(id); !s.ok()) {
@@ -343,11 +358,31 @@ class SchedulerServer::Impl {
                             absl::StrCat(what, ": ", bytes.status().message()));
       }
       total += bytes->size();
+      sizes.push_back(bytes->size());
     }
     if (total != nbytes) {
       return absl::InvalidArgumentError(absl::StrCat(what, ": chunks hold ", total, " bytes, expected ", nbytes));
     }
-    return absl::OkStatus();
+    return sizes;
+  }
+
+  // Tags each chunk of a slice with its plane; INVALID_ARGUMENT if one crosses a plane boundary (the slices could
+  // then not be interleaved plane by plane).
+  static absl::StatusOr<std::vector<SliceChunk>> AssignPlanes(const google::protobuf::RepeatedPtrField<std::string>& ids,
+                                                              const std::vector<size_t>& chunk_sizes,
+                                                              const std::vector<size_t>& plane_sizes,
+                                                              const std::string& what) {
+    std::vector<SliceChunk> out;
+    size_t plane = 0, offset = 0, plane_end = plane_sizes.empty() ? 0 : plane_sizes[0];
+    for (int i = 0; i < ids.size(); ++i) {
+      while (offset == plane_end && plane + 1 < plane_sizes.size()) plane_end += plane_sizes[++plane];
+      offset += chunk_sizes[i];
+      if (offset > plane_end) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": chunk ", ids[i], " crosses a plane boundary of the encoding"));
+      }
+      out.push_back({plane, ids[i]});
+    }
+    return out;
   }
 
   static absl::Status CheckStoredTensor(const v1::StoredTensor& t, const std::string& what, WeightFormat format,
@@ -386,10 +421,13 @@ class SchedulerServer::Impl {
       if (out.name() != plan->model.name(pt.tensor)) {
         return absl::InvalidArgumentError(absl::StrCat(what, ": output names '", out.name().substr(0, 128), "'"));
       }
-      QF_RETURN_IF_ERROR(CheckStoredTensor(out, what, plan->configs[pt.config].format,
-                                           {int64_t{pt.row_end} - pt.row_begin, td.cols}));
-      QF_RETURN_IF_ERROR(VerifyChunks(out.chunk_ids(), out.nbytes(), what));
-      result = EncodeSliceResult(out.nbytes(), out.chunk_ids());
+      const WeightFormat& format = plan->configs[pt.config].format;
+      const int64_t rows = int64_t{pt.row_end} - pt.row_begin;
+      QF_RETURN_IF_ERROR(CheckStoredTensor(out, what, format, {rows, td.cols}));
+      QF_ASSIGN_OR_RETURN(const std::vector<size_t> sizes, VerifyChunks(out.chunk_ids(), out.nbytes(), what));
+      QF_ASSIGN_OR_RETURN(const std::vector<size_t> planes, PlaneSizes(format, rows, td.cols));
+      QF_ASSIGN_OR_RETURN(const std::vector<SliceChunk> chunks, AssignPlanes(out.chunk_ids(), sizes, planes, what));
+      result = EncodeSliceResult(out.nbytes(), chunks);
     } else if (pt.kind == TaskKind::kAssemble) {
       // One assemble at a time: the check for an existing version and the commit must not interleave.
       std::lock_guard<std::mutex> l(assemble_mu_);
@@ -431,25 +469,38 @@ class SchedulerServer::Impl {
       if (!has) return absl::FailedPreconditionError(absl::StrCat(what, ": vocabulary chunk not stored"));
       manifest.set_vocab_chunk_id(req.vocab_chunk_id());
     }
-    // Quantized tensors: their slices' chunks in row order (the plan lists a tensor's slices in row order).
+    // Quantized tensors: plane by plane, each slice's chunks of that plane, slices in row order (the plan lists
+    // a tensor's slices in row order).
     std::map<std::string, v1::ManifestTensor> tensors;
+    std::map<std::string, std::vector<std::vector<std::string>>> plane_chunks;
     for (uint32_t t = 0; t < plan.tasks.size(); ++t) {
       const scheduler::PlanTask& pt = plan.tasks[t];
       if (pt.kind != TaskKind::kQuantize) continue;
+      const std::string name(plan.model.name(pt.tensor));
       const scheduler::TensorDesc& td = plan.model.tensors[pt.tensor];
-      v1::ManifestTensor& mt = tensors[std::string(plan.model.name(pt.tensor))];
+      v1::ManifestTensor& mt = tensors[name];
       if (mt.name().empty()) {
-        mt.set_name(std::string(plan.model.name(pt.tensor)));
+        mt.set_name(name);
         mt.set_format(FormatName(plan.configs[pt.config].format));
         mt.add_shape(td.rows);
         mt.add_shape(td.cols);
       }
       QF_ASSIGN_OR_RETURN(const std::string ref, sched().ResultRef({job, t}));
       uint64_t nbytes = 0;
-      std::vector<std::string> ids;
-      QF_RETURN_IF_ERROR(DecodeSliceResult(ref, &nbytes, &ids));
+      std::vector<SliceChunk> chunks;
+      QF_RETURN_IF_ERROR(DecodeSliceResult(ref, &nbytes, &chunks));
       mt.set_nbytes(mt.nbytes() + nbytes);
-      for (std::string& id : ids) mt.add_chunk_ids(std::move(id));
+      std::vector<std::vector<std::string>>& by_plane = plane_chunks[name];
+      for (SliceChunk& c : chunks) {
+        if (c.plane >= 8) return absl::DataLossError(absl::StrCat(what, ": task ", t, " names plane ", c.plane));
+        if (by_plane.size() <= c.plane) by_plane.resize(c.plane + 1);
+        by_plane[c.plane].push_back(std::move(c.id));
+      }
+    }
+    for (auto& [name, by_plane] : plane_chunks) {
+      for (std::vector<std::string>& ids : by_plane) {
+        for (std::string& id : ids) tensors[name].add_chunk_ids(std::move(id));
+      }
     }
     // Copied tensors: exactly the ones the plan does not quantize, in their source shape and encoding.
     const std::vector<bool> quantized = QuantizedTensors(plan);
@@ -467,7 +518,7 @@ class SchedulerServer::Impl {
       const std::vector<int64_t> shape =
           td.ndim == 1 ? std::vector<int64_t>{td.cols} : std::vector<int64_t>{td.rows, td.cols};
       QF_RETURN_IF_ERROR(CheckStoredTensor(st, where, *format, shape));
-      QF_RETURN_IF_ERROR(VerifyChunks(st.chunk_ids(), st.nbytes(), where));
+      QF_RETURN_IF_ERROR(VerifyChunks(st.chunk_ids(), st.nbytes(), where).status());
       v1::ManifestTensor& mt = tensors[st.name()];
       mt.set_name(st.name());
       mt.set_format(st.format());

@@ -1,0 +1,286 @@
+// CLI commands of the distributed service: `up` runs scheduler, store and workers in one process (embedded
+// mode); `submit`, `jobs`, `models` and `export` are clients of a running scheduler.
+#include <signal.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "core/base/status_macros.h"
+#include "qforge/v1/artifacts.grpc.pb.h"
+#include "qforge/v1/jobs.grpc.pb.h"
+#include "services/cli/internal.h"
+#include "services/rpc/artifact_client.h"
+#include "services/rpc/rpc_util.h"
+#include "services/scheduler/scheduler_service.h"
+#include "storage/model_ref.h"
+#include "workers/worker.h"
+
+namespace qforge::cli {
+namespace {
+
+namespace v1 = qforge::v1;
+
+constexpr char kDefaultAddress[] = "127.0.0.1:7700";
+
+// --scheduler, else $QFORGE_SCHEDULER, else the embedded default.
+std::string SchedulerAddress(const Flags& f) {
+  if (f.Has("scheduler")) return f.Get("scheduler");
+  if (const char* env = std::getenv("QFORGE_SCHEDULER"); env != nullptr && *env != '\0') return env;
+  return kDefaultAddress;
+}
+
+// A unary call's context: a deadline, so a dead scheduler is an error and not a hang.
+std::unique_ptr<grpc::ClientContext> CallContext(int seconds = 30) {
+  auto ctx = std::make_unique<grpc::ClientContext>();
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(seconds));
+  return ctx;
+}
+
+absl::Status CallError(const grpc::Status& s, const std::string& address) {
+  if (s.error_code() == grpc::StatusCode::UNAVAILABLE || s.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED) {
+    return absl::UnavailableError(absl::StrCat("no scheduler answers at ", address, " (start one with `qforge up`): ",
+                                               s.error_message()));
+  }
+  return rpc::FromGrpc(s);
+}
+
+std::string StateName(v1::JobState s) {
+  switch (s) {
+    case v1::JOB_STATE_QUEUED: return "queued";
+    case v1::JOB_STATE_RUNNING: return "running";
+    case v1::JOB_STATE_SUCCEEDED: return "succeeded";
+    case v1::JOB_STATE_FAILED: return "failed";
+    case v1::JOB_STATE_CANCELLED: return "cancelled";
+    default: return "unknown";
+  }
+}
+
+std::string Mib(double bytes) { return absl::StrFormat("%.1f MiB", bytes / (1 << 20)); }
+
+// Shows a job's progress: a bar redrawn in place on a terminal, plain lines (one per change, at most one a
+// second) otherwise. Returns the final progress.
+absl::StatusOr<v1::JobProgress> WatchJob(v1::JobService::Stub& jobs, const std::string& job_id,
+                                         const std::string& address, std::ostream& out) {
+  const bool tty = &out == &std::cout && isatty(STDOUT_FILENO);
+  grpc::ClientContext ctx;
+  v1::WatchJobRequest req;
+  req.set_job_id(job_id);
+  auto reader = jobs.WatchJob(&ctx, req);
+  v1::JobProgress p, last_line;
+  const auto start = std::chrono::steady_clock::now();
+  auto last_print = start - std::chrono::seconds(10);
+  bool got = false;
+  while (reader->Read(&p)) {
+    got = true;
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double rate = secs > 0 ? static_cast<double>(p.bytes_in()) / secs : 0;
+    const std::string eta = p.eta_seconds() < 0 ? "?" : absl::StrFormat("%.0fs", p.eta_seconds());
+    const std::string stats =
+        absl::StrFormat("%d/%d tasks  %s/%s  %s/s  ETA %s", p.tasks_done(), p.tasks_total(), Mib(p.bytes_in()),
+                        Mib(p.bytes_in_total()), Mib(rate), eta);
+    const bool terminal = p.state() != v1::JOB_STATE_RUNNING && p.state() != v1::JOB_STATE_QUEUED;
+    if (tty) {
+      constexpr int kWidth = 30;
+      const int filled = p.tasks_total() > 0 ? static_cast<int>(kWidth * p.tasks_done() / p.tasks_total()) : 0;
+      out << "\r[" << std::string(filled, '#') << std::string(kWidth - filled, '.') << "] " << stats << "   "
+          << std::flush;
+      if (terminal) out << "\n";
+    } else {
+      const bool changed = p.tasks_done() != last_line.tasks_done() || p.state() != last_line.state();
+      if (terminal || (changed && std::chrono::steady_clock::now() - last_print >= std::chrono::seconds(1))) {
+        out << "job " << job_id << " " << StateName(p.state()) << ": " << stats << "\n";
+        last_line = p;
+        last_print = std::chrono::steady_clock::now();
+      }
+    }
+  }
+  const grpc::Status s = reader->Finish();
+  if (!s.ok()) return CallError(s, address);
+  if (!got) return absl::InternalError("WatchJob ended without any progress");
+  return p;
+}
+
+absl::StatusOr<v1::Job> GetJob(v1::JobService::Stub& jobs, const std::string& job_id, const std::string& address) {
+  v1::GetJobRequest req;
+  req.set_job_id(job_id);
+  v1::Job job;
+  if (grpc::Status s = jobs.GetJob(CallContext().get(), req, &job); !s.ok()) return CallError(s, address);
+  return job;
+}
+
+}  // namespace
+
+absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
+  std::set<std::string> value_flags = {"scheduler", "name", "tenant", "max-task-mib", "idempotency-key"};
+  std::set<std::string> bool_flags = {"watch", "quantize-embeddings"};
+  value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
+  bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, bool_flags));
+  const std::string usage =
+      "qforge submit MODEL --method M [--bits B] [--group G] [--asym] [--no-double-quant] [--quantize-embeddings] "
+      "[--name NAME] [--tenant T] [--max-task-mib N] [--idempotency-key K] [--watch] [--scheduler HOST:PORT]";
+  QF_ASSIGN_OR_RETURN(auto method_and_params, MethodFromFlags(f, usage));
+  QF_ASSIGN_OR_RETURN(int task_mib, f.GetInt("max-task-mib", 0, 0, 1 << 20));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 1, usage));
+  // The scheduler opens the file itself, perhaps from another directory: send an absolute path.
+  std::string source = f.positional()[0];
+  if (!source.empty() && source[0] != '/') {
+    char cwd[4096];
+    if (getcwd(cwd, sizeof(cwd)) != nullptr) source = absl::StrCat(cwd, "/", source);
+  }
+  v1::SubmitJobRequest req;
+  req.set_source_uri(source);
+  req.set_output_name(f.Get("name"));
+  req.set_tenant(f.Get("tenant"));
+  req.set_idempotency_key(f.Get("idempotency-key"));
+  req.set_max_task_bytes(uint64_t(task_mib) << 20);
+  *req.mutable_recipe()->mutable_defaults() =
+      rpc::ParamsToProto(method_and_params.first->name(), method_and_params.second);
+  req.mutable_recipe()->mutable_defaults()->set_quantize_embeddings(f.GetBool("quantize-embeddings"));
+
+  const std::string address = SchedulerAddress(f);
+  auto jobs = v1::JobService::NewStub(rpc::MakeChannel(address));
+  v1::SubmitJobResponse resp;
+  if (grpc::Status s = jobs->SubmitJob(CallContext(120).get(), req, &resp); !s.ok()) return CallError(s, address);
+  out << "job " << resp.job_id() << " submitted\n";
+  if (!f.GetBool("watch")) return absl::OkStatus();
+  QF_RETURN_IF_ERROR(WatchJob(*jobs, resp.job_id(), address, out).status());
+  QF_ASSIGN_OR_RETURN(v1::Job job, GetJob(*jobs, resp.job_id(), address));
+  if (job.progress().state() != v1::JOB_STATE_SUCCEEDED) {
+    return absl::AbortedError(absl::StrCat("job ", job.job_id(), " ", StateName(job.progress().state()), ": ", job.error()));
+  }
+  out << absl::StrFormat("job %s succeeded: %s@%s (%s -> %s, %.2f s)\n", job.job_id(), job.result().name(),
+                         job.result().version(), Mib(job.progress().bytes_in_total()), Mib(job.progress().bytes_out()),
+                         (job.finished_unix_ms() - job.created_unix_ms()) / 1000.0);
+  return absl::OkStatus();
+}
+
+absl::Status Jobs(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"scheduler", "tenant"}, {}));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 0, "qforge jobs [--tenant T] [--scheduler HOST:PORT]"));
+  const std::string address = SchedulerAddress(f);
+  auto jobs = v1::JobService::NewStub(rpc::MakeChannel(address));
+  out << absl::StrFormat("%-6s %-10s %-10s %-13s %-24s %s\n", "JOB", "TENANT", "STATE", "TASKS", "RESULT", "SOURCE");
+  v1::ListJobsRequest req;
+  req.set_tenant(f.Get("tenant"));
+  do {
+    v1::ListJobsResponse resp;
+    if (grpc::Status s = jobs->ListJobs(CallContext().get(), req, &resp); !s.ok()) return CallError(s, address);
+    for (const v1::Job& j : resp.jobs()) {
+      const std::string result = j.has_result() ? absl::StrCat(j.result().name(), "@", j.result().version()) : "-";
+      out << absl::StrFormat("%-6s %-10s %-10s %-13s %-24s %s\n", j.job_id(), j.tenant().empty() ? "-" : j.tenant(),
+                             StateName(j.progress().state()),
+                             absl::StrCat(j.progress().tasks_done(), "/", j.progress().tasks_total()), result,
+                             j.request().source_uri());
+      if (!j.error().empty()) out << "       error: " << j.error() << "\n";
+    }
+    req.set_page_token(resp.next_page_token());
+  } while (!req.page_token().empty());
+  return absl::OkStatus();
+}
+
+absl::Status Models(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"scheduler"}, {}));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 0, "qforge models [--scheduler HOST:PORT]"));
+  const std::string address = SchedulerAddress(f);
+  auto artifacts = v1::ArtifactService::NewStub(rpc::MakeChannel(address));
+  v1::ListModelsResponse resp;
+  if (grpc::Status s = artifacts->ListModels(CallContext().get(), {}, &resp); !s.ok()) return CallError(s, address);
+  for (const v1::ModelVersions& m : resp.models()) {
+    out << m.name() << ": versions " << absl::StrJoin(m.versions(), ", ") << "\n";
+  }
+  if (resp.models().empty()) out << "no models\n";
+  return absl::OkStatus();
+}
+
+absl::Status Export(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"scheduler", "format"}, {}));
+  const std::string usage = "qforge export NAME@VERSION --format gguf|safetensors OUT [--scheduler HOST:PORT]";
+  QF_RETURN_IF_ERROR(NeedPositional(f, 2, usage));
+  const std::string format = f.Get("format");
+  if (format != "gguf" && format != "safetensors") return UsageError(absl::StrCat("--format gguf|safetensors; usage: ", usage));
+  const std::string& out_path = f.positional()[1];
+  if (!absl::EndsWith(out_path, "." + format)) {
+    return UsageError(absl::StrCat("output '", out_path, "' must end in .", format));
+  }
+  QF_ASSIGN_OR_RETURN(storage::ModelRef ref, storage::ParseModelRef(f.positional()[0]));
+  const std::string address = SchedulerAddress(f);
+  auto artifacts = v1::ArtifactService::NewStub(rpc::MakeChannel(address));
+  absl::StatusOr<Model> model = rpc::FetchModel(*artifacts, ref);
+  if (absl::IsUnavailable(model.status()) || absl::IsDeadlineExceeded(model.status())) {
+    return CallError(rpc::ToGrpc(model.status()), address);
+  }
+  QF_RETURN_IF_ERROR(model.status());
+  QF_RETURN_IF_ERROR(SaveModel(*model, out_path));
+  out << "exported " << f.positional()[0] << " to " << out_path << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status Up(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"store", "listen", "workers", "threads", "allowed-roots",
+                                                   "port-file", "lease-ms"},
+                                          {}));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 0, "qforge up [--store DIR] [--listen HOST:PORT] [--workers N] [--threads N] "
+                                          "[--allowed-roots DIR,...] [--lease-ms N] [--port-file FILE]"));
+  QF_ASSIGN_OR_RETURN(int n_workers, f.GetInt("workers", 2, 0, 256));
+  QF_ASSIGN_OR_RETURN(int threads, f.GetInt("threads", 1, 1, 1024));
+  QF_ASSIGN_OR_RETURN(int lease_ms, f.GetInt("lease-ms", 30000, 100, 3600000));
+  services::SchedulerServiceOptions options;
+  if (f.Has("allowed-roots")) options.allowed_roots = absl::StrSplit(f.Get("allowed-roots"), ',', absl::SkipEmpty());
+  options.scheduler.lease_ms = lease_ms;
+
+  // Only the sigwait below takes SIGINT / SIGTERM: block them before any thread starts.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  const std::string store_dir = f.Get("store", "qforge-store");
+  QF_ASSIGN_OR_RETURN(auto server, services::SchedulerServer::Open(store_dir, options));
+  QF_ASSIGN_OR_RETURN(const int port, server->Start(f.Get("listen", kDefaultAddress)));
+  if (f.Has("port-file")) {
+    const std::string tmp = f.Get("port-file") + ".tmp";
+    std::ofstream(tmp) << port << "\n";
+    if (std::rename(tmp.c_str(), f.Get("port-file").c_str()) != 0) {
+      return absl::InternalError(absl::StrCat("cannot write --port-file ", f.Get("port-file")));
+    }
+  }
+  // Workers reach the scheduler in-process: same code path as a cluster, without sockets.
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> worker_threads;
+  std::vector<absl::Status> worker_status(n_workers);
+  for (int i = 0; i < n_workers; ++i) {
+    workers::WorkerOptions wo;
+    wo.name = absl::StrCat("embedded-", i);
+    wo.threads = threads;
+    wo.allowed_roots = options.allowed_roots;
+    worker_threads.emplace_back([&, i, wo, channel = server->InProcessChannel()] {
+      workers::Worker worker(channel, wo);
+      worker_status[i] = worker.Run(stop);
+    });
+  }
+  out << absl::StrFormat("qforge up: scheduler on port %d, %d workers x %d threads, store %s (Ctrl-C stops)\n", port,
+                         n_workers, threads, store_dir)
+      << std::flush;
+  int sig = 0;
+  sigwait(&stop_signals, &sig);
+  out << "qforge up: stopping\n" << std::flush;
+  stop = true;
+  for (std::thread& t : worker_threads) t.join();
+  server->Shutdown(5000);
+  server->Wait();
+  for (const absl::Status& s : worker_status) QF_RETURN_IF_ERROR(s);
+  return absl::OkStatus();
+}
+
+}  // namespace qforge::cli

@@ -1,0 +1,370 @@
+// End-to-end tests of the distributed pipeline: a real qforge-scheduler and qforge-worker processes on
+// 127.0.0.1. Every successful job's version is compared tensor by tensor, byte by byte, with quantizing the same
+// model in this process (QuantizeModel, what `qforge quantize` runs), including through worker and scheduler
+// crashes (SIGKILL).
+#include <algorithm>
+#include <cstring>
+#include <filesystem>
+#include <set>
+
+#include "core/formats/formats.h"
+#include "core/model/synthetic.h"
+#include "core/quant/quantize_model.h"
+#include "gtest/gtest.h"
+#include "services/rpc/artifact_client.h"
+#include "services/rpc/rpc_util.h"
+#include "storage/artifact_store.h"
+#include "storage/test_util.h"
+#include "tests/cluster.h"
+
+namespace qforge {
+namespace {
+
+namespace v1 = qforge::v1;
+using testing::Cluster;
+
+// Canonical, as the scheduler resolves it: the path is recorded in the model's metadata (source.path).
+const std::string kStories =
+    std::filesystem::canonical(std::string(QFORGE_SHARED_DIR) + "/models/stories260K/stories260K.bin").string();
+
+std::string TempDir(const std::string& name) {
+  const std::string dir = (std::filesystem::temp_directory_path() /
+                           ("qforge-e2e-" + name + "-" + std::to_string(getpid()))).string();
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+v1::SubmitJobRequest Request(const std::string& source, const std::string& method, const quant::QuantParams& params,
+                             const std::string& name, uint64_t max_task_bytes = 0) {
+  v1::SubmitJobRequest req;
+  req.set_source_uri(source);
+  req.set_output_name(name);
+  req.set_max_task_bytes(max_task_bytes);
+  *req.mutable_recipe()->mutable_defaults() = rpc::ParamsToProto(method, params);
+  return req;
+}
+
+// What `qforge quantize` makes of the same model.
+Model QuantizeInProcess(const std::string& source, const std::string& method, const quant::QuantParams& params) {
+  auto in = formats::LoadModel(source);
+  EXPECT_TRUE(in.ok()) << in.status();
+  ThreadPool pool(2);
+  auto out = quant::QuantizeModel(*in, quant::QuantRecipe{.method = method, .params = params}, &pool);
+  EXPECT_TRUE(out.ok()) << out.status();
+  return out.ok() ? std::move(out->model) : Model();
+}
+
+// The stored version, read back over ArtifactService, equals `expected` exactly: every tensor's name, encoding,
+// shape and bytes, the configuration, the vocabulary and the metadata.
+void ExpectVersionEquals(Cluster& cluster, const v1::Job& job, const Model& expected) {
+  ASSERT_EQ(job.progress().state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  uint64_t version = 0;
+  ASSERT_TRUE(absl::SimpleAtoi(job.result().version(), &version)) << job.DebugString();
+  auto got = rpc::FetchModel(cluster.artifacts(), storage::ModelRef{job.result().name(), version});
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->config, expected.config);
+  EXPECT_EQ(got->metadata, expected.metadata);
+  ASSERT_EQ(got->vocab.has_value(), expected.vocab.has_value());
+  if (expected.vocab) {
+    EXPECT_EQ(got->vocab->tokens, expected.vocab->tokens);
+  }
+  ASSERT_EQ(got->tensors.size(), expected.tensors.size());
+  for (const auto& [name, want] : expected.tensors) {
+    const Tensor* t = got->Find(name);
+    ASSERT_NE(t, nullptr) << name;
+    EXPECT_EQ(FormatName(t->format), FormatName(want.format)) << name;
+    EXPECT_EQ(t->shape, want.shape) << name;
+    ASSERT_EQ(t->nbytes, want.nbytes) << name;
+    EXPECT_EQ(std::memcmp(t->data, want.data, want.nbytes), 0) << name << ": bytes differ";
+  }
+}
+
+std::vector<std::string> ListModelNames(Cluster& cluster) {
+  grpc::ClientContext ctx;
+  v1::ListModelsResponse resp;
+  EXPECT_TRUE(cluster.artifacts().ListModels(&ctx, {}, &resp).ok());
+  std::vector<std::string> names;
+  for (const auto& m : resp.models()) names.push_back(m.name());
+  return names;
+}
+
+// Waits until `pred` holds for the task log, or fails after `timeout_s`.
+template <typename Pred>
+std::vector<testing::TaskEvent> WaitForLog(Cluster& cluster, Pred pred, int timeout_s = 120) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto events = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
+    if (pred(events)) return events;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ADD_FAILURE() << "the task log never reached the expected state";
+  return {};
+}
+
+int Count(const std::vector<testing::TaskEvent>& events, const std::string& what) {
+  return static_cast<int>(std::count_if(events.begin(), events.end(), [&](const auto& e) { return e.what == what; }));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+TEST(DistributedTest, Stories260KMatchesQuantizingInOneProcess) {
+  const std::string dir = TempDir("stories");
+  Cluster cluster(dir, {});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("w1");
+  cluster.StartWorker("w2");
+
+  // q4_0 falls back on ffn_down (row length 172); rtn 3-bit asymmetric in 4 KiB row slices is assembled plane by
+  // plane (codes | scales | zeros of every slice).
+  quant::QuantParams rtn = quant::FindMethod("rtn")->DefaultParams();
+  rtn.bits = 3;
+  rtn.group = 32;
+  rtn.symmetric = false;
+  const quant::QuantParams q4_0 = quant::FindMethod("q4_0")->DefaultParams();
+  std::string q4_job, rtn_job;
+  ASSERT_TRUE(cluster.Submit(Request(kStories, "q4_0", q4_0, "stories"), &q4_job).ok());
+  ASSERT_TRUE(cluster.Submit(Request(kStories, "rtn", rtn, "stories", 4096), &rtn_job).ok());
+  const v1::Job q4 = cluster.WaitJob(q4_job);
+  const v1::Job r = cluster.WaitJob(rtn_job);
+  ExpectVersionEquals(cluster, q4, QuantizeInProcess(kStories, "q4_0", q4_0));
+  ExpectVersionEquals(cluster, r, QuantizeInProcess(kStories, "rtn", rtn));
+  EXPECT_GT(r.progress().tasks_total(), q4.progress().tasks_total()) << "the 4 KiB budget should slice tensors";
+  // Two versions of one name; both workers took part.
+  EXPECT_NE(q4.result().version(), r.result().version());
+  std::set<int> pids;
+  for (const auto& e : testing::ParseTaskLog(testing::ReadFile(cluster.task_log()))) pids.insert(e.pid);
+  EXPECT_EQ(pids.size(), 2u);
+}
+
+// A generated Llama of ~340 MB (f32), shared by the tests below: written once, quantized in this process once per
+// recipe.
+class GeneratedModelTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new std::string(TempDir("generated"));
+    ModelConfig c;
+    c.dim = 1024;
+    c.hidden_dim = 2816;
+    c.n_layers = 6;
+    c.n_heads = 16;
+    c.n_kv_heads = 16;
+    c.vocab_size = 4096;
+    c.seq_len = 256;
+    path_ = new std::string(*dir_ + "/models/generated.gguf");
+    std::filesystem::create_directories(*dir_ + "/models");
+    ASSERT_TRUE(formats::WriteGguf(MakeSyntheticModel(c, 7, /*with_vocab=*/true), *path_).ok());
+  }
+  static void TearDownTestSuite() {
+    std::filesystem::remove_all(*dir_);
+    delete dir_;
+    delete path_;
+  }
+  static const Model& Reference(const std::string& method) {
+    static std::map<std::string, Model>* cache = new std::map<std::string, Model>();
+    auto it = cache->find(method);
+    if (it == cache->end()) {
+      it = cache->emplace(method, QuantizeInProcess(*path_, method, quant::FindMethod(method)->DefaultParams())).first;
+    }
+    return it->second;
+  }
+  static v1::SubmitJobRequest Job(const std::string& method, uint64_t slice_bytes) {
+    return Request(*path_, method, quant::FindMethod(method)->DefaultParams(), "generated", slice_bytes);
+  }
+  static std::string* dir_;
+  static std::string* path_;
+};
+std::string* GeneratedModelTest::dir_ = nullptr;
+std::string* GeneratedModelTest::path_ = nullptr;
+
+TEST_F(GeneratedModelTest, FewHundredMegabyteModelMatchesQuantizingInOneProcess) {
+  Cluster cluster(*dir_ + "/match", {.allowed_roots = {*dir_ + "/models"}});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("w1");
+  cluster.StartWorker("w2");
+  std::string job_id;
+  // Q4_K in 4 MiB slices: ffn matrices (11.5 MB) become 3 tasks each.
+  ASSERT_TRUE(cluster.Submit(Job("q4_k", 4 << 20), &job_id).ok());
+  const v1::Job job = cluster.WaitJob(job_id);
+  ExpectVersionEquals(cluster, job, Reference("q4_k"));
+  EXPECT_GT(job.progress().bytes_in_total(), int64_t{280} << 20);  // the weight matrices (embeddings are copied)
+}
+
+TEST_F(GeneratedModelTest, WorkerKilledMidTaskJobCompletesIdentically) {
+  Cluster cluster(*dir_ + "/worker-kill", {.allowed_roots = {*dir_ + "/models"}, .lease_ms = 1500});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("victim");
+  cluster.StartWorker("survivor");
+  std::string job_id;
+  ASSERT_TRUE(cluster.Submit(Job("q8_0", 1 << 20), &job_id).ok());
+  const int victim = cluster.pid("victim");
+  // Kill the victim while it holds a lease: after some commits, right when its latest event is a lease.
+  std::string held;
+  WaitForLog(cluster, [&](const std::vector<testing::TaskEvent>& events) {
+    if (Count(events, "commit") < 20) return false;
+    for (auto e = events.rbegin(); e != events.rend(); ++e) {
+      if (e->pid != victim) continue;
+      if (e->what != "lease") return false;
+      held = e->task;
+      return true;
+    }
+    return false;
+  });
+  ASSERT_FALSE(held.empty());
+  cluster.Kill("victim");
+  const v1::Job job = cluster.WaitJob(job_id);
+  ExpectVersionEquals(cluster, job, Reference("q8_0"));
+  // The task the victim held was leased again by the survivor once the lease expired, and committed.
+  bool rerun = false;
+  for (const auto& e : testing::ParseTaskLog(testing::ReadFile(cluster.task_log()))) {
+    if (e.task == held && e.what == "commit" && e.pid == cluster.pid("survivor")) rerun = true;
+  }
+  EXPECT_TRUE(rerun) << "task " << held << " was not completed by the survivor";
+}
+
+TEST_F(GeneratedModelTest, SchedulerKilledMidJobRestartsWithoutRedoingCommittedTasks) {
+  Cluster cluster(*dir_ + "/scheduler-kill", {.allowed_roots = {*dir_ + "/models"}});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("w1");
+  cluster.StartWorker("w2");
+  std::string job_id;
+  ASSERT_TRUE(cluster.Submit(Job("q8_0", 1 << 20), &job_id).ok());
+  v1::Job before;
+  ASSERT_TRUE(cluster.GetJob(job_id, &before).ok());
+  const int64_t total = before.progress().tasks_total();
+  WaitForLog(cluster, [&](const auto& events) { return Count(events, "commit") >= total / 3; });
+  cluster.Kill("scheduler");
+  // Everything in the log now happened before the crash; anything after this offset, after it.
+  const auto at_crash = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
+  ASSERT_LT(Count(at_crash, "commit"), total) << "the job finished before the kill; nothing was tested";
+  std::set<std::string> committed_before;
+  for (const auto& e : at_crash) {
+    if (e.what == "commit") committed_before.insert(e.task);
+  }
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());  // same store, same port: the workers reconnect
+  const v1::Job job = cluster.WaitJob(job_id);
+  ExpectVersionEquals(cluster, job, Reference("q8_0"));
+
+  const auto events = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
+  int leased_again = 0, rerun_after_crash = 0;
+  std::set<std::string> committed;
+  for (size_t i = 0; i < events.size(); ++i) {
+    if (events[i].what == "commit") committed.insert(events[i].task);
+    if (i < at_crash.size() || events[i].what != "lease") continue;
+    ++rerun_after_crash;
+    if (committed_before.contains(events[i].task)) ++leased_again;
+  }
+  EXPECT_EQ(leased_again, 0) << "a task acknowledged before the crash ran again";
+  EXPECT_EQ(static_cast<int64_t>(committed.size()), total);  // every task committed (exactly once each: a set)
+  EXPECT_GT(rerun_after_crash, 0);
+  std::cout << "tasks " << total << ", committed before the crash " << committed_before.size()
+            << ", leased after the restart " << rerun_after_crash << "\n";
+}
+
+TEST(DistributedTest, BadRequestsGetClearErrorsAndLeaveNoVersion) {
+  const std::string dir = TempDir("bad");
+  const std::string root = dir + "/models", outside = dir + "/elsewhere";
+  std::filesystem::create_directories(root);
+  std::filesystem::create_directories(outside);
+  std::filesystem::copy_file(kStories, root + "/stories.bin");
+  std::filesystem::copy_file(kStories, outside + "/stories.bin");
+  std::ofstream(root + "/notes.bin") << "these are not weights\n";
+  Cluster cluster(dir + "/cluster", {.allowed_roots = {root}, .lease_ms = 1000});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+
+  const quant::QuantParams rtn = quant::FindMethod("rtn")->DefaultParams();
+  struct Case {
+    std::string what;
+    v1::SubmitJobRequest req;
+    grpc::StatusCode code;
+    std::string message_has;
+  };
+  std::vector<Case> cases;
+  auto good = [&] { return Request(root + "/stories.bin", "rtn", rtn, "stories"); };
+  cases.push_back({"unknown method", good(), grpc::StatusCode::INVALID_ARGUMENT, "recipe.defaults.method: unknown method 'awq2'"});
+  cases.back().req.mutable_recipe()->mutable_defaults()->set_method("awq2");
+  cases.push_back({"bits out of range", good(), grpc::StatusCode::INVALID_ARGUMENT, "bits"});
+  cases.back().req.mutable_recipe()->mutable_defaults()->set_bits(9);
+  cases.push_back({"nf4 block size -3", good(), grpc::StatusCode::INVALID_ARGUMENT, "recipe.params"});
+  cases.back().req.mutable_recipe()->mutable_defaults()->set_method("nf4");
+  cases.back().req.mutable_recipe()->mutable_defaults()->set_group_size(-3);
+  cases.push_back({"no method", good(), grpc::StatusCode::INVALID_ARGUMENT, "recipe.defaults.method: empty"});
+  cases.back().req.mutable_recipe()->mutable_defaults()->clear_method();
+  cases.push_back({"missing model", good(), grpc::StatusCode::NOT_FOUND, "source_uri"});
+  cases.back().req.set_source_uri(root + "/missing.bin");
+  cases.push_back({"outside the allowed roots", good(), grpc::StatusCode::PERMISSION_DENIED, "outside the allowed roots"});
+  cases.back().req.set_source_uri(outside + "/stories.bin");
+  cases.push_back({"escaping the root with ..", good(), grpc::StatusCode::PERMISSION_DENIED, "outside the allowed roots"});
+  cases.back().req.set_source_uri(root + "/../elsewhere/stories.bin");
+  cases.push_back({"not a model", good(), grpc::StatusCode::INVALID_ARGUMENT, "is not a model"});
+  cases.back().req.set_source_uri(root + "/notes.bin");
+  cases.push_back({"bad output name", good(), grpc::StatusCode::INVALID_ARGUMENT, "output_name"});
+  cases.back().req.set_output_name("Not A Name!");
+  cases.push_back({"calibrated method", good(), grpc::StatusCode::UNIMPLEMENTED, "calibrate"});
+  cases.back().req.mutable_recipe()->mutable_defaults()->set_method("gptq");
+  cases.back().req.mutable_recipe()->set_calibration_text_uri(root + "/notes.bin");
+  for (const Case& c : cases) {
+    std::string id;
+    const grpc::Status s = cluster.Submit(c.req, &id);
+    EXPECT_EQ(s.error_code(), c.code) << c.what << ": " << s.error_message();
+    EXPECT_NE(s.error_message().find(c.message_has), std::string::npos) << c.what << ": " << s.error_message();
+  }
+  v1::Job job;
+  EXPECT_EQ(cluster.GetJob("abc", &job).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(cluster.GetJob("999", &job).error_code(), grpc::StatusCode::NOT_FOUND);
+
+  // A source that stops being a model after the submit: the workers fail the task max_attempts times, the job
+  // fails with their message, and no version appears.
+  std::string id;
+  ASSERT_TRUE(cluster.Submit(good(), &id).ok());
+  const auto size = std::filesystem::file_size(root + "/stories.bin");
+  std::ofstream(root + "/stories.bin", std::ios::trunc) << std::string(size, '\0');
+  cluster.StartWorker("w1");
+  job = cluster.WaitJob(id);
+  EXPECT_EQ(job.progress().state(), v1::JOB_STATE_FAILED);
+  EXPECT_NE(job.error().find("failed 3 times"), std::string::npos) << job.error();
+  EXPECT_NE(job.error().find("stories.bin"), std::string::npos) << job.error();
+  EXPECT_TRUE(ListModelNames(cluster).empty());
+  grpc::ClientContext ctx;
+  v1::ListJobsResponse jobs;
+  ASSERT_TRUE(cluster.jobs().ListJobs(&ctx, {}, &jobs).ok());
+  EXPECT_EQ(jobs.jobs_size(), 1);  // only the valid submit made a job
+}
+
+TEST(DistributedTest, CorruptedChunkIsDataLossNamingIt) {
+  const std::string dir = TempDir("corrupt");
+  Cluster cluster(dir, {});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("w1");
+  std::string id;
+  ASSERT_TRUE(cluster.Submit(Request(kStories, "q8_0", quant::FindMethod("q8_0")->DefaultParams(), "stories"), &id).ok());
+  const v1::Job job = cluster.WaitJob(id);
+  ASSERT_EQ(job.progress().state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  auto manifest = rpc::FetchManifest(cluster.artifacts(), storage::ModelRef{"stories", 1});
+  ASSERT_TRUE(manifest.ok()) << manifest.status();
+  std::string victim;
+  for (const auto& t : manifest->tensors()) {
+    if (t.name() == "blk.2.attn_q.weight") victim = t.chunk_ids(0);
+  }
+  ASSERT_FALSE(victim.empty());
+  cluster.Stop("w1");
+  cluster.Stop("scheduler");
+  {
+    // Flip one payload bit through plain RocksDB, so RocksDB's own checksums stay valid and only ours can tell.
+    storage::testing::RawDb raw(cluster.store_dir());
+    std::string value = raw.Get(storage::cf::kChunks, victim);
+    value[value.size() / 2] ^= 0x04;
+    raw.Put(storage::cf::kChunks, victim, value);
+  }
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  auto chunk = rpc::FetchChunk(cluster.artifacts(), victim);
+  ASSERT_FALSE(chunk.ok()) << "corrupted bytes were returned";
+  EXPECT_EQ(chunk.status().code(), absl::StatusCode::kDataLoss) << chunk.status();
+  EXPECT_NE(chunk.status().message().find(victim), std::string::npos) << chunk.status();
+  auto model = rpc::FetchModel(cluster.artifacts(), storage::ModelRef{"stories", 1});
+  EXPECT_EQ(model.status().code(), absl::StatusCode::kDataLoss) << model.status();
+  EXPECT_NE(model.status().message().find("blk.2.attn_q.weight"), std::string::npos) << model.status();
+}
+
+}  // namespace
+}  // namespace qforge

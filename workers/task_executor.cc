@@ -1,0 +1,264 @@
+#include "workers/task_executor.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "core/base/status_macros.h"
+#include "core/formats/formats.h"
+#include "core/kernels/kernels.h"
+#include "core/quant/quant_method.h"
+#include "services/rpc/rpc_util.h"
+#include "storage/chunk_codec.h"
+#include "storage/model_store.h"
+
+namespace qforge::workers {
+namespace {
+
+absl::StatusOr<std::string> RealPath(const std::string& path) {
+  char* resolved = ::realpath(path.c_str(), nullptr);
+  if (resolved == nullptr) {
+    const int err = errno;
+    const std::string msg = absl::StrCat("source '", path, "': ", std::strerror(err));
+    if (err == ENOENT || err == ENOTDIR) return absl::NotFoundError(msg);
+    if (err == EACCES) return absl::PermissionDeniedError(msg);
+    return absl::InternalError(msg);
+  }
+  std::string out(resolved);
+  std::free(resolved);
+  return out;
+}
+
+// `path` and `root` are realpaths, so a plain prefix test on a component boundary cannot be fooled by
+// "..", symlinks or "/data-other" against "/data".
+bool IsUnder(const std::string& path, const std::string& root) {
+  if (root == "/") return true;
+  return absl::StartsWith(path, root) && (path.size() == root.size() || path[root.size()] == '/');
+}
+
+absl::Status CheckAllowed(const std::string& real, const std::string& uri, const std::vector<std::string>& roots) {
+  if (roots.empty()) return absl::OkStatus();
+  for (const std::string& root : roots) {
+    auto real_root = RealPath(root);
+    if (real_root.ok() && IsUnder(real, *real_root)) return absl::OkStatus();
+  }
+  return absl::PermissionDeniedError(
+      absl::StrCat("source '", uri, "' (", real, ") is not under an allowed root of this worker"));
+}
+
+struct ErrorSums {
+  double err2 = 0, ref2 = 0;
+};
+
+// Squared reconstruction error of `q` against `ref`, per row then summed in row order, so the report does not
+// depend on the thread count; one row of fp32 at a time per thread, not a second copy of the slice.
+absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const std::vector<float>& ref, ThreadPool* pool) {
+  const int64_t rows = q.rows(), cols = q.cols();
+  std::vector<double> err(static_cast<size_t>(rows)), norm(static_cast<size_t>(rows));
+  std::vector<absl::Status> status(static_cast<size_t>(rows));
+  ParallelForOrInline(pool, rows, 8, [&](int64_t r0, int64_t r1) {
+    std::vector<float> row(static_cast<size_t>(cols));
+    for (int64_t r = r0; r < r1; ++r) {
+      status[r] = kernels::DequantizeRows(q, r, r + 1, row.data());
+      double e = 0, n = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        const double w = ref[r * cols + c];
+        const double d = w - row[c];
+        e += d * d;
+        n += w * w;
+      }
+      err[r] = e;
+      norm[r] = n;
+    }
+  });
+  ErrorSums s;
+  for (int64_t r = 0; r < rows; ++r) {
+    QF_RETURN_IF_ERROR(status[r]);
+    s.err2 += err[r];
+    s.ref2 += norm[r];
+  }
+  return s;
+}
+
+void SetShape(const std::vector<int64_t>& shape, google::protobuf::RepeatedField<int64_t>* out) {
+  for (int64_t d : shape) out->Add(d);
+}
+
+}  // namespace
+
+TaskExecutor::TaskExecutor(ExecutorOptions options) : options_(std::move(options)), pool_(options_.threads) {}
+
+absl::StatusOr<std::shared_ptr<const Model>> TaskExecutor::OpenSource(const std::string& uri) {
+  QF_ASSIGN_OR_RETURN(const std::string real, RealPath(uri));
+  QF_RETURN_IF_ERROR(CheckAllowed(real, uri, options_.allowed_roots));
+  struct stat st {};
+  if (::stat(real.c_str(), &st) != 0) {
+    return absl::NotFoundError(absl::StrCat("source '", uri, "': ", std::strerror(errno)));
+  }
+  const std::string key = absl::StrCat(real, "|", st.st_size, "|", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec);
+  for (auto it = cache_.begin(); it != cache_.end(); ++it) {
+    if (it->key == key) {
+      cache_.splice(cache_.begin(), cache_, it);
+      return cache_.front().model;
+    }
+  }
+  auto loaded = formats::LoadModel(real);
+  if (!loaded.ok()) {
+    const absl::string_view msg = loaded.status().message();
+    if (absl::StrContains(msg, real)) return loaded.status();
+    return absl::Status(loaded.status().code(), absl::StrCat("source '", uri, "': ", msg));
+  }
+  auto model = std::make_shared<const Model>(*std::move(loaded));
+  if (options_.cached_models > 0) {
+    cache_.push_front({key, model});
+    if (cache_.size() > static_cast<size_t>(options_.cached_models)) cache_.pop_back();
+  }
+  return model;
+}
+
+absl::Status TaskExecutor::Execute(const qforge::v1::Task& task, ChunkSink& sink,
+                                   qforge::v1::CompleteTaskRequest* out) {
+  const bool reads_source =
+      task.kind() == qforge::v1::TASK_KIND_QUANTIZE || task.kind() == qforge::v1::TASK_KIND_ASSEMBLE;
+  if (!reads_source) {
+    return absl::UnimplementedError(absl::StrCat("task ", task.task_id(), ": ",
+                                                 qforge::v1::TaskKind_Name(task.kind()),
+                                                 " tasks are not run by workers yet"));
+  }
+  QF_ASSIGN_OR_RETURN(const std::shared_ptr<const Model> source, OpenSource(task.source_uri()));
+  if (task.kind() == qforge::v1::TASK_KIND_QUANTIZE) return Quantize(task, *source, sink, out);
+  return Assemble(task, *source, sink, out);
+}
+
+absl::Status TaskExecutor::PutChunked(const Tensor& t, ChunkSink& sink, qforge::v1::StoredTensor* stored) {
+  // Chunks never cross a plane (PlaneSizes), so the scheduler can assemble a sliced tensor plane by plane.
+  QF_ASSIGN_OR_RETURN(const std::vector<size_t> planes, PlaneSizes(t.format, t.rows(), t.cols()));
+  size_t offset = 0, plane_end = 0;
+  for (const size_t plane : planes) {
+    plane_end += plane;
+    while (offset < plane_end) {
+      const size_t n = std::min(options_.chunk_bytes, plane_end - offset);
+      QF_ASSIGN_OR_RETURN(std::string id, sink.Put(t.bytes().subspan(offset, n)));
+      stored->add_chunk_ids(std::move(id));
+      offset += n;
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status TaskExecutor::Quantize(const qforge::v1::Task& task, const Model& source, ChunkSink& sink,
+                                    qforge::v1::CompleteTaskRequest* out) {
+  if (task.tensor_names_size() != 1) {
+    return absl::InvalidArgumentError(absl::StrCat("quantize task ", task.task_id(), ": tensor_names holds ",
+                                                   task.tensor_names_size(), " names, expected exactly one"));
+  }
+  const std::string& name = task.tensor_names(0);
+  const Tensor* t = source.Find(name);
+  if (t == nullptr) return absl::NotFoundError(absl::StrCat("tensor '", name, "' is not in ", task.source_uri()));
+  if (t->shape.size() < 2) return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' is not a matrix"));
+  const int64_t rows = t->rows(), cols = t->cols();
+  const int64_t row_begin = task.row_begin(), row_end = task.row_end();
+  if (row_begin < 0 || row_begin >= row_end || row_end > rows) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "': rows [", row_begin, ", ", row_end,
+                                                   ") are not a non-empty slice of its ", rows, " rows"));
+  }
+  const int64_t slice_rows = row_end - row_begin;
+
+  QF_ASSIGN_OR_RETURN(const auto resolved, rpc::ParamsFromProto(task.params(), "task.params"));
+  const quant::QuantMethod& method = *resolved.first;
+  const quant::QuantParams& params = resolved.second;
+  if (method.NeedsCalibration()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "method '", method.name(), "' needs calibration statistics; calibrate tasks are not run by workers yet"));
+  }
+  QF_RETURN_IF_ERROR(method.Validate(params));
+  auto wanted = ParseFormatName(task.format());
+  if (!wanted.ok()) return absl::InvalidArgumentError(absl::StrCat("task.format: ", wanted.status().message()));
+  // The planner resolved any fallback already, so the method must give exactly the task's encoding; anything
+  // else means the scheduler and this worker disagree about the method, and the bytes would not match `format`.
+  const std::string what = absl::StrCat("tensor '", name, "' rows [", row_begin, ", ", row_end, ") of [", rows, ", ",
+                                        cols, "]: method ", method.name(), " (", quant::ParamsToString(params), ")");
+  auto produced = method.OutputFormat(params, slice_rows, cols);
+  if (!produced.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(what, " cannot encode the slice (", produced.status().message(),
+                                                      "); the task asks for ", task.format()));
+  }
+  if (!(*produced == *wanted)) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(what, " encodes as ", FormatName(*produced), ", the task asks for ", task.format()));
+  }
+
+  std::vector<float> w(static_cast<size_t>(slice_rows * cols));
+  if (t->format.type == WeightType::kF32) {
+    std::memcpy(w.data(), t->data + static_cast<size_t>(row_begin * cols) * sizeof(float), w.size() * sizeof(float));
+  } else {
+    QF_RETURN_IF_ERROR(kernels::DequantizeRows(*t, row_begin, row_end, w.data()));
+  }
+  QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, method.Quantize(w.data(), slice_rows, cols, params, &pool_));
+  const Tensor encoded = Tensor::FromBytes(name, {slice_rows, cols}, *produced, std::move(bytes));
+  if (absl::Status s = ValidateTensor(encoded); !s.ok()) {
+    return absl::InternalError(absl::StrCat(what, " produced malformed output: ", s.message()));
+  }
+
+  qforge::v1::StoredTensor* stored = out->add_outputs();
+  stored->set_name(name);
+  stored->set_format(task.format());
+  SetShape(encoded.shape, stored->mutable_shape());
+  stored->set_nbytes(encoded.nbytes);
+  QF_RETURN_IF_ERROR(PutChunked(encoded, sink, stored));
+
+  QF_ASSIGN_OR_RETURN(const ErrorSums e, ReconstructionError(encoded, w, &pool_));
+  const double n = static_cast<double>(w.size());
+  qforge::v1::TensorReport* report = out->add_tensors();
+  report->set_name(name);
+  report->set_format(task.format());
+  SetShape(encoded.shape, report->mutable_shape());
+  report->set_bits_per_weight(8.0 * static_cast<double>(encoded.nbytes) / n);
+  report->set_bytes_before(w.size() * sizeof(float));
+  report->set_bytes_after(encoded.nbytes);
+  report->set_rmse(std::sqrt(e.err2 / n));
+  report->set_relative_error(e.ref2 > 0 ? std::sqrt(e.err2 / e.ref2) : 0.0);
+  return absl::OkStatus();
+}
+
+absl::Status TaskExecutor::Assemble(const qforge::v1::Task& task, const Model& source, ChunkSink& sink,
+                                    qforge::v1::CompleteTaskRequest* out) {
+  for (const std::string& name : task.tensor_names()) {
+    const Tensor* t = source.Find(name);
+    if (t == nullptr) return absl::NotFoundError(absl::StrCat("tensor '", name, "' is not in ", task.source_uri()));
+    qforge::v1::StoredTensor* stored = out->add_outputs();
+    stored->set_name(name);
+    stored->set_format(FormatName(t->format));
+    SetShape(t->shape, stored->mutable_shape());
+    stored->set_nbytes(t->nbytes);
+    QF_RETURN_IF_ERROR(PutChunked(*t, sink, stored));
+  }
+
+  // Only the config and metadata go into config_json; the tensors travel as chunks.
+  Model described;
+  described.config = source.config;
+  described.metadata = source.metadata;
+  for (const auto& [key, value] : task.metadata()) described.metadata[key] = value;
+  QF_ASSIGN_OR_RETURN(*out->mutable_config_json(), storage::ManifestConfigJson(described));
+
+  if (source.vocab) {
+    const std::string vocab = storage::EncodeVocabChunk(*source.vocab);
+    if (vocab.size() > storage::kMaxChunkBytes) {
+      return absl::InvalidArgumentError(absl::StrCat("the vocabulary of ", task.source_uri(), " encodes to ",
+                                                     vocab.size(), " bytes, over the chunk limit ",
+                                                     storage::kMaxChunkBytes));
+    }
+    QF_ASSIGN_OR_RETURN(*out->mutable_vocab_chunk_id(),
+                        sink.Put({reinterpret_cast<const uint8_t*>(vocab.data()), vocab.size()}));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace qforge::workers
