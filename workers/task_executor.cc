@@ -4,8 +4,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <utility>
 
@@ -15,6 +13,7 @@
 #include "core/formats/formats.h"
 #include "core/kernels/kernels.h"
 #include "core/quant/quant_method.h"
+#include "core/quant/quantize_model.h"
 #include "services/rpc/rpc_util.h"
 #include "storage/chunk_codec.h"
 #include "storage/model_store.h"
@@ -22,69 +21,21 @@
 namespace qforge::workers {
 namespace {
 
-absl::StatusOr<std::string> RealPath(const std::string& path) {
-  char* resolved = ::realpath(path.c_str(), nullptr);
-  if (resolved == nullptr) {
-    const int err = errno;
-    const std::string msg = absl::StrCat("source '", path, "': ", std::strerror(err));
-    if (err == ENOENT || err == ENOTDIR) return absl::NotFoundError(msg);
-    if (err == EACCES) return absl::PermissionDeniedError(msg);
-    return absl::InternalError(msg);
+// Rows [row_begin, row_end) of `t` as a tensor of their own: a view into `t` when its encoding stores rows one
+// after another (every one-plane, row-independent encoding), otherwise dequantized into `scratch`.
+absl::StatusOr<Tensor> RowSlice(const Tensor& t, int64_t row_begin, int64_t row_end, std::vector<float>* scratch) {
+  const int64_t rows = row_end - row_begin, cols = t.cols();
+  QF_ASSIGN_OR_RETURN(const std::vector<size_t> planes, PlaneSizes(t.format, t.rows(), cols));
+  const bool rows_contiguous = planes.size() == 1 && !(t.format.type == WeightType::kNF4 && t.format.double_quant);
+  if (rows_contiguous) {
+    QF_ASSIGN_OR_RETURN(const size_t row_bytes, EncodedBytes(t.format, 1, cols));
+    return Tensor::View(t.name, {rows, cols}, t.format, t.owner, t.data + static_cast<size_t>(row_begin) * row_bytes,
+                        static_cast<size_t>(rows) * row_bytes);
   }
-  std::string out(resolved);
-  std::free(resolved);
-  return out;
-}
-
-// `path` and `root` are realpaths, so a plain prefix test on a component boundary cannot be fooled by
-// "..", symlinks or "/data-other" against "/data".
-bool IsUnder(const std::string& path, const std::string& root) {
-  if (root == "/") return true;
-  return absl::StartsWith(path, root) && (path.size() == root.size() || path[root.size()] == '/');
-}
-
-absl::Status CheckAllowed(const std::string& real, const std::string& uri, const std::vector<std::string>& roots) {
-  if (roots.empty()) return absl::OkStatus();
-  for (const std::string& root : roots) {
-    auto real_root = RealPath(root);
-    if (real_root.ok() && IsUnder(real, *real_root)) return absl::OkStatus();
-  }
-  return absl::PermissionDeniedError(
-      absl::StrCat("source '", uri, "' (", real, ") is not under an allowed root of this worker"));
-}
-
-struct ErrorSums {
-  double err2 = 0, ref2 = 0;
-};
-
-// Squared reconstruction error of `q` against `ref`, per row then summed in row order, so the report does not
-// depend on the thread count; one row of fp32 at a time per thread, not a second copy of the slice.
-absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const std::vector<float>& ref, ThreadPool* pool) {
-  const int64_t rows = q.rows(), cols = q.cols();
-  std::vector<double> err(static_cast<size_t>(rows)), norm(static_cast<size_t>(rows));
-  std::vector<absl::Status> status(static_cast<size_t>(rows));
-  ParallelForOrInline(pool, rows, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(static_cast<size_t>(cols));
-    for (int64_t r = r0; r < r1; ++r) {
-      status[r] = kernels::DequantizeRows(q, r, r + 1, row.data());
-      double e = 0, n = 0;
-      for (int64_t c = 0; c < cols; ++c) {
-        const double w = ref[r * cols + c];
-        const double d = w - row[c];
-        e += d * d;
-        n += w * w;
-      }
-      err[r] = e;
-      norm[r] = n;
-    }
-  });
-  ErrorSums s;
-  for (int64_t r = 0; r < rows; ++r) {
-    QF_RETURN_IF_ERROR(status[r]);
-    s.err2 += err[r];
-    s.ref2 += norm[r];
-  }
-  return s;
+  scratch->resize(static_cast<size_t>(rows * cols));
+  QF_RETURN_IF_ERROR(kernels::DequantizeRows(t, row_begin, row_end, scratch->data()));
+  return Tensor::View(t.name, {rows, cols}, WeightFormat::F32(), nullptr,
+                      reinterpret_cast<const uint8_t*>(scratch->data()), scratch->size() * sizeof(float));
 }
 
 void SetShape(const std::vector<int64_t>& shape, google::protobuf::RepeatedField<int64_t>* out) {
@@ -96,8 +47,8 @@ void SetShape(const std::vector<int64_t>& shape, google::protobuf::RepeatedField
 TaskExecutor::TaskExecutor(ExecutorOptions options) : options_(std::move(options)), pool_(options_.threads) {}
 
 absl::StatusOr<std::shared_ptr<const Model>> TaskExecutor::OpenSource(const std::string& uri) {
-  QF_ASSIGN_OR_RETURN(const std::string real, RealPath(uri));
-  QF_RETURN_IF_ERROR(CheckAllowed(real, uri, options_.allowed_roots));
+  QF_ASSIGN_OR_RETURN(const std::vector<std::string> roots, rpc::ResolveRoots(options_.allowed_roots));
+  QF_ASSIGN_OR_RETURN(const std::string real, rpc::ResolveUnderRoots(uri, roots, "source"));
   struct stat st {};
   if (::stat(real.c_str(), &st) != 0) {
     return absl::NotFoundError(absl::StrCat("source '", uri, "': ", std::strerror(errno)));
@@ -195,16 +146,12 @@ absl::Status TaskExecutor::Quantize(const qforge::v1::Task& task, const Model& s
         absl::StrCat(what, " encodes as ", FormatName(*produced), ", the task asks for ", task.format()));
   }
 
-  std::vector<float> w(static_cast<size_t>(slice_rows * cols));
-  if (t->format.type == WeightType::kF32) {
-    std::memcpy(w.data(), t->data + static_cast<size_t>(row_begin * cols) * sizeof(float), w.size() * sizeof(float));
-  } else {
-    QF_RETURN_IF_ERROR(kernels::DequantizeRows(*t, row_begin, row_end, w.data()));
-  }
-  QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, method.Quantize(w.data(), slice_rows, cols, params, &pool_));
-  const Tensor encoded = Tensor::FromBytes(name, {slice_rows, cols}, *produced, std::move(bytes));
-  if (absl::Status s = ValidateTensor(encoded); !s.ok()) {
-    return absl::InternalError(absl::StrCat(what, " produced malformed output: ", s.message()));
+  std::vector<float> scratch;
+  QF_ASSIGN_OR_RETURN(const Tensor slice, RowSlice(*t, row_begin, row_end, &scratch));
+  quant::TensorQuantReport r;
+  QF_ASSIGN_OR_RETURN(const Tensor encoded, quant::QuantizeTensor(slice, method, params, &pool_, &r));
+  if (!(encoded.format == *wanted)) {
+    return absl::InternalError(absl::StrCat(what, " produced ", FormatName(encoded.format)));
   }
 
   qforge::v1::StoredTensor* stored = out->add_outputs();
@@ -214,17 +161,15 @@ absl::Status TaskExecutor::Quantize(const qforge::v1::Task& task, const Model& s
   stored->set_nbytes(encoded.nbytes);
   QF_RETURN_IF_ERROR(PutChunked(encoded, sink, stored));
 
-  QF_ASSIGN_OR_RETURN(const ErrorSums e, ReconstructionError(encoded, w, &pool_));
-  const double n = static_cast<double>(w.size());
   qforge::v1::TensorReport* report = out->add_tensors();
   report->set_name(name);
   report->set_format(task.format());
   SetShape(encoded.shape, report->mutable_shape());
-  report->set_bits_per_weight(8.0 * static_cast<double>(encoded.nbytes) / n);
-  report->set_bytes_before(w.size() * sizeof(float));
-  report->set_bytes_after(encoded.nbytes);
-  report->set_rmse(std::sqrt(e.err2 / n));
-  report->set_relative_error(e.ref2 > 0 ? std::sqrt(e.err2 / e.ref2) : 0.0);
+  report->set_bits_per_weight(r.bits_per_weight);
+  report->set_bytes_before(r.bytes_f32);
+  report->set_bytes_after(r.bytes_after);
+  report->set_rmse(r.rmse);
+  report->set_relative_error(r.rel_error);
   return absl::OkStatus();
 }
 
