@@ -1,18 +1,29 @@
 #!/usr/bin/env bash
-# The main job (embedded default, for now in one process per step): quantize stories260K from ../shared/models with
-# several methods, and print for each a greedy generation and the quality before and after quantization:
-# perplexity of token streams sampled from the fp32 model, KL-divergence and top-1 agreement against fp32.
+# The main job, embedded mode: `qforge up` runs the scheduler, the artifact store and two workers in one
+# process; each method is submitted as a job (live progress), the new version is exported from the store and
+# then generates text and is measured against fp32: perplexity of token streams sampled from the fp32 model,
+# KL-divergence and top-1 agreement.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 qforge=build/services/qforge
 shared=${QFORGE_SHARED:-../shared}
-model=$shared/models/stories260K/stories260K.bin
+model=$(realpath "$shared/models/stories260K/stories260K.bin" 2>/dev/null || true)
 tokenizer=$shared/models/stories260K/candidate-tok512/tok512.model
 work=${TMPDIR:-/tmp}/qforge-demo
+[ -n "$model" ] && [ -f "$model" ] || { echo "qforge demo: stories260K.bin not found under $shared/models (shared/ must sit beside the checkout)" >&2; exit 1; }
+rm -rf "$work"
 mkdir -p "$work"
 
-[ -f "$model" ] || { echo "qforge demo: $model not found (shared/ must sit beside the checkout)" >&2; exit 1; }
+echo "== embedded mode: scheduler + store ($work/store) + 2 workers in one process"
+$qforge up --store "$work/store" --listen 127.0.0.1:0 --port-file "$work/port" --workers 2 >"$work/up.log" 2>&1 &
+up_pid=$!
+trap 'kill $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
+for _ in $(seq 200); do [ -f "$work/port" ] && break; kill -0 $up_pid 2>/dev/null || break; sleep 0.05; done
+[ -f "$work/port" ] || { echo "qforge demo: qforge up did not start:" >&2; cat "$work/up.log" >&2; exit 1; }
+export QFORGE_SCHEDULER=127.0.0.1:$(cat "$work/port")
+cat "$work/up.log"
 
+echo
 echo "== the source model"
 $qforge inspect "$model"
 
@@ -24,13 +35,21 @@ echo "== fp32: greedy generation from BOS"
 $qforge generate "$model" "${tok_args[@]}" --max-tokens 48 --temperature 0
 
 for spec in "q8_0" "q4_k" "q4_0" "nf4" "rtn --bits 4 --group 32" "rtn --bits 3 --group 32 --asym"; do
-  name=$(echo "$spec" | tr -d '-' | tr ' ' '_')
-  out="$work/stories260K-$name.gguf"
-  case "$spec" in rtn*|nf4*) out="$work/stories260K-$name.safetensors" ;; esac
   echo
   echo "== $spec"
   # shellcheck disable=SC2086
-  $qforge quantize --method $spec "$model" "$out"
+  $qforge submit "$model" --method $spec --name stories260k --watch | tee "$work/submit.log"
+  ref=$(sed -n 's/^job .* succeeded: \([^ ]*\) .*/\1/p' "$work/submit.log")
+  # GGUF has no type for qforge's rtn / nf4 encodings; those go to safetensors.
+  format=gguf
+  case "$spec" in rtn*|nf4*) format=safetensors ;; esac
+  out="$work/${ref/@/-v}.$format"
+  $qforge export "$ref" --format "$format" "$out"
   $qforge generate "$out" "${tok_args[@]}" --max-tokens 48 --temperature 0
   $qforge eval "$out" --base "$model" --streams 8 --stream-len 128 --seed 1
 done
+
+echo
+echo "== the store"
+$qforge jobs
+$qforge models

@@ -296,6 +296,8 @@ TEST(DistributedTest, BadRequestsGetClearErrorsAndLeaveNoVersion) {
   cases.back().req.set_source_uri(outside + "/stories.bin");
   cases.push_back({"escaping the root with ..", good(), grpc::StatusCode::PERMISSION_DENIED, "outside the allowed roots"});
   cases.back().req.set_source_uri(root + "/../elsewhere/stories.bin");
+  cases.push_back({"a URI, not a path", good(), grpc::StatusCode::INVALID_ARGUMENT, "only local paths"});
+  cases.back().req.set_source_uri("s3://bucket/stories.bin");
   cases.push_back({"not a model", good(), grpc::StatusCode::INVALID_ARGUMENT, "is not a model"});
   cases.back().req.set_source_uri(root + "/notes.bin");
   cases.push_back({"bad output name", good(), grpc::StatusCode::INVALID_ARGUMENT, "output_name"});
@@ -329,6 +331,51 @@ TEST(DistributedTest, BadRequestsGetClearErrorsAndLeaveNoVersion) {
   v1::ListJobsResponse jobs;
   ASSERT_TRUE(cluster.jobs().ListJobs(&ctx, {}, &jobs).ok());
   EXPECT_EQ(jobs.jobs_size(), 1);  // only the valid submit made a job
+}
+
+TEST(DistributedTest, IdempotentSubmitCancelAndTenantListing) {
+  const std::string dir = TempDir("cancel");
+  Cluster cluster(dir, {});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  // No workers yet: the jobs stay running until cancelled.
+  v1::SubmitJobRequest req = Request(kStories, "q8_0", quant::FindMethod("q8_0")->DefaultParams(), "stories");
+  req.set_tenant("team-a");
+  req.set_idempotency_key("nightly-42");
+  std::string first, retry, other;
+  ASSERT_TRUE(cluster.Submit(req, &first).ok());
+  ASSERT_TRUE(cluster.Submit(req, &retry).ok());
+  EXPECT_EQ(first, retry) << "a retried submit with the same key made a second job";
+  req.set_tenant("team-b");
+  ASSERT_TRUE(cluster.Submit(req, &other).ok());
+  EXPECT_NE(other, first) << "idempotency keys are per tenant";
+
+  grpc::ClientContext cancel_ctx;
+  v1::CancelJobRequest cancel;
+  cancel.set_job_id(first);
+  v1::Job cancelled;
+  ASSERT_TRUE(cluster.jobs().CancelJob(&cancel_ctx, cancel, &cancelled).ok());
+  EXPECT_EQ(cancelled.progress().state(), v1::JOB_STATE_CANCELLED);
+
+  grpc::ClientContext list_ctx;
+  v1::ListJobsRequest list;
+  list.set_tenant("team-a");
+  v1::ListJobsResponse listed;
+  ASSERT_TRUE(cluster.jobs().ListJobs(&list_ctx, list, &listed).ok());
+  ASSERT_EQ(listed.jobs_size(), 1);
+  EXPECT_EQ(listed.jobs(0).job_id(), first);
+  EXPECT_EQ(listed.jobs(0).request().output_name(), "stories");
+
+  // A worker now runs only the job that was not cancelled; the cancelled one never makes a version.
+  cluster.StartWorker("w1");
+  const v1::Job done = cluster.WaitJob(other);
+  ASSERT_EQ(done.progress().state(), v1::JOB_STATE_SUCCEEDED) << done.error();
+  EXPECT_EQ(done.result().version(), "1");
+  for (const auto& e : testing::ParseTaskLog(testing::ReadFile(cluster.task_log()))) {
+    EXPECT_NE(e.task.substr(0, e.task.find('/')), first) << "a task of the cancelled job ran";
+  }
+  v1::Job still;
+  ASSERT_TRUE(cluster.GetJob(first, &still).ok());
+  EXPECT_EQ(still.progress().state(), v1::JOB_STATE_CANCELLED);
 }
 
 TEST(DistributedTest, CorruptedChunkIsDataLossNamingIt) {

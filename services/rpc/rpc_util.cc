@@ -85,6 +85,10 @@ absl::StatusOr<std::string> ResolveUnderRoots(const std::string& path, const std
                                               const std::string& field) {
   if (path.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": empty"));
   if (path.find('\0') != std::string::npos) return absl::InvalidArgumentError(absl::StrCat(field, ": holds a NUL byte"));
+  if (const size_t scheme = path.find("://"); scheme != std::string::npos) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ": only local paths are read, not '",
+                                                   path.substr(0, std::min<size_t>(scheme, 32)), "://' URIs"));
+  }
   auto real = RealPath(path, field);
   if (!real.ok()) return real.status();
   if (roots.empty()) return real;

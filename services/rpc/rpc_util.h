@@ -40,7 +40,8 @@ std::string FormatJobId(scheduler::JobId job);
 absl::StatusOr<scheduler::JobId> ParseJobId(const std::string& id);
 
 // realpath(path), which must lie under one of `roots` (already realpath'd; empty = anywhere) on a path-component
-// boundary. Errors name `field`: INVALID_ARGUMENT (empty), NOT_FOUND (missing), PERMISSION_DENIED (outside).
+// boundary. Errors name `field`: INVALID_ARGUMENT (empty, or a URI with a scheme such as s3://), NOT_FOUND
+// (missing), PERMISSION_DENIED (outside).
 absl::StatusOr<std::string> ResolveUnderRoots(const std::string& path, const std::vector<std::string>& roots,
                                               const std::string& field);
 // The realpath of each root; INVALID_ARGUMENT naming a root that does not exist.

@@ -681,6 +681,13 @@ class SchedulerServer::Impl {
       auto id = impl_->store().PutChunk(
           std::span(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()), JobPinHolder(ids->first));
       if (!id.ok()) return rpc::ToGrpc(id.status());
+      // The job may have ended (and released its pins) while the chunk arrived: release this late pin too.
+      if (auto after = impl_->sched().Progress(ids->first, NowMs()); after.ok() && after->state != JobState::kRunning) {
+        storage::StateBatch release;
+        release.ReleasePins(JobPinHolder(ids->first));
+        impl_->store().Write(release).IgnoreError();  // CollectGarbage finds what a failure here leaves
+        return {grpc::StatusCode::FAILED_PRECONDITION, absl::StrCat("job ", ids->first, " is no longer running")};
+      }
       resp->set_chunk_id(*id);
       resp->set_size(bytes.size());
       return grpc::Status::OK;
