@@ -39,7 +39,7 @@ for spec in "q8_0" "q4_k" "q4_0" "nf4" "rtn --bits 4 --group 32" "rtn --bits 3 -
   echo "== $spec"
   # shellcheck disable=SC2086
   $qforge submit "$model" --method $spec --name stories260k --watch | tee "$work/submit.log"
-  ref=$(sed -n 's/^job .* succeeded: \([^ ]*\) .*/\1/p' "$work/submit.log")
+  ref=$(sed -n 's/^job [0-9]* succeeded: \([a-z0-9._-]*@[0-9]*\) (.*/\1/p' "$work/submit.log")
   # GGUF has no type for qforge's rtn / nf4 encodings; those go to safetensors.
   format=gguf
   case "$spec" in rtn*|nf4*) format=safetensors ;; esac

@@ -18,4 +18,12 @@ int ParseBytePiece(const std::string& piece);
 // the piece with "▁" -> " " (dropping one leading "▁" when at_text_start, the encoder's dummy prefix).
 std::string PieceSurface(const std::string& piece, TokenType type, bool at_text_start);
 
+// Appends `piece` from byte `from` on, with every "▁" turned into a space.
+void AppendUnescaped(const std::string& piece, size_t from, std::string* out);
+
+// Appends a run of consecutive byte-piece bytes as libsentencepiece's Decode renders it: each well-formed
+// UTF-8 character (no overlong forms, surrogates or code points past U+10FFFF) as is, and every other byte
+// as U+FFFD, one per byte.
+void AppendByteRun(const std::string& bytes, std::string* out);
+
 }  // namespace qforge::tokenizer_internal

@@ -1,4 +1,8 @@
-// Tokenizer backed by Debian's libsentencepiece: the ground truth for SentencePiece .model files.
+// Tokenizer backed by Debian's libsentencepiece: the reference implementation that tests compare
+// ReadSentencePieceModel + VocabTokenizer (what LoadTokenizer uses) against, in the test-only CMake target
+// qforge_tokenizer_sp. Never link it into production code: Debian 12's libsentencepiece exports its own copy of
+// protobuf-lite, and a process that also links libprotobuf (every gRPC binary) crashes at start-up in
+// protobuf's static initialisers.
 #pragma once
 
 #include <memory>

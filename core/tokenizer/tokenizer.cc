@@ -5,7 +5,7 @@
 #include "core/base/status_macros.h"
 #include "core/formats/formats.h"
 #include "core/tokenizer/piece_text.h"
-#include "core/tokenizer/sentencepiece_tokenizer.h"
+#include "core/tokenizer/sp_model.h"
 #include "core/tokenizer/vocab_tokenizer.h"
 
 namespace qforge {
@@ -36,8 +36,9 @@ absl::StatusOr<Vocab> ReadLlama2cVocab(const std::string& path, int vocab_size) 
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path, int vocab_size) {
   if (absl::EndsWith(path, ".model")) {
-    QF_ASSIGN_OR_RETURN(auto sp, SentencePieceTokenizer::Load(path));
-    return std::unique_ptr<Tokenizer>(std::move(sp));
+    QF_ASSIGN_OR_RETURN(SentencePieceModel sp, ReadSentencePieceModel(path));
+    QF_ASSIGN_OR_RETURN(auto t, VocabTokenizer::Create(std::move(sp.vocab), sp.options));
+    return std::unique_ptr<Tokenizer>(std::move(t));
   }
   if (absl::EndsWith(path, ".bin")) {
     QF_ASSIGN_OR_RETURN(Vocab vocab, ReadLlama2cVocab(path, vocab_size));
@@ -49,8 +50,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path
 
 absl::StatusOr<Vocab> ReadVocabFile(const std::string& path, int vocab_size) {
   if (absl::EndsWith(path, ".model")) {
-    QF_ASSIGN_OR_RETURN(auto sp, SentencePieceTokenizer::Load(path));
-    return sp->ExportVocab();
+    QF_ASSIGN_OR_RETURN(SentencePieceModel sp, ReadSentencePieceModel(path));
+    return std::move(sp.vocab);
   }
   if (absl::EndsWith(path, ".bin")) return ReadLlama2cVocab(path, vocab_size);
   return absl::InvalidArgumentError(

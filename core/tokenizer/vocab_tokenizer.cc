@@ -134,19 +134,24 @@ absl::StatusOr<std::vector<int>> VocabTokenizer::Encode(const std::string& text,
     consider(c.left, l.next);
   }
 
+  bool prev_unk = false;
   for (int i = 0; i >= 0 && i < static_cast<int>(sym.size()); i = sym[i].next) {
     const std::string piece = s.substr(sym[i].start, sym[i].len);
     auto it = mergeable_.find(piece);
     if (it != mergeable_.end()) {
       ids.push_back(it->second);
+      prev_unk = false;
       continue;
     }
     for (unsigned char b : piece) {
       if (byte_ids_[b] >= 0) {
         ids.push_back(byte_ids_[b]);
+        prev_unk = false;
       } else {
-        // Without byte tokens the whole character is unknown (one unk, not one per byte).
-        ids.push_back(vocab_.unk_id);
+        // Without byte tokens the whole character is unknown (one unk, not one per byte), and
+        // libsentencepiece merges a run of unknown characters into one unk too.
+        if (!prev_unk) ids.push_back(vocab_.unk_id);
+        prev_unk = true;
         break;
       }
     }
@@ -155,17 +160,44 @@ absl::StatusOr<std::vector<int>> VocabTokenizer::Encode(const std::string& text,
 }
 
 absl::StatusOr<std::string> VocabTokenizer::Decode(std::span<const int> ids) const {
-  std::string text;
-  bool at_start = true;
+  // libsentencepiece's Decode, step by step: byte tokens collect into runs rendered together; `at_start`
+  // (its is_bos_ws) says a leading "▁" may still be dropped, and turns false for good once text exists or
+  // a dropped "▁" counts as the one dummy prefix (`dropped`, its bos_ws_seen from the previous piece).
+  const size_t sym = std::strlen(kSpaceSymbol);
+  const bool strip = options_.add_dummy_prefix || options_.remove_extra_whitespaces;
+  std::string text, bytes;
+  bool at_start = true, dropped = false;
   for (int id : ids) {
     if (id < 0 || id >= vocab_size()) {
       return absl::InvalidArgumentError(absl::StrCat("decode: token id ", id, " outside [0, ", vocab_size(), ")"));
     }
-    // Only the first non-control piece can carry the dummy prefix (libsentencepiece strips just that one,
-    // so "▁" "▁leading" decodes to " leading").
-    text += tokenizer_internal::PieceSurface(vocab_.tokens[id], vocab_.types[id], at_start);
-    if (vocab_.types[id] != TokenType::kControl) at_start = false;
+    const std::string& piece = vocab_.tokens[id];
+    const TokenType type = vocab_.types[id];
+    if (type == TokenType::kByte) {
+      const int b = tokenizer_internal::ParseBytePiece(piece);
+      if (b >= 0) {
+        bytes.push_back(static_cast<char>(b));
+        continue;
+      }
+    }
+    tokenizer_internal::AppendByteRun(bytes, &text);
+    bytes.clear();
+    if (dropped || !text.empty()) at_start = false;
+    dropped = false;
+    if (type == TokenType::kControl) continue;
+    if (type == TokenType::kUnknown) {
+      text += options_.unk_surface;
+      continue;
+    }
+    size_t from = 0;
+    if (at_start && strip && piece.compare(0, sym, kSpaceSymbol) == 0) {
+      from = sym;
+      // With remove_extra_whitespaces every leading space goes, so the next piece may lose its "▁" too.
+      dropped = !options_.remove_extra_whitespaces;
+    }
+    tokenizer_internal::AppendUnescaped(piece, from, &text);
   }
+  tokenizer_internal::AppendByteRun(bytes, &text);
   return text;
 }
 
@@ -173,7 +205,10 @@ absl::StatusOr<std::string> VocabTokenizer::DecodePiece(int prev, int id) const 
   if (id < 0 || id >= vocab_size()) {
     return absl::InvalidArgumentError(absl::StrCat("decode: token id ", id, " outside [0, ", vocab_size(), ")"));
   }
-  return tokenizer_internal::PieceSurface(vocab_.tokens[id], vocab_.types[id], prev < 0 || prev == vocab_.bos_id);
+  if (vocab_.types[id] == TokenType::kUnknown) return options_.unk_surface;
+  const bool strip = options_.add_dummy_prefix || options_.remove_extra_whitespaces;
+  return tokenizer_internal::PieceSurface(vocab_.tokens[id], vocab_.types[id],
+                                          strip && (prev < 0 || prev == vocab_.bos_id));
 }
 
 }  // namespace qforge

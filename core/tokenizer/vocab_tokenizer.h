@@ -18,6 +18,9 @@ struct VocabTokenizerOptions {
   // Strip leading/trailing spaces and collapse runs of spaces to one, as SentencePiece's
   // remove_extra_whitespaces does (llama2.c's tok512 models were trained with it on).
   bool remove_extra_whitespaces = false;
+  // What Decode writes for the unknown token: TrainerSpec.unk_surface of a .model file, by default
+  // libsentencepiece's " ⁇ " (U+2047 between spaces).
+  std::string unk_surface = " \xe2\x81\x87 ";
 };
 
 class VocabTokenizer : public Tokenizer {
@@ -28,9 +31,18 @@ class VocabTokenizer : public Tokenizer {
   // Extra spaces are removed if the options say so, spaces become "▁", a "▁" is prepended (the dummy prefix), the text is split into UTF-8 characters,
   // and the adjacent pair whose concatenation is a normal vocabulary piece with the highest score is
   // merged (leftmost on ties) until no pair merges. Characters without a piece become <0xNN> byte tokens,
-  // or unk when the vocabulary has no byte tokens.
+  // or, when the vocabulary has no byte tokens, unk (one for a whole run of such characters, as
+  // libsentencepiece merges adjacent unknown pieces).
   absl::StatusOr<std::vector<int>> Encode(const std::string& text, bool add_bos) const override;
+  // As libsentencepiece decodes: a run of byte tokens becomes its UTF-8 text with U+FFFD for each byte that
+  // is not part of a well-formed character; the leading "▁" of the first text piece is dropped when the
+  // dummy prefix (or remove_extra_whitespaces) is on, and with remove_extra_whitespaces every leading "▁" is
+  // dropped until some text has been produced.
   absl::StatusOr<std::string> Decode(std::span<const int> ids) const override;
+  // Byte tokens come out raw (a streaming caller cannot know whether the next byte completes a character),
+  // and only a piece right after BOS (or at the start) loses its leading "▁". So the concatenation equals
+  // Decode when the bytes form valid UTF-8 and, with remove_extra_whitespaces, no whitespace-only piece
+  // opens the text.
   absl::StatusOr<std::string> DecodePiece(int prev, int id) const override;
   int vocab_size() const override { return static_cast<int>(vocab_.tokens.size()); }
   int bos_id() const override { return vocab_.bos_id; }
