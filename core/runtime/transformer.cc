@@ -5,6 +5,7 @@
 #include <cmath>
 #include <mutex>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/kernels/kernels.h"
@@ -78,30 +79,54 @@ absl::Status Transformer::Init() {
     }
   }
 
-  const size_t cache = static_cast<size_t>(c.n_layers) * max_seq_len_ * c.kv_dim();
-  key_cache_.assign(cache, 0.0f);
-  value_cache_.assign(cache, 0.0f);
   const size_t b = static_cast<size_t>(options_.max_batch);
   x_.resize(b * c.dim);
   xb_.resize(b * c.dim);
   xb2_.resize(b * c.dim);
   q_.resize(b * c.dim);
+  k_.resize(b * c.kv_dim());
+  v_.resize(b * c.kv_dim());
   hb_.resize(b * c.hidden_dim);
   hb2_.resize(b * c.hidden_dim);
   return absl::OkStatus();
 }
 
+absl::StatusOr<KvCache> Transformer::NewCache(int capacity) const {
+  if (capacity <= 0) capacity = max_seq_len_;
+  if (capacity > max_seq_len_) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("NewCache: capacity ", capacity, " exceeds the context length ", max_seq_len_));
+  }
+  return KvCache::Create(model_->config, capacity);
+}
+
 absl::Status Transformer::MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride) {
   if (options_.linear_observer) options_.linear_observer(w.name, x, n, static_cast<int>(w.cols()));
   const int64_t rows = w.rows();
+  const int64_t cols = w.cols();
   // Chunks of at least ~32K multiply-adds so that small matrices are not drowned in dispatch overhead.
-  const int64_t work_per_row = std::max<int64_t>(1, w.cols() * n);
+  const int64_t work_per_row = std::max<int64_t>(1, cols * n);
   const int64_t min_chunk = std::max<int64_t>(1, (32 * 1024) / work_per_row);
+  // Batch-invariant mode: rows in blocks of ~16 KiB of weights, each block multiplied by one token at a time
+  // while it sits in L1/L2, so every token goes through the kernels' one-token path whatever the batch.
+  const bool per_token = options_.batch_invariant && n > 1;
+  const int64_t row_bytes = std::max<int64_t>(1, static_cast<int64_t>(w.nbytes) / std::max<int64_t>(1, rows));
+  const int64_t block_rows = std::max<int64_t>(1, (16 * 1024) / row_bytes);
   std::atomic<bool> failed{false};
   std::mutex mu;
   absl::Status first_error;
   pool_.ParallelFor(rows, min_chunk, [&](int64_t begin, int64_t end) {
-    absl::Status s = kernels::MatMulRows(w, begin, end, x, n, y, y_stride);
+    absl::Status s;
+    if (!per_token) {
+      s = kernels::MatMulRows(w, begin, end, x, n, y, y_stride);
+    } else {
+      for (int64_t r = begin; r < end && s.ok(); r += block_rows) {
+        const int64_t r_end = std::min(end, r + block_rows);
+        for (int t = 0; t < n && s.ok(); ++t) {
+          s = kernels::MatMulRows(w, r, r_end, x + t * cols, 1, y + t * y_stride, y_stride);
+        }
+      }
+    }
     if (!s.ok() && !failed.exchange(true)) {
       std::lock_guard<std::mutex> lock(mu);
       first_error = s;
@@ -123,68 +148,137 @@ absl::Status Transformer::Forward(std::span<const int> tokens, int start_pos, fl
           absl::StrCat("Forward: token id ", tokens[i], " at index ", i, " outside [0, ", vocab, ")"));
     }
   }
-  if (start_pos < 0 || start_pos > cached_) {
-    return absl::FailedPreconditionError(absl::StrCat("Forward: start_pos ", start_pos, " but only ", cached_,
-                                                      " positions are cached"));
+  if (start_pos < 0 || start_pos > cached_positions()) {
+    return absl::FailedPreconditionError(absl::StrCat("Forward: start_pos ", start_pos, " but only ",
+                                                      cached_positions(), " positions are cached"));
   }
   if (static_cast<int64_t>(start_pos) + static_cast<int64_t>(tokens.size()) > max_seq_len_) {
     return absl::OutOfRangeError(absl::StrCat("Forward: positions up to ", start_pos + tokens.size(),
                                               " exceed the context length ", max_seq_len_));
   }
-  cached_ = start_pos;
+  if (own_cache_ == nullptr) {
+    QF_ASSIGN_OR_RETURN(KvCache cache, NewCache(max_seq_len_));
+    own_cache_ = std::make_unique<KvCache>(std::move(cache));
+  }
   const int n = static_cast<int>(tokens.size());
-  for (int done = 0; done < n;) {
-    const int chunk = std::min(options_.max_batch, n - done);
-    const bool last_chunk = done + chunk == n;
-    float* chunk_logits = nullptr;
-    if (logits_out != nullptr) {
-      if (all_logits) chunk_logits = logits_out + static_cast<size_t>(done) * vocab;
-      else if (last_chunk) chunk_logits = logits_out;
+  forward_tokens_.resize(n);
+  for (int i = 0; i < n; ++i) {
+    const bool want = logits_out != nullptr && (all_logits || i == n - 1);
+    forward_tokens_[i] = BatchToken{own_cache_.get(), tokens[i], start_pos + i, want};
+  }
+  return ForwardBatch(forward_tokens_, logits_out);
+}
+
+absl::Status Transformer::ValidateBatch(std::span<const BatchToken> tokens, const float* logits_out) const {
+  const ModelConfig& c = model_->config;
+  if (tokens.empty()) return absl::InvalidArgumentError("ForwardBatch: no tokens");
+  // Next expected position of each cache seen so far.
+  absl::flat_hash_map<const KvCache*, int> next_pos;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const BatchToken& b = tokens[i];
+    if (b.cache == nullptr) return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, ": null cache"));
+    if (b.cache->n_layers() != c.n_layers || b.cache->kv_dim() != c.kv_dim()) {
+      return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, ": cache of ", b.cache->n_layers(),
+                                                     " layers x kv_dim ", b.cache->kv_dim(), ", model has ",
+                                                     c.n_layers, " x ", c.kv_dim()));
     }
-    QF_RETURN_IF_ERROR(ForwardChunk(tokens.subspan(done, chunk), start_pos + done, chunk_logits, all_logits));
-    done += chunk;
-    cached_ = start_pos + done;
+    if (b.cache->capacity() > max_seq_len_) {
+      return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, ": cache capacity ",
+                                                     b.cache->capacity(), " exceeds the context length ",
+                                                     max_seq_len_));
+    }
+    if (b.token < 0 || b.token >= c.vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ForwardBatch: token id ", b.token, " at index ", i, " outside [0, ", c.vocab_size, ")"));
+    }
+    if (b.want_logits && logits_out == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, " wants logits but logits_out is null"));
+    }
+    if (b.pos < 0) return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, ": position ", b.pos));
+    auto [it, first] = next_pos.try_emplace(b.cache, b.pos + 1);
+    if (first) {
+      if (b.pos > b.cache->positions()) {
+        return absl::FailedPreconditionError(absl::StrCat("ForwardBatch: token ", i, " at position ", b.pos,
+                                                          " but only ", b.cache->positions(),
+                                                          " positions of its cache are filled"));
+      }
+    } else {
+      if (b.pos != it->second) {
+        return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, " at position ", b.pos,
+                                                       ", the previous token of its sequence was at ",
+                                                       it->second - 1));
+      }
+      it->second = b.pos + 1;
+    }
+    if (b.pos >= b.cache->capacity()) {
+      return absl::OutOfRangeError(absl::StrCat("ForwardBatch: token ", i, " at position ", b.pos,
+                                                " past its cache's capacity ", b.cache->capacity()));
+    }
   }
   return absl::OkStatus();
 }
 
-absl::Status Transformer::ForwardChunk(std::span<const int> tokens, int pos0, float* logits_out, bool all_logits) {
+absl::Status Transformer::ForwardBatch(std::span<const BatchToken> tokens, float* logits_out) {
+  QF_RETURN_IF_ERROR(ValidateBatch(tokens, logits_out));
+  // What follows each sequence's first position is being overwritten.
+  for (auto it = tokens.rbegin(); it != tokens.rend(); ++it) it->cache->positions_ = it->pos;
+  const int vocab = model_->config.vocab_size;
+  const int n = static_cast<int>(tokens.size());
+  size_t logits_done = 0;
+  for (int done = 0; done < n;) {
+    const int chunk = std::min(options_.max_batch, n - done);
+    const std::span<const BatchToken> part = tokens.subspan(done, chunk);
+    QF_RETURN_IF_ERROR(ForwardChunk(part, logits_out == nullptr ? nullptr : logits_out + logits_done * vocab));
+    for (const BatchToken& b : part) {
+      b.cache->positions_ = b.pos + 1;
+      if (b.want_logits) ++logits_done;
+    }
+    done += chunk;
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float* logits_out) {
   const ModelConfig& c = model_->config;
   const int n = static_cast<int>(tokens.size());
   const int dim = c.dim, kv_dim = c.kv_dim(), hd = c.head_dim(), hidden = c.hidden_dim;
   const int kv_group = c.n_heads / c.n_kv_heads;
-  const int64_t layer_stride = static_cast<int64_t>(max_seq_len_) * kv_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  int max_pos = 0;
+  for (const BatchToken& b : tokens) max_pos = std::max(max_pos, b.pos);
 
   for (int t = 0; t < n; ++t) {
-    QF_RETURN_IF_ERROR(kernels::DequantizeRows(*token_embd_, tokens[t], tokens[t] + 1, &x_[t * dim]));
+    QF_RETURN_IF_ERROR(kernels::DequantizeRows(*token_embd_, tokens[t].token, tokens[t].token + 1, &x_[t * dim]));
   }
 
   for (int l = 0; l < c.n_layers; ++l) {
     const Layer& L = layers_[l];
-    float* kc = key_cache_.data() + l * layer_stride;
-    float* vc = value_cache_.data() + l * layer_stride;
 
     for (int t = 0; t < n; ++t) runtime_ops::RmsNorm(&x_[t * dim], L.attn_norm.data(), dim, c.norm_eps, &xb_[t * dim]);
     QF_RETURN_IF_ERROR(MatMul(*L.wq, xb_.data(), n, q_.data(), dim));
-    // Keys and values land directly in their cache rows.
-    QF_RETURN_IF_ERROR(MatMul(*L.wk, xb_.data(), n, kc + static_cast<int64_t>(pos0) * kv_dim, kv_dim));
-    QF_RETURN_IF_ERROR(MatMul(*L.wv, xb_.data(), n, vc + static_cast<int64_t>(pos0) * kv_dim, kv_dim));
+    QF_RETURN_IF_ERROR(MatMul(*L.wk, xb_.data(), n, k_.data(), kv_dim));
+    QF_RETURN_IF_ERROR(MatMul(*L.wv, xb_.data(), n, v_.data(), kv_dim));
+    // Rotate, then file each token's key and value under its own sequence and position. All of them land
+    // before any attention runs, so a token sees the earlier tokens of its sequence in the same chunk.
     for (int t = 0; t < n; ++t) {
-      const float* cs = &rope_[static_cast<size_t>(pos0 + t) * hd];
+      const BatchToken& b = tokens[t];
+      const float* cs = &rope_[static_cast<size_t>(b.pos) * hd];
       runtime_ops::ApplyRope(&q_[t * dim], c.n_heads, hd, cs);
-      runtime_ops::ApplyRope(kc + static_cast<int64_t>(pos0 + t) * kv_dim, c.n_kv_heads, hd, cs);
+      runtime_ops::ApplyRope(&k_[t * kv_dim], c.n_kv_heads, hd, cs);
+      std::copy_n(&k_[t * kv_dim], kv_dim, b.cache->keys(l, b.pos));
+      std::copy_n(&v_[t * kv_dim], kv_dim, b.cache->values(l, b.pos));
     }
 
-    // One task per (token, head); token t sees cache positions [0, pos0 + t].
+    // One task per (token, head); a token sees positions [0, pos] of its own cache.
     pool_.ParallelFor(static_cast<int64_t>(n) * c.n_heads, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(static_cast<size_t>(pos0 + n));
+      std::vector<float> scores(static_cast<size_t>(max_pos + 1));
       for (int64_t i = begin; i < end; ++i) {
         const int t = static_cast<int>(i / c.n_heads);
         const int h = static_cast<int>(i % c.n_heads);
         const int kvh = h / kv_group;
-        runtime_ops::AttendHead(&q_[t * dim + h * hd], kc + kvh * hd, vc + kvh * hd, kv_dim, pos0 + t + 1, hd,
-                                scale, scores.data(), &xb_[t * dim + h * hd]);
+        KvCache& cache = *tokens[t].cache;
+        runtime_ops::AttendHead(&q_[t * dim + h * hd], cache.keys(l, 0) + kvh * hd, cache.values(l, 0) + kvh * hd,
+                                kv_dim, tokens[t].pos + 1, hd, scale, scores.data(), &xb_[t * dim + h * hd]);
       }
     });
     QF_RETURN_IF_ERROR(MatMul(*L.wo, xb_.data(), n, xb2_.data(), dim));
@@ -198,10 +292,31 @@ absl::Status Transformer::ForwardChunk(std::span<const int> tokens, int pos0, fl
     runtime_ops::AddInPlace(x_.data(), xb2_.data(), n * dim);
   }
 
-  if (logits_out == nullptr) return absl::OkStatus();
-  const int first = all_logits ? 0 : n - 1;
-  for (int t = first; t < n; ++t) runtime_ops::RmsNorm(&x_[t * dim], output_norm_.data(), dim, c.norm_eps, &xb_[t * dim]);
-  return MatMul(*classifier_, &xb_[static_cast<size_t>(first) * dim], n - first, logits_out, c.vocab_size);
+  // The classifier runs once, over the wanted tokens gathered into consecutive rows.
+  int wanted = 0;
+  for (int t = 0; t < n; ++t) {
+    if (!tokens[t].want_logits) continue;
+    runtime_ops::RmsNorm(&x_[t * dim], output_norm_.data(), dim, c.norm_eps, &xb_[static_cast<size_t>(wanted) * dim]);
+    ++wanted;
+  }
+  if (wanted == 0) return absl::OkStatus();
+  return MatMul(*classifier_, xb_.data(), wanted, logits_out, c.vocab_size);
+}
+
+KvCache::KvCache(int n_layers, int kv_dim, int capacity)
+    : n_layers_(n_layers),
+      kv_dim_(kv_dim),
+      capacity_(capacity),
+      keys_(new float[static_cast<size_t>(n_layers) * capacity * kv_dim]),
+      values_(new float[static_cast<size_t>(n_layers) * capacity * kv_dim]) {}
+
+absl::StatusOr<KvCache> KvCache::Create(const ModelConfig& config, int capacity) {
+  QF_RETURN_IF_ERROR(ValidateConfig(config));
+  if (capacity < 1 || capacity > config.seq_len) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KvCache: capacity ", capacity, " outside [1, ", config.seq_len, "] (the model's seq_len)"));
+  }
+  return KvCache(config.n_layers, config.kv_dim(), capacity);
 }
 
 }  // namespace qforge

@@ -20,7 +20,15 @@ namespace qforge {
 struct RuntimeOptions {
   int threads = 0;      // worker threads for matmuls and attention; <= 0 means hardware concurrency
   int max_seq_len = 0;  // KV-cache capacity in positions; <= 0 means the model's seq_len
-  int max_batch = 64;   // tokens per internal chunk in Forward (bounds activation scratch memory)
+  int max_batch = 64;   // tokens per internal chunk in Forward/ForwardBatch (bounds activation scratch memory)
+  // Makes every token's logits independent of the other tokens in the call, so that a sequence computes the
+  // same bits alone, chunked any way, or batched with others. Today's kernels round their one-token path
+  // (fused decode-dot) differently from their multi-token path (decode once, dot per token), and AVX2's f32
+  // path differs between its 8-token tiles and the leftover tokens, so in this mode every matmul is issued
+  // one token at a time over blocks of rows small enough to stay in L1/L2: each weight is still read from
+  // memory once per call, but the multi-token kernels' compute savings are lost (prefill and large batches
+  // are slower). Off by default: nothing but the serving engine needs the guarantee.
+  bool batch_invariant = false;
   // Calibration hook: when set, every matrix product (each linear layer and the classifier) first reports
   // its weight's name and its input x, n_tokens rows of `cols` floats (row-major, valid only during the
   // call). Called on the Forward caller's thread, once per chunk of at most max_batch tokens.
@@ -28,7 +36,52 @@ struct RuntimeOptions {
   LinearObserver linear_observer = nullptr;
 };
 
-// Not thread-safe: one Transformer (and its KV cache) per concurrent sequence.
+// One sequence's keys and values: fp32, [n_layers][capacity][kv_dim] for each. Positions [0, positions())
+// hold valid entries. Independent of any Transformer, so that many sequences can share one Transformer (and
+// its weights and scratch) and be batched in ForwardBatch. Movable, not copyable.
+class KvCache {
+ public:
+  // A cache for models of `config`'s shape, 1 <= capacity <= config.seq_len positions.
+  static absl::StatusOr<KvCache> Create(const ModelConfig& config, int capacity);
+
+  KvCache(KvCache&&) noexcept = default;
+  KvCache& operator=(KvCache&&) noexcept = default;
+
+  int positions() const { return positions_; }
+  int capacity() const { return capacity_; }
+  // Forgets every position (the next token of this sequence must be at position 0).
+  void Reset() { positions_ = 0; }
+  // Memory held by keys and values.
+  size_t bytes() const { return 2 * layer_floats() * n_layers_ * sizeof(float); }
+  int n_layers() const { return n_layers_; }
+  int kv_dim() const { return kv_dim_; }
+
+ private:
+  friend class Transformer;
+  KvCache(int n_layers, int kv_dim, int capacity);
+  size_t layer_floats() const { return static_cast<size_t>(capacity_) * kv_dim_; }
+  float* keys(int layer, int pos) { return keys_.get() + layer * layer_floats() + static_cast<size_t>(pos) * kv_dim_; }
+  float* values(int layer, int pos) {
+    return values_.get() + layer * layer_floats() + static_cast<size_t>(pos) * kv_dim_;
+  }
+
+  int n_layers_ = 0, kv_dim_ = 0, capacity_ = 0;
+  int positions_ = 0;
+  // Left uninitialised: attention reads only positions a forward pass wrote, so untouched pages stay
+  // uncommitted.
+  std::unique_ptr<float[]> keys_, values_;
+};
+
+// One token of one sequence in ForwardBatch: its cache, id and position, and whether its logits are wanted.
+struct BatchToken {
+  KvCache* cache = nullptr;
+  int token = 0;
+  int pos = 0;
+  bool want_logits = false;
+};
+
+// Not thread-safe: one call at a time. Many sequences share one Transformer through ForwardBatch, each with
+// its own KvCache; Forward runs one sequence on a cache the Transformer owns.
 class Transformer {
  public:
   // Fails if the model is inconsistent (ValidateModel) or a norm vector cannot be decoded. A matrix in an
@@ -41,12 +94,31 @@ class Transformer {
   // anything at or after start_pos is overwritten) and start_pos + tokens.size() <= max_seq_len().
   // logits_out: all_logits ? [tokens.size(), vocab] : [vocab] for the last token; nullptr skips the
   // classifier (prefill only). INVALID_ARGUMENT for a bad token id, OUT_OF_RANGE past the context.
+  // FAILED_PRECONDITION for start_pos > cached_positions(). Runs through ForwardBatch's code.
   absl::Status Forward(std::span<const int> tokens, int start_pos, float* logits_out, bool all_logits);
 
-  // Positions [0, cached_positions()) of the cache hold valid keys/values.
-  int cached_positions() const { return cached_; }
-  // Forgets the cache (the next Forward must start at 0).
-  void Reset() { cached_ = 0; }
+  // Runs tokens of any number of sequences together: every matmul sees all of them (chunks of at most
+  // max_batch tokens), so each weight is read once per chunk; attention of each token reads its own cache
+  // up to and including its position. The tokens of one sequence (one cache) must appear in position
+  // order: the first at pos <= cache->positions() (the cache from pos on is overwritten), the others at
+  // consecutive positions; they need not be adjacent in the span. On success each cache's positions()
+  // is one past its last token. logits_out receives vocab floats for each token with want_logits, in span
+  // order (may be nullptr when none wants logits).
+  // Errors, checked before anything is computed (nothing changes then): INVALID_ARGUMENT for an empty span,
+  // a null cache, a cache of another shape or longer than max_seq_len(), a bad token id, a negative or
+  // non-consecutive position, or wanted logits with a null logits_out; FAILED_PRECONDITION for a first
+  // position past cache->positions(); OUT_OF_RANGE for a position at or past cache->capacity().
+  absl::Status ForwardBatch(std::span<const BatchToken> tokens, float* logits_out);
+
+  // A cache for this Transformer's model; capacity <= 0 means max_seq_len(). INVALID_ARGUMENT past it.
+  absl::StatusOr<KvCache> NewCache(int capacity = 0) const;
+
+  // Positions [0, cached_positions()) of Forward's cache hold valid keys/values.
+  int cached_positions() const { return own_cache_ ? own_cache_->positions() : 0; }
+  // Forgets Forward's cache (the next Forward must start at 0).
+  void Reset() {
+    if (own_cache_) own_cache_->Reset();
+  }
 
   const ModelConfig& config() const { return model_->config; }
   const Model& model() const { return *model_; }
@@ -61,7 +133,10 @@ class Transformer {
 
   Transformer(std::shared_ptr<const Model> model, const RuntimeOptions& options);
   absl::Status Init();
-  absl::Status ForwardChunk(std::span<const int> tokens, int pos0, float* logits_out, bool all_logits);
+  // Checks ForwardBatch's rules; see there.
+  absl::Status ValidateBatch(std::span<const BatchToken> tokens, const float* logits_out) const;
+  // At most max_batch tokens, already validated; logits_out gets the rows of tokens with want_logits.
+  absl::Status ForwardChunk(std::span<const BatchToken> tokens, float* logits_out);
   // y[t * y_stride + r] = W[r, :] · x[t, :] for all rows r, split over the pool.
   absl::Status MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride);
 
@@ -76,11 +151,13 @@ class Transformer {
   std::vector<Layer> layers_;
   std::vector<float> rope_;  // [max_seq_len, head_dim]: cos, sin per pair and position
 
-  std::vector<float> key_cache_, value_cache_;  // [n_layers, max_seq_len, kv_dim]
-  int cached_ = 0;
+  // Forward's cache, allocated by the first Forward (a Transformer used only through ForwardBatch never
+  // holds a max_seq_len cache of its own).
+  std::unique_ptr<KvCache> own_cache_;
+  std::vector<BatchToken> forward_tokens_;  // Forward's tokens as BatchTokens, kept to reuse the memory
 
   // Activations for one chunk of at most max_batch tokens.
-  std::vector<float> x_, xb_, xb2_, q_, hb_, hb2_;
+  std::vector<float> x_, xb_, xb2_, q_, k_, v_, hb_, hb2_;
 };
 
 }  // namespace qforge
