@@ -14,13 +14,15 @@ work=${TMPDIR:-/tmp}/qforge-demo
 rm -rf "$work"
 mkdir -p "$work"
 
-echo "== embedded mode: scheduler + store ($work/store) + 2 workers in one process"
-$qforge up --store "$work/store" --listen 127.0.0.1:0 --port-file "$work/port" --workers 2 >"$work/up.log" 2>&1 &
+echo "== embedded mode: scheduler + store ($work/store) + 2 workers + inference server in one process"
+$qforge up --store "$work/store" --listen 127.0.0.1:0 --serve-grpc 127.0.0.1:0 --serve-http 127.0.0.1:0 \
+  --port-file "$work/port" --workers 2 >"$work/up.log" 2>&1 &
 up_pid=$!
 trap 'kill $up_pid 2>/dev/null; wait $up_pid 2>/dev/null || true' EXIT
 for _ in $(seq 200); do [ -f "$work/port" ] && break; kill -0 $up_pid 2>/dev/null || break; sleep 0.05; done
 [ -f "$work/port" ] || { echo "qforge demo: qforge up did not start:" >&2; cat "$work/up.log" >&2; exit 1; }
-export QFORGE_SCHEDULER=127.0.0.1:$(cat "$work/port")
+read -r scheduler_port serve_grpc_port serve_http_port <"$work/port"
+export QFORGE_SCHEDULER=127.0.0.1:$scheduler_port
 cat "$work/up.log"
 
 echo

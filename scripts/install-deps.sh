@@ -14,6 +14,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   libsentencepiece-dev
   libzstd-dev libxxhash-dev libssl-dev
+  prometheus                          # promtool and a real server for the metrics tests
 )
 
 missing=()

@@ -14,6 +14,7 @@
 #include "core/kernels/kernels.h"
 #include "core/quant/quant_method.h"
 #include "core/quant/quantize_model.h"
+#include "core/tokenizer/tokenizer.h"
 #include "services/rpc/rpc_util.h"
 #include "storage/chunk_codec.h"
 #include "storage/model_store.h"
@@ -193,8 +194,18 @@ absl::Status TaskExecutor::Assemble(const qforge::v1::Task& task, const Model& s
   for (const auto& [key, value] : task.metadata()) described.metadata[key] = value;
   QF_ASSIGN_OR_RETURN(*out->mutable_config_json(), storage::ManifestConfigJson(described));
 
-  if (source.vocab) {
-    const std::string vocab = storage::EncodeVocabChunk(*source.vocab);
+  std::optional<Vocab> vocab_source = source.vocab;
+  if (!task.tokenizer_uri().empty()) {
+    QF_ASSIGN_OR_RETURN(const std::vector<std::string> roots, rpc::ResolveRoots(options_.allowed_roots));
+    QF_ASSIGN_OR_RETURN(const std::string path, rpc::ResolveUnderRoots(task.tokenizer_uri(), roots, "tokenizer"));
+    QF_ASSIGN_OR_RETURN(vocab_source, ReadVocabFile(path, source.config.vocab_size));
+    if (static_cast<int>(vocab_source->tokens.size()) != source.config.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer ", path, " has ", vocab_source->tokens.size(),
+                                                     " tokens, the model has ", source.config.vocab_size));
+    }
+  }
+  if (vocab_source) {
+    const std::string vocab = storage::EncodeVocabChunk(*vocab_source);
     if (vocab.size() > storage::kMaxChunkBytes) {
       return absl::InvalidArgumentError(absl::StrCat("the vocabulary of ", task.source_uri(), " encodes to ",
                                                      vocab.size(), " bytes, over the chunk limit ",

@@ -146,8 +146,9 @@ const std::vector<Command>& Commands() {
       {"make-synthetic", "make-synthetic OUT [--dim ...]: write a random Llama model (tests, benchmarks)",
        MakeSynthetic},
       {"up",
-       "up [--store DIR] [--listen HOST:PORT] [--workers N] [--threads N] [--allowed-roots DIR,...]: run scheduler, "
-       "store and workers in one process (embedded mode) until Ctrl-C",
+       "up [--store DIR] [--listen HOST:PORT] [--workers N] [--threads N] [--allowed-roots DIR,...] "
+       "[--serve-grpc HOST:PORT] [--serve-http HOST:PORT | --no-serve]: run scheduler, store, workers and the "
+       "inference server in one process (embedded mode) until Ctrl-C",
        Up},
       {"submit",
        "submit MODEL --method M [method flags as for quantize] [--name NAME] [--tenant T] [--max-task-mib N] "

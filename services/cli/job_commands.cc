@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -21,6 +22,7 @@
 #include "services/rpc/artifact_client.h"
 #include "services/rpc/rpc_util.h"
 #include "services/scheduler/scheduler_service.h"
+#include "services/server/server.h"
 #include "storage/model_ref.h"
 #include "workers/worker.h"
 
@@ -120,25 +122,27 @@ absl::StatusOr<v1::Job> GetJob(v1::JobService::Stub& jobs, const std::string& jo
 }  // namespace
 
 absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
-  std::set<std::string> value_flags = {"scheduler", "name", "tenant", "max-task-mib", "idempotency-key"};
+  std::set<std::string> value_flags = {"scheduler", "name", "tenant", "max-task-mib", "idempotency-key", "tokenizer"};
   std::set<std::string> bool_flags = {"watch", "quantize-embeddings"};
   value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, bool_flags));
   const std::string usage =
       "qforge submit MODEL --method M [--bits B] [--group G] [--asym] [--no-double-quant] [--quantize-embeddings] "
-      "[--name NAME] [--tenant T] [--max-task-mib N] [--idempotency-key K] [--watch] [--scheduler HOST:PORT]";
+      "[--name NAME] [--tenant T] [--max-task-mib N] [--idempotency-key K] [--tokenizer TOK] [--watch] "
+      "[--scheduler HOST:PORT]";
   QF_ASSIGN_OR_RETURN(auto method_and_params, MethodFromFlags(f, usage));
   QF_ASSIGN_OR_RETURN(int task_mib, f.GetInt("max-task-mib", 0, 0, 1 << 20));
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, usage));
-  // The scheduler opens the file itself, perhaps from another directory: send an absolute path.
-  std::string source = f.positional()[0];
-  if (!source.empty() && source[0] != '/') {
+  // The scheduler opens the files itself, perhaps from another directory: send absolute paths.
+  auto absolute = [](const std::string& path) {
     char cwd[4096];
-    if (getcwd(cwd, sizeof(cwd)) != nullptr) source = absl::StrCat(cwd, "/", source);
-  }
+    if (path.empty() || path[0] == '/' || getcwd(cwd, sizeof(cwd)) == nullptr) return path;
+    return absl::StrCat(cwd, "/", path);
+  };
   v1::SubmitJobRequest req;
-  req.set_source_uri(source);
+  req.set_source_uri(absolute(f.positional()[0]));
+  if (f.Has("tokenizer")) req.set_tokenizer_uri(absolute(f.Get("tokenizer")));
   req.set_output_name(f.Get("name"));
   req.set_tenant(f.Get("tenant"));
   req.set_idempotency_key(f.Get("idempotency-key"));
@@ -227,10 +231,11 @@ absl::Status Export(const std::vector<std::string>& args, std::ostream& out) {
 
 absl::Status Up(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"store", "listen", "workers", "threads", "allowed-roots",
-                                                   "port-file", "lease-ms"},
-                                          {}));
+                                                   "port-file", "lease-ms", "serve-grpc", "serve-http"},
+                                          {"no-serve"}));
   QF_RETURN_IF_ERROR(NeedPositional(f, 0, "qforge up [--store DIR] [--listen HOST:PORT] [--workers N] [--threads N] "
-                                          "[--allowed-roots DIR,...] [--lease-ms N] [--port-file FILE]"));
+                                          "[--allowed-roots DIR,...] [--lease-ms N] [--serve-grpc HOST:PORT] "
+                                          "[--serve-http HOST:PORT | --no-serve] [--port-file FILE]"));
   QF_ASSIGN_OR_RETURN(int n_workers, f.GetInt("workers", 2, 0, 256));
   QF_ASSIGN_OR_RETURN(int threads, f.GetInt("threads", 1, 1, 1024));
   QF_ASSIGN_OR_RETURN(int lease_ms, f.GetInt("lease-ms", 30000, 100, 3600000));
@@ -248,9 +253,27 @@ absl::Status Up(const std::vector<std::string>& args, std::ostream& out) {
   const std::string store_dir = f.Get("store", "qforge-store");
   QF_ASSIGN_OR_RETURN(auto server, services::SchedulerServer::Open(store_dir, options));
   QF_ASSIGN_OR_RETURN(const int port, server->Start(f.Get("listen", kDefaultAddress)));
+  // The serving tier reads stored versions through the same in-process channel.
+  std::unique_ptr<server::InferenceServer> inference;
+  if (!f.GetBool("no-serve")) {
+    server::ServerOptions so;
+    so.store_channel = server->InProcessChannel();
+    so.grpc_address = f.Get("serve-grpc", "127.0.0.1:7701");
+    const std::string http = f.Get("serve-http", "127.0.0.1:7702");
+    const size_t colon = http.rfind(':');
+    if (colon == std::string::npos || !absl::SimpleAtoi(http.substr(colon + 1), &so.http_port)) {
+      return UsageError("--serve-http takes HOST:PORT");
+    }
+    so.http_address = http.substr(0, colon);
+    so.registry.engine.threads = threads;
+    so.registry.engine.batch_invariant = false;  // throughput, as qforge-server defaults to
+    QF_ASSIGN_OR_RETURN(inference, server::InferenceServer::Start(so));
+  }
   if (f.Has("port-file")) {
     const std::string tmp = f.Get("port-file") + ".tmp";
-    std::ofstream(tmp) << port << "\n";
+    std::ofstream(tmp) << port;
+    if (inference) std::ofstream(tmp, std::ios::app) << " " << inference->grpc_port() << " " << inference->http_port();
+    std::ofstream(tmp, std::ios::app) << "\n";
     if (std::rename(tmp.c_str(), f.Get("port-file").c_str()) != 0) {
       return absl::InternalError(absl::StrCat("cannot write --port-file ", f.Get("port-file")));
     }
@@ -269,12 +292,17 @@ absl::Status Up(const std::vector<std::string>& args, std::ostream& out) {
       worker_status[i] = worker.Run(stop);
     });
   }
-  out << absl::StrFormat("qforge up: scheduler on port %d, %d workers x %d threads, store %s (Ctrl-C stops)\n", port,
-                         n_workers, threads, store_dir)
-      << std::flush;
+  out << absl::StrFormat("qforge up: scheduler on port %d, %d workers x %d threads, store %s", port, n_workers,
+                         threads, store_dir);
+  if (inference) {
+    out << absl::StrFormat("; serving gRPC on %d, HTTP (OpenAI, /metrics) on %d", inference->grpc_port(),
+                           inference->http_port());
+  }
+  out << " (Ctrl-C stops)\n" << std::flush;
   int sig = 0;
   sigwait(&stop_signals, &sig);
   out << "qforge up: stopping\n" << std::flush;
+  if (inference) inference->Shutdown(5000);
   stop = true;
   for (std::thread& t : worker_threads) t.join();
   server->Shutdown(5000);

@@ -14,6 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "core/base/status_macros.h"
 #include "core/formats/parsers.h"
+#include "core/tokenizer/tokenizer.h"
 #include "qforge/v1/artifacts.grpc.pb.h"
 #include "qforge/v1/jobs.grpc.pb.h"
 #include "qforge/v1/worker.grpc.pb.h"
@@ -238,6 +239,17 @@ class SchedulerServer::Impl {
       return absl::InvalidArgumentError(
           absl::StrCat("source_uri: '", req.source_uri(), "' is not a model qforge reads: ", description.status().message()));
     }
+    std::string tokenizer;
+    if (!req.tokenizer_uri().empty()) {
+      QF_ASSIGN_OR_RETURN(tokenizer, rpc::ResolveUnderRoots(req.tokenizer_uri(), roots_, "tokenizer_uri"));
+      auto vocab = ReadVocabFile(tokenizer, description->config.vocab_size);
+      if (!vocab.ok() || static_cast<int>(vocab->tokens.size()) != description->config.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tokenizer_uri: '", req.tokenizer_uri(), "' is not a tokenizer of this model's ",
+            description->config.vocab_size, " tokens",
+            vocab.ok() ? absl::StrCat(" (it has ", vocab->tokens.size(), ")") : absl::StrCat(": ", vocab.status().message())));
+      }
+    }
     scheduler::PlanOptions plan_options;
     plan_options.max_task_input_bytes = req.max_task_bytes() > 0 ? req.max_task_bytes() : options_.max_task_bytes;
     QF_ASSIGN_OR_RETURN(Plan plan, scheduler::PlanJob(*std::move(description), recipe, plan_options));
@@ -245,6 +257,7 @@ class SchedulerServer::Impl {
     record.set_tenant(req.tenant());
     *record.mutable_request() = req;
     record.mutable_request()->set_output_name(name);
+    record.mutable_request()->set_tokenizer_uri(tokenizer);
     record.set_created_unix_ms(NowMs());
     plan.attachment = record.SerializeAsString();
     // Submits with one idempotency key are serialised so a concurrent retry cannot create a second job.
@@ -294,6 +307,7 @@ class SchedulerServer::Impl {
       }
       QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(leased.ref.job));
       QF_RETURN_IF_ERROR(QuantMetadata(*plan, record.request().recipe(), task->mutable_metadata()));
+      task->set_tokenizer_uri(record.request().tokenizer_uri());
     }
     return absl::OkStatus();
   }

@@ -1,0 +1,223 @@
+#include "services/server/model_registry.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "core/base/status_macros.h"
+#include "core/formats/formats.h"
+
+namespace qforge::server {
+namespace {
+
+int64_t NowMs() {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+// Fills the byte counts and the dominant encoding.
+void Measure(LoadedModel& m) {
+  std::map<std::string, uint64_t> by_encoding;
+  for (const auto& [name, t] : m.model->tensors) {
+    m.weight_bytes += t.nbytes;
+    m.fp16_bytes += static_cast<uint64_t>(t.numel()) * 2;
+    by_encoding[FormatName(t.format)] += t.nbytes;
+  }
+  uint64_t best = 0;
+  for (const auto& [encoding, bytes] : by_encoding) {
+    if (bytes > best) {
+      best = bytes;
+      m.encoding = encoding;
+    }
+  }
+}
+
+}  // namespace
+
+std::string LoadedModel::ref() const {
+  return version == kFileVersion ? absl::StrCat(name, "@file") : storage::FormatModelRef(name, version);
+}
+
+ModelRegistry::ModelRegistry(RegistryOptions options, StoreFetcher fetch)
+    : options_(std::move(options)), fetch_(std::move(fetch)) {}
+
+absl::StatusOr<std::pair<storage::ModelRef, bool>> ModelRegistry::Parse(const std::string& name,
+                                                                        const std::string& version) const {
+  // "name@3", "name@latest" and "name@file" in the name field are accepted too (what curl or a dashboard sends).
+  std::string n = name, v = version;
+  if (const size_t at = n.find('@'); at != std::string::npos) {
+    if (!v.empty()) return absl::InvalidArgumentError("model: give the version in name@version or in version, not both");
+    v = n.substr(at + 1);
+    n.resize(at);
+  }
+  if (v == "file") {
+    if (absl::Status s = storage::ValidateModelName(n); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("model: ", s.message()));
+    }
+    return std::make_pair(storage::ModelRef{n, kFileVersion}, true);
+  }
+  auto ref = storage::ParseModelRef(v.empty() ? n : absl::StrCat(n, "@", v));
+  if (!ref.ok()) return absl::InvalidArgumentError(absl::StrCat("model: ", ref.status().message()));
+  return std::make_pair(*ref, false);
+}
+
+absl::StatusOr<std::shared_ptr<LoadedModel>> ModelRegistry::Install(std::shared_ptr<LoadedModel> m) {
+  Measure(*m);
+  m->last_used_ms = NowMs();
+  std::lock_guard<std::mutex> l(mu_);
+  if (options_.memory_budget_bytes > 0) {
+    if (m->weight_bytes > options_.memory_budget_bytes) {
+      return absl::ResourceExhaustedError(absl::StrCat(m->ref(), " needs ", m->weight_bytes,
+                                                       " bytes, over the memory budget of ",
+                                                       options_.memory_budget_bytes));
+    }
+    // Least recently used first, until the new model fits.
+    uint64_t resident = 0;
+    for (const auto& [n, versions] : models_) {
+      for (const auto& [v, lm] : versions) resident += lm->weight_bytes;
+    }
+    while (resident + m->weight_bytes > options_.memory_budget_bytes) {
+      std::map<uint64_t, std::shared_ptr<LoadedModel>>* oldest_map = nullptr;
+      uint64_t oldest_version = 0;
+      int64_t oldest_ms = INT64_MAX;
+      for (auto& [n, versions] : models_) {
+        for (auto& [v, lm] : versions) {
+          if (lm->last_used_ms < oldest_ms) {
+            oldest_ms = lm->last_used_ms;
+            oldest_map = &versions;
+            oldest_version = v;
+          }
+        }
+      }
+      if (oldest_map == nullptr) break;
+      resident -= (*oldest_map)[oldest_version]->weight_bytes;
+      oldest_map->erase(oldest_version);
+    }
+  }
+  auto& slot = models_[m->name][m->version];
+  slot = std::move(m);
+  return slot;
+}
+
+absl::StatusOr<std::shared_ptr<LoadedModel>> ModelRegistry::Load(const std::string& name, const std::string& version,
+                                                                  const std::string& path,
+                                                                  const std::string& tokenizer_path) {
+  auto m = std::make_shared<LoadedModel>();
+  std::lock_guard<std::mutex> loading(load_mu_);
+  if (!path.empty()) {
+    if (!version.empty() && version != "file") {
+      return absl::InvalidArgumentError("model.version: a model loaded from a file has no store version");
+    }
+    QF_RETURN_IF_ERROR(storage::ValidateModelName(name));
+    QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(path));
+    m->model = std::make_shared<const Model>(std::move(model));
+    m->name = name;
+    m->version = kFileVersion;
+    m->source = path;
+  } else {
+    QF_ASSIGN_OR_RETURN(auto parsed, Parse(name, version));
+    if (parsed.second) return absl::InvalidArgumentError("path: a model of version 'file' needs its path");
+    if (parsed.first.version) {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = models_.find(parsed.first.name);
+      if (it != models_.end()) {
+        if (auto v = it->second.find(*parsed.first.version); v != it->second.end()) return v->second;
+      }
+    }
+    if (!fetch_) {
+      return absl::NotFoundError(absl::StrCat("model ", parsed.first.name,
+                                              " is not loaded, and this server reads no artifact store (--scheduler)"));
+    }
+    QF_ASSIGN_OR_RETURN(auto fetched, fetch_(parsed.first));
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      auto it = models_.find(parsed.first.name);
+      if (it != models_.end()) {
+        if (auto v = it->second.find(fetched.first); v != it->second.end()) return v->second;
+      }
+    }
+    m->model = std::make_shared<const Model>(std::move(fetched.second));
+    m->name = parsed.first.name;
+    m->version = fetched.first;
+    m->source = "store";
+  }
+  if (m->model->vocab) {
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> t, TokenizerFromVocab(*m->model->vocab));
+    m->tokenizer = std::move(t);
+  }
+  if (!tokenizer_path.empty()) {
+    QF_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> t, LoadTokenizer(tokenizer_path, m->model->config.vocab_size));
+    if (t->vocab_size() != m->model->config.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("tokenizer_path: ", tokenizer_path, " has ", t->vocab_size(),
+                                                     " tokens, the model has ", m->model->config.vocab_size));
+    }
+    m->tokenizer = std::move(t);
+  }
+  serving::EngineOptions engine_options = options_.engine;
+  engine_options.on_step = nullptr;
+  if (options_.on_step) {
+    engine_options.on_step = [on_step = options_.on_step, ref = m->ref()](int sequences, int tokens, double seconds) {
+      on_step(ref, sequences, tokens, seconds);
+    };
+  }
+  QF_ASSIGN_OR_RETURN(m->engine, serving::Engine::Create(m->model, m->tokenizer, engine_options));
+  m->context = engine_options.context > 0 ? std::min(engine_options.context, m->model->config.seq_len)
+                                          : m->model->config.seq_len;
+  return Install(std::move(m));
+}
+
+absl::StatusOr<std::shared_ptr<LoadedModel>> ModelRegistry::Get(const std::string& name, const std::string& version) {
+  QF_ASSIGN_OR_RETURN(auto parsed, Parse(name, version));
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    auto it = models_.find(parsed.first.name);
+    if (it != models_.end() && !it->second.empty()) {
+      std::shared_ptr<LoadedModel> found;
+      if (!parsed.first.version) {
+        found = it->second.rbegin()->second;  // latest loaded
+      } else if (auto v = it->second.find(*parsed.first.version); v != it->second.end()) {
+        found = v->second;
+      }
+      if (found) {
+        found->last_used_ms = NowMs();
+        return found;
+      }
+    }
+  }
+  if (parsed.second) return absl::NotFoundError(absl::StrCat("model ", parsed.first.name, "@file is not loaded"));
+  return Load(parsed.first.name, parsed.first.version ? absl::StrCat(*parsed.first.version) : "latest", "", "");
+}
+
+absl::Status ModelRegistry::Unload(const std::string& name, const std::string& version) {
+  QF_ASSIGN_OR_RETURN(auto parsed, Parse(name, version));
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = models_.find(parsed.first.name);
+  if (it == models_.end() || it->second.empty()) {
+    return absl::NotFoundError(absl::StrCat("model ", parsed.first.name, " is not loaded"));
+  }
+  if (!parsed.first.version) {
+    it->second.erase(std::prev(it->second.end()));
+  } else if (it->second.erase(*parsed.first.version) == 0) {
+    return absl::NotFoundError(absl::StrCat("model ", name, "@", version, " is not loaded"));
+  }
+  if (it->second.empty()) models_.erase(it);
+  return absl::OkStatus();
+}
+
+std::vector<std::shared_ptr<LoadedModel>> ModelRegistry::List() const {
+  std::lock_guard<std::mutex> l(mu_);
+  std::vector<std::shared_ptr<LoadedModel>> out;
+  for (const auto& [n, versions] : models_) {
+    for (const auto& [v, m] : versions) out.push_back(m);
+  }
+  return out;
+}
+
+uint64_t ModelRegistry::ResidentBytes() const {
+  uint64_t n = 0;
+  for (const auto& m : List()) n += m->weight_bytes;
+  return n;
+}
+
+}  // namespace qforge::server

@@ -1,0 +1,82 @@
+// The models a qforge-server holds: loaded by `name@version` from the artifact store (over ArtifactService) or
+// from a GGUF / safetensors / llama2.c file, each with its tokenizer and its batching engine, within a memory
+// budget. A load that would exceed the budget unloads the least recently used models first; a model that is
+// unloaded while requests still use it stays alive (shared ownership) until they finish.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/model/model.h"
+#include "core/tokenizer/tokenizer.h"
+#include "serving/engine.h"
+#include "storage/model_ref.h"
+
+namespace qforge::server {
+
+// A loaded model's version number: positive for store versions, kFileVersion for a model read from a file.
+inline constexpr uint64_t kFileVersion = 0;
+
+struct LoadedModel {
+  std::string name;
+  uint64_t version = kFileVersion;
+  std::string source;  // "store" or the file path
+  std::shared_ptr<const Model> model;
+  std::shared_ptr<const Tokenizer> tokenizer;  // null when neither the model nor the load named one
+  std::unique_ptr<serving::Engine> engine;
+  int context = 0;            // KV positions per sequence: prompt + generated tokens
+  uint64_t weight_bytes = 0;  // every tensor's bytes as held in memory
+  uint64_t fp16_bytes = 0;    // the same model with every tensor in fp16: the baseline for "bytes saved"
+  std::string encoding;       // the encoding of most of the weights (by bytes), e.g. "q4_k"
+  std::atomic<int64_t> last_used_ms{0};
+
+  std::string ref() const;  // "name@3", or "name@file"
+};
+
+struct RegistryOptions {
+  uint64_t memory_budget_bytes = 0;  // weights of all loaded models together; 0 = no limit
+  serving::EngineOptions engine;     // for every model's engine (its on_step is replaced by the one below)
+  // Each engine step of each model: the model's ref, sequences and tokens in the batch, the step's seconds.
+  std::function<void(const std::string& model_ref, int sequences, int tokens, double seconds)> on_step;
+};
+
+// Fetches a stored version (resolving `latest`); the registry calls it without holding its lock.
+using StoreFetcher = std::function<absl::StatusOr<std::pair<uint64_t, Model>>(const storage::ModelRef& ref)>;
+
+class ModelRegistry {
+ public:
+  // `fetch` may be null: then only files can be loaded.
+  ModelRegistry(RegistryOptions options, StoreFetcher fetch);
+
+  // Loads `name` from `path` (as version "file") when a path is given, else `name@version` from the store;
+  // returns the loaded model (the one already loaded, if it is). `tokenizer_path` (optional) gives a tokenizer
+  // to models whose files carry no vocabulary (llama2.c checkpoints).
+  absl::StatusOr<std::shared_ptr<LoadedModel>> Load(const std::string& name, const std::string& version,
+                                                    const std::string& path, const std::string& tokenizer_path);
+  // A loaded model for `name@version`; `latest` (or "") is the highest loaded version, and a model that is not
+  // loaded is loaded from the store on first use. INVALID_ARGUMENT for a malformed name or version.
+  absl::StatusOr<std::shared_ptr<LoadedModel>> Get(const std::string& name, const std::string& version);
+  absl::Status Unload(const std::string& name, const std::string& version);
+  std::vector<std::shared_ptr<LoadedModel>> List() const;
+  uint64_t ResidentBytes() const;
+
+ private:
+  // The version a (name, version text) pair names among the loaded ones; 0 with OK when none is loaded.
+  absl::StatusOr<std::pair<storage::ModelRef, bool>> Parse(const std::string& name, const std::string& version) const;
+  absl::StatusOr<std::shared_ptr<LoadedModel>> Install(std::shared_ptr<LoadedModel> m);
+
+  RegistryOptions options_;
+  StoreFetcher fetch_;
+  mutable std::mutex mu_;
+  std::map<std::string, std::map<uint64_t, std::shared_ptr<LoadedModel>>> models_;  // name -> version -> model
+  std::mutex load_mu_;  // one load at a time: loads are memory-heavy and the budget check must see them in order
+};
+
+}  // namespace qforge::server

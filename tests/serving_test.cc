@@ -1,0 +1,350 @@
+// End-to-end tests of the serving tier: a real qforge-server process (and, for the store path, a scheduler and
+// a worker), driven over gRPC and HTTP on 127.0.0.1, scraped by promtool and by a real Prometheus.
+#include <signal.h>
+#include <sys/wait.h>
+
+#include <atomic>
+#include <cmath>
+#include <filesystem>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "core/formats/formats.h"
+#include "core/formats/json.h"
+#include "core/runtime/generate.h"
+#include "core/tokenizer/tokenizer.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "gtest/gtest.h"
+#include "qforge/v1/inference.grpc.pb.h"
+#include "services/rpc/artifact_client.h"
+#include "services/rpc/rpc_util.h"
+#include "tests/cluster.h"
+#include "tests/http_client.h"
+
+namespace qforge {
+namespace {
+
+namespace v1 = qforge::v1;
+using formats::Json;
+using testing::Cluster;
+
+const std::string kStories =
+    std::filesystem::canonical(std::string(QFORGE_SHARED_DIR) + "/models/stories260K/stories260K.bin").string();
+const std::string kTok512 = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/candidate-tok512/tok512.model";
+
+std::string TempDir(const std::string& name) {
+  const std::string dir = (std::filesystem::temp_directory_path() /
+                           ("qforge-serve-" + name + "-" + std::to_string(getpid()))).string();
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+// A qforge-server process; killed and reaped on destruction.
+class ServerProcess {
+ public:
+  ServerProcess(const std::string& dir, std::vector<std::string> args) : dir_(dir) {
+    const std::string port_file = dir + "/server.ports";
+    std::vector<std::string> argv = {QFORGE_SERVER_PATH, "--grpc", "127.0.0.1:0", "--http", "127.0.0.1:0",
+                                     "--port-file", port_file, "--threads", "2"};
+    argv.insert(argv.end(), args.begin(), args.end());
+    pid_ = testing::Spawn(argv, dir + "/server.log");
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (!std::filesystem::exists(port_file) && std::chrono::steady_clock::now() < deadline) {
+      if (waitpid(pid_, nullptr, WNOHANG) != 0) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    std::istringstream(testing::ReadFile(port_file)) >> grpc_port_ >> http_port_;
+    EXPECT_GT(grpc_port_, 0) << testing::ReadFile(dir + "/server.log");
+    channel_ = rpc::MakeChannel("127.0.0.1:" + std::to_string(grpc_port_));
+    stub_ = v1::InferenceService::NewStub(channel_);
+    health_ = grpc::health::v1::Health::NewStub(channel_);
+  }
+  ~ServerProcess() {
+    if (pid_ > 0) {
+      kill(pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  // SIGTERM; returns the exit status.
+  int Stop() {
+    kill(pid_, SIGTERM);
+    int status = 0;
+    waitpid(pid_, &status, 0);
+    pid_ = 0;
+    return status;
+  }
+  v1::InferenceService::Stub& stub() { return *stub_; }
+  int http_port() const { return http_port_; }
+  std::string log() const { return testing::ReadFile(dir_ + "/server.log"); }
+
+  grpc::health::v1::HealthCheckResponse::ServingStatus Health() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    grpc::health::v1::HealthCheckRequest req;
+    grpc::health::v1::HealthCheckResponse resp;
+    if (!health_->Check(&ctx, req, &resp).ok()) return grpc::health::v1::HealthCheckResponse::UNKNOWN;
+    return resp.status();
+  }
+
+  struct Stream {
+    grpc::Status status;
+    std::vector<v1::GenerateResponse> messages;
+    std::string text;
+    std::vector<int> tokens;
+  };
+  Stream Generate(const v1::GenerateRequest& req, int stop_after_messages = -1) {
+    Stream s;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
+    auto reader = stub_->Generate(&ctx, req);
+    v1::GenerateResponse r;
+    while (reader->Read(&r)) {
+      s.messages.push_back(r);
+      s.text += r.text();
+      s.tokens.insert(s.tokens.end(), r.token_ids().begin(), r.token_ids().end());
+      if (stop_after_messages > 0 && static_cast<int>(s.messages.size()) >= stop_after_messages) {
+        ctx.TryCancel();  // the client goes away mid-stream
+        break;
+      }
+    }
+    s.status = reader->Finish();
+    return s;
+  }
+
+ private:
+  std::string dir_;
+  pid_t pid_ = 0;
+  int grpc_port_ = 0, http_port_ = 0;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::InferenceService::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+v1::GenerateRequest GenerateRequest(const std::string& model, const std::string& prompt, int max_tokens,
+                                    float temperature = 0, uint64_t seed = 0) {
+  v1::GenerateRequest req;
+  req.mutable_model()->set_name(model);
+  req.set_prompt(prompt);
+  req.set_max_tokens(max_tokens);
+  req.set_temperature(temperature);
+  req.set_seed(seed);
+  return req;
+}
+
+// What core/runtime Generate makes of `model` alone: the reference for the server's streamed ids.
+std::vector<int> GenerateInProcess(const Model& model, const std::string& prompt, int max_tokens) {
+  auto tokenizer = LoadTokenizer(kTok512, model.config.vocab_size);
+  EXPECT_TRUE(tokenizer.ok()) << tokenizer.status();
+  auto ids = (*tokenizer)->Encode(prompt, true);
+  auto t = Transformer::Create(std::make_shared<const Model>(model), RuntimeOptions{.threads = 1});
+  EXPECT_TRUE(t.ok()) << t.status();
+  GenerateOptions o;
+  o.max_new_tokens = max_tokens;
+  o.sampler.temperature = 0;
+  o.eos_id = (*tokenizer)->eos_id();
+  auto r = qforge::Generate(**t, *ids, o);
+  EXPECT_TRUE(r.ok()) << r.status();
+  return r.ok() ? r->tokens : std::vector<int>();
+}
+
+// The pieces of a server-sent-event body, in order ("data: X\n\n" -> X).
+std::vector<std::string> SseData(const std::string& body) {
+  std::vector<std::string> out;
+  for (size_t pos = 0; (pos = body.find("data: ", pos)) != std::string::npos;) {
+    const size_t end = body.find("\n\n", pos);
+    out.push_back(body.substr(pos + 6, end - pos - 6));
+    pos = end;
+  }
+  return out;
+}
+
+std::string CompletionBody(const std::string& model, const std::string& prompt, int max_tokens, bool stream) {
+  return "{\"model\": \"" + model + "\", \"prompt\": \"" + prompt + "\", \"max_tokens\": " + std::to_string(max_tokens) +
+         ", \"temperature\": 0, \"stream\": " + (stream ? "true" : "false") + "}";
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+TEST(ServingTest, QuantizedThroughTheSchedulerThenServedAndScraped) {
+  const std::string dir = TempDir("e2e");
+  Cluster cluster(dir + "/cluster", {});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("w1");
+  v1::SubmitJobRequest submit;
+  submit.set_source_uri(kStories);
+  submit.set_output_name("stories");
+  submit.mutable_recipe()->mutable_defaults()->set_method("q8_0");
+  std::string job_id;
+  ASSERT_TRUE(cluster.Submit(submit, &job_id).ok());
+  ASSERT_EQ(cluster.WaitJob(job_id).progress().state(), v1::JOB_STATE_SUCCEEDED);
+
+  ServerProcess server(dir, {"--scheduler", cluster.address()});
+  {
+    grpc::ClientContext ctx;
+    v1::LoadModelRequest load;
+    load.mutable_model()->set_name("stories");
+    load.mutable_model()->set_version("1");
+    load.set_tokenizer_path(kTok512);
+    v1::LoadModelResponse loaded;
+    const grpc::Status s = server.stub().LoadModel(&ctx, load, &loaded);
+    ASSERT_TRUE(s.ok()) << s.error_message() << "\n" << server.log();
+    EXPECT_GT(loaded.resident_bytes(), 0u);
+  }
+  // gRPC: streamed piece by piece, ending with one done message; the ids are what the runtime generates alone
+  // from the stored version.
+  const std::string prompt = "Once upon a time";
+  const auto stream = server.Generate(GenerateRequest("stories@1", prompt, 40));
+  ASSERT_TRUE(stream.status.ok()) << stream.status.error_message();
+  ASSERT_GT(stream.messages.size(), 2u);
+  EXPECT_TRUE(stream.messages.back().done());
+  EXPECT_EQ(stream.messages.back().completion_tokens(), static_cast<int>(stream.tokens.size()));
+  auto stored = rpc::FetchModel(cluster.artifacts(), storage::ModelRef{"stories", 1});
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  EXPECT_EQ(stream.tokens, GenerateInProcess(*stored, prompt, 40));
+
+  // HTTP, whole and streamed (server-sent events): the same text.
+  const auto whole = testing::HttpRequest(server.http_port(), "POST", "/v1/completions",
+                                          CompletionBody("stories@1", prompt, 40, false));
+  ASSERT_EQ(whole.status, 200) << whole.body;
+  auto json = formats::ParseJson(whole.body);
+  ASSERT_TRUE(json.ok()) << whole.body;
+  EXPECT_EQ(json->Find("choices")->array()[0].Find("text")->string_value(), stream.text);
+  EXPECT_EQ(json->Find("usage")->Find("completion_tokens")->int_value(), static_cast<int64_t>(stream.tokens.size()));
+  const auto sse = testing::HttpRequest(server.http_port(), "POST", "/v1/completions",
+                                        CompletionBody("stories@1", prompt, 40, true));
+  ASSERT_EQ(sse.status, 200);
+  EXPECT_NE(sse.headers.find("text/event-stream"), std::string::npos);
+  const std::vector<std::string> events = SseData(sse.body);
+  ASSERT_GT(events.size(), 2u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string streamed;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    auto e = formats::ParseJson(events[i]);
+    ASSERT_TRUE(e.ok()) << events[i];
+    streamed += e->Find("choices")->array()[0].Find("text")->string_value();
+  }
+  EXPECT_EQ(streamed, stream.text);
+
+  // Score: one log-prob per token after the first, perplexity their exp-mean.
+  {
+    grpc::ClientContext ctx;
+    v1::ScoreRequest req;
+    req.mutable_model()->set_name("stories@1");
+    req.set_text("Once upon a time, there was a little girl.");
+    v1::ScoreResponse resp;
+    ASSERT_TRUE(server.stub().Score(&ctx, req, &resp).ok());
+    ASSERT_EQ(resp.token_logprobs_size(), resp.tokens());  // every token after BOS is scored
+    ASSERT_GT(resp.tokens(), 5);
+    double nll = 0;
+    for (float lp : resp.token_logprobs()) nll -= lp;
+    EXPECT_NEAR(resp.perplexity(), std::exp(nll / resp.token_logprobs_size()), 1e-3 * resp.perplexity());
+  }
+
+  // /metrics passes promtool, and a real Prometheus scrapes it.
+  const auto scrape = testing::HttpRequest(server.http_port(), "GET", "/metrics");
+  ASSERT_EQ(scrape.status, 200);
+  for (const char* name : {"qforge_requests_total", "qforge_time_to_first_token_seconds_bucket",
+                           "qforge_time_per_output_token_seconds_bucket", "qforge_model_weight_bytes",
+                           "qforge_model_fp16_bytes", "qforge_kv_cache_bytes", "qforge_process_resident_bytes",
+                           "qforge_energy_joules_total", "qforge_cost_per_million_tokens_dollars"}) {
+    EXPECT_NE(scrape.body.find(name), std::string::npos) << name << " missing from\n" << scrape.body;
+  }
+  {
+    std::ofstream(dir + "/scrape.txt") << scrape.body;
+    const std::string cmd = "promtool check metrics < " + dir + "/scrape.txt > " + dir + "/promtool.out 2>&1";
+    EXPECT_EQ(std::system(cmd.c_str()), 0) << testing::ReadFile(dir + "/promtool.out");
+  }
+  const int prom_port = testing::PickFreePort();
+  std::ofstream(dir + "/prometheus.yml") << "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: qforge\n"
+                                         << "    static_configs:\n      - targets: ['127.0.0.1:" << server.http_port()
+                                         << "']\n";
+  const pid_t prom = testing::Spawn({"/usr/bin/prometheus", "--config.file=" + dir + "/prometheus.yml",
+                                     "--storage.tsdb.path=" + dir + "/tsdb",
+                                     "--web.listen-address=127.0.0.1:" + std::to_string(prom_port)},
+                                    dir + "/prometheus.log");
+  bool scraped = false;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (!scraped && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+    const auto q = testing::HttpRequest(prom_port, "GET",
+                                        "/api/v1/query?query=qforge_tokens_total%7Bkind%3D%22completion%22%7D");
+    scraped = q.status == 200 && q.body.find("\"model\":\"stories@1\"") != std::string::npos;
+  }
+  kill(prom, SIGTERM);
+  waitpid(prom, nullptr, 0);
+  EXPECT_TRUE(scraped) << "Prometheus never saw qforge_tokens_total: " << testing::ReadFile(dir + "/prometheus.log");
+  EXPECT_EQ(server.Stop(), 0);
+}
+
+TEST(ServingTest, MalformedRequestsGetCleanErrorsAndTheServerKeepsServing) {
+  const std::string dir = TempDir("malformed");
+  ServerProcess server(dir, {"--model", "s260k=" + kStories, "--tokenizer", kTok512});
+  auto expect_code = [&](const v1::GenerateRequest& req, grpc::StatusCode code, const std::string& what) {
+    const auto s = server.Generate(req);
+    EXPECT_EQ(s.status.error_code(), code) << what << ": " << s.status.error_message();
+    EXPECT_FALSE(s.status.error_message().empty()) << what;
+  };
+  expect_code(GenerateRequest("s260k@file", "", 10), grpc::StatusCode::INVALID_ARGUMENT, "empty prompt");
+  expect_code(GenerateRequest("s260k@file", "Once", 1000000), grpc::StatusCode::INVALID_ARGUMENT, "absurd max_tokens");
+  expect_code(GenerateRequest("s260k@file", "Once", -5), grpc::StatusCode::INVALID_ARGUMENT, "negative max_tokens");
+  expect_code(GenerateRequest("nosuchmodel", "Once", 10), grpc::StatusCode::NOT_FOUND, "unknown model");
+  expect_code(GenerateRequest("s260k@v1.0", "Once", 10), grpc::StatusCode::INVALID_ARGUMENT, "bad version string");
+  expect_code(GenerateRequest("s260k@file", "Once", 10, -1.0f), grpc::StatusCode::INVALID_ARGUMENT, "negative temperature");
+  // A client that disconnects mid-stream.
+  const auto cut = server.Generate(GenerateRequest("s260k@file", "Once upon a time", 400, 1.0f, 7), 2);
+  EXPECT_EQ(cut.status.error_code(), grpc::StatusCode::CANCELLED);
+  // HTTP: malformed bodies, unknown paths, and a client that leaves mid-stream.
+  EXPECT_EQ(testing::HttpRequest(server.http_port(), "POST", "/v1/completions", "{not json").status, 400);
+  EXPECT_EQ(testing::HttpRequest(server.http_port(), "POST", "/v1/completions", "{\"model\": \"s260k@file\"}").status, 400);
+  EXPECT_EQ(testing::HttpRequest(server.http_port(), "POST", "/v1/completions",
+                                 CompletionBody("nosuchmodel", "Once", 5, false)).status, 404);
+  EXPECT_EQ(testing::HttpRequest(server.http_port(), "GET", "/v1/nothing").status, 404);
+  int pieces = 0;
+  testing::HttpRequest(server.http_port(), "POST", "/v1/completions", CompletionBody("s260k@file", "Once", 400, true),
+                       [&](const std::string&) { return ++pieces < 3; });
+  // Still healthy and serving.
+  EXPECT_EQ(server.Health(), grpc::health::v1::HealthCheckResponse::SERVING);
+  const auto ok = server.Generate(GenerateRequest("s260k@file", "Once upon a time", 20));
+  EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
+  EXPECT_EQ(ok.tokens.size(), 20u);
+  EXPECT_EQ(testing::HttpRequest(server.http_port(), "GET", "/healthz").status, 200);
+  EXPECT_EQ(server.Stop(), 0) << server.log();
+}
+
+TEST(ServingTest, ThirtyTwoConcurrentStreamsAllSucceedAndShareBatches) {
+  const std::string dir = TempDir("load");
+  ServerProcess server(dir, {"--model", "s260k=" + kStories, "--tokenizer", kTok512, "--max-running", "32"});
+  constexpr int kStreams = 32, kRequestsEach = 2, kMaxTokens = 64;
+  std::atomic<int> failures{0}, tokens{0};
+  std::vector<std::thread> clients;
+  for (int i = 0; i < kStreams; ++i) {
+    clients.emplace_back([&, i] {
+      for (int r = 0; r < kRequestsEach; ++r) {
+        const auto s = server.Generate(GenerateRequest("s260k@file", "Once upon a time", kMaxTokens, 1.0f, i * 100 + r));
+        if (!s.status.ok() || !s.messages.back().done()) ++failures;
+        tokens += static_cast<int>(s.tokens.size());
+      }
+    });
+  }
+  for (std::thread& t : clients) t.join();
+  EXPECT_EQ(failures.load(), 0);
+  EXPECT_GT(tokens.load(), kStreams * kRequestsEach * 4);
+  // Continuous batching: some steps decoded more than one sequence.
+  const std::string metrics = testing::HttpRequest(server.http_port(), "GET", "/metrics").body;
+  double count = 0, single = 0;
+  std::istringstream in(metrics);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("qforge_batch_sequences_count", 0) == 0) count = std::stod(line.substr(line.rfind(' ') + 1));
+    if (line.rfind("qforge_batch_sequences_bucket", 0) == 0 && line.find("le=\"1\"") != std::string::npos) {
+      single = std::stod(line.substr(line.rfind(' ') + 1));
+    }
+  }
+  EXPECT_GT(count, 0);
+  EXPECT_LT(single, count) << "no step batched more than one sequence";
+  EXPECT_EQ(server.Stop(), 0);
+}
+
+}  // namespace
+}  // namespace qforge
