@@ -40,14 +40,15 @@ for spec in "q8_0" "q4_k" "q4_0" "nf4" "rtn --bits 4 --group 32" "rtn --bits 3 -
   echo
   echo "== $spec"
   # shellcheck disable=SC2086
-  $qforge submit "$model" --method $spec --name stories260k --watch | tee "$work/submit.log"
+  # shellcheck disable=SC2086
+  $qforge submit "$model" --method $spec --name stories260k "${tok_args[@]}" --watch | tee "$work/submit.log"
   ref=$(sed -n 's/^job [0-9]* succeeded: \([a-z0-9._-]*@[0-9]*\) (.*/\1/p' "$work/submit.log")
   # GGUF has no type for qforge's rtn / nf4 encodings; those go to safetensors.
   format=gguf
   case "$spec" in rtn*|nf4*) format=safetensors ;; esac
   out="$work/${ref/@/-v}.$format"
   $qforge export "$ref" --format "$format" "$out"
-  $qforge generate "$out" "${tok_args[@]}" --max-tokens 48 --temperature 0
+  $qforge generate "$out" --max-tokens 48 --temperature 0   # the version carries the tokenizer's vocabulary
   $qforge eval "$out" --base "$model" --streams 8 --stream-len 128 --seed 1
 done
 
@@ -55,3 +56,14 @@ echo
 echo "== the store"
 $qforge jobs
 $qforge models
+
+if command -v curl >/dev/null; then
+  echo
+  echo "== serving: stories260k@3 (q4_0) from the store, OpenAI-style completion over HTTP (port $serve_http_port)"
+  curl -s "http://127.0.0.1:$serve_http_port/v1/completions" \
+    -d '{"model": "stories260k@3", "prompt": "Once upon a time", "max_tokens": 32, "temperature": 0}'
+  echo
+  echo "== /metrics (excerpt)"
+  curl -s "http://127.0.0.1:$serve_http_port/metrics" |
+    grep -E '^qforge_(model_weight_bytes|model_fp16_bytes|tokens_total|energy_per_token_joules|cost_saved_dollars)' || true
+fi

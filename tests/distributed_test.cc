@@ -10,6 +10,7 @@
 #include "core/formats/formats.h"
 #include "core/model/synthetic.h"
 #include "core/quant/quantize_model.h"
+#include "core/tokenizer/tokenizer.h"
 #include "gtest/gtest.h"
 #include "services/rpc/artifact_client.h"
 #include "services/rpc/rpc_util.h"
@@ -130,6 +131,17 @@ TEST(DistributedTest, Stories260KMatchesQuantizingInOneProcess) {
   ExpectVersionEquals(cluster, q4, QuantizeInProcess(kStories, "q4_0", q4_0));
   ExpectVersionEquals(cluster, r, QuantizeInProcess(kStories, "rtn", rtn));
   EXPECT_GT(r.progress().tasks_total(), q4.progress().tasks_total()) << "the 4 KiB budget should slice tensors";
+  // A tokenizer named by the job gives the llama2.c source's version a vocabulary (as quantize --tokenizer does).
+  const std::string tok512 = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/candidate-tok512/tok512.model";
+  v1::SubmitJobRequest with_vocab = Request(kStories, "q4_0", q4_0, "stories-tok");
+  with_vocab.set_tokenizer_uri(tok512);
+  std::string vocab_job;
+  ASSERT_TRUE(cluster.Submit(with_vocab, &vocab_job).ok());
+  Model expected = QuantizeInProcess(kStories, "q4_0", q4_0);
+  auto vocab = ReadVocabFile(tok512, expected.config.vocab_size);
+  ASSERT_TRUE(vocab.ok()) << vocab.status();
+  expected.vocab = *vocab;
+  ExpectVersionEquals(cluster, cluster.WaitJob(vocab_job), expected);
   // Two versions of one name; both workers took part.
   EXPECT_NE(q4.result().version(), r.result().version());
   std::set<int> pids;

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <filesystem>
+#include <map>
 #include <sstream>
 #include <thread>
 
@@ -250,6 +251,23 @@ TEST(ServingTest, QuantizedThroughTheSchedulerThenServedAndScraped) {
                            "qforge_model_fp16_bytes", "qforge_kv_cache_bytes", "qforge_process_resident_bytes",
                            "qforge_energy_joules_total", "qforge_cost_per_million_tokens_dollars"}) {
     EXPECT_NE(scrape.body.find(name), std::string::npos) << name << " missing from\n" << scrape.body;
+  }
+  {
+    // The cost model prices memory held over time: served and fp16 per-token costs stand in the ratio of the bytes.
+    std::map<std::string, double> samples;
+    std::istringstream lines(scrape.body);
+    for (std::string line; std::getline(lines, line);) {
+      if (line.empty() || line[0] == '#') continue;
+      samples[line.substr(0, line.rfind(' '))] = std::stod(line.substr(line.rfind(' ') + 1));
+    }
+    const double served = samples["qforge_cost_per_million_tokens_dollars{model=\"stories@1\",weights=\"served\"}"];
+    const double fp16 = samples["qforge_cost_per_million_tokens_dollars{model=\"stories@1\",weights=\"fp16\"}"];
+    const double bytes = samples["qforge_model_weight_bytes{model=\"stories@1\"}"];
+    const double fp16_bytes = samples["qforge_model_fp16_bytes{model=\"stories@1\"}"];
+    ASSERT_GT(served, 0);
+    ASSERT_GT(bytes, 0);
+    EXPECT_NEAR(served / fp16, bytes / fp16_bytes, 1e-9);
+    EXPECT_GT(samples["qforge_tokens_total{kind=\"completion\",model=\"stories@1\"}"], 100);
   }
   {
     std::ofstream(dir + "/scrape.txt") << scrape.body;

@@ -65,6 +65,7 @@ absl::StatusOr<std::pair<storage::ModelRef, bool>> ModelRegistry::Parse(const st
 absl::StatusOr<std::shared_ptr<LoadedModel>> ModelRegistry::Install(std::shared_ptr<LoadedModel> m) {
   Measure(*m);
   m->last_used_ms = NowMs();
+  m->loaded_at = std::chrono::steady_clock::now();
   std::lock_guard<std::mutex> l(mu_);
   if (options_.memory_budget_bytes > 0) {
     if (m->weight_bytes > options_.memory_budget_bytes) {

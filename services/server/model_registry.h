@@ -5,6 +5,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -36,6 +37,7 @@ struct LoadedModel {
   uint64_t fp16_bytes = 0;    // the same model with every tensor in fp16: the baseline for "bytes saved"
   std::string encoding;       // the encoding of most of the weights (by bytes), e.g. "q4_k"
   std::atomic<int64_t> last_used_ms{0};
+  std::chrono::steady_clock::time_point loaded_at;  // when it was installed (the cost metrics' time base)
 
   std::string ref() const;  // "name@3", or "name@file"
 };

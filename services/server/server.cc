@@ -108,7 +108,7 @@ class InferenceServer::Impl {
       set("qforge_queue_depth", "Requests waiting to join the model's batch", st.queued, {});
       set("qforge_running_sequences", "Sequences in the model's running batch", st.running, {});
       // Cost model (docs/serving.md): memory held x time x price; per token over the tokens made since load.
-      const double hours = Seconds(Clock::now() - loaded_at(ref)) / 3600.0;
+      const double hours = Seconds(Clock::now() - lm->loaded_at) / 3600.0;
       for (const auto& [weights, bytes] : {std::pair<const char*, double>{"served", double(lm->weight_bytes)},
                                            {"fp16", double(lm->fp16_bytes)}}) {
         const double per_hour = bytes / gib * options_.price_per_gib_hour;
@@ -131,12 +131,6 @@ class InferenceServer::Impl {
         (*g)->Set(energy_.joules() / tokens_all);
       }
     }
-  }
-
-  Clock::time_point loaded_at(const std::string& ref) {
-    std::lock_guard<std::mutex> l(mu_);
-    auto [it, inserted] = loaded_at_.emplace(ref, Clock::now());
-    return it->second;
   }
 
   // One generation on `lm`'s engine, from either endpoint: validates, tokenizes, streams every piece through
@@ -531,8 +525,6 @@ class InferenceServer::Impl {
   std::atomic<bool> stopping_{false};
   std::atomic<int> in_flight_{0};
   std::atomic<uint64_t> completion_ids_{0};
-  std::mutex mu_;
-  std::map<std::string, Clock::time_point> loaded_at_;
 
  public:
   GrpcService grpc_service_;
