@@ -152,6 +152,7 @@ absl::StatusOr<int> JobScheduler::ExpireLocked(int64_t now_ms) {
     QF_RETURN_IF_ERROR(SpendAttempt(*job, e.ref.task, why, now_ms));  // on error the entry stays for a retry
     expiries_.pop();
     ++expired;
+    ++counters_.expired;
   }
   return expired;
 }
@@ -172,6 +173,7 @@ absl::StatusOr<std::optional<LeasedTask>> JobScheduler::Lease(const std::string&
       continue;
     }
     job->task_state[ref.task] = TaskState::kLeased;
+    ++counters_.leased;
     const uint32_t epoch = next_epoch_++;
     const int64_t deadline = now_ms + options_.lease_ms;
     leases_[ref] = LeaseInfo{worker, deadline, epoch};
@@ -225,7 +227,10 @@ absl::StatusOr<CompleteOutcome> JobScheduler::Complete(const std::string& worker
   QF_RETURN_IF_ERROR(CheckRef(ref, &job));
   if (job->state != JobState::kRunning) return CompleteOutcome::kJobNotRunning;
   TaskState& st = job->task_state[ref.task];
-  if (st == TaskState::kDone) return CompleteOutcome::kDuplicate;
+  if (st == TaskState::kDone) {
+    ++counters_.duplicates;
+    return CompleteOutcome::kDuplicate;
+  }
   if (st == TaskState::kBlocked) {
     return absl::FailedPreconditionError(
         absl::StrCat("task ", ref.task, " of job ", ref.job, " was never leased: its dependencies are not done"));
@@ -233,6 +238,7 @@ absl::StatusOr<CompleteOutcome> JobScheduler::Complete(const std::string& worker
   if (result_ref.size() >= (size_t{1} << 24)) return absl::InvalidArgumentError("result_ref: longer than 16 MiB");
   QF_RETURN_IF_ERROR(store_->PutTaskResult(ref.job, ref.task, result_ref));
   st = TaskState::kDone;  // a stale ready_ entry or expiry entry for it is skipped later
+  ++counters_.committed;
   leases_.erase(ref);
   job->result_pos[ref.task] = (uint64_t{job->result_arena.size()} << 24) | result_ref.size();
   job->result_arena.append(result_ref);
@@ -266,6 +272,7 @@ absl::Status JobScheduler::Fail(const std::string& worker, TaskRef ref, const st
   if (job->state != JobState::kRunning) return absl::OkStatus();
   auto it = leases_.find(ref);
   if (it == leases_.end() || it->second.worker != worker) return absl::OkStatus();  // stale report
+  ++counters_.failed;
   return SpendAttempt(*job, ref.task, absl::StrCat("worker ", worker, ": ", error), now_ms);
 }
 
@@ -326,6 +333,11 @@ std::vector<JobId> JobScheduler::Jobs() const {
 size_t JobScheduler::LeasedCount() const {
   std::lock_guard<std::mutex> l(mu_);
   return leases_.size();
+}
+
+QueueCounters JobScheduler::counters() const {
+  std::lock_guard<std::mutex> l(mu_);
+  return counters_;
 }
 
 size_t JobScheduler::MemoryBytes() const {

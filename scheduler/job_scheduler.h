@@ -65,6 +65,12 @@ struct JobProgress {
 
 enum class CompleteOutcome { kCommitted, kDuplicate, kJobNotRunning };
 
+// Events since this process started (for metrics): leases handed out, first completions, duplicate completions,
+// failures reported by the lease holder, leases that expired.
+struct QueueCounters {
+  uint64_t leased = 0, committed = 0, duplicates = 0, failed = 0, expired = 0;
+};
+
 class JobScheduler {
  public:
   // Rebuilds every job from `store` (not owned): committed tasks stay committed, everything else whose
@@ -96,6 +102,7 @@ class JobScheduler {
   const Plan* PlanOf(JobId job) const;
   std::vector<JobId> Jobs() const;
   size_t LeasedCount() const;
+  QueueCounters counters() const;
   // Bytes held by plans, per-task state, queues and leases (not the store).
   size_t MemoryBytes() const;
 
@@ -150,6 +157,7 @@ class JobScheduler {
   absl::flat_hash_map<TaskRef, LeaseInfo> leases_;
   std::priority_queue<Expiry, std::vector<Expiry>, std::greater<Expiry>> expiries_;  // lazily invalidated
   uint32_t next_epoch_ = 1;
+  QueueCounters counters_;
 };
 
 }  // namespace qforge::scheduler

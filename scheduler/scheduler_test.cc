@@ -266,6 +266,13 @@ TEST(QueueTest, DuplicateAndLateCompletionsAreHarmless) {
   // A stale failure report from the worker that lost the lease changes nothing.
   EXPECT_TRUE(f.sched->Fail("slow", a->ref, "boom", 24).ok());
   EXPECT_EQ(f.sched->Progress(f.job, 24)->state, JobState::kRunning);
+  // The metrics counters saw exactly that: one expiry, one commit, two duplicates, no counted failure.
+  const QueueCounters c = f.sched->counters();
+  EXPECT_EQ(c.expired, 1u);
+  EXPECT_EQ(c.committed, 1u);
+  EXPECT_EQ(c.duplicates, 2u);
+  EXPECT_EQ(c.failed, 0u);
+  EXPECT_GE(c.leased, 2u);
 }
 
 TEST(QueueTest, NFailuresFailTheJobWithTheWorkersMessage) {

@@ -108,6 +108,7 @@ class Cluster {
   }
 
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  int scheduler_metrics_port() const { return metrics_port_; }
   std::string store_dir() const { return dir_ + "/store"; }
   std::string task_log() const { return dir_ + "/tasks.log"; }
 
@@ -116,7 +117,8 @@ class Cluster {
     const std::string port_file = dir_ + "/port";
     std::filesystem::remove(port_file);
     std::vector<std::string> argv = {QFORGE_SCHEDULER_PATH, "--store", store_dir(), "--listen", address(),
-                                     "--port-file", port_file, "--lease-ms", std::to_string(options_.lease_ms),
+                                     "--port-file", port_file, "--metrics", "127.0.0.1:0",
+                                     "--lease-ms", std::to_string(options_.lease_ms),
                                      "--max-attempts", std::to_string(options_.max_attempts)};
     if (!options_.allowed_roots.empty()) {
       std::string roots;
@@ -131,14 +133,18 @@ class Cluster {
       ASSERT_EQ(waitpid(pids_["scheduler"], &status, WNOHANG), 0) << "scheduler exited: " << ReadFile(dir_ + "/scheduler.log");
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
+    int grpc_port = 0;
+    std::istringstream(ReadFile(port_file)) >> grpc_port >> metrics_port_;
     channel_ = rpc::MakeChannel(address());
     jobs_ = qforge::v1::JobService::NewStub(channel_);
     artifacts_ = qforge::v1::ArtifactService::NewStub(channel_);
   }
 
-  void StartWorker(const std::string& name, int threads = 1) {
+  // `metrics_port` > 0 also serves the worker's /metrics there.
+  void StartWorker(const std::string& name, int threads = 1, int metrics_port = 0) {
     std::vector<std::string> argv = {QFORGE_WORKER_PATH, "--scheduler", address(), "--threads", std::to_string(threads),
                                      "--name", name, "--task-log", task_log()};
+    if (metrics_port > 0) argv.insert(argv.end(), {"--metrics", "127.0.0.1:" + std::to_string(metrics_port)});
     if (!options_.allowed_roots.empty()) {
       std::string roots;
       for (const std::string& r : options_.allowed_roots) roots += (roots.empty() ? "" : ",") + r;
@@ -207,7 +213,7 @@ class Cluster {
  private:
   std::string dir_;
   Options options_;
-  int port_ = 0;
+  int port_ = 0, metrics_port_ = 0;
   std::map<std::string, pid_t> pids_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<qforge::v1::JobService::Stub> jobs_;

@@ -17,6 +17,7 @@
 #include "storage/artifact_store.h"
 #include "storage/test_util.h"
 #include "tests/cluster.h"
+#include "tests/http_client.h"
 
 namespace qforge {
 namespace {
@@ -113,7 +114,8 @@ TEST(DistributedTest, Stories260KMatchesQuantizingInOneProcess) {
   const std::string dir = TempDir("stories");
   Cluster cluster(dir, {});
   ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
-  cluster.StartWorker("w1");
+  const int worker_metrics = testing::PickFreePort();
+  cluster.StartWorker("w1", 1, worker_metrics);
   cluster.StartWorker("w2");
 
   // q4_0 falls back on ffn_down (row length 172); rtn 3-bit asymmetric in 4 KiB row slices is assembled plane by
@@ -147,6 +149,21 @@ TEST(DistributedTest, Stories260KMatchesQuantizingInOneProcess) {
   std::set<int> pids;
   for (const auto& e : testing::ParseTaskLog(testing::ReadFile(cluster.task_log()))) pids.insert(e.pid);
   EXPECT_EQ(pids.size(), 2u);
+
+  // The scheduler's and a worker's /metrics: promtool accepts them, and they count what happened.
+  const auto scheduler = testing::HttpRequest(cluster.scheduler_metrics_port(), "GET", "/metrics");
+  ASSERT_EQ(scheduler.status, 200);
+  const auto samples = testing::ParseSamples(scheduler.body);
+  EXPECT_EQ(samples.at("qforge_scheduler_jobs{state=\"succeeded\"}"), 3);
+  const int64_t tasks = q4.progress().tasks_total() + r.progress().tasks_total() + q4.progress().tasks_total();
+  EXPECT_EQ(samples.at("qforge_scheduler_task_events_total{event=\"committed\"}"), tasks);
+  EXPECT_GT(samples.at("qforge_scheduler_compression_ratio"), 2.0);  // f32 source, 4-bit and 3-bit versions
+  EXPECT_TRUE(testing::PromtoolAccepts(scheduler.body, dir)) << scheduler.body;
+  const auto worker = testing::HttpRequest(worker_metrics, "GET", "/metrics");
+  ASSERT_EQ(worker.status, 200);
+  EXPECT_NE(worker.body.find("qforge_worker_tasks_total{kind=\"quantize\",outcome=\"committed\"}"), std::string::npos)
+      << worker.body;
+  EXPECT_TRUE(testing::PromtoolAccepts(worker.body, dir)) << worker.body;
 }
 
 // A generated Llama of ~340 MB (f32), shared by the tests below: written once, quantized in this process once per

@@ -7,7 +7,11 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdlib>
+#include <fstream>
 #include <functional>
+#include <map>
+#include <sstream>
 #include <string>
 
 namespace qforge::testing {
@@ -72,6 +76,26 @@ inline HttpResponse HttpRequest(int port, const std::string& method, const std::
     pos = eol + 2 + len + 2;
   }
   return r;
+}
+
+// Prometheus text -> {"name{labels}": value}, comments skipped.
+inline std::map<std::string, double> ParseSamples(const std::string& text) {
+  std::map<std::string, double> samples;
+  std::istringstream lines(text);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty() || line[0] == '#') continue;
+    const size_t space = line.rfind(' ');
+    samples[line.substr(0, space)] = std::stod(line.substr(space + 1));
+  }
+  return samples;
+}
+
+// `promtool check metrics` on `text` (Debian's prometheus package); the scratch file goes in `dir`.
+inline bool PromtoolAccepts(const std::string& text, const std::string& dir) {
+  const std::string file = dir + "/promtool-input.txt";
+  std::ofstream(file) << text;
+  const std::string cmd = "promtool check metrics < " + file + " > " + file + ".out 2>&1";
+  return std::system(cmd.c_str()) == 0;
 }
 
 }  // namespace qforge::testing

@@ -254,12 +254,7 @@ TEST(ServingTest, QuantizedThroughTheSchedulerThenServedAndScraped) {
   }
   {
     // The cost model prices memory held over time: served and fp16 per-token costs stand in the ratio of the bytes.
-    std::map<std::string, double> samples;
-    std::istringstream lines(scrape.body);
-    for (std::string line; std::getline(lines, line);) {
-      if (line.empty() || line[0] == '#') continue;
-      samples[line.substr(0, line.rfind(' '))] = std::stod(line.substr(line.rfind(' ') + 1));
-    }
+    std::map<std::string, double> samples = testing::ParseSamples(scrape.body);
     const double served = samples["qforge_cost_per_million_tokens_dollars{model=\"stories@1\",weights=\"served\"}"];
     const double fp16 = samples["qforge_cost_per_million_tokens_dollars{model=\"stories@1\",weights=\"fp16\"}"];
     const double bytes = samples["qforge_model_weight_bytes{model=\"stories@1\"}"];
@@ -269,11 +264,7 @@ TEST(ServingTest, QuantizedThroughTheSchedulerThenServedAndScraped) {
     EXPECT_NEAR(served / fp16, bytes / fp16_bytes, 1e-9);
     EXPECT_GT(samples["qforge_tokens_total{kind=\"completion\",model=\"stories@1\"}"], 100);
   }
-  {
-    std::ofstream(dir + "/scrape.txt") << scrape.body;
-    const std::string cmd = "promtool check metrics < " + dir + "/scrape.txt > " + dir + "/promtool.out 2>&1";
-    EXPECT_EQ(std::system(cmd.c_str()), 0) << testing::ReadFile(dir + "/promtool.out");
-  }
+  EXPECT_TRUE(testing::PromtoolAccepts(scrape.body, dir)) << testing::ReadFile(dir + "/promtool-input.txt.out");
   const int prom_port = testing::PickFreePort();
   std::ofstream(dir + "/prometheus.yml") << "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: qforge\n"
                                          << "    static_configs:\n      - targets: ['127.0.0.1:" << server.http_port()

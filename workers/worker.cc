@@ -306,8 +306,10 @@ void Worker::RunTask(const v1::LeaseTaskResponse& lease, const std::atomic<bool>
     GrpcChunkSink sink(*stub_, worker_id_, task.task_id(), stop);
     result = executor_.Execute(task, sink, &done);
   }
+  const double busy = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!result.ok()) {
     LogLine(absl::StrCat("task ", Describe(task), " failed: ", StatusText(result)));
+    CountTask(task, "failed", busy, done);
     Fail(task, StatusText(result), stop);
     return;
   }
@@ -318,6 +320,7 @@ void Worker::RunTask(const v1::LeaseTaskResponse& lease, const std::atomic<bool>
     SetTimeout(&ctx, kRpcTimeout);
     return stub_->CompleteTask(&ctx, done, &response);
   });
+  CountTask(task, s.ok() ? (response.duplicate() ? "duplicate" : "committed") : "rejected", busy, done);
   if (s.ok()) {
     ++tasks_completed_;
     LogEvent(absl::StrCat(response.duplicate() ? "duplicate " : "commit ", task.task_id(), " ", ::getpid()));
@@ -336,6 +339,32 @@ void Worker::RunTask(const v1::LeaseTaskResponse& lease, const std::atomic<bool>
   const std::string error = absl::StrCat("CompleteTask rejected the result: ", StatusText(rpc::FromGrpc(s)));
   LogLine(absl::StrCat("task ", Describe(task), ": ", error));
   Fail(task, error, stop);
+}
+
+void Worker::CountTask(const v1::Task& task, const std::string& outcome, double seconds,
+                       const v1::CompleteTaskRequest& done) {
+  if (options_.metrics == nullptr) return;
+  metrics::Registry& m = *options_.metrics;
+  if (auto c = m.GetCounter("qforge_worker_tasks_total", "Tasks this worker ran, by kind and outcome",
+                            {{"kind", KindName(task.kind())}, {"outcome", outcome}});
+      c.ok()) {
+    (*c)->Inc();
+  }
+  if (auto c = m.GetCounter("qforge_worker_busy_seconds_total", "Seconds spent executing tasks"); c.ok()) {
+    (*c)->Inc(seconds);
+  }
+  uint64_t bytes = 0;
+  for (const v1::StoredTensor& t : done.outputs()) bytes += t.nbytes();
+  if (auto c = m.GetCounter("qforge_worker_output_bytes_total", "Bytes of tensors this worker encoded and uploaded");
+      c.ok()) {
+    (*c)->Inc(static_cast<double>(bytes));
+  }
+  for (const v1::TensorReport& r : done.tensors()) {
+    if (auto c = m.GetCounter("qforge_worker_input_bytes_total", "fp32 bytes of the weights this worker quantized");
+        c.ok()) {
+      (*c)->Inc(static_cast<double>(r.bytes_before()));
+    }
+  }
 }
 
 void Worker::Fail(const v1::Task& task, const std::string& error, const std::atomic<bool>& stop) {

@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "grpcpp/grpcpp.h"
 #include "qforge/v1/worker.grpc.pb.h"
+#include "services/metrics/registry.h"
 #include "workers/task_executor.h"
 
 namespace qforge::workers {
@@ -25,6 +26,8 @@ struct WorkerOptions {
   std::string task_log_path;
   int64_t memory_bytes = 0;  // reported at registration
   bool verbose = false;      // one line per task on stderr (errors are always printed)
+  // When set, the worker counts its tasks (by kind and outcome), uploaded bytes and busy seconds here.
+  metrics::Registry* metrics = nullptr;
 };
 
 class Worker {
@@ -49,6 +52,9 @@ class Worker {
   void RunTask(const qforge::v1::LeaseTaskResponse& lease, const std::atomic<bool>& stop);
   void Fail(const qforge::v1::Task& task, const std::string& error, const std::atomic<bool>& stop);
   void LogEvent(const std::string& line);
+  // Counts one finished task in options_.metrics (no-op without a registry).
+  void CountTask(const qforge::v1::Task& task, const std::string& outcome, double seconds,
+                 const qforge::v1::CompleteTaskRequest& done);
 
   std::unique_ptr<qforge::v1::WorkerService::Stub> stub_;
   const WorkerOptions options_;

@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iostream>
 #include <thread>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -259,12 +260,9 @@ absl::Status Up(const std::vector<std::string>& args, std::ostream& out) {
     server::ServerOptions so;
     so.store_channel = server->InProcessChannel();
     so.grpc_address = f.Get("serve-grpc", "127.0.0.1:7701");
-    const std::string http = f.Get("serve-http", "127.0.0.1:7702");
-    const size_t colon = http.rfind(':');
-    if (colon == std::string::npos || !absl::SimpleAtoi(http.substr(colon + 1), &so.http_port)) {
-      return UsageError("--serve-http takes HOST:PORT");
-    }
-    so.http_address = http.substr(0, colon);
+    auto http = rpc::SplitHostPort(f.Get("serve-http", "127.0.0.1:7702"), "--serve-http");
+    if (!http.ok()) return UsageError(std::string(http.status().message()));
+    std::tie(so.http_address, so.http_port) = *http;
     so.registry.engine.threads = threads;
     so.registry.engine.batch_invariant = false;  // throughput, as qforge-server defaults to
     QF_ASSIGN_OR_RETURN(inference, server::InferenceServer::Start(so));

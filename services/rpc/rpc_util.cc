@@ -43,6 +43,16 @@ bool ParseDecimal(std::string_view s, T* out) {
 }
 }  // namespace
 
+absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address, const std::string& flag) {
+  const size_t colon = address.rfind(':');
+  int port = -1;
+  if (colon == std::string::npos || colon == 0 || !ParseDecimal(std::string_view(address).substr(colon + 1), &port) ||
+      port > 65535) {
+    return absl::InvalidArgumentError(absl::StrCat(flag, ": '", address.substr(0, 128), "' is not HOST:PORT"));
+  }
+  return std::make_pair(address.substr(0, colon), port);
+}
+
 std::string FormatJobId(scheduler::JobId job) { return absl::StrCat(job); }
 
 absl::StatusOr<scheduler::JobId> ParseJobId(const std::string& id) {

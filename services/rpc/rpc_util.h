@@ -33,6 +33,9 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
 // Applies the message limits to a server.
 void ConfigureServer(grpc::ServerBuilder& builder);
 
+// "HOST:PORT" -> (HOST, PORT), PORT in 0..65535 (0: pick a free one). INVALID_ARGUMENT naming `flag`.
+absl::StatusOr<std::pair<std::string, int>> SplitHostPort(const std::string& address, const std::string& flag);
+
 // Task ids on the wire: "<job id>/<task index>".
 std::string FormatTaskId(scheduler::JobId job, uint32_t task);
 absl::StatusOr<std::pair<scheduler::JobId, uint32_t>> ParseTaskId(const std::string& id);

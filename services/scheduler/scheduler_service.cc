@@ -19,6 +19,8 @@
 #include "qforge/v1/jobs.grpc.pb.h"
 #include "qforge/v1/worker.grpc.pb.h"
 #include "scheduler/model_description.h"
+#include "services/metrics/process_metrics.h"
+#include "services/metrics/registry.h"
 #include "services/rpc/rpc_util.h"
 #include "storage/chunk_codec.h"
 #include "storage/model_store.h"
@@ -564,6 +566,86 @@ class SchedulerServer::Impl {
     return absl::NotFoundError("no version of this job");
   }
 
+  // --- metrics --------------------------------------------------------------------------------------------------
+  void RegisterMetrics() {
+    metrics::RegisterProcessCollectors(metrics_, nullptr);
+    metrics_.AddCollector([this](metrics::Registry& r) { CollectMetrics(r); });
+  }
+
+  void CollectMetrics(metrics::Registry& r) {
+    auto gauge = [&r](const char* name, const char* help, double v, const metrics::Labels& labels = {}) {
+      if (auto g = r.GetGauge(name, help, labels); g.ok()) (*g)->Set(v);
+    };
+    std::map<JobState, int> by_state = {{JobState::kRunning, 0}, {JobState::kSucceeded, 0}, {JobState::kFailed, 0},
+                                        {JobState::kCancelled, 0}};
+    double bytes_done = 0, in_succeeded = 0, out_succeeded = 0;
+    for (JobId id : sched().Jobs()) {
+      auto p = sched().Progress(id, NowMs());
+      if (!p.ok()) continue;
+      ++by_state[p->state];
+      bytes_done += static_cast<double>(p->bytes_done);
+      if (p->state != JobState::kSucceeded) continue;
+      auto out = OutputBytes(id);
+      if (out.ok() && *out > 0) {
+        in_succeeded += static_cast<double>(p->bytes_total);
+        out_succeeded += static_cast<double>(*out);
+      }
+    }
+    for (const auto& [state, n] : by_state) {
+      gauge("qforge_scheduler_jobs", "Jobs in the store by state", n, {{"state", scheduler::JobStateName(state)}});
+    }
+    gauge("qforge_scheduler_input_bytes_done", "Source bytes of every committed quantize task of every job", bytes_done);
+    if (out_succeeded > 0) {
+      gauge("qforge_scheduler_compression_ratio",
+            "Source bytes of the quantized tensors over the bytes of the versions made, over succeeded jobs",
+            in_succeeded / out_succeeded);
+    }
+    gauge("qforge_scheduler_leased_tasks", "Tasks leased to workers now", static_cast<double>(sched().LeasedCount()));
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      gauge("qforge_scheduler_workers_registered", "Workers registered since this process started",
+            static_cast<double>(workers_.size()));
+    }
+    // Task events since this process started: counters advanced by what happened since the last scrape.
+    const scheduler::QueueCounters c = sched().counters();
+    const std::pair<const char*, uint64_t> events[] = {{"leased", c.leased},       {"committed", c.committed},
+                                                       {"duplicate", c.duplicates}, {"failed", c.failed},
+                                                       {"lease_expired", c.expired}};
+    std::lock_guard<std::mutex> l(mu_);
+    for (const auto& [event, value] : events) {
+      auto counter = r.GetCounter("qforge_scheduler_task_events_total",
+                                  "Task leases, first completions, duplicate completions, failures reported by the "
+                                  "lease holder and expired leases",
+                                  {{"event", event}});
+      if (!counter.ok()) continue;
+      uint64_t& seen = events_seen_[event];
+      (*counter)->Inc(static_cast<double>(value - seen));
+      seen = value;
+    }
+  }
+
+  // Bytes of the version a succeeded job made (cached: versions are immutable).
+  absl::StatusOr<uint64_t> OutputBytes(JobId id) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = output_bytes_.find(id); it != output_bytes_.end()) return it->second;
+    }
+    QF_ASSIGN_OR_RETURN(v1::Job job, DescribeJob(id));
+    const uint64_t bytes = static_cast<uint64_t>(job.progress().bytes_out());
+    std::lock_guard<std::mutex> l(mu_);
+    output_bytes_[id] = bytes;
+    return bytes;
+  }
+
+  void RegisterRoutes(http::HttpServer& s) {
+    s.Route("GET", "/metrics", [this](const http::Request&, http::ResponseWriter& w) {
+      w.Send(200, metrics::kTextContentType, metrics_.Render());
+    });
+    s.Route("GET", "/healthz", [this](const http::Request&, http::ResponseWriter& w) {
+      w.Send(stopping() ? 503 : 200, "text/plain", stopping() ? "stopping\n" : "ok\n");
+    });
+  }
+
   // --- the gRPC services ----------------------------------------------------------------------------------------
   class JobServiceImpl final : public v1::JobService::Service {
    public:
@@ -812,6 +894,9 @@ class SchedulerServer::Impl {
   std::map<std::pair<std::string, std::string>, JobId> idempotency_;
   std::set<JobId> pins_released_;
   std::map<std::string, v1::RegisterWorkerRequest> workers_;
+  std::map<JobId, uint64_t> output_bytes_;
+  std::map<std::string, uint64_t> events_seen_;
+  metrics::Registry metrics_;
 
  public:
   JobServiceImpl jobs_svc_;
@@ -832,8 +917,20 @@ absl::StatusOr<std::unique_ptr<SchedulerServer>> SchedulerServer::Open(const std
   s->impl_->roots_ = std::move(roots);
   // Load every job's record now: idempotency keys must be known before the first submit.
   for (JobId id : s->jobs_->Jobs()) QF_RETURN_IF_ERROR(s->impl_->JobRecord(id).status());
+  s->impl_->RegisterMetrics();
   s->ticker_ = std::thread([impl = s->impl_.get()] { impl->TickerLoop(); });
   return s;
+}
+
+absl::StatusOr<int> SchedulerServer::StartMetrics(const std::string& address, int port) {
+  if (metrics_http_ != nullptr) return absl::FailedPreconditionError("scheduler: metrics already started");
+  metrics_http_ = std::make_unique<http::HttpServer>();
+  impl_->RegisterRoutes(*metrics_http_);
+  http::HttpServerOptions options;
+  options.address = address;
+  options.port = port;
+  QF_RETURN_IF_ERROR(metrics_http_->Start(options));
+  return metrics_http_->port();
 }
 
 SchedulerServer::~SchedulerServer() {
@@ -870,6 +967,7 @@ void SchedulerServer::Shutdown(int64_t grace_ms) {
   if (server_ != nullptr) {
     server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(grace_ms));
   }
+  if (metrics_http_ != nullptr) metrics_http_->Shutdown();
 }
 
 void SchedulerServer::Wait() {

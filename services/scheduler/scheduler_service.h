@@ -29,6 +29,7 @@
 #include "grpcpp/grpcpp.h"
 #include "scheduler/job_scheduler.h"
 #include "scheduler/rocksdb_state_store.h"
+#include "services/http/http_server.h"
 #include "storage/artifact_store.h"
 
 namespace qforge::services {
@@ -52,6 +53,9 @@ class SchedulerServer {
 
   // Listens on `address` ("127.0.0.1:0" picks a free port) and returns the bound port.
   absl::StatusOr<int> Start(const std::string& address);
+  // Serves /metrics (Prometheus text: jobs by state, task events, lease expiries, bytes quantized, compression
+  // ratio, process memory) and /healthz over HTTP on `address`:`port` (0 picks); returns the bound port.
+  absl::StatusOr<int> StartMetrics(const std::string& address, int port);
   // A channel to this server that bypasses the network (embedded mode's workers and CLI).
   std::shared_ptr<grpc::Channel> InProcessChannel();
   // Ends WatchJob streams, lets in-flight calls finish (up to `grace_ms`), then stops.
@@ -70,6 +74,7 @@ class SchedulerServer {
   std::unique_ptr<scheduler::JobScheduler> jobs_;
   std::unique_ptr<Impl> impl_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<http::HttpServer> metrics_http_;
   std::thread ticker_;
 };
 

@@ -6,9 +6,11 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
+#include <tuple>
+
 #include "absl/strings/str_split.h"
 #include "services/cli/flags.h"
+#include "services/rpc/rpc_util.h"
 #include "services/server/server.h"
 
 namespace {
@@ -56,14 +58,9 @@ int main(int argc, char** argv) {
   if (!flags->positional().empty()) return Fail("unexpected argument '" + flags->positional()[0] + "'", 2);
   qforge::server::ServerOptions options;
   options.grpc_address = flags->Get("grpc", options.grpc_address);
-  const std::string http = flags->Get("http", "127.0.0.1:7702");
-  const size_t colon = http.rfind(':');
-  if (colon == std::string::npos) return Fail("--http must be HOST:PORT", 2);
-  options.http_address = http.substr(0, colon);
-  if (!absl::SimpleAtoi(http.substr(colon + 1), &options.http_port) || options.http_port < 0 ||
-      options.http_port > 65535) {
-    return Fail("--http must be HOST:PORT", 2);
-  }
+  auto http = qforge::rpc::SplitHostPort(flags->Get("http", "127.0.0.1:7702"), "--http");
+  if (!http.ok()) return Fail(std::string(http.status().message()), 2);
+  std::tie(options.http_address, options.http_port) = *http;
   options.store_address = flags->Get("scheduler");
   auto budget = flags->GetInt("memory-budget-mib", 0, 0, 1 << 30);
   auto threads = flags->GetInt("threads", 0, 0, 1024);
