@@ -25,6 +25,24 @@
 
 namespace qforge::testing {
 
+// A fresh, empty directory for one test process: /tmp/qforge-<name>-<pid>.
+inline std::string TempDir(const std::string& name) {
+  const std::string dir =
+      (std::filesystem::temp_directory_path() / ("qforge-" + name + "-" + std::to_string(getpid()))).string();
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  return dir;
+}
+
+// The shared stories260K checkpoint, canonical as the scheduler resolves it (the path is recorded in the model's
+// metadata, source.path), and its candidate tokenizer.
+inline std::string Stories260KPath() {
+  return std::filesystem::canonical(std::string(QFORGE_SHARED_DIR) + "/models/stories260K/stories260K.bin").string();
+}
+inline std::string Tok512Path() {
+  return std::string(QFORGE_SHARED_DIR) + "/models/stories260K/candidate-tok512/tok512.model";
+}
+
 // A port that was free a moment ago (bound, read, released). The scheduler is restarted on the same port, so
 // the workers find it again, which rules out "port 0".
 inline int PickFreePort() {

@@ -25,17 +25,8 @@ namespace {
 namespace v1 = qforge::v1;
 using testing::Cluster;
 
-// Canonical, as the scheduler resolves it: the path is recorded in the model's metadata (source.path).
-const std::string kStories =
-    std::filesystem::canonical(std::string(QFORGE_SHARED_DIR) + "/models/stories260K/stories260K.bin").string();
-
-std::string TempDir(const std::string& name) {
-  const std::string dir = (std::filesystem::temp_directory_path() /
-                           ("qforge-e2e-" + name + "-" + std::to_string(getpid()))).string();
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir;
-}
+using testing::TempDir;
+const std::string kStories = testing::Stories260KPath();
 
 v1::SubmitJobRequest Request(const std::string& source, const std::string& method, const quant::QuantParams& params,
                              const std::string& name, uint64_t max_task_bytes = 0) {
@@ -134,7 +125,7 @@ TEST(DistributedTest, Stories260KMatchesQuantizingInOneProcess) {
   ExpectVersionEquals(cluster, r, QuantizeInProcess(kStories, "rtn", rtn));
   EXPECT_GT(r.progress().tasks_total(), q4.progress().tasks_total()) << "the 4 KiB budget should slice tensors";
   // A tokenizer named by the job gives the llama2.c source's version a vocabulary (as quantize --tokenizer does).
-  const std::string tok512 = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/candidate-tok512/tok512.model";
+  const std::string tok512 = testing::Tok512Path();
   v1::SubmitJobRequest with_vocab = Request(kStories, "q4_0", q4_0, "stories-tok");
   with_vocab.set_tokenizer_uri(tok512);
   std::string vocab_job;
@@ -319,6 +310,10 @@ TEST(DistributedTest, BadRequestsGetClearErrorsAndLeaveNoVersion) {
   cases.back().req.mutable_recipe()->mutable_defaults()->set_group_size(-3);
   cases.push_back({"no method", good(), grpc::StatusCode::INVALID_ARGUMENT, "recipe.defaults.method: empty"});
   cases.back().req.mutable_recipe()->mutable_defaults()->clear_method();
+  cases.push_back({"group not dividing the rows, no fallback", good(), grpc::StatusCode::INVALID_ARGUMENT,
+                   "recipe.params: tensor blk.0."});
+  cases.back().req.mutable_recipe()->mutable_defaults()->set_group_size(48);
+  cases.back().req.mutable_recipe()->set_no_fallback(true);
   cases.push_back({"missing model", good(), grpc::StatusCode::NOT_FOUND, "source_uri"});
   cases.back().req.set_source_uri(root + "/missing.bin");
   cases.push_back({"outside the allowed roots", good(), grpc::StatusCode::PERMISSION_DENIED, "outside the allowed roots"});

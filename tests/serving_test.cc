@@ -30,17 +30,9 @@ namespace v1 = qforge::v1;
 using formats::Json;
 using testing::Cluster;
 
-const std::string kStories =
-    std::filesystem::canonical(std::string(QFORGE_SHARED_DIR) + "/models/stories260K/stories260K.bin").string();
-const std::string kTok512 = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/candidate-tok512/tok512.model";
-
-std::string TempDir(const std::string& name) {
-  const std::string dir = (std::filesystem::temp_directory_path() /
-                           ("qforge-serve-" + name + "-" + std::to_string(getpid()))).string();
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir;
-}
+using testing::TempDir;
+const std::string kStories = testing::Stories260KPath();
+const std::string kTok512 = testing::Tok512Path();
 
 // A qforge-server process; killed and reaped on destruction.
 class ServerProcess {
@@ -319,7 +311,26 @@ TEST(ServingTest, MalformedRequestsGetCleanErrorsAndTheServerKeepsServing) {
   EXPECT_TRUE(ok.status.ok()) << ok.status.error_message();
   EXPECT_EQ(ok.tokens.size(), 20u);
   EXPECT_EQ(testing::HttpRequest(server.http_port(), "GET", "/healthz").status, 200);
+  // Graceful shutdown: a stream in flight when SIGTERM arrives still finishes, then the process exits 0.
+  ServerProcess::Stream last;
+  std::atomic<bool> started{false};
+  std::thread client([&] {
+    v1::GenerateRequest req = GenerateRequest("s260k@file", "Once upon a time", 300, 1.0f, 3);
+    grpc::ClientContext ctx;
+    auto reader = server.stub().Generate(&ctx, req);
+    v1::GenerateResponse r;
+    while (reader->Read(&r)) {
+      started = true;
+      last.messages.push_back(r);
+    }
+    last.status = reader->Finish();
+  });
+  while (!started) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   EXPECT_EQ(server.Stop(), 0) << server.log();
+  client.join();
+  EXPECT_TRUE(last.status.ok()) << last.status.error_message();
+  ASSERT_FALSE(last.messages.empty());
+  EXPECT_TRUE(last.messages.back().done());
 }
 
 TEST(ServingTest, ThirtyTwoConcurrentStreamsAllSucceedAndShareBatches) {

@@ -71,14 +71,7 @@ absl::StatusOr<qforge::workers::WorkerOptions> ParseOptions(const std::vector<st
   return options;
 }
 
-int Die(const absl::Status& status, int code) {
-  std::string msg(status.message());
-  for (char& c : msg) {
-    if (c == '\n') c = ' ';
-  }
-  std::cerr << "qforge-worker: error: " << msg << "\n";
-  return code;
-}
+int Die(const absl::Status& status, int code) { return qforge::cli::PrintError("qforge-worker", status.message(), code); }
 
 }  // namespace
 

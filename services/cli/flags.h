@@ -3,18 +3,36 @@
 // returns is a UsageError.
 #pragma once
 
+#include <signal.h>
+
 #include <map>
 #include <set>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace qforge::cli {
 
 // A usage error (unknown command or flag, a bad flag value, a missing argument): exit code 2 rather than 1.
 absl::Status UsageError(const std::string& message);
 bool IsUsageError(const absl::Status& status);
+
+// Prints `program: error: message` as one line on stderr (newlines flattened) and returns `code`: how every qforge
+// binary reports a fatal error.
+int PrintError(const std::string& program, absl::string_view message, int code);
+
+// SIGINT / SIGTERM for a server's main thread: construct it before any thread starts (the signals are then blocked
+// in every thread), and Wait() returns the signal once one arrives.
+class StopSignals {
+ public:
+  StopSignals();
+  int Wait();
+
+ private:
+  sigset_t set_;
+};
 
 class Flags {
  public:

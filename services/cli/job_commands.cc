@@ -244,12 +244,7 @@ absl::Status Up(const std::vector<std::string>& args, std::ostream& out) {
   if (f.Has("allowed-roots")) options.allowed_roots = absl::StrSplit(f.Get("allowed-roots"), ',', absl::SkipEmpty());
   options.scheduler.lease_ms = lease_ms;
 
-  // Only the sigwait below takes SIGINT / SIGTERM: block them before any thread starts.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  StopSignals stop_signals;  // before any thread starts
 
   const std::string store_dir = f.Get("store", "qforge-store");
   QF_ASSIGN_OR_RETURN(auto server, services::SchedulerServer::Open(store_dir, options));
@@ -297,8 +292,7 @@ absl::Status Up(const std::vector<std::string>& args, std::ostream& out) {
                            inference->http_port());
   }
   out << " (Ctrl-C stops)\n" << std::flush;
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
+  stop_signals.Wait();
   out << "qforge up: stopping\n" << std::flush;
   if (inference) inference->Shutdown(5000);
   stop = true;

@@ -9,11 +9,5 @@ int main(int argc, char** argv) {
   const absl::Status status = qforge::cli::RunCommand(args, std::cout);
   std::cout.flush();
   if (status.ok()) return 0;
-  // One line, whatever the message holds.
-  std::string msg(status.message());
-  for (char& c : msg) {
-    if (c == '\n') c = ' ';
-  }
-  std::cerr << "qforge: error: " << msg << "\n";
-  return qforge::cli::IsUsageError(status) ? 2 : 1;
+  return qforge::cli::PrintError("qforge", status.message(), qforge::cli::IsUsageError(status) ? 2 : 1);
 }

@@ -169,6 +169,7 @@ absl::StatusOr<scheduler::JobRecipe> RecipeFromProto(const qforge::v1::Recipe& r
     if (!rule.ok()) return rule.status();
     r.layers.push_back({recipe.layers(i).pattern(), rule->first->name(), rule->second});
   }
+  r.allow_fallback = !recipe.no_fallback();
   r.calibration_text_uri = recipe.calibration_text_uri();
   r.evaluation_text_uri = recipe.evaluation_text_uri();
   return r;

@@ -27,14 +27,7 @@ constexpr char kUsage[] =
     "  --metrics HOST:PORT  serve Prometheus /metrics and /healthz over HTTP there (port 0 picks a free one)\n"
     "  --port-file FILE     write \"GRPC_PORT METRICS_PORT\" to FILE once serving (for scripts and tests)\n";
 
-int Fail(const std::string& message, int code) {
-  std::string line = message;
-  for (char& c : line) {
-    if (c == '\n') c = ' ';
-  }
-  std::cerr << "qforge-scheduler: error: " << line << "\n";
-  return code;
-}
+int Fail(absl::string_view message, int code) { return qforge::cli::PrintError("qforge-scheduler", message, code); }
 
 }  // namespace
 
@@ -46,7 +39,7 @@ int main(int argc, char** argv) {
   }
   auto flags = qforge::cli::Flags::Parse(
       args, {"store", "listen", "allowed-roots", "lease-ms", "max-attempts", "max-task-mib", "port-file", "metrics"}, {});
-  if (!flags.ok()) return Fail(std::string(flags.status().message()), 2);
+  if (!flags.ok()) return Fail(flags.status().message(), 2);
   if (!flags->positional().empty()) return Fail("unexpected argument '" + flags->positional()[0] + "'", 2);
   if (flags->Get("store").empty()) return Fail("--store DIR is required", 2);
   qforge::services::SchedulerServiceOptions options;
@@ -62,23 +55,18 @@ int main(int argc, char** argv) {
   options.scheduler.max_attempts = *attempts;
   options.max_task_bytes = uint64_t(*task_mib) << 20;
 
-  // Block the stop signals before any thread starts, so only sigwait below receives them.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  qforge::cli::StopSignals stop_signals;  // before any thread starts
 
   auto server = qforge::services::SchedulerServer::Open(flags->Get("store"), options);
-  if (!server.ok()) return Fail(std::string(server.status().message()), 1);
+  if (!server.ok()) return Fail(server.status().message(), 1);
   auto port = (*server)->Start(flags->Get("listen", "127.0.0.1:7700"));
-  if (!port.ok()) return Fail(std::string(port.status().message()), 1);
+  if (!port.ok()) return Fail(port.status().message(), 1);
   int metrics_port = 0;
   if (flags->Has("metrics")) {
     auto where = qforge::rpc::SplitHostPort(flags->Get("metrics"), "--metrics");
-    if (!where.ok()) return Fail(std::string(where.status().message()), 2);
+    if (!where.ok()) return Fail(where.status().message(), 2);
     auto bound = (*server)->StartMetrics(where->first, where->second);
-    if (!bound.ok()) return Fail(std::string(bound.status().message()), 1);
+    if (!bound.ok()) return Fail(bound.status().message(), 1);
     metrics_port = *bound;
   }
   if (const std::string pf = flags->Get("port-file"); !pf.empty()) {
@@ -88,8 +76,7 @@ int main(int argc, char** argv) {
     if (std::rename(tmp.c_str(), pf.c_str()) != 0) return Fail("cannot write --port-file " + pf, 1);
   }
   std::cerr << "qforge-scheduler: serving on port " << *port << ", store " << flags->Get("store") << "\n";
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
+  const int sig = stop_signals.Wait();
   std::cerr << "qforge-scheduler: stopping (signal " << sig << ")\n";
   (*server)->Shutdown(5000);
   (*server)->Wait();

@@ -32,14 +32,7 @@ constexpr char kUsage[] =
     "  --batch-invariant  a request's output never depends on what shares its batch (slower)\n"
     "  --port-file        write \"GRPC_PORT HTTP_PORT\" once serving (scripts and tests)\n";
 
-int Fail(const std::string& message, int code) {
-  std::string line = message;
-  for (char& c : line) {
-    if (c == '\n') c = ' ';
-  }
-  std::cerr << "qforge-server: error: " << line << "\n";
-  return code;
-}
+int Fail(absl::string_view message, int code) { return qforge::cli::PrintError("qforge-server", message, code); }
 
 }  // namespace
 
@@ -54,12 +47,12 @@ int main(int argc, char** argv) {
                                           "threads", "max-running", "max-queue", "context", "estimate-watts",
                                           "price-per-gib-hour", "port-file"},
                                          {"batch-invariant"});
-  if (!flags.ok()) return Fail(std::string(flags.status().message()), 2);
+  if (!flags.ok()) return Fail(flags.status().message(), 2);
   if (!flags->positional().empty()) return Fail("unexpected argument '" + flags->positional()[0] + "'", 2);
   qforge::server::ServerOptions options;
   options.grpc_address = flags->Get("grpc", options.grpc_address);
   auto http = qforge::rpc::SplitHostPort(flags->Get("http", "127.0.0.1:7702"), "--http");
-  if (!http.ok()) return Fail(std::string(http.status().message()), 2);
+  if (!http.ok()) return Fail(http.status().message(), 2);
   std::tie(options.http_address, options.http_port) = *http;
   options.store_address = flags->Get("scheduler");
   auto budget = flags->GetInt("memory-budget-mib", 0, 0, 1 << 30);
@@ -84,19 +77,15 @@ int main(int argc, char** argv) {
   options.estimate_watts = *watts;
   options.price_per_gib_hour = *price;
 
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  qforge::cli::StopSignals stop_signals;  // before any thread starts
 
   auto server = qforge::server::InferenceServer::Start(options);
-  if (!server.ok()) return Fail(std::string(server.status().message()), 1);
+  if (!server.ok()) return Fail(server.status().message(), 1);
   for (const std::string& spec : std::vector<std::string>(absl::StrSplit(flags->Get("model"), ',', absl::SkipEmpty()))) {
     const size_t eq = spec.find('=');
     if (eq == std::string::npos) return Fail("--model takes NAME=PATH, got '" + spec + "'", 2);
     auto lm = (*server)->registry().Load(spec.substr(0, eq), "file", spec.substr(eq + 1), flags->Get("tokenizer"));
-    if (!lm.ok()) return Fail(std::string(lm.status().message()), 1);
+    if (!lm.ok()) return Fail(lm.status().message(), 1);
     std::cerr << "qforge-server: loaded " << (*lm)->ref() << " (" << (*lm)->encoding << ", " << (*lm)->weight_bytes
               << " bytes)\n";
   }
@@ -107,8 +96,7 @@ int main(int argc, char** argv) {
   }
   std::cerr << "qforge-server: gRPC on port " << (*server)->grpc_port() << ", HTTP on port " << (*server)->http_port()
             << "\n";
-  int sig = 0;
-  sigwait(&stop_signals, &sig);
+  const int sig = stop_signals.Wait();
   std::cerr << "qforge-server: stopping (signal " << sig << "), finishing in-flight streams\n";
   (*server)->Shutdown(10000);
   (*server)->Wait();
