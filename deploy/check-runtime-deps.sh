@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
-binaries=("$build/services/qforge" "$build/services/qforge-scheduler" "$build/workers/qforge-worker")
+binaries=("$build/services/qforge" "$build/services/qforge-scheduler" "$build/workers/qforge-worker" "$build/services/qforge-server")
 for b in "${binaries[@]}"; do
   [ -x "$b" ] || { echo "check-runtime-deps: $b not built (bash scripts/build.sh)" >&2; exit 2; }
 done

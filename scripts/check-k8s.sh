@@ -279,7 +279,8 @@ def check(o, docs):
             fail(o, f"--threads {threads} does not match the CPU limit {limit}")
         if tmpl["spec"].get("terminationGracePeriodSeconds", 30) < 60:
             fail(o, "worker terminationGracePeriodSeconds < 60: too short to finish a task")
-        hpa = [d for (k, _), d in objs.items() if k == "HorizontalPodAutoscaler"]
+        hpa = [d for (k, _), d in objs.items() if k == "HorizontalPodAutoscaler"
+               and d["spec"]["scaleTargetRef"].get("name") == "qforge-worker"]
         if len(hpa) != 1:
             fail(o, f"expected one HorizontalPodAutoscaler, got {len(hpa)}")
         else:
