@@ -1,5 +1,5 @@
-// MatMulRows throughput per weight format: decode (n = 1 token) and prompt (n = 16 tokens) on a
-// 4096 x 4096 matrix, for each ISA the CPU has. bytes/s counts the encoded weight bytes streamed.
+// MatMulRows throughput per weight format: decode (n = 1 token) and batches / prompts (n = 8, 16, 32
+// tokens) on a 4096 x 4096 matrix, for each ISA the CPU has. bytes/s counts the encoded weight bytes streamed.
 #include <benchmark/benchmark.h>
 
 #include <map>
@@ -87,13 +87,13 @@ void BM_MatMulRows(benchmark::State& state) {
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations()) * static_cast<int64_t>(w.nbytes));
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
-  state.SetLabel(std::string(Specs()[spec].label) + " " + (n == 1 ? "decode" : "prompt") + " " + kernels::IsaName(isa));
+  state.SetLabel(std::string(Specs()[spec].label) + " " + (n == 1 ? "decode" : "batch") + " " + kernels::IsaName(isa));
   kernels::SetIsa(kernels::DetectIsa());
 }
 
 void Args(benchmark::internal::Benchmark* b) {
   for (int spec = 0; spec < static_cast<int>(Specs().size()); ++spec) {
-    for (int64_t n : {1, 16}) {
+    for (int64_t n : {1, 8, 16, 32}) {
       for (int isa : {0, 1, 2}) b->Args({spec, n, isa});
     }
   }

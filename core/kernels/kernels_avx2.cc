@@ -116,20 +116,22 @@ QF_AVX2 inline __m256i Load8Codes(const uint8_t* src) {
 }
 
 // Consumers of 8 decoded weights at a time: store them (dequantize, matmul chunks) or multiply them
-// straight into a running dot product with one token (the fused n = 1 path).
+// straight into one token's dot product (the fused n = 1 path).
 struct StoreSink {
   float* out;
   QF_AVX2 void operator()(int64_t i, __m256 w) { _mm256_storeu_ps(out + i, w); }
 };
-struct DotSink {
+// Vector v of the walk goes into chain v % 4 (see "Batch invariance" below). The chains rotate one register
+// per vector, so c0 is always the chain the next vector belongs to; ChainAt undoes the rotation at the end.
+struct ChainSink {
   const float* x;
-  __m256 acc0, acc1;  // two chains, alternating, to hide FMA latency
+  __m256 c0, c1, c2, c3;
   QF_AVX2 void operator()(int64_t i, __m256 w) {
-    if (i & 8) {
-      acc1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i), acc1);
-    } else {
-      acc0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i), acc0);
-    }
+    const __m256 a = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + i), c0);
+    c0 = c1;
+    c1 = c2;
+    c2 = c3;
+    c3 = a;
   }
 };
 
@@ -248,76 +250,148 @@ QF_AVX2 void DecodeBf16(const uint8_t* src, int64_t len, float* out) {
   }
 }
 
-// Dot product of one weight span with one token, four independent FMA chains to hide latency.
-QF_AVX2 float DotF32(const float* a, const float* b, int64_t len) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  __m256 acc2 = _mm256_setzero_ps(), acc3 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= len; i += 32) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), acc2);
-    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), acc3);
-  }
-  for (; i + 8 <= len; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  float sum = Hsum(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
-  for (; i < len; ++i) sum += a[i] * b[i];
-  return sum;
+// Batch invariance. Every (token, row) dot product has one fixed operation order, whatever n is and
+// wherever the token sits in the call, so a token's result never depends on its batch:
+//   - the row's first 8 * (cols / 8) weights form vectors v = c / 8, and vector v is FMA'd into chain
+//     v % 4 (four 8-lane accumulators), in increasing v within each chain;
+//   - the weights are the decoder's floats (bit-identical to DecodeAvx2 / the scalar reference);
+//   - the result is Hsum((c0 + c1) + (c2 + c3)) + tail, where tail sums the last cols % 8 products in
+//     column order, starting from 0, without FMA.
+// Each chain only ever sees its own vectors in order, so a tile of several tokens sharing each weight
+// vector and one token alone give the same bits; so do the fused n = 1 loops, which build the same
+// weight vectors in registers instead of a buffer. Spans of a row start at multiples of 32, so a
+// span-local vector index has the same chain as the row-global one.
+
+// Four chains of a token, as stored between chunks: acc[8 * k + lane] is lane `lane` of chain k.
+QF_AVX2 inline float FinishDot(const float* acc, float tail) {
+  const __m256 s01 = _mm256_add_ps(_mm256_loadu_ps(acc), _mm256_loadu_ps(acc + 8));
+  const __m256 s23 = _mm256_add_ps(_mm256_loadu_ps(acc + 16), _mm256_loadu_ps(acc + 24));
+  return Hsum(_mm256_add_ps(s01, s23)) + tail;
+}
+QF_AVX2 inline float FinishDot(__m256 c0, __m256 c1, __m256 c2, __m256 c3, float tail) {
+  return Hsum(_mm256_add_ps(_mm256_add_ps(c0, c1), _mm256_add_ps(c2, c3))) + tail;
 }
 
-// Fused decode-dot for one token (the decode path, n = 1): no decoded buffer, and the block scale is
-// applied once per block to a partial sum instead of once per weight.
-QF_AVX2 inline __m256 I8x8ToFloat(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)); }
+// One token over w[0, len): the four chains interleaved. acc (32 floats) and tail carry across chunks.
+QF_AVX2 void AccumulateOne(const float* w, int64_t len, const float* x, float* acc, float* tail) {
+  __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8);
+  __m256 a2 = _mm256_loadu_ps(acc + 16), a3 = _mm256_loadu_ps(acc + 24);
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i + 24), _mm256_loadu_ps(x + i + 24), a3);
+  }
+  // Up to three whole vectors left (only in a row's last chunk): chains 0, 1, 2.
+  if (i + 8 <= len) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a0);
+    i += 8;
+    if (i + 8 <= len) {
+      a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a1);
+      i += 8;
+      if (i + 8 <= len) {
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w + i), _mm256_loadu_ps(x + i), a2);
+        i += 8;
+      }
+    }
+  }
+  _mm256_storeu_ps(acc, a0);
+  _mm256_storeu_ps(acc + 8, a1);
+  _mm256_storeu_ps(acc + 16, a2);
+  _mm256_storeu_ps(acc + 24, a3);
+  for (; i < len; ++i) *tail += w[i] * x[i];
+}
 
-// Eight partial sums of q_l * x_l over one 32-weight block whose int8 codes are q[0..15] = `lo`, q[16..31] = `hi`
-// (Q8_0 and Q4_0 differ only in how they produce those codes).
-QF_AVX2 inline __m256 DotI8x32(__m128i lo, __m128i hi, const float* x) {
-  __m256 s0 = _mm256_mul_ps(I8x8ToFloat(lo), _mm256_loadu_ps(x));
-  __m256 s1 = _mm256_mul_ps(I8x8ToFloat(_mm_srli_si128(lo, 8)), _mm256_loadu_ps(x + 8));
-  s0 = _mm256_fmadd_ps(I8x8ToFloat(hi), _mm256_loadu_ps(x + 16), s0);
-  s1 = _mm256_fmadd_ps(I8x8ToFloat(_mm_srli_si128(hi, 8)), _mm256_loadu_ps(x + 24), s1);
-  return _mm256_add_ps(s0, s1);
+// kTile (2 or 3) tokens over w[0, len), all four chains of each interleaved: 4 * kTile accumulators
+// stay in registers, each weight vector is loaded once for kTile tokens, and weights and tokens are
+// read sequentially (prefetch-friendly). acc holds 32 floats per token, tail one. (Running the chains
+// one after another for 8 tokens instead gave the same bits but was ~1.5x slower on f32: strided reads
+// and accumulator traffic per pass.)
+template <int kTile>
+QF_AVX2 void AccumulateTile(const float* w, int64_t len, const float* x, int64_t x_stride, float* acc,
+                            float* tail) {
+  static_assert(kTile >= 2 && kTile <= 3, "4 * kTile accumulators plus a weight vector must fit 16 registers");
+  __m256 a[kTile][4];
+  for (int t = 0; t < kTile; ++t) {
+    for (int k = 0; k < 4; ++k) a[t][k] = _mm256_loadu_ps(acc + 32 * t + 8 * k);
+  }
+  int64_t i = 0;
+  for (; i + 32 <= len; i += 32) {
+    for (int k = 0; k < 4; ++k) {
+      const __m256 wv = _mm256_loadu_ps(w + i + 8 * k);
+      for (int t = 0; t < kTile; ++t) {
+        a[t][k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * x_stride + i + 8 * k), a[t][k]);
+      }
+    }
+  }
+  // Up to three whole vectors left (only in a row's last chunk): chains 0, 1, 2.
+  for (int k = 0; k < 3 && i + 8 <= len; ++k, i += 8) {
+    const __m256 wv = _mm256_loadu_ps(w + i);
+    for (int t = 0; t < kTile; ++t) a[t][k] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * x_stride + i), a[t][k]);
+  }
+  for (int t = 0; t < kTile; ++t) {
+    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(acc + 32 * t + 8 * k, a[t][k]);
+  }
+  for (; i < len; ++i) {
+    for (int t = 0; t < kTile; ++t) tail[t] += w[i] * x[t * x_stride + i];
+  }
+}
+
+// Tokens [0, n) over w[0, len): tiles of 3, then 2 or 1 (same bits per token whatever the tile).
+QF_AVX2 void AccumulateTokens(const float* w, int64_t len, const float* x, int64_t x_stride, int64_t n,
+                              float* acc, float* tail) {
+  int64_t t = 0;
+  for (; t + 3 <= n; t += 3) AccumulateTile<3>(w, len, x + t * x_stride, x_stride, acc + 32 * t, tail + t);
+  if (n - t == 2) AccumulateTile<2>(w, len, x + t * x_stride, x_stride, acc + 32 * t, tail + t);
+  if (n - t == 1) AccumulateOne(w, len, x + t * x_stride, acc + 32 * t, tail + t);
+}
+
+// One-token dot products (the decode path, n = 1) that decode in registers: each weight vector is built
+// with exactly DecodeAvx2's operations and goes straight into its chain, so there is no decoded buffer
+// and the bits are those of decode-then-AccumulateOne.
+QF_AVX2 float DotF32(const float* w, int64_t len, const float* x) {
+  alignas(32) float acc[32] = {};
+  float tail = 0;
+  AccumulateOne(w, len, x, acc, &tail);
+  return FinishDot(acc, tail);
 }
 
 QF_AVX2 float DotQ8_0(const block_q8_0* b, int64_t nblocks, const float* x) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  __m256 c[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t i = 0; i < nblocks; ++i, ++b, x += kQK8_0) {
-    const __m128i q0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs));
-    const __m128i q1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs + 16));
-    const __m256 s = DotI8x32(q0, q1, x);
     const __m256 d = _mm256_set1_ps(LoadHalfF16c(&b->d));
-    if (i & 1) {
-      acc1 = _mm256_fmadd_ps(d, s, acc1);
-    } else {
-      acc0 = _mm256_fmadd_ps(d, s, acc0);
+    for (int k = 0; k < 4; ++k) {  // a block is vectors 4i .. 4i + 3: chains 0..3
+      const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b->qs + 8 * k));
+      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d);
+      c[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * k), c[k]);
     }
   }
-  return Hsum(_mm256_add_ps(acc0, acc1));
+  return FinishDot(c[0], c[1], c[2], c[3], 0.0f);
 }
 
 QF_AVX2 float DotQ4_0(const block_q4_0* b, int64_t nblocks, const float* x) {
   const __m128i low_mask = _mm_set1_epi8(0x0F);
-  const __m128i eight = _mm_set1_epi8(8);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i eight = _mm256_set1_epi32(8);
+  __m256 c[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t i = 0; i < nblocks; ++i, ++b, x += kQK4_0) {
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs));
-    const __m128i lo = _mm_sub_epi8(_mm_and_si128(raw, low_mask), eight);  // elements 0..15, q - 8
-    const __m128i hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(raw, 4), low_mask), eight);  // 16..31
-    const __m256 s = DotI8x32(lo, hi, x);
     const __m256 d = _mm256_set1_ps(LoadHalfF16c(&b->d));
-    if (i & 1) {
-      acc1 = _mm256_fmadd_ps(d, s, acc1);
-    } else {
-      acc0 = _mm256_fmadd_ps(d, s, acc0);
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b->qs));
+    const __m128i lo = _mm_and_si128(raw, low_mask);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
+    const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+    for (int k = 0; k < 4; ++k) {
+      const __m256i q = _mm256_sub_epi32(_mm256_cvtepu8_epi32(parts[k]), eight);
+      const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(q), d);
+      c[k] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + 8 * k), c[k]);
     }
   }
-  return Hsum(_mm256_add_ps(acc0, acc1));
+  return FinishDot(c[0], c[1], c[2], c[3], 0.0f);
 }
 
-// sum_l (d*sc*q_l - dmin*m) * x_l = (d*sc) * sum q_l x_l - (dmin*m) * sum x_l, per 32-weight sub-block.
 QF_AVX2 float DotQ4_K(const block_q4_K* b, int64_t nblocks, const float* x) {
   const __m128i low_mask = _mm_set1_epi8(0x0F);
-  __m256 acc = _mm256_setzero_ps();
+  __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
   for (int64_t i = 0; i < nblocks; ++i, ++b) {
     const float d = LoadHalfF16c(&b->d);
     const float dmin = LoadHalfF16c(&b->dmin);
@@ -326,50 +400,51 @@ QF_AVX2 float DotQ4_K(const block_q4_K* b, int64_t nblocks, const float* x) {
       uint8_t sc1, m1, sc2, m2;
       GetScaleMinK4(2 * chunk, b->scales, &sc1, &m1);
       GetScaleMinK4(2 * chunk + 1, b->scales, &sc2, &m2);
-      const __m128i raw0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-      const __m128i raw1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16));
-      const __m128i lo0 = _mm_and_si128(raw0, low_mask), lo1 = _mm_and_si128(raw1, low_mask);
-      const __m128i hi0 = _mm_and_si128(_mm_srli_epi16(raw0, 4), low_mask);
-      const __m128i hi1 = _mm_and_si128(_mm_srli_epi16(raw1, 4), low_mask);
-      const __m256 x0 = _mm256_loadu_ps(x), x1 = _mm256_loadu_ps(x + 8);
-      const __m256 x2 = _mm256_loadu_ps(x + 16), x3 = _mm256_loadu_ps(x + 24);
-      const __m256 x4 = _mm256_loadu_ps(x + 32), x5 = _mm256_loadu_ps(x + 40);
-      const __m256 x6 = _mm256_loadu_ps(x + 48), x7 = _mm256_loadu_ps(x + 56);
-      __m256 qx1 = _mm256_mul_ps(U8x8ToFloat(lo0), x0);
-      __m256 qx1b = _mm256_mul_ps(U8x8ToFloat(_mm_srli_si128(lo0, 8)), x1);
-      qx1 = _mm256_fmadd_ps(U8x8ToFloat(lo1), x2, qx1);
-      qx1b = _mm256_fmadd_ps(U8x8ToFloat(_mm_srli_si128(lo1, 8)), x3, qx1b);
-      __m256 qx2 = _mm256_mul_ps(U8x8ToFloat(hi0), x4);
-      __m256 qx2b = _mm256_mul_ps(U8x8ToFloat(_mm_srli_si128(hi0, 8)), x5);
-      qx2 = _mm256_fmadd_ps(U8x8ToFloat(hi1), x6, qx2);
-      qx2b = _mm256_fmadd_ps(U8x8ToFloat(_mm_srli_si128(hi1, 8)), x7, qx2b);
-      const __m256 sx1 = _mm256_add_ps(_mm256_add_ps(x0, x1), _mm256_add_ps(x2, x3));
-      const __m256 sx2 = _mm256_add_ps(_mm256_add_ps(x4, x5), _mm256_add_ps(x6, x7));
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc1), _mm256_add_ps(qx1, qx1b), acc);
-      acc = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m1), sx1, acc);
-      acc = _mm256_fmadd_ps(_mm256_set1_ps(d * sc2), _mm256_add_ps(qx2, qx2b), acc);
-      acc = _mm256_fnmadd_ps(_mm256_set1_ps(dmin * m2), sx2, acc);
+      const __m256 d1 = _mm256_set1_ps(d * sc1), min1 = _mm256_set1_ps(dmin * m1);
+      const __m256 d2 = _mm256_set1_ps(d * sc2), min2 = _mm256_set1_ps(dmin * m2);
+      // 64 weights = vectors 0..7 of this stretch: 0..3 low nibbles, 4..7 high; chain = vector % 4.
+      for (int half = 0; half < 2; ++half) {
+        const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16 * half));
+        const __m128i lo = _mm_and_si128(raw, low_mask);
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
+        const float* xl = x + 16 * half;
+        const float* xh = x + 32 + 16 * half;
+        const __m256 w0 = _mm256_sub_ps(_mm256_mul_ps(d1, U8x8ToFloat(lo)), min1);
+        const __m256 w1 = _mm256_sub_ps(_mm256_mul_ps(d1, U8x8ToFloat(_mm_srli_si128(lo, 8))), min1);
+        const __m256 w4 = _mm256_sub_ps(_mm256_mul_ps(d2, U8x8ToFloat(hi)), min2);
+        const __m256 w5 = _mm256_sub_ps(_mm256_mul_ps(d2, U8x8ToFloat(_mm_srli_si128(hi, 8))), min2);
+        if (half == 0) {  // vectors 0, 1, 4, 5: chains 0, 1, 0, 1
+          c0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xl), c0);
+          c1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xl + 8), c1);
+          c0 = _mm256_fmadd_ps(w4, _mm256_loadu_ps(xh), c0);
+          c1 = _mm256_fmadd_ps(w5, _mm256_loadu_ps(xh + 8), c1);
+        } else {  // vectors 2, 3, 6, 7: chains 2, 3, 2, 3
+          c2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xl), c2);
+          c3 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xl + 8), c3);
+          c2 = _mm256_fmadd_ps(w4, _mm256_loadu_ps(xh), c2);
+          c3 = _mm256_fmadd_ps(w5, _mm256_loadu_ps(xh + 8), c3);
+        }
+      }
     }
   }
-  return Hsum(acc);
+  return FinishDot(c0, c1, c2, c3, 0.0f);
 }
 
-// Adds the decoded chunk w[0, len) times tokens [t0, t0 + kTile) into their vector accumulators: each
-// weight vector is loaded once and used for every token in the tile.
-template <int kTile>
-QF_AVX2 void AccumulateTile(const float* w, int64_t len, const float* x, int64_t x_stride, float* acc,
-                            float* tail) {
-  __m256 a[kTile];
-  for (int t = 0; t < kTile; ++t) a[t] = _mm256_loadu_ps(acc + 8 * t);
-  int64_t i = 0;
-  for (; i + 8 <= len; i += 8) {
-    const __m256 wv = _mm256_loadu_ps(w + i);
-    for (int t = 0; t < kTile; ++t) a[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * x_stride + i), a[t]);
+// QInt / NF4 through their walkers; the last cols % 8 weights (if any) are decoded by the scalar
+// reference, as DecodeQInt / DecodeNf4 do, and summed as the tail.
+QF_AVX2 float DotWalked(const WeightView& v, int64_t r, const float* x) {
+  ChainSink sink{x, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const int64_t done = v.format.type == WeightType::kQInt ? WalkQIntAnyBits(v, r, 0, v.cols, sink)
+                                                          : WalkNf4(v, r, 0, v.cols, sink);
+  const __m256 rotated[4] = {sink.c0, sink.c1, sink.c2, sink.c3};
+  const int64_t s = done / 8;  // after s vectors, chain k sits at position (k - s) mod 4
+  float tail = 0;
+  if (done < v.cols) {
+    float rest[8];
+    DecodeScalar(v, r, done, v.cols - done, rest);
+    for (int64_t c = done; c < v.cols; ++c) tail += rest[c - done] * x[c];
   }
-  for (int t = 0; t < kTile; ++t) _mm256_storeu_ps(acc + 8 * t, a[t]);
-  for (; i < len; ++i) {
-    for (int t = 0; t < kTile; ++t) tail[t] += w[i] * x[t * x_stride + i];
-  }
+  return FinishDot(rotated[(0 - s) & 3], rotated[(1 - s) & 3], rotated[(2 - s) & 3], rotated[(3 - s) & 3], tail);
 }
 
 }  // namespace
@@ -397,81 +472,52 @@ QF_AVX2 void DecodeAvx2(const WeightView& v, int64_t r, int64_t c0, int64_t len,
 QF_AVX2 void MatMulAvx2(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
                         int64_t y_stride) {
   const int64_t cols = v.cols;
-  if (v.format.type == WeightType::kF32) {
-    // No decode step: stream the row straight from the weights.
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* w = reinterpret_cast<const float*>(v.data + static_cast<size_t>(r) * v.row_bytes);
-      if (n == 1) {
-        y[r] = DotF32(w, x, cols);
-        continue;
-      }
-      // Prompt: each weight vector loaded once per tile of tokens, straight from the matrix.
-      float acc[8 * 8], tail[8];
-      int64_t t = 0;
-      for (; t + 8 <= n; t += 8) {
-        std::fill(acc, acc + 64, 0.0f);
-        std::fill(tail, tail + 8, 0.0f);
-        AccumulateTile<8>(w, cols, x + t * cols, cols, acc, tail);
-        for (int k = 0; k < 8; ++k) y[(t + k) * y_stride + r] = Hsum(_mm256_loadu_ps(acc + 8 * k)) + tail[k];
-      }
-      for (; t < n; ++t) y[t * y_stride + r] = DotF32(w, x + t * cols, cols);
-    }
-    return;
-  }
-  alignas(32) float buf[kChunk];
-  std::vector<float> acc(8 * static_cast<size_t>(n));  // one 8-lane partial sum per token
-  std::vector<float> tail(static_cast<size_t>(n));
-  for (int64_t r = r0; r < r1; ++r) {
-    if (n == 1) {
-      const uint8_t* row = v.data + static_cast<size_t>(r) * v.row_bytes;
-      switch (v.format.type) {
-        case WeightType::kQ8_0:
-          y[r] = DotQ8_0(reinterpret_cast<const block_q8_0*>(row), cols / kQK8_0, x);
-          continue;
-        case WeightType::kQ4_0:
-          y[r] = DotQ4_0(reinterpret_cast<const block_q4_0*>(row), cols / kQK4_0, x);
-          continue;
-        case WeightType::kQ4_K:
-          y[r] = DotQ4_K(reinterpret_cast<const block_q4_K*>(row), cols / kQK_K, x);
-          continue;
-        case WeightType::kQInt:
-        case WeightType::kNF4: {
-          const bool qint = v.format.type == WeightType::kQInt;
-          if (qint ? !QIntSimdOk(v, 0) : !Nf4SimdOk(v, 0)) break;
-          DotSink sink{x, _mm256_setzero_ps(), _mm256_setzero_ps()};
-          const int64_t done = qint ? WalkQIntAnyBits(v, r, 0, cols, sink) : WalkNf4(v, r, 0, cols, sink);
-          float sum = Hsum(_mm256_add_ps(sink.acc0, sink.acc1));
-          if (done < cols) {  // fewer than 8 left
-            DecodeScalar(v, r, done, cols - done, buf);
-            for (int64_t c = done; c < cols; ++c) sum += buf[c - done] * x[c];
-          }
-          y[r] = sum;
-          continue;
+  const WeightType type = v.format.type;
+  if (n == 1) {
+    // Decode: the fused in-register loops where they exist (no buffer round trip), otherwise the chunked
+    // path below with one token. Same bits either way.
+    const bool qint_fused = type == WeightType::kQInt && QIntSimdOk(v, 0);
+    const bool nf4_fused = type == WeightType::kNF4 && Nf4SimdOk(v, 0);
+    const bool fused = type == WeightType::kF32 || type == WeightType::kQ8_0 || type == WeightType::kQ4_0 ||
+                       type == WeightType::kQ4_K || qint_fused || nf4_fused;
+    if (fused) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint8_t* row = v.data + static_cast<size_t>(r) * v.row_bytes;
+        switch (type) {
+          case WeightType::kF32: y[r] = DotF32(reinterpret_cast<const float*>(row), cols, x); break;
+          case WeightType::kQ8_0: y[r] = DotQ8_0(reinterpret_cast<const block_q8_0*>(row), cols / kQK8_0, x); break;
+          case WeightType::kQ4_0: y[r] = DotQ4_0(reinterpret_cast<const block_q4_0*>(row), cols / kQK4_0, x); break;
+          case WeightType::kQ4_K: y[r] = DotQ4_K(reinterpret_cast<const block_q4_K*>(row), cols / kQK_K, x); break;
+          default: y[r] = DotWalked(v, r, x); break;  // QInt, NF4
         }
-        default:
-          break;
       }
-      // Other formats: decode a chunk into L1, then the multi-chain dot.
-      float sum = 0;
-      for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
-        const int64_t len = std::min(kChunk, cols - c0);
-        DecodeAvx2(v, r, c0, len, buf);
-        sum += DotF32(buf, x + c0, len);
-      }
-      y[r] = sum;
-      continue;
+      return;
     }
+  }
+  // Multi-token (and one token of the other formats): each token over a span of the row held in L1/L2.
+  // f32 needs no decode, so its span is the whole row read in place; other formats decode a span of
+  // kSpan columns once and every token consumes it. Spans are long so the accumulators' load/store per
+  // span and tile stays small next to the FMAs.
+  constexpr int64_t kSpan = 4 * kChunk;
+  static_assert(kSpan % 32 == 0, "spans must keep the chain of every vector");
+  alignas(32) float buf[kSpan];
+  std::vector<float> acc(32 * static_cast<size_t>(n));  // four 8-lane chains per token
+  std::vector<float> tail(static_cast<size_t>(n));
+  const int64_t span = type == WeightType::kF32 ? cols : kSpan;
+  for (int64_t r = r0; r < r1; ++r) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     std::fill(tail.begin(), tail.end(), 0.0f);
-    for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
-      const int64_t len = std::min(kChunk, cols - c0);
-      DecodeAvx2(v, r, c0, len, buf);  // once per block, reused by every token below
-      int64_t t = 0;
-      for (; t + 8 <= n; t += 8) AccumulateTile<8>(buf, len, x + t * cols + c0, cols, &acc[8 * t], &tail[t]);
-      for (; t + 4 <= n; t += 4) AccumulateTile<4>(buf, len, x + t * cols + c0, cols, &acc[8 * t], &tail[t]);
-      for (; t < n; ++t) AccumulateTile<1>(buf, len, x + t * cols + c0, cols, &acc[8 * t], &tail[t]);
+    for (int64_t c0 = 0; c0 < cols; c0 += span) {
+      const int64_t len = std::min(span, cols - c0);
+      const float* w = buf;
+      if (type == WeightType::kF32) {
+        w = reinterpret_cast<const float*>(v.data + static_cast<size_t>(r) * v.row_bytes) + c0;
+      } else {
+        DecodeAvx2(v, r, c0, len, buf);
+      }
+      AccumulateTokens(w, len, x + c0, cols, n, acc.data(), tail.data());
     }
-    for (int64_t t = 0; t < n; ++t) y[t * y_stride + r] = Hsum(_mm256_loadu_ps(&acc[8 * t])) + tail[t];
+    for (int64_t t = 0; t < n; ++t) y[t * y_stride + r] = FinishDot(&acc[32 * t], tail[t]);
   }
 }
 

@@ -1,6 +1,6 @@
-// AVX-512 (F, BW, DQ, VL) kernels: F32 dot products for any n, and for prompts (n > 1) 16-lane decoders for
-// Q8_0, Q4_0 and Q4_K feeding a 16-lane multi-token dot. Other formats decode with the AVX2 code (every
-// AVX-512 CPU has AVX2); quantized n = 1 reuses the AVX2 fused decode-dot loops.
+// AVX-512 (F, BW, DQ, VL) kernels: 16-lane decoders for Q8_0, Q4_0 and Q4_K, and a 16-lane dot product
+// shared by every n (see "Batch invariance" in kernels_avx2.cc; the same rules at 16 lanes). Other
+// formats decode with the AVX2 code (every AVX-512 CPU has AVX2).
 // GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_* helpers (a known
 // false positive in the header, not in this file).
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -71,35 +71,96 @@ QF_AVX512 void DecodeQ4_K(const block_q4_K* b, int64_t nblocks, float* out) {
   }
 }
 
-QF_AVX512 float DotF32(const float* a, const float* b, int64_t len) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-  __m512 acc2 = _mm512_setzero_ps(), acc3 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 64 <= len; i += 64) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-    acc2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), acc2);
-    acc3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), acc3);
-  }
-  for (; i + 16 <= len; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc0, acc1), _mm512_add_ps(acc2, acc3)));
-  for (; i < len; ++i) sum += a[i] * b[i];
-  return sum;
+// Batch invariance: the rules of kernels_avx2.cc at 16 lanes. Vector v = c / 16 of the row's first
+// 16 * (cols / 16) weights is FMA'd into chain v % 4 in increasing v; the result is
+// reduce((c0 + c1) + (c2 + c3)) + tail, tail being the last cols % 16 products summed in column order
+// from 0. Each chain sees its own vectors in order however many tokens share a weight vector: same bits.
+
+QF_AVX512 inline float FinishDot(const float* acc, float tail) {
+  const __m512 s01 = _mm512_add_ps(_mm512_loadu_ps(acc), _mm512_loadu_ps(acc + 16));
+  const __m512 s23 = _mm512_add_ps(_mm512_loadu_ps(acc + 32), _mm512_loadu_ps(acc + 48));
+  return _mm512_reduce_add_ps(_mm512_add_ps(s01, s23)) + tail;
 }
 
+// One token over w[0, len), the four chains interleaved. acc (64 floats) and tail carry across chunks.
+QF_AVX512 void AccumulateOne(const float* w, int64_t len, const float* x, float* acc, float* tail) {
+  __m512 a0 = _mm512_loadu_ps(acc), a1 = _mm512_loadu_ps(acc + 16);
+  __m512 a2 = _mm512_loadu_ps(acc + 32), a3 = _mm512_loadu_ps(acc + 48);
+  int64_t i = 0;
+  for (; i + 64 <= len; i += 64) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 16), _mm512_loadu_ps(x + i + 16), a1);
+    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 32), _mm512_loadu_ps(x + i + 32), a2);
+    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i + 48), _mm512_loadu_ps(x + i + 48), a3);
+  }
+  // Up to three whole vectors left (only in a row's last chunk): chains 0, 1, 2.
+  if (i + 16 <= len) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a0);
+    i += 16;
+    if (i + 16 <= len) {
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a1);
+      i += 16;
+      if (i + 16 <= len) {
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + i), _mm512_loadu_ps(x + i), a2);
+        i += 16;
+      }
+    }
+  }
+  _mm512_storeu_ps(acc, a0);
+  _mm512_storeu_ps(acc + 16, a1);
+  _mm512_storeu_ps(acc + 32, a2);
+  _mm512_storeu_ps(acc + 48, a3);
+  for (; i < len; ++i) *tail += w[i] * x[i];
+}
+
+// kTile (2..6) tokens, all four chains of each interleaved: 4 * kTile accumulators in registers, each
+// weight vector loaded once for kTile tokens, sequential reads (as in kernels_avx2.cc, where running the
+// chains one after another was measured slower). acc: 64 floats a token.
 template <int kTile>
 QF_AVX512 void AccumulateTile(const float* w, int64_t len, const float* x, int64_t x_stride, float* acc,
                               float* tail) {
-  __m512 a[kTile];
-  for (int t = 0; t < kTile; ++t) a[t] = _mm512_loadu_ps(acc + 16 * t);
-  int64_t i = 0;
-  for (; i + 16 <= len; i += 16) {
-    const __m512 wv = _mm512_loadu_ps(w + i);
-    for (int t = 0; t < kTile; ++t) a[t] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * x_stride + i), a[t]);
+  static_assert(kTile >= 2 && kTile <= 6, "4 * kTile accumulators plus a weight vector must fit 32 registers");
+  __m512 a[kTile][4];
+  for (int t = 0; t < kTile; ++t) {
+    for (int k = 0; k < 4; ++k) a[t][k] = _mm512_loadu_ps(acc + 64 * t + 16 * k);
   }
-  for (int t = 0; t < kTile; ++t) _mm512_storeu_ps(acc + 16 * t, a[t]);
+  int64_t i = 0;
+  for (; i + 64 <= len; i += 64) {
+    for (int k = 0; k < 4; ++k) {
+      const __m512 wv = _mm512_loadu_ps(w + i + 16 * k);
+      for (int t = 0; t < kTile; ++t) {
+        a[t][k] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * x_stride + i + 16 * k), a[t][k]);
+      }
+    }
+  }
+  // Up to three whole vectors left (only in a row's last span): chains 0, 1, 2.
+  for (int k = 0; k < 3 && i + 16 <= len; ++k, i += 16) {
+    const __m512 wv = _mm512_loadu_ps(w + i);
+    for (int t = 0; t < kTile; ++t) a[t][k] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + t * x_stride + i), a[t][k]);
+  }
+  for (int t = 0; t < kTile; ++t) {
+    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(acc + 64 * t + 16 * k, a[t][k]);
+  }
   for (; i < len; ++i) {
     for (int t = 0; t < kTile; ++t) tail[t] += w[i] * x[t * x_stride + i];
+  }
+}
+
+// Tokens [0, n): tiles of 6, then one tile of the remainder (same bits per token whatever the tile).
+QF_AVX512 void AccumulateTokens(const float* w, int64_t len, const float* x, int64_t x_stride, int64_t n,
+                                float* acc, float* tail) {
+  int64_t t = 0;
+  for (; t + 6 <= n; t += 6) AccumulateTile<6>(w, len, x + t * x_stride, x_stride, acc + 64 * t, tail + t);
+  const float* xt = x + t * x_stride;
+  float* at = acc + 64 * t;
+  float* tt = tail + t;
+  switch (n - t) {
+    case 0: break;
+    case 1: AccumulateOne(w, len, xt, at, tt); break;
+    case 2: AccumulateTile<2>(w, len, xt, x_stride, at, tt); break;
+    case 3: AccumulateTile<3>(w, len, xt, x_stride, at, tt); break;
+    case 4: AccumulateTile<4>(w, len, xt, x_stride, at, tt); break;
+    default: AccumulateTile<5>(w, len, xt, x_stride, at, tt); break;
   }
 }
 
@@ -126,33 +187,30 @@ QF_AVX512 void DecodeAvx512(const WeightView& v, int64_t r, int64_t c0, int64_t 
 QF_AVX512 void MatMulAvx512(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
                             int64_t y_stride) {
   const int64_t cols = v.cols;
-  if (v.format.type == WeightType::kF32) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* w = reinterpret_cast<const float*>(v.data + static_cast<size_t>(r) * v.row_bytes);
-      for (int64_t t = 0; t < n; ++t) y[t * y_stride + r] = DotF32(w, x + t * cols, cols);
-    }
-    return;
-  }
-  if (n == 1) {
-    // One token: the AVX2 fused decode-dot loops (block scale applied per partial sum, no decoded buffer)
-    // beat decode-then-dot at any vector width, so the n = 1 path is shared.
-    MatMulAvx2(v, r0, r1, x, n, y, y_stride);
-    return;
-  }
-  alignas(64) float buf[kChunk];
-  std::vector<float> acc(16 * static_cast<size_t>(n));
+  const bool f32 = v.format.type == WeightType::kF32;
+  // Every n takes this path: a span of the row (f32: the whole row, read in place; otherwise kSpan
+  // columns decoded once into L1), then each token over it. For n = 1, AccumulateOne keeps four FMA
+  // chains in flight.
+  constexpr int64_t kSpan = 4 * kChunk;
+  static_assert(kSpan % 64 == 0, "spans must keep the chain of every vector");
+  alignas(64) float buf[kSpan];
+  std::vector<float> acc(64 * static_cast<size_t>(n));  // four 16-lane chains per token
   std::vector<float> tail(static_cast<size_t>(n));
+  const int64_t span = f32 ? cols : kSpan;
   for (int64_t r = r0; r < r1; ++r) {
     std::fill(acc.begin(), acc.end(), 0.0f);
     std::fill(tail.begin(), tail.end(), 0.0f);
-    for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
-      const int64_t len = std::min(kChunk, cols - c0);
-      DecodeAvx512(v, r, c0, len, buf);
-      int64_t t = 0;
-      for (; t + 4 <= n; t += 4) AccumulateTile<4>(buf, len, x + t * cols + c0, cols, &acc[16 * t], &tail[t]);
-      for (; t < n; ++t) AccumulateTile<1>(buf, len, x + t * cols + c0, cols, &acc[16 * t], &tail[t]);
+    for (int64_t c0 = 0; c0 < cols; c0 += span) {
+      const int64_t len = std::min(span, cols - c0);
+      const float* w = buf;
+      if (f32) {
+        w = reinterpret_cast<const float*>(v.data + static_cast<size_t>(r) * v.row_bytes) + c0;
+      } else {
+        DecodeAvx512(v, r, c0, len, buf);
+      }
+      AccumulateTokens(w, len, x + c0, cols, n, acc.data(), tail.data());
     }
-    for (int64_t t = 0; t < n; ++t) y[t * y_stride + r] = _mm512_reduce_add_ps(_mm512_loadu_ps(&acc[16 * t])) + tail[t];
+    for (int64_t t = 0; t < n; ++t) y[t * y_stride + r] = FinishDot(&acc[64 * t], tail[t]);
   }
 }
 

@@ -98,6 +98,10 @@ std::vector<Case> AllCases() {
   std::vector<Case> cases = {
       {WeightFormat::F32(), 7, 37},   {WeightFormat::F32(), 5, 300},  {WeightFormat::F16(), 7, 37},
       {WeightFormat::F16(), 5, 300},  {WeightFormat::BF16(), 7, 45},  {WeightFormat::BF16(), 3, 264},
+      // 315 = 256 + 59: three whole vectors past the last 32 (AVX2) / 64 (AVX-512) columns, then a tail;
+      // 1000: several chunks ending in a partial one.
+      {WeightFormat::F32(), 3, 315},  {WeightFormat::BF16(), 3, 315}, {WeightFormat::F32(), 2, 1000},
+      {WeightFormat::F16(), 2, 1000},
       {WeightFormat::Of(WeightType::kQ8_0), 7, 96},   {WeightFormat::Of(WeightType::kQ8_0), 5, 288},
       {WeightFormat::Of(WeightType::kQ4_0), 7, 96},   {WeightFormat::Of(WeightType::kQ4_0), 5, 288},
       {WeightFormat::Of(WeightType::kQ4_K), 3, 256},  {WeightFormat::Of(WeightType::kQ4_K), 5, 768},
@@ -197,6 +201,58 @@ TEST(KernelsTest, Avx2AgreesWithScalar) {
 TEST(KernelsTest, Avx512AgreesWithScalar) {
   if (DetectIsa() < Isa::kAvx512) GTEST_SKIP() << "CPU lacks AVX-512 (F/BW/DQ/VL)";
   CheckIsaAgainstScalar(Isa::kAvx512);
+}
+
+// Batch invariance: on every ISA, a token's outputs are the same bytes whether it is computed alone or
+// among n tokens, at any position in the call (the serving engine batches unrelated sequences).
+void CheckBatchInvariant(Isa isa) {
+  IsaGuard guard;
+  ASSERT_EQ(SetIsa(isa), isa);
+  constexpr int64_t kTokens = 32;
+  uint32_t seed = 1000;
+  for (const Case& c : AllCases()) {
+    SCOPED_TRACE(absl::StrCat(FormatName(c.format), " ", c.rows, "x", c.cols, " isa=", IsaName(isa)));
+    const Tensor w = RandomTensor(c.format, c.rows, c.cols, seed++);
+    const std::vector<float> x = RandomX(kTokens, c.cols, seed++);
+    std::vector<float> alone(static_cast<size_t>(kTokens * c.rows));
+    for (int64_t t = 0; t < kTokens; ++t) {
+      ASSERT_TRUE(MatMulRows(w, 0, c.rows, &x[t * c.cols], 1, &alone[t * c.rows], c.rows).ok());
+    }
+    std::vector<int64_t> counts;
+    for (int64_t n = 1; n <= 17; ++n) counts.push_back(n);
+    counts.push_back(kTokens);
+    for (int64_t n : counts) {
+      // The first n tokens, and the last n (so token t also sits at position t - (kTokens - n)).
+      for (int64_t first : {int64_t{0}, kTokens - n}) {
+        std::vector<float> y(static_cast<size_t>(n * c.rows));
+        ASSERT_TRUE(MatMulRows(w, 0, c.rows, &x[first * c.cols], n, y.data(), c.rows).ok());
+        for (int64_t k = 0; k < n; ++k) {
+          ASSERT_EQ(std::memcmp(&y[k * c.rows], &alone[(first + k) * c.rows], c.rows * sizeof(float)), 0)
+              << "token " << first + k << " at position " << k << " of n=" << n;
+        }
+      }
+    }
+    // A row range (as a thread's share) changes nothing either.
+    if (c.rows > 2) {
+      std::vector<float> y(static_cast<size_t>(5 * c.rows), -1.0f);
+      ASSERT_TRUE(MatMulRows(w, 1, c.rows - 1, &x[3 * c.cols], 5, y.data(), c.rows).ok());
+      for (int64_t k = 0; k < 5; ++k) {
+        ASSERT_EQ(std::memcmp(&y[k * c.rows + 1], &alone[(3 + k) * c.rows + 1], (c.rows - 2) * sizeof(float)), 0);
+      }
+    }
+  }
+}
+
+TEST(KernelsTest, ScalarIsBatchInvariant) { CheckBatchInvariant(Isa::kScalar); }
+
+TEST(KernelsTest, Avx2IsBatchInvariant) {
+  if (DetectIsa() < Isa::kAvx2) GTEST_SKIP() << "CPU lacks AVX2/FMA/F16C";
+  CheckBatchInvariant(Isa::kAvx2);
+}
+
+TEST(KernelsTest, Avx512IsBatchInvariant) {
+  if (DetectIsa() < Isa::kAvx512) GTEST_SKIP() << "CPU lacks AVX-512 (F/BW/DQ/VL)";
+  CheckBatchInvariant(Isa::kAvx512);
 }
 
 TEST(KernelsTest, SetIsaClampsToCpu) {

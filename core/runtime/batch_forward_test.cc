@@ -172,50 +172,56 @@ TEST_P(BatchedForwardTest, BatchInvariantModeIsBitIdenticalToAloneOnEveryIsa) {
   kernels::SetIsa(original);
 }
 
-// Without batch_invariant, each matmul is one multi-token kernel call. The scalar kernels compute every
-// (token, row) dot product on its own, so batching changes no bit there either.
-TEST_P(BatchedForwardTest, DefaultModeIsBitIdenticalOnTheScalarKernels) {
+// Without batch_invariant, each matmul is one multi-token kernel call. Every kernel path (scalar, AVX2,
+// AVX-512) computes each (token, row) dot product in one fixed order whatever the batch, so batching
+// changes no bit on any ISA.
+TEST_P(BatchedForwardTest, DefaultModeIsBitIdenticalOnEveryIsa) {
   auto m = MakeModel();
   const kernels::Isa original = kernels::ActiveIsa();
-  kernels::SetIsa(kernels::Isa::kScalar);
-  ExpectBatchedEqualsAlone(m, FourSequences(m->config.vocab_size), /*batch_invariant=*/false);
+  for (kernels::Isa isa : {kernels::Isa::kScalar, kernels::Isa::kAvx2, kernels::Isa::kAvx512}) {
+    if (kernels::SetIsa(isa) != isa) continue;
+    SCOPED_TRACE(kernels::IsaName(isa));
+    ExpectBatchedEqualsAlone(m, FourSequences(m->config.vocab_size), /*batch_invariant=*/false);
+  }
   kernels::SetIsa(original);
 }
 
-// The SIMD kernels' one-token and multi-token paths round differently, so in the default mode a batched
-// token's logits may differ from its lone run in the last bits only.
-TEST_P(BatchedForwardTest, DefaultModeAgreesToRoundingOnTheActiveIsa) {
+// Whole sequences side by side in one default-mode call (every position wanted; chunks of max_batch mix
+// prompts of different sequences): each logits row is bit-identical to the sequence's lone run, on every ISA.
+TEST_P(BatchedForwardTest, DefaultModeWholeSequencesAreBitIdenticalOnEveryIsa) {
   auto m = MakeModel();
   const int vocab = m->config.vocab_size;
-  auto alone = Runtime(m, {.threads = 1});
-  auto batched = Runtime(m, {.threads = 2, .max_batch = 8});
-  const std::vector<Sequence> seqs = FourSequences(vocab);
-  std::vector<KvCache> caches;
-  std::vector<BatchToken> batch;
-  std::vector<std::vector<std::vector<float>>> expected;
-  for (const Sequence& s : seqs) {
-    expected.push_back(AloneLogits(*alone, s));
-    caches.push_back(*batched->NewCache());
-  }
-  // Whole sequences side by side in one call, every position wanted.
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    for (size_t p = 0; p < seqs[i].tokens.size(); ++p) {
-      batch.push_back({&caches[i], seqs[i].tokens[p], static_cast<int>(p), true});
+  const kernels::Isa original = kernels::ActiveIsa();
+  for (kernels::Isa isa : {kernels::Isa::kScalar, kernels::Isa::kAvx2, kernels::Isa::kAvx512}) {
+    if (kernels::SetIsa(isa) != isa) continue;
+    SCOPED_TRACE(kernels::IsaName(isa));
+    auto alone = Runtime(m, {.threads = 1});
+    auto batched = Runtime(m, {.threads = 2, .max_batch = 8});
+    ASSERT_TRUE(alone && batched);
+    const std::vector<Sequence> seqs = FourSequences(vocab);
+    std::vector<KvCache> caches;
+    std::vector<BatchToken> batch;
+    std::vector<std::vector<std::vector<float>>> expected;
+    for (const Sequence& s : seqs) {
+      expected.push_back(AloneLogits(*alone, s));
+      caches.push_back(*batched->NewCache());
     }
-  }
-  std::vector<float> logits(batch.size() * vocab);
-  ASSERT_TRUE(batched->ForwardBatch(batch, logits.data()).ok());
-  size_t row = 0;
-  for (size_t i = 0; i < seqs.size(); ++i) {
-    for (size_t p = 0; p < seqs[i].tokens.size(); ++p, ++row) {
-      const std::vector<float>& want = expected[i][p];
-      float scale = 1e-30f;
-      for (float v : want) scale = std::max(scale, std::abs(v));
-      for (int v = 0; v < vocab; ++v) {
-        ASSERT_NEAR(logits[row * vocab + v], want[v], 1e-4f * scale) << "sequence " << i << " position " << p;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      for (size_t p = 0; p < seqs[i].tokens.size(); ++p) {
+        batch.push_back({&caches[i], seqs[i].tokens[p], static_cast<int>(p), true});
+      }
+    }
+    std::vector<float> logits(batch.size() * vocab);
+    ASSERT_TRUE(batched->ForwardBatch(batch, logits.data()).ok());
+    size_t row = 0;
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      for (size_t p = 0; p < seqs[i].tokens.size(); ++p, ++row) {
+        ASSERT_EQ(std::memcmp(&logits[row * vocab], expected[i][p].data(), vocab * sizeof(float)), 0)
+            << "sequence " << i << " position " << p;
       }
     }
   }
+  kernels::SetIsa(original);
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, BatchedForwardTest,
