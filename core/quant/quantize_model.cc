@@ -1,5 +1,7 @@
 #include "core/quant/quantize_model.h"
 
+#include <fnmatch.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -7,7 +9,12 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/string_view.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "core/base/status_macros.h"
 #include "core/kernels/kernels.h"
 #include "core/quant/gptq.h"
@@ -59,7 +66,99 @@ absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const std::vector
   return s;
 }
 
+std::string KnownMethods() {
+  std::vector<std::string> known;
+  for (const QuantMethod* m : ListMethods()) known.push_back(m->name());
+  return absl::StrJoin(known, ", ");
+}
+
 }  // namespace
+
+int MatchLayerRule(const std::vector<LayerRule>& rules, std::string_view tensor_name) {
+  const std::string n(tensor_name);
+  for (size_t i = 0; i < rules.size(); ++i) {
+    if (fnmatch(rules[i].pattern.c_str(), n.c_str(), 0) == 0) return static_cast<int>(i);
+  }
+  return -1;
+}
+
+std::string LayerRulesToString(const std::vector<LayerRule>& rules) {
+  std::vector<std::string> parts;
+  for (const LayerRule& r : rules) {
+    std::string s = absl::StrCat(r.pattern, "=", r.method);
+    if (r.params) {
+      const QuantParams& p = *r.params;
+      absl::StrAppend(&s, ":bits=", p.bits, ",group=", p.group, p.symmetric ? ",sym" : ",asym",
+                      p.double_quant ? ",dq" : ",no-dq");
+      if (p.act_order) absl::StrAppend(&s, ",act-order");
+      if (p.static_groups) absl::StrAppend(&s, ",static-groups");
+      if (p.damp != QuantParams{}.damp) absl::StrAppend(&s, ",damp=", p.damp);
+    }
+    parts.push_back(std::move(s));
+  }
+  return absl::StrJoin(parts, ";");
+}
+
+absl::StatusOr<std::vector<LayerRule>> ParseLayerRules(const std::string& text) {
+  std::vector<LayerRule> rules;
+  int i = 0;
+  for (absl::string_view part : absl::StrSplit(absl::string_view(text), ';', absl::SkipWhitespace())) {
+    const std::string field = absl::StrCat("rules[", i++, "]");
+    part = absl::StripAsciiWhitespace(part);
+    // The pattern ends at the first '=' (tensor names never contain one); the method at the first ':'.
+    const size_t eq = part.find('=');
+    if (eq == absl::string_view::npos || eq == 0) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ": '", part, "' is not GLOB=METHOD[:params]"));
+    }
+    LayerRule r;
+    r.pattern = std::string(part.substr(0, eq));
+    absl::string_view rest = part.substr(eq + 1);
+    const size_t colon = rest.find(':');
+    r.method = std::string(absl::StripAsciiWhitespace(rest.substr(0, colon)));
+    const QuantMethod* m = FindMethod(r.method);
+    if (m == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".method: unknown method '", r.method, "' (known: ", KnownMethods(), ")"));
+    }
+    if (colon != absl::string_view::npos) {
+      QuantParams p = m->DefaultParams();
+      for (absl::string_view kv : absl::StrSplit(rest.substr(colon + 1), ',', absl::SkipWhitespace())) {
+        kv = absl::StripAsciiWhitespace(kv);
+        const size_t e = kv.find('=');
+        const absl::string_view key = kv.substr(0, e);
+        const absl::string_view value = e == absl::string_view::npos ? absl::string_view() : kv.substr(e + 1);
+        bool ok = true;
+        if (key == "bits" && !value.empty()) {
+          ok = absl::SimpleAtoi(value, &p.bits);
+        } else if (key == "group" && !value.empty()) {
+          ok = absl::SimpleAtoi(value, &p.group);
+        } else if (key == "damp" && !value.empty()) {
+          ok = absl::SimpleAtof(value, &p.damp);
+        } else if (e == absl::string_view::npos && key == "sym") {
+          p.symmetric = true;
+        } else if (e == absl::string_view::npos && key == "asym") {
+          p.symmetric = false;
+        } else if (e == absl::string_view::npos && key == "dq") {
+          p.double_quant = true;
+        } else if (e == absl::string_view::npos && key == "no-dq") {
+          p.double_quant = false;
+        } else if (e == absl::string_view::npos && key == "act-order") {
+          p.act_order = true;
+        } else if (e == absl::string_view::npos && key == "static-groups") {
+          p.static_groups = true;
+        } else {
+          return absl::InvalidArgumentError(absl::StrCat(
+              field, ".params: unknown '", kv, "' (bits=B, group=G, damp=D, sym, asym, dq, no-dq, act-order, "
+              "static-groups)"));
+        }
+        if (!ok) return absl::InvalidArgumentError(absl::StrCat(field, ".params: bad number in '", kv, "'"));
+      }
+      r.params = p;
+    }
+    rules.push_back(std::move(r));
+  }
+  return rules;
+}
 
 absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& method, const QuantParams& params,
                                       ThreadPool* pool, TensorQuantReport* report, const calib::LayerStats* calib) {
@@ -120,13 +219,32 @@ absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& metho
 absl::StatusOr<QuantizeResult> QuantizeModel(const Model& in, const QuantRecipe& recipe, ThreadPool* pool) {
   const QuantMethod* method = FindMethod(recipe.method);
   if (method == nullptr) {
-    std::vector<std::string> known;
-    for (const QuantMethod* m : ListMethods()) known.push_back(m->name());
     return absl::InvalidArgumentError(absl::StrCat("unknown quantization method '", recipe.method,
-                                                   "' (known: ", absl::StrJoin(known, ", "), ")"));
+                                                   "' (known: ", KnownMethods(), ")"));
   }
   const QuantParams params = recipe.params.value_or(method->DefaultParams());
   QF_RETURN_IF_ERROR(method->Validate(params));
+  // Every rule is checked before any tensor is touched, so a bad rule that matches nothing is still an error.
+  struct Resolved {
+    const QuantMethod* method;
+    QuantParams params;
+  };
+  std::vector<Resolved> rules;
+  for (size_t i = 0; i < recipe.layers.size(); ++i) {
+    const LayerRule& r = recipe.layers[i];
+    const std::string field = absl::StrCat("layers[", i, "]");
+    if (r.pattern.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ".pattern: empty"));
+    const QuantMethod* m = FindMethod(r.method);
+    if (m == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ".method: unknown method '", r.method, "' (known: ", KnownMethods(), ")"));
+    }
+    const QuantParams p = r.params.value_or(m->DefaultParams());
+    if (absl::Status s = m->Validate(p); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".params: ", s.message()));
+    }
+    rules.push_back({m, p});
+  }
 
   std::vector<std::string> targets = LinearWeightNames(in.config);
   if (recipe.quantize_embeddings) {
@@ -150,12 +268,16 @@ absl::StatusOr<QuantizeResult> QuantizeModel(const Model& in, const QuantRecipe&
       auto it = recipe.calibration->find(name);
       if (it != recipe.calibration->end()) stats = it->second.get();
     }
-    if (stats == nullptr && method->NeedsCalibration()) {
+    const int rule = MatchLayerRule(recipe.layers, name);
+    const QuantMethod* m = rule < 0 ? method : rules[static_cast<size_t>(rule)].method;
+    const QuantParams& p = rule < 0 ? params : rules[static_cast<size_t>(rule)].params;
+    if (stats == nullptr && m->NeedsCalibration()) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "method '", recipe.method, "' needs calibration statistics and there are none for '", name, "'"));
+          "method '", m->name(), "' needs calibration statistics and there are none for '", name, "'"));
     }
     TensorQuantReport tr;
-    QF_ASSIGN_OR_RETURN(Tensor q, QuantizeTensor(*t, *method, params, pool, &tr, stats));
+    QF_ASSIGN_OR_RETURN(Tensor q, QuantizeTensor(*t, *m, p, pool, &tr, stats));
+    tr.rule = rule;
     result.model.tensors[name] = std::move(q);
     const double n = static_cast<double>(tr.rows * tr.cols);
     err2 += tr.rmse * tr.rmse * n;
@@ -180,6 +302,7 @@ absl::StatusOr<QuantizeResult> QuantizeModel(const Model& in, const QuantRecipe&
   md["quant.params"] = ParamsToString(params);
   md["quant.quantize_embeddings"] = recipe.quantize_embeddings ? "true" : "false";
   md["quant.fallbacks"] = absl::StrJoin(rep.fallbacks, ",");
+  if (!recipe.layers.empty()) md["quant.layers"] = LayerRulesToString(recipe.layers);
   QF_RETURN_IF_ERROR(ValidateModel(result.model));
   return result;
 }
@@ -191,7 +314,8 @@ std::string FormatReport(const QuantReport& r) {
   for (const TensorQuantReport& t : r.tensors) {
     absl::StrAppendFormat(&s, "%-28s %-12s %-16s %8.4f %12d %12d %12d %11.4e %10.4e%s\n", t.name,
                           absl::StrCat(t.rows, "x", t.cols), t.format, t.bits_per_weight, t.bytes_f32, t.bytes_f16,
-                          t.bytes_after, t.rmse, t.rel_error, t.fell_back ? "  (fallback)" : "");
+                          t.bytes_after, t.rmse, t.rel_error,
+                          t.fell_back ? "  (fallback)" : (t.rule >= 0 ? absl::StrCat("  (", t.method, ")") : ""));
   }
   absl::StrAppendFormat(&s, "%-28s %-12s %-16s %8.4f %12d %12d %12d %11.4e %10.4e\n", "total", "", "",
                         r.bits_per_weight, r.bytes_f32, r.bytes_f16, r.bytes_after, r.rmse, r.rel_error);

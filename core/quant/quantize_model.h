@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -13,6 +14,26 @@
 #include "core/quant/quant_method.h"
 
 namespace qforge::quant {
+
+// One per-layer rule: tensors whose canonical name matches `pattern` (an fnmatch(3) glob, flags 0) get `method`
+// with `params`. Same meaning as scheduler::JobRecipe::layers, so a recipe quantizes alike in one process and
+// through the scheduler; defined here because core must not depend on scheduler/.
+struct LayerRule {
+  std::string pattern;
+  std::string method;
+  std::optional<QuantParams> params;  // absent: the method's DefaultParams()
+  bool operator==(const LayerRule&) const = default;
+};
+
+// The index of the first rule whose pattern matches `tensor_name`; -1: none (the recipe's default applies).
+int MatchLayerRule(const std::vector<LayerRule>& rules, std::string_view tensor_name);
+
+// Rules as text, ';'-separated "GLOB=METHOD[:bits=B,group=G,sym|asym,dq|no-dq[,act-order][,static-groups]
+// [,damp=D]]". Params are written in full so the text means the same whatever the methods' defaults become.
+std::string LayerRulesToString(const std::vector<LayerRule>& rules);
+// Parses the text above (the params list may be partial: unnamed fields keep the method's DefaultParams()).
+// Only the syntax is checked here; methods and params are validated by QuantizeModel. Errors name `rules[i]`.
+absl::StatusOr<std::vector<LayerRule>> ParseLayerRules(const std::string& text);
 
 struct QuantRecipe {
   std::string method = "q8_0";
@@ -23,12 +44,16 @@ struct QuantRecipe {
   // Required by methods that NeedsCalibration() (gptq). When present, every tensor with statistics also gets
   // its layer-output error in the report, whatever the method.
   const calib::CalibrationStats* calibration = nullptr;
+  // Per-tensor overrides, first match wins; unmatched tensors use method/params above. Each rule is validated
+  // up front (errors name layers[i]); a matched tensor still follows its own method's fallback chain.
+  std::vector<LayerRule> layers = {};
 };
 
 struct TensorQuantReport {
   std::string name;
   int64_t rows = 0, cols = 0;
-  std::string method;  // the method actually used (differs from the recipe's after a fallback)
+  std::string method;  // the method actually used (differs from the rule's/recipe's after a fallback)
+  int rule = -1;       // index into QuantRecipe::layers that chose the method; -1: the recipe's default
   std::string format;  // FormatName of the output
   bool fell_back = false;
   std::string fallback_reason;  // why the recipe's method did not fit
@@ -59,7 +84,8 @@ struct QuantizeResult {
 };
 
 // Quantizes the selected matrices of `in`; everything else (norms, vocab, config) is carried over
-// unchanged. Metadata gains quant.method / quant.params / quant.fallbacks. `pool` may be null.
+// unchanged. Metadata gains quant.method / quant.params / quant.fallbacks, plus quant.layers
+// (LayerRulesToString) only when the recipe has rules, so rule-free outputs are unchanged. `pool` may be null.
 // FAILED_PRECONDITION when the method needs calibration and a target tensor has no statistics.
 // The output bytes do not depend on the pool's size.
 absl::StatusOr<QuantizeResult> QuantizeModel(const Model& in, const QuantRecipe& recipe, ThreadPool* pool);

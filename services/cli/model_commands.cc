@@ -15,6 +15,7 @@
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
 #include "core/quant/awq.h"
+#include "core/quant/mixed_precision.h"
 #include "core/quant/quantize_model.h"
 #include "core/runtime/generate.h"
 #include "core/runtime/transformer.h"
@@ -122,16 +123,33 @@ absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodF
 }
 
 absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
-  std::set<std::string> value_flags = {"threads", "tokenizer", "calib-text", "calib-streams", "calib-len", "calib-seed"};
+  std::set<std::string> value_flags = {"threads",    "tokenizer", "calib-text", "calib-streams",
+                                       "calib-len",  "calib-seed", "layers",    "target-bpw"};
   std::set<std::string> bool_flags = {"quantize-embeddings"};
   value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, bool_flags));
-  const std::string usage = "qforge quantize --method M [--bits B] [--group G] [--asym] [--no-double-quant] "
-                            "[--quantize-embeddings] [--act-order] [--damp D] [--calib-text FILE | --calib-streams N "
-                            "--calib-len L --calib-seed S] [--threads N] [--tokenizer TOK] IN OUT.{gguf,safetensors}";
-  QF_ASSIGN_OR_RETURN(auto method_and_params, MethodFromFlags(f, usage));
+  const std::string usage =
+      "qforge quantize (--method M [--bits B] [--group G] [--asym] [--no-double-quant] [--act-order] [--damp D] "
+      "[--layers 'GLOB=METHOD[:bits=B,group=G,asym];...'] | --target-bpw X) [--quantize-embeddings] "
+      "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--threads N] [--tokenizer TOK] "
+      "IN OUT.{gguf,safetensors}";
+  const bool automatic = f.Has("target-bpw");
+  if (automatic && f.Has("layers")) return UsageError("--target-bpw plans every tensor itself: drop --layers");
+  // In automatic mode every target tensor gets an explicit rule, so the default method only fills the metadata.
+  std::pair<const quant::QuantMethod*, quant::QuantParams> method_and_params = {
+      quant::FindMethod("q8_0"), quant::FindMethod("q8_0")->DefaultParams()};
+  if (!automatic || f.Has("method")) {
+    QF_ASSIGN_OR_RETURN(method_and_params, MethodFromFlags(f, usage));
+  }
   const auto [method, params] = method_and_params;
+  QF_ASSIGN_OR_RETURN(double target_bpw, f.GetDouble("target-bpw", 4.0, 0.5, 32.0));
+  std::vector<quant::LayerRule> rules;
+  if (f.Has("layers")) {
+    auto parsed = quant::ParseLayerRules(f.Get("layers"));
+    if (!parsed.ok()) return UsageError(absl::StrCat("--layers: ", parsed.status().message()));
+    rules = *std::move(parsed);
+  }
   QF_ASSIGN_OR_RETURN(int calib_streams, f.GetInt("calib-streams", 64, 1, 1 << 20));
   QF_ASSIGN_OR_RETURN(int calib_len, f.GetInt("calib-len", 256, 2, 1 << 24));
   // Evaluation samples its streams with seed 1 by default; calibration must not see those tokens.
@@ -153,9 +171,17 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   recipe.method = method->name();
   recipe.params = params;
   recipe.quantize_embeddings = f.GetBool("quantize-embeddings");
+  recipe.layers = rules;
+  bool needs_calibration = method->NeedsCalibration();
+  for (const quant::LayerRule& r : rules) {
+    const quant::QuantMethod* m = quant::FindMethod(r.method);
+    needs_calibration |= m != nullptr && m->NeedsCalibration();
+  }
+  // The automatic plan scores by layer-output error when calibration is asked for, by weight error otherwise.
+  if (automatic && (f.Has("calib-text") || f.Has("calib-streams"))) needs_calibration = true;
   const auto start = std::chrono::steady_clock::now();
   calib::CalibrationStats calibration;
-  if (method->NeedsCalibration()) {
+  if (needs_calibration) {
     QF_ASSIGN_OR_RETURN(calibration, Calibrate(model, f, calib_streams, calib_len, calib_seed, threads, out));
     recipe.calibration = &calibration;
     if (method->name() == "awq") {
@@ -168,6 +194,25 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
     }
   }
   ThreadPool pool(threads);
+  if (automatic) {
+    quant::MixedPrecisionOptions o;
+    o.target_bpw = target_bpw;
+    o.quantize_embeddings = recipe.quantize_embeddings;
+    o.calibration = recipe.calibration;
+    o.pool = &pool;
+    QF_ASSIGN_OR_RETURN(quant::MixedPrecisionPlan plan, quant::PlanMixedPrecisionDetailed(model, o));
+    out << absl::StrFormat("mixed precision plan for %.4g bits/weight (%s error):\n", target_bpw,
+                           recipe.calibration != nullptr ? "layer-output" : "weight");
+    for (const quant::TensorPrecisionChoice& t : plan.tensors) {
+      const quant::PrecisionCandidate& c = plan.candidates[static_cast<size_t>(t.candidate)];
+      out << absl::StrFormat("  %-28s %-6s %-28s -> %-16s %7.4f bits/w  loss %.4e\n", t.name, c.method,
+                             quant::ParamsToString(c.params), t.format,
+                             8.0 * static_cast<double>(t.bytes) / static_cast<double>(t.weights), t.loss);
+    }
+    out << absl::StrFormat("achieved %.4f bits/weight (target %.4g), total loss %.4e\n", plan.bits_per_weight,
+                           target_bpw, plan.loss);
+    recipe.layers = std::move(plan.rules);
+  }
   QF_ASSIGN_OR_RETURN(quant::QuantizeResult result, quant::QuantizeModel(model, recipe, &pool));
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   result.model.metadata["source"] = in_path;
