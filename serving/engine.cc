@@ -96,8 +96,7 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(std::shared_ptr<const Mod
   // read once per step.
   RuntimeOptions ro{.threads = options.threads,
                     .max_seq_len = context,
-                    .max_batch = options.max_running + options.max_prefill_tokens_per_step,
-                    .batch_invariant = options.batch_invariant};
+                    .max_batch = options.max_running + options.max_prefill_tokens_per_step};
   QF_ASSIGN_OR_RETURN(std::unique_ptr<Transformer> runtime, Transformer::Create(model, ro));
   std::unique_ptr<Engine> engine(
       new Engine(std::move(model), std::move(tokenizer), std::move(options), context, eos_id, std::move(runtime)));
@@ -386,8 +385,7 @@ absl::StatusOr<ScoreResult> Engine::Score(const std::vector<int>& tokens) {
   if (scorer_ == nullptr) {
     RuntimeOptions ro{.threads = options_.threads,
                       .max_seq_len = context_,
-                      .max_batch = kChunk,
-                      .batch_invariant = options_.batch_invariant};
+                      .max_batch = kChunk};
     QF_ASSIGN_OR_RETURN(scorer_, Transformer::Create(model_, ro));
   }
   QF_ASSIGN_OR_RETURN(KvCache cache, scorer_->NewCache(n));

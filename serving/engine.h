@@ -36,10 +36,6 @@ struct EngineOptions {
   int max_queue = 256;   // waiting requests beyond which Submit is RESOURCE_EXHAUSTED
   int max_prefill_tokens_per_step = 256;  // bounds a step's latency when long prompts arrive
   int context = 0;  // KV capacity per sequence; 0 or more than the model's seq_len = seq_len
-  // A request's tokens depend only on its prompt and sampler, never on what else is batched with it
-  // (RuntimeOptions::batch_invariant). Costs multi-token kernel throughput until core/kernels' one-token
-  // and multi-token paths round alike; false trades the guarantee for speed.
-  bool batch_invariant = true;
   // Metrics hook, called on the engine thread after every step.
   std::function<void(int batch_sequences, int batch_tokens, double step_seconds)> on_step = nullptr;
 };

@@ -142,7 +142,7 @@ std::vector<int> Prompt(int len, uint64_t seed, int vocab) {
 
 // The request run alone through core/runtime's Generate, on a Transformer of the engine's context.
 GenerateResult Alone(const TestModel& tm, const GenerationRequest& r, int context) {
-  auto rt = Transformer::Create(tm.model, {.threads = 1, .max_seq_len = context, .batch_invariant = true});
+  auto rt = Transformer::Create(tm.model, {.threads = 1, .max_seq_len = context});
   EXPECT_TRUE(rt.ok()) << rt.status();
   const int eos = tm.tokenizer ? tm.tokenizer->eos_id() : -1;
   GenerateOptions o{.max_new_tokens = r.max_tokens, .sampler = r.sampler, .eos_id = r.stop_at_eos ? eos : -1};
@@ -459,7 +459,7 @@ TEST(Engine, ScoreEqualsLogSoftmaxOfForwardAndLeavesTheBatchAlone) {
   s.WaitDone();
   ExpectMatchesAlone(tm, r, s, tm.model->config.seq_len);
 
-  auto rt = Transformer::Create(tm.model, {.threads = 1, .batch_invariant = true});
+  auto rt = Transformer::Create(tm.model, {.threads = 1});
   ASSERT_TRUE(rt.ok());
   std::vector<float> logits(tokens.size() * vocab);
   ASSERT_TRUE((*rt)->Forward(tokens, 0, logits.data(), /*all_logits=*/true).ok());

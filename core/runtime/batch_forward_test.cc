@@ -75,11 +75,10 @@ struct Received {
 // join at different steps; prompts are prefilled in pieces of 3..7 tokens that cross max_batch chunk
 // boundaries, beside decode tokens of other sequences; the span order changes from step to step; and on
 // even steps only a prefill piece's last token wants logits. Checks every returned logits row bit for bit.
-void ExpectBatchedEqualsAlone(std::shared_ptr<const Model> m, const std::vector<Sequence>& seqs,
-                              bool batch_invariant) {
+void ExpectBatchedEqualsAlone(std::shared_ptr<const Model> m, const std::vector<Sequence>& seqs) {
   const int vocab = m->config.vocab_size;
-  auto alone = Runtime(m, {.threads = 1, .batch_invariant = batch_invariant});
-  auto batched = Runtime(m, {.threads = 2, .max_batch = 8, .batch_invariant = batch_invariant});
+  auto alone = Runtime(m, {.threads = 1});
+  auto batched = Runtime(m, {.threads = 2, .max_batch = 8});
   ASSERT_TRUE(alone && batched);
   std::vector<std::vector<std::vector<float>>> expected;
   for (const Sequence& s : seqs) expected.push_back(AloneLogits(*alone, s));
@@ -160,35 +159,23 @@ class BatchedForwardTest : public ::testing::TestWithParam<ModelCase> {
   }
 };
 
-// The guarantee the serving engine relies on, on every ISA this CPU has.
-TEST_P(BatchedForwardTest, BatchInvariantModeIsBitIdenticalToAloneOnEveryIsa) {
+// The guarantee the serving engine relies on: each matmul is one multi-token kernel call, and every kernel
+// path (scalar, AVX2, AVX-512) computes each (token, row) dot product in one fixed order whatever the batch,
+// so batching changes no bit, on every ISA this CPU has.
+TEST_P(BatchedForwardTest, BatchedIsBitIdenticalToAloneOnEveryIsa) {
   auto m = MakeModel();
   const kernels::Isa original = kernels::ActiveIsa();
   for (kernels::Isa isa : {kernels::Isa::kScalar, kernels::Isa::kAvx2, kernels::Isa::kAvx512}) {
     if (kernels::SetIsa(isa) != isa) continue;
     SCOPED_TRACE(kernels::IsaName(isa));
-    ExpectBatchedEqualsAlone(m, FourSequences(m->config.vocab_size), /*batch_invariant=*/true);
+    ExpectBatchedEqualsAlone(m, FourSequences(m->config.vocab_size));
   }
   kernels::SetIsa(original);
 }
 
-// Without batch_invariant, each matmul is one multi-token kernel call. Every kernel path (scalar, AVX2,
-// AVX-512) computes each (token, row) dot product in one fixed order whatever the batch, so batching
-// changes no bit on any ISA.
-TEST_P(BatchedForwardTest, DefaultModeIsBitIdenticalOnEveryIsa) {
-  auto m = MakeModel();
-  const kernels::Isa original = kernels::ActiveIsa();
-  for (kernels::Isa isa : {kernels::Isa::kScalar, kernels::Isa::kAvx2, kernels::Isa::kAvx512}) {
-    if (kernels::SetIsa(isa) != isa) continue;
-    SCOPED_TRACE(kernels::IsaName(isa));
-    ExpectBatchedEqualsAlone(m, FourSequences(m->config.vocab_size), /*batch_invariant=*/false);
-  }
-  kernels::SetIsa(original);
-}
-
-// Whole sequences side by side in one default-mode call (every position wanted; chunks of max_batch mix
-// prompts of different sequences): each logits row is bit-identical to the sequence's lone run, on every ISA.
-TEST_P(BatchedForwardTest, DefaultModeWholeSequencesAreBitIdenticalOnEveryIsa) {
+// Whole sequences side by side in one call (every position wanted; chunks of max_batch mix prompts of
+// different sequences): each logits row is bit-identical to the sequence's lone run, on every ISA.
+TEST_P(BatchedForwardTest, WholeSequencesAreBitIdenticalOnEveryIsa) {
   auto m = MakeModel();
   const int vocab = m->config.vocab_size;
   const kernels::Isa original = kernels::ActiveIsa();
@@ -256,7 +243,7 @@ TEST(KvCache, SizeCapacityAndReset) {
 TEST(KvCache, RewindInForwardBatchOverwritesTheTail) {
   const ModelConfig c = TinyTestConfig();
   auto m = std::make_shared<const Model>(MakeSyntheticModel(c, 5));
-  auto rt = Runtime(m, {.threads = 1, .batch_invariant = true});
+  auto rt = Runtime(m, {.threads = 1});
   const std::vector<int> a = Tokens(12, c.vocab_size, 9);
   std::vector<int> b = a;
   b[10] = (a[10] + 1) % c.vocab_size;
@@ -319,14 +306,14 @@ TEST(BatchedForward, RejectsBadBatchesAndChangesNothing) {
 TEST(BatchedForward, ForwardStillOwnsItsCache) {
   const ModelConfig c = TinyTestConfig();
   auto m = std::make_shared<const Model>(MakeSyntheticModel(c, 8));
-  auto rt = Runtime(m, {.threads = 1, .batch_invariant = true});
+  auto rt = Runtime(m, {.threads = 1});
   EXPECT_EQ(rt->cached_positions(), 0);
   const std::vector<int> t = Tokens(20, c.vocab_size, 4);
   std::vector<float> all(t.size() * c.vocab_size), one(c.vocab_size);
   ASSERT_TRUE(rt->Forward(t, 0, all.data(), true).ok());
   EXPECT_EQ(rt->cached_positions(), 20);
-  // Token by token gives the same bits as the whole prompt at once in batch-invariant mode.
-  auto single = Runtime(m, {.threads = 2, .batch_invariant = true});
+  // Token by token gives the same bits as the whole prompt at once.
+  auto single = Runtime(m, {.threads = 2});
   for (size_t p = 0; p < t.size(); ++p) {
     ASSERT_TRUE(single->Forward(std::span<const int>(&t[p], 1), static_cast<int>(p), one.data(), false).ok());
     ASSERT_EQ(std::memcmp(one.data(), &all[p * c.vocab_size], one.size() * sizeof(float)), 0) << p;

@@ -107,26 +107,13 @@ absl::Status Transformer::MatMul(const Tensor& w, const float* x, int n, float* 
   // Chunks of at least ~32K multiply-adds so that small matrices are not drowned in dispatch overhead.
   const int64_t work_per_row = std::max<int64_t>(1, cols * n);
   const int64_t min_chunk = std::max<int64_t>(1, (32 * 1024) / work_per_row);
-  // Batch-invariant mode: rows in blocks of ~16 KiB of weights, each block multiplied by one token at a time
-  // while it sits in L1/L2, so every token goes through the kernels' one-token path whatever the batch.
-  const bool per_token = options_.batch_invariant && n > 1;
-  const int64_t row_bytes = std::max<int64_t>(1, static_cast<int64_t>(w.nbytes) / std::max<int64_t>(1, rows));
-  const int64_t block_rows = std::max<int64_t>(1, (16 * 1024) / row_bytes);
+  // The kernels are batch-invariant (kernels.h): a token's outputs do not depend on the others in the call, so
+  // a sequence computes the same bits alone, chunked any way, or batched with other sequences.
   std::atomic<bool> failed{false};
   std::mutex mu;
   absl::Status first_error;
   pool_.ParallelFor(rows, min_chunk, [&](int64_t begin, int64_t end) {
-    absl::Status s;
-    if (!per_token) {
-      s = kernels::MatMulRows(w, begin, end, x, n, y, y_stride);
-    } else {
-      for (int64_t r = begin; r < end && s.ok(); r += block_rows) {
-        const int64_t r_end = std::min(end, r + block_rows);
-        for (int t = 0; t < n && s.ok(); ++t) {
-          s = kernels::MatMulRows(w, r, r_end, x + t * cols, 1, y + t * y_stride, y_stride);
-        }
-      }
-    }
+    const absl::Status s = kernels::MatMulRows(w, begin, end, x, n, y, y_stride);
     if (!s.ok() && !failed.exchange(true)) {
       std::lock_guard<std::mutex> lock(mu);
       first_error = s;

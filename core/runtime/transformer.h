@@ -21,14 +21,6 @@ struct RuntimeOptions {
   int threads = 0;      // worker threads for matmuls and attention; <= 0 means hardware concurrency
   int max_seq_len = 0;  // KV-cache capacity in positions; <= 0 means the model's seq_len
   int max_batch = 64;   // tokens per internal chunk in Forward/ForwardBatch (bounds activation scratch memory)
-  // Makes every token's logits independent of the other tokens in the call, so that a sequence computes the
-  // same bits alone, chunked any way, or batched with others. Today's kernels round their one-token path
-  // (fused decode-dot) differently from their multi-token path (decode once, dot per token), and AVX2's f32
-  // path differs between its 8-token tiles and the leftover tokens, so in this mode every matmul is issued
-  // one token at a time over blocks of rows small enough to stay in L1/L2: each weight is still read from
-  // memory once per call, but the multi-token kernels' compute savings are lost (prefill and large batches
-  // are slower). Off by default: nothing but the serving engine needs the guarantee.
-  bool batch_invariant = false;
   // Calibration hook: when set, every matrix product (each linear layer and the classifier) first reports
   // its weight's name and its input x, n_tokens rows of `cols` floats (row-major, valid only during the
   // call). Called on the Forward caller's thread, once per chunk of at most max_batch tokens.

@@ -259,7 +259,6 @@ absl::Status Up(const std::vector<std::string>& args, std::ostream& out) {
     if (!http.ok()) return UsageError(std::string(http.status().message()));
     std::tie(so.http_address, so.http_port) = *http;
     so.registry.engine.threads = threads;
-    so.registry.engine.batch_invariant = false;  // throughput, as qforge-server defaults to
     QF_ASSIGN_OR_RETURN(inference, server::InferenceServer::Start(so));
   }
   if (f.Has("port-file")) {

@@ -19,7 +19,7 @@ constexpr char kUsage[] =
     "usage: qforge-server [--grpc HOST:PORT] [--http HOST:PORT] [--scheduler HOST:PORT]\n"
     "                     [--model NAME=PATH[,NAME=PATH...]] [--tokenizer FILE] [--memory-budget-mib N]\n"
     "                     [--threads N] [--max-running N] [--max-queue N] [--context N]\n"
-    "                     [--estimate-watts W] [--price-per-gib-hour P] [--batch-invariant] [--port-file FILE]\n"
+    "                     [--estimate-watts W] [--price-per-gib-hour P] [--port-file FILE]\n"
     "  --grpc             InferenceService, grpc.health.v1 and reflection (default 127.0.0.1:7701)\n"
     "  --http             /v1/completions (OpenAI), /v1/models, /healthz, /metrics (default 127.0.0.1:7702)\n"
     "  --scheduler        where stored versions (NAME@VERSION) are read from (ArtifactService)\n"
@@ -29,7 +29,7 @@ constexpr char kUsage[] =
     "                     RESOURCE_EXHAUSTED\n"
     "  --estimate-watts   power assumed while computing where RAPL / NVML cannot be read\n"
     "  --price-per-gib-hour  memory price for the cost metrics\n"
-    "  --batch-invariant  a request's output never depends on what shares its batch (slower)\n"
+
     "  --port-file        write \"GRPC_PORT HTTP_PORT\" once serving (scripts and tests)\n";
 
 int Fail(absl::string_view message, int code) { return qforge::cli::PrintError("qforge-server", message, code); }
@@ -46,7 +46,7 @@ int main(int argc, char** argv) {
                                          {"grpc", "http", "scheduler", "model", "tokenizer", "memory-budget-mib",
                                           "threads", "max-running", "max-queue", "context", "estimate-watts",
                                           "price-per-gib-hour", "port-file"},
-                                         {"batch-invariant"});
+                                         {});
   if (!flags.ok()) return Fail(flags.status().message(), 2);
   if (!flags->positional().empty()) return Fail("unexpected argument '" + flags->positional()[0] + "'", 2);
   qforge::server::ServerOptions options;
@@ -71,9 +71,6 @@ int main(int argc, char** argv) {
   options.registry.engine.max_running = *running;
   options.registry.engine.max_queue = *queue;
   options.registry.engine.context = *context;
-  // Batched decode equals single-sequence decode only up to rounding unless batch_invariant is set, which costs
-  // throughput (docs/serving.md); serving defaults to throughput.
-  options.registry.engine.batch_invariant = flags->GetBool("batch-invariant");
   options.estimate_watts = *watts;
   options.price_per_gib_hour = *price;
 
