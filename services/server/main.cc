@@ -29,7 +29,6 @@ constexpr char kUsage[] =
     "                     RESOURCE_EXHAUSTED\n"
     "  --estimate-watts   power assumed while computing where RAPL / NVML cannot be read\n"
     "  --price-per-gib-hour  memory price for the cost metrics\n"
-
     "  --port-file        write \"GRPC_PORT HTTP_PORT\" once serving (scripts and tests)\n";
 
 int Fail(absl::string_view message, int code) { return qforge::cli::PrintError("qforge-server", message, code); }
