@@ -154,6 +154,7 @@ const std::vector<Command>& Commands() {
        "submit MODEL --method M [method flags as for quantize] [--name NAME] [--tenant T] [--max-task-mib N] "
        "[--watch]: submit a quantize job to the scheduler (--watch: live progress)",
        Submit},
+      {"watch", "watch JOB_ID: follow a job's progress until it ends (reconnects if the scheduler restarts)", Watch},
       {"jobs", "jobs [--tenant T]: list the scheduler's jobs", Jobs},
       {"models", "models: list the models and versions in the store", Models},
       {"export", "export NAME@VERSION --format gguf|safetensors OUT: write a stored version to a file", Export},

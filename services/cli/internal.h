@@ -37,6 +37,7 @@ absl::Status Eval(const std::vector<std::string>& args, std::ostream& out);
 // Commands that talk to a scheduler, or run one (job_commands.cc).
 absl::Status Up(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Submit(const std::vector<std::string>& args, std::ostream& out);
+absl::Status Watch(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Jobs(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Models(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Export(const std::vector<std::string>& args, std::ostream& out);

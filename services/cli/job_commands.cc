@@ -112,6 +112,49 @@ absl::StatusOr<v1::JobProgress> WatchJob(v1::JobService::Stub& jobs, const std::
   return p;
 }
 
+// WatchJob until the job ends, reconnecting while the scheduler is unreachable (restarting, a dropped
+// port-forward): the job goes on without the watcher, so losing the stream is no reason to give up on it.
+absl::Status WatchUntilDone(v1::JobService::Stub& jobs, const std::string& job_id, const std::string& address,
+                            std::ostream& out) {
+  constexpr auto kGiveUpAfter = std::chrono::minutes(10);
+  auto outage_start = std::chrono::steady_clock::now();
+  bool in_outage = false;
+  int backoff_ms = 100;
+  for (;;) {
+    absl::StatusOr<v1::JobProgress> p = WatchJob(jobs, job_id, address, out);
+    if (p.ok() && p->state() != v1::JOB_STATE_RUNNING && p->state() != v1::JOB_STATE_QUEUED) return absl::OkStatus();
+    // A request the scheduler refuses is final; anything else (UNAVAILABLE, and the INTERNAL / UNKNOWN a stream
+    // can end with when the scheduler dies mid-write) is an outage to wait out.
+    if (!p.ok() && (absl::IsInvalidArgument(p.status()) || absl::IsNotFound(p.status()) ||
+                    absl::IsPermissionDenied(p.status()) || absl::IsUnauthenticated(p.status()) ||
+                    absl::IsUnimplemented(p.status()) || absl::IsFailedPrecondition(p.status()))) {
+      return p.status();
+    }
+    if (!in_outage) {
+      in_outage = true;
+      outage_start = std::chrono::steady_clock::now();
+      out << "\nlost the scheduler at " << address << "; reconnecting (the job carries on)\n" << std::flush;
+    } else if (std::chrono::steady_clock::now() - outage_start > kGiveUpAfter) {
+      return p.ok() ? absl::UnavailableError(absl::StrCat("watching job ", job_id, ": the stream kept ending"))
+                    : p.status();
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(backoff_ms));
+    backoff_ms = std::min(backoff_ms * 2, 5000);
+    if (p.ok()) in_outage = false;  // the stream was up: a new outage starts its own clock
+  }
+}
+
+// The job's final line: its result, or an error with its state and message.
+absl::Status ReportOutcome(const v1::Job& job, std::ostream& out) {
+  if (job.progress().state() != v1::JOB_STATE_SUCCEEDED) {
+    return absl::AbortedError(absl::StrCat("job ", job.job_id(), " ", StateName(job.progress().state()), ": ", job.error()));
+  }
+  out << absl::StrFormat("job %s succeeded: %s@%s (%s -> %s, %.2f s)\n", job.job_id(), job.result().name(),
+                         job.result().version(), Mib(job.progress().bytes_in_total()), Mib(job.progress().bytes_out()),
+                         (job.finished_unix_ms() - job.created_unix_ms()) / 1000.0);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<v1::Job> GetJob(v1::JobService::Stub& jobs, const std::string& job_id, const std::string& address) {
   v1::GetJobRequest req;
   req.set_job_id(job_id);
@@ -158,15 +201,20 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
   if (grpc::Status s = jobs->SubmitJob(CallContext(120).get(), req, &resp); !s.ok()) return CallError(s, address);
   out << "job " << resp.job_id() << " submitted\n";
   if (!f.GetBool("watch")) return absl::OkStatus();
-  QF_RETURN_IF_ERROR(WatchJob(*jobs, resp.job_id(), address, out).status());
+  QF_RETURN_IF_ERROR(WatchUntilDone(*jobs, resp.job_id(), address, out));
   QF_ASSIGN_OR_RETURN(v1::Job job, GetJob(*jobs, resp.job_id(), address));
-  if (job.progress().state() != v1::JOB_STATE_SUCCEEDED) {
-    return absl::AbortedError(absl::StrCat("job ", job.job_id(), " ", StateName(job.progress().state()), ": ", job.error()));
-  }
-  out << absl::StrFormat("job %s succeeded: %s@%s (%s -> %s, %.2f s)\n", job.job_id(), job.result().name(),
-                         job.result().version(), Mib(job.progress().bytes_in_total()), Mib(job.progress().bytes_out()),
-                         (job.finished_unix_ms() - job.created_unix_ms()) / 1000.0);
-  return absl::OkStatus();
+  return ReportOutcome(job, out);
+}
+
+absl::Status Watch(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"scheduler"}, {}));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge watch JOB_ID [--scheduler HOST:PORT]"));
+  const std::string address = SchedulerAddress(f);
+  auto jobs = v1::JobService::NewStub(rpc::MakeChannel(address));
+  const std::string& job_id = f.positional()[0];
+  QF_RETURN_IF_ERROR(WatchUntilDone(*jobs, job_id, address, out));
+  QF_ASSIGN_OR_RETURN(v1::Job job, GetJob(*jobs, job_id, address));
+  return ReportOutcome(job, out);
 }
 
 absl::Status Jobs(const std::vector<std::string>& args, std::ostream& out) {
