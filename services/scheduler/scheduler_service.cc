@@ -159,6 +159,21 @@ class SchedulerServer::Impl {
     }
   }
 
+  // Bytes of the version job `id` made, read from its manifest once: versions are immutable, and GetJob, ListJobs,
+  // WatchJob and every metrics scrape ask again.
+  absl::StatusOr<uint64_t> VersionBytes(JobId id, const storage::ModelRef& version) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = output_bytes_.find(id); it != output_bytes_.end()) return it->second;
+    }
+    QF_ASSIGN_OR_RETURN(const v1::Manifest m, store().GetManifest(version));
+    uint64_t bytes = 0;
+    for (const auto& t : m.tensors()) bytes += t.nbytes();
+    std::lock_guard<std::mutex> l(mu_);
+    output_bytes_[id] = bytes;
+    return bytes;
+  }
+
   // The job's identity (tenant, request, creation time), persisted inside its plan.
   absl::StatusOr<v1::Job> JobRecord(JobId id) {
     {
@@ -201,11 +216,7 @@ class SchedulerServer::Impl {
         if (!model.ok()) break;
         job.mutable_result()->set_name(model->name);
         job.mutable_result()->set_version(absl::StrCat(model->version.value_or(0)));
-        if (auto m = store().GetManifest(*model); m.ok()) {
-          uint64_t bytes = 0;
-          for (const auto& t : m->tensors()) bytes += t.nbytes();
-          out->set_bytes_out(static_cast<int64_t>(bytes));
-        }
+        if (auto bytes = VersionBytes(id, *model); bytes.ok()) out->set_bytes_out(static_cast<int64_t>(*bytes));
       }
     }
     return job;
@@ -585,10 +596,10 @@ class SchedulerServer::Impl {
       ++by_state[p->state];
       bytes_done += static_cast<double>(p->bytes_done);
       if (p->state != JobState::kSucceeded) continue;
-      auto out = OutputBytes(id);
-      if (out.ok() && *out > 0) {
+      auto job = DescribeJob(id);
+      if (job.ok() && job->progress().bytes_out() > 0) {
         in_succeeded += static_cast<double>(p->bytes_total);
-        out_succeeded += static_cast<double>(*out);
+        out_succeeded += static_cast<double>(job->progress().bytes_out());
       }
     }
     for (const auto& [state, n] : by_state) {
@@ -622,19 +633,6 @@ class SchedulerServer::Impl {
       (*counter)->Inc(static_cast<double>(value - seen));
       seen = value;
     }
-  }
-
-  // Bytes of the version a succeeded job made (cached: versions are immutable).
-  absl::StatusOr<uint64_t> OutputBytes(JobId id) {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (auto it = output_bytes_.find(id); it != output_bytes_.end()) return it->second;
-    }
-    QF_ASSIGN_OR_RETURN(v1::Job job, DescribeJob(id));
-    const uint64_t bytes = static_cast<uint64_t>(job.progress().bytes_out());
-    std::lock_guard<std::mutex> l(mu_);
-    output_bytes_[id] = bytes;
-    return bytes;
   }
 
   void RegisterRoutes(http::HttpServer& s) {
