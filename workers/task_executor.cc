@@ -45,11 +45,12 @@ void SetShape(const std::vector<int64_t>& shape, google::protobuf::RepeatedField
 
 }  // namespace
 
-TaskExecutor::TaskExecutor(ExecutorOptions options) : options_(std::move(options)), pool_(options_.threads) {}
+TaskExecutor::TaskExecutor(ExecutorOptions options)
+    : options_(std::move(options)), roots_(rpc::ResolveRoots(options_.allowed_roots)), pool_(options_.threads) {}
 
 absl::StatusOr<std::shared_ptr<const Model>> TaskExecutor::OpenSource(const std::string& uri) {
-  QF_ASSIGN_OR_RETURN(const std::vector<std::string> roots, rpc::ResolveRoots(options_.allowed_roots));
-  QF_ASSIGN_OR_RETURN(const std::string real, rpc::ResolveUnderRoots(uri, roots, "source"));
+  QF_RETURN_IF_ERROR(roots_.status());
+  QF_ASSIGN_OR_RETURN(const std::string real, rpc::ResolveUnderRoots(uri, *roots_, "source"));
   struct stat st {};
   if (::stat(real.c_str(), &st) != 0) {
     return absl::NotFoundError(absl::StrCat("source '", uri, "': ", std::strerror(errno)));
@@ -196,8 +197,8 @@ absl::Status TaskExecutor::Assemble(const qforge::v1::Task& task, const Model& s
 
   std::optional<Vocab> vocab_source = source.vocab;
   if (!task.tokenizer_uri().empty()) {
-    QF_ASSIGN_OR_RETURN(const std::vector<std::string> roots, rpc::ResolveRoots(options_.allowed_roots));
-    QF_ASSIGN_OR_RETURN(const std::string path, rpc::ResolveUnderRoots(task.tokenizer_uri(), roots, "tokenizer"));
+    QF_RETURN_IF_ERROR(roots_.status());
+    QF_ASSIGN_OR_RETURN(const std::string path, rpc::ResolveUnderRoots(task.tokenizer_uri(), *roots_, "tokenizer"));
     QF_ASSIGN_OR_RETURN(vocab_source, ReadVocabFile(path, source.config.vocab_size));
     if (static_cast<int>(vocab_source->tokens.size()) != source.config.vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat("tokenizer ", path, " has ", vocab_source->tokens.size(),

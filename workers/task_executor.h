@@ -65,6 +65,8 @@ class TaskExecutor {
   absl::Status PutChunked(const Tensor& t, ChunkSink& sink, qforge::v1::StoredTensor* stored);
 
   const ExecutorOptions options_;
+  // The allowed roots' realpaths, resolved once (a root that does not exist fails every task with its error).
+  const absl::StatusOr<std::vector<std::string>> roots_;
   ThreadPool pool_;
   std::list<CachedModel> cache_;  // most recently used first
 };
