@@ -133,7 +133,7 @@ TEST(Cli, AwqFoldsScalesThenQuantizes) {
   Result q = RunQforge("quantize --method awq --bits 4 --group 0 --calib-streams 4 --calib-len 64 " + kStories + " " +
                        out);
   ASSERT_EQ(q.exit_code, 0) << q.err;
-  EXPECT_TRUE(absl::StrContains(q.out, "awq: activation-aware scales folded")) << q.out;
+  EXPECT_TRUE(absl::StrContains(q.out, "awq: model transform applied")) << q.out;
   Result e = RunQforge("eval " + out + " --base " + kStories + " --streams 2 --stream-len 32");
   ASSERT_EQ(e.exit_code, 0) << e.err;
   EXPECT_TRUE(absl::StrContains(e.out, "KL")) << e.out;

@@ -281,9 +281,9 @@ class GptqMethod : public QuantMethod {
   }
 };
 
-// AWQ's per-layer part into the same kQInt grid as rtn: the activation-aware clipping search (awq.h). The
-// per-channel scaling half of AWQ changes the model (1/s folded into the RMSNorm weights), so it is the model
-// transform AwqScaleModel, run before QuantizeModel; this method then quantizes the folded weights.
+// AWQ into the same kQInt grid as rtn. The per-channel scaling half changes the model (1/s folded into the
+// RMSNorm weights), so it is the model transform (PrepareModel = AwqScaleModel), run once before QuantizeModel;
+// Quantize is the per-layer half, the activation-aware clipping search (awq.h) on the folded weights.
 class AwqMethod : public QuantMethod {
  public:
   static constexpr int kClipGrid = 20;
@@ -293,6 +293,12 @@ class AwqMethod : public QuantMethod {
   }
   QuantParams DefaultParams() const override { return {4, 128, true, false}; }
   bool NeedsCalibration() const override { return true; }
+  bool HasModelTransform() const override { return true; }
+  // The activation-aware channel scaling (AwqScaleModel): q/k/v and gate/up scales folded into the norms.
+  absl::Status PrepareModel(Model& model, calib::CalibrationStats& stats, const QuantParams& p) const override {
+    QF_RETURN_IF_ERROR(Validate(p));
+    return AwqScaleModel(model, stats, AwqOptions{.bits = p.bits, .group = p.group, .symmetric = p.symmetric});
+  }
   absl::Status Validate(const QuantParams& p) const override { return ValidateQIntParams("awq", p); }
   absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
     QF_RETURN_IF_ERROR(Validate(p));

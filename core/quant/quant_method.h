@@ -14,6 +14,10 @@
 #include "core/calib/stats.h"
 #include "core/model/tensor.h"
 
+namespace qforge {
+struct Model;
+}
+
 namespace qforge::quant {
 
 struct QuantParams {
@@ -50,6 +54,14 @@ class QuantMethod {
                                                         const calib::LayerStats* calib = nullptr) const = 0;
   // True for methods that need calibration statistics (gptq).
   virtual bool NeedsCalibration() const { return false; }
+  // The model-level half of a method, run once per job after calibration and before any tensor is quantized:
+  // AWQ and SmoothQuant fold per-channel scales into the ops that produce a layer's input (the RMSNorm weights)
+  // and into the matrices reading it. Rewrites `model`'s fp32 tensors and the affected entries of `stats` in
+  // place so that Quantize sees the transformed weights with consistent statistics. Most methods have none.
+  virtual bool HasModelTransform() const { return false; }
+  virtual absl::Status PrepareModel(Model& model, calib::CalibrationStats& stats, const QuantParams& p) const {
+    return absl::OkStatus();
+  }
   // The method and params to try when OutputFormat rejects a shape; nullopt when there is none.
   virtual std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams& p) const = 0;
 };

@@ -14,7 +14,6 @@
 #include "core/calib/collect.h"
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
-#include "core/quant/awq.h"
 #include "core/quant/mixed_precision.h"
 #include "core/quant/quantize_model.h"
 #include "core/runtime/generate.h"
@@ -184,13 +183,9 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   if (needs_calibration) {
     QF_ASSIGN_OR_RETURN(calibration, Calibrate(model, f, calib_streams, calib_len, calib_seed, threads, out));
     recipe.calibration = &calibration;
-    if (method->name() == "awq") {
-      // AWQ's activation-aware scaling is a model-level transform (folded into the RMSNorm weights); the
-      // method itself then searches the clipping range per group on the folded weights and statistics.
-      QF_RETURN_IF_ERROR(quant::AwqScaleModel(
-          model, calibration, quant::AwqOptions{.bits = params.bits, .group = params.group,
-                                                .symmetric = params.symmetric}));
-      out << "awq: activation-aware scales folded into attn_norm/q,k,v and ffn_norm/gate,up\n";
+    if (method->HasModelTransform()) {
+      QF_RETURN_IF_ERROR(method->PrepareModel(model, calibration, params));
+      out << method->name() << ": model transform applied (" << quant::ParamsToString(params) << ")\n";
     }
   }
   ThreadPool pool(threads);
