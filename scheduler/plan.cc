@@ -325,13 +325,16 @@ void PutParams(Writer& w, const quant::QuantParams& p) {
   w.Pod<uint8_t>(p.act_order);
   w.Pod<uint8_t>(p.static_groups);
   w.Pod<float>(p.damp);
+  w.Pod<float>(p.alpha);
+  w.Pod<float>(p.outlier_threshold);
+  w.Pod<uint32_t>(p.seed);
 }
 
 bool GetParams(Reader& r, quant::QuantParams* p) {
   int32_t bits, group;
   uint8_t sym, dq, ao, sg;
   if (!r.Pod(&bits) || !r.Pod(&group) || !r.Pod(&sym) || !r.Pod(&dq) || !r.Pod(&ao) || !r.Pod(&sg) ||
-      !r.Pod(&p->damp)) {
+      !r.Pod(&p->damp) || !r.Pod(&p->alpha) || !r.Pod(&p->outlier_threshold) || !r.Pod(&p->seed)) {
     return false;
   }
   p->bits = bits;

@@ -22,6 +22,9 @@ std::string ParamsToString(const QuantParams& p) {
   if (p.act_order) absl::StrAppend(&s, " act-order");
   if (p.static_groups) absl::StrAppend(&s, " static-groups");
   if (p.damp != QuantParams{}.damp) absl::StrAppend(&s, " damp=", p.damp);
+  if (p.alpha != QuantParams{}.alpha) absl::StrAppend(&s, " alpha=", p.alpha);
+  if (p.outlier_threshold != QuantParams{}.outlier_threshold) absl::StrAppend(&s, " outlier=", p.outlier_threshold);
+  if (p.seed != QuantParams{}.seed) absl::StrAppend(&s, " seed=", p.seed);
   return s;
 }
 

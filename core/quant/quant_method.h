@@ -30,6 +30,12 @@ struct QuantParams {
   bool act_order = false;
   bool static_groups = false;
   float damp = 0.01f;
+  // smoothquant only: migration strength, s_j = max|x_j|^α / max|W_:,j|^(1-α).
+  float alpha = 0.5f;
+  // spqr only: a weight is an outlier when its sensitivity exceeds this multiple of the layer's mean sensitivity.
+  float outlier_threshold = 0.2f;
+  // quip only: seed of the random orthogonal transforms (stored in the tensor, so the runtime can undo them).
+  uint32_t seed = 0;
   bool operator==(const QuantParams&) const = default;
 };
 

@@ -93,6 +93,9 @@ std::string LayerRulesToString(const std::vector<LayerRule>& rules) {
       if (p.act_order) absl::StrAppend(&s, ",act-order");
       if (p.static_groups) absl::StrAppend(&s, ",static-groups");
       if (p.damp != QuantParams{}.damp) absl::StrAppend(&s, ",damp=", p.damp);
+      if (p.alpha != QuantParams{}.alpha) absl::StrAppend(&s, ",alpha=", p.alpha);
+      if (p.outlier_threshold != QuantParams{}.outlier_threshold) absl::StrAppend(&s, ",outlier=", p.outlier_threshold);
+      if (p.seed != QuantParams{}.seed) absl::StrAppend(&s, ",seed=", p.seed);
     }
     parts.push_back(std::move(s));
   }
@@ -134,6 +137,12 @@ absl::StatusOr<std::vector<LayerRule>> ParseLayerRules(const std::string& text) 
           ok = absl::SimpleAtoi(value, &p.group);
         } else if (key == "damp" && !value.empty()) {
           ok = absl::SimpleAtof(value, &p.damp);
+        } else if (key == "alpha" && !value.empty()) {
+          ok = absl::SimpleAtof(value, &p.alpha);
+        } else if (key == "outlier" && !value.empty()) {
+          ok = absl::SimpleAtof(value, &p.outlier_threshold);
+        } else if (key == "seed" && !value.empty()) {
+          ok = absl::SimpleAtoi(value, &p.seed);
         } else if (e == absl::string_view::npos && key == "sym") {
           p.symmetric = true;
         } else if (e == absl::string_view::npos && key == "asym") {
@@ -148,7 +157,7 @@ absl::StatusOr<std::vector<LayerRule>> ParseLayerRules(const std::string& text) 
           p.static_groups = true;
         } else {
           return absl::InvalidArgumentError(absl::StrCat(
-              field, ".params: unknown '", kv, "' (bits=B, group=G, damp=D, sym, asym, dq, no-dq, act-order, "
+              field, ".params: unknown '", kv, "' (bits=B, group=G, damp=D, alpha=A, outlier=T, seed=S, sym, asym, dq, no-dq, act-order, "
               "static-groups)"));
         }
         if (!ok) return absl::InvalidArgumentError(absl::StrCat(field, ".params: bad number in '", kv, "'"));

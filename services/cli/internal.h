@@ -22,8 +22,10 @@ absl::StatusOr<Vocab> LoadVocab(const std::string& path, int vocab_size);
 
 // "rtn, nf4, ...": every registered method.
 std::string MethodNames();
-// --method and its parameters (--bits, --group, --asym, --no-double-quant, --act-order, --damp), validated.
-inline const std::set<std::string> kMethodValueFlags = {"method", "bits", "group", "damp"};
+// --method and its parameters (--bits, --group, --asym, --no-double-quant, --act-order, --damp, --alpha,
+// --outlier-threshold, --seed), validated.
+inline const std::set<std::string> kMethodValueFlags = {"method", "bits", "group", "damp", "alpha",
+                                                        "outlier-threshold", "seed"};
 inline const std::set<std::string> kMethodBoolFlags = {"asym", "no-double-quant", "act-order"};
 absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodFromFlags(const Flags& f,
                                                                                        const std::string& usage);

@@ -115,6 +115,12 @@ absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodF
   if (f.GetBool("act-order")) params.act_order = true;
   QF_ASSIGN_OR_RETURN(double damp, f.GetDouble("damp", params.damp, 0.0, 10.0));
   params.damp = static_cast<float>(damp);
+  QF_ASSIGN_OR_RETURN(double alpha, f.GetDouble("alpha", params.alpha, 0.0, 1.0));
+  params.alpha = static_cast<float>(alpha);
+  QF_ASSIGN_OR_RETURN(double outlier, f.GetDouble("outlier-threshold", params.outlier_threshold, 0.0, 1e9));
+  params.outlier_threshold = static_cast<float>(outlier);
+  QF_ASSIGN_OR_RETURN(int seed, f.GetInt("seed", static_cast<int>(params.seed), 0, 0x7fffffff));
+  params.seed = static_cast<uint32_t>(seed);
   if (absl::Status s = method->Validate(params); !s.ok()) {
     return UsageError(absl::StrCat("--method ", method->name(), ": ", s.message()));
   }
@@ -129,7 +135,7 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, bool_flags));
   const std::string usage =
-      "qforge quantize (--method M [--bits B] [--group G] [--asym] [--no-double-quant] [--act-order] [--damp D] "
+      "qforge quantize (--method M [--bits B] [--group G] [--asym] [--no-double-quant] [--act-order] [--damp D] [--alpha A] [--outlier-threshold T] [--seed S] "
       "[--layers 'GLOB=METHOD[:bits=B,group=G,asym];...'] | --target-bpw X) [--quantize-embeddings] "
       "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--threads N] [--tokenizer TOK] "
       "IN OUT.{gguf,safetensors}";

@@ -140,6 +140,9 @@ absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> ParamsF
   if (p.has_act_order()) q.act_order = p.act_order();
   if (p.has_static_groups()) q.static_groups = p.static_groups();
   if (p.has_damp()) q.damp = p.damp();
+  if (p.has_alpha()) q.alpha = p.alpha();
+  if (p.has_outlier_threshold()) q.outlier_threshold = p.outlier_threshold();
+  if (p.has_seed()) q.seed = p.seed();
   return std::make_pair(method, q);
 }
 
@@ -153,6 +156,9 @@ qforge::v1::QuantParams ParamsToProto(const std::string& method, const quant::Qu
   out.set_act_order(p.act_order);
   out.set_static_groups(p.static_groups);
   out.set_damp(p.damp);
+  out.set_alpha(p.alpha);
+  out.set_outlier_threshold(p.outlier_threshold);
+  out.set_seed(p.seed);
   return out;
 }
 
