@@ -85,8 +85,9 @@ absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t co
   res.scales.assign(static_cast<size_t>(rows * groups), 0);
   res.zeros.assign(static_cast<size_t>(rows * groups), 0);
   std::vector<QIntGrid> grid(static_cast<size_t>(rows * groups));
-  std::vector<float> seg(static_cast<size_t>(g));
+  // Called for distinct rows from several threads: each call has its own scratch.
   auto choose_grid = [&](int64_t r, int64_t group, const double* values) {
+    std::vector<float> seg(static_cast<size_t>(g));
     for (int64_t i = 0; i < g; ++i) seg[i] = static_cast<float>(values[i]);
     const QIntGrid q = ChooseQIntGrid(seg.data(), g, o.bits, o.symmetric);
     grid[r * groups + group] = q;
@@ -133,23 +134,26 @@ absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t co
   for (int64_t i1 = 0; i1 < cols; i1 += block) {
     const int64_t i2 = std::min(cols, i1 + block);
     const int64_t count = i2 - i1;
-    for (int64_t j = i1; j < i2; ++j) {
-      const int64_t orig = perm[j];
-      const int64_t k = orig / g;
-      const bool group_start = !static_groups && j % g == 0;  // without static groups perm is the identity
-      const double d = U[j * cols + j];
-      const double* u = &U[j * cols];
-      for (int64_t r = 0; r < rows; ++r) {
-        double* wr = &W[r * cols];
-        if (group_start) choose_grid(r, k, wr + j);
-        const QIntGrid& q = grid[r * groups + k];
-        const int code = QIntCode(wr[j], q);
-        res.codes[r * cols + orig] = static_cast<uint8_t>(code);
-        const double e = (wr[j] - static_cast<double>(QIntValue(code, q))) / d;
-        err[r * count + (j - i1)] = e;
-        for (int64_t c = j + 1; c < i2; ++c) wr[c] -= e * u[c];
+    // Within a block every row runs the same column recurrence on its own weights: split the rows.
+    ParallelForOrInline(o.pool, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t j = i1; j < i2; ++j) {
+        const int64_t orig = perm[j];
+        const int64_t k = orig / g;
+        const bool group_start = !static_groups && j % g == 0;  // without static groups perm is the identity
+        const double d = U[j * cols + j];
+        const double* u = &U[j * cols];
+        for (int64_t r = r0; r < r1; ++r) {
+          double* wr = &W[r * cols];
+          if (group_start) choose_grid(r, k, wr + j);
+          const QIntGrid& q = grid[r * groups + k];
+          const int code = QIntCode(wr[j], q);
+          res.codes[r * cols + orig] = static_cast<uint8_t>(code);
+          const double e = (wr[j] - static_cast<double>(QIntValue(code, q))) / d;
+          err[r * count + (j - i1)] = e;
+          for (int64_t c = j + 1; c < i2; ++c) wr[c] -= e * u[c];
+        }
       }
-    }
+    });
     if (i2 < cols) {
       // W[:, i2:] -= Err[:, 0:count] · U[i1:i2, i2:]
       cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows), static_cast<int>(cols - i2),

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/base/thread_pool.h"
 
 namespace qforge::quant {
 
@@ -22,6 +23,9 @@ struct GptqOptions {
   bool static_groups = false;
   double percdamp = 0.01;  // λ = percdamp * mean(diag H) added to the diagonal
   int block_size = 128;    // lazy-batch width: columns whose updates to the rest are deferred into one GEMM
+  // Splits each block's column pass over rows (rows are independent given H); the bytes never depend on the
+  // split. The Cholesky factorisations and the lazy-batch GEMM are OpenBLAS's, threaded by OpenBLAS itself.
+  ThreadPool* pool = nullptr;
 };
 
 // The result in kQInt terms, columns in their original order.

@@ -251,6 +251,32 @@ TEST(GptqTest, MatchesTextbookImplementation) {
   }
 }
 
+// The row split over a pool must not change a single byte: every row runs the same recurrence alone.
+TEST(GptqTest, PoolSplitGivesIdenticalResult) {
+  const int64_t rows = 75, cols = 256, n = 600;  // 75 rows: uneven chunks for 2 and 3 threads
+  const std::vector<float> w = GaussianF(rows * cols, 11, 0.05);
+  const std::vector<float> x = CorrelatedInputs(n, cols, 12, 1000, 4, 5.0);
+  const std::vector<double> h = DirectHessian(x, n, cols);
+  for (const bool act_order : {false, true}) {
+    GptqOptions o;
+    o.bits = 3;
+    o.group = 64;
+    o.act_order = act_order;
+    auto alone = GptqQuantize(w.data(), rows, cols, h.data(), o);
+    ASSERT_TRUE(alone.ok()) << alone.status();
+    for (const int threads : {2, 3}) {
+      ThreadPool pool(threads);
+      o.pool = &pool;
+      auto split = GptqQuantize(w.data(), rows, cols, h.data(), o);
+      o.pool = nullptr;
+      ASSERT_TRUE(split.ok()) << split.status();
+      EXPECT_EQ(split->codes, alone->codes) << threads << " threads, act_order " << act_order;
+      EXPECT_EQ(split->scales, alone->scales);
+      EXPECT_EQ(split->zeros, alone->zeros);
+    }
+  }
+}
+
 struct Quantized {
   std::vector<float> decoded;
   Tensor tensor;
