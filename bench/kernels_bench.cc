@@ -35,6 +35,7 @@ const std::vector<FormatSpec>& Specs() {
       {"qint8_pc_sym", "rtn", {8, 0, true, false}},
       {"qint3_g128_asym", "rtn", {3, 128, false, false}},
       {"nf4_b64_dq", "nf4", {4, 64, true, true}},
+      {"w8a8", "smoothquant", {8, 0, true, false}},  // int8 activations per token inside the matmul
   };
   return specs;
 }
@@ -63,8 +64,11 @@ const Tensor& Matrix(int spec_index) {
     const quant::QuantMethod* m = quant::FindMethod(s.method);
     const quant::QuantParams p = s.params;  // the ggml methods and f16 ignore params
     ThreadPool pool(2);
+    // smoothquant's encoder reads no statistics but refuses to run without them; the others ignore them.
+    calib::LayerStats stats;
+    stats.cols = kCols;
     auto format = m->OutputFormat(p, kRows, kCols);
-    auto bytes = m->Quantize(Weights().data(), kRows, kCols, p, &pool);
+    auto bytes = m->Quantize(Weights().data(), kRows, kCols, p, &pool, &stats);
     if (!format.ok() || !bytes.ok()) std::abort();
     t = Tensor::FromBytes("w", {kRows, kCols}, *format, std::move(*bytes));
   }

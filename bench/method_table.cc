@@ -135,8 +135,19 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
       }
       const double qtime = Seconds(t0);
       std::vector<std::string> formats;
+      int64_t outliers = 0, weights = 0;
       for (const auto& t : q->report.tensors) {
-        if (std::find(formats.begin(), formats.end(), t.format) == formats.end()) formats.push_back(t.format);
+        // spqr's names carry each tensor's outlier count ("spqr3_g16_o150"): list the encoding once.
+        std::string f = t.format;
+        if (const size_t o = f.rfind("_o"); f.rfind("spqr", 0) == 0 && o != std::string::npos) f.resize(o);
+        if (std::find(formats.begin(), formats.end(), f) == formats.end()) formats.push_back(f);
+        if (auto parsed = ParseFormatName(t.format); parsed.ok()) outliers += parsed->outliers;
+        weights += t.rows * t.cols;
+      }
+      std::string encodings = absl::StrJoin(formats, ", ");
+      if (outliers > 0) {
+        absl::StrAppendFormat(&encodings, " (%.2f%% fp16 outliers)",
+                              100.0 * static_cast<double>(outliers) / static_cast<double>(std::max<int64_t>(weights, 1)));
       }
       const std::string fallbacks =
           q->report.fallbacks.empty()
@@ -147,8 +158,8 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
       auto subject = MakeRuntime(kProgram, std::move(q->model), o.threads);
       auto r = eval::CompareModels(*base, *subject, *streams);
       if (!r.ok()) Die(kProgram, row, r.status());
-      std::printf("%s %s | %.3f | %.1f | %.1f | %.4f | %.6f | %.2f%% | %.1f | %s |\n", row.c_str(),
-                  absl::StrJoin(formats, ", ").c_str(), bpw, linear_bytes / 1024.0, model_bytes / 1024.0,
+      std::printf("%s %s | %.3f | %.1f | %.1f | %.4f | %.6f | %.2f%% | %.1f | %s |\n", row.c_str(), encodings.c_str(),
+                  bpw, linear_bytes / 1024.0, model_bytes / 1024.0,
                   r->quant.perplexity, r->mean_kl, 100.0 * r->top1_agreement, qtime, fallbacks.c_str());
       std::fflush(stdout);
     }

@@ -139,3 +139,23 @@ TEST(Cli, AwqFoldsScalesThenQuantizes) {
   EXPECT_TRUE(absl::StrContains(e.out, "KL")) << e.out;
 }
 }  // namespace
+
+namespace {
+TEST(Cli, SmoothQuantFoldsThenWritesW8A8) {
+  if (!HaveStories()) GTEST_SKIP() << kStories << " not present";
+  const std::string out = ::testing::TempDir() + "/s260k-smoothquant.safetensors";
+  Result q = RunQforge("quantize --method smoothquant --alpha 0.8 --calib-streams 4 --calib-len 64 " + kStories + " " +
+                       out);
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  EXPECT_TRUE(absl::StrContains(q.out, "smoothquant: model transform applied")) << q.out;
+  EXPECT_TRUE(absl::StrContains(q.out, "alpha=0.8")) << q.out;
+  Result i = RunQforge("inspect " + out);
+  ASSERT_EQ(i.exit_code, 0) << i.err;
+  EXPECT_TRUE(absl::StrContains(i.out, "w8a8")) << i.out;
+  Result e = RunQforge("eval " + out + " --base " + kStories + " --streams 2 --stream-len 32");
+  ASSERT_EQ(e.exit_code, 0) << e.err;
+  EXPECT_TRUE(absl::StrContains(e.out, "KL")) << e.out;
+  ExpectOneLineError(RunQforge("quantize --method smoothquant --bits 4 " + kStories + " " + out), 2, "bits");
+  ExpectOneLineError(RunQforge("quantize --method smoothquant --alpha 2 " + kStories + " " + out), 2, "--alpha");
+}
+}  // namespace

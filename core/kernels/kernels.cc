@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/kernels/kernels_internal.h"
+#include "core/kernels/quip.h"
 
 namespace qforge::kernels {
 namespace {
@@ -108,6 +109,18 @@ absl::StatusOr<WeightView> MakeView(const Tensor& w) {
       v.row_bytes = static_cast<size_t>(v.cols / 2);
       break;
     }
+    case WeightType::kSpQR: {
+      QF_ASSIGN_OR_RETURN(v.spqr, GetSpqrLayout(w.format, v.rows, v.cols));
+      v.row_bytes = v.spqr.row_code_bytes;
+      break;
+    }
+    case WeightType::kW8A8: {
+      QF_ASSIGN_OR_RETURN(v.w8a8, GetW8A8Layout(w.format, v.rows, v.cols));
+      v.row_bytes = static_cast<size_t>(v.cols);
+      break;
+    }
+    case WeightType::kQuip:
+      return absl::InvalidArgumentError(absl::StrCat("tensor '", w.name, "': quip rows have no row view (quip.h)"));
   }
   return v;
 }
@@ -126,7 +139,10 @@ absl::Status CheckRows(const Tensor& w, int64_t row_begin, int64_t row_end) {
 
 absl::Status DequantizeRows(const Tensor& w, int64_t row_begin, int64_t row_end, float* out) {
   QF_RETURN_IF_ERROR(CheckRows(w, row_begin, row_end));
+  // kQuip's rows are mixed by its output rotation: no per-row view exists (quip.h).
+  if (w.format.type == WeightType::kQuip) return QuipDequantizeRows(w, row_begin, row_end, out);
   QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
+  if (v.format.type == WeightType::kSpQR) QF_RETURN_IF_ERROR(internal::CheckSpqrRows(v, row_begin, row_end));
   const Isa isa = ActiveIsa();
   for (int64_t r = row_begin; r < row_end; ++r) {
     float* dst = out + (r - row_begin) * v.cols;
@@ -146,8 +162,21 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
   if (n > 1 && y_stride < row_end) {
     return absl::InvalidArgumentError(absl::StrCat("y_stride ", y_stride, " < row_end ", row_end));
   }
+  if (w.format.type == WeightType::kQuip) {
+    if (n == 0 || row_begin == row_end) return ValidateTensor(w);
+    return QuipMatMulRows(w, row_begin, row_end, x, n, y, y_stride);
+  }
   QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
   if (n == 0 || row_begin == row_end) return absl::OkStatus();
+  if (v.format.type == WeightType::kSpQR) QF_RETURN_IF_ERROR(internal::CheckSpqrRows(v, row_begin, row_end));
+  if (v.format.type == WeightType::kW8A8) {
+    if (ActiveIsa() == Isa::kScalar) {
+      internal::MatMulW8A8Scalar(v, row_begin, row_end, x, n, y, y_stride);
+    } else {
+      internal::MatMulW8A8Avx2(v, row_begin, row_end, x, n, y, y_stride);
+    }
+    return absl::OkStatus();
+  }
   switch (ActiveIsa()) {
     case Isa::kAvx512: internal::MatMulAvx512(v, row_begin, row_end, x, n, y, y_stride); break;
     case Isa::kAvx2: internal::MatMulAvx2(v, row_begin, row_end, x, n, y, y_stride); break;

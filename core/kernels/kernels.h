@@ -27,6 +27,8 @@ absl::Status DequantizeRows(const Tensor& w, int64_t row_begin, int64_t row_end,
 // For rows r in [row_begin, row_end) of w and tokens t in [0, n):
 //   y[t * y_stride + r] = sum_c W[r, c] * x[t * cols + c]
 // W is decoded block by block inside the dot product (no full-row fp32 copy for quantized types).
+// kW8A8 is the exception: each token's x is quantized to int8 (per token, s_x = max|x|/127, round half to
+// even) and y = s_x * scale_r * (integer dot), so y carries activation quantization error (tensor.h).
 // Single-threaded: the caller splits rows across threads.
 absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, const float* x, int64_t n,
                         float* y, int64_t y_stride);

@@ -466,6 +466,9 @@ QF_AVX2 void DecodeAvx2(const WeightView& v, int64_t r, int64_t c0, int64_t len,
       return;
     case WeightType::kQInt: DecodeQInt(v, r, c0, len, out); return;
     case WeightType::kNF4: DecodeNf4(v, r, c0, len, out); return;
+    case WeightType::kSpQR: DecodeSpqrScalar(v, r, c0, len, out); return;  // scalar decode, SIMD dot
+    case WeightType::kW8A8: DecodeW8A8Avx2(v, r, c0, len, out); return;
+    case WeightType::kQuip: return;  // never viewed row by row: kernels.cc routes it to quip.cc
   }
 }
 

@@ -18,6 +18,8 @@ struct WeightView {
   size_t row_bytes = 0;  // float and ggml types: bytes of one encoded row
   QIntLayout qint{};
   Nf4Layout nf4{};
+  SpqrLayout spqr{};
+  W8A8Layout w8a8{};
 };
 
 absl::StatusOr<WeightView> MakeView(const Tensor& w);
@@ -40,6 +42,12 @@ inline float Nf4BlockScale(const WeightView& v, int64_t block) {
 // multiples of 32, for Q4_K of 256; other formats take any range.
 void DecodeScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
 
+// kSpQR scalar reference (kernels_spqr.cc), any range: the dense part plus the row's outliers in [c0, c0 + len).
+// Every ISA decodes spqr with it; the SIMD dot products consume its chunks.
+void DecodeSpqrScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
+// DATA_LOSS unless the CSR row pointers and column indices of rows [r0, r1) are in bounds.
+absl::Status CheckSpqrRows(const WeightView& v, int64_t r0, int64_t r1);
+
 // Reference matmul (the kScalar path): decodes each row once, accumulates every token in double.
 void MatMulScalar(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
                   int64_t y_stride);
@@ -52,5 +60,15 @@ void MatMulAvx2(const WeightView& v, int64_t r0, int64_t r1, const float* x, int
 void DecodeAvx512(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
 void MatMulAvx512(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
                   int64_t y_stride);
+
+// W8A8 (kernels_w8a8.cc). The matmuls quantize each token's x to int8 (per token, symmetric) and sum in int32,
+// so they do not compute sum W·x in floats like the paths above; MatMulRows routes kW8A8 here on every ISA,
+// AVX-512 CPUs taking the AVX2 code. Decoders give w = scale_r * code, the same floats on both paths.
+void DecodeW8A8Scalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
+void DecodeW8A8Avx2(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
+void MatMulW8A8Scalar(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
+                      int64_t y_stride);
+void MatMulW8A8Avx2(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
+                    int64_t y_stride);
 
 }  // namespace qforge::kernels::internal

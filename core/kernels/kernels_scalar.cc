@@ -122,6 +122,14 @@ void DecodeScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float
     case WeightType::kNF4:
       DecodeNf4Scalar(v, r, c0, len, out);
       return;
+    case WeightType::kSpQR:
+      DecodeSpqrScalar(v, r, c0, len, out);
+      return;
+    case WeightType::kW8A8:
+      DecodeW8A8Scalar(v, r, c0, len, out);
+      return;
+    case WeightType::kQuip:  // never viewed row by row: kernels.cc routes it to quip.cc
+      return;
   }
 }
 

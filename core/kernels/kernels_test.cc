@@ -1,5 +1,6 @@
 #include "core/kernels/kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -29,6 +30,38 @@ void PutHalf(std::vector<uint8_t>& b, size_t off, float v) {
   std::memcpy(b.data() + off, &h, 2);
 }
 void PutF32(std::vector<uint8_t>& b, size_t off, float v) { std::memcpy(b.data() + off, &v, 4); }
+
+// spqr: random codes, second-level grids that decode to positive first-level scales, and f.outliers outliers
+// at distinct random positions, CSR in row order with ascending columns.
+void FillSpqr(const WeightFormat& f, int64_t rows, int64_t cols, std::mt19937& rng, std::vector<uint8_t>& b) {
+  const SpqrLayout l = GetSpqrLayout(f, rows, cols).value();
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t e = 0; e < l.row_blocks * l.groups_per_row; ++e) {
+    const size_t off = l.second_offset + 8 * static_cast<size_t>(e);
+    PutHalf(b, off, 0.002f + 0.01f * u(rng));  // scale of the scales
+    PutHalf(b, off + 2, -u(rng));              // zero of the scales <= 0: every decoded scale > 0
+    PutHalf(b, off + 4, 0.1f + u(rng));        // scale of the zeros
+    PutHalf(b, off + 6, 7.0f * u(rng) - 3.0f);
+  }
+  std::vector<std::pair<int64_t, int64_t>> pos;
+  std::uniform_int_distribution<int64_t> row(0, rows - 1), col(0, cols - 1);
+  while (static_cast<int64_t>(pos.size()) < f.outliers) {
+    const std::pair<int64_t, int64_t> p{row(rng), col(rng)};
+    if (std::find(pos.begin(), pos.end(), p) == pos.end()) pos.push_back(p);
+  }
+  std::sort(pos.begin(), pos.end());
+  for (int64_t r = 0, p = 0; r <= rows; ++r) {
+    while (p < f.outliers && pos[p].first < r) ++p;
+    const uint32_t v = static_cast<uint32_t>(p);
+    std::memcpy(b.data() + l.row_ptr_offset + 4 * r, &v, 4);
+  }
+  for (int64_t p = 0; p < f.outliers; ++p) {
+    const uint32_t c = static_cast<uint32_t>(pos[p].second);
+    std::memcpy(b.data() + l.col_index_offset + static_cast<size_t>(p) * l.index_bytes, &c, l.index_bytes);
+    PutHalf(b, l.values_offset + 2 * p, normal(rng));
+  }
+}
 
 // Random but well-formed bytes for any format: code bytes are uniform, scales are finite and positive.
 Tensor RandomTensor(const WeightFormat& f, int64_t rows, int64_t cols, uint32_t seed) {
@@ -85,6 +118,15 @@ Tensor RandomTensor(const WeightFormat& f, int64_t rows, int64_t cols, uint32_t 
       }
       break;
     }
+    case WeightType::kW8A8: {
+      // Codes stay uniform bytes, -128 included (the quantizer never writes it; the kernels must handle it).
+      const W8A8Layout l = GetW8A8Layout(f, rows, cols).value();
+      for (int64_t r = 0; r < rows; ++r) PutF32(b, l.scales_offset + 4 * r, scale(rng) * 0.1f);
+      break;
+    }
+    case WeightType::kSpQR:
+      FillSpqr(f, rows, cols, rng, b);
+      break;
   }
   return Tensor::FromBytes("w", {rows, cols}, f, std::move(b));
 }
@@ -118,6 +160,19 @@ std::vector<Case> AllCases() {
   }
   cases.push_back({WeightFormat::QInt(4, 12, true), 3, 96});  // group not a multiple of 8
   cases.push_back({WeightFormat::QInt(4, 0, false), 3, 300});  // per-channel, 300 % 16 != 0
+  // w8a8: whole 32-byte vectors only, a 12-column integer tail, a row shorter than one vector, several spans.
+  const WeightFormat w8a8 = WeightFormat::Of(WeightType::kW8A8);
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{7, 96}, {5, 300}, {4, 31}, {3, 1000}, {9, 64}}) {
+    cases.push_back({w8a8, rows, cols});
+  }
+  // spqr: no outliers, partial last row block (17 rows), 2/4 bits, several spans (1056 columns), an odd group,
+  // u32 column indices (cols > 65536).
+  cases.push_back({WeightFormat::SpQR(3, 16, 0), 5, 64});
+  cases.push_back({WeightFormat::SpQR(3, 16, 40), 17, 160});
+  cases.push_back({WeightFormat::SpQR(2, 16, 30), 7, 320});
+  cases.push_back({WeightFormat::SpQR(4, 32, 100), 20, 1056});
+  cases.push_back({WeightFormat::SpQR(3, 8, 5), 3, 24});
+  cases.push_back({WeightFormat::SpQR(4, 16, 50), 2, 65552});
   return cases;
 }
 
@@ -163,6 +218,9 @@ void CheckIsaAgainstScalar(Isa isa) {
           for (int64_t k = 0; k < c.cols; ++k) mag += std::fabs(ref[r * c.cols + k] * x[t * c.cols + k]);
           ASSERT_NEAR(y[t * stride + r], y_ref[t * stride + r], 2e-6 * mag + 1e-30)
               << "n=" << n << " t=" << t << " r=" << r;
+          if (c.format.type == WeightType::kW8A8) {
+            ASSERT_EQ(FloatBits(y[t * stride + r]), FloatBits(y_ref[t * stride + r])) << "n=" << n << " r=" << r;
+          }
         }
       }
     }
@@ -181,13 +239,18 @@ TEST(KernelsTest, ScalarMatMulMatchesDequantizedDot) {
     std::vector<float> y(2 * c.rows);
     ASSERT_TRUE(MatMulRows(w, 0, c.rows, x.data(), 2, y.data(), c.rows).ok());
     for (int64_t t = 0; t < 2; ++t) {
+      // w8a8 rounds x to the grid s_x = max|x|/127: each element moves by at most s_x / 2.
+      double x_max = 0;
+      for (int64_t k = 0; k < c.cols; ++k) x_max = std::max(x_max, std::fabs(static_cast<double>(x[t * c.cols + k])));
+      const double half_step = c.format.type == WeightType::kW8A8 ? x_max / 127 / 2 : 0;
       for (int64_t r = 0; r < c.rows; ++r) {
-        double want = 0, mag = 0;
+        double want = 0, mag = 0, w_abs = 0;
         for (int64_t k = 0; k < c.cols; ++k) {
           want += static_cast<double>(dq[r * c.cols + k]) * x[t * c.cols + k];
           mag += std::fabs(dq[r * c.cols + k] * x[t * c.cols + k]);
+          w_abs += std::fabs(dq[r * c.cols + k]);
         }
-        EXPECT_NEAR(y[t * c.rows + r], want, 1e-6 * mag + 1e-30);
+        EXPECT_NEAR(y[t * c.rows + r], want, 1e-6 * mag + half_step * w_abs * (1 + 1e-5) + 1e-30);
       }
     }
   }
@@ -425,6 +488,151 @@ TEST(KernelsTest, HandComputedF16AndBf16) {
     EXPECT_EQ(out[0], 1.0f);
     EXPECT_EQ(out[1], -5.0f);
   });
+}
+
+// spqr by hand: 2 rows x 16, group 8 (two first-level groups), 3-bit codes c % 8, one row block. Second level:
+// scales = 0.25 * (code - 0) with scale codes {1, 2 | 3, 4}; zeros = 1 * (code - 0) with zero codes {3, 4 | 0, 7}.
+// Outliers: (0, 5) += 10, (1, 0) += -2.5, (1, 15) += 0.5.
+TEST(KernelsTest, HandComputedSpqr) {
+  const WeightFormat f = WeightFormat::SpQR(3, 8, 3);
+  const SpqrLayout l = GetSpqrLayout(f, 2, 16).value();
+  std::vector<uint8_t> b(EncodedBytes(f, 2, 16).value(), 0);
+  auto put3 = [&](size_t plane, int i, int code) {
+    for (int k = 0; k < 3; ++k) {
+      if (code >> k & 1) b[plane + (3 * i + k) / 8] |= static_cast<uint8_t>(1u << ((3 * i + k) % 8));
+    }
+  };
+  for (int r = 0; r < 2; ++r) {
+    for (int c = 0; c < 16; ++c) put3(l.codes_offset + r * l.row_code_bytes, c, c % 8);
+  }
+  const int scale_codes[4] = {1, 2, 3, 4}, zero_codes[4] = {3, 4, 0, 7};
+  for (int i = 0; i < 4; ++i) {
+    put3(l.scale_codes_offset, i, scale_codes[i]);
+    put3(l.zero_codes_offset, i, zero_codes[i]);
+  }
+  for (int k = 0; k < 2; ++k) {
+    PutHalf(b, l.second_offset + 8 * k, 0.25f);
+    PutHalf(b, l.second_offset + 8 * k + 4, 1.0f);  // zero_s and zero_z stay 0
+  }
+  const uint32_t row_ptr[3] = {0, 1, 3};
+  std::memcpy(b.data() + l.row_ptr_offset, row_ptr, 12);
+  const uint16_t cols[3] = {5, 0, 15};
+  std::memcpy(b.data() + l.col_index_offset, cols, 6);
+  PutHalf(b, l.values_offset, 10.0f);
+  PutHalf(b, l.values_offset + 2, -2.5f);
+  PutHalf(b, l.values_offset + 4, 0.5f);
+  const Tensor w = Tensor::FromBytes("spqr", {2, 16}, f, b);
+  float want[32];
+  for (int r = 0; r < 2; ++r) {
+    for (int c = 0; c < 16; ++c) {
+      const int i = 2 * r + c / 8;
+      want[16 * r + c] = 0.25f * scale_codes[i] * (c % 8 - zero_codes[i]);
+    }
+  }
+  want[5] += 10.0f;
+  want[16] += -2.5f;
+  want[31] += 0.5f;
+  ForEachIsa([&] {
+    const auto out = Dequant(w);
+    for (int i = 0; i < 32; ++i) EXPECT_EQ(out[i], want[i]) << i;
+    std::vector<float> ones(16, 1.0f);
+    float y[2];
+    ASSERT_TRUE(MatMulRows(w, 0, 2, ones.data(), 1, y, 2).ok());
+    for (int r = 0; r < 2; ++r) {
+      float sum = 0;
+      for (int c = 0; c < 16; ++c) sum += want[16 * r + c];
+      EXPECT_NEAR(y[r], sum, 1e-5) << r;
+    }
+  });
+  // A column index past the row, or row pointers past the outlier count, are refused, not read.
+  std::vector<uint8_t> bad = b;
+  const uint16_t far = 16;
+  std::memcpy(bad.data() + l.col_index_offset + 2, &far, 2);
+  std::vector<float> out(32), ones(16, 1.0f);
+  float y[2];
+  const Tensor wbad = Tensor::FromBytes("spqr", {2, 16}, f, bad);
+  EXPECT_EQ(DequantizeRows(wbad, 0, 2, out.data()).code(), absl::StatusCode::kDataLoss);
+  EXPECT_EQ(MatMulRows(wbad, 1, 2, ones.data(), 1, y, 2).code(), absl::StatusCode::kDataLoss);
+  EXPECT_TRUE(DequantizeRows(wbad, 0, 1, out.data()).ok());  // row 0 is intact
+  bad = b;
+  const uint32_t past = 4;
+  std::memcpy(bad.data() + l.row_ptr_offset + 4, &past, 4);
+  EXPECT_EQ(DequantizeRows(Tensor::FromBytes("spqr", {2, 16}, f, bad), 0, 1, out.data()).code(),
+            absl::StatusCode::kDataLoss);
+}
+
+// The W8A8 matmul against the definition written out here: per-token symmetric int8 activations (round half to
+// even, clamp ±127), an exact integer dot, y = (s_x * s_w) * dot. Every ISA must give exactly these bits.
+TEST(KernelsTest, W8A8MatchesIntegerReference) {
+  const WeightFormat f = WeightFormat::Of(WeightType::kW8A8);
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{6, 200}, {3, 64}, {2, 7}}) {
+    SCOPED_TRACE(testing::Message() << rows << "x" << cols);
+    const Tensor w = RandomTensor(f, rows, cols, static_cast<uint32_t>(rows * cols));
+    const W8A8Layout l = GetW8A8Layout(f, rows, cols).value();
+    const int64_t n = 6;
+    std::vector<float> x = RandomX(n, cols, 17);
+    for (int64_t c = 0; c < cols; ++c) x[2 * cols + c] = 0.0f;  // an all-zero token: y must be exactly 0
+    for (int64_t c = 0; c < cols; c += 5) x[4 * cols + c] *= 50.0f;  // outliers flatten the grid of the rest
+    std::vector<double> want(static_cast<size_t>(n * rows));
+    for (int64_t t = 0; t < n; ++t) {
+      float amax = 0;
+      for (int64_t c = 0; c < cols; ++c) amax = std::max(amax, std::fabs(x[t * cols + c]));
+      const float sx = amax / 127.0f;
+      std::vector<int> q(static_cast<size_t>(cols), 0);
+      if (amax > 0) {
+        for (int64_t c = 0; c < cols; ++c) {
+          q[c] = static_cast<int>(std::clamp(std::nearbyint(x[t * cols + c] / sx), -127.0f, 127.0f));
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        int64_t dot = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          dot += static_cast<int64_t>(static_cast<int8_t>(w.data[r * cols + c])) * q[c];
+        }
+        float sw;
+        std::memcpy(&sw, w.data + l.scales_offset + 4 * r, 4);
+        want[t * rows + r] = (sx * sw) * static_cast<float>(dot);
+      }
+    }
+    ForEachIsa([&] {
+      std::vector<float> y(static_cast<size_t>(n * rows), -1.0f);
+      ASSERT_TRUE(MatMulRows(w, 0, rows, x.data(), n, y.data(), rows).ok());
+      for (int64_t i = 0; i < n * rows; ++i) {
+        EXPECT_EQ(FloatBits(y[i]), FloatBits(static_cast<float>(want[i]))) << i << ": " << y[i] << " vs " << want[i];
+      }
+      for (int64_t r = 0; r < rows; ++r) EXPECT_EQ(y[2 * rows + r], 0.0f);
+    });
+  }
+}
+
+// By hand: max |x| = 127 makes s_x = 1, so x's codes are its values rounded half to even; the weight row holds
+// -128, the code the quantizer never writes but the format allows.
+TEST(KernelsTest, HandComputedW8A8) {
+  const float x[8] = {127.0f, 2.5f, 3.5f, -2.5f, -0.5f, 0.5f, 1.5f, -126.6f};
+  // codes: 127, 2, 4, -2, -0, 0, 2, -127
+  const int8_t wc[8] = {1, 10, 100, -3, 5, 7, -128, 2};
+  std::vector<uint8_t> b(8 + 4);
+  std::memcpy(b.data(), wc, 8);
+  const float scale = 0.25f;
+  std::memcpy(b.data() + 8, &scale, 4);
+  const Tensor w = Tensor::FromBytes("w8a8", {1, 8}, WeightFormat::Of(WeightType::kW8A8), b);
+  const int dot = 1 * 127 + 10 * 2 + 100 * 4 + -3 * -2 + 0 + 0 + -128 * 2 + 2 * -127;  // 43
+  ForEachIsa([&] {
+    const auto out = Dequant(w);
+    for (int j = 0; j < 8; ++j) EXPECT_EQ(out[j], 0.25f * wc[j]) << j;
+    float y = 0;
+    ASSERT_TRUE(MatMulRows(w, 0, 1, x, 1, &y, 1).ok());
+    EXPECT_EQ(y, 0.25f * static_cast<float>(dot));
+  });
+}
+
+TEST(KernelsTest, W8A8Layout) {
+  const WeightFormat f = WeightFormat::Of(WeightType::kW8A8);
+  EXPECT_EQ(FormatName(f), "w8a8");
+  EXPECT_EQ(ParseFormatName("w8a8").value(), f);
+  EXPECT_EQ(EncodedBytes(f, 3, 10).value(), 3u * 10 + 3 * 4);
+  EXPECT_EQ(PlaneSizes(f, 3, 10).value(), (std::vector<size_t>{30, 12}));
+  EXPECT_FALSE(EncodedBytes(f, 1, kW8A8MaxCols + 1).ok());
 }
 
 TEST(KernelsTest, RejectsBadArguments) {

@@ -1,5 +1,6 @@
 #include "core/model/tensor.h"
 
+#include <algorithm>
 #include <cstring>
 #include <limits>
 
@@ -44,6 +45,12 @@ std::string FormatName(const WeightFormat& f) {
                           f.symmetric ? "_sym" : "_asym");
     case WeightType::kNF4:
       return absl::StrCat("nf4_b", f.group, f.double_quant ? "_dq" : "");
+    case WeightType::kSpQR:
+      return absl::StrCat("spqr", f.bits, "_g", f.group, "_o", f.outliers);
+    case WeightType::kW8A8: return "w8a8";
+    case WeightType::kQuip:
+      return absl::StrCat("quip", f.bits, "_", f.group == 0 ? std::string("pc") : absl::StrCat("g", f.group),
+                          f.symmetric ? "_sym" : "_asym");
   }
   return "unknown";
 }
@@ -55,8 +62,15 @@ absl::StatusOr<WeightFormat> ParseFormatName(const std::string& name) {
   if (name == "q8_0") return WeightFormat::Of(WeightType::kQ8_0);
   if (name == "q4_0") return WeightFormat::Of(WeightType::kQ4_0);
   if (name == "q4_k") return WeightFormat::Of(WeightType::kQ4_K);
+  if (name == "w8a8") return WeightFormat::Of(WeightType::kW8A8);
   const std::vector<absl::string_view> parts = absl::StrSplit(name, '_');
   auto bad = [&] { return absl::InvalidArgumentError(absl::StrCat("unknown weight format '", name, "'")); };
+  if (parts.size() == 3 && absl::StartsWith(parts[0], "quip")) {
+    // The payload's qint name with "quip" in place of "qint".
+    auto q = ParseFormatName(absl::StrCat("qint", parts[0].substr(4), "_", parts[1], "_", parts[2]));
+    if (!q.ok()) return bad();
+    return WeightFormat::Quip(q->bits, q->group, q->symmetric);
+  }
   if (parts.size() == 3 && absl::StartsWith(parts[0], "qint")) {
     int bits = 0, group = 0;
     if (!absl::SimpleAtoi(parts[0].substr(4), &bits)) return bad();
@@ -74,6 +88,15 @@ absl::StatusOr<WeightFormat> ParseFormatName(const std::string& name) {
     if (!absl::SimpleAtoi(parts[1].substr(1), &block) || block <= 0 || block % 2 != 0) return bad();
     if (parts.size() == 3 && parts[2] != "dq") return bad();
     return WeightFormat::NF4(block, parts.size() == 3);
+  }
+  if (parts.size() == 3 && absl::StartsWith(parts[0], "spqr") && absl::StartsWith(parts[1], "g") &&
+      absl::StartsWith(parts[2], "o")) {
+    int bits = 0, group = 0;
+    int64_t outliers = 0;
+    if (!absl::SimpleAtoi(parts[0].substr(4), &bits) || bits < 2 || bits > 4) return bad();
+    if (!absl::SimpleAtoi(parts[1].substr(1), &group) || group <= 0) return bad();
+    if (!absl::SimpleAtoi(parts[2].substr(1), &outliers) || outliers < 0) return bad();
+    return WeightFormat::SpQR(bits, group, outliers);
   }
   return bad();
 }
@@ -122,6 +145,51 @@ absl::StatusOr<QIntLayout> GetQIntLayout(const WeightFormat& f, int64_t rows, in
   return l;
 }
 
+absl::StatusOr<QuipLayout> GetQuipLayout(const WeightFormat& f, int64_t rows, int64_t cols) {
+  if (f.type != WeightType::kQuip) return absl::InvalidArgumentError("not a quip format");
+  QuipLayout l{};
+  l.payload = WeightFormat::QInt(f.bits, f.group, f.symmetric);
+  QF_ASSIGN_OR_RETURN(l.qint, GetQIntLayout(l.payload, rows, cols));
+  l.col_scales_offset = QuipLayout::kHeaderBytes;
+  l.payload_offset = (QuipLayout::kHeaderBytes + 2 * static_cast<size_t>(cols) + 31) / 32 * 32;
+  l.total_bytes = l.payload_offset + l.qint.total_bytes;
+  return l;
+}
+
+absl::StatusOr<SpqrLayout> GetSpqrLayout(const WeightFormat& f, int64_t rows, int64_t cols) {
+  if (f.type != WeightType::kSpQR) return absl::InvalidArgumentError("not an spqr format");
+  QF_RETURN_IF_ERROR(CheckDims(rows, cols));
+  if (f.bits < 2 || f.bits > 4) return absl::InvalidArgumentError(absl::StrCat("spqr bits must be 2..4, got ", f.bits));
+  if (f.group <= 0) return absl::InvalidArgumentError(absl::StrCat("spqr group must be positive, got ", f.group));
+  QF_RETURN_IF_ERROR(NeedMultiple(f, cols, f.group));
+  if ((cols * f.bits) % 8 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(FormatName(f), " needs row length * bits to be a multiple of 8, got ", cols));
+  }
+  // The CSR row pointers are u32.
+  if (f.outliers < 0 || f.outliers > rows * cols || f.outliers > int64_t{0xFFFFFFFF}) {
+    return absl::InvalidArgumentError(absl::StrCat("spqr outliers must be 0..", std::min(rows * cols, int64_t{0xFFFFFFFF}),
+                                                   " for [", rows, ", ", cols, "], got ", f.outliers));
+  }
+  SpqrLayout l{};
+  l.group = f.group;
+  l.groups_per_row = cols / f.group;
+  l.row_blocks = (rows + kSpqrStatGroup - 1) / kSpqrStatGroup;
+  l.index_bytes = cols <= 65536 ? 2 : 4;
+  l.row_code_bytes = static_cast<size_t>(cols * f.bits / 8);
+  const size_t stat_bytes = (static_cast<size_t>(rows * l.groups_per_row) * kSpqrStatBits + 7) / 8;
+  const size_t nnz = static_cast<size_t>(f.outliers);
+  l.codes_offset = 0;
+  l.scale_codes_offset = l.row_code_bytes * static_cast<size_t>(rows);
+  l.zero_codes_offset = l.scale_codes_offset + stat_bytes;
+  l.second_offset = l.zero_codes_offset + stat_bytes;
+  l.row_ptr_offset = l.second_offset + 8 * static_cast<size_t>(l.row_blocks * l.groups_per_row);
+  l.col_index_offset = l.row_ptr_offset + 4 * (static_cast<size_t>(rows) + 1);
+  l.values_offset = l.col_index_offset + static_cast<size_t>(l.index_bytes) * nnz;
+  l.total_bytes = l.values_offset + 2 * nnz;
+  return l;
+}
+
 absl::StatusOr<std::vector<size_t>> PlaneSizes(const WeightFormat& f, int64_t rows, int64_t cols) {
   if (f.type == WeightType::kQInt) {
     QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
@@ -132,6 +200,10 @@ absl::StatusOr<std::vector<size_t>> PlaneSizes(const WeightFormat& f, int64_t ro
   if (f.type == WeightType::kNF4 && !f.double_quant) {
     QF_ASSIGN_OR_RETURN(const Nf4Layout l, GetNf4Layout(f, rows, cols));
     return std::vector<size_t>{l.absmax_offset - l.codes_offset, l.total_bytes - l.absmax_offset};
+  }
+  if (f.type == WeightType::kW8A8) {
+    QF_ASSIGN_OR_RETURN(const W8A8Layout l, GetW8A8Layout(f, rows, cols));
+    return std::vector<size_t>{l.scales_offset - l.codes_offset, l.total_bytes - l.scales_offset};
   }
   QF_ASSIGN_OR_RETURN(const size_t n, EncodedBytes(f, rows, cols));
   return std::vector<size_t>{n};
@@ -163,6 +235,20 @@ absl::StatusOr<Nf4Layout> GetNf4Layout(const WeightFormat& f, int64_t rows, int6
   return l;
 }
 
+absl::StatusOr<W8A8Layout> GetW8A8Layout(const WeightFormat& f, int64_t rows, int64_t cols) {
+  if (f.type != WeightType::kW8A8) return absl::InvalidArgumentError("not a w8a8 format");
+  QF_RETURN_IF_ERROR(CheckDims(rows, cols));
+  if (cols > kW8A8MaxCols) {
+    return absl::InvalidArgumentError(absl::StrCat("w8a8 needs a row length of at most ", kW8A8MaxCols,
+                                                   " (int32 accumulators), got ", cols));
+  }
+  W8A8Layout l{};
+  l.codes_offset = 0;
+  l.scales_offset = static_cast<size_t>(rows) * static_cast<size_t>(cols);
+  l.total_bytes = l.scales_offset + 4 * static_cast<size_t>(rows);
+  return l;
+}
+
 absl::StatusOr<size_t> EncodedBytes(const WeightFormat& f, int64_t rows, int64_t cols) {
   QF_RETURN_IF_ERROR(CheckDims(rows, cols));
   const size_t n = static_cast<size_t>(rows) * static_cast<size_t>(cols);
@@ -185,6 +271,18 @@ absl::StatusOr<size_t> EncodedBytes(const WeightFormat& f, int64_t rows, int64_t
     }
     case WeightType::kNF4: {
       QF_ASSIGN_OR_RETURN(Nf4Layout l, GetNf4Layout(f, rows, cols));
+      return l.total_bytes;
+    }
+    case WeightType::kSpQR: {
+      QF_ASSIGN_OR_RETURN(SpqrLayout l, GetSpqrLayout(f, rows, cols));
+      return l.total_bytes;
+    }
+    case WeightType::kW8A8: {
+      QF_ASSIGN_OR_RETURN(W8A8Layout l, GetW8A8Layout(f, rows, cols));
+      return l.total_bytes;
+    }
+    case WeightType::kQuip: {
+      QF_ASSIGN_OR_RETURN(QuipLayout l, GetQuipLayout(f, rows, cols));
       return l.total_bytes;
     }
   }

@@ -13,7 +13,7 @@
 
 namespace qforge {
 
-// How a tensor's bytes encode its values. The byte layouts are documented in docs/formats.md and
+// How a tensor's bytes encode its values. The byte layouts are documented in docs/encodings.md and
 // implemented (dequantize, dot products) in core/kernels.
 enum class WeightType : uint8_t {
   kF32 = 0,
@@ -27,6 +27,16 @@ enum class WeightType : uint8_t {
   kQInt = 6,
   // NormalFloat-4 (QLoRA), blockwise absmax, optionally double-quantized scales: see Nf4Layout.
   kNF4 = 7,
+  // SmoothQuant W8A8: int8 codes per element and one f32 scale per output row, planar, see W8A8Layout. The
+  // matmul quantizes activations to int8 per token and multiplies in integers (core/kernels).
+  kW8A8 = 8,
+  // SpQR (Dettmers et al. 2023): grouped low-bit codes with 3-bit quantized group statistics plus a CSR matrix
+  // of fp16 outliers added at run time, see SpqrLayout.
+  kSpQR = 9,
+  // QuIP (Chee et al. 2023): a kQInt payload of the incoherence-processed W' = U (W diag(1/c)) Vᵀ with seeded
+  // random orthogonal U, V (Kronecker products of two factors each, core/kernels/orthogonal.h), see QuipLayout.
+  // U mixes every output row, so rows are not independent: never row-sliced, no row view.
+  kQuip = 10,
 };
 
 struct WeightFormat {
@@ -35,6 +45,9 @@ struct WeightFormat {
   int group = 0;              // kQInt: elements per scale (0 = whole row, "per-channel"); kNF4: block size
   bool symmetric = true;      // kQInt: true -> zero point is the fixed 2^(bits-1)
   bool double_quant = false;  // kNF4: block absmax stored as int8 with fp32 scale per 256 blocks
+  // kSpQR: number of stored outliers. Data-dependent, so it is part of the format (and of FormatName): a stored
+  // tensor stays self-describing and EncodedBytes a function of (format, shape).
+  int64_t outliers = 0;
 
   static WeightFormat F32() { return {}; }
   static WeightFormat F16() { return {WeightType::kF16}; }
@@ -44,6 +57,13 @@ struct WeightFormat {
     return {WeightType::kQInt, bits, group, symmetric, false};
   }
   static WeightFormat NF4(int block, bool double_quant) { return {WeightType::kNF4, 4, block, true, double_quant}; }
+  // bits / group / symmetric are those of the kQInt payload.
+  static WeightFormat Quip(int bits, int group, bool symmetric) {
+    return {WeightType::kQuip, bits, group, symmetric, false};
+  }
+  static WeightFormat SpQR(int bits, int group, int64_t outliers) {
+    return {WeightType::kSpQR, bits, group, false, false, outliers};
+  }
 
   bool is_float() const {
     return type == WeightType::kF32 || type == WeightType::kF16 || type == WeightType::kBF16;
@@ -51,7 +71,8 @@ struct WeightFormat {
   bool operator==(const WeightFormat&) const = default;
 };
 
-// "f32", "q4_k", "qint4_g128_sym", "qint3_pc_asym", "nf4_b64_dq" ...: stable, used in file metadata.
+// "f32", "q4_k", "qint4_g128_sym", "qint3_pc_asym", "nf4_b64_dq", "spqr3_g16_o1234" ...: stable, used in file
+// metadata.
 std::string FormatName(const WeightFormat& f);
 absl::StatusOr<WeightFormat> ParseFormatName(const std::string& name);
 
@@ -90,11 +111,71 @@ inline constexpr int kNf4DoubleQuantGroup = 256;
 // The 16 NF4 levels of QLoRA (Dettmers et al. 2023, appendix E), ascending, in [-1, 1].
 extern const float kNf4Levels[16];
 
+// kW8A8 planar layout for [rows, cols] (cols <= kW8A8MaxCols):
+//   codes : rows * cols int8, row-major (the quantizer writes [-127, 127]; the kernels also accept -128);
+//   scales: rows little-endian f32, one per output channel.
+//   w = scale_r * code. The matmul quantizes each token x per token, s_x = max|x| / 127,
+//   q = round-half-even(x / s_x) clamped to +-127, and computes y = s_x * s_w * sum(q_w * q_x) in int32.
+struct W8A8Layout {
+  size_t codes_offset, scales_offset, total_bytes;
+};
+// Bounds |sum q_w q_x| <= 128 * 127 * cols below 2^31, so the int32 accumulators cannot overflow.
+inline constexpr int64_t kW8A8MaxCols = int64_t{1} << 17;
+absl::StatusOr<W8A8Layout> GetW8A8Layout(const WeightFormat& f, int64_t rows, int64_t cols);
+
+// kSpQR layout for [rows, cols], b = bits (2..4), g = group (β1, cols % g == 0, cols*b % 8 == 0), G = cols/g
+// first-level groups per row, B = ceil(rows / 16) second-level row blocks, nnz = format.outliers:
+//   codes      : rows * cols * b / 8 bytes, row-major, each row on a byte boundary, LSB-first bit stream exactly as
+//                kQInt (element c of a row occupies bits [c*b, (c+1)*b) of the row's bytes).
+//   scale_codes: ceil(rows * G * 3 / 8) bytes: the 3-bit code of first-level scale (r, k) at bits
+//                [(r*G + k)*3, +3) of the plane (LSB-first, one bit stream for the whole plane).
+//   zero_codes : the same for the first-level zeros.
+//   second     : B * G * 4 little-endian f16, entry (rb, k) = {scale_s, zero_s, scale_z, zero_z}: the 3-bit
+//                grids of the first-level scales and zeros of rows [16*rb, 16*rb + 16) in group column k.
+//   row_ptr    : rows + 1 little-endian u32, CSR row pointers into the outlier arrays (row_ptr[rows] = nnz).
+//   col_index  : nnz little-endian u16 when cols <= 65536, else u32; ascending within a row.
+//   values     : nnz little-endian f16.
+// Decoding (float arithmetic, in this order; the kernels and the quantizer share it, core/kernels/spqr.h):
+//   s = scale_s * (scale_code - zero_s),  z = scale_z * (zero_code - zero_z),  w[r,c] = s * (code - z),
+//   plus value[p] for every outlier p of row r with col_index[p] == c (the outliers add to the dense part).
+struct SpqrLayout {
+  int64_t group;           // β1
+  int64_t groups_per_row;  // G
+  int64_t row_blocks;      // B
+  int index_bytes;         // 2 or 4
+  size_t row_code_bytes;
+  size_t codes_offset, scale_codes_offset, zero_codes_offset, second_offset, row_ptr_offset, col_index_offset,
+      values_offset, total_bytes;
+};
+inline constexpr int kSpqrStatBits = 3;     // bits of every first-level scale and zero
+inline constexpr int kSpqrStatGroup = 16;   // β2: rows sharing one second-level (scale, zero) pair
+absl::StatusOr<SpqrLayout> GetSpqrLayout(const WeightFormat& f, int64_t rows, int64_t cols);
+
+// kQuip layout for [rows, cols] (all little-endian):
+//   header (32 bytes): u64 seed | u32 a_out | u32 b_out | u32 a_in | u32 b_in | u32 qk_heads | u32 reserved (0)
+//   col_scales: cols f16 at offset 32 (c, the per-input-channel rescaling; all 1 when not rescaled)
+//   payload   : from offset round_up(32 + 2*cols, 32), a kQInt [rows, cols] tensor (bits, group, symmetric of
+//               the format) holding W'.
+//   U = A_out ⊗ B_out (a_out*b_out = rows), V = A_in ⊗ B_in (a_in*b_in = cols), each factor a Haar-random
+//   orthogonal matrix regenerated from `seed` (kernels::MakeKroneckerOrthogonal(a, b, seed, side 0 / 1)).
+//   W = P Uᵀ W' V diag(c), so y = W x = P Uᵀ (W' (V (c ⊙ x))). P is the identity when qk_heads == 0, else the
+//   canonical -> HF rotate-half row order of a q/k matrix with qk_heads heads (set by the safetensors writer,
+//   undone by its reader): output row h*hd + j*hd/2 + i is row h*hd + 2i + j of Uᵀ W' V diag(c).
+struct QuipLayout {
+  static constexpr size_t kHeaderBytes = 32;
+  static constexpr size_t kSeedOffset = 0, kFactorsOffset = 8, kQkHeadsOffset = 24, kReservedOffset = 28;
+  size_t col_scales_offset, payload_offset, total_bytes;
+  WeightFormat payload;  // the kQInt format of W'
+  QIntLayout qint;       // its layout, offsets relative to payload_offset
+};
+absl::StatusOr<QuipLayout> GetQuipLayout(const WeightFormat& f, int64_t rows, int64_t cols);
+
 // The byte sizes of an encoding's planes in storage order: qint stores codes | scales (| zeros), nf4 without
-// double quantization codes | absmax, each plane row-major; every other encoding is one plane of row-major
-// blocks. So a matrix cut into row slices is, plane by plane, its slices' parts of that plane in row order: the
-// rule by which the scheduler assembles a tensor from its slices. nf4 with double quantization shares its
-// second-level scales across rows; it is one plane here, and is never sliced.
+// double quantization codes | absmax, w8a8 codes | scales, each plane row-major; every other encoding is one
+// plane of row-major blocks. So a matrix cut into row slices is, plane by plane, its slices' parts of that
+// plane in row order: the rule by which the scheduler assembles a tensor from its slices. nf4 with double
+// quantization shares its second-level scales across rows, and quip's rotation mixes all rows; each is one plane
+// here, and is never sliced.
 absl::StatusOr<std::vector<size_t>> PlaneSizes(const WeightFormat& f, int64_t rows, int64_t cols);
 
 // A named n-dimensional tensor whose bytes live in `owner` (a mapped file or a heap buffer).

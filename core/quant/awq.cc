@@ -30,22 +30,23 @@ absl::Status ValidateOptions(const AwqOptions& o, int64_t cols) {
 
 int64_t GroupLen(const AwqOptions& o, int64_t cols) { return o.group > 0 ? o.group : cols; }
 
-absl::StatusOr<std::vector<float>> ReadF32(const Model& m, const std::string& name) {
+}  // namespace
+
+absl::StatusOr<std::vector<float>> ReadF32Tensor(const Model& m, const std::string& name, const char* method) {
   QF_ASSIGN_OR_RETURN(const Tensor* t, m.Get(name));
   if (t->format.type != WeightType::kF32) {
-    return absl::FailedPreconditionError(absl::StrCat("awq: fold needs fp32 tensors, ", name, " is not"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(method, ": fold needs fp32 tensors, ", name, " is ", FormatName(t->format)));
   }
   std::vector<float> v(static_cast<size_t>(t->numel()));
   std::memcpy(v.data(), t->data, 4 * v.size());
   return v;
 }
 
-void WriteF32(Model& m, const std::string& name, const std::vector<float>& v) {
+void WriteF32Tensor(Model& m, const std::string& name, const std::vector<float>& v) {
   Tensor& t = m.tensors.at(name);
   t = Tensor::FromFloats(name, t.shape, std::span<const float>(v));
 }
-
-}  // namespace
 
 std::vector<float> AwqChannelScales(const std::vector<double>& mean_abs, double alpha) {
   std::vector<double> s(mean_abs.size());
@@ -189,17 +190,17 @@ absl::Status AwqFoldScales(Model& m, const std::vector<AwqLayerScales>& layers) 
           return absl::InvalidArgumentError(absl::StrCat("awq: scales for ", p.norm, " must be positive and finite"));
         }
       }
-      QF_ASSIGN_OR_RETURN(std::vector<float> norm, ReadF32(m, p.norm));
+      QF_ASSIGN_OR_RETURN(std::vector<float> norm, ReadF32Tensor(m, p.norm, "awq"));
       for (int j = 0; j < c.dim; ++j) norm[j] /= s[j];
       std::vector<std::vector<float>> mats;
       for (const std::string& name : p.mats) {
-        QF_ASSIGN_OR_RETURN(std::vector<float> w, ReadF32(m, name));
+        QF_ASSIGN_OR_RETURN(std::vector<float> w, ReadF32Tensor(m, name, "awq"));
         const size_t cols = static_cast<size_t>(c.dim);
         for (size_t i = 0; i < w.size(); ++i) w[i] *= s[i % cols];
         mats.push_back(std::move(w));
       }
-      WriteF32(m, p.norm, norm);
-      for (size_t i = 0; i < mats.size(); ++i) WriteF32(m, p.mats[i], mats[i]);
+      WriteF32Tensor(m, p.norm, norm);
+      for (size_t i = 0; i < mats.size(); ++i) WriteF32Tensor(m, p.mats[i], mats[i]);
     }
   }
   return absl::OkStatus();
@@ -238,7 +239,7 @@ absl::Status AwqScaleModel(Model& m, calib::CalibrationStats& stats, const AwqOp
       std::vector<std::vector<float>> mats;
       std::vector<AwqWeight> ws;
       for (const std::string& name : groups[p]) {
-        QF_ASSIGN_OR_RETURN(std::vector<float> w, ReadF32(m, name));
+        QF_ASSIGN_OR_RETURN(std::vector<float> w, ReadF32Tensor(m, name, "awq"));
         mats.push_back(std::move(w));
       }
       for (size_t i = 0; i < mats.size(); ++i) {

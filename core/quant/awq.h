@@ -58,6 +58,12 @@ absl::Status AwqClipQuantize(const float* w, int64_t rows, int64_t cols, const d
                              int grid, std::vector<uint8_t>* codes, std::vector<uint16_t>* scales,
                              std::vector<uint8_t>* zeros);
 
+// The values of the fp32 tensor `name` of m (FAILED_PRECONDITION, prefixed by `method`, when it is stored in another
+// encoding: the scale folds work on fp32 models), and writing them back. For the model transforms of AWQ and
+// SmoothQuant.
+absl::StatusOr<std::vector<float>> ReadF32Tensor(const Model& m, const std::string& name, const char* method);
+void WriteF32Tensor(Model& m, const std::string& name, const std::vector<float>& v);
+
 // Per-block scales for the model-level fold; an empty vector leaves that pair unscaled.
 struct AwqLayerScales {
   std::vector<float> attn;  // [dim]: attn_norm /= s, q/k/v columns *= s

@@ -20,22 +20,19 @@ std::vector<int64_t> ActOrderPermutation(const double* hessian, int64_t cols) {
   return perm;
 }
 
-namespace {
-
-// Replaces the symmetric positive definite h [n, n] by the upper Cholesky factor U of h⁻¹ (h⁻¹ = UᵀU), the
-// lower triangle zeroed. Row j of U, divided by U_jj, is row j of the inverse Hessian restricted to the
-// columns >= j, divided by its diagonal: exactly what GPTQ's column-j update needs, for every j at once.
-absl::Status UpperCholeskyOfInverse(std::vector<double>& h, int64_t n) {
+// Row j of U, divided by U_jj, is row j of the inverse Hessian restricted to the columns >= j, divided by its
+// diagonal: exactly what the column-j update needs, for every j at once.
+absl::Status UpperCholeskyOfInverse(std::vector<double>& h, int64_t n, const char* method) {
   const int ni = static_cast<int>(n);
   int info = LAPACKE_dpotrf(LAPACK_ROW_MAJOR, 'U', ni, h.data(), ni);
   if (info != 0) {
     return absl::FailedPreconditionError(
-        absl::StrCat("gptq: the damped Hessian is not positive definite (potrf info ", info,
+        absl::StrCat(method, ": the damped Hessian is not positive definite (potrf info ", info,
                      "); raise the damping or use more calibration tokens"));
   }
   info = LAPACKE_dpotri(LAPACK_ROW_MAJOR, 'U', ni, h.data(), ni);
   if (info != 0) {
-    return absl::FailedPreconditionError(absl::StrCat("gptq: Hessian inversion failed (potri info ", info, ")"));
+    return absl::FailedPreconditionError(absl::StrCat(method, ": Hessian inversion failed (potri info ", info, ")"));
   }
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j < i; ++j) h[i * n + j] = h[j * n + i];
@@ -43,7 +40,7 @@ absl::Status UpperCholeskyOfInverse(std::vector<double>& h, int64_t n) {
   info = LAPACKE_dpotrf(LAPACK_ROW_MAJOR, 'U', ni, h.data(), ni);
   if (info != 0) {
     return absl::FailedPreconditionError(
-        absl::StrCat("gptq: the inverse Hessian is numerically not positive definite (potrf info ", info,
+        absl::StrCat(method, ": the inverse Hessian is numerically not positive definite (potrf info ", info,
                      "); raise the damping"));
   }
   for (int64_t i = 0; i < n; ++i) {
@@ -52,7 +49,6 @@ absl::Status UpperCholeskyOfInverse(std::vector<double>& h, int64_t n) {
   return absl::OkStatus();
 }
 
-}  // namespace
 
 absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t cols, const double* hessian,
                                         const GptqOptions& o) {
@@ -121,7 +117,7 @@ absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t co
   for (int64_t i = 0; i < cols; ++i) mean_diag += H[i * cols + i];
   const double damp = o.percdamp * mean_diag / static_cast<double>(cols);
   for (int64_t i = 0; i < cols; ++i) H[i * cols + i] += damp;
-  if (auto s = UpperCholeskyOfInverse(H, cols); !s.ok()) return s;
+  if (auto s = UpperCholeskyOfInverse(H, cols, "gptq"); !s.ok()) return s;
   const std::vector<double>& U = H;
 
   // Lazy batches: a block's columns update each other immediately, the columns after the block once, with a

@@ -41,6 +41,11 @@ struct GptqResult {
 absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t cols, const double* hessian,
                                         const GptqOptions& options);
 
+// Replaces the symmetric positive definite h [n, n] (row-major) by the upper Cholesky factor U of h⁻¹
+// (h⁻¹ = UᵀU), lower triangle zeroed: row j of U over U_jj is the column-j update of GPTQ-style error feedback
+// (also SpQR's and QuIP's). FAILED_PRECONDITION, prefixed by `method`, when h is not positive definite.
+absl::Status UpperCholeskyOfInverse(std::vector<double>& h, int64_t n, const char* method);
+
 // The column order act-order uses: by descending H_ii, ties by ascending index.
 std::vector<int64_t> ActOrderPermutation(const double* hessian, int64_t cols);
 

@@ -12,6 +12,9 @@
 #include "core/quant/gptq.h"
 #include "core/quant/packing.h"
 #include "core/quant/quant_method.h"
+#include "core/quant/spqr.h"
+#include "core/quant/quip.h"
+#include "core/quant/smoothquant.h"
 
 namespace qforge::quant {
 
@@ -251,7 +254,7 @@ class GptqMethod : public QuantMethod {
     return QIntOutputFormat("gptq", p, rows, cols);
   }
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
-                                                ThreadPool*, const calib::LayerStats* calib) const override {
+                                                ThreadPool* pool, const calib::LayerStats* calib) const override {
     QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
     QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
     if (calib == nullptr) {
@@ -268,6 +271,7 @@ class GptqMethod : public QuantMethod {
     o.act_order = p.act_order;
     o.static_groups = p.static_groups;
     o.percdamp = p.damp;
+    o.pool = pool;
     QF_ASSIGN_OR_RETURN(const GptqResult r, GptqQuantize(w, rows, cols, calib->hessian.data(), o));
     std::vector<uint8_t> out(l.total_bytes, 0);
     PackQInt(r.codes.data(), r.scales.data(), r.zeros.data(), rows, cols, f, l, out.data());
@@ -354,6 +358,9 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
         &QuantizeRowQ4_K, "q4_0"));
     r->push_back(std::make_unique<GptqMethod>());
     r->push_back(std::make_unique<AwqMethod>());
+    r->push_back(MakeSpqrMethod());
+    r->push_back(MakeSmoothQuantMethod());
+    r->push_back(MakeQuipMethod());
     r->push_back(std::make_unique<F16Method>());
     return r;
   }();

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
@@ -32,7 +33,8 @@ struct QuantParams {
   float damp = 0.01f;
   // smoothquant only: migration strength, s_j = max|x_j|^α / max|W_:,j|^(1-α).
   float alpha = 0.5f;
-  // spqr only: a weight is an outlier when its sensitivity exceeds this multiple of the layer's mean sensitivity.
+  // spqr only (τ): a weight is an outlier when its sensitivity ((w - q(w)) / U_jj)² exceeds
+  // τ · mean_j(Var_i(W_ij) / U_jj²), the reference implementation's relative rule (core/quant/spqr.h).
   float outlier_threshold = 0.2f;
   // quip only: seed of the random orthogonal transforms (stored in the tensor, so the runtime can undo them).
   uint32_t seed = 0;
@@ -52,6 +54,13 @@ class QuantMethod {
   virtual absl::Status Validate(const QuantParams& p) const = 0;
   // The format a [rows, cols] matrix gets, or an error when cols does not fit the method's blocks.
   virtual absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const = 0;
+  // The format of the bytes Quantize returned for a [rows, cols] matrix: OutputFormat's, unless the encoding
+  // depends on the data (spqr: the outlier count, read back from the bytes). What QuantizeTensor and the workers
+  // record for the tensor.
+  virtual absl::StatusOr<WeightFormat> EncodedFormat(const QuantParams& p, int64_t rows, int64_t cols,
+                                                     std::span<const uint8_t> bytes) const {
+    return OutputFormat(p, rows, cols);
+  }
   // Encodes row-major w. Rows are split over `pool` (may be null); the bytes never depend on the split.
   // `calib`: statistics of this layer's inputs (cols == calib->cols); calibration-free methods ignore it,
   // methods that NeedsCalibration() fail with FAILED_PRECONDITION without it.

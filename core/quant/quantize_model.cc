@@ -42,10 +42,20 @@ absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const std::vector
   const int64_t rows = q.rows(), cols = q.cols();
   std::vector<double> err(static_cast<size_t>(rows)), norm(static_cast<size_t>(rows));
   std::vector<absl::Status> status(static_cast<size_t>(rows));
+  // kQuip decodes every row for any row range (its rows are mixed): decode it once, not once per row.
+  std::vector<float> all;
+  if (q.format.type == WeightType::kQuip) {
+    all.resize(static_cast<size_t>(rows * cols));
+    QF_RETURN_IF_ERROR(kernels::DequantizeRows(q, 0, rows, all.data()));
+  }
   ParallelForOrInline(pool, rows, 8, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(static_cast<size_t>(cols));
     for (int64_t r = r0; r < r1; ++r) {
-      status[r] = kernels::DequantizeRows(q, r, r + 1, row.data());
+      if (all.empty()) {
+        status[r] = kernels::DequantizeRows(q, r, r + 1, row.data());
+      } else {
+        std::copy_n(&all[r * cols], cols, row.data());
+      }
       double e = 0, n = 0;
       for (int64_t c = 0; c < cols; ++c) {
         const double w = ref[r * cols + c];
@@ -169,6 +179,28 @@ absl::StatusOr<std::vector<LayerRule>> ParseLayerRules(const std::string& text) 
   return rules;
 }
 
+absl::StatusOr<std::optional<std::pair<const QuantMethod*, QuantParams>>> ModelTransformOf(
+    const std::string& method, const std::optional<QuantParams>& params, const std::vector<LayerRule>& layers,
+    const std::string& default_field, const std::string& layers_field) {
+  std::optional<std::pair<const QuantMethod*, QuantParams>> found;
+  for (size_t i = 0; i <= layers.size(); ++i) {
+    const std::string& name = i == 0 ? method : layers[i - 1].method;
+    const QuantMethod* m = FindMethod(name);
+    if (m == nullptr || !m->HasModelTransform()) continue;
+    const std::optional<QuantParams>& given = i == 0 ? params : layers[i - 1].params;
+    const QuantParams p = given.value_or(m->DefaultParams());
+    if (!found) {
+      found.emplace(m, p);
+    } else if (found->first != m || !(found->second == p)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          i == 0 ? default_field : absl::StrCat(layers_field, "[", i - 1, "]"), ".method: ", name, " (",
+          ParamsToString(p), ") is a second model transform; a job runs one (", found->first->name(), " ",
+          ParamsToString(found->second), ")"));
+    }
+  }
+  return found;
+}
+
 absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& method, const QuantParams& params,
                                       ThreadPool* pool, TensorQuantReport* report, const calib::LayerStats* calib) {
   if (in.shape.size() < 2) {
@@ -195,6 +227,8 @@ absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& metho
   }
   QF_ASSIGN_OR_RETURN(const std::vector<float> w, ToF32(in, pool));
   QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, m->Quantize(w.data(), rows, cols, p, pool, calib));
+  // The planned format may lack what only the data decides (spqr's outlier count).
+  QF_ASSIGN_OR_RETURN(format, m->EncodedFormat(p, rows, cols, bytes));
   Tensor out = Tensor::FromBytes(in.name, in.shape, *format, std::move(bytes));
   QF_RETURN_IF_ERROR(ValidateTensor(out));
   if (report != nullptr) {

@@ -49,6 +49,14 @@ struct QuantRecipe {
   std::vector<LayerRule> layers = {};
 };
 
+// The one model transform (QuantMethod::PrepareModel) a recipe runs after calibration: the default method's if it
+// has one, else the first layer rule's. PrepareModel rewrites the whole model, so two different transforms (or one
+// with two parameter sets) are an INVALID_ARGUMENT naming the second (`default_field` / `layers_field`[i]).
+// nullopt: none.
+absl::StatusOr<std::optional<std::pair<const QuantMethod*, QuantParams>>> ModelTransformOf(
+    const std::string& method, const std::optional<QuantParams>& params, const std::vector<LayerRule>& layers,
+    const std::string& default_field, const std::string& layers_field);
+
 struct TensorQuantReport {
   std::string name;
   int64_t rows = 0, cols = 0;

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/kernels/kernels.h"
+#include "core/kernels/quip.h"
 #include "core/runtime/ops.h"
 
 namespace qforge {
@@ -102,6 +103,20 @@ absl::StatusOr<KvCache> Transformer::NewCache(int capacity) const {
 
 absl::Status Transformer::MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride) {
   if (options_.linear_observer) options_.linear_observer(w.name, x, n, static_cast<int>(w.cols()));
+  if (w.format.type == WeightType::kQuip) {
+    // U mixes all output rows: rotate each token's x, run the kQInt product over all rows (split over the
+    // pool), unrotate each token's y. Per-token transforms keep batched results equal to unbatched ones.
+    std::shared_ptr<const kernels::QuipTransform>& q = quip_[&w];
+    absl::Status s;
+    if (q == nullptr) {
+      auto made = kernels::QuipTransform::Create(w);
+      if (made.ok()) q = *std::move(made);
+      s = made.status();
+    }
+    if (s.ok()) s = kernels::QuipMatMul(*q, x, n, y, y_stride, &pool_);
+    if (!s.ok()) return absl::Status(s.code(), absl::StrCat(w.name, ": ", s.message()));
+    return absl::OkStatus();
+  }
   const int64_t rows = w.rows();
   const int64_t cols = w.cols();
   // Chunks of at least ~32K multiply-adds so that small matrices are not drowned in dispatch overhead.

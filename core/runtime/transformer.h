@@ -8,6 +8,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -16,6 +17,9 @@
 #include "core/model/model.h"
 
 namespace qforge {
+namespace kernels {
+class QuipTransform;
+}
 
 struct RuntimeOptions {
   int threads = 0;      // worker threads for matmuls and attention; <= 0 means hardware concurrency
@@ -150,6 +154,8 @@ class Transformer {
 
   // Activations for one chunk of at most max_batch tokens.
   std::vector<float> x_, xb_, xb2_, q_, k_, v_, hb_, hb2_;
+  // kQuip matrices' regenerated rotations, built on first use (core/kernels/quip.h).
+  std::unordered_map<const Tensor*, std::shared_ptr<const kernels::QuipTransform>> quip_;
 };
 
 }  // namespace qforge
