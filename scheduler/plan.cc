@@ -23,6 +23,10 @@ bool IsQuantizeTarget(const ModelDescription& m, size_t i, bool embeddings) {
 // NF4 with double quantization shares one second-level offset across the whole tensor, so its rows cannot be
 // encoded independently; every other registered encoding is row-independent (docs/architecture.md).
 bool RowsAreIndependent(const QuantConfig& c) {
+  // kSpQR's second-level statistics span 16 rows and its CSR outliers the whole matrix (tensor.h SpqrLayout).
+  if (c.format.type == WeightType::kSpQR) return false;
+  // kQuip's output rotation mixes every row of the matrix (tensor.h QuipLayout).
+  if (c.format.type == WeightType::kQuip) return false;
   return !(c.format.type == WeightType::kNF4 && c.format.double_quant);
 }
 
@@ -53,7 +57,7 @@ std::string Plan::Describe(uint32_t t) const {
     case TaskKind::kQuantize:
       return absl::StrCat("quantize ", std::string(model.name(p.tensor)), " rows [", p.row_begin, ", ", p.row_end,
                           ")");
-    case TaskKind::kCalibrate: return absl::StrCat("calibrate block ", p.layer);
+    case TaskKind::kCalibrate: return p.layer < 0 ? std::string("calibrate") : absl::StrCat("calibrate block ", p.layer);
     default: return TaskKindName(p.kind);
   }
 }
@@ -103,11 +107,8 @@ absl::StatusOr<Plan> PlanJob(ModelDescription model, const JobRecipe& recipe, co
     if (!is_default && recipe.layers[i - 1].pattern.empty()) {
       return absl::InvalidArgumentError(absl::StrCat(field, ".pattern: empty"));
     }
-    calibrated |= method->NeedsCalibration();
+    calibrated |= method->NeedsCalibration() || method->HasModelTransform();
     rules.push_back({method, params});
-  }
-  if (calibrated && recipe.calibration_text_uri.empty()) {
-    return absl::InvalidArgumentError("recipe.calibration_text_uri: a method of the recipe needs calibration text");
   }
   if (options.max_task_input_bytes == 0) return absl::InvalidArgumentError("options.max_task_input_bytes: must be > 0");
   auto rule_for = [&](std::string_view tensor_name) -> const Rule& {
@@ -147,10 +148,17 @@ absl::StatusOr<Plan> PlanJob(ModelDescription model, const JobRecipe& recipe, co
   std::vector<uint32_t> quantize_tasks;
   std::vector<uint32_t> prev_block_tasks;
   int64_t prev_calibrate = -1;
+  const bool per_block = calibrated && options.calibrate_per_block;
+  if (calibrated && !per_block) {
+    PlanTask c;
+    c.kind = TaskKind::kCalibrate;
+    c.layer = -1;
+    prev_calibrate = add_task(c);
+  }
   for (int l = 0; l <= n_layers; ++l) {
     const bool is_block = l < n_layers;
     int64_t calibrate = prev_calibrate;
-    if (calibrated && is_block) {
+    if (per_block && is_block) {
       PlanTask c;
       c.kind = TaskKind::kCalibrate;
       c.layer = l;
@@ -213,7 +221,7 @@ absl::StatusOr<Plan> PlanJob(ModelDescription model, const JobRecipe& recipe, co
         plan.total_output_bytes += out;
       }
     }
-    if (calibrated && is_block) prev_calibrate = calibrate;
+    if (per_block && is_block) prev_calibrate = calibrate;
   }
   PlanTask assemble;
   assemble.kind = TaskKind::kAssemble;
@@ -264,7 +272,10 @@ absl::Status ValidatePlan(const Plan& p) {
 // --- serialization ----------------------------------------------------------------------------------------
 namespace {
 
-constexpr char kMagic[8] = {'Q', 'F', 'P', 'L', 'A', 'N', '0', '2'};
+// 03 added the config's rope_theta, norm_eps and tied_embeddings (02 plans read back with their defaults, which
+// made a restarted scheduler reject a tied model's assemble: its config no longer matched).
+constexpr char kMagic[8] = {'Q', 'F', 'P', 'L', 'A', 'N', '0', '3'};
+constexpr char kMagic02[8] = {'Q', 'F', 'P', 'L', 'A', 'N', '0', '2'};
 
 class Writer {
  public:
@@ -361,6 +372,9 @@ std::string SerializePlan(const Plan& p) {
                 m.config.vocab_size, m.config.seq_len, m.n_experts, m.expert_hidden_dim}) {
     w.Pod<int32_t>(v);
   }
+  w.Pod<float>(m.config.rope_theta);
+  w.Pod<float>(m.config.norm_eps);
+  w.Pod<uint8_t>(m.config.tied_embeddings);
   w.Str(m.name_arena);
   w.Vec(m.tensors);
   w.Pod<uint64_t>(p.configs.size());
@@ -380,7 +394,8 @@ std::string SerializePlan(const Plan& p) {
 
 absl::StatusOr<Plan> DeserializePlan(const std::string& bytes) {
   const auto bad = [] { return absl::DataLossError("plan: truncated or malformed serialized plan"); };
-  if (bytes.size() < sizeof(kMagic) || std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) != 0) {
+  const bool v02 = bytes.size() >= sizeof(kMagic02) && std::memcmp(bytes.data(), kMagic02, sizeof(kMagic02)) == 0;
+  if (bytes.size() < sizeof(kMagic) || (!v02 && std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) != 0)) {
     return absl::DataLossError("plan: not a serialized plan (bad magic or version)");
   }
   Reader r(bytes, sizeof(kMagic));
@@ -392,6 +407,11 @@ absl::StatusOr<Plan> DeserializePlan(const std::string& bytes) {
     int32_t x;
     if (!r.Pod(&x)) return bad();
     *v = x;
+  }
+  if (!v02) {
+    uint8_t tied = 0;
+    if (!r.Pod(&m.config.rope_theta) || !r.Pod(&m.config.norm_eps) || !r.Pod(&tied)) return bad();
+    m.config.tied_embeddings = tied != 0;
   }
   if (!r.Str(&m.name_arena) || !r.Vec(&m.tensors)) return bad();
   uint64_t n_configs = 0;

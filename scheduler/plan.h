@@ -30,7 +30,12 @@ struct JobRecipe {
   // true (QuantizeModel's behaviour): a tensor whose row length does not fit the method follows the method's
   // fallback chain; false: such a tensor is an INVALID_ARGUMENT at planning time.
   bool allow_fallback = true;
-  std::string calibration_text_uri;  // required by methods that NeedsCalibration()
+  // Calibration input of a job with a method that NeedsCalibration() or HasModelTransform(): this text file, or
+  // when empty, streams sampled from the source model (defaults: qforge quantize's --calib-* flags).
+  std::string calibration_text_uri;
+  int calibration_samples = 64;
+  int calibration_length = 256;
+  uint64_t calibration_seed = 1000;
   std::string evaluation_text_uri;   // non-empty: an evaluate task after assemble
 };
 
@@ -40,6 +45,9 @@ int MatchLayerRule(const JobRecipe& recipe, std::string_view tensor_name);
 struct PlanOptions {
   uint64_t max_task_input_bytes = uint64_t{256} << 20;  // row slices keep every quantize task under this
   bool sequential_calibration = false;  // calibrate(i) also waits for block i-1's quantize tasks (exact GPTQ)
+  // One calibrate task per block, chained (docs/distributed.md: the target). false: one calibrate task for the
+  // whole job (layer -1), first in the plan, which every quantize task depends on: what workers run today.
+  bool calibrate_per_block = false;
 };
 
 enum class TaskKind : uint8_t { kCalibrate = 1, kQuantize = 2, kAssemble = 3, kEvaluate = 4 };
@@ -58,7 +66,7 @@ struct PlanTask {
   uint64_t input_bytes = 0;      // source bytes read (quantize), 0 otherwise
   uint32_t tensor = kNoTensor;   // quantize: index into ModelDescription::tensors
   uint32_t row_begin = 0, row_end = 0;
-  int32_t layer = -1;            // calibrate: the block
+  int32_t layer = -1;            // calibrate: the block (-1: every block, one task per job)
   uint16_t config = 0;           // quantize: index into Plan::configs
   TaskKind kind = TaskKind::kQuantize;
 };
@@ -85,8 +93,8 @@ struct Plan {
   size_t MemoryBytes() const;
 };
 
-// INVALID_ARGUMENT naming the recipe field (recipe.method, recipe.params: ..bits.., recipe.calibration_text_uri,
-// or a tensor that does not fit with allow_fallback = false).
+// INVALID_ARGUMENT naming the recipe field (recipe.method, recipe.params: ..bits.., or a tensor that does not fit
+// with allow_fallback = false).
 absl::StatusOr<Plan> PlanJob(ModelDescription model, const JobRecipe& recipe, const PlanOptions& options = {});
 
 // Checks indices, ranges and dependency order (what a plan read back from storage must satisfy).

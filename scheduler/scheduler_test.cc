@@ -93,9 +93,6 @@ TEST(PlanTest, ValidationNamesTheField) {
   auto plan = PlanJob(d, r);
   ASSERT_TRUE(plan.ok()) << plan.status();
   EXPECT_EQ(plan->configs[plan->tasks[0].config].params.group, 0);
-  r = JobRecipe{};
-  r.method = "gptq";
-  EXPECT_THAT(std::string(PlanJob(d, r).status().message()), HasSubstr("recipe.calibration_text_uri"));
 }
 
 TEST(PlanTest, LayerRulesChooseMethodPerTensor) {
@@ -129,7 +126,7 @@ TEST(PlanTest, CalibratedMethodChainsCalibrateTasks) {
   r.params = quant::QuantParams{4, 32, true, false};
   r.calibration_text_uri = "text.txt";
   r.evaluation_text_uri = "eval.txt";
-  auto plan = PlanJob(d, r);
+  auto plan = PlanJob(d, r, PlanOptions{.calibrate_per_block = true});
   ASSERT_TRUE(plan.ok()) << plan.status();
   std::vector<uint32_t> calib;
   for (uint32_t t = 0; t < plan->tasks.size(); ++t) {
@@ -147,13 +144,48 @@ TEST(PlanTest, CalibratedMethodChainsCalibrateTasks) {
   EXPECT_EQ(plan->tasks.back().kind, TaskKind::kEvaluate);
 }
 
+// What the service plans today: one calibrate task for the whole job (sampled streams need no text), first,
+// and every quantize task waits for it; methods with a model transform (awq) calibrate too. A method without
+// calibration plans no calibrate task.
+TEST(PlanTest, CalibratedJobHasOneCalibrateTaskFirst) {
+  const ModelDescription d = TinyDescription();
+  for (const char* method : {"gptq", "awq"}) {
+    JobRecipe r;
+    r.method = method;
+    r.params = quant::QuantParams{4, 32, true, false};
+    auto plan = PlanJob(d, r, PlanOptions{.max_task_input_bytes = 1024});
+    ASSERT_TRUE(plan.ok()) << method << ": " << plan.status();
+    ASSERT_EQ(plan->tasks[0].kind, TaskKind::kCalibrate) << method;
+    EXPECT_EQ(plan->tasks[0].layer, -1);
+    EXPECT_EQ(plan->Describe(0), "calibrate");
+    int quantize = 0;
+    for (uint32_t t = 1; t < plan->tasks.size(); ++t) {
+      EXPECT_NE(plan->tasks[t].kind, TaskKind::kCalibrate) << method << " task " << t;
+      if (plan->tasks[t].kind != TaskKind::kQuantize) continue;
+      ++quantize;
+      EXPECT_THAT(plan->DepsOf(t), ::testing::ElementsAre(0u)) << method << " task " << t;
+    }
+    EXPECT_GT(quantize, 7 * TinyTestConfig().n_layers) << "the 1 KiB budget should slice tensors";
+    EXPECT_TRUE(ValidatePlan(*plan).ok());
+  }
+  auto plain = PlanJob(d, Rtn4());
+  ASSERT_TRUE(plain.ok());
+  for (const PlanTask& t : plain->tasks) EXPECT_NE(t.kind, TaskKind::kCalibrate);
+}
+
 TEST(PlanTest, SerializationRoundTrips) {
-  auto plan = PlanJob(TinyDescription(), Rtn4());
+  ModelDescription d = TinyDescription();
+  // Every config field survives (a restarted scheduler compares the assemble's config with the plan's).
+  d.config.tied_embeddings = !d.config.tied_embeddings;
+  d.config.rope_theta = 500000.0f;
+  d.config.norm_eps = 1e-6f;
+  auto plan = PlanJob(d, Rtn4());
   ASSERT_TRUE(plan.ok());
   plan->attachment = std::string("the service's request\0with a NUL", 33);
   const std::string blob = SerializePlan(*plan);
   auto back = DeserializePlan(blob);
   ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->model.config, d.config);
   EXPECT_EQ(back->attachment, plan->attachment);
   EXPECT_EQ(SerializePlan(*back), blob);
   EXPECT_FALSE(DeserializePlan(blob.substr(0, blob.size() - 3)).ok());

@@ -7,9 +7,12 @@
 #include <filesystem>
 #include <set>
 
+#include "core/calib/collect.h"
+#include "core/eval/eval.h"
 #include "core/formats/formats.h"
 #include "core/model/synthetic.h"
 #include "core/quant/quantize_model.h"
+#include "core/runtime/transformer.h"
 #include "core/tokenizer/tokenizer.h"
 #include "gtest/gtest.h"
 #include "services/rpc/artifact_client.h"
@@ -44,6 +47,49 @@ Model QuantizeInProcess(const std::string& source, const std::string& method, co
   EXPECT_TRUE(in.ok()) << in.status();
   ThreadPool pool(2);
   auto out = quant::QuantizeModel(*in, quant::QuantRecipe{.method = method, .params = params}, &pool);
+  EXPECT_TRUE(out.ok()) << out.status();
+  return out.ok() ? std::move(out->model) : Model();
+}
+
+// Sampled calibration streams, as a recipe names them.
+struct Calibration {
+  int samples = 8, length = 64;
+  uint64_t seed = 1000;
+};
+
+v1::SubmitJobRequest CalibratedRequest(const std::string& source, const std::string& method,
+                                       const quant::QuantParams& params, const std::string& name, Calibration c,
+                                       uint64_t max_task_bytes = 0) {
+  v1::SubmitJobRequest req = Request(source, method, params, name, max_task_bytes);
+  req.mutable_recipe()->set_calibration_samples(c.samples);
+  req.mutable_recipe()->set_calibration_length(c.length);
+  req.mutable_recipe()->set_calibration_seed(c.seed);
+  return req;
+}
+
+// What `qforge quantize --method M --calib-streams N --calib-len L --calib-seed S` makes: the same streams sampled
+// from the source, CollectCalibration, PrepareModel for a method with a model transform, then QuantizeModel with
+// the statistics. Threads differ from the workers' on purpose: the bytes must not depend on them.
+Model QuantizeCalibratedInProcess(const std::string& source, const std::string& method,
+                                  const quant::QuantParams& params, Calibration c, Model* transformed = nullptr) {
+  auto in = formats::LoadModel(source);
+  EXPECT_TRUE(in.ok()) << in.status();
+  if (!in.ok()) return Model();
+  auto runner = Transformer::Create(std::make_shared<const Model>(*in), RuntimeOptions{.threads = 3});
+  EXPECT_TRUE(runner.ok()) << runner.status();
+  auto tokens = eval::SampleStreams(**runner, c.samples, c.length, c.seed, 1.0f, in->vocab ? in->vocab->bos_id : 1);
+  EXPECT_TRUE(tokens.ok()) << tokens.status();
+  auto stats = calib::CollectCalibration(*in, *tokens, calib::CalibrationOptions{.threads = 3});
+  EXPECT_TRUE(stats.ok()) << stats.status();
+  const quant::QuantMethod* m = quant::FindMethod(method);
+  if (m->HasModelTransform()) {
+    const absl::Status s = m->PrepareModel(*in, *stats, params);
+    EXPECT_TRUE(s.ok()) << s;
+  }
+  if (transformed != nullptr) *transformed = *in;
+  ThreadPool pool(3);
+  auto out = quant::QuantizeModel(*in, quant::QuantRecipe{.method = method, .params = params, .calibration = &*stats},
+                                  &pool);
   EXPECT_TRUE(out.ok()) << out.status();
   return out.ok() ? std::move(out->model) : Model();
 }
@@ -348,9 +394,40 @@ TEST(DistributedTest, BadRequestsGetClearErrorsAndLeaveNoVersion) {
   cases.back().req.set_source_uri(root + "/notes.bin");
   cases.push_back({"bad output name", good(), grpc::StatusCode::INVALID_ARGUMENT, "output_name"});
   cases.back().req.set_output_name("Not A Name!");
-  cases.push_back({"calibrated method", good(), grpc::StatusCode::UNIMPLEMENTED, "calibrate"});
-  cases.back().req.mutable_recipe()->mutable_defaults()->set_method("gptq");
+  // Calibration fields of gptq / awq jobs.
+  auto calibrated = [&](const std::string& method) {
+    v1::SubmitJobRequest req = good();
+    *req.mutable_recipe()->mutable_defaults() = rpc::ParamsToProto(method, quant::FindMethod(method)->DefaultParams());
+    return req;
+  };
+  cases.push_back({"no calibration streams", calibrated("gptq"), grpc::StatusCode::INVALID_ARGUMENT,
+                   "recipe.calibration_samples: must be 1.."});
+  cases.back().req.mutable_recipe()->set_calibration_samples(0);
+  cases.push_back({"one-token streams", calibrated("awq"), grpc::StatusCode::INVALID_ARGUMENT,
+                   "recipe.calibration_length: must be 2.."});
+  cases.back().req.mutable_recipe()->set_calibration_length(1);
+  cases.push_back({"streams longer than the context", calibrated("gptq"), grpc::StatusCode::INVALID_ARGUMENT,
+                   "recipe.calibration_length: 100000 is more than the model's context length 512"});
+  cases.back().req.mutable_recipe()->set_calibration_length(100000);
+  cases.push_back({"missing calibration text", calibrated("gptq"), grpc::StatusCode::INVALID_ARGUMENT,
+                   "recipe.calibration_text_uri"});
+  cases.back().req.mutable_recipe()->set_calibration_text_uri(root + "/missing.txt");
+  cases.push_back({"calibration text outside the roots", calibrated("awq"), grpc::StatusCode::PERMISSION_DENIED,
+                   "recipe.calibration_text_uri"});
+  cases.back().req.mutable_recipe()->set_calibration_text_uri(outside + "/stories.bin");
+  cases.push_back({"text and sampled streams at once", calibrated("gptq"), grpc::StatusCode::INVALID_ARGUMENT,
+                   "recipe.calibration_text_uri: given together with calibration_samples"});
   cases.back().req.mutable_recipe()->set_calibration_text_uri(root + "/notes.bin");
+  cases.back().req.mutable_recipe()->set_calibration_samples(4);
+  cases.push_back({"two model transforms", calibrated("awq"), grpc::StatusCode::INVALID_ARGUMENT,
+                   "recipe.layers[0].method: awq"});
+  {
+    quant::QuantParams awq3 = quant::FindMethod("awq")->DefaultParams();
+    awq3.bits = 3;
+    v1::LayerRule* rule = cases.back().req.mutable_recipe()->add_layers();
+    rule->set_pattern("blk.1.*");
+    *rule->mutable_params() = rpc::ParamsToProto("awq", awq3);
+  }
   for (const Case& c : cases) {
     std::string id;
     const grpc::Status s = cluster.Submit(c.req, &id);
@@ -377,6 +454,112 @@ TEST(DistributedTest, BadRequestsGetClearErrorsAndLeaveNoVersion) {
   v1::ListJobsResponse jobs;
   ASSERT_TRUE(cluster.jobs().ListJobs(&ctx, {}, &jobs).ok());
   EXPECT_EQ(jobs.jobs_size(), 1);  // only the valid submit made a job
+}
+
+// Calibrated jobs run as calibrate -> quantize -> assemble. gptq with act-order (static g32 groups; ffn_down,
+// 172 wide, falls back per channel) in 4 KiB row slices, and awq, whose scale fold rewrites the q/k/v and
+// gate/up weights and the RMSNorm weights: every tensor (norms included), the config and metadata equal the
+// in-process result on the same calibration.
+TEST(DistributedTest, CalibratedJobsMatchQuantizingInOneProcess) {
+  const std::string dir = TempDir("calibrated");
+  Cluster cluster(dir, {});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("w1", 2);
+  cluster.StartWorker("w2");
+
+  quant::QuantParams gptq = quant::FindMethod("gptq")->DefaultParams();
+  gptq.bits = 4;
+  gptq.group = 32;
+  gptq.act_order = true;
+  quant::QuantParams awq = quant::FindMethod("awq")->DefaultParams();
+  awq.bits = 4;
+  awq.group = 32;
+  const Calibration c{.samples = 8, .length = 64, .seed = 1000};
+  std::string gptq_job, awq_job;
+  ASSERT_TRUE(cluster.Submit(CalibratedRequest(kStories, "gptq", gptq, "stories-gptq", c, 4096), &gptq_job).ok());
+  const grpc::Status awq_submit = cluster.Submit(CalibratedRequest(kStories, "awq", awq, "stories-awq", c), &awq_job);
+  ASSERT_TRUE(awq_submit.ok()) << awq_submit.error_message();
+  const v1::Job g = cluster.WaitJob(gptq_job);
+  const v1::Job a = cluster.WaitJob(awq_job);
+  ExpectVersionEquals(cluster, g, QuantizeCalibratedInProcess(kStories, "gptq", gptq, c));
+  Model folded;
+  const Model awq_expected = QuantizeCalibratedInProcess(kStories, "awq", awq, c, &folded);
+  ExpectVersionEquals(cluster, a, awq_expected);
+
+  // The fold really changed the norms, so the version's norms came from the calibrate task's artifacts.
+  auto source = formats::LoadModel(kStories);
+  ASSERT_TRUE(source.ok());
+  for (const std::string name : {"blk.0.attn_norm.weight", "blk.4.ffn_norm.weight"}) {
+    const Tensor* before = source->Find(name);
+    const Tensor* after = folded.Find(name);
+    ASSERT_TRUE(before != nullptr && after != nullptr) << name;
+    EXPECT_NE(std::memcmp(before->data, after->data, before->nbytes), 0) << name << " is not changed by the fold";
+  }
+  EXPECT_GT(g.progress().tasks_total(), a.progress().tasks_total()) << "the 4 KiB budget should slice tensors";
+  // One calibrate task per job, leased once, first.
+  std::map<std::string, int> calibrate_leases;
+  for (const auto& e : testing::ParseTaskLog(testing::ReadFile(cluster.task_log()))) {
+    if (e.what == "lease" && e.kind == "calibrate") ++calibrate_leases[e.task];
+  }
+  EXPECT_EQ(calibrate_leases, (std::map<std::string, int>{{gptq_job + "/0", 1}, {awq_job + "/0", 1}}));
+}
+
+// A worker SIGKILLed while it holds the calibrate lease (or just after it completed it): the survivor calibrates
+// again once the lease expired, unless the victim's completion had landed; then the scheduler is SIGKILLed
+// after calibration committed, and the restart does not calibrate again. The output is the in-process one.
+TEST(DistributedTest, CrashesDuringAndAfterCalibrationKeepTheOutputIdentical) {
+  const std::string dir = TempDir("calibrate-kill");
+  Cluster cluster(dir, {.lease_ms = 1500});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("victim");
+  quant::QuantParams awq = quant::FindMethod("awq")->DefaultParams();
+  awq.bits = 4;
+  awq.group = 0;
+  const Calibration c{.samples = 16, .length = 128, .seed = 7};
+  std::string job_id;
+  // 4 KiB slices: a few hundred quantize tasks, so the job is still running when the scheduler dies.
+  ASSERT_TRUE(cluster.Submit(CalibratedRequest(kStories, "awq", awq, "stories-awq", c, 4096), &job_id).ok());
+  const std::string calibrate = job_id + "/0";
+  WaitForLog(cluster, [&](const auto& events) {
+    return std::any_of(events.begin(), events.end(), [&](const auto& e) { return e.task == calibrate; });
+  });
+  cluster.Kill("victim");
+  const auto at_kill = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
+  cluster.StartWorker("survivor");
+  const int survivor = cluster.pid("survivor");
+  // Calibration committed (by the survivor, or by the victim just before it died: then the survivor quantizes).
+  WaitForLog(cluster, [&](const auto& events) {
+    return std::any_of(events.begin(), events.end(), [&](const auto& e) {
+      return e.pid == survivor && ((e.what == "commit" && e.task == calibrate) || e.kind == "quantize");
+    });
+  });
+  cluster.Kill("scheduler");
+  const auto at_crash = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  const v1::Job job = cluster.WaitJob(job_id);
+  ExpectVersionEquals(cluster, job, QuantizeCalibratedInProcess(kStories, "awq", awq, c));
+
+  const auto events = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
+  int victim_commits = 0, survivor_calibrations = 0, after_restart = 0, quantize_after_restart = 0;
+  for (size_t i = 0; i < events.size(); ++i) {
+    const auto& e = events[i];
+    if (e.task != calibrate) {
+      if (i >= at_crash.size() && e.what == "lease") ++quantize_after_restart;
+      continue;
+    }
+    if (i < at_kill.size() && e.what == "commit") ++victim_commits;
+    if (e.pid == survivor && e.what == "lease") ++survivor_calibrations;
+    if (i >= at_crash.size() && e.what == "lease") ++after_restart;
+  }
+  EXPECT_EQ(after_restart, 0) << "calibration committed before the scheduler crash ran again";
+  EXPECT_GT(quantize_after_restart, 0) << "the job had finished before the scheduler crash; nothing was tested";
+  if (survivor_calibrations == 0) {
+    std::cout << "the victim's calibration completed just before the kill\n";
+  } else {
+    EXPECT_EQ(survivor_calibrations, 1);
+    EXPECT_EQ(victim_commits, 0);
+    std::cout << "the victim was killed during calibration; the survivor calibrated again\n";
+  }
 }
 
 TEST(DistributedTest, IdempotentSubmitCancelAndTenantListing) {
@@ -457,6 +640,26 @@ TEST(DistributedTest, CorruptedChunkIsDataLossNamingIt) {
   auto model = rpc::FetchModel(cluster.artifacts(), storage::ModelRef{"stories", 1});
   EXPECT_EQ(model.status().code(), absl::StatusCode::kDataLoss) << model.status();
   EXPECT_NE(model.status().message().find("blk.2.attn_q.weight"), std::string::npos) << model.status();
+}
+
+// spqr: the planner cannot know a tensor's outlier count, so a task's format is spqr3_g16_o0; the worker reports the
+// real one (spqr3_g16_o<n>), the scheduler checks the bytes against it and records it in the manifest. spqr tensors
+// stay whole even under a 4 KiB slice budget (16-row second-level statistics, one CSR per matrix).
+TEST(DistributedTest, SpqrJobRecordsEachTensorsOutlierCount) {
+  const std::string dir = TempDir("spqr");
+  Cluster cluster(dir, {});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("w1", 2);
+  const quant::QuantParams spqr = quant::FindMethod("spqr")->DefaultParams();
+  const Calibration c{.samples = 8, .length = 64, .seed = 1000};
+  std::string job_id;
+  ASSERT_TRUE(cluster.Submit(CalibratedRequest(kStories, "spqr", spqr, "stories-spqr", c, 4096), &job_id).ok());
+  const v1::Job job = cluster.WaitJob(job_id);
+  const Model expected = QuantizeCalibratedInProcess(kStories, "spqr", spqr, c);
+  ExpectVersionEquals(cluster, job, expected);
+  int with_outliers = 0;
+  for (const auto& [name, t] : expected.tensors) with_outliers += t.format.type == WeightType::kSpQR && t.format.outliers > 0;
+  EXPECT_EQ(with_outliers, 30) << "every matrix but the five 172-column ffn_down ones";
 }
 
 }  // namespace

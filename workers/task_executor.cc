@@ -18,6 +18,7 @@
 #include "services/rpc/rpc_util.h"
 #include "storage/chunk_codec.h"
 #include "storage/model_store.h"
+#include "workers/calibrate_task.h"
 
 namespace qforge::workers {
 namespace {
@@ -27,7 +28,8 @@ namespace {
 absl::StatusOr<Tensor> RowSlice(const Tensor& t, int64_t row_begin, int64_t row_end, std::vector<float>* scratch) {
   const int64_t rows = row_end - row_begin, cols = t.cols();
   QF_ASSIGN_OR_RETURN(const std::vector<size_t> planes, PlaneSizes(t.format, t.rows(), cols));
-  const bool rows_contiguous = planes.size() == 1 && !(t.format.type == WeightType::kNF4 && t.format.double_quant);
+  const bool rows_contiguous = planes.size() == 1 && !(t.format.type == WeightType::kNF4 && t.format.double_quant) &&
+                               t.format.type != WeightType::kQuip && t.format.type != WeightType::kSpQR;
   if (rows_contiguous) {
     QF_ASSIGN_OR_RETURN(const size_t row_bytes, EncodedBytes(t.format, 1, cols));
     return Tensor::View(t.name, {rows, cols}, t.format, t.owner, t.data + static_cast<size_t>(row_begin) * row_bytes,
@@ -77,16 +79,19 @@ absl::StatusOr<std::shared_ptr<const Model>> TaskExecutor::OpenSource(const std:
 }
 
 absl::Status TaskExecutor::Execute(const qforge::v1::Task& task, ChunkSink& sink,
-                                   qforge::v1::CompleteTaskRequest* out) {
-  const bool reads_source =
-      task.kind() == qforge::v1::TASK_KIND_QUANTIZE || task.kind() == qforge::v1::TASK_KIND_ASSEMBLE;
+                                   qforge::v1::CompleteTaskRequest* out, ChunkSource* artifacts) {
+  // Per-block calibrate tasks (layer >= 0, chained through stored hidden states) are the planned next step.
+  const bool reads_source = task.kind() == qforge::v1::TASK_KIND_QUANTIZE ||
+                            task.kind() == qforge::v1::TASK_KIND_ASSEMBLE ||
+                            (task.kind() == qforge::v1::TASK_KIND_CALIBRATE && task.layer() < 0);
   if (!reads_source) {
     return absl::UnimplementedError(absl::StrCat("task ", task.task_id(), ": ",
                                                  qforge::v1::TaskKind_Name(task.kind()),
                                                  " tasks are not run by workers yet"));
   }
   QF_ASSIGN_OR_RETURN(const std::shared_ptr<const Model> source, OpenSource(task.source_uri()));
-  if (task.kind() == qforge::v1::TASK_KIND_QUANTIZE) return Quantize(task, *source, sink, out);
+  if (task.kind() == qforge::v1::TASK_KIND_QUANTIZE) return Quantize(task, *source, sink, out, artifacts);
+  if (task.kind() == qforge::v1::TASK_KIND_CALIBRATE) return Calibrate(task, *source, sink, out);
   return Assemble(task, *source, sink, out);
 }
 
@@ -107,7 +112,7 @@ absl::Status TaskExecutor::PutChunked(const Tensor& t, ChunkSink& sink, qforge::
 }
 
 absl::Status TaskExecutor::Quantize(const qforge::v1::Task& task, const Model& source, ChunkSink& sink,
-                                    qforge::v1::CompleteTaskRequest* out) {
+                                    qforge::v1::CompleteTaskRequest* out, ChunkSource* artifacts) {
   if (task.tensor_names_size() != 1) {
     return absl::InvalidArgumentError(absl::StrCat("quantize task ", task.task_id(), ": tensor_names holds ",
                                                    task.tensor_names_size(), " names, expected exactly one"));
@@ -127,10 +132,15 @@ absl::Status TaskExecutor::Quantize(const qforge::v1::Task& task, const Model& s
   QF_ASSIGN_OR_RETURN(const auto resolved, rpc::ParamsFromProto(task.params(), "task.params"));
   const quant::QuantMethod& method = *resolved.first;
   const quant::QuantParams& params = resolved.second;
-  if (method.NeedsCalibration()) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "method '", method.name(), "' needs calibration statistics; calibrate tasks are not run by workers yet"));
+  // A calibrated job's task names its statistics and, where the model transform changed the tensor, its
+  // transformed weights (calibrate_task.h); QuantizeModel likewise passes every tensor's statistics.
+  QF_ASSIGN_OR_RETURN(const std::optional<calib::LayerStats> stats, FetchTaskStats(task, artifacts));
+  QF_ASSIGN_OR_RETURN(const std::optional<Tensor> transformed, FetchTaskWeights(task, *t, artifacts));
+  if (method.NeedsCalibration() && !stats) {
+    return absl::FailedPreconditionError(absl::StrCat("method '", method.name(), "' needs calibration statistics; task ",
+                                                      task.task_id(), " carries none for '", name, "'"));
   }
+  if (transformed) t = &*transformed;
   QF_RETURN_IF_ERROR(method.Validate(params));
   auto wanted = ParseFormatName(task.format());
   if (!wanted.ok()) return absl::InvalidArgumentError(absl::StrCat("task.format: ", wanted.status().message()));
@@ -151,21 +161,26 @@ absl::Status TaskExecutor::Quantize(const qforge::v1::Task& task, const Model& s
   std::vector<float> scratch;
   QF_ASSIGN_OR_RETURN(const Tensor slice, RowSlice(*t, row_begin, row_end, &scratch));
   quant::TensorQuantReport r;
-  QF_ASSIGN_OR_RETURN(const Tensor encoded, quant::QuantizeTensor(slice, method, params, &pool_, &r));
-  if (!(encoded.format == *wanted)) {
+  QF_ASSIGN_OR_RETURN(const Tensor encoded,
+                      quant::QuantizeTensor(slice, method, params, &pool_, &r, stats ? &*stats : nullptr));
+  // The task's format is the planned one; an spqr tensor's outlier count is known only now, and the stored
+  // tensor carries it (the scheduler records what the worker reports).
+  WeightFormat planned = encoded.format;
+  if (wanted->type == WeightType::kSpQR && wanted->outliers == 0) planned.outliers = 0;
+  if (!(planned == *wanted)) {
     return absl::InternalError(absl::StrCat(what, " produced ", FormatName(encoded.format)));
   }
 
   qforge::v1::StoredTensor* stored = out->add_outputs();
   stored->set_name(name);
-  stored->set_format(task.format());
+  stored->set_format(FormatName(encoded.format));
   SetShape(encoded.shape, stored->mutable_shape());
   stored->set_nbytes(encoded.nbytes);
   QF_RETURN_IF_ERROR(PutChunked(encoded, sink, stored));
 
   qforge::v1::TensorReport* report = out->add_tensors();
   report->set_name(name);
-  report->set_format(task.format());
+  report->set_format(FormatName(encoded.format));
   SetShape(encoded.shape, report->mutable_shape());
   report->set_bits_per_weight(r.bits_per_weight);
   report->set_bytes_before(r.bytes_f32);

@@ -27,6 +27,14 @@ class ChunkSink {
   virtual absl::StatusOr<std::string> Put(std::span<const uint8_t> bytes) = 0;
 };
 
+// Where a task's input artifacts come from (a calibrate task's uploads): GetChunk over ArtifactService in the
+// worker, a map in tests. Returned bytes must be the chunk's (checked against its content hash).
+class ChunkSource {
+ public:
+  virtual ~ChunkSource() = default;
+  virtual absl::StatusOr<std::vector<uint8_t>> Get(const std::string& chunk_id) = 0;
+};
+
 struct ExecutorOptions {
   int threads = 1;
   // Source files must resolve (realpath) to a path under one of these; empty means no restriction.
@@ -45,8 +53,11 @@ class TaskExecutor {
   // tensors fields of `out` (not worker_id / task_id). Not safe for concurrent calls.
   // PERMISSION_DENIED for a source outside the allowed roots, NOT_FOUND for a missing source or tensor,
   // INVALID_ARGUMENT for a malformed task, FAILED_PRECONDITION when the task's encoding is not what its method
-  // produces or the method needs calibration, UNIMPLEMENTED for calibrate / evaluate tasks.
-  absl::Status Execute(const qforge::v1::Task& task, ChunkSink& sink, qforge::v1::CompleteTaskRequest* out);
+  // produces or the method needs calibration and the task carries no statistics, UNIMPLEMENTED for evaluate tasks
+  // and per-block calibrate tasks. `artifacts` reads what a quantize task of a calibrated job names (its
+  // statistics and transformed weights); may be null for jobs without calibration.
+  absl::Status Execute(const qforge::v1::Task& task, ChunkSink& sink, qforge::v1::CompleteTaskRequest* out,
+                       ChunkSource* artifacts = nullptr);
 
  private:
   struct CachedModel {
@@ -56,7 +67,14 @@ class TaskExecutor {
 
   absl::StatusOr<std::shared_ptr<const Model>> OpenSource(const std::string& uri);
   absl::Status Quantize(const qforge::v1::Task& task, const Model& source, ChunkSink& sink,
-                        qforge::v1::CompleteTaskRequest* out);
+                        qforge::v1::CompleteTaskRequest* out, ChunkSource* artifacts);
+  // calibrate_task.cc: statistics of every linear input and the transformed tensors, uploaded through `sink`;
+  // `out` gets the artifacts (calibration) and the transformed tensors (outputs).
+  absl::Status Calibrate(const qforge::v1::Task& task, const Model& source, ChunkSink& sink,
+                         qforge::v1::CompleteTaskRequest* out);
+  // Puts `bytes` in chunks of at most options_.chunk_bytes and appends their ids to `ids`.
+  absl::Status PutBytes(std::span<const uint8_t> bytes, ChunkSink& sink,
+                        google::protobuf::RepeatedPtrField<std::string>* ids);
   absl::Status Assemble(const qforge::v1::Task& task, const Model& source, ChunkSink& sink,
                         qforge::v1::CompleteTaskRequest* out);
   // Puts `t`'s bytes in chunks of at most options_.chunk_bytes, none spanning two planes of a planar encoding

@@ -16,6 +16,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "services/rpc/artifact_client.h"
 #include "services/rpc/rpc_util.h"
 #include "storage/chunk_codec.h"
 
@@ -143,6 +144,28 @@ class GrpcChunkSink : public ChunkSink {
   const std::atomic<bool>& stop_;
 };
 
+// ChunkSource over ArtifactService.GetChunk (rpc::FetchChunk checks every chunk's content hash on arrival);
+// retries a scheduler that is away like every other call.
+class GrpcChunkSource : public ChunkSource {
+ public:
+  GrpcChunkSource(v1::ArtifactService::Stub& stub, const std::atomic<bool>& stop) : stub_(stub), stop_(stop) {}
+
+  absl::StatusOr<std::vector<uint8_t>> Get(const std::string& chunk_id) override {
+    int backoff_ms = kRetryMinMs;
+    while (true) {
+      absl::StatusOr<std::vector<uint8_t>> bytes = rpc::FetchChunk(stub_, chunk_id);
+      const bool retry = absl::IsUnavailable(bytes.status()) || absl::IsDeadlineExceeded(bytes.status());
+      if (!retry || stop_) return bytes;
+      SleepUnlessStopped(backoff_ms, stop_);
+      backoff_ms = std::min(backoff_ms * 2, kRetryMaxMs);
+    }
+  }
+
+ private:
+  v1::ArtifactService::Stub& stub_;
+  const std::atomic<bool>& stop_;
+};
+
 // Keeps a lease alive while its task runs: a thread that heartbeats at a third of the remaining lease until it
 // is destroyed, or until the scheduler says the lease is gone.
 class Heartbeater {
@@ -213,6 +236,7 @@ class Heartbeater {
 
 Worker::Worker(std::shared_ptr<grpc::Channel> channel, WorkerOptions options)
     : stub_(v1::WorkerService::NewStub(channel)),
+      artifacts_(v1::ArtifactService::NewStub(channel)),
       options_(std::move(options)),
       executor_(ExecutorOptions{.threads = options_.threads, .allowed_roots = options_.allowed_roots}) {}
 
@@ -304,7 +328,8 @@ void Worker::RunTask(const v1::LeaseTaskResponse& lease, const std::atomic<bool>
   {
     const Heartbeater heartbeat(*stub_, worker_id_, task.task_id(), lease.lease_deadline_unix_ms(), options_.verbose);
     GrpcChunkSink sink(*stub_, worker_id_, task.task_id(), stop);
-    result = executor_.Execute(task, sink, &done);
+    GrpcChunkSource artifacts(*artifacts_, stop);
+    result = executor_.Execute(task, sink, &done, &artifacts);
   }
   const double busy = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (!result.ok()) {

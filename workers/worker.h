@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "grpcpp/grpcpp.h"
+#include "qforge/v1/artifacts.grpc.pb.h"
 #include "qforge/v1/worker.grpc.pb.h"
 #include "services/metrics/registry.h"
 #include "workers/task_executor.h"
@@ -57,6 +58,7 @@ class Worker {
                  const qforge::v1::CompleteTaskRequest& done);
 
   std::unique_ptr<qforge::v1::WorkerService::Stub> stub_;
+  std::unique_ptr<qforge::v1::ArtifactService::Stub> artifacts_;  // a calibrate task's uploads, for quantize tasks
   const WorkerOptions options_;
   TaskExecutor executor_;
   std::string worker_id_;

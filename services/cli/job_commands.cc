@@ -166,15 +166,16 @@ absl::StatusOr<v1::Job> GetJob(v1::JobService::Stub& jobs, const std::string& jo
 }  // namespace
 
 absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
-  std::set<std::string> value_flags = {"scheduler", "name", "tenant", "max-task-mib", "idempotency-key", "tokenizer"};
+  std::set<std::string> value_flags = {"scheduler", "name", "tenant", "max-task-mib", "idempotency-key", "tokenizer",
+                                       "calib-text", "calib-streams", "calib-len", "calib-seed"};
   std::set<std::string> bool_flags = {"watch", "quantize-embeddings"};
   value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, bool_flags));
   const std::string usage =
       "qforge submit MODEL --method M [--bits B] [--group G] [--asym] [--no-double-quant] [--quantize-embeddings] "
-      "[--name NAME] [--tenant T] [--max-task-mib N] [--idempotency-key K] [--tokenizer TOK] [--watch] "
-      "[--scheduler HOST:PORT]";
+      "[--name NAME] [--tenant T] [--max-task-mib N] [--idempotency-key K] [--tokenizer TOK] "
+      "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--watch] [--scheduler HOST:PORT]";
   QF_ASSIGN_OR_RETURN(auto method_and_params, MethodFromFlags(f, usage));
   QF_ASSIGN_OR_RETURN(int task_mib, f.GetInt("max-task-mib", 0, 0, 1 << 20));
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, usage));
@@ -194,6 +195,21 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
   *req.mutable_recipe()->mutable_defaults() =
       rpc::ParamsToProto(method_and_params.first->name(), method_and_params.second);
   req.mutable_recipe()->mutable_defaults()->set_quantize_embeddings(f.GetBool("quantize-embeddings"));
+  // Calibration (gptq, awq): only what is given is sent, so the scheduler's defaults (the quantize command's) apply
+  // and it checks the ranges (against the model's context length too).
+  if (f.Has("calib-text")) req.mutable_recipe()->set_calibration_text_uri(absolute(f.Get("calib-text")));
+  if (f.Has("calib-streams")) {
+    QF_ASSIGN_OR_RETURN(int n, f.GetInt("calib-streams", 64, 1, 1 << 20));
+    req.mutable_recipe()->set_calibration_samples(n);
+  }
+  if (f.Has("calib-len")) {
+    QF_ASSIGN_OR_RETURN(int n, f.GetInt("calib-len", 256, 2, 1 << 24));
+    req.mutable_recipe()->set_calibration_length(n);
+  }
+  if (f.Has("calib-seed")) {
+    QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("calib-seed", 1000));
+    req.mutable_recipe()->set_calibration_seed(seed);
+  }
 
   const std::string address = SchedulerAddress(f);
   auto jobs = v1::JobService::NewStub(rpc::MakeChannel(address));

@@ -177,10 +177,10 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   recipe.params = params;
   recipe.quantize_embeddings = f.GetBool("quantize-embeddings");
   recipe.layers = rules;
-  bool needs_calibration = method->NeedsCalibration();
+  bool needs_calibration = method->NeedsCalibration() || method->HasModelTransform();
   for (const quant::LayerRule& r : rules) {
     const quant::QuantMethod* m = quant::FindMethod(r.method);
-    needs_calibration |= m != nullptr && m->NeedsCalibration();
+    needs_calibration |= m != nullptr && (m->NeedsCalibration() || m->HasModelTransform());
   }
   // The automatic plan scores by layer-output error when calibration is asked for, by weight error otherwise.
   if (automatic && (f.Has("calib-text") || f.Has("calib-streams"))) needs_calibration = true;
@@ -189,9 +189,13 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   if (needs_calibration) {
     QF_ASSIGN_OR_RETURN(calibration, Calibrate(model, f, calib_streams, calib_len, calib_seed, threads, out));
     recipe.calibration = &calibration;
-    if (method->HasModelTransform()) {
-      QF_RETURN_IF_ERROR(method->PrepareModel(model, calibration, params));
-      out << method->name() << ": model transform applied (" << quant::ParamsToString(params) << ")\n";
+    // The same rule as a scheduler job's: the default method's transform, else the first layer rule's.
+    QF_ASSIGN_OR_RETURN(const auto transform, quant::ModelTransformOf(recipe.method, recipe.params, recipe.layers,
+                                                                      "--method", "--layers"));
+    if (transform) {
+      const auto& [m, p] = *transform;
+      QF_RETURN_IF_ERROR(m->PrepareModel(model, calibration, p));
+      out << m->name() << ": model transform applied (" << quant::ParamsToString(p) << ")\n";
     }
   }
   ThreadPool pool(threads);

@@ -178,6 +178,29 @@ absl::StatusOr<scheduler::JobRecipe> RecipeFromProto(const qforge::v1::Recipe& r
   r.allow_fallback = !recipe.no_fallback();
   r.calibration_text_uri = recipe.calibration_text_uri();
   r.evaluation_text_uri = recipe.evaluation_text_uri();
+  // The CLI's --calib-streams / --calib-len / --calib-seed ranges; the context length bound needs the model
+  // (SubmitJob checks it).
+  if (recipe.has_calibration_samples()) {
+    if (recipe.calibration_samples() < 1 || recipe.calibration_samples() > (1 << 20)) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.calibration_samples: must be 1..", 1 << 20, ", got ",
+                                                     recipe.calibration_samples()));
+    }
+    r.calibration_samples = recipe.calibration_samples();
+  }
+  if (recipe.has_calibration_length()) {
+    if (recipe.calibration_length() < 2 || recipe.calibration_length() > (1 << 24)) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.calibration_length: must be 2..", 1 << 24, ", got ",
+                                                     recipe.calibration_length()));
+    }
+    r.calibration_length = recipe.calibration_length();
+  }
+  if (recipe.has_calibration_seed()) r.calibration_seed = recipe.calibration_seed();
+  if (!r.calibration_text_uri.empty() &&
+      (recipe.has_calibration_samples() || recipe.has_calibration_length() || recipe.has_calibration_seed())) {
+    return absl::InvalidArgumentError(
+        "recipe.calibration_text_uri: given together with calibration_samples / calibration_length / "
+        "calibration_seed, which describe sampled streams; set one or the other");
+  }
   return r;
 }
 

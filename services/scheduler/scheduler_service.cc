@@ -5,7 +5,9 @@
 #include <condition_variable>
 #include <filesystem>
 #include <map>
+#include <optional>
 #include <random>
+#include <set>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -13,7 +15,9 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/base/status_macros.h"
+#include "core/calib/stats_codec.h"
 #include "core/formats/parsers.h"
+#include "core/quant/quantize_model.h"
 #include "core/tokenizer/tokenizer.h"
 #include "qforge/v1/artifacts.grpc.pb.h"
 #include "qforge/v1/jobs.grpc.pb.h"
@@ -81,16 +85,22 @@ struct SliceChunk {
   std::string id;
 };
 
-std::string EncodeSliceResult(uint64_t nbytes, const std::vector<SliceChunk>& chunks) {
-  std::string out = absl::StrCat(nbytes, ":");
+// A slice whose encoding holds a data-dependent field the plan could not know (spqr's outlier count) records the
+// worker's format after the byte count: "<nbytes>;<format>:...". Results without one keep the plain form.
+std::string EncodeSliceResult(uint64_t nbytes, const std::vector<SliceChunk>& chunks, const std::string& format = "") {
+  std::string out = absl::StrCat(nbytes, format.empty() ? "" : ";", format, ":");
   for (size_t i = 0; i < chunks.size(); ++i) absl::StrAppend(&out, i ? "," : "", chunks[i].plane, ".", chunks[i].id);
   return out;
 }
 
-absl::Status DecodeSliceResult(const std::string& ref, uint64_t* nbytes, std::vector<SliceChunk>* chunks) {
+absl::Status DecodeSliceResult(const std::string& ref, uint64_t* nbytes, std::vector<SliceChunk>* chunks,
+                               std::string* format = nullptr) {
   const auto bad = [&] { return absl::DataLossError(absl::StrCat("malformed task result '", ref.substr(0, 80), "'")); };
   const size_t colon = ref.find(':');
-  if (colon == std::string::npos || !absl::SimpleAtoi(ref.substr(0, colon), nbytes)) return bad();
+  if (colon == std::string::npos) return bad();
+  const size_t semi = ref.substr(0, colon).find(';');
+  if (!absl::SimpleAtoi(ref.substr(0, std::min(colon, semi)), nbytes)) return bad();
+  if (format != nullptr) *format = semi == std::string::npos ? "" : ref.substr(semi + 1, colon - semi - 1);
   const std::string list = ref.substr(colon + 1);
   if (list.empty()) return absl::OkStatus();
   for (const std::string& item : std::vector<std::string>(absl::StrSplit(list, ','))) {
@@ -101,6 +111,33 @@ absl::Status DecodeSliceResult(const std::string& ref, uint64_t* nbytes, std::ve
     chunks->push_back(std::move(c));
   }
   return absl::OkStatus();
+}
+
+// The one model transform a job runs after calibration (quant::ModelTransformOf's rule), errors naming the recipe.
+absl::StatusOr<std::optional<std::pair<const quant::QuantMethod*, quant::QuantParams>>> ModelTransformOf(
+    const scheduler::JobRecipe& recipe) {
+  std::vector<quant::LayerRule> layers;
+  for (const scheduler::LayerRule& r : recipe.layers) layers.push_back({r.pattern, r.method, r.params});
+  return quant::ModelTransformOf(recipe.method, recipe.params, layers, "recipe.defaults", "recipe.layers");
+}
+
+// The planner puts a calibrated job's (first) calibrate task at index 0; asked on every lease, so O(1).
+bool IsCalibrated(const Plan& plan) { return !plan.tasks.empty() && plan.tasks[0].kind == TaskKind::kCalibrate; }
+
+// A calibrate task's committed result, indexed: the artifacts by tensor name.
+struct CalibrationIndex {
+  v1::CompleteTaskRequest result;  // only `calibration` and `outputs` set
+  std::map<std::string, int> stats_of, weights_of;
+};
+
+absl::StatusOr<std::shared_ptr<const CalibrationIndex>> ParseCalibrationResult(const std::string& ref) {
+  auto index = std::make_shared<CalibrationIndex>();
+  if (!index->result.ParseFromString(ref)) return absl::DataLossError("calibrate task: unreadable committed result");
+  for (int i = 0; i < index->result.calibration_size(); ++i) {
+    for (const std::string& n : index->result.calibration(i).tensor_names()) index->stats_of[n] = i;
+  }
+  for (int i = 0; i < index->result.outputs_size(); ++i) index->weights_of[index->result.outputs(i).name()] = i;
+  return index;
 }
 
 absl::StatusOr<storage::ModelRef> RefFromProto(const v1::ModelRef& ref) {
@@ -230,14 +267,18 @@ class SchedulerServer::Impl {
       return absl::InvalidArgumentError(absl::StrCat("output_name: ", s.message()));
     }
     QF_ASSIGN_OR_RETURN(scheduler::JobRecipe recipe, rpc::RecipeFromProto(req.recipe()));
-    for (size_t i = 0; i <= recipe.layers.size(); ++i) {
-      const std::string& method = i == 0 ? recipe.method : recipe.layers[i - 1].method;
-      if (quant::FindMethod(method)->NeedsCalibration()) {
-        return absl::UnimplementedError(absl::StrCat(
-            i == 0 ? "recipe.defaults" : absl::StrCat("recipe.layers[", i - 1, "].params"), ".method: ", method,
-            " needs calibrate tasks, which the distributed pipeline does not run yet; use `qforge quantize --method ",
-            method, "`"));
+    QF_RETURN_IF_ERROR(ModelTransformOf(recipe).status());
+    std::string calibration_text;
+    if (!recipe.calibration_text_uri.empty()) {
+      auto path = rpc::ResolveUnderRoots(recipe.calibration_text_uri, roots_, "recipe.calibration_text_uri");
+      // A missing text is a bad recipe like any other field (the source model's NOT_FOUND is about the job's input).
+      if (absl::IsNotFound(path.status())) return absl::InvalidArgumentError(path.status().message());
+      QF_RETURN_IF_ERROR(path.status());
+      if (!std::filesystem::is_regular_file(*path)) {
+        return absl::InvalidArgumentError(absl::StrCat("recipe.calibration_text_uri: '", recipe.calibration_text_uri,
+                                                       "' is not a regular file"));
       }
+      calibration_text = *std::move(path);
     }
     if (!recipe.evaluation_text_uri.empty()) {
       return absl::UnimplementedError(
@@ -265,12 +306,18 @@ class SchedulerServer::Impl {
     }
     scheduler::PlanOptions plan_options;
     plan_options.max_task_input_bytes = req.max_task_bytes() > 0 ? req.max_task_bytes() : options_.max_task_bytes;
+    if (calibration_text.empty() && recipe.calibration_length > description->config.seq_len) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.calibration_length: ", recipe.calibration_length,
+                                                     " is more than the model's context length ",
+                                                     description->config.seq_len));
+    }
     QF_ASSIGN_OR_RETURN(Plan plan, scheduler::PlanJob(*std::move(description), recipe, plan_options));
     v1::Job record;
     record.set_tenant(req.tenant());
     *record.mutable_request() = req;
     record.mutable_request()->set_output_name(name);
     record.mutable_request()->set_tokenizer_uri(tokenizer);
+    if (!calibration_text.empty()) record.mutable_request()->mutable_recipe()->set_calibration_text_uri(calibration_text);
     record.set_created_unix_ms(NowMs());
     plan.attachment = record.SerializeAsString();
     // Submits with one idempotency key are serialised so a concurrent retry cannot create a second job.
@@ -313,16 +360,118 @@ class SchedulerServer::Impl {
       task->set_format(FormatName(spec.config->format));
       task->set_row_begin(spec.row_begin);
       task->set_row_end(spec.row_end);
+      // The committed calibrate task this one waited for names the artifacts of its tensor.
+      QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> calib, CalibrationOf(leased.ref.job, *plan));
+      if (calib != nullptr) {
+        if (auto it = calib->stats_of.find(spec.tensor); it != calib->stats_of.end()) {
+          *task->mutable_stats() = calib->result.calibration(it->second);
+        }
+        if (auto it = calib->weights_of.find(spec.tensor); it != calib->weights_of.end()) {
+          *task->mutable_weights() = calib->result.outputs(it->second);
+        }
+      }
+    } else if (spec.kind == TaskKind::kCalibrate) {
+      QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(leased.ref.job));
+      QF_ASSIGN_OR_RETURN(const scheduler::JobRecipe recipe, rpc::RecipeFromProto(record.request().recipe()));
+      QF_ASSIGN_OR_RETURN(const auto transform, ModelTransformOf(recipe));
+      if (transform) *task->mutable_params() = rpc::ParamsToProto(transform->first->name(), transform->second);
+      task->set_tokenizer_uri(record.request().tokenizer_uri());
+      task->set_calibration_text_uri(recipe.calibration_text_uri);
+      task->set_calibration_samples(recipe.calibration_samples);
+      task->set_calibration_length(recipe.calibration_length);
+      task->set_calibration_seed(recipe.calibration_seed);
     } else if (spec.kind == TaskKind::kAssemble) {
       const std::vector<bool> quantized = QuantizedTensors(*plan);
+      // Tensors the model transform changed (the RMSNorm weights) come from the calibrate task's artifacts
+      // (CommitVersion), not from the source file.
+      QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> calib, CalibrationOf(leased.ref.job, *plan));
       for (size_t i = 0; i < plan->model.tensors.size(); ++i) {
-        if (!quantized[i]) task->add_tensor_names(std::string(plan->model.name(i)));
+        const std::string n(plan->model.name(i));
+        if (!quantized[i] && (calib == nullptr || !calib->weights_of.contains(n))) task->add_tensor_names(n);
       }
       QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(leased.ref.job));
       QF_RETURN_IF_ERROR(QuantMetadata(*plan, record.request().recipe(), task->mutable_metadata()));
       task->set_tokenizer_uri(record.request().tokenizer_uri());
     }
     return absl::OkStatus();
+  }
+
+  // The committed result of the job's calibrate task, parsed once per job; nullptr for a job without one.
+  // FAILED_PRECONDITION while it is not committed (callers only ask on behalf of tasks that depend on it).
+  absl::StatusOr<std::shared_ptr<const CalibrationIndex>> CalibrationOf(JobId job, const Plan& plan) {
+    if (!IsCalibrated(plan)) return std::shared_ptr<const CalibrationIndex>();
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = calibrations_.find(job); it != calibrations_.end()) return it->second;
+    }
+    auto ref = sched().ResultRef({job, 0});
+    if (!ref.ok()) {
+      return absl::FailedPreconditionError(absl::StrCat("job ", job, ": calibration is not committed yet"));
+    }
+    QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> index, ParseCalibrationResult(*ref));
+    std::lock_guard<std::mutex> l(mu_);
+    calibrations_.emplace(job, index);
+    return index;
+  }
+
+  // A calibrate completion: statistics for known matrices of the right width, in chunks the store holds intact
+  // (read back), covering every tensor a calibrated method quantizes; transformed tensors in fp32 and in their
+  // source shape. Returns the result to commit: only the artifacts.
+  absl::StatusOr<std::string> CheckCalibration(const Plan& plan, const v1::CompleteTaskRequest& req,
+                                               const std::string& what) {
+    std::map<std::string_view, size_t> index;
+    for (size_t i = 0; i < plan.model.tensors.size(); ++i) index.emplace(plan.model.name(i), i);
+    std::set<std::string> with_stats;
+    for (const v1::CalibrationArtifact& a : req.calibration()) {
+      if (a.tensor_names().empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": statistics name no tensor"));
+      for (const std::string& n : a.tensor_names()) {
+        const std::string where = absl::StrCat(what, ": statistics of '", n.substr(0, 128), "'");
+        auto it = index.find(n);
+        if (it == index.end() || plan.model.tensors[it->second].ndim != 2 || !with_stats.insert(n).second) {
+          return absl::InvalidArgumentError(absl::StrCat(where, ": not a matrix of the model (or repeated)"));
+        }
+        if (plan.model.tensors[it->second].cols != a.cols()) {
+          return absl::InvalidArgumentError(absl::StrCat(where, ": ", a.cols(), " inputs, the tensor has ",
+                                                         plan.model.tensors[it->second].cols));
+        }
+      }
+      const std::string where = absl::StrCat(what, ": statistics of '", a.tensor_names(0), "'");
+      if (a.nbytes() != calib::EncodedLayerStatsBytes(a.cols())) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, ": ", a.nbytes(), " bytes, ", a.cols(), " inputs need ", calib::EncodedLayerStatsBytes(a.cols())));
+      }
+      QF_RETURN_IF_ERROR(VerifyChunks(a.chunk_ids(), a.nbytes(), where).status());
+    }
+    for (const scheduler::PlanTask& t : plan.tasks) {
+      if (t.kind != TaskKind::kQuantize) continue;
+      const std::string n(plan.model.name(t.tensor));
+      if (quant::FindMethod(plan.configs[t.config].method)->NeedsCalibration() && !with_stats.contains(n)) {
+        return absl::InvalidArgumentError(absl::StrCat(what, ": no statistics for ", n, ", which ",
+                                                       plan.configs[t.config].method, " quantizes"));
+      }
+    }
+    std::set<std::string> transformed;
+    for (const v1::StoredTensor& st : req.outputs()) {
+      const std::string where = absl::StrCat(what, ": transformed tensor '", st.name().substr(0, 128), "'");
+      auto it = index.find(st.name());
+      if (it == index.end() || !transformed.insert(st.name()).second) {
+        return absl::InvalidArgumentError(absl::StrCat(where, " is not in the model (or repeated)"));
+      }
+      const scheduler::TensorDesc& td = plan.model.tensors[it->second];
+      const std::vector<int64_t> shape =
+          td.ndim == 1 ? std::vector<int64_t>{td.cols} : std::vector<int64_t>{td.rows, td.cols};
+      QF_RETURN_IF_ERROR(CheckStoredTensor(st, where, WeightFormat::F32(), shape));
+      QF_RETURN_IF_ERROR(VerifyChunks(st.chunk_ids(), st.nbytes(), where).status());
+    }
+    v1::CompleteTaskRequest result;
+    *result.mutable_calibration() = req.calibration();
+    *result.mutable_outputs() = req.outputs();
+    std::string bytes = result.SerializeAsString();
+    if (bytes.size() >= (size_t{1} << 24)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": the artifact list takes ", bytes.size(),
+                                                     " bytes, over the 16 MiB a task result may hold"));
+    }
+    return bytes;
   }
 
   // The metadata QuantizeModel adds, so a version made by the scheduler matches `qforge quantize`.
@@ -448,13 +597,24 @@ class SchedulerServer::Impl {
       if (out.name() != plan->model.name(pt.tensor)) {
         return absl::InvalidArgumentError(absl::StrCat(what, ": output names '", out.name().substr(0, 128), "'"));
       }
-      const WeightFormat& format = plan->configs[pt.config].format;
+      WeightFormat format = plan->configs[pt.config].format;
+      // The plan cannot know an spqr tensor's outlier count: take the worker's, all else must be the plan's.
+      if (format.type == WeightType::kSpQR && format.outliers == 0) {
+        if (auto reported = ParseFormatName(out.format()); reported.ok() && reported->type == WeightType::kSpQR) {
+          WeightFormat base = *reported;
+          base.outliers = 0;
+          if (base == format) format = *reported;
+        }
+      }
       const int64_t rows = int64_t{pt.row_end} - pt.row_begin;
       QF_RETURN_IF_ERROR(CheckStoredTensor(out, what, format, {rows, td.cols}));
       QF_ASSIGN_OR_RETURN(const std::vector<size_t> sizes, VerifyChunks(out.chunk_ids(), out.nbytes(), what));
       QF_ASSIGN_OR_RETURN(const std::vector<size_t> planes, PlaneSizes(format, rows, td.cols));
       QF_ASSIGN_OR_RETURN(const std::vector<SliceChunk> chunks, AssignPlanes(out.chunk_ids(), sizes, planes, what));
-      result = EncodeSliceResult(out.nbytes(), chunks);
+      result = EncodeSliceResult(out.nbytes(), chunks,
+                                 format == plan->configs[pt.config].format ? "" : FormatName(format));
+    } else if (pt.kind == TaskKind::kCalibrate && pt.layer < 0) {
+      QF_ASSIGN_OR_RETURN(result, CheckCalibration(*plan, req, what));
     } else if (pt.kind == TaskKind::kAssemble) {
       // One assemble at a time: the check for an existing version and the commit must not interleave.
       std::lock_guard<std::mutex> l(assemble_mu_);
@@ -515,7 +675,15 @@ class SchedulerServer::Impl {
       QF_ASSIGN_OR_RETURN(const std::string ref, sched().ResultRef({job, t}));
       uint64_t nbytes = 0;
       std::vector<SliceChunk> chunks;
-      QF_RETURN_IF_ERROR(DecodeSliceResult(ref, &nbytes, &chunks));
+      std::string slice_format;
+      QF_RETURN_IF_ERROR(DecodeSliceResult(ref, &nbytes, &chunks, &slice_format));
+      // A format only the worker knew (spqr's outlier count) is the tensor's; such tensors are never sliced.
+      if (!slice_format.empty()) {
+        if (pt.row_begin != 0 || pt.row_end != td.rows) {
+          return absl::DataLossError(absl::StrCat(what, ": task ", t, " reports ", slice_format, " for a row slice"));
+        }
+        mt.set_format(slice_format);
+      }
       mt.set_nbytes(mt.nbytes() + nbytes);
       std::vector<std::vector<std::string>>& by_plane = plane_chunks[name];
       for (SliceChunk& c : chunks) {
@@ -529,8 +697,21 @@ class SchedulerServer::Impl {
         for (std::string& id : ids) tensors[name].add_chunk_ids(std::move(id));
       }
     }
-    // Copied tensors: exactly the ones the plan does not quantize, in their source shape and encoding.
+    // Copied tensors: exactly the ones the plan does not quantize, in their source shape and encoding, except
+    // those the model transform changed, which come from the calibrate task's artifacts (checked at its commit).
     const std::vector<bool> quantized = QuantizedTensors(plan);
+    QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> calib, CalibrationOf(job, plan));
+    if (calib != nullptr) {
+      for (const v1::StoredTensor& st : calib->result.outputs()) {
+        if (tensors.contains(st.name())) continue;  // quantized: its task read the transformed weights
+        v1::ManifestTensor& mt = tensors[st.name()];
+        mt.set_name(st.name());
+        mt.set_format(st.format());
+        *mt.mutable_shape() = st.shape();
+        mt.set_nbytes(st.nbytes());
+        *mt.mutable_chunk_ids() = st.chunk_ids();
+      }
+    }
     std::map<std::string_view, size_t> index;
     for (size_t i = 0; i < plan.model.tensors.size(); ++i) index.emplace(plan.model.name(i), i);
     for (const v1::StoredTensor& st : req.outputs()) {
@@ -893,6 +1074,7 @@ class SchedulerServer::Impl {
   std::set<JobId> pins_released_;
   std::map<std::string, v1::RegisterWorkerRequest> workers_;
   std::map<JobId, uint64_t> output_bytes_;
+  std::map<JobId, std::shared_ptr<const CalibrationIndex>> calibrations_;
   std::map<std::string, uint64_t> events_seen_;
   metrics::Registry metrics_;
 
