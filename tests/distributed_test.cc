@@ -504,6 +504,61 @@ TEST(DistributedTest, CalibratedJobsMatchQuantizingInOneProcess) {
   EXPECT_EQ(calibrate_leases, (std::map<std::string, int>{{gptq_job + "/0", 1}, {awq_job + "/0", 1}}));
 }
 
+// The other calibrated methods through scheduler + workers: SmoothQuant (a model transform and the w8a8 encoding)
+// and QuIP (whole-tensor tasks, transforms undone by the runtime). Each version equals the in-process pipeline's,
+// and the runtime runs it from the store: SmoothQuant close to fp32, QuIP 3-bit closer than RTN 3-bit.
+TEST(DistributedTest, SmoothQuantAndQuipJobsRunThroughThePipeline) {
+  const std::string dir = TempDir("calibrated-more");
+  Cluster cluster(dir, {});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("w1");
+  cluster.StartWorker("w2");
+  const quant::QuantParams sq = quant::FindMethod("smoothquant")->DefaultParams();
+  quant::QuantParams quip = quant::FindMethod("quip")->DefaultParams();
+  quip.bits = 3;
+  quip.group = 0;
+  const Calibration c{.samples = 8, .length = 64, .seed = 1000};
+  std::string sq_job, quip_job;
+  ASSERT_TRUE(cluster.Submit(CalibratedRequest(kStories, "smoothquant", sq, "stories-sq", c), &sq_job).ok());
+  ASSERT_TRUE(cluster.Submit(CalibratedRequest(kStories, "quip", quip, "stories-quip", c), &quip_job).ok());
+  const v1::Job s = cluster.WaitJob(sq_job);
+  const v1::Job q = cluster.WaitJob(quip_job);
+  ExpectVersionEquals(cluster, s, QuantizeCalibratedInProcess(kStories, "smoothquant", sq, c));
+  ExpectVersionEquals(cluster, q, QuantizeCalibratedInProcess(kStories, "quip", quip, c));
+
+  auto source = formats::LoadModel(kStories);
+  ASSERT_TRUE(source.ok()) << source.status();
+  auto base = Transformer::Create(std::make_shared<const Model>(*source), RuntimeOptions{.threads = 2});
+  ASSERT_TRUE(base.ok()) << base.status();
+  auto streams = eval::SampleStreams(**base, 4, 64, /*seed=*/1);
+  ASSERT_TRUE(streams.ok()) << streams.status();
+  auto kl_of = [&](const Model& m) {
+    auto t = Transformer::Create(std::make_shared<const Model>(m), RuntimeOptions{.threads = 2});
+    EXPECT_TRUE(t.ok()) << t.status();
+    if (!t.ok()) return 1e9;
+    auto r = eval::CompareModels(**base, **t, *streams);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? r->mean_kl : 1e9;
+  };
+  auto stored = [&](const v1::Job& job) {
+    uint64_t version = 0;
+    EXPECT_TRUE(absl::SimpleAtoi(job.result().version(), &version));
+    auto m = rpc::FetchModel(cluster.artifacts(), storage::ModelRef{job.result().name(), version});
+    EXPECT_TRUE(m.ok()) << m.status();
+    return m.ok() ? *std::move(m) : Model();
+  };
+  quant::QuantRecipe rtn;
+  rtn.method = "rtn";
+  rtn.params = quant::FindMethod("rtn")->DefaultParams();
+  rtn.params->bits = 3;
+  rtn.params->group = 0;
+  auto rtn_model = quant::QuantizeModel(*source, rtn, nullptr);
+  ASSERT_TRUE(rtn_model.ok()) << rtn_model.status();
+  const double kl_sq = kl_of(stored(s)), kl_quip = kl_of(stored(q)), kl_rtn = kl_of(rtn_model->model);
+  EXPECT_LT(kl_sq, 0.2) << "smoothquant W8A8";
+  EXPECT_LT(kl_quip, kl_rtn) << "quip 3-bit vs rtn 3-bit";
+}
+
 // A worker SIGKILLed while it holds the calibrate lease (or just after it completed it): the survivor calibrates
 // again once the lease expired, unless the victim's completion had landed; then the scheduler is SIGKILLed
 // after calibration committed, and the restart does not calibrate again. The output is the in-process one.
