@@ -160,6 +160,11 @@ std::vector<Case> AllCases() {
   }
   cases.push_back({WeightFormat::QInt(4, 12, true), 3, 96});  // group not a multiple of 8
   cases.push_back({WeightFormat::QInt(4, 0, false), 3, 300});  // per-channel, 300 % 16 != 0
+  // Rows padded to a whole byte: stories260K's 172-wide ffn_down at 3 bits (65 bytes a row), groups of 4, 5 bits x 13.
+  cases.push_back({WeightFormat::QInt(3, 0, true), 5, 172});
+  cases.push_back({WeightFormat::QInt(3, 4, false), 4, 172});
+  cases.push_back({WeightFormat::QInt(5, 0, false), 6, 13});
+  cases.push_back({WeightFormat::QInt(7, 0, true), 3, 301});
   // w8a8: whole 32-byte vectors only, a 12-column integer tail, a row shorter than one vector, several spans.
   const WeightFormat w8a8 = WeightFormat::Of(WeightType::kW8A8);
   for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{7, 96}, {5, 300}, {4, 31}, {3, 1000}, {9, 64}}) {

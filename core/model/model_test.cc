@@ -43,7 +43,15 @@ TEST(WeightFormat, QIntLayoutCountsScalesAndZeros) {
   EXPECT_EQ(pc->group, 128);
   EXPECT_EQ(pc->total_bytes, 640u + 20u);
   EXPECT_FALSE(GetQIntLayout(WeightFormat::QInt(4, 48, true), 1, 128).ok());
-  EXPECT_FALSE(GetQIntLayout(WeightFormat::QInt(3, 0, true), 1, 4).ok());  // 12 bits is not whole bytes
+  // A row whose bits are no whole number of bytes is padded to the next byte: 172 x 3 bits = 64.5 -> 65 bytes.
+  auto padded = GetQIntLayout(WeightFormat::QInt(3, 0, true), 5, 172);
+  ASSERT_TRUE(padded.ok()) << padded.status();
+  EXPECT_EQ(padded->row_code_bytes, 65u);
+  EXPECT_EQ(padded->scales_offset, 5u * 65u);
+  EXPECT_EQ(padded->total_bytes, 5u * 65u + 5u * 2u);
+  auto twelve_bits = GetQIntLayout(WeightFormat::QInt(3, 0, true), 1, 4);  // 12 bits: padded to 2 bytes
+  ASSERT_TRUE(twelve_bits.ok()) << twelve_bits.status();
+  EXPECT_EQ(twelve_bits->row_code_bytes, 2u);
 }
 
 TEST(WeightFormat, Nf4DoubleQuantIsQloraBitsPerWeight) {

@@ -133,11 +133,8 @@ absl::StatusOr<QIntLayout> GetQIntLayout(const WeightFormat& f, int64_t rows, in
     QF_RETURN_IF_ERROR(NeedMultiple(f, cols, l.group));
     l.groups_per_row = cols / l.group;
   }
-  if ((cols * f.bits) % 8 != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(FormatName(f), " needs row length * bits to be a multiple of 8, got ", cols));
-  }
-  l.row_code_bytes = static_cast<size_t>(cols * f.bits / 8);
+  // Rows are padded to a whole byte (zero bits), so any row length takes any bit width (172 x 3 bits: 65 bytes).
+  l.row_code_bytes = static_cast<size_t>((cols * f.bits + 7) / 8);
   l.codes_offset = 0;
   l.scales_offset = l.row_code_bytes * static_cast<size_t>(rows);
   l.zeros_offset = l.scales_offset + 2 * static_cast<size_t>(rows * l.groups_per_row);

@@ -81,7 +81,8 @@ absl::StatusOr<WeightFormat> ParseFormatName(const std::string& name);
 absl::StatusOr<size_t> EncodedBytes(const WeightFormat& f, int64_t rows, int64_t cols);
 
 // kQInt planar layout for [rows, cols] with g = group (or cols when group == 0), G = cols/g groups per row:
-//   codes : rows * cols * bits / 8 bytes; each row starts on a byte boundary (cols*bits % 8 == 0 is required),
+//   codes : rows * ceil(cols * bits / 8) bytes; each row starts on a byte boundary (a row's last byte is padded
+//           with zero bits when cols * bits is not a multiple of 8),
 //           codes packed LSB-first as a bit stream (element c of a row occupies bits [c*bits, (c+1)*bits)).
 //   scales: rows * G little-endian f16, row-major.
 //   zeros : (asymmetric only) rows * G u8.

@@ -57,10 +57,6 @@ absl::StatusOr<WeightFormat> QIntOutputFormat(const char* method, const QuantPar
   if (p.group > 0 && cols % p.group != 0) {
     return absl::InvalidArgumentError(absl::StrCat(method, ": group ", p.group, " does not divide the row length ", cols));
   }
-  if ((cols * p.bits) % 8 != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(method, ": bits ", p.bits, " times row length ", cols, " is not a whole number of bytes"));
-  }
   return WeightFormat::QInt(p.bits, p.group, p.symmetric);
 }
 

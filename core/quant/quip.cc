@@ -326,10 +326,6 @@ class QuipMethod : public QuantMethod {
     if (p.group > 0 && cols % p.group != 0) {
       return absl::InvalidArgumentError(absl::StrCat("quip: group ", p.group, " does not divide the row length ", cols));
     }
-    if ((cols * p.bits) % 8 != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("quip: bits ", p.bits, " times row length ", cols, " is not a whole number of bytes"));
-    }
     QF_RETURN_IF_ERROR(CheckFactor(rows, "output"));
     QF_RETURN_IF_ERROR(CheckFactor(cols, "input"));
     return WeightFormat::Quip(p.bits, p.group, p.symmetric);
@@ -361,8 +357,8 @@ class QuipMethod : public QuantMethod {
     pc.group = 0;
     pc.static_groups = false;
     if (p.group != 0) return std::make_pair(std::string("quip"), pc);
-    // A side QuIP cannot rotate (too large a prime factor) or a row that is no whole number of bytes: gptq at the
-    // same bits, whose own chain ends in q8_0 / f16.
+    // A side QuIP cannot rotate (too large a prime factor): gptq at the same bits, whose own chain ends in
+    // q8_0 / f16.
     return std::make_pair(std::string("gptq"), pc);
   }
 
