@@ -21,20 +21,18 @@
 #include "core/quant/quantize_model.h"
 #include "core/runtime/transformer.h"
 #include "gmock/gmock.h"
+#include "core/quant/test_util.h"
 #include "gtest/gtest.h"
 
 namespace qforge::quant {
 namespace {
 
-using ::testing::HasSubstr;
+using test_util::GaussianF;
+using test_util::Logits;
+using test_util::MaxRelDiff;
+using test_util::StatsOf;
 
-std::vector<float> GaussianF(int64_t n, uint32_t seed, double stddev = 1.0) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> d(0.0, stddev);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& x : v) x = static_cast<float>(d(rng));
-  return v;
-}
+using ::testing::HasSubstr;
 
 // Independent Gaussian channels; every `every`-th channel is `gain` times louder (the outlier channels of LLM
 // activations that AWQ is built around).
@@ -46,33 +44,10 @@ std::vector<float> LoudInputs(int64_t n, int64_t cols, uint32_t seed, int every,
   return x;
 }
 
-calib::LayerStats Stats(const std::vector<float>& x, int64_t n, int64_t cols) {
-  calib::StatsAccumulator acc(cols);
-  acc.Add(x.data(), n);
-  return acc.Finish();
-}
-
 double OutputError(const float* w, const float* w_hat, int64_t rows, int64_t cols, const calib::LayerStats& st) {
   double err = 0, ref = 0;
   LayerOutputError(w, w_hat, rows, cols, st.hessian.data(), &err, &ref);
   return err;
-}
-
-std::vector<float> Logits(const Model& m, const std::vector<int>& tokens) {
-  auto t = Transformer::Create(std::make_shared<const Model>(m));
-  EXPECT_TRUE(t.ok()) << t.status();
-  std::vector<float> logits(tokens.size() * static_cast<size_t>(m.config.vocab_size));
-  EXPECT_TRUE((*t)->Forward(tokens, 0, logits.data(), true).ok());
-  return logits;
-}
-
-double MaxRelDiff(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::fabs(static_cast<double>(a[i]) - b[i]));
-    den = std::max(den, std::fabs(static_cast<double>(a[i])));
-  }
-  return num / den;
 }
 
 TEST(AwqFoldTest, FpLogitsUnchanged) {
@@ -117,13 +92,13 @@ TEST(AwqFoldTest, RejectsBadScales) {
 TEST(AwqScaleTest, ScaledStatsMatchScaledInputs) {
   const int64_t n = 300, cols = 32;
   const std::vector<float> x = LoudInputs(n, cols, 5, 8, 10.0);
-  const calib::LayerStats st = Stats(x, n, cols);
+  const calib::LayerStats st = StatsOf(x, n, cols);
   const std::vector<float> s = AwqChannelScales(st.mean_abs, 0.5);
   std::vector<float> xs(x);
   for (int64_t t = 0; t < n; ++t) {
     for (int64_t j = 0; j < cols; ++j) xs[t * cols + j] /= s[j];
   }
-  const calib::LayerStats direct = Stats(xs, n, cols);
+  const calib::LayerStats direct = StatsOf(xs, n, cols);
   const calib::LayerStats folded = AwqScaleStats(st, s);
   for (int64_t i = 0; i < cols * cols; ++i) EXPECT_NEAR(folded.hessian[i], direct.hessian[i], 1e-4);
   for (int64_t j = 0; j < cols; ++j) EXPECT_NEAR(folded.mean_abs[j], direct.mean_abs[j], 1e-4);
@@ -144,8 +119,8 @@ TEST(AwqScaleTest, ChannelScalesNormalised) {
 TEST(AwqScaleTest, NeverWorseThanRtnAndHelpsOnLoudChannels) {
   const int64_t n = 2048, cols = 256, rows = 96;
   const std::vector<float> x = LoudInputs(n, cols, 21, 32, 20.0);
-  const calib::LayerStats st = Stats(x, n, cols);
-  const calib::LayerStats held_out = Stats(LoudInputs(n, cols, 22, 32, 20.0), n, cols);
+  const calib::LayerStats st = StatsOf(x, n, cols);
+  const calib::LayerStats held_out = StatsOf(LoudInputs(n, cols, 22, 32, 20.0), n, cols);
   const std::vector<float> wq = GaussianF(rows * cols, 7, 0.05);
   const std::vector<float> wk = GaussianF(rows / 2 * cols, 8, 0.05);
   struct Case {
@@ -194,7 +169,7 @@ TEST(AwqScaleTest, NeverWorseThanRtnAndHelpsOnLoudChannels) {
 // The awq method (clipping search) never loses to rtn on any group's own error, and is valid kQInt.
 TEST(AwqMethodTest, ClippingNeverWorseThanRtnPerGroup) {
   const int64_t n = 1024, cols = 128, rows = 32, g = 32;
-  const calib::LayerStats st = Stats(LoudInputs(n, cols, 31, 16, 8.0), n, cols);
+  const calib::LayerStats st = StatsOf(LoudInputs(n, cols, 31, 16, 8.0), n, cols);
   const std::vector<float> w = GaussianF(rows * cols, 9);
   const QuantParams p{3, static_cast<int>(g), true, false};
   const WeightFormat f = WeightFormat::QInt(3, static_cast<int>(g), true);
@@ -245,7 +220,7 @@ TEST(AwqMethodTest, ValidationErrorsNameTheField) {
   wrong.cols = 64;
   EXPECT_THAT(std::string(m->Quantize(w.data(), 4, 128, m->DefaultParams(), nullptr, &wrong).status().message()),
               HasSubstr("64 inputs"));
-  const calib::LayerStats st = Stats(GaussianF(64 * 128, 1), 64, 128);
+  const calib::LayerStats st = StatsOf(GaussianF(64 * 128, 1), 64, 128);
   AwqOptions o;
   o.bits = 1;
   EXPECT_THAT(std::string(AwqSearchScales({{w.data(), 4}}, 128, st, o).status().message()), HasSubstr("bits"));

@@ -16,10 +16,14 @@
 #include "core/quant/quant_method.h"
 #include "core/quant/quantize_model.h"
 #include "gmock/gmock.h"
+#include "core/quant/test_util.h"
 #include "gtest/gtest.h"
 
 namespace qforge::quant {
 namespace {
+
+using test_util::GaussianF;
+using test_util::StatsOf;
 
 using ::testing::HasSubstr;
 
@@ -29,11 +33,6 @@ std::vector<double> Gaussian(int64_t n, uint32_t seed, double stddev = 1.0) {
   std::vector<double> v(static_cast<size_t>(n));
   for (auto& x : v) x = d(rng);
   return v;
-}
-
-std::vector<float> GaussianF(int64_t n, uint32_t seed, double stddev = 1.0) {
-  const std::vector<double> d = Gaussian(n, seed, stddev);
-  return std::vector<float>(d.begin(), d.end());
 }
 
 // Inputs X [n, cols] = Z · A with Z and A Gaussian: every channel is a mix of all the latent ones, so
@@ -64,12 +63,6 @@ std::vector<double> DirectHessian(const std::vector<float>& x, int64_t n, int64_
   }
   for (double& v : h) v /= static_cast<double>(n);
   return h;
-}
-
-calib::LayerStats StatsOf(const std::vector<float>& x, int64_t n, int64_t cols) {
-  calib::StatsAccumulator acc(cols);
-  acc.Add(x.data(), n);
-  return acc.Finish();
 }
 
 // ||(W - Ŵ) Xᵀ||² summed over tokens, computed directly.

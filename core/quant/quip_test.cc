@@ -28,26 +28,17 @@
 #include "core/quant/quantize_model.h"
 #include "core/runtime/transformer.h"
 #include "gmock/gmock.h"
+#include "core/quant/test_util.h"
 #include "gtest/gtest.h"
 
 namespace qforge::quant {
 namespace {
 
+using test_util::GaussianF;
+using test_util::Logits;
+using test_util::StatsOf;
+
 using ::testing::HasSubstr;
-
-std::vector<float> GaussianF(int64_t n, uint32_t seed, double stddev = 1.0) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> d(0.0, stddev);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& x : v) x = static_cast<float>(d(rng));
-  return v;
-}
-
-calib::LayerStats Stats(const std::vector<float>& x, int64_t n, int64_t cols) {
-  calib::StatsAccumulator acc(cols);
-  acc.Add(x.data(), n);
-  return acc.Finish();
-}
 
 double OutputError(const std::vector<float>& w, const std::vector<float>& w_hat, int64_t rows, int64_t cols,
                    const calib::LayerStats& st) {
@@ -207,8 +198,8 @@ absl::StatusOr<std::vector<float>> QuantizeDequantize(const std::string& method,
 
 TEST(QuipTest, BeatsGptqOnLayersThatAreNotIncoherent) {
   const Layer L = OutlierLayer(96, 128, 11);
-  const calib::LayerStats st = Stats(L.x_calib, L.n_calib, L.cols);
-  const calib::LayerStats test = Stats(L.x_test, L.n_test, L.cols);
+  const calib::LayerStats st = StatsOf(L.x_calib, L.n_calib, L.cols);
+  const calib::LayerStats test = StatsOf(L.x_test, L.n_test, L.cols);
   for (int bits : {2, 3}) {
     for (int group : {0, 64}) {
       for (bool sym : {false, true}) {
@@ -256,7 +247,7 @@ Quantized MakeQuip(int64_t rows, int64_t cols, QuantParams p, uint32_t seed = 5)
   Quantized q;
   q.w = GaussianF(rows * cols, seed);
   const std::vector<float> x = GaussianF(512 * cols, seed + 1);
-  q.stats = Stats(x, 512, cols);
+  q.stats = StatsOf(x, 512, cols);
   Tensor in = Tensor::FromFloats("blk.0.attn_q.weight", {rows, cols}, q.w);
   auto t = QuantizeTensor(in, *FindMethod("quip"), p, nullptr, nullptr, &q.stats);
   EXPECT_TRUE(t.ok()) << t.status();
@@ -407,7 +398,7 @@ TEST(QuipMethodTest, ValidationErrorsNameTheField) {
   const std::vector<float> w = GaussianF(8 * 64, 1);
   auto no_stats = m->Quantize(w.data(), 8, 64, m->DefaultParams(), nullptr, nullptr);
   EXPECT_EQ(no_stats.status().code(), absl::StatusCode::kFailedPrecondition);
-  const calib::LayerStats st32 = Stats(GaussianF(64 * 32, 2), 64, 32);
+  const calib::LayerStats st32 = StatsOf(GaussianF(64 * 32, 2), 64, 32);
   EXPECT_THAT(m->Quantize(w.data(), 8, 64, m->DefaultParams(), nullptr, &st32).status().message(),
               HasSubstr("calibration statistics are for 32 inputs"));
 
@@ -434,7 +425,7 @@ TEST(QuipMethodTest, FallbacksFollowTheShape) {
   // A group that does not divide the row: quip per row.
   {
     const std::vector<float> w = GaussianF(16 * 64, 3);
-    const calib::LayerStats st = Stats(GaussianF(256 * 64, 4), 256, 64);
+    const calib::LayerStats st = StatsOf(GaussianF(256 * 64, 4), 256, 64);
     TensorQuantReport r;
     auto t = QuantizeTensor(Tensor::FromFloats("w", {16, 64}, w), *m, Params(2, 48, false), nullptr, &r, &st);
     ASSERT_TRUE(t.ok()) << t.status();
@@ -445,7 +436,7 @@ TEST(QuipMethodTest, FallbacksFollowTheShape) {
   // A prime output dimension above kQuipMaxFactor: gptq at the same bits.
   {
     const std::vector<float> w = GaussianF(2053 * 8, 5);
-    const calib::LayerStats st = Stats(GaussianF(256 * 8, 6), 256, 8);
+    const calib::LayerStats st = StatsOf(GaussianF(256 * 8, 6), 256, 8);
     TensorQuantReport r;
     auto t = QuantizeTensor(Tensor::FromFloats("w", {2053, 8}, w), *m, Params(4, 0, false), nullptr, &r, &st);
     ASSERT_TRUE(t.ok()) << t.status();
@@ -456,7 +447,7 @@ TEST(QuipMethodTest, FallbacksFollowTheShape) {
 
 TEST(QuipMethodTest, GreedyPassesNeverIncreaseTheLoss) {
   const Layer L = OutlierLayer(64, 128, 21);
-  const calib::LayerStats st = Stats(L.x_calib, L.n_calib, L.cols);
+  const calib::LayerStats st = StatsOf(L.x_calib, L.n_calib, L.cols);
   bool some_better = false;
   for (int bits : {2, 3}) {
     for (int group : {0, 32}) {
@@ -493,8 +484,8 @@ TEST(QuipMethodTest, GreedyPassesNeverIncreaseTheLoss) {
 
 TEST(QuipMethodTest, MseGridsHelpAtTwoBits) {
   const Layer L = OutlierLayer(64, 128, 31);
-  const calib::LayerStats st = Stats(L.x_calib, L.n_calib, L.cols);
-  const calib::LayerStats test = Stats(L.x_test, L.n_test, L.cols);
+  const calib::LayerStats st = StatsOf(L.x_calib, L.n_calib, L.cols);
+  const calib::LayerStats test = StatsOf(L.x_test, L.n_test, L.cols);
   for (bool sym : {true, false}) {
     QuipOptions o;
     o.bits = 2;

@@ -25,43 +25,23 @@
 #include "core/quant/quantize_model.h"
 #include "core/runtime/transformer.h"
 #include "gmock/gmock.h"
+#include "core/quant/test_util.h"
 #include "gtest/gtest.h"
 
 namespace qforge::quant {
 namespace {
 
-using ::testing::HasSubstr;
+using test_util::GaussianF;
+using test_util::Logits;
+using test_util::MaxRelDiff;
 
-std::vector<float> GaussianF(int64_t n, uint32_t seed, double stddev = 1.0) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> d(0.0, stddev);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& x : v) x = static_cast<float>(d(rng));
-  return v;
-}
+using ::testing::HasSubstr;
 
 std::vector<float> F32(const Model& m, const std::string& name) {
   const Tensor& t = m.tensors.at(name);
   std::vector<float> v(static_cast<size_t>(t.numel()));
   std::memcpy(v.data(), t.data, 4 * v.size());
   return v;
-}
-
-std::vector<float> Logits(const Model& m, const std::vector<int>& tokens) {
-  auto t = Transformer::Create(std::make_shared<const Model>(m));
-  EXPECT_TRUE(t.ok()) << t.status();
-  std::vector<float> logits(tokens.size() * static_cast<size_t>(m.config.vocab_size));
-  EXPECT_TRUE((*t)->Forward(tokens, 0, logits.data(), true).ok());
-  return logits;
-}
-
-double MaxRelDiff(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::fabs(static_cast<double>(a[i]) - b[i]));
-    den = std::max(den, std::fabs(static_cast<double>(a[i])));
-  }
-  return num / den;
 }
 
 std::vector<float> RandomScales(int n, std::mt19937& rng) {

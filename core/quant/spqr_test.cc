@@ -23,10 +23,13 @@
 #include "core/quant/quantize_model.h"
 #include "core/runtime/transformer.h"
 #include "gmock/gmock.h"
+#include "core/quant/test_util.h"
 #include "gtest/gtest.h"
 
 namespace qforge::quant {
 namespace {
+
+using test_util::StatsOf;
 
 using ::testing::HasSubstr;
 
@@ -48,22 +51,6 @@ std::vector<float> CorrelatedInputs(int64_t n, int64_t cols, uint32_t z_seed, ui
     }
   }
   return x;
-}
-
-calib::LayerStats StatsOf(const std::vector<float>& x, int64_t n, int64_t cols) {
-  calib::LayerStats s;
-  s.cols = cols;
-  s.tokens = n;
-  s.hessian.assign(static_cast<size_t>(cols * cols), 0.0);
-  for (int64_t t = 0; t < n; ++t) {
-    for (int64_t i = 0; i < cols; ++i) {
-      const double xi = x[t * cols + i];
-      for (int64_t j = 0; j < cols; ++j) s.hessian[i * cols + j] += 2.0 * xi * x[t * cols + j] / static_cast<double>(n);
-    }
-  }
-  s.mean_abs.assign(static_cast<size_t>(cols), 0.0);
-  s.max_abs.assign(static_cast<size_t>(cols), 0.0);
-  return s;
 }
 
 // Student-t weights with 3 degrees of freedom (heavy tails, like trained LLM weights), scaled to ~0.02.
