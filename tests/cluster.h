@@ -36,8 +36,13 @@ inline std::string TempDir(const std::string& name) {
 
 // The shared stories260K checkpoint, canonical as the scheduler resolves it (the path is recorded in the model's
 // metadata, source.path), and its candidate tokenizer.
+// Called during static initialisation (test discovery), so a missing shared/ must not throw: the path is then
+// returned as given and the tests that open it fail naming it.
 inline std::string Stories260KPath() {
-  return std::filesystem::canonical(std::string(QFORGE_SHARED_DIR) + "/models/stories260K/stories260K.bin").string();
+  const std::string path = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/stories260K.bin";
+  std::error_code ec;
+  const std::filesystem::path canonical = std::filesystem::canonical(path, ec);
+  return ec ? path : canonical.string();
 }
 inline std::string Tok512Path() {
   return std::string(QFORGE_SHARED_DIR) + "/models/stories260K/candidate-tok512/tok512.model";
