@@ -110,12 +110,12 @@ absl::StatusOr<Tensor> PermuteSpqrRows(const Tensor& t, const std::vector<int64_
     std::memcpy(out.data() + l.codes_offset + row * l.row_code_bytes, t.data + l.codes_offset + from * l.row_code_bytes,
                 l.row_code_bytes);
     for (int64_t k = 0; k < G; ++k) {
-      put3(l.scale_codes_offset, row * G + k, ks::StreamCode(t.data + l.scale_codes_offset, from * G + k, kSpqrStatBits));
-      put3(l.zero_codes_offset, row * G + k, ks::StreamCode(t.data + l.zero_codes_offset, from * G + k, kSpqrStatBits));
+      put3(l.scale_codes_offset, row * G + k, kernels::StreamCode(t.data + l.scale_codes_offset, from * G + k, kSpqrStatBits));
+      put3(l.zero_codes_offset, row * G + k, kernels::StreamCode(t.data + l.zero_codes_offset, from * G + k, kSpqrStatBits));
     }
     std::memcpy(out.data() + l.row_ptr_offset + 4 * row, &p_out, 4);
-    const uint32_t p0 = ks::LoadU32(t.data + l.row_ptr_offset + 4 * from);
-    const uint32_t p1 = ks::LoadU32(t.data + l.row_ptr_offset + 4 * (from + 1));
+    const uint32_t p0 = kernels::LoadU32(t.data + l.row_ptr_offset + 4 * from);
+    const uint32_t p1 = kernels::LoadU32(t.data + l.row_ptr_offset + 4 * (from + 1));
     if (p0 > p1 || p1 > static_cast<uint64_t>(t.format.outliers)) {
       return absl::DataLossError(absl::StrCat("tensor '", t.name, "': bad spqr row pointers at row ", from));
     }

@@ -63,5 +63,21 @@ inline float LoadF32(const void* p) {
   std::memcpy(&f, p, 4);
   return f;
 }
+inline uint32_t LoadU32(const void* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// The `bits`-bit code (bits <= 8) at element i of an LSB-first bit stream: bits [i*bits, (i+1)*bits). The
+// layout of kQInt rows and of SpQR's codes and statistics.
+inline int StreamCode(const uint8_t* stream, int64_t i, int bits) {
+  const int64_t bit = i * bits;
+  const int64_t byte = bit >> 3;
+  const int shift = static_cast<int>(bit & 7);
+  uint32_t v = stream[byte];
+  if (shift + bits > 8) v |= static_cast<uint32_t>(stream[byte + 1]) << 8;
+  return static_cast<int>((v >> shift) & ((1u << bits) - 1));
+}
 
 }  // namespace qforge::kernels

@@ -45,16 +45,6 @@ void DecodeQ4_KScalar(const block_q4_K* b, int64_t nblocks, float* out) {
   }
 }
 
-// Code of element c of a row: bits [c*bits, (c+1)*bits) of the row's LSB-first bit stream.
-inline int QIntCode(const uint8_t* row_codes, int64_t c, int bits) {
-  const int64_t bit = c * bits;
-  const int64_t byte = bit >> 3;
-  const int shift = static_cast<int>(bit & 7);
-  uint32_t v = row_codes[byte];
-  if (shift + bits > 8) v |= static_cast<uint32_t>(row_codes[byte + 1]) << 8;
-  return static_cast<int>((v >> shift) & ((1u << bits) - 1));
-}
-
 void DecodeQIntScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out) {
   const WeightFormat& f = v.format;
   const QIntLayout& l = v.qint;
@@ -68,7 +58,7 @@ void DecodeQIntScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, f
     const int64_t group_end = std::min(end, (g + 1) * l.group);
     const float scale = LoadHalf(scales + 2 * g);
     const int zero = zeros ? zeros[g] : sym_zero;
-    for (; c < group_end; ++c) out[c - c0] = scale * static_cast<float>(QIntCode(codes, c, f.bits) - zero);
+    for (; c < group_end; ++c) out[c - c0] = scale * static_cast<float>(StreamCode(codes, c, f.bits) - zero);
   }
 }
 

@@ -19,14 +19,14 @@ void DecodeSpqrScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, f
     const int64_t group_end = std::min(end, (k + 1) * l.group);
     float scale, zero;
     spqr::GroupStats(v.data, l, r, k, &scale, &zero);
-    for (; c < group_end; ++c) out[c - c0] = spqr::WeightValue(spqr::StreamCode(codes, c, bits), scale, zero);
+    for (; c < group_end; ++c) out[c - c0] = spqr::WeightValue(StreamCode(codes, c, bits), scale, zero);
   }
   const uint8_t* row_ptr = v.data + l.row_ptr_offset;
-  const uint32_t p0 = spqr::LoadU32(row_ptr + 4 * r), p1 = spqr::LoadU32(row_ptr + 4 * (r + 1));
+  const uint32_t p0 = LoadU32(row_ptr + 4 * r), p1 = LoadU32(row_ptr + 4 * (r + 1));
   for (uint32_t p = p0; p < p1; ++p) {
     const int64_t c = spqr::LoadIndex(v.data + l.col_index_offset + static_cast<size_t>(p) * l.index_bytes,
                                       l.index_bytes);
-    if (c >= c0 && c < end) out[c - c0] += spqr::LoadF16(v.data + l.values_offset + 2 * static_cast<size_t>(p));
+    if (c >= c0 && c < end) out[c - c0] += LoadHalf(v.data + l.values_offset + 2 * static_cast<size_t>(p));
   }
 }
 
@@ -34,12 +34,12 @@ absl::Status CheckSpqrRows(const WeightView& v, int64_t r0, int64_t r1) {
   const SpqrLayout& l = v.spqr;
   const uint8_t* row_ptr = v.data + l.row_ptr_offset;
   const uint32_t nnz = static_cast<uint32_t>(v.format.outliers);
-  if (r0 == 0 && spqr::LoadU32(row_ptr) != 0) return absl::DataLossError("spqr: row_ptr[0] is not 0");
-  if (r1 == v.rows && spqr::LoadU32(row_ptr + 4 * v.rows) != nnz) {
+  if (r0 == 0 && LoadU32(row_ptr) != 0) return absl::DataLossError("spqr: row_ptr[0] is not 0");
+  if (r1 == v.rows && LoadU32(row_ptr + 4 * v.rows) != nnz) {
     return absl::DataLossError(absl::StrCat("spqr: row_ptr[rows] is not the outlier count ", nnz));
   }
   for (int64_t r = r0; r < r1; ++r) {
-    const uint32_t p0 = spqr::LoadU32(row_ptr + 4 * r), p1 = spqr::LoadU32(row_ptr + 4 * (r + 1));
+    const uint32_t p0 = LoadU32(row_ptr + 4 * r), p1 = LoadU32(row_ptr + 4 * (r + 1));
     if (p0 > p1 || p1 > nnz) {
       return absl::DataLossError(absl::StrCat("spqr: row_ptr of row ", r, " is [", p0, ", ", p1, "), outside [0, ",
                                               nnz, "] or decreasing"));

@@ -8,16 +8,12 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/half.h"
 #include "core/base/status_macros.h"
+#include "core/kernels/blocks.h"
 #include "core/kernels/kernels.h"
 
 namespace qforge::kernels {
 namespace {
 
-uint32_t LoadU32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
-}
 void StoreU32(uint8_t* p, uint32_t v) { std::memcpy(p, &v, 4); }
 
 }  // namespace

@@ -288,7 +288,7 @@ absl::StatusOr<int64_t> SpqrStoredOutliers(const uint8_t* bytes, size_t nbytes, 
     return absl::InvalidArgumentError(
         absl::StrCat("spqr: ", nbytes, " bytes, the dense part and row pointers alone need ", l.total_bytes));
   }
-  return static_cast<int64_t>(ks::LoadU32(bytes + l.row_ptr_offset + 4 * static_cast<size_t>(rows)));
+  return static_cast<int64_t>(kernels::LoadU32(bytes + l.row_ptr_offset + 4 * static_cast<size_t>(rows)));
 }
 
 namespace {
