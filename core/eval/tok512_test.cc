@@ -1,5 +1,5 @@
-// What the shared stories260K checkpoint does with the candidate tok512 tokenizer; see docs/tok512.md.
-// These tests assert the observed facts (they skip when the files are absent).
+// The original stories260K with its tok512 tokenizer reproduces its model card exactly; see docs/tok512.md.
+// These tests skip when the shared files are absent.
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
@@ -18,8 +18,11 @@
 namespace qforge {
 namespace {
 
-const std::string kModel = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/stories260K.bin";
-const std::string kTok = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/candidate-tok512/tok512.model";
+const std::string kDir = std::string(QFORGE_SHARED_DIR) + "/models/stories260K";
+const std::string kModel = kDir + "/stories260K.bin";
+const std::string kTokBin = kDir + "/tok512.bin";
+const std::string kTok = kDir + "/candidate-tok512/tok512.model";
+// llama2.c's model card: greedy decoding (temperature 0) from BOS prints this, then a new line and "Lily".
 const std::string kCard =
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw "
     "a big, red ball. She wanted to play with it, but it was too high.";
@@ -27,7 +30,9 @@ const std::string kCard =
 class Tok512 : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!std::filesystem::exists(kModel) || !std::filesystem::exists(kTok)) GTEST_SKIP() << "stories260K files absent";
+    for (const std::string& f : {kModel, kTokBin, kTok}) {
+      if (!std::filesystem::exists(f)) GTEST_SKIP() << f << " absent";
+    }
     auto m = formats::ReadLlama2c(kModel);
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::make_shared<Model>(std::move(*m));
@@ -50,50 +55,39 @@ class Tok512 : public ::testing::Test {
   std::unique_ptr<SentencePieceTokenizer> tok_;
 };
 
-// True when `text` contains some non-empty substring repeated `k` times back to back.
-bool HasTandemRepeat(const std::string& text, int k) {
-  const size_t n = text.size();
-  for (size_t period = 1; period * k <= n; ++period) {
-    for (size_t start = 0; start + period * k <= n; ++start) {
-      bool periodic = true;
-      for (size_t i = start + period; i < start + period * k && periodic; ++i) periodic = text[i] == text[i - period];
-      if (periodic) return true;
-    }
-  }
-  return false;
-}
-
-TEST_F(Tok512, GreedyOutputIsNotTheCardTextUnderAnyTokenizer) {
-  GenerateOptions o{.max_new_tokens = 60, .sampler = {.temperature = 0.0f}, .eos_id = -1};
+// Greedy from BOS, 70 tokens: the card's 61 ids exactly, then "\n" and "Lily", whichever tokenizer reads them:
+// the vocabulary ReadLlama2c found beside the checkpoint (tok512.bin), qforge's reader of the .model file,
+// or libsentencepiece itself.
+TEST_F(Tok512, GreedyOutputIsTheModelCardText) {
+  GenerateOptions o{.max_new_tokens = 70, .sampler = {.temperature = 0.0f}, .eos_id = -1};
   auto r = Generate(*rt_, std::vector<int>{1}, o);
   ASSERT_TRUE(r.ok()) << r.status();
   std::vector<int> ids = {1};
   ids.insert(ids.end(), r->tokens.begin(), r->tokens.end());
-  auto text = tok_->Decode(ids);
-  ASSERT_TRUE(text.ok());
-  std::cout << "greedy ids:";
-  for (int t : r->tokens) std::cout << ' ' << t;
-  std::cout << "\ndecoded with candidate tok512: [" << *text << "]\n";
-  EXPECT_NE(text->rfind("Once upon a time", 0), 0u) << "the candidate reproduces the card: update docs/tok512.md";
 
-  // The greedy ids contain a long run of one id. Any tokenizer decodes such a run to one non-empty piece
-  // repeated; the card text has no such repetition, so no vocabulary (permutation, offset or other) maps
-  // these ids to it: the mismatch is in the weights, not the tokenizer.
-  int longest = 1, run = 1;
-  for (size_t i = 1; i < r->tokens.size(); ++i) {
-    run = r->tokens[i] == r->tokens[i - 1] ? run + 1 : 1;
-    longest = std::max(longest, run);
+  ASSERT_TRUE(model_->vocab.has_value()) << "tok512.bin beside the checkpoint was not attached";
+  auto sibling = TokenizerFromVocab(*model_->vocab);
+  auto from_model = LoadTokenizer(kTok);
+  auto from_bin = LoadTokenizer(kTokBin, 512);
+  ASSERT_TRUE(sibling.ok() && from_model.ok() && from_bin.ok());
+  const std::vector<const Tokenizer*> tokenizers = {sibling->get(), from_model->get(), from_bin->get(), tok_.get()};
+  for (const Tokenizer* t : tokenizers) {
+    auto card = t->Encode(kCard, /*add_bos=*/true);
+    ASSERT_TRUE(card.ok());
+    ASSERT_GE(card->size(), 61u);
+    EXPECT_EQ(std::vector<int>(ids.begin(), ids.begin() + card->size()), *card);
+    auto text = t->Decode(ids);
+    ASSERT_TRUE(text.ok());
+    EXPECT_EQ(text->substr(0, kCard.size() + 5), kCard + "\nLily") << "decoded: [" << *text << "]";
   }
-  std::cout << "longest run of one id: " << longest << "\n";
-  EXPECT_GE(longest, 5);
-  EXPECT_FALSE(HasTandemRepeat(kCard, longest));
-  EXPECT_TRUE(HasTandemRepeat("ffffff", 5));  // the detector itself works
 }
 
-TEST_F(Tok512, CardTextScoresWorseThanUniform) {
+// The card text is what the model expects: about 0.39 nats/token (the card's validation loss is ~1.3 on
+// TinyStories at large), against ln 512 = 6.24 for guessing, and P(▁Once | <s>) is high.
+TEST_F(Tok512, CardTextIsLikely) {
   auto card = tok_->Encode(kCard, true);
   ASSERT_TRUE(card.ok());
-  // The candidate's encoding of the card text uses whole-word pieces: ▁Once ▁upon ▁a ▁time ,
+  // Whole-word pieces: ▁Once ▁upon ▁a ▁time ,
   EXPECT_EQ(std::vector<int>(card->begin(), card->begin() + 6),
             (std::vector<int>{1, Id("\xe2\x96\x81Once"), Id("\xe2\x96\x81upon"), Id("\xe2\x96\x81" "a"),
                               Id("\xe2\x96\x81time"), Id(",")}));
@@ -101,9 +95,7 @@ TEST_F(Tok512, CardTextScoresWorseThanUniform) {
   ASSERT_TRUE(ppl.ok()) << ppl.status();
   std::cout << "card text: " << ppl->tokens << " predicted tokens, mean NLL " << ppl->mean_nll << ", perplexity "
             << ppl->perplexity << "\n";
-  // A model trained with this tokenizer reaches ~1.3 nats/token (the card's validation loss); uniform
-  // guessing is ln 512 = 6.24. This checkpoint is far worse than guessing.
-  EXPECT_GT(ppl->mean_nll, std::log(512.0));
+  EXPECT_LT(ppl->mean_nll, 0.6);
 
   std::vector<float> logits(512);
   rt_->Reset();
@@ -111,7 +103,7 @@ TEST_F(Tok512, CardTextScoresWorseThanUniform) {
   std::vector<double> lp;
   eval::LogSoftmax(logits, lp);
   std::cout << "P(\xe2\x96\x81Once | <s>) = " << std::exp(lp[Id("\xe2\x96\x81Once")]) << "\n";
-  EXPECT_LT(std::exp(lp[Id("\xe2\x96\x81Once")]), 1e-3);
+  EXPECT_GT(std::exp(lp[Id("\xe2\x96\x81Once")]), 0.5);
 }
 
 // The token embeddings do fit the candidate's id -> piece mapping: nearest neighbours are the pieces a

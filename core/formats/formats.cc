@@ -8,7 +8,10 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "core/base/status_macros.h"
+#include "core/formats/parsers.h"
+#include "core/formats/sentencepiece_model.h"
 
 namespace qforge::formats {
 
@@ -44,6 +47,32 @@ absl::StatusOr<FileFormat> DetectFormat(const std::string& path) {
   if (absl::EndsWith(path, ".bin")) return FileFormat::kLlama2c;
   return absl::InvalidArgumentError(
       absl::StrCat("cannot tell the format of ", path, " (not GGUF, not safetensors, not a *.bin llama2.c checkpoint)"));
+}
+
+void AttachSiblingTokenizer(const std::string& model_path, const std::vector<std::string>& names, Model* m) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path dir = fs::is_directory(model_path, ec) ? fs::path(model_path) : fs::path(model_path).parent_path();
+  std::vector<std::string> skipped;
+  for (const std::string& name : names) {
+    const std::string candidate = (dir / name).string();
+    if (!fs::is_regular_file(candidate, ec)) continue;
+    absl::StatusOr<Vocab> v = absl::EndsWith(name, ".model")
+                                  ? ReadSentencePieceModel(candidate)
+                                  : ReadLlama2cTokenizer(candidate, m->config.vocab_size);
+    if (v.ok() && static_cast<int>(v->tokens.size()) != m->config.vocab_size) {
+      v = absl::InvalidArgumentError(absl::StrCat(candidate, ": ", v->tokens.size(), " tokens, the model has ",
+                                                  m->config.vocab_size));
+    }
+    if (!v.ok()) {
+      skipped.push_back(std::string(v.status().message()));
+      continue;
+    }
+    m->vocab = *std::move(v);
+    m->metadata["tokenizer.path"] = candidate;
+    break;
+  }
+  if (!skipped.empty()) m->metadata["tokenizer.skipped"] = absl::StrJoin(skipped, "; ");
 }
 
 absl::StatusOr<Model> LoadModel(const std::string& path) {

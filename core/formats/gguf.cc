@@ -425,6 +425,16 @@ class GgufParser {
     QF_RETURN_IF_ERROR(id("tokenizer.ggml.bos_token_id", &v.bos_id));
     QF_RETURN_IF_ERROR(id("tokenizer.ggml.eos_token_id", &v.eos_id));
     QF_RETURN_IF_ERROR(id("tokenizer.ggml.unknown_token_id", &v.unk_id));
+    // llama.cpp's names for the SentencePiece normaliser flags; absent means the Llama defaults.
+    auto flag = [&](const char* key, bool* out) -> absl::Status {
+      const Value* f = Find(key);
+      if (f == nullptr) return absl::OkStatus();
+      if (f->type != kBool) return Bad(absl::StrCat(key, " is not a bool"));
+      *out = f->u != 0;
+      return absl::OkStatus();
+    };
+    QF_RETURN_IF_ERROR(flag("tokenizer.ggml.add_space_prefix", &v.normalizer.add_dummy_prefix));
+    QF_RETURN_IF_ERROR(flag("tokenizer.ggml.remove_extra_whitespaces", &v.normalizer.remove_extra_whitespaces));
     m->vocab = std::move(v);
     return absl::OkStatus();
   }
@@ -449,6 +459,7 @@ class Writer {
   }
   void KeyString(const std::string& k, const std::string& v) { Key(k, kString); PutString(v); }
   void KeyU32(const std::string& k, uint32_t v) { Key(k, kU32); Put(v); }
+  void KeyBool(const std::string& k, bool v) { Key(k, kBool); Put(static_cast<uint8_t>(v ? 1 : 0)); }
   void KeyF32(const std::string& k, float v) { Key(k, kF32); Put(v); }
   void Key(const std::string& k, uint32_t type) {
     PutString(k);
@@ -540,6 +551,8 @@ absl::StatusOr<std::vector<uint8_t>> SerializeGguf(const Model& m) {
     kv.KeyU32("tokenizer.ggml.bos_token_id", v.bos_id);
     kv.KeyU32("tokenizer.ggml.eos_token_id", v.eos_id);
     kv.KeyU32("tokenizer.ggml.unknown_token_id", v.unk_id);
+    kv.KeyBool("tokenizer.ggml.add_space_prefix", v.normalizer.add_dummy_prefix);
+    kv.KeyBool("tokenizer.ggml.remove_extra_whitespaces", v.normalizer.remove_extra_whitespaces);
   }
 
   Writer w;

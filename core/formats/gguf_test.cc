@@ -88,6 +88,9 @@ TEST_P(GgufRoundTrip, SyntheticModelWithVocab) {
   c.norm_eps = 1e-6f;
   Model m = MakeSyntheticModel(c, 11, /*with_vocab=*/true);
   m.metadata["general.name"] = "tiny";
+  // Non-default normaliser flags (tok512's) travel as tokenizer.ggml.add_space_prefix / remove_extra_whitespaces.
+  m.vocab->normalizer.remove_extra_whitespaces = GetParam();
+  m.vocab->normalizer.add_dummy_prefix = !GetParam();
   const std::string dir = TempDir(absl::StrCat("gguf_rt", GetParam()));
   const std::string path = dir + "/m.gguf";
   ASSERT_TRUE(WriteGguf(m, path).ok());

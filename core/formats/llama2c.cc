@@ -5,6 +5,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "core/base/mapped_file.h"
 #include "core/base/status_macros.h"
 #include "core/formats/byte_reader.h"
@@ -140,15 +141,15 @@ absl::StatusOr<Model> ReadLlama2c(const std::string& path) {
   auto m = ParseLlama2c(file->bytes(), file);
   if (!m.ok()) return absl::Status(m.status().code(), absl::StrCat(path, ": ", m.status().message()));
   m->metadata["source.path"] = path;
+  // A checkpoint does not hold its vocabulary; run.c reads tokenizer.bin (or the -z file, tok512.bin for
+  // stories260K) from beside it, and so does this reader.
+  const int v = m->config.vocab_size;
+  AttachSiblingTokenizer(path, {absl::StrCat("tok", v, ".bin"), "tokenizer.bin", absl::StrCat("tok", v, ".model"),
+                                "tokenizer.model"},
+                         &*m);
   return m;
 }
 
-namespace {
-bool IsByteToken(const std::string& s) {
-  auto hex = [](char ch) { return (ch >= '0' && ch <= '9') || (ch >= 'A' && ch <= 'F') || (ch >= 'a' && ch <= 'f'); };
-  return s.size() == 6 && s[0] == '<' && s[1] == '0' && s[2] == 'x' && hex(s[3]) && hex(s[4]) && s[5] == '>';
-}
-}  // namespace
 
 absl::StatusOr<Vocab> ParseLlama2cTokenizer(std::span<const uint8_t> bytes, int vocab_size) {
   ByteReader r(bytes, "llama2.c tokenizer");
@@ -189,9 +190,12 @@ absl::StatusOr<Vocab> ParseLlama2cTokenizer(std::span<const uint8_t> bytes, int 
       type = TokenType::kUnknown;
     } else if (i == 1 || i == 2 || text == "<s>" || text == "</s>") {
       type = TokenType::kControl;
-    } else if (IsByteToken(text)) {
+    } else if (ParseBytePiece(text) >= 0) {
       type = TokenType::kByte;
     }
+    // llama2.c's exporter wrote pieces with plain spaces where SentencePiece has "▁"; the SentencePiece
+    // spelling is what GGUF and the tokenizer expect.
+    if (type == TokenType::kNormal) text = absl::StrReplaceAll(text, {{" ", kSentencePieceSpace}});
     v.tokens.push_back(std::move(text));
     v.scores.push_back(score);
     v.types.push_back(type);

@@ -31,6 +31,7 @@ void Append(std::vector<uint8_t>& out, const void* p, size_t n) {
   out.insert(out.end(), b, b + n);
 }
 void AppendI32(std::vector<uint8_t>& out, int32_t v) { Append(out, &v, 4); }
+void AppendF32(std::vector<uint8_t>& out, float v) { Append(out, &v, 4); }
 
 // Serialises a float model in run.c's order, as llama2.c's export does (test-only writer).
 std::vector<uint8_t> ToLlama2c(const Model& m) {
@@ -74,6 +75,15 @@ TEST(Llama2cTest, Stories260KLoads) {
   EXPECT_EQ(m->tensors.size(), 2u + 9u * 5u);
   EXPECT_EQ(m->Find(names::kOutput), nullptr);
   EXPECT_TRUE(ValidateModel(*m).ok());
+  // Its tokenizer, tok512.bin, sits beside it (as run.c expects) and comes along.
+  if (Exists(kTok512Bin)) {
+    ASSERT_TRUE(m->vocab.has_value());
+    EXPECT_EQ(m->vocab->tokens.size(), 512u);
+    EXPECT_EQ(m->metadata.at("tokenizer.path"), kTok512Bin);
+    auto alone = ReadLlama2cTokenizer(kTok512Bin, 512);
+    ASSERT_TRUE(alone.ok()) << alone.status();
+    ExpectSameVocab(*alone, *m->vocab);
+  }
 
   // Spot checks against the raw file bytes, computing offsets independently from the layout.
   const std::vector<uint8_t> raw = FileBytes(kStories);
@@ -135,6 +145,50 @@ TEST_P(Llama2cRoundTrip, SyntheticModelReadsBackExactly) {
   ExpectSameTensors(m, *r);
 }
 INSTANTIATE_TEST_SUITE_P(TiedAndUntied, Llama2cRoundTrip, ::testing::Bool());
+
+// llama2.c's tokenizer.bin layout for `v`, spaces written plainly as its exporter does.
+std::vector<uint8_t> ToLlama2cTokenizer(const Vocab& v) {
+  std::vector<uint8_t> out;
+  AppendI32(out, 16);
+  for (size_t i = 0; i < v.tokens.size(); ++i) {
+    std::string text = v.tokens[i];
+    for (size_t at; (at = text.find(kSentencePieceSpace)) != std::string::npos;) text.replace(at, 3, " ");
+    AppendF32(out, v.scores[i]);
+    AppendI32(out, static_cast<int32_t>(text.size()));
+    out.insert(out.end(), text.begin(), text.end());
+  }
+  return out;
+}
+
+TEST(Llama2cTest, FindsTheTokenizerBesideTheCheckpoint) {
+  ModelConfig c = TinyTestConfig();
+  const Model m = MakeSyntheticModel(c, 7, /*with_vocab=*/true);
+  const std::string dir = TempDir("l2c_sibling");
+  const std::string path = dir + "/model.bin";
+  WriteBytes(path, ToLlama2c(m));
+  auto none = ReadLlama2c(path);
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_FALSE(none->vocab.has_value());
+
+  // A tokenizer of another size is skipped (and reported), never a reason to refuse the weights.
+  Vocab small = *m.vocab;
+  small.tokens.resize(300), small.scores.resize(300), small.types.resize(300);
+  WriteBytes(dir + "/tokenizer.bin", ToLlama2cTokenizer(small));
+  auto skipped = ReadLlama2c(path);
+  ASSERT_TRUE(skipped.ok()) << skipped.status();
+  EXPECT_FALSE(skipped->vocab.has_value());
+  EXPECT_THAT(skipped->metadata.at("tokenizer.skipped"), HasSubstr("tokenizer.bin"));
+
+  // tok{vocab}.bin comes first, as for stories260K's tok512.bin.
+  const std::string tok = absl::StrCat(dir, "/tok", c.vocab_size, ".bin");
+  WriteBytes(tok, ToLlama2cTokenizer(*m.vocab));
+  auto found = ReadLlama2c(path);
+  ASSERT_TRUE(found.ok()) << found.status();
+  ASSERT_TRUE(found->vocab.has_value());
+  EXPECT_EQ(found->metadata.at("tokenizer.path"), tok);
+  EXPECT_EQ(found->vocab->tokens, m.vocab->tokens);
+  EXPECT_EQ(found->vocab->types, m.vocab->types);
+}
 
 TEST(Llama2cTest, RejectsEveryTruncation) {
   ModelConfig c = TinyTestConfig();
@@ -217,7 +271,7 @@ TEST(Llama2cTokenizerTest, ReadsLlama2Vocabulary) {
   EXPECT_EQ(v->unk_id, 0);
   // Scores are the negated merge ranks: pieces after the byte tokens count down from -1.
   EXPECT_EQ(v->scores[260], -1.0f);
-  EXPECT_EQ(v->tokens[260], " t");
+  EXPECT_EQ(v->tokens[260], "\xe2\x96\x81t");  // written " t" by the exporter, read back in SentencePiece spelling
   EXPECT_GT(v->scores[260], v->scores[31999]);
 
   auto wrong = ReadLlama2cTokenizer(kLlamaTok, 512);

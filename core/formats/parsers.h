@@ -19,6 +19,12 @@ namespace qforge::formats {
 absl::StatusOr<Model> ParseLlama2c(std::span<const uint8_t> bytes, std::shared_ptr<const void> owner);
 absl::StatusOr<Vocab> ParseLlama2cTokenizer(std::span<const uint8_t> bytes, int vocab_size);
 
+// Gives m a vocabulary from the first of `names` (in the directory of model_path) that exists: a llama2.c
+// *.bin or a SentencePiece *.model with m's vocab_size tokens. Records the file in metadata "tokenizer.path";
+// a candidate that exists but does not fit is skipped and named in "tokenizer.skipped" with the reason,
+// so a stray file never blocks loading the weights.
+void AttachSiblingTokenizer(const std::string& model_path, const std::vector<std::string>& names, Model* m);
+
 absl::StatusOr<Model> ParseGguf(std::span<const uint8_t> bytes, std::shared_ptr<const void> owner);
 // Serialises `m` to GGUF v3 bytes (what WriteGguf writes).
 absl::StatusOr<std::vector<uint8_t>> SerializeGguf(const Model& m);

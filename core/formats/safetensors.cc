@@ -21,6 +21,7 @@
 #include "core/formats/formats.h"
 #include "core/formats/json.h"
 #include "core/formats/parsers.h"
+#include "core/formats/sentencepiece_model.h"
 
 namespace qforge::formats {
 namespace {
@@ -570,16 +571,43 @@ absl::StatusOr<Model> ReadSafetensors(const std::string& path) {
   auto m = ModelFromSafetensors(*config, loaded.files, loaded.owners);
   if (!m.ok()) return WithPath(m.status(), path);
   m->metadata["source.path"] = path;
+  // Hugging Face keeps a SentencePiece vocabulary beside the weights as tokenizer.model.
+  AttachSiblingTokenizer(path, {"tokenizer.model"}, &*m);
   return m;
 }
+
+namespace {
+
+// tokenizer_config.json for a SentencePiece vocabulary, so Hugging Face's LlamaTokenizer finds the special
+// tokens (the normaliser flags live in tokenizer.model itself).
+std::string HfTokenizerConfigJson(const Vocab& v) {
+  auto piece = [&](int id) {
+    return id >= 0 && static_cast<size_t>(id) < v.tokens.size() ? Json::String(v.tokens[id]) : Json::Null();
+  };
+  Json j = Json::MakeObject();
+  j.Set("tokenizer_class", Json::String("LlamaTokenizer"));
+  j.Set("bos_token", piece(v.bos_id));
+  j.Set("eos_token", piece(v.eos_id));
+  j.Set("unk_token", piece(v.unk_id));
+  j.Set("add_bos_token", Json::Bool(true));
+  j.Set("add_eos_token", Json::Bool(false));
+  return j.Dump() + "\n";
+}
+
+absl::Status WriteText(const fs::path& path, const std::string& text) {
+  return WriteFileAtomically(path.string(), std::span(reinterpret_cast<const uint8_t*>(text.data()), text.size()));
+}
+
+}  // namespace
 
 absl::Status WriteSafetensors(const Model& m, const std::string& path) {
   QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, SerializeSafetensors(m));
   QF_RETURN_IF_ERROR(WriteFileAtomically(path, bytes));
-  const std::string config = HfConfigJson(m.config);
   const fs::path dir = fs::path(path).parent_path();
-  return WriteFileAtomically((dir / "config.json").string(),
-                             std::span(reinterpret_cast<const uint8_t*>(config.data()), config.size()));
+  QF_RETURN_IF_ERROR(WriteText(dir / "config.json", HfConfigJson(m.config)));
+  if (!m.vocab.has_value() || m.vocab->model != "llama") return absl::OkStatus();
+  QF_RETURN_IF_ERROR(WriteSentencePieceModel(*m.vocab, (dir / "tokenizer.model").string()));
+  return WriteText(dir / "tokenizer_config.json", HfTokenizerConfigJson(*m.vocab));
 }
 
 }  // namespace qforge::formats

@@ -48,16 +48,22 @@ TEST_P(SafetensorsRoundTrip, SyntheticModel) {
   ASSERT_LT(c.n_kv_heads, c.n_heads);
   c.norm_eps = 1e-6f;
   c.rope_theta = 500000.0f;
-  Model m = MakeSyntheticModel(c, 21);
+  Model m = MakeSyntheticModel(c, 21, /*with_vocab=*/true);
+  m.vocab->normalizer.remove_extra_whitespaces = true;
   const std::string dir = TempDir(absl::StrCat("st_rt", GetParam()));
   const std::string path = dir + "/model.safetensors";
   ASSERT_TRUE(WriteSafetensors(m, path).ok());
   ASSERT_TRUE(Exists(dir + "/config.json"));
+  // The vocabulary goes beside the weights as Hugging Face keeps a SentencePiece tokenizer.
+  ASSERT_TRUE(Exists(dir + "/tokenizer.model"));
+  ASSERT_TRUE(Exists(dir + "/tokenizer_config.json"));
   for (const std::string& p : {path, dir}) {
     auto r = ReadSafetensors(p);
     ASSERT_TRUE(r.ok()) << r.status();
     EXPECT_EQ(r->config, m.config);
     ExpectSameTensors(m, *r);
+    ASSERT_TRUE(r->vocab.has_value());
+    ExpectSameVocab(*m.vocab, *r->vocab);
   }
   auto f = DetectFormat(dir);
   ASSERT_TRUE(f.ok());

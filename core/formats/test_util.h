@@ -17,6 +17,10 @@ namespace qforge::formats::testing {
 
 inline const std::string kStories = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/stories260K.bin";
 inline const std::string kLlamaTok = std::string(QFORGE_SHARED_DIR) + "/models/llama2-tokenizer/tokenizer.bin";
+inline const std::string kLlamaModel = std::string(QFORGE_SHARED_DIR) + "/models/llama2-tokenizer/tokenizer.model";
+inline const std::string kTok512Bin = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/tok512.bin";
+inline const std::string kTok512Model =
+    std::string(QFORGE_SHARED_DIR) + "/models/stories260K/candidate-tok512/tok512.model";
 
 inline bool Exists(const std::string& p) { return std::filesystem::exists(p); }
 
@@ -61,6 +65,7 @@ inline void ExpectSameVocab(const Vocab& a, const Vocab& b) {
   EXPECT_EQ(a.bos_id, b.bos_id);
   EXPECT_EQ(a.eos_id, b.eos_id);
   EXPECT_EQ(a.unk_id, b.unk_id);
+  EXPECT_EQ(a.normalizer, b.normalizer);
 }
 
 // `m` with every linear weight replaced by arbitrary bytes of the right size in `f` (no quantizer needed:

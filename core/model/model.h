@@ -37,6 +37,20 @@ absl::Status ValidateConfig(const ModelConfig& c);
 // Token types as in GGUF's tokenizer.ggml.token_type.
 enum class TokenType : int32_t { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6 };
 
+// The parts of a SentencePiece normaliser that matter without a character map. The defaults are Llama's (and
+// llama.cpp's): dummy prefix on, extra whitespace kept. A .model file records them; GGUF as
+// tokenizer.ggml.add_space_prefix / remove_extra_whitespaces; llama2.c's tokenizer.bin does not.
+struct VocabNormalizer {
+  bool add_dummy_prefix = true;
+  // Strip leading/trailing spaces and collapse runs of spaces to one, as SentencePiece's
+  // remove_extra_whitespaces does (llama2.c's tok512 models were trained with it on).
+  bool remove_extra_whitespaces = false;
+  // What Decode writes for the unknown token: TrainerSpec.unk_surface of a .model file, by default
+  // libsentencepiece's " ⁇ " (U+2047 between spaces).
+  std::string unk_surface = " \xe2\x81\x87 ";
+  bool operator==(const VocabNormalizer&) const = default;
+};
+
 // A SentencePiece-style vocabulary (what GGUF's tokenizer.ggml.* and llama2.c's tokenizer.bin hold).
 struct Vocab {
   std::string model = "llama";  // tokenizer.ggml.model
@@ -46,7 +60,14 @@ struct Vocab {
   int bos_id = 1;
   int eos_id = 2;
   int unk_id = 0;
+  VocabNormalizer normalizer;
 };
+
+// The byte a "<0xNN>" byte piece stands for (hex digits of either case), or -1 for any other piece.
+int ParseBytePiece(const std::string& piece);
+
+// SentencePiece's escaped space U+2581 "▁", which vocabulary pieces use for ' '.
+inline constexpr char kSentencePieceSpace[] = "\xe2\x96\x81";
 
 struct Model {
   ModelConfig config;

@@ -5,21 +5,6 @@
 
 namespace qforge::tokenizer_internal {
 
-int ParseBytePiece(const std::string& piece) {
-  if (piece.size() != 6 || piece.compare(0, 3, "<0x") != 0 || piece[5] != '>') return -1;
-  int value = 0;
-  for (int i = 3; i < 5; ++i) {
-    const char ch = piece[i];
-    int d;
-    if (ch >= '0' && ch <= '9') d = ch - '0';
-    else if (ch >= 'A' && ch <= 'F') d = ch - 'A' + 10;
-    else if (ch >= 'a' && ch <= 'f') d = ch - 'a' + 10;
-    else return -1;
-    value = value * 16 + d;
-  }
-  return value;
-}
-
 std::string PieceSurface(const std::string& piece, TokenType type, bool at_text_start) {
   switch (type) {
     case TokenType::kControl:

@@ -7,12 +7,9 @@
 
 namespace qforge::tokenizer_internal {
 
-inline constexpr char kSpaceSymbol[] = "\xe2\x96\x81";  // U+2581 "▁", SentencePiece's escaped space
+inline constexpr const char* kSpaceSymbol = kSentencePieceSpace;
 // libsentencepiece's default surface for the unknown token.
 inline constexpr char kUnknownSurface[] = " \xe2\x81\x87 ";
-
-// The byte a "<0xNN>" piece stands for, or -1.
-int ParseBytePiece(const std::string& piece);
 
 // Text of `piece` of `type`: "" for control, raw byte for byte pieces, " ⁇ " for unknown, otherwise
 // the piece with "▁" -> " " (dropping one leading "▁" when at_text_start, the encoder's dummy prefix).

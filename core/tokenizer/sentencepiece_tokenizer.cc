@@ -56,8 +56,8 @@ bool ForEachField(const std::string& msg, Fn fn) {
 
 // ModelProto.normalizer_spec is field 3; in NormalizerSpec, add_dummy_prefix is field 3 and
 // remove_extra_whitespaces field 4, both proto2 bools defaulting to true when absent.
-VocabTokenizerOptions ParseNormalizerOptions(const std::string& model_proto) {
-  VocabTokenizerOptions o{.add_dummy_prefix = true, .remove_extra_whitespaces = true};
+VocabNormalizer ParseNormalizerOptions(const std::string& model_proto) {
+  VocabNormalizer o{.add_dummy_prefix = true, .remove_extra_whitespaces = true};
   ForEachField(model_proto, [&](int field, int wire, uint64_t, const std::string& bytes) {
     if (field != 3 || wire != 2) return;
     ForEachField(bytes, [&](int f, int w, uint64_t v, const std::string&) {
@@ -149,6 +149,7 @@ Vocab SentencePieceTokenizer::ExportVocab() const {
   v.bos_id = sp_->bos_id();
   v.eos_id = sp_->eos_id();
   v.unk_id = sp_->unk_id();
+  v.normalizer = normalizer_;
   return v;
 }
 

@@ -30,18 +30,18 @@ class SentencePieceTokenizer : public Tokenizer {
   int eos_id() const override;
 
   // The vocabulary as GGUF stores it: pieces, scores, and types from IsControl/IsUnknown/IsByte/IsUnused
-  // (the public API cannot tell user-defined pieces apart: they are reported as normal).
+  // (the public API cannot tell user-defined pieces apart: they are reported as normal), with
+  // NormalizerOptions(), so that VocabTokenizer::Create(ExportVocab()) encodes like this tokenizer.
   Vocab ExportVocab() const;
-  // The model's normaliser flags (read from its NormalizerSpec), so that
-  // VocabTokenizer::Create(ExportVocab(), NormalizerOptions()) encodes like this tokenizer.
-  VocabTokenizerOptions NormalizerOptions() const { return normalizer_; }
+  // The model's normaliser flags, read from its NormalizerSpec.
+  VocabNormalizer NormalizerOptions() const { return normalizer_; }
   // The piece string of `id` (with "▁"), or "" when out of range.
   std::string IdToPiece(int id) const;
 
  private:
   SentencePieceTokenizer();
   std::unique_ptr<tokenizer_internal::SpProcessor> sp_;
-  VocabTokenizerOptions normalizer_;
+  VocabNormalizer normalizer_;
 };
 
 }  // namespace qforge

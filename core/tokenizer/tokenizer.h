@@ -1,5 +1,5 @@
 // Text <-> token ids. The implementation is VocabTokenizer (a Vocab, as embedded in GGUF, read from llama2.c's
-// tokenizer.bin or from a SentencePiece .model by sp_model.h, encoded with SentencePiece-BPE merges by score
+// tokenizer.bin or from a SentencePiece .model by core/formats/sentencepiece_model.h, encoded with SentencePiece-BPE merges by score
 // and byte fallback). SentencePieceTokenizer (sentencepiece_tokenizer.h, target qforge_tokenizer_sp) wraps
 // libsentencepiece and exists only as the reference the tests compare against: production code must not
 // link it (its private protobuf copy crashes gRPC binaries at start-up).
@@ -37,18 +37,16 @@ class Tokenizer {
   virtual int eos_id() const = 0;
 };
 
-// Loads by extension: *.model -> VocabTokenizer over ReadSentencePieceModel (UNIMPLEMENTED for models it
-// cannot reproduce exactly, e.g. Unigram ones); *.bin -> VocabTokenizer over llama2.c's tokenizer.bin,
-// which does not record its token count, so `vocab_size` (the model's) is required there.
+// A VocabTokenizer over ReadVocabFile(path, vocab_size).
 absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer(const std::string& path, int vocab_size = 0);
 
-// The vocabulary of a tokenizer file in canonical SentencePiece spelling (pieces with "▁"), ready to embed in
-// GGUF: *.model via ReadSentencePieceModel, *.bin via formats::ReadLlama2cTokenizer with the
-// exporter's plain spaces turned back into "▁" (vocab_size required for .bin).
+// The vocabulary of a tokenizer file in canonical SentencePiece spelling (pieces with "▁"), by extension:
+// *.model via formats::ReadSentencePieceModel (UNIMPLEMENTED for models VocabTokenizer cannot reproduce
+// exactly, e.g. Unigram ones), *.bin via formats::ReadLlama2cTokenizer (llama2.c's tokenizer.bin does not
+// record its token count, so `vocab_size`, the model's, is required there).
 absl::StatusOr<Vocab> ReadVocabFile(const std::string& path, int vocab_size = 0);
 
-// A VocabTokenizer over `vocab` (checked for consistency) with Llama's normaliser behaviour: dummy prefix,
-// whitespace kept as is. VocabTokenizer::Create takes the flags for other SentencePiece models.
+// A VocabTokenizer over `vocab` (checked for consistency), normalising as vocab.normalizer says.
 absl::StatusOr<std::unique_ptr<Tokenizer>> TokenizerFromVocab(Vocab vocab);
 
 }  // namespace qforge

@@ -13,7 +13,7 @@
 
 #include "core/model/synthetic.h"
 #include "core/tokenizer/sentencepiece_tokenizer.h"
-#include "core/tokenizer/sp_model.h"
+#include "core/formats/sentencepiece_model.h"
 #include "core/tokenizer/tokenizer.h"
 #include "core/tokenizer/vocab_tokenizer.h"
 #include "gtest/gtest.h"
@@ -138,7 +138,7 @@ TEST(VocabTokenizer, MatchesSentencePieceOnTok512) {
   // llama2.c trained tok512 with SentencePiece's default remove_extra_whitespaces; Llama 2 turned it off.
   EXPECT_TRUE((*sp)->NormalizerOptions().remove_extra_whitespaces);
   EXPECT_TRUE((*sp)->NormalizerOptions().add_dummy_prefix);
-  auto vt = VocabTokenizer::Create((*sp)->ExportVocab(), (*sp)->NormalizerOptions());
+  auto vt = VocabTokenizer::Create((*sp)->ExportVocab());
   ASSERT_TRUE(vt.ok());
   std::vector<std::string> texts = kSentences;
   texts.push_back("Lily's mom said, \"Lily, let's go to the park.\" Lily was sad and didn't know what to do.");
@@ -174,7 +174,7 @@ TEST(VocabTokenizer, MatchesSentencePieceOnRandomText) {
     if (!std::filesystem::exists(path)) continue;
     auto sp = SentencePieceTokenizer::Load(path);
     ASSERT_TRUE(sp.ok());
-    auto vt = VocabTokenizer::Create((*sp)->ExportVocab(), (*sp)->NormalizerOptions());
+    auto vt = VocabTokenizer::Create((*sp)->ExportVocab());
     ASSERT_TRUE(vt.ok());
     for (const std::string& text : RandomCorpus()) {
       auto want = (*sp)->Encode(text, true);
@@ -289,12 +289,16 @@ TEST(VocabTokenizer, MergesByScoreNotLength) {
   EXPECT_EQ(*(*t)->Encode("ab", false), (std::vector<int>{10}));
   // remove_extra_whitespaces drops leading/trailing spaces and collapses runs; without the dummy prefix
   // the first word has no "▁".
-  auto squeeze = VocabTokenizer::Create(v, {.add_dummy_prefix = true, .remove_extra_whitespaces = true});
+  Vocab squeezing = v;
+  squeezing.normalizer = {.add_dummy_prefix = true, .remove_extra_whitespaces = true};
+  auto squeeze = VocabTokenizer::Create(squeezing);
   ASSERT_TRUE(squeeze.ok());
   EXPECT_EQ(*(*squeeze)->Encode("   ab    ab  ", false), *(*t)->Encode("ab ab", false));
   EXPECT_EQ(*(*squeeze)->Encode("   ", true), (std::vector<int>{1}));
   EXPECT_EQ(*(*t)->Encode("  ", false), (std::vector<int>{3, 3, 3}));
-  auto bare = VocabTokenizer::Create(v, {.add_dummy_prefix = false});
+  Vocab no_prefix = v;
+  no_prefix.normalizer.add_dummy_prefix = false;
+  auto bare = VocabTokenizer::Create(no_prefix);
   ASSERT_TRUE(bare.ok());
   EXPECT_EQ(*(*bare)->Encode("ab", false), (std::vector<int>{7}));
   // No byte tokens: an unknown character becomes one <unk>.
@@ -382,24 +386,24 @@ TEST(SpModel, ReadsExactlyWhatLibsentencepieceExports) {
     if (!std::filesystem::exists(path)) continue;
     auto sp = SentencePieceTokenizer::Load(path);
     ASSERT_TRUE(sp.ok()) << sp.status();
-    auto m = ReadSentencePieceModel(path);
+    auto m = formats::ReadSentencePieceModel(path);
     ASSERT_TRUE(m.ok()) << m.status();
     const Vocab want = (*sp)->ExportVocab();
-    EXPECT_EQ(m->vocab.model, want.model);
-    EXPECT_EQ(m->vocab.tokens, want.tokens) << path;
-    EXPECT_EQ(m->vocab.scores, want.scores) << path;  // bit-exact floats
-    EXPECT_EQ(m->vocab.types, want.types) << path;
-    EXPECT_EQ(m->vocab.bos_id, want.bos_id);
-    EXPECT_EQ(m->vocab.eos_id, want.eos_id);
-    EXPECT_EQ(m->vocab.unk_id, want.unk_id);
-    EXPECT_EQ(m->options.add_dummy_prefix, (*sp)->NormalizerOptions().add_dummy_prefix);
-    EXPECT_EQ(m->options.remove_extra_whitespaces, (*sp)->NormalizerOptions().remove_extra_whitespaces);
+    EXPECT_EQ(m->model, want.model);
+    EXPECT_EQ(m->tokens, want.tokens) << path;
+    EXPECT_EQ(m->scores, want.scores) << path;  // bit-exact floats
+    EXPECT_EQ(m->types, want.types) << path;
+    EXPECT_EQ(m->bos_id, want.bos_id);
+    EXPECT_EQ(m->eos_id, want.eos_id);
+    EXPECT_EQ(m->unk_id, want.unk_id);
+    EXPECT_EQ(m->normalizer.add_dummy_prefix, (*sp)->NormalizerOptions().add_dummy_prefix);
+    EXPECT_EQ(m->normalizer.remove_extra_whitespaces, (*sp)->NormalizerOptions().remove_extra_whitespaces);
     // Both are Llama-style: unk 0, bos 1, eos 2, then 256 byte pieces.
-    EXPECT_EQ(m->vocab.unk_id, 0);
-    EXPECT_EQ(m->vocab.bos_id, 1);
-    EXPECT_EQ(m->vocab.eos_id, 2);
-    EXPECT_EQ(m->vocab.tokens[1], "<s>");
-    EXPECT_EQ(m->vocab.types[3], TokenType::kByte);
+    EXPECT_EQ(m->unk_id, 0);
+    EXPECT_EQ(m->bos_id, 1);
+    EXPECT_EQ(m->eos_id, 2);
+    EXPECT_EQ(m->tokens[1], "<s>");
+    EXPECT_EQ(m->types[3], TokenType::kByte);
     EXPECT_EQ(ReadVocabFile(path)->tokens, want.tokens);
     // Decode's text for <unk> comes from trainer_spec.unk_surface when the file sets it.
     auto mine = LoadTokenizer(path);
@@ -409,17 +413,17 @@ TEST(SpModel, ReadsExactlyWhatLibsentencepieceExports) {
   }
   if (checked == 0) GTEST_SKIP();
   if (std::filesystem::exists(kLlamaModel)) {
-    auto m = ReadSentencePieceModel(kLlamaModel);
-    EXPECT_EQ(m->vocab.tokens.size(), 32000u);
-    EXPECT_TRUE(m->options.add_dummy_prefix);
-    EXPECT_FALSE(m->options.remove_extra_whitespaces);  // Llama 2 sets it false explicitly
+    auto m = formats::ReadSentencePieceModel(kLlamaModel);
+    EXPECT_EQ(m->tokens.size(), 32000u);
+    EXPECT_TRUE(m->normalizer.add_dummy_prefix);
+    EXPECT_FALSE(m->normalizer.remove_extra_whitespaces);  // Llama 2 sets it false explicitly
   }
   if (std::filesystem::exists(kTok512)) {
-    auto m = ReadSentencePieceModel(kTok512);
-    EXPECT_EQ(m->vocab.tokens.size(), 512u);
-    EXPECT_TRUE(m->options.remove_extra_whitespaces);  // absent from tok512's NormalizerSpec: proto2 default true
+    auto m = formats::ReadSentencePieceModel(kTok512);
+    EXPECT_EQ(m->tokens.size(), 512u);
+    EXPECT_TRUE(m->normalizer.remove_extra_whitespaces);  // absent from tok512's NormalizerSpec: proto2 default true
     // llama2.c's training script passed the surface octal-escaped, and libsentencepiece stored it verbatim.
-    EXPECT_EQ(m->options.unk_surface, " \\342\\201\\207 ");
+    EXPECT_EQ(m->normalizer.unk_surface, " \\342\\201\\207 ");
   }
 }
 
@@ -463,6 +467,33 @@ TEST(SpModel, LoadTokenizerMatchesLibsentencepiece) {
   std::cout << "compared " << compared << " texts with libsentencepiece\n";
 }
 
+// A .model that qforge writes (for safetensors exports) is one libsentencepiece loads and tokenizes with
+// exactly as it does with the original file.
+TEST(SpModel, WrittenModelsLoadInLibsentencepiece) {
+  std::vector<std::string> texts = kSentences;
+  for (const std::string& t : RandomCorpus()) texts.push_back(t);
+  int compared = 0;
+  for (const std::string& path : {kLlamaModel, kTok512}) {
+    if (!std::filesystem::exists(path)) continue;
+    auto vocab = formats::ReadSentencePieceModel(path);
+    ASSERT_TRUE(vocab.ok()) << vocab.status();
+    const std::string written = (std::filesystem::temp_directory_path() /
+                                 ("qforge_written_" + std::to_string(compared) + ".model")).string();
+    ASSERT_TRUE(formats::WriteSentencePieceModel(*vocab, written).ok());
+    auto original = SentencePieceTokenizer::Load(path);
+    auto reloaded = SentencePieceTokenizer::Load(written);
+    ASSERT_TRUE(original.ok() && reloaded.ok()) << reloaded.status();
+    EXPECT_EQ((*reloaded)->ExportVocab().tokens, (*original)->ExportVocab().tokens);
+    EXPECT_EQ((*reloaded)->NormalizerOptions(), (*original)->NormalizerOptions());
+    for (const std::string& text : texts) {
+      ASSERT_EQ(*(*reloaded)->Encode(text, true), *(*original)->Encode(text, true)) << path << " [" << text << "]";
+    }
+    std::filesystem::remove(written);
+    ++compared;
+  }
+  if (compared == 0) GTEST_SKIP();
+}
+
 // Protobuf semantics libsentencepiece gets from protobuf-lite: unknown fields of every wire type are skipped,
 // and a message field that occurs twice is merged. Appending to Llama's file exercises both, and libsentencepiece
 // loading the same bytes says what they mean.
@@ -480,11 +511,11 @@ TEST(SpModel, UnknownFieldsAndMergedSpecsAsProtobufDoes) {
   // A second trainer_spec with unknown fields only: must not reset model_type or the special ids.
   bytes += pb::LenField(2, pb::LenField(199, "x") + pb::Fixed32Field(198, 0.5f));
 
-  auto m = ParseSentencePieceModel(bytes);
+  auto m = formats::ParseSentencePieceModel(bytes);
   ASSERT_TRUE(m.ok()) << m.status();
-  EXPECT_TRUE(m->options.add_dummy_prefix);          // kept from the first normalizer_spec
-  EXPECT_TRUE(m->options.remove_extra_whitespaces);  // from the second
-  EXPECT_EQ(m->vocab.tokens.size(), 32000u);
+  EXPECT_TRUE(m->normalizer.add_dummy_prefix);          // kept from the first normalizer_spec
+  EXPECT_TRUE(m->normalizer.remove_extra_whitespaces);  // from the second
+  EXPECT_EQ(m->tokens.size(), 32000u);
 
   const std::string path = WriteTemp("llama_extra_fields.model", bytes);
   auto sp = SentencePieceTokenizer::Load(path);
@@ -506,16 +537,16 @@ TEST(SpModel, UnknownFieldsAndMergedSpecsAsProtobufDoes) {
 TEST(SpModel, HandBuiltModelMatchesLibsentencepiece) {
   {
     const TinyModel tiny;
-    auto m = ParseSentencePieceModel(tiny.Bytes());
+    auto m = formats::ParseSentencePieceModel(tiny.Bytes());
     ASSERT_TRUE(m.ok()) << m.status();
-    EXPECT_EQ(m->vocab.tokens, (std::vector<std::string>{"<unk>", "<s>", "</s>", kSp, "a", "b", kSp + "a", "ab"}));
-    EXPECT_EQ(m->vocab.scores, (std::vector<float>{0, 0, 0, -1, -2, -3, -0.5f, -0.25f}));
-    EXPECT_EQ(m->vocab.types[0], TokenType::kUnknown);
-    EXPECT_EQ(m->vocab.types[2], TokenType::kControl);
-    EXPECT_EQ(m->vocab.types[7], TokenType::kNormal);
-    EXPECT_TRUE(m->options.add_dummy_prefix);
-    EXPECT_FALSE(m->options.remove_extra_whitespaces);
-    EXPECT_EQ(m->options.unk_surface, " \xe2\x81\x87 ");  // no trainer_spec.unk_surface: the default
+    EXPECT_EQ(m->tokens, (std::vector<std::string>{"<unk>", "<s>", "</s>", kSp, "a", "b", kSp + "a", "ab"}));
+    EXPECT_EQ(m->scores, (std::vector<float>{0, 0, 0, -1, -2, -3, -0.5f, -0.25f}));
+    EXPECT_EQ(m->types[0], TokenType::kUnknown);
+    EXPECT_EQ(m->types[2], TokenType::kControl);
+    EXPECT_EQ(m->types[7], TokenType::kNormal);
+    EXPECT_TRUE(m->normalizer.add_dummy_prefix);
+    EXPECT_FALSE(m->normalizer.remove_extra_whitespaces);
+    EXPECT_EQ(m->normalizer.unk_surface, " \xe2\x81\x87 ");  // no trainer_spec.unk_surface: the default
   }
   const std::vector<std::string> texts = {"ab", "ba", "a b", "aab  bba", "c", "cc", "acb", "c c", "\xc3\xa9\xc3\xa9 a",
                                           " ", "", "  a  ", " ab", kSp + "a", kSp + " " + kSp + "b"};
@@ -550,7 +581,7 @@ TEST(SpModel, HandBuiltModelMatchesLibsentencepiece) {
 }
 
 TEST(SpModel, UnimplementedFeaturesAreRejected) {
-  auto code = [](const TinyModel& t) { return ParseSentencePieceModel(t.Bytes()).status(); };
+  auto code = [](const TinyModel& t) { return formats::ParseSentencePieceModel(t.Bytes()).status(); };
   auto expect_unimplemented = [&](const TinyModel& t, const std::string& mentions) {
     const absl::Status s = code(t);
     EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
@@ -613,10 +644,10 @@ TEST(SpModel, UnimplementedFeaturesAreRejected) {
   }
 }
 
-absl::StatusCode ParseCode(const std::string& bytes) { return ParseSentencePieceModel(bytes).status().code(); }
+absl::StatusCode ParseCode(const std::string& bytes) { return formats::ParseSentencePieceModel(bytes).status().code(); }
 
 std::string ParseMessage(const std::string& bytes) {
-  return std::string(ParseSentencePieceModel(bytes).status().message());
+  return std::string(formats::ParseSentencePieceModel(bytes).status().message());
 }
 
 TEST(SpModel, HostileBytesAreInvalidArgument) {
@@ -651,7 +682,7 @@ TEST(SpModel, HostileBytesAreInvalidArgument) {
   for (int i = 0; i < 100; ++i) deep += pb::Key(9, 4);
   EXPECT_NE(ParseMessage(deep).find("nested too deeply"), std::string::npos);
   // Shallow unknown groups are fine.
-  EXPECT_TRUE(ParseSentencePieceModel(pb::Key(9, 3) + pb::Key(8, 3) + pb::Key(8, 4) + pb::Key(9, 4) +
+  EXPECT_TRUE(formats::ParseSentencePieceModel(pb::Key(9, 3) + pb::Key(8, 3) + pb::Key(8, 4) + pb::Key(9, 4) +
                                       TinyModel().Bytes())
                   .ok());
 
@@ -693,10 +724,10 @@ TEST(SpModel, HostileBytesAreInvalidArgument) {
   }
 
   // Files: a missing one is NOT_FOUND, an empty one INVALID_ARGUMENT naming the path.
-  EXPECT_EQ(ReadSentencePieceModel("/nonexistent/x.model").status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(formats::ReadSentencePieceModel("/nonexistent/x.model").status().code(), absl::StatusCode::kNotFound);
   const std::string empty = WriteTemp("empty.model", "");
-  EXPECT_EQ(ReadSentencePieceModel(empty).status().code(), kInvalid);
-  EXPECT_NE(ReadSentencePieceModel(empty).status().message().find(empty), std::string::npos);  // names the file
+  EXPECT_EQ(formats::ReadSentencePieceModel(empty).status().code(), kInvalid);
+  EXPECT_NE(formats::ReadSentencePieceModel(empty).status().message().find(empty), std::string::npos);  // names the file
   EXPECT_EQ(LoadTokenizer(empty).status().code(), kInvalid);
 }
 
@@ -707,11 +738,11 @@ TEST(SpModel, TruncatedFilesFail) {
   const std::string bytes = ReadBytes(kTok512);
   int invalid = 0, unimplemented = 0, parsed = 0;
   for (size_t len = 0; len < bytes.size(); ++len) {
-    auto m = ParseSentencePieceModel(std::string_view(bytes.data(), len));
+    auto m = formats::ParseSentencePieceModel(std::string_view(bytes.data(), len));
     if (m.ok()) {
       ++parsed;
       EXPECT_EQ(static_cast<unsigned char>(bytes[len]), 0x1a) << "prefix " << len << " is not before a field-3 tag";
-      EXPECT_TRUE(m->options.remove_extra_whitespaces && m->options.add_dummy_prefix);
+      EXPECT_TRUE(m->normalizer.remove_extra_whitespaces && m->normalizer.add_dummy_prefix);
     } else if (m.status().code() == absl::StatusCode::kInvalidArgument) {
       ++invalid;
     } else {
@@ -726,7 +757,7 @@ TEST(SpModel, TruncatedFilesFail) {
   // The hand-built model puts trainer_spec last: every one of its prefixes fails.
   const std::string tiny = TinyModel().Bytes();
   for (size_t len = 0; len < tiny.size(); ++len) {
-    EXPECT_FALSE(ParseSentencePieceModel(std::string_view(tiny.data(), len)).ok()) << len;
+    EXPECT_FALSE(formats::ParseSentencePieceModel(std::string_view(tiny.data(), len)).ok()) << len;
   }
   if (HaveLlama()) {
     // Llama's file has the same layout; sample 200 prefixes of it.
@@ -734,7 +765,7 @@ TEST(SpModel, TruncatedFilesFail) {
     std::mt19937 rng(7);
     for (int i = 0; i < 200; ++i) {
       const size_t len = rng() % llama.size();
-      const bool ok = ParseSentencePieceModel(std::string_view(llama.data(), len)).ok();
+      const bool ok = formats::ParseSentencePieceModel(std::string_view(llama.data(), len)).ok();
       EXPECT_TRUE(!ok || static_cast<unsigned char>(llama[len]) == 0x1a) << len;
     }
   }
@@ -759,7 +790,7 @@ TEST(SpModel, MutatedFilesAreRejectedOrUsable) {
       }
       if (bytes.empty()) bytes.push_back('x');
     }
-    auto m = ParseSentencePieceModel(bytes);
+    auto m = formats::ParseSentencePieceModel(bytes);
     if (!m.ok()) {
       EXPECT_TRUE(m.status().code() == absl::StatusCode::kInvalidArgument ||
                   m.status().code() == absl::StatusCode::kUnimplemented)
@@ -767,7 +798,7 @@ TEST(SpModel, MutatedFilesAreRejectedOrUsable) {
       ++rejected;
       continue;
     }
-    auto t = VocabTokenizer::Create(std::move(m->vocab), m->options);
+    auto t = VocabTokenizer::Create(*std::move(m));
     ASSERT_TRUE(t.ok()) << "trial " << trial << ": " << t.status();
     auto ids = (*t)->Encode("Lily saw a big red ball.", true);
     ASSERT_TRUE(ids.ok());

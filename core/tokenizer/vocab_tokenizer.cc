@@ -43,8 +43,7 @@ struct CandidateOrder {
 
 }  // namespace
 
-VocabTokenizer::VocabTokenizer(Vocab vocab, const VocabTokenizerOptions& options)
-    : vocab_(std::move(vocab)), options_(options) {
+VocabTokenizer::VocabTokenizer(Vocab vocab) : vocab_(std::move(vocab)) {
   std::fill(std::begin(byte_ids_), std::end(byte_ids_), -1);
   for (int id = 0; id < static_cast<int>(vocab_.tokens.size()); ++id) {
     const TokenType type = vocab_.types[id];
@@ -52,14 +51,13 @@ VocabTokenizer::VocabTokenizer(Vocab vocab, const VocabTokenizerOptions& options
       // The first id wins for duplicate pieces, as in a SentencePiece model.
       mergeable_.emplace(vocab_.tokens[id], id);
     } else if (type == TokenType::kByte) {
-      const int b = tokenizer_internal::ParseBytePiece(vocab_.tokens[id]);
+      const int b = ParseBytePiece(vocab_.tokens[id]);
       if (b >= 0 && byte_ids_[b] < 0) byte_ids_[b] = id;
     }
   }
 }
 
-absl::StatusOr<std::unique_ptr<VocabTokenizer>> VocabTokenizer::Create(Vocab vocab,
-                                                                       const VocabTokenizerOptions& options) {
+absl::StatusOr<std::unique_ptr<VocabTokenizer>> VocabTokenizer::Create(Vocab vocab) {
   const size_t n = vocab.tokens.size();
   if (n == 0) return absl::InvalidArgumentError("vocabulary is empty");
   if (vocab.scores.size() != n || vocab.types.size() != n) {
@@ -71,7 +69,7 @@ absl::StatusOr<std::unique_ptr<VocabTokenizer>> VocabTokenizer::Create(Vocab voc
       return absl::InvalidArgumentError(absl::StrCat("special token id ", id, " outside the vocabulary of ", n));
     }
   }
-  return std::unique_ptr<VocabTokenizer>(new VocabTokenizer(std::move(vocab), options));
+  return std::unique_ptr<VocabTokenizer>(new VocabTokenizer(std::move(vocab)));
 }
 
 absl::StatusOr<std::vector<int>> VocabTokenizer::Encode(const std::string& text, bool add_bos) const {
@@ -85,18 +83,18 @@ absl::StatusOr<std::vector<int>> VocabTokenizer::Encode(const std::string& text,
   const size_t sym_len = std::strlen(kSpaceSymbol);
   std::string s;
   s.reserve(text.size() * 3 + 3);
-  if (options_.add_dummy_prefix) s += kSpaceSymbol;
-  bool prev_space = options_.remove_extra_whitespaces;
+  if (vocab_.normalizer.add_dummy_prefix) s += kSpaceSymbol;
+  bool prev_space = vocab_.normalizer.remove_extra_whitespaces;
   for (char ch : text) {
     if (ch == ' ') {
-      if (!(options_.remove_extra_whitespaces && prev_space)) s += kSpaceSymbol;
+      if (!(vocab_.normalizer.remove_extra_whitespaces && prev_space)) s += kSpaceSymbol;
       prev_space = true;
     } else {
       s.push_back(ch);
       prev_space = false;
     }
   }
-  if (options_.remove_extra_whitespaces) {
+  if (vocab_.normalizer.remove_extra_whitespaces) {
     while (s.size() >= sym_len && s.compare(s.size() - sym_len, sym_len, kSpaceSymbol) == 0) s.resize(s.size() - sym_len);
   }
   if (s.empty()) return ids;
@@ -164,7 +162,7 @@ absl::StatusOr<std::string> VocabTokenizer::Decode(std::span<const int> ids) con
   // (its is_bos_ws) says a leading "▁" may still be dropped, and turns false for good once text exists or
   // a dropped "▁" counts as the one dummy prefix (`dropped`, its bos_ws_seen from the previous piece).
   const size_t sym = std::strlen(kSpaceSymbol);
-  const bool strip = options_.add_dummy_prefix || options_.remove_extra_whitespaces;
+  const bool strip = vocab_.normalizer.add_dummy_prefix || vocab_.normalizer.remove_extra_whitespaces;
   std::string text, bytes;
   bool at_start = true, dropped = false;
   for (int id : ids) {
@@ -174,7 +172,7 @@ absl::StatusOr<std::string> VocabTokenizer::Decode(std::span<const int> ids) con
     const std::string& piece = vocab_.tokens[id];
     const TokenType type = vocab_.types[id];
     if (type == TokenType::kByte) {
-      const int b = tokenizer_internal::ParseBytePiece(piece);
+      const int b = ParseBytePiece(piece);
       if (b >= 0) {
         bytes.push_back(static_cast<char>(b));
         continue;
@@ -186,14 +184,14 @@ absl::StatusOr<std::string> VocabTokenizer::Decode(std::span<const int> ids) con
     dropped = false;
     if (type == TokenType::kControl) continue;
     if (type == TokenType::kUnknown) {
-      text += options_.unk_surface;
+      text += vocab_.normalizer.unk_surface;
       continue;
     }
     size_t from = 0;
     if (at_start && strip && piece.compare(0, sym, kSpaceSymbol) == 0) {
       from = sym;
       // With remove_extra_whitespaces every leading space goes, so the next piece may lose its "▁" too.
-      dropped = !options_.remove_extra_whitespaces;
+      dropped = !vocab_.normalizer.remove_extra_whitespaces;
     }
     tokenizer_internal::AppendUnescaped(piece, from, &text);
   }
@@ -205,8 +203,8 @@ absl::StatusOr<std::string> VocabTokenizer::DecodePiece(int prev, int id) const 
   if (id < 0 || id >= vocab_size()) {
     return absl::InvalidArgumentError(absl::StrCat("decode: token id ", id, " outside [0, ", vocab_size(), ")"));
   }
-  if (vocab_.types[id] == TokenType::kUnknown) return options_.unk_surface;
-  const bool strip = options_.add_dummy_prefix || options_.remove_extra_whitespaces;
+  if (vocab_.types[id] == TokenType::kUnknown) return vocab_.normalizer.unk_surface;
+  const bool strip = vocab_.normalizer.add_dummy_prefix || vocab_.normalizer.remove_extra_whitespaces;
   return tokenizer_internal::PieceSurface(vocab_.tokens[id], vocab_.types[id],
                                           strip && (prev < 0 || prev == vocab_.bos_id));
 }

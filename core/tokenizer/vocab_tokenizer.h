@@ -1,5 +1,6 @@
-// SentencePiece-BPE tokenization from a bare vocabulary (pieces + scores + types), as GGUF files and
-// llama2.c's tokenizer.bin carry it: no normaliser beyond space escaping, merges ranked by piece score.
+// SentencePiece-BPE tokenization from a vocabulary (pieces + scores + types + the normaliser flags of
+// VocabNormalizer), as .model files, GGUF files and llama2.c's tokenizer.bin carry it: no normaliser beyond
+// space escaping, merges ranked by piece score.
 #pragma once
 
 #include <string>
@@ -11,24 +12,13 @@
 
 namespace qforge {
 
-// The parts of a SentencePiece normaliser that matter without a character map. GGUF and tokenizer.bin do
-// not record them; the defaults are Llama's (and llama.cpp's): dummy prefix on, extra whitespace kept.
-struct VocabTokenizerOptions {
-  bool add_dummy_prefix = true;
-  // Strip leading/trailing spaces and collapse runs of spaces to one, as SentencePiece's
-  // remove_extra_whitespaces does (llama2.c's tok512 models were trained with it on).
-  bool remove_extra_whitespaces = false;
-  // What Decode writes for the unknown token: TrainerSpec.unk_surface of a .model file, by default
-  // libsentencepiece's " ⁇ " (U+2047 between spaces).
-  std::string unk_surface = " \xe2\x81\x87 ";
-};
-
 class VocabTokenizer : public Tokenizer {
  public:
-  // INVALID_ARGUMENT when tokens/scores/types disagree in length or bos/eos/unk are out of range.
-  static absl::StatusOr<std::unique_ptr<VocabTokenizer>> Create(Vocab vocab, const VocabTokenizerOptions& options = {});
+  // Encodes and decodes with vocab.normalizer's flags. INVALID_ARGUMENT when tokens/scores/types disagree in
+  // length or bos/eos/unk are out of range.
+  static absl::StatusOr<std::unique_ptr<VocabTokenizer>> Create(Vocab vocab);
 
-  // Extra spaces are removed if the options say so, spaces become "▁", a "▁" is prepended (the dummy prefix), the text is split into UTF-8 characters,
+  // Extra spaces are removed if the normaliser says so, spaces become "▁", a "▁" is prepended (the dummy prefix), the text is split into UTF-8 characters,
   // and the adjacent pair whose concatenation is a normal vocabulary piece with the highest score is
   // merged (leftmost on ties) until no pair merges. Characters without a piece become <0xNN> byte tokens,
   // or, when the vocabulary has no byte tokens, unk (one for a whole run of such characters, as
@@ -51,10 +41,9 @@ class VocabTokenizer : public Tokenizer {
   const Vocab& vocab() const { return vocab_; }
 
  private:
-  VocabTokenizer(Vocab vocab, const VocabTokenizerOptions& options);
+  explicit VocabTokenizer(Vocab vocab);
 
   Vocab vocab_;
-  VocabTokenizerOptions options_;
   std::unordered_map<std::string, int> mergeable_;  // normal and user-defined pieces -> id
   int byte_ids_[256];                                // <0xNN> -> id, or -1
 };

@@ -1,4 +1,4 @@
-#include "core/tokenizer/sp_model.h"
+#include "core/formats/sentencepiece_model.h"
 
 #include <algorithm>
 #include <cmath>
@@ -14,9 +14,8 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/mapped_file.h"
 #include "core/base/status_macros.h"
-#include "core/tokenizer/piece_text.h"
 
-namespace qforge {
+namespace qforge::formats {
 namespace {
 
 // Limits for hostile input. Real models: Llama 2 has 32000 pieces in 500 KB, the largest SentencePiece
@@ -423,7 +422,7 @@ absl::Status CheckPieces(const TrainerSpec& t, const std::vector<Piece>& pieces)
     if (p.type == kTypeByte) {
       if (!t.byte_fallback) return bad("is BYTE but trainer_spec.byte_fallback is false");
       // libsentencepiece knows exactly the 256 spellings "<0x%02X>" (upper-case hex).
-      const int b = tokenizer_internal::ParseBytePiece(p.text);
+      const int b = ParseBytePiece(p.text);
       constexpr char kHex[] = "0123456789ABCDEF";
       if (b < 0 || p.text != std::string{'<', '0', 'x', kHex[b >> 4], kHex[b & 15], '>'}) {
         return bad("is BYTE but not spelled <0xNN>");
@@ -451,7 +450,7 @@ absl::Status CheckPieces(const TrainerSpec& t, const std::vector<Piece>& pieces)
 
 }  // namespace
 
-absl::StatusOr<SentencePieceModel> ParseSentencePieceModel(std::string_view serialized) {
+absl::StatusOr<Vocab> ParseSentencePieceModel(std::string_view serialized) {
   // An empty message is valid protobuf, but not a model: say so plainly rather than "no pieces".
   if (serialized.empty()) return absl::InvalidArgumentError("SentencePiece model: empty file");
   if (serialized.size() > kMaxModelBytes) {
@@ -496,31 +495,123 @@ absl::StatusOr<SentencePieceModel> ParseSentencePieceModel(std::string_view seri
   QF_RETURN_IF_ERROR(CheckReproducible(trainer, normalizer, denormalizer, pieces));
   QF_RETURN_IF_ERROR(CheckPieces(trainer, pieces));
 
-  SentencePieceModel out;
-  out.vocab.model = "llama";
-  out.vocab.tokens.reserve(pieces.size());
-  out.vocab.scores.reserve(pieces.size());
-  out.vocab.types.reserve(pieces.size());
+  Vocab out;
+  out.model = "llama";
+  out.tokens.reserve(pieces.size());
+  out.scores.reserve(pieces.size());
+  out.types.reserve(pieces.size());
   for (Piece& p : pieces) {
-    out.vocab.tokens.push_back(std::move(p.text));
-    out.vocab.scores.push_back(p.score);
-    out.vocab.types.push_back(static_cast<TokenType>(p.type));  // same numbering, checked in CheckPieces
+    out.tokens.push_back(std::move(p.text));
+    out.scores.push_back(p.score);
+    out.types.push_back(static_cast<TokenType>(p.type));  // same numbering, checked in CheckPieces
   }
-  out.vocab.unk_id = trainer.unk_id;
-  out.vocab.bos_id = trainer.bos_id;
-  out.vocab.eos_id = trainer.eos_id;
-  out.options.add_dummy_prefix = normalizer.add_dummy_prefix;
-  out.options.remove_extra_whitespaces = normalizer.remove_extra_whitespaces;
-  if (trainer.unk_surface.has_value()) out.options.unk_surface = *trainer.unk_surface;
+  out.unk_id = trainer.unk_id;
+  out.bos_id = trainer.bos_id;
+  out.eos_id = trainer.eos_id;
+  out.normalizer.add_dummy_prefix = normalizer.add_dummy_prefix;
+  out.normalizer.remove_extra_whitespaces = normalizer.remove_extra_whitespaces;
+  if (trainer.unk_surface.has_value()) out.normalizer.unk_surface = *trainer.unk_surface;
   return out;
 }
 
-absl::StatusOr<SentencePieceModel> ReadSentencePieceModel(const std::string& path) {
+absl::StatusOr<Vocab> ReadSentencePieceModel(const std::string& path) {
   QF_ASSIGN_OR_RETURN(std::shared_ptr<const MappedFile> file, MappedFile::Open(path));
-  absl::StatusOr<SentencePieceModel> m = ParseSentencePieceModel(
+  absl::StatusOr<Vocab> m = ParseSentencePieceModel(
       std::string_view(reinterpret_cast<const char*>(file->data()), file->size()));
   if (!m.ok()) return absl::Status(m.status().code(), absl::StrCat(path, ": ", m.status().message()));
   return m;
 }
 
-}  // namespace qforge
+namespace {
+
+// Protobuf wire-format encoding of the few field kinds a ModelProto needs.
+void PutVarint(uint64_t v, std::string* out) {
+  while (v >= 0x80) {
+    out->push_back(static_cast<char>((v & 0x7f) | 0x80));
+    v >>= 7;
+  }
+  out->push_back(static_cast<char>(v));
+}
+void PutTag(int field_number, int wire_type, std::string* out) {
+  PutVarint((static_cast<uint64_t>(field_number) << 3) | static_cast<uint64_t>(wire_type), out);
+}
+void PutBytes(int field_number, std::string_view bytes, std::string* out) {
+  PutTag(field_number, kLengthDelimited, out);
+  PutVarint(bytes.size(), out);
+  out->append(bytes);
+}
+// int32 fields: negative values are sign-extended to ten bytes, as protobuf writes them.
+void PutInt32(int field_number, int32_t v, std::string* out) {
+  PutTag(field_number, kVarint, out);
+  PutVarint(static_cast<uint64_t>(static_cast<int64_t>(v)), out);
+}
+void PutFloat(int field_number, float v, std::string* out) {
+  PutTag(field_number, kFixed32, out);
+  uint32_t bits = 0;
+  std::memcpy(&bits, &v, sizeof bits);
+  for (int i = 0; i < 4; ++i) out->push_back(static_cast<char>((bits >> (8 * i)) & 0xff));
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> SerializeSentencePieceModel(const Vocab& vocab) {
+  if (vocab.model != "llama") {
+    return absl::InvalidArgumentError(absl::StrCat("SentencePiece model: tokenizer model '", vocab.model,
+                                                   "' is not SentencePiece BPE ('llama')"));
+  }
+  const size_t n = vocab.tokens.size();
+  if (n == 0 || vocab.scores.size() != n || vocab.types.size() != n) {
+    return absl::InvalidArgumentError(absl::StrCat("SentencePiece model: ", n, " tokens, ", vocab.scores.size(),
+                                                   " scores and ", vocab.types.size(), " types"));
+  }
+  std::string out;
+  bool has_bytes = false;
+  for (size_t i = 0; i < n; ++i) {
+    std::string piece;
+    PutBytes(field::kPiece, vocab.tokens[i], &piece);
+    PutFloat(field::kScore, vocab.scores[i], &piece);
+    // NORMAL is the proto default and is left out, as libsentencepiece's trainer writes it.
+    const int type = static_cast<int>(vocab.types[i]);
+    if (type != kTypeNormal) PutInt32(field::kType, type, &piece);
+    has_bytes |= vocab.types[i] == TokenType::kByte;
+    PutBytes(field::kPieces, piece, &out);
+  }
+  std::string trainer;
+  PutInt32(field::kModelType, kBpe, &trainer);
+  if (has_bytes) {
+    PutTag(field::kByteFallback, kVarint, &trainer);
+    PutVarint(1, &trainer);
+  }
+  PutInt32(field::kUnkId, vocab.unk_id, &trainer);
+  PutInt32(field::kBosId, vocab.bos_id, &trainer);
+  PutInt32(field::kEosId, vocab.eos_id, &trainer);
+  // The special pieces keep their own spelling (libsentencepiece finds them by name).
+  auto special = [&](int id, int field_number) {
+    if (id >= 0 && static_cast<size_t>(id) < n) PutBytes(field_number, vocab.tokens[id], &trainer);
+  };
+  special(vocab.unk_id, field::kUnkPiece);
+  special(vocab.bos_id, field::kBosPiece);
+  special(vocab.eos_id, field::kEosPiece);
+  if (vocab.normalizer.unk_surface != VocabNormalizer{}.unk_surface) {
+    PutBytes(field::kUnkSurface, vocab.normalizer.unk_surface, &trainer);
+  }
+  PutBytes(field::kTrainerSpec, trainer, &out);
+  std::string norm;
+  PutBytes(field::kName, "identity", &norm);
+  PutTag(field::kAddDummyPrefix, kVarint, &norm);
+  PutVarint(vocab.normalizer.add_dummy_prefix ? 1 : 0, &norm);
+  PutTag(field::kRemoveExtraWhitespaces, kVarint, &norm);
+  PutVarint(vocab.normalizer.remove_extra_whitespaces ? 1 : 0, &norm);
+  PutTag(field::kEscapeWhitespaces, kVarint, &norm);
+  PutVarint(1, &norm);
+  PutBytes(field::kNormalizerSpec, norm, &out);
+  return out;
+}
+
+absl::Status WriteSentencePieceModel(const Vocab& vocab, const std::string& path) {
+  QF_ASSIGN_OR_RETURN(std::string bytes, SerializeSentencePieceModel(vocab));
+  return WriteFileAtomically(path, std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(bytes.data()),
+                                                             bytes.size()));
+}
+
+}  // namespace qforge::formats
