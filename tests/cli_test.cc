@@ -101,9 +101,32 @@ TEST(Cli, QuantizeInspectEvalGenerate) {
   ASSERT_EQ(e.exit_code, 0) << e.err;
   EXPECT_TRUE(absl::StrContains(e.out, "KL")) << e.out;
   EXPECT_TRUE(absl::StrContains(e.out, "top-1")) << e.out;
+  // The file carries tok512 (found beside the checkpoint), so generation prints the card's opening words.
   Result g = RunQforge("generate " + out + " --max-tokens 8 --temperature 0");
   ASSERT_EQ(g.exit_code, 0) << g.err;
-  EXPECT_FALSE(g.out.empty());
+  EXPECT_TRUE(absl::StartsWith(g.out, "Once upon a time")) << g.out;
+}
+
+// Every file qforge writes carries the vocabulary: safetensors as tokenizer.model beside it, GGUF inside. A
+// source without one cannot become a GGUF (llama.cpp would refuse it) until --tokenizer gives it one.
+TEST(Cli, OutputsCarryTheTokenizer) {
+  if (!HaveStories()) GTEST_SKIP() << kStories << " not present";
+  const std::string dir = ::testing::TempDir() + "/carry";
+  std::filesystem::create_directories(dir + "/st");
+  const std::string st = dir + "/st/model.safetensors";
+  Result q = RunQforge("quantize --method rtn --bits 4 --group 32 " + kStories + " " + st);
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  EXPECT_TRUE(std::filesystem::exists(dir + "/st/tokenizer.model"));
+  Result g = RunQforge("generate " + st + " --max-tokens 8 --temperature 0");
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  EXPECT_TRUE(absl::StartsWith(g.out, "Once upon a time")) << g.out;
+
+  const std::string bare = dir + "/stories260K.bin";  // the checkpoint alone, without tok512.bin
+  std::filesystem::copy_file(kStories, bare, std::filesystem::copy_options::overwrite_existing);
+  ExpectOneLineError(RunQforge("quantize --method q8_0 " + bare + " " + dir + "/bare.gguf"), 1, "no vocabulary");
+  const std::string tok = std::string(QFORGE_SHARED_DIR) + "/models/stories260K/tok512.bin";
+  Result ok = RunQforge("quantize --method q8_0 --tokenizer " + tok + " " + bare + " " + dir + "/bare.gguf");
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
 }
 
 }  // namespace

@@ -24,7 +24,15 @@ absl::Status NeedPositional(const Flags& f, size_t n, const std::string& usage) 
 }
 
 absl::Status SaveModel(const Model& m, const std::string& path) {
-  if (absl::EndsWith(path, ".gguf")) return formats::WriteGguf(m, path);
+  if (absl::EndsWith(path, ".gguf")) {
+    // llama.cpp refuses a GGUF without tokenizer.ggml.*: such a file would be of no use to it.
+    if (!m.vocab.has_value()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          path, ": the model has no vocabulary and llama.cpp refuses GGUF files without one; pass --tokenizer "
+                "(a .model or llama2.c tokenizer.bin)"));
+    }
+    return formats::WriteGguf(m, path);
+  }
   if (absl::EndsWith(path, ".safetensors")) return formats::WriteSafetensors(m, path);
   return UsageError(absl::StrCat("output '", path, "' must end in .gguf or .safetensors"));
 }
