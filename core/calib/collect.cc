@@ -28,9 +28,18 @@ absl::StatusOr<CalibrationStats> CollectCalibration(const Model& model, const st
     source[names::AttnK(l)] = names::AttnQ(l);
     source[names::AttnV(l)] = names::AttnQ(l);
     add(names::AttnOutput(l), c.dim);
-    add(names::FfnGate(l), c.dim);
-    source[names::FfnUp(l)] = names::FfnGate(l);
-    add(names::FfnDown(l), c.hidden_dim);
+    if (!c.is_moe()) {
+      add(names::FfnGate(l), c.dim);
+      source[names::FfnUp(l)] = names::FfnGate(l);
+      add(names::FfnDown(l), c.hidden_dim);
+      continue;
+    }
+    // Each expert sees only the tokens routed to it: its statistics are its own.
+    for (int e = 0; e < c.n_experts; ++e) {
+      add(names::FfnGateExpert(l, e), c.dim);
+      source[names::FfnUpExpert(l, e)] = names::FfnGateExpert(l, e);
+      add(names::FfnDownExpert(l, e), c.hidden_dim);
+    }
   }
   const std::string classifier = c.tied_embeddings ? names::kTokenEmbd : names::kOutput;
   if (options.include_classifier) add(classifier, c.dim);

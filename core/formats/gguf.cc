@@ -104,6 +104,13 @@ absl::StatusOr<uint32_t> GgmlOfFormat(const WeightFormat& f, const std::string& 
                                                  ", which GGUF has no type for (write safetensors instead)"));
 }
 
+// llama.cpp's stacked expert tensors of layer l, each with the qforge name of its expert matrices.
+std::vector<std::pair<std::string, std::string (*)(int, int)>> StackedExpertNames(int l) {
+  return {{absl::StrCat("blk.", l, ".ffn_gate_exps.weight"), names::FfnGateExpert},
+          {absl::StrCat("blk.", l, ".ffn_up_exps.weight"), names::FfnUpExpert},
+          {absl::StrCat("blk.", l, ".ffn_down_exps.weight"), names::FfnDownExpert}};
+}
+
 // One metadata value. Scalars are decoded; numeric arrays are kept as a view of the file bytes.
 struct Value {
   uint32_t type = 0;
@@ -287,6 +294,7 @@ class GgufParser {
     }
     QF_RETURN_IF_ERROR(CheckNoOverlap(m));
     QF_RETURN_IF_ERROR(FillConfig(&m));
+    QF_RETURN_IF_ERROR(SplitExperts(&m));
     QF_RETURN_IF_ERROR(FillVocab(&m));
     if (const Value* v = Find("general.name"); v != nullptr && v->type == kString) m.metadata["general.name"] = v->s;
     if (const Value* v = Find("general.file_type"); v != nullptr && v->type == kU32) {
@@ -359,6 +367,8 @@ class GgufParser {
     c.n_kv_heads = c.n_heads;
     QF_RETURN_IF_ERROR(GetInt("llama.attention.head_count_kv", &c.n_kv_heads, false));
     QF_RETURN_IF_ERROR(GetInt("llama.context_length", &c.seq_len, true));
+    QF_RETURN_IF_ERROR(GetInt("llama.expert_count", &c.n_experts, false));
+    QF_RETURN_IF_ERROR(GetInt("llama.expert_used_count", &c.n_experts_used, false));
     c.norm_eps = 1e-5f;
     QF_RETURN_IF_ERROR(GetFloat("llama.attention.layer_norm_rms_epsilon", &c.norm_eps));
     c.rope_theta = 10000.0f;
@@ -382,6 +392,32 @@ class GgufParser {
     }
     c.tied_embeddings = m->Find(names::kOutput) == nullptr;
     if (absl::Status s = ValidateConfig(c); !s.ok()) return Bad(std::string(s.message()));
+    return absl::OkStatus();
+  }
+
+  // llama.cpp stacks each layer's experts into one 3-D tensor [n_experts, rows, cols]; qforge keeps one matrix
+  // per expert. Every ggml type is a sequence of row blocks, so expert e is the contiguous e-th slice: a view.
+  absl::Status SplitExperts(Model* m) const {
+    const ModelConfig& c = m->config;
+    if (!c.is_moe()) return absl::OkStatus();
+    for (int l = 0; l < c.n_layers; ++l) {
+      for (const auto& [stacked, expert_name] : StackedExpertNames(l)) {
+        auto it = m->tensors.find(stacked);
+        if (it == m->tensors.end()) return Bad(absl::StrCat("MoE model has no tensor '", stacked, "'"));
+        const Tensor t = std::move(it->second);
+        m->tensors.erase(it);
+        if (t.shape.size() != 3 || t.shape[0] != c.n_experts) {
+          return Bad(absl::StrCat("tensor '", stacked, "' has shape [", absl::StrJoin(t.shape, ", "), "], expected [",
+                                  c.n_experts, ", rows, cols]"));
+        }
+        const size_t slice = t.nbytes / static_cast<size_t>(c.n_experts);
+        for (int e = 0; e < c.n_experts; ++e) {
+          const std::string name = expert_name(l, e);
+          m->tensors.emplace(name, Tensor::View(name, {t.shape[1], t.shape[2]}, t.format, t.owner,
+                                                t.data + slice * static_cast<size_t>(e), slice));
+        }
+      }
+    }
     return absl::OkStatus();
   }
 
@@ -511,12 +547,39 @@ absl::StatusOr<Model> ReadGguf(const std::string& path) {
 
 absl::StatusOr<std::vector<uint8_t>> SerializeGguf(const Model& m) {
   QF_RETURN_IF_ERROR(ValidateModel(m));
+  const ModelConfig& c = m.config;
+  // Experts are written stacked, as llama.cpp loads them: one [n_experts, rows, cols] tensor per kind and layer.
+  std::vector<Tensor> stacked;
+  std::set<std::string> in_stacks;
+  for (int l = 0; c.is_moe() && l < c.n_layers; ++l) {
+    for (const auto& [name, expert_name] : StackedExpertNames(l)) {
+      const Tensor& first = m.tensors.at(expert_name(l, 0));
+      std::vector<uint8_t> bytes;
+      bytes.reserve(first.nbytes * static_cast<size_t>(c.n_experts));
+      for (int e = 0; e < c.n_experts; ++e) {
+        const Tensor& t = m.tensors.at(expert_name(l, e));
+        if (!(t.format == first.format)) {
+          return absl::InvalidArgumentError(absl::StrCat("gguf: ", t.name, " is ", FormatName(t.format), " but ",
+                                                         first.name, " is ", FormatName(first.format),
+                                                         ": the experts of a layer are stored as one tensor"));
+        }
+        bytes.insert(bytes.end(), t.data, t.data + t.nbytes);
+        in_stacks.insert(t.name);
+      }
+      stacked.push_back(Tensor::FromBytes(name, {c.n_experts, first.shape[0], first.shape[1]}, first.format,
+                                          std::move(bytes)));
+    }
+  }
   std::vector<std::pair<const Tensor*, uint32_t>> tensors;
   for (const auto& [name, t] : m.tensors) {
+    if (in_stacks.count(name) != 0) continue;
     QF_ASSIGN_OR_RETURN(uint32_t type, GgmlOfFormat(t.format, name));
     tensors.emplace_back(&t, type);
   }
-  const ModelConfig& c = m.config;
+  for (const Tensor& t : stacked) {
+    QF_ASSIGN_OR_RETURN(uint32_t type, GgmlOfFormat(t.format, t.name));
+    tensors.emplace_back(&t, type);
+  }
   Writer kv;
   kv.KeyString("general.architecture", "llama");
   auto name_it = m.metadata.find("general.name");
@@ -533,6 +596,10 @@ absl::StatusOr<std::vector<uint8_t>> SerializeGguf(const Model& m) {
   kv.KeyF32("llama.attention.layer_norm_rms_epsilon", c.norm_eps);
   kv.KeyF32("llama.rope.freq_base", c.rope_theta);
   kv.KeyU32("llama.vocab_size", c.vocab_size);
+  if (c.is_moe()) {
+    kv.KeyU32("llama.expert_count", c.n_experts);
+    kv.KeyU32("llama.expert_used_count", c.n_experts_used);
+  }
   if (m.vocab.has_value()) {
     const Vocab& v = *m.vocab;
     kv.KeyString("tokenizer.ggml.model", v.model);

@@ -114,6 +114,28 @@ TEST_P(GgufRoundTrip, SyntheticModelWithVocab) {
 }
 INSTANTIATE_TEST_SUITE_P(TiedAndUntied, GgufRoundTrip, ::testing::Bool());
 
+// Experts travel stacked as llama.cpp stores them (blk.N.ffn_*_exps.weight, [E, rows, cols], with
+// llama.expert_count / expert_used_count) and come back as one matrix per expert, byte for byte.
+TEST(GgufTest, MoeExpertsAreStackedAndSplitBack) {
+  const ModelConfig c = TinyMoeTestConfig();
+  Model m = MakeSyntheticModel(c, 13, /*with_vocab=*/true);
+  auto bytes = SerializeGguf(m);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  auto r = ParseGguf(*bytes, nullptr);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->config, m.config);
+  ExpectSameTensors(m, *r);
+  const std::string text(bytes->begin(), bytes->end());
+  EXPECT_NE(text.find("blk.1.ffn_down_exps.weight"), std::string::npos);
+  EXPECT_NE(text.find("llama.expert_used_count"), std::string::npos);
+  EXPECT_EQ(text.find("blk.1.ffn_down.3.weight"), std::string::npos);
+
+  // A layer's experts must share one encoding to be one tensor.
+  Model mixed = WithEncoding(m, WeightFormat::Of(WeightType::kQ8_0), 3);
+  mixed.tensors.at(names::FfnUpExpert(0, 5)) = m.tensors.at(names::FfnUpExpert(0, 5));
+  EXPECT_THAT(SerializeGguf(mixed).status().message(), HasSubstr("stored as one tensor"));
+}
+
 TEST(GgufTest, WithoutVocabHasNoVocab) {
   Model m = MakeSyntheticModel(TinyTestConfig(), 3);
   auto bytes = SerializeGguf(m);

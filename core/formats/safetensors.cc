@@ -154,16 +154,27 @@ absl::StatusOr<ModelConfig> ParseHfConfig(const std::string& json_text) {
   auto bad = [](const std::string& what) { return absl::InvalidArgumentError(absl::StrCat("config.json: ", what)); };
   if (!j.is_object()) return bad("not a JSON object");
 
+  // Llama, and Mixtral (Llama with a sparse Mixture-of-Experts FFN).
   const Json* model_type = j.Find("model_type");
   const Json* archs = j.Find("architectures");
   if (model_type == nullptr && archs == nullptr) return bad("has neither model_type nor architectures");
-  if (model_type != nullptr && !(model_type->is_string() && model_type->string_value() == "llama")) {
-    return bad(absl::StrCat("model_type ", model_type->Dump(), " is not supported (llama only)"));
+  bool mixtral = false;
+  if (model_type != nullptr) {
+    const bool known = model_type->is_string() &&
+                       (model_type->string_value() == "llama" || model_type->string_value() == "mixtral");
+    if (!known) return bad(absl::StrCat("model_type ", model_type->Dump(), " is not supported (llama, mixtral)"));
+    mixtral = model_type->string_value() == "mixtral";
   }
   if (archs != nullptr) {
-    bool llama = false;
-    for (const Json& a : archs->array()) llama |= a.is_string() && a.string_value() == "LlamaForCausalLM";
-    if (!llama) return bad(absl::StrCat("architectures ", archs->Dump(), " do not include LlamaForCausalLM"));
+    bool known = false;
+    for (const Json& a : archs->array()) {
+      if (!a.is_string()) continue;
+      known |= a.string_value() == "LlamaForCausalLM" || a.string_value() == "MixtralForCausalLM";
+      mixtral |= a.string_value() == "MixtralForCausalLM";
+    }
+    if (!known) {
+      return bad(absl::StrCat("architectures ", archs->Dump(), " include neither LlamaForCausalLM nor MixtralForCausalLM"));
+    }
   }
 
   auto get_int = [&](const char* key, int* out, bool required) -> absl::Status {
@@ -207,6 +218,11 @@ absl::StatusOr<ModelConfig> ParseHfConfig(const std::string& json_text) {
     if (!t->is_bool()) return bad("field 'tie_word_embeddings' is not a boolean");
     c.tied_embeddings = t->bool_value();
   }
+  if (mixtral) {
+    QF_RETURN_IF_ERROR(get_int("num_local_experts", &c.n_experts, true));
+    QF_RETURN_IF_ERROR(get_int("num_experts_per_tok", &c.n_experts_used, true));
+    if (c.n_experts == 0) return bad("num_local_experts is 0");
+  }
   if (const Json* rs = j.Find("rope_scaling"); rs != nullptr && !rs->is_null()) {
     return absl::UnimplementedError(absl::StrCat("config.json: rope_scaling ", rs->Dump(), " is not supported"));
   }
@@ -233,8 +249,12 @@ Json FloatJson(float f) {
 
 std::string HfConfigJson(const ModelConfig& c) {
   Json j = Json::MakeObject();
-  j.Set("architectures", Json::MakeArray({Json::String("LlamaForCausalLM")}));
-  j.Set("model_type", Json::String("llama"));
+  j.Set("architectures", Json::MakeArray({Json::String(c.is_moe() ? "MixtralForCausalLM" : "LlamaForCausalLM")}));
+  j.Set("model_type", Json::String(c.is_moe() ? "mixtral" : "llama"));
+  if (c.is_moe()) {
+    j.Set("num_local_experts", Json::Int(c.n_experts));
+    j.Set("num_experts_per_tok", Json::Int(c.n_experts_used));
+  }
   j.Set("hidden_size", Json::Int(c.dim));
   j.Set("intermediate_size", Json::Int(c.hidden_dim));
   j.Set("num_hidden_layers", Json::Int(c.n_layers));
@@ -274,7 +294,27 @@ struct Canonical {
   QkKind qk = QkKind::kNone;
 };
 
-absl::StatusOr<Canonical> HfToCanonical(const std::string& hf, int n_layers) {
+// Mixtral's expert matrices: w1 is the gate, w3 the up and w2 the down projection.
+struct ExpertName {
+  const char* hf;  // after "model.layers.N.block_sparse_moe.experts.E."
+  std::string (*canonical)(int, int);
+};
+const ExpertName kExpertNames[] = {{"w1.weight", names::FfnGateExpert},
+                                   {"w3.weight", names::FfnUpExpert},
+                                   {"w2.weight", names::FfnDownExpert}};
+constexpr absl::string_view kMoeGate = "block_sparse_moe.gate.weight";
+constexpr absl::string_view kMoeExperts = "block_sparse_moe.experts.";
+
+// "N.rest" -> N and "rest".
+bool SplitIndex(absl::string_view s, int* index, absl::string_view* rest) {
+  const size_t dot = s.find('.');
+  if (dot == absl::string_view::npos || !absl::SimpleAtoi(s.substr(0, dot), index) || *index < 0) return false;
+  *rest = s.substr(dot + 1);
+  return true;
+}
+
+absl::StatusOr<Canonical> HfToCanonical(const std::string& hf, const ModelConfig& config) {
+  const int n_layers = config.n_layers;
   if (hf == "model.embed_tokens.weight") return Canonical{names::kTokenEmbd};
   if (hf == "model.norm.weight") return Canonical{names::kOutputNorm};
   if (hf == "lm_head.weight") return Canonical{names::kOutput};
@@ -298,12 +338,25 @@ absl::StatusOr<Canonical> HfToCanonical(const std::string& hf, int n_layers) {
           return Canonical{ln.canonical(layer), qk};
         }
       }
+      if (config.is_moe() && leaf == kMoeGate) return Canonical{names::FfnGateInp(layer)};
+      int expert = -1;
+      absl::string_view expert_leaf;
+      if (config.is_moe() && absl::StartsWith(leaf, kMoeExperts) &&
+          SplitIndex(leaf.substr(kMoeExperts.size()), &expert, &expert_leaf)) {
+        if (expert >= config.n_experts) {
+          return Bad(absl::StrCat("tensor '", hf, "' is for expert ", expert, " but the config has ",
+                                  config.n_experts));
+        }
+        for (const ExpertName& en : kExpertNames) {
+          if (expert_leaf == en.hf) return Canonical{en.canonical(layer, expert)};
+        }
+      }
     }
   }
-  return Bad(absl::StrCat("unexpected tensor '", hf, "' for a Llama model"));
+  return Bad(absl::StrCat("unexpected tensor '", hf, "' for a ", config.is_moe() ? "Mixtral" : "Llama", " model"));
 }
 
-absl::StatusOr<std::string> CanonicalToHf(const std::string& name) {
+absl::StatusOr<std::string> CanonicalToHf(const std::string& name, const ModelConfig& config) {
   if (name == names::kTokenEmbd) return std::string("model.embed_tokens.weight");
   if (name == names::kOutputNorm) return std::string("model.norm.weight");
   if (name == names::kOutput) return std::string("lm_head.weight");
@@ -315,6 +368,14 @@ absl::StatusOr<std::string> CanonicalToHf(const std::string& name) {
     if (dot != absl::string_view::npos && absl::SimpleAtoi(rest.substr(0, dot), &layer) && layer >= 0) {
       for (const LayerName& ln : kLayerNames) {
         if (ln.canonical(layer) == name) return absl::StrCat("model.layers.", layer, ".", ln.hf);
+      }
+      if (name == names::FfnGateInp(layer)) return absl::StrCat("model.layers.", layer, ".", kMoeGate);
+      for (int e = 0; e < config.n_experts; ++e) {
+        for (const ExpertName& en : kExpertNames) {
+          if (en.canonical(layer, e) == name) {
+            return absl::StrCat("model.layers.", layer, ".", kMoeExperts, e, ".", en.hf);
+          }
+        }
       }
     }
   }
@@ -359,7 +420,7 @@ absl::StatusOr<Model> ModelFromSafetensors(const ModelConfig& config, const std:
       }
     }
     for (const SafetensorsEntry& e : f.tensors) {
-      QF_ASSIGN_OR_RETURN(Canonical can, HfToCanonical(e.name, config.n_layers));
+      QF_ASSIGN_OR_RETURN(Canonical can, HfToCanonical(e.name, config));
       if (can.name.empty()) continue;
       if (can.name == names::kOutput && config.tied_embeddings) continue;  // a tied copy of the embedding
       if (m.tensors.count(can.name) != 0) return Bad(absl::StrCat("tensor '", e.name, "' appears twice"));
@@ -417,7 +478,7 @@ absl::StatusOr<std::vector<uint8_t>> SerializeSafetensors(const Model& m) {
   };
   std::vector<Item> items;
   for (const auto& [name, t0] : m.tensors) {
-    QF_ASSIGN_OR_RETURN(std::string hf, CanonicalToHf(name));
+    QF_ASSIGN_OR_RETURN(std::string hf, CanonicalToHf(name, m.config));
     Tensor t = t0;
     if (name.ends_with(".attn_q.weight") || name.ends_with(".attn_k.weight")) {
       const int n_head = name.ends_with(".attn_q.weight") ? m.config.n_heads : m.config.n_kv_heads;

@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "core/base/half.h"
 #include "core/formats/formats.h"
 #include "core/formats/json.h"
@@ -124,6 +125,25 @@ INSTANTIATE_TEST_SUITE_P(All, SafetensorsEncodings,
                                            WeightFormat::QInt(4, 64, true), WeightFormat::QInt(3, 0, false),
                                            WeightFormat::QInt(8, 128, false), WeightFormat::NF4(64, false),
                                            WeightFormat::NF4(64, true)));
+
+// A Mixture of Experts is written and read as Hugging Face's Mixtral: block_sparse_moe.gate and
+// experts.E.w1/w3/w2, with num_local_experts / num_experts_per_tok in config.json.
+TEST(SafetensorsTest, MixtralRoundTrip) {
+  const ModelConfig c = TinyMoeTestConfig();
+  Model m = MakeSyntheticModel(c, 17, /*with_vocab=*/true);
+  const std::string dir = TempDir("st_moe");
+  ASSERT_TRUE(WriteSafetensors(m, dir + "/model.safetensors").ok());
+  auto r = ReadSafetensors(dir);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->config, m.config);
+  ExpectSameTensors(m, *r);
+  const std::vector<uint8_t> raw = FileBytes(dir + "/model.safetensors");
+  const std::string text(raw.begin(), raw.end());
+  EXPECT_NE(text.find("model.layers.1.block_sparse_moe.experts.7.w2.weight"), std::string::npos);
+  EXPECT_NE(text.find("model.layers.0.block_sparse_moe.gate.weight"), std::string::npos);
+  const std::vector<uint8_t> cfg = FileBytes(dir + "/config.json");
+  EXPECT_NE(std::string(cfg.begin(), cfg.end()).find("MixtralForCausalLM"), std::string::npos);
+}
 
 TEST(SafetensorsTest, Nf4DoubleQuantAcrossScaleGroupsIsRefused) {
   // Q4k config: head 64 rows x 8 blocks of 32 = 512 blocks per head, so rotate-half moves blocks between
@@ -355,7 +375,7 @@ TEST(HfConfigTest, RejectsBadConfigs) {
       {"{" + base + "}", "missing required field 'vocab_size'"},
       {R"({"hidden_size":64})", "neither model_type nor architectures"},
       {R"({"model_type":"mistral"})", "\"mistral\" is not supported"},
-      {R"({"architectures":["GPT2LMHeadModel"]})", "do not include LlamaForCausalLM"},
+      {R"({"architectures":["GPT2LMHeadModel"]})", "include neither LlamaForCausalLM nor MixtralForCausalLM"},
       {"{" + base + R"(,"vocab_size":"320"})", "field 'vocab_size' is not a number"},
       {"{" + base + R"(,"vocab_size":320.5})", "is not a non-negative 32-bit integer"},
       {"{" + base + R"(,"vocab_size":1e300})", "is not a non-negative 32-bit integer"},
@@ -363,6 +383,11 @@ TEST(HfConfigTest, RejectsBadConfigs) {
       {"{" + base + R"(,"vocab_size":320,"tie_word_embeddings":1})", "not a boolean"},
       {"{" + base + R"(,"vocab_size":320,"rope_scaling":{"type":"linear","factor":2.0}})", "rope_scaling"},
       {"{" + base + R"(,"vocab_size":320,"head_dim":8})", "head_dim 8 differs"},
+      {"{" + absl::StrReplaceAll(base, {{"\"llama\"", "\"mixtral\""}}) + R"(,"vocab_size":320})",
+       "missing required field 'num_local_experts'"},
+      {"{" + absl::StrReplaceAll(base, {{"\"llama\"", "\"mixtral\""}}) +
+           R"(,"vocab_size":320,"num_local_experts":8,"num_experts_per_tok":9})",
+       "n_experts_used 9 must be in [1, n_experts = 8]"},
       {"{" + base, "json: unexpected end of input"},
       {"", "json: unexpected end of input"},
   };

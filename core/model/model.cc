@@ -17,6 +17,10 @@ std::string FfnNorm(int l) { return absl::StrCat("blk.", l, ".ffn_norm.weight");
 std::string FfnGate(int l) { return absl::StrCat("blk.", l, ".ffn_gate.weight"); }
 std::string FfnUp(int l) { return absl::StrCat("blk.", l, ".ffn_up.weight"); }
 std::string FfnDown(int l) { return absl::StrCat("blk.", l, ".ffn_down.weight"); }
+std::string FfnGateInp(int l) { return absl::StrCat("blk.", l, ".ffn_gate_inp.weight"); }
+std::string FfnGateExpert(int l, int e) { return absl::StrCat("blk.", l, ".ffn_gate.", e, ".weight"); }
+std::string FfnUpExpert(int l, int e) { return absl::StrCat("blk.", l, ".ffn_up.", e, ".weight"); }
+std::string FfnDownExpert(int l, int e) { return absl::StrCat("blk.", l, ".ffn_down.", e, ".weight"); }
 }  // namespace names
 
 absl::Status ValidateConfig(const ModelConfig& c) {
@@ -34,6 +38,11 @@ absl::Status ValidateConfig(const ModelConfig& c) {
   if (c.seq_len <= 0 || c.seq_len > (1 << 24)) return bad(absl::StrCat("seq_len ", c.seq_len, " out of range"));
   if (!(c.rope_theta > 0.0f)) return bad("rope_theta must be positive");
   if (!(c.norm_eps > 0.0f) || c.norm_eps > 1.0f) return bad("norm_eps must be in (0, 1]");
+  if (c.n_experts < 0 || c.n_experts > 4096) return bad(absl::StrCat("n_experts ", c.n_experts, " out of range"));
+  if (c.is_moe() && (c.n_experts_used < 1 || c.n_experts_used > c.n_experts)) {
+    return bad(absl::StrCat("n_experts_used ", c.n_experts_used, " must be in [1, n_experts = ", c.n_experts, "]"));
+  }
+  if (!c.is_moe() && c.n_experts_used != 0) return bad("n_experts_used is set but n_experts is 0");
   return absl::OkStatus();
 }
 
@@ -91,9 +100,18 @@ absl::Status ValidateModel(const Model& m) {
     QF_RETURN_IF_ERROR(ExpectShape(m, names::AttnV(l), {c.kv_dim(), c.dim}));
     QF_RETURN_IF_ERROR(ExpectShape(m, names::AttnOutput(l), {c.dim, c.dim}));
     QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnNorm(l), {c.dim}));
-    QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnGate(l), {c.hidden_dim, c.dim}));
-    QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnUp(l), {c.hidden_dim, c.dim}));
-    QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnDown(l), {c.dim, c.hidden_dim}));
+    if (!c.is_moe()) {
+      QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnGate(l), {c.hidden_dim, c.dim}));
+      QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnUp(l), {c.hidden_dim, c.dim}));
+      QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnDown(l), {c.dim, c.hidden_dim}));
+      continue;
+    }
+    QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnGateInp(l), {c.n_experts, c.dim}));
+    for (int e = 0; e < c.n_experts; ++e) {
+      QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnGateExpert(l, e), {c.hidden_dim, c.dim}));
+      QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnUpExpert(l, e), {c.hidden_dim, c.dim}));
+      QF_RETURN_IF_ERROR(ExpectShape(m, names::FfnDownExpert(l, e), {c.dim, c.hidden_dim}));
+    }
   }
   for (const auto& [name, t] : m.tensors) {
     QF_RETURN_IF_ERROR(ValidateTensor(t));
@@ -116,9 +134,13 @@ absl::Status ValidateModel(const Model& m) {
 std::vector<std::string> LinearWeightNames(const ModelConfig& c) {
   std::vector<std::string> out;
   for (int l = 0; l < c.n_layers; ++l) {
-    for (auto fn : {names::AttnQ, names::AttnK, names::AttnV, names::AttnOutput, names::FfnGate, names::FfnUp,
-                    names::FfnDown}) {
-      out.push_back(fn(l));
+    for (auto fn : {names::AttnQ, names::AttnK, names::AttnV, names::AttnOutput}) out.push_back(fn(l));
+    if (!c.is_moe()) {
+      for (auto fn : {names::FfnGate, names::FfnUp, names::FfnDown}) out.push_back(fn(l));
+      continue;
+    }
+    for (int e = 0; e < c.n_experts; ++e) {
+      for (auto fn : {names::FfnGateExpert, names::FfnUpExpert, names::FfnDownExpert}) out.push_back(fn(l, e));
     }
   }
   return out;

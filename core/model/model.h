@@ -16,7 +16,7 @@ namespace qforge {
 struct ModelConfig {
   std::string arch = "llama";
   int dim = 0;          // embedding width
-  int hidden_dim = 0;   // FFN width
+  int hidden_dim = 0;   // FFN width (of each expert in a Mixture-of-Experts model)
   int n_layers = 0;
   int n_heads = 0;
   int n_kv_heads = 0;   // grouped-query attention: n_heads % n_kv_heads == 0
@@ -25,7 +25,13 @@ struct ModelConfig {
   float rope_theta = 10000.0f;
   float norm_eps = 1e-5f;
   bool tied_embeddings = false;  // output.weight absent: the classifier is token_embd.weight
+  // Mixture of Experts (Mixtral's block): n_experts > 0 replaces each layer's FFN by that many SwiGLU experts
+  // and a router; each token runs the n_experts_used experts with the largest router probabilities (softmax
+  // over all experts), their outputs weighted by those probabilities renormalised to sum to 1.
+  int n_experts = 0;
+  int n_experts_used = 0;
 
+  bool is_moe() const { return n_experts > 0; }
   int head_dim() const { return n_heads > 0 ? dim / n_heads : 0; }
   int kv_dim() const { return head_dim() * n_kv_heads; }
   bool operator==(const ModelConfig&) const = default;
@@ -94,12 +100,20 @@ std::string FfnNorm(int layer);     // blk.N.ffn_norm.weight     [dim]
 std::string FfnGate(int layer);     // blk.N.ffn_gate.weight     [hidden, dim]  (w1)
 std::string FfnUp(int layer);       // blk.N.ffn_up.weight       [hidden, dim]  (w3)
 std::string FfnDown(int layer);     // blk.N.ffn_down.weight     [dim, hidden]  (w2)
+// Mixture of Experts: the router, and expert e's matrices, one 2-D tensor each (so that every expert is quantized,
+// calibrated and scheduled as a matrix of its own). GGUF stores them stacked ([E, hidden, dim]) as
+// blk.N.ffn_{gate,up,down}_exps.weight; the GGUF reader and writer split and stack them.
+std::string FfnGateInp(int layer);                // blk.N.ffn_gate_inp.weight   [n_experts, dim]
+std::string FfnGateExpert(int layer, int expert);  // blk.N.ffn_gate.E.weight     [hidden, dim]
+std::string FfnUpExpert(int layer, int expert);    // blk.N.ffn_up.E.weight       [hidden, dim]
+std::string FfnDownExpert(int layer, int expert);  // blk.N.ffn_down.E.weight     [dim, hidden]
 }  // namespace names
 
 // Checks that every tensor the config implies is present with the right shape, and no tensor is invalid.
 absl::Status ValidateModel(const Model& m);
 
-// The 2-D weight matrices of the model that quantizers act on (everything but norms), in a stable order.
+// The 2-D weight matrices of the model that quantizers act on, in a stable order: every linear layer, experts
+// included; not the norms, the embeddings or the MoE routers (small, and as sensitive as llama.cpp keeps them).
 std::vector<std::string> LinearWeightNames(const ModelConfig& c);
 
 }  // namespace qforge

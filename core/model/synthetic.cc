@@ -65,9 +65,18 @@ Model MakeSyntheticModel(const ModelConfig& c, uint64_t seed, bool with_vocab) {
     put(RandomMatrix(names::AttnV(l), c.kv_dim(), c.dim, rng));
     put(RandomMatrix(names::AttnOutput(l), c.dim, c.dim, rng));
     put(RandomNorm(names::FfnNorm(l), c.dim, rng));
-    put(RandomMatrix(names::FfnGate(l), c.hidden_dim, c.dim, rng));
-    put(RandomMatrix(names::FfnUp(l), c.hidden_dim, c.dim, rng));
-    put(RandomMatrix(names::FfnDown(l), c.dim, c.hidden_dim, rng));
+    if (!c.is_moe()) {
+      put(RandomMatrix(names::FfnGate(l), c.hidden_dim, c.dim, rng));
+      put(RandomMatrix(names::FfnUp(l), c.hidden_dim, c.dim, rng));
+      put(RandomMatrix(names::FfnDown(l), c.dim, c.hidden_dim, rng));
+      continue;
+    }
+    put(RandomMatrix(names::FfnGateInp(l), c.n_experts, c.dim, rng));
+    for (int e = 0; e < c.n_experts; ++e) {
+      put(RandomMatrix(names::FfnGateExpert(l, e), c.hidden_dim, c.dim, rng));
+      put(RandomMatrix(names::FfnUpExpert(l, e), c.hidden_dim, c.dim, rng));
+      put(RandomMatrix(names::FfnDownExpert(l, e), c.dim, c.hidden_dim, rng));
+    }
   }
   put(RandomNorm(names::kOutputNorm, c.dim, rng));
   if (!c.tied_embeddings) put(RandomMatrix(names::kOutput, c.vocab_size, c.dim, rng));
@@ -79,6 +88,14 @@ Model MakeSyntheticModel(const ModelConfig& c, uint64_t seed, bool with_vocab) {
 ModelConfig TinyTestConfig() {
   return ModelConfig{.dim = 64, .hidden_dim = 160, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2,
                      .vocab_size = 320, .seq_len = 128};
+}
+
+ModelConfig TinyMoeTestConfig() {
+  ModelConfig c = TinyTestConfig();
+  c.hidden_dim = 96;
+  c.n_experts = 8;
+  c.n_experts_used = 2;
+  return c;
 }
 
 ModelConfig Q4kTestConfig() {

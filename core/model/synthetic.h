@@ -17,5 +17,7 @@ Model MakeSyntheticModel(const ModelConfig& config, uint64_t seed, bool with_voc
 // length a multiple of 256, so Q4_K applies everywhere).
 ModelConfig TinyTestConfig();
 ModelConfig Q4kTestConfig();
+// TinyTestConfig as a Mixture of Experts: 8 experts, 2 used per token.
+ModelConfig TinyMoeTestConfig();
 
 }  // namespace qforge

@@ -143,8 +143,8 @@ std::vector<Sequence> FourSequences(int vocab) {
 
 struct ModelCase {
   const char* name;
-  bool q4k_shapes;     // Q4kTestConfig (every row a multiple of 256) instead of TinyTestConfig
-  const char* method;  // "" keeps f32
+  ModelConfig (*config)();  // TinyTestConfig, Q4kTestConfig (every row a multiple of 256), TinyMoeTestConfig
+  const char* method;       // "" keeps f32
 };
 
 void PrintTo(const ModelCase& c, std::ostream* os) { *os << c.name; }
@@ -153,7 +153,7 @@ class BatchedForwardTest : public ::testing::TestWithParam<ModelCase> {
  protected:
   std::shared_ptr<const Model> MakeModel() const {
     const ModelCase& p = GetParam();
-    Model m = MakeSyntheticModel(p.q4k_shapes ? Q4kTestConfig() : TinyTestConfig(), 41);
+    Model m = MakeSyntheticModel(p.config(), 41);
     if (std::string(p.method).empty()) return std::make_shared<const Model>(std::move(m));
     return Quantized(m, p.method);
   }
@@ -212,8 +212,11 @@ TEST_P(BatchedForwardTest, WholeSequencesAreBitIdenticalOnEveryIsa) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, BatchedForwardTest,
-                         ::testing::Values(ModelCase{"F32", false, ""}, ModelCase{"Q8_0", false, "q8_0"},
-                                           ModelCase{"Q4_K", true, "q4_k"}),
+                         ::testing::Values(ModelCase{"F32", TinyTestConfig, ""},
+                                           ModelCase{"Q8_0", TinyTestConfig, "q8_0"},
+                                           ModelCase{"Q4_K", Q4kTestConfig, "q4_k"},
+                                           ModelCase{"MoeF32", TinyMoeTestConfig, ""},
+                                           ModelCase{"MoeQ8_0", TinyMoeTestConfig, "q8_0"}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 TEST(KvCache, SizeCapacityAndReset) {

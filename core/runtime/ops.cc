@@ -38,6 +38,23 @@ void Softmax(float* x, int n) {
   for (int i = 0; i < n; ++i) x[i] *= inv;
 }
 
+void RouteTopK(float* logits, int n_experts, int k, int* experts, float* weights) {
+  Softmax(logits, n_experts);
+  // k is small (2 for Mixtral, 8 for the largest models): a selection pass per slot beats sorting.
+  float sum = 0.0f;
+  for (int s = 0; s < k; ++s) {
+    int best = -1;
+    for (int e = 0; e < n_experts; ++e) {
+      if (std::find(experts, experts + s, e) != experts + s) continue;
+      if (best < 0 || logits[e] > logits[best]) best = e;
+    }
+    experts[s] = best;
+    weights[s] = logits[best];
+    sum += logits[best];
+  }
+  for (int s = 0; s < k; ++s) weights[s] /= sum;
+}
+
 void AttendHead(const float* q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
                 float scale, float* scores, float* out) {
   for (int p = 0; p < n_pos; ++p) {

@@ -24,6 +24,11 @@ void AttendHead(const float* q, const float* k, const float* v, int64_t stride, 
 // In place: x[i] = softmax(x)[i], subtracting the max first.
 void Softmax(float* x, int n);
 
+// Mixtral's router on one token: logits (n_experts floats, overwritten by their softmax) -> the k experts of
+// largest probability, in decreasing order (the lower index first on ties), and their probabilities divided by
+// the sum of the k (so the weights sum to 1).
+void RouteTopK(float* logits, int n_experts, int k, int* experts, float* weights);
+
 // gate[i] = silu(gate[i]) * up[i].
 void SwiGlu(float* gate, const float* up, int n);
 

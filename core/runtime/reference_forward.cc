@@ -1,5 +1,6 @@
 #include "core/runtime/reference_forward.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <iostream>
@@ -51,6 +52,16 @@ void Rotate(std::vector<double>& v, int head_dim, int pos, double theta) {
   }
 }
 
+struct Ffn {
+  Mat g, u, d;
+};
+
+std::vector<double> SwiGluFfn(const Ffn& f, const std::vector<double>& h) {
+  std::vector<double> g = Apply(f.g, h), u = Apply(f.u, h);
+  for (size_t i = 0; i < g.size(); ++i) g[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
+  return Apply(f.d, g);
+}
+
 }  // namespace
 
 std::vector<std::vector<double>> ReferenceLogits(const Model& m, std::span<const int> tokens) {
@@ -60,13 +71,25 @@ std::vector<std::vector<double>> ReferenceLogits(const Model& m, std::span<const
   const Mat out_w = c.tied_embeddings ? embd : Load(m, names::kOutput);
   Mat final_norm = Load(m, names::kOutputNorm);
   struct L {
-    Mat an, fn, q, k, v, o, g, u, d;
+    Mat an, fn, q, k, v, o;
+    Ffn dense;
+    Mat router;                // MoE
+    std::vector<Ffn> experts;  // MoE
   };
   std::vector<L> layers;
   for (int l = 0; l < c.n_layers; ++l) {
-    layers.push_back({Load(m, names::AttnNorm(l)), Load(m, names::FfnNorm(l)), Load(m, names::AttnQ(l)),
-                      Load(m, names::AttnK(l)), Load(m, names::AttnV(l)), Load(m, names::AttnOutput(l)),
-                      Load(m, names::FfnGate(l)), Load(m, names::FfnUp(l)), Load(m, names::FfnDown(l))});
+    L w{Load(m, names::AttnNorm(l)), Load(m, names::FfnNorm(l)), Load(m, names::AttnQ(l)), Load(m, names::AttnK(l)),
+        Load(m, names::AttnV(l)), Load(m, names::AttnOutput(l))};
+    if (c.is_moe()) {
+      w.router = Load(m, names::FfnGateInp(l));
+      for (int e = 0; e < c.n_experts; ++e) {
+        w.experts.push_back({Load(m, names::FfnGateExpert(l, e)), Load(m, names::FfnUpExpert(l, e)),
+                             Load(m, names::FfnDownExpert(l, e))});
+      }
+    } else {
+      w.dense = {Load(m, names::FfnGate(l)), Load(m, names::FfnUp(l)), Load(m, names::FfnDown(l))};
+    }
+    layers.push_back(std::move(w));
   }
   // keys[l][pos], values[l][pos]: kv_dim vectors.
   std::vector<Mat> keys(c.n_layers), values(c.n_layers);
@@ -100,10 +123,24 @@ std::vector<std::vector<double>> ReferenceLogits(const Model& m, std::span<const
       std::vector<double> o = Apply(w.o, att);
       for (int i = 0; i < c.dim; ++i) x[i] += o[i];
       h = Norm(x, w.fn, c.norm_eps);
-      std::vector<double> g = Apply(w.g, h), u = Apply(w.u, h);
-      for (size_t i = 0; i < g.size(); ++i) g[i] = g[i] / (1.0 + std::exp(-g[i])) * u[i];
-      std::vector<double> d = Apply(w.d, g);
-      for (int i = 0; i < c.dim; ++i) x[i] += d[i];
+      if (!c.is_moe()) {
+        const std::vector<double> d = SwiGluFfn(w.dense, h);
+        for (int i = 0; i < c.dim; ++i) x[i] += d[i];
+        continue;
+      }
+      // Router: softmax over every expert, keep the k most probable (lower index on ties), weights renormalised.
+      std::vector<double> p = Apply(w.router, h);
+      const double mx = *std::max_element(p.begin(), p.end());
+      for (double& e : p) e = std::exp(e - mx);
+      std::vector<int> order(c.n_experts);
+      for (int e = 0; e < c.n_experts; ++e) order[e] = e;
+      std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });
+      double chosen = 0.0;
+      for (int s = 0; s < c.n_experts_used; ++s) chosen += p[order[s]];
+      for (int s = 0; s < c.n_experts_used; ++s) {
+        const std::vector<double> d = SwiGluFfn(w.experts[order[s]], h);
+        for (int i = 0; i < c.dim; ++i) x[i] += p[order[s]] / chosen * d[i];
+      }
     }
     all_logits.push_back(Apply(out_w, Norm(x, final_norm, c.norm_eps)));
   }

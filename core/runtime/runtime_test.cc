@@ -92,6 +92,33 @@ INSTANTIATE_TEST_SUITE_P(Synthetic, ReferenceTest,
                                            RefCase{"GqaUntied", 8, 2, false}, RefCase{"GqaTied", 4, 2, true}),
                          [](const auto& info) { return std::string(info.param.name); });
 
+// Mixture of Experts: the router's top-2 of 8 experts, renormalised, as the fp64 reference computes it; and the
+// routing really spreads tokens over the experts (each expert is used, none takes every token).
+TEST(Runtime, MoeMatchesFp64Reference) {
+  const ModelConfig c = TinyMoeTestConfig();
+  auto m = std::make_shared<Model>(MakeSyntheticModel(c, 9));
+  const std::vector<int> tokens = TestTokens(40, c.vocab_size, 5);
+  ExpectMatchesReference(m, tokens, 1e-4);
+
+  std::map<std::string, int> routed;  // expert tensor -> tokens seen
+  RuntimeOptions o{.threads = 2};
+  o.linear_observer = [&](const std::string& name, const float*, int n, int) { routed[name] += n; };
+  auto rt = MakeRuntime(m, o);
+  ASSERT_NE(rt, nullptr);
+  ASSERT_TRUE(rt->Forward(tokens, 0, nullptr, false).ok());
+  for (int l = 0; l < c.n_layers; ++l) {
+    EXPECT_EQ(routed[names::FfnGateInp(l)], 40);
+    int total = 0;
+    for (int e = 0; e < c.n_experts; ++e) {
+      const int seen = routed[names::FfnGateExpert(l, e)];
+      EXPECT_EQ(seen, routed[names::FfnDownExpert(l, e)]);
+      EXPECT_LT(seen, 40) << "layer " << l << " expert " << e;
+      total += seen;
+    }
+    EXPECT_EQ(total, 40 * c.n_experts_used);
+  }
+}
+
 // token_embd and one matrix in f16: the runtime decodes through the kernels whatever the encoding.
 TEST(Runtime, F16WeightsMatchReference) {
   Model m = MakeSyntheticModel(TinyTestConfig(), 11);

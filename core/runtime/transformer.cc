@@ -63,9 +63,21 @@ absl::Status Transformer::Init() {
     QF_ASSIGN_OR_RETURN(L.wk, model_->Get(names::AttnK(l)));
     QF_ASSIGN_OR_RETURN(L.wv, model_->Get(names::AttnV(l)));
     QF_ASSIGN_OR_RETURN(L.wo, model_->Get(names::AttnOutput(l)));
-    QF_ASSIGN_OR_RETURN(L.gate, model_->Get(names::FfnGate(l)));
-    QF_ASSIGN_OR_RETURN(L.up, model_->Get(names::FfnUp(l)));
-    QF_ASSIGN_OR_RETURN(L.down, model_->Get(names::FfnDown(l)));
+    if (!c.is_moe()) {
+      QF_ASSIGN_OR_RETURN(L.gate, model_->Get(names::FfnGate(l)));
+      QF_ASSIGN_OR_RETURN(L.up, model_->Get(names::FfnUp(l)));
+      QF_ASSIGN_OR_RETURN(L.down, model_->Get(names::FfnDown(l)));
+      continue;
+    }
+    QF_ASSIGN_OR_RETURN(L.router, model_->Get(names::FfnGateInp(l)));
+    for (int e = 0; e < c.n_experts; ++e) {
+      QF_ASSIGN_OR_RETURN(const Tensor* g, model_->Get(names::FfnGateExpert(l, e)));
+      QF_ASSIGN_OR_RETURN(const Tensor* u, model_->Get(names::FfnUpExpert(l, e)));
+      QF_ASSIGN_OR_RETURN(const Tensor* d, model_->Get(names::FfnDownExpert(l, e)));
+      L.expert_gate.push_back(g);
+      L.expert_up.push_back(u);
+      L.expert_down.push_back(d);
+    }
   }
 
   // The rotation angles are computed in double so that long positions keep full fp32 accuracy.
@@ -89,6 +101,15 @@ absl::Status Transformer::Init() {
   v_.resize(b * c.kv_dim());
   hb_.resize(b * c.hidden_dim);
   hb2_.resize(b * c.hidden_dim);
+  if (c.is_moe()) {
+    const size_t k = static_cast<size_t>(c.n_experts_used);
+    router_probs_.resize(b * c.n_experts);
+    route_weight_.resize(b * k);
+    route_expert_.resize(b * k);
+    expert_rows_.resize(b);
+    expert_x_.resize(b * c.dim);
+    expert_out_.resize(b * k * c.dim);
+  }
   return absl::OkStatus();
 }
 
@@ -243,7 +264,7 @@ absl::Status Transformer::ForwardBatch(std::span<const BatchToken> tokens, float
 absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float* logits_out) {
   const ModelConfig& c = model_->config;
   const int n = static_cast<int>(tokens.size());
-  const int dim = c.dim, kv_dim = c.kv_dim(), hd = c.head_dim(), hidden = c.hidden_dim;
+  const int dim = c.dim, kv_dim = c.kv_dim(), hd = c.head_dim();
   const int kv_group = c.n_heads / c.n_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   int max_pos = 0;
@@ -287,10 +308,7 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
     runtime_ops::AddInPlace(x_.data(), xb2_.data(), n * dim);
 
     for (int t = 0; t < n; ++t) runtime_ops::RmsNorm(&x_[t * dim], L.ffn_norm.data(), dim, c.norm_eps, &xb_[t * dim]);
-    QF_RETURN_IF_ERROR(MatMul(*L.gate, xb_.data(), n, hb_.data(), hidden));
-    QF_RETURN_IF_ERROR(MatMul(*L.up, xb_.data(), n, hb2_.data(), hidden));
-    runtime_ops::SwiGlu(hb_.data(), hb2_.data(), n * hidden);
-    QF_RETURN_IF_ERROR(MatMul(*L.down, hb_.data(), n, xb2_.data(), dim));
+    QF_RETURN_IF_ERROR(c.is_moe() ? MoeFfn(L, n) : DenseFfn(L, n));
     runtime_ops::AddInPlace(x_.data(), xb2_.data(), n * dim);
   }
 
@@ -303,6 +321,53 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
   }
   if (wanted == 0) return absl::OkStatus();
   return MatMul(*classifier_, xb_.data(), wanted, logits_out, c.vocab_size);
+}
+
+absl::Status Transformer::DenseFfn(const Layer& L, int n) {
+  const int dim = model_->config.dim, hidden = model_->config.hidden_dim;
+  QF_RETURN_IF_ERROR(MatMul(*L.gate, xb_.data(), n, hb_.data(), hidden));
+  QF_RETURN_IF_ERROR(MatMul(*L.up, xb_.data(), n, hb2_.data(), hidden));
+  runtime_ops::SwiGlu(hb_.data(), hb2_.data(), n * hidden);
+  return MatMul(*L.down, hb_.data(), n, xb2_.data(), dim);
+}
+
+absl::Status Transformer::MoeFfn(const Layer& L, int n) {
+  const ModelConfig& c = model_->config;
+  const int dim = c.dim, hidden = c.hidden_dim, n_exp = c.n_experts, k = c.n_experts_used;
+  QF_RETURN_IF_ERROR(MatMul(*L.router, xb_.data(), n, router_probs_.data(), n_exp));
+  for (int t = 0; t < n; ++t) {
+    runtime_ops::RouteTopK(&router_probs_[static_cast<size_t>(t) * n_exp], n_exp, k, &route_expert_[t * k],
+                           &route_weight_[t * k]);
+  }
+  // Expert by expert, the rows routed to it go through its SwiGLU together; each (token, slot) output lands in
+  // its own row of expert_out_, so a token's sum below is the same whatever else is in the batch.
+  for (int e = 0; e < n_exp; ++e) {
+    int rows = 0;
+    for (int i = 0; i < n * k; ++i) {
+      if (route_expert_[i] != e) continue;
+      std::copy_n(&xb_[static_cast<size_t>(i / k) * dim], dim, &expert_x_[static_cast<size_t>(rows) * dim]);
+      expert_rows_[rows++] = i;
+    }
+    if (rows == 0) continue;
+    QF_RETURN_IF_ERROR(MatMul(*L.expert_gate[e], expert_x_.data(), rows, hb_.data(), hidden));
+    QF_RETURN_IF_ERROR(MatMul(*L.expert_up[e], expert_x_.data(), rows, hb2_.data(), hidden));
+    runtime_ops::SwiGlu(hb_.data(), hb2_.data(), rows * hidden);
+    // The down projection writes straight into the slots' rows: row r of the product goes to expert_rows_[r].
+    QF_RETURN_IF_ERROR(MatMul(*L.expert_down[e], hb_.data(), rows, xb2_.data(), dim));
+    for (int r = 0; r < rows; ++r) {
+      std::copy_n(&xb2_[static_cast<size_t>(r) * dim], dim, &expert_out_[static_cast<size_t>(expert_rows_[r]) * dim]);
+    }
+  }
+  for (int t = 0; t < n; ++t) {
+    float* y = &xb2_[static_cast<size_t>(t) * dim];
+    std::fill_n(y, dim, 0.0f);
+    for (int s = 0; s < k; ++s) {
+      const float w = route_weight_[t * k + s];
+      const float* o = &expert_out_[(static_cast<size_t>(t) * k + s) * dim];
+      for (int j = 0; j < dim; ++j) y[j] += w * o[j];
+    }
+  }
+  return absl::OkStatus();
 }
 
 KvCache::KvCache(int n_layers, int kv_dim, int capacity)

@@ -1,6 +1,7 @@
 // Llama forward pass over a Model whose weights may be in any encoding core/kernels understands.
 // Semantics follow llama2.c's run.c: RMSNorm, interleaved-pair RoPE, grouped-query attention with an fp32
-// KV cache, SwiGLU FFN, final norm, classifier (output.weight, or token_embd.weight when tied).
+// KV cache, SwiGLU FFN, final norm, classifier (output.weight, or token_embd.weight when tied). A Mixture-of-
+// Experts model routes each token through its top-k SwiGLU experts (Mixtral's block, ModelConfig).
 #pragma once
 
 #include <cstdint>
@@ -124,7 +125,10 @@ class Transformer {
  private:
   struct Layer {
     std::vector<float> attn_norm, ffn_norm;
-    const Tensor *wq, *wk, *wv, *wo, *gate, *up, *down;
+    const Tensor *wq, *wk, *wv, *wo;
+    const Tensor *gate = nullptr, *up = nullptr, *down = nullptr;  // dense FFN
+    const Tensor* router = nullptr;                                  // MoE: [n_experts, dim]
+    std::vector<const Tensor*> expert_gate, expert_up, expert_down;  // MoE: one per expert
   };
 
   Transformer(std::shared_ptr<const Model> model, const RuntimeOptions& options);
@@ -135,6 +139,9 @@ class Transformer {
   absl::Status ForwardChunk(std::span<const BatchToken> tokens, float* logits_out);
   // y[t * y_stride + r] = W[r, :] · x[t, :] for all rows r, split over the pool.
   absl::Status MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride);
+  // The FFN half of a layer over n tokens: xb_ (normalised input) -> xb2_.
+  absl::Status DenseFfn(const Layer& L, int n);
+  absl::Status MoeFfn(const Layer& L, int n);
 
   std::shared_ptr<const Model> model_;
   RuntimeOptions options_;
@@ -154,6 +161,10 @@ class Transformer {
 
   // Activations for one chunk of at most max_batch tokens.
   std::vector<float> x_, xb_, xb2_, q_, k_, v_, hb_, hb2_;
+  // MoE scratch: router probabilities [b, n_experts]; each token's chosen experts and weights [b, k]; the rows
+  // routed to one expert, gathered [b, dim]; each (token, slot)'s expert output [b * k, dim].
+  std::vector<float> router_probs_, route_weight_, expert_x_, expert_out_;
+  std::vector<int> route_expert_, expert_rows_;
   // kQuip matrices' regenerated rotations, built on first use (core/kernels/quip.h).
   std::unordered_map<const Tensor*, std::shared_ptr<const kernels::QuipTransform>> quip_;
 };
