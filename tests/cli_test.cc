@@ -101,6 +101,14 @@ TEST(Cli, QuantizeInspectEvalGenerate) {
   ASSERT_EQ(e.exit_code, 0) << e.err;
   EXPECT_TRUE(absl::StrContains(e.out, "KL")) << e.out;
   EXPECT_TRUE(absl::StrContains(e.out, "top-1")) << e.out;
+  // Real text, cut to its first windows as llama-perplexity's --chunks: 3 windows of 32 tokens predict 3 x 31.
+  const std::string text = std::string(QFORGE_SHARED_DIR) + "/data/tinystories-eval.txt";
+  if (std::filesystem::exists(text)) {
+    Result t = RunQforge("eval " + out + " --base " + kStories + " --text " + text +
+                         " --window 32 --chunks 3 --streams 0");
+    ASSERT_EQ(t.exit_code, 0) << t.err;
+    EXPECT_TRUE(absl::StrContains(t.out, "(93 tokens)")) << t.out;
+  }
   // The file carries tok512 (found beside the checkpoint), so generation prints the card's opening words.
   Result g = RunQforge("generate " + out + " --max-tokens 8 --temperature 0");
   ASSERT_EQ(g.exit_code, 0) << g.err;

@@ -147,7 +147,7 @@ const std::vector<Command>& Commands() {
        "[--threads N]: generate text (streamed)",
        Generate},
       {"eval",
-       "eval MODEL [--base MODEL] [--text FILE] [--tokenizer TOK] [--streams N] [--stream-len L] [--seed S] "
+       "eval MODEL [--base MODEL] [--text FILE [--chunks N]] [--tokenizer TOK] [--streams N] [--stream-len L] [--seed S] "
        "[--window W] [--threads N]: perplexity, and KL / top-1 agreement against --base",
        Eval},
       {"convert", "convert IN OUT.{gguf,safetensors} [--tokenizer TOK]: rewrite a model in another format", Convert},

@@ -298,17 +298,19 @@ absl::Status Generate(const std::vector<std::string>& args, std::ostream& out) {
 
 absl::Status Eval(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"base", "text", "tokenizer", "streams", "stream-len", "seed",
-                                                 "window", "threads", "temperature"},
+                                                 "window", "chunks", "threads", "temperature"},
                                           {}));
   QF_ASSIGN_OR_RETURN(int streams, f.GetInt("streams", 8, 0, 100000));
   QF_ASSIGN_OR_RETURN(int stream_len, f.GetInt("stream-len", 0, 0, 1 << 24));
   QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("seed", 1));
   QF_ASSIGN_OR_RETURN(int window, f.GetInt("window", 0, 0, 1 << 24));
+  QF_ASSIGN_OR_RETURN(int chunks, f.GetInt("chunks", 0, 0, 1 << 24));
   QF_ASSIGN_OR_RETURN(int threads, f.GetInt("threads", 0, 0, 1024));
   QF_ASSIGN_OR_RETURN(double temperature, f.GetDouble("temperature", 1.0, 0.0, 100.0));
   if (window == 1) return UsageError("--window must be at least 2");
-  QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge eval MODEL [--base MODEL] [--text FILE] [--tokenizer TOK] "
-                                          "[--streams N] [--stream-len L] [--seed S] [--window W] [--threads N]"));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge eval MODEL [--base MODEL] [--text FILE [--chunks N]] "
+                                          "[--tokenizer TOK] [--streams N] [--stream-len L] [--seed S] [--window W] "
+                                          "[--threads N]"));
   if (streams == 0 && !f.Has("text")) return UsageError("nothing to evaluate: --streams 0 and no --text");
 
   QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0]));
@@ -333,15 +335,19 @@ absl::Status Eval(const std::vector<std::string>& args, std::ostream& out) {
 
   if (f.Has("text")) {
     if (!tokenizer) return absl::InvalidArgumentError("--text needs a tokenizer: pass --tokenizer");
+    QF_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.Get("text")));
+    QF_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text, /*add_bos=*/true));
+    // --chunks N: only the first N windows, as llama-perplexity's --chunks.
+    const size_t w = static_cast<size_t>(window > 0 ? window : subject->max_seq_len());
+    if (chunks > 0 && tokens.size() > static_cast<size_t>(chunks) * w) tokens.resize(static_cast<size_t>(chunks) * w);
+    const std::string what = absl::StrCat("text ", f.Get("text"));
     if (base) {
-      QF_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.Get("text")));
-      QF_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text, /*add_bos=*/true));
       QF_ASSIGN_OR_RETURN(eval::CompareResult r, eval::CompareModels(*base, *subject, tokens, window));
-      report(absl::StrCat("text ", f.Get("text")), r);
+      report(what, r);
     } else {
-      QF_ASSIGN_OR_RETURN(eval::PerplexityResult r, eval::EvalText(*subject, *tokenizer, f.Get("text"), window));
-      out << absl::StrFormat("text %s: perplexity %.4f (%d tokens, %d windows)\n", f.Get("text"), r.perplexity,
-                             r.tokens, r.windows);
+      QF_ASSIGN_OR_RETURN(eval::PerplexityResult r, eval::Perplexity(*subject, tokens, window));
+      out << absl::StrFormat("%s: perplexity %.4f (%d tokens, %d windows)\n", what, r.perplexity, r.tokens,
+                             r.windows);
     }
   }
   if (streams > 0) {
