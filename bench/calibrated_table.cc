@@ -1,9 +1,14 @@
 // Prints the table of docs/calibrated.md: GPTQ and AWQ next to RTN at the same bits and group, on the same models
-// and evaluation streams as the quality table (docs/quality.md). Calibration streams are sampled from the
-// fp32 model with a different seed than the evaluation streams, so no evaluated token was calibrated on.
+// and evaluation windows as the quality table (docs/quality.md): the first --eval-windows windows of --eval-text, or
+// token streams sampled from the fp32 model with seed 1. Calibration uses the first --calib-windows windows of
+// --calib-text (never the evaluation file), or streams sampled with another seed (--calib-seed), so no evaluated
+// token was calibrated on. The generated model (random weights, no vocabulary) is always measured on sampled
+// streams; --no-generated skips it.
 //
-//   calibrated_table [--stories PATH] [--streams N] [--stream-len L] [--calib-streams N] [--calib-len L]
+//   calibrated_table [--model PATH]... [--eval-text FILE] [--eval-windows N] [--window W] [--calib-text FILE]
+//                    [--calib-windows N] [--streams N] [--stream-len L] [--calib-streams N] [--calib-len L]
 //                    [--calib-seed S] [--threads T] [--no-generated]
+//   (--stories PATH is --model PATH; windows and streams are capped at the model's context)
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -21,8 +26,6 @@
 #include "core/base/thread_pool.h"
 #include "core/calib/collect.h"
 #include "core/eval/eval.h"
-#include "core/formats/formats.h"
-#include "core/model/synthetic.h"
 #include "core/quant/awq.h"
 #include "core/quant/quantize_model.h"
 #include "core/runtime/transformer.h"
@@ -63,13 +66,7 @@ const QuantConfig kConfigs[] = {
 };
 
 struct Options {
-  std::string stories;
-  int streams = 16;
-  int stream_len = 256;
-  int calib_streams = 64;
-  int calib_len = 256;
-  uint64_t calib_seed = 1000;
-  int threads = 0;
+  bench::TableFlags t;
   bool generated = true;
 };
 
@@ -99,19 +96,18 @@ void PrintHessianShape(const ModelConfig& c, const calib::CalibrationStats& stat
   std::printf("\n\n");
 }
 
-void Table(const std::string& title, const Model& base_model, const Options& o) {
-  auto base = MakeRuntime(kProgram, base_model, o.threads);
-  const int len = std::min(o.stream_len, base->max_seq_len());
-  auto streams = eval::SampleStreams(*base, o.streams, len, /*seed=*/1);
-  if (!streams.ok()) Die(kProgram, "sampling", streams.status());
-  const int calib_len = std::min(o.calib_len, base->max_seq_len());
+void Table(const std::string& title, const Model& base_model, const Options& o, bool sampled_only) {
+  auto base = MakeRuntime(kProgram, base_model, o.t.threads);
+  const bench::TokenSource eval_source = o.t.Eval(sampled_only), calib_source = o.t.Calib(sampled_only);
+  auto streams = bench::MakeWindows(eval_source, *base);
+  if (!streams.ok()) Die(kProgram, "evaluation windows", streams.status());
   auto t0 = std::chrono::steady_clock::now();
-  auto calib_streams = eval::SampleStreams(*base, o.calib_streams, calib_len, o.calib_seed);
-  if (!calib_streams.ok()) Die(kProgram, "calibration sampling", calib_streams.status());
-  const double t_sample = Seconds(t0);
+  auto calib_streams = bench::MakeWindows(calib_source, *base);
+  if (!calib_streams.ok()) Die(kProgram, "calibration windows", calib_streams.status());
+  const double t_windows = Seconds(t0);
   t0 = std::chrono::steady_clock::now();
   calib::CalibrationOptions co;
-  co.threads = o.threads;
+  co.threads = o.t.threads;
   co.include_classifier = false;
   auto stats = calib::CollectCalibration(base_model, *calib_streams, co);
   if (!stats.ok()) Die(kProgram, "calibration", stats.status());
@@ -119,16 +115,17 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
 
   const ModelConfig& c = base_model.config;
   std::printf("\n### %s\n\n", title.c_str());
-  std::printf("dim %d, hidden %d, %d layers, %d heads / %d kv heads, vocab %d. Evaluation: %d streams x %d tokens "
-              "sampled from fp32 (seed 1, T=1). Calibration: %d streams x %d tokens sampled from fp32 (seed %llu, "
-              "T=1), %.1f s to sample, %.1f s to collect.\n\n",
-              c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, o.streams, len,
-              o.calib_streams, calib_len, static_cast<unsigned long long>(o.calib_seed), t_sample, t_collect);
+  std::printf("dim %d, hidden %d, %d layers, %d heads / %d kv heads, vocab %d. Evaluation: %s. Calibration: %s, "
+              "%.1f s to %s, %.1f s to collect.%s\n\n",
+              c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size,
+              bench::Describe(eval_source, *streams).c_str(), bench::Describe(calib_source, *calib_streams).c_str(),
+              t_windows, calib_source.text.empty() ? "sample" : "read and tokenize", t_collect,
+              sampled_only ? bench::SampledOnlyNote(o.t).c_str() : "");
   PrintHessianShape(c, *stats);
   std::printf("| config | encodings | bits/weight (linear) | weight rel err | layer-output rel err (calib) | "
-              "KL mean (nats) | KL max | top-1 agreement | perplexity (streams) | quantize s | fallbacks |\n");
+              "KL mean (nats) | KL max | top-1 agreement | perplexity | quantize s | fallbacks |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|\n");
-  ThreadPool pool(o.threads);
+  ThreadPool pool(o.t.threads);
   std::vector<std::string> notes;
   for (const QuantConfig& qc : kConfigs) {
     Model m = base_model;
@@ -183,7 +180,7 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
         fallbacks = absl::StrFormat("%d of %d matrices", q->report.fallbacks.size(), q->report.tensors.size());
       }
     }
-    auto subject = MakeRuntime(kProgram, std::move(m), o.threads);
+    auto subject = MakeRuntime(kProgram, std::move(m), o.t.threads);
     auto r = eval::CompareModels(*base, *subject, *streams);
     if (!r.ok()) Die(kProgram, qc.label, r.status());
     std::printf("| %s | %s | %.3f | %s | %s | %.6f | %.4f | %.2f%% | %.4f | %s | %s |\n", qc.label, encodings.c_str(),
@@ -195,6 +192,11 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
   for (const std::string& n : notes) std::printf("%s\n\n", n.c_str());
 }
 
+int Usage(const std::string& why) {
+  std::fprintf(stderr, "%s: %s\n", kProgram, why.c_str());
+  return 2;
+}
+
 }  // namespace
 }  // namespace qforge
 
@@ -203,41 +205,14 @@ int main(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
-    auto next = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "calibrated_table: %s needs a value\n", a.c_str());
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--stories") o.stories = next();
-    else if (a == "--streams") o.streams = std::atoi(next().c_str());
-    else if (a == "--stream-len") o.stream_len = std::atoi(next().c_str());
-    else if (a == "--calib-streams") o.calib_streams = std::atoi(next().c_str());
-    else if (a == "--calib-len") o.calib_len = std::atoi(next().c_str());
-    else if (a == "--calib-seed") o.calib_seed = std::strtoull(next().c_str(), nullptr, 10);
-    else if (a == "--threads") o.threads = std::atoi(next().c_str());
-    else if (a == "--no-generated") o.generated = false;
-    else {
-      std::fprintf(stderr, "calibrated_table: unknown argument %s\n", a.c_str());
-      return 2;
-    }
+    auto shared = bench::ParseTableFlag(o.t, /*calibrates=*/true, argc, argv, i);
+    if (!shared.ok()) return Usage(std::string(shared.status().message()));
+    if (*shared) continue;
+    if (a == "--no-generated") o.generated = false;
+    else return Usage("unknown argument " + a);
   }
-  if (o.streams <= 0 || o.stream_len < 2 || o.calib_streams <= 0 || o.calib_len < 2) {
-    std::fprintf(stderr, "calibrated_table: stream counts must be positive and lengths at least 2\n");
-    return 2;
-  }
-  if (o.calib_seed == 1) {
-    std::fprintf(stderr, "calibrated_table: --calib-seed 1 is the evaluation seed\n");
-    return 2;
-  }
-  if (!o.stories.empty()) {
-    auto m = formats::LoadModel(o.stories);
-    if (!m.ok()) Die(kProgram, o.stories, m.status());
-    Table("stories260K (" + o.stories + ")", *m, o);
-  }
-  if (o.generated) {
-    Table(bench::kGeneratedEvalTitle, bench::GeneratedEvalModel(), o);
-  }
+  if (absl::Status s = bench::ValidateTableFlags(o.t); !s.ok()) return Usage(std::string(s.message()));
+  for (const std::string& path : o.t.models) Table(path, bench::LoadTableModel(kProgram, path, o.t), o, false);
+  if (o.generated) Table(bench::kGeneratedEvalTitle, bench::GeneratedEvalModel(), o, /*sampled_only=*/true);
   return 0;
 }

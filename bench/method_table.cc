@@ -1,12 +1,16 @@
 // Prints the method x bits x group table of docs/calibrated.md: every calibrated method (and RTN as the baseline)
-// at 2, 3, 4 and 8 bits and each group size, through the same path `qforge quantize` takes: calibrate on streams
-// sampled from the fp32 model (seed --calib-seed), the method's model transform (PrepareModel: AWQ's and
-// SmoothQuant's scale folds), QuantizeModel, then the runtime against fp32 on evaluation streams sampled with
-// seed 1, so no evaluated token was calibrated on. A method that is not registered, or a (bits, group) it
-// rejects, is reported as a row saying why, not skipped silently.
+// at 2, 3, 4 and 8 bits and each group size, through the same path `qforge quantize` takes: calibrate (on the first
+// --calib-windows windows of --calib-text, or on streams sampled from the fp32 model with seed --calib-seed), the
+// method's model transform (PrepareModel: AWQ's and SmoothQuant's scale folds), QuantizeModel, then the runtime
+// against fp32 on the evaluation windows (the first --eval-windows windows of --eval-text, or streams sampled with
+// seed 1), so no evaluated token was calibrated on (the two texts must be different files). A method that is not
+// registered, or a (bits, group) it rejects, is reported as a row saying why, not skipped silently. The generated
+// model (random weights, no vocabulary) is always measured on sampled streams.
 //
-//   method_table [--stories PATH] [--generated] [--streams N] [--stream-len L] [--calib-streams N]
+//   method_table [--model PATH]... [--generated] [--eval-text FILE] [--eval-windows N] [--window W]
+//                [--calib-text FILE] [--calib-windows N] [--streams N] [--stream-len L] [--calib-streams N]
 //                [--calib-len L] [--calib-seed S] [--threads T] [--methods a,b,...] [--groups 0,32]
+//   (--stories PATH is --model PATH; windows and streams are capped at the model's context)
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -22,7 +26,6 @@
 #include "core/base/thread_pool.h"
 #include "core/calib/collect.h"
 #include "core/eval/eval.h"
-#include "core/formats/formats.h"
 #include "core/quant/quant_method.h"
 #include "core/quant/quantize_model.h"
 #include "core/runtime/transformer.h"
@@ -35,14 +38,8 @@ using bench::MakeRuntime;
 constexpr char kProgram[] = "method_table";
 
 struct Options {
-  std::string stories;
+  bench::TableFlags t;
   bool generated = false;
-  int streams = 16;
-  int stream_len = 256;
-  int calib_streams = 64;
-  int calib_len = 256;
-  uint64_t calib_seed = 1000;
-  int threads = 0;
   std::vector<std::string> methods = {"rtn", "gptq", "awq", "quip", "spqr", "smoothquant"};
   std::vector<int> groups = {0, 32};
 };
@@ -70,26 +67,25 @@ double Seconds(std::chrono::steady_clock::time_point since) {
 
 std::string GroupLabel(int g) { return g == 0 ? "per-channel" : absl::StrCat("g", g); }
 
-void Table(const std::string& title, const Model& base_model, const Options& o) {
-  auto base = MakeRuntime(kProgram, base_model, o.threads);
-  const int len = std::min(o.stream_len, base->max_seq_len());
-  auto streams = eval::SampleStreams(*base, o.streams, len, /*seed=*/1);
-  if (!streams.ok()) Die(kProgram, "sampling", streams.status());
-  const int calib_len = std::min(o.calib_len, base->max_seq_len());
-  auto calib_streams = eval::SampleStreams(*base, o.calib_streams, calib_len, o.calib_seed);
-  if (!calib_streams.ok()) Die(kProgram, "calibration sampling", calib_streams.status());
+void Table(const std::string& title, const Model& base_model, const Options& o, bool sampled_only) {
+  auto base = MakeRuntime(kProgram, base_model, o.t.threads);
+  const bench::TokenSource eval_source = o.t.Eval(sampled_only), calib_source = o.t.Calib(sampled_only);
+  auto streams = bench::MakeWindows(eval_source, *base);
+  if (!streams.ok()) Die(kProgram, "evaluation windows", streams.status());
+  auto calib_streams = bench::MakeWindows(calib_source, *base);
+  if (!calib_streams.ok()) Die(kProgram, "calibration windows", calib_streams.status());
   calib::CalibrationOptions co;
-  co.threads = o.threads;
+  co.threads = o.t.threads;
   co.include_classifier = false;
   auto stats = calib::CollectCalibration(base_model, *calib_streams, co);
   if (!stats.ok()) Die(kProgram, "calibration", stats.status());
 
   const ModelConfig& c = base_model.config;
   std::printf("\n### %s\n\n", title.c_str());
-  std::printf("dim %d, hidden %d, %d layers, %d heads / %d kv heads, vocab %d. Evaluation: %d streams x %d tokens "
-              "sampled from fp32 (seed 1, T=1). Calibration: %d streams x %d tokens sampled from fp32 (seed %llu).\n\n",
-              c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, o.streams, len,
-              o.calib_streams, calib_len, static_cast<unsigned long long>(o.calib_seed));
+  std::printf("dim %d, hidden %d, %d layers, %d heads / %d kv heads, vocab %d. Evaluation: %s. Calibration: %s.%s\n\n",
+              c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size,
+              bench::Describe(eval_source, *streams).c_str(), bench::Describe(calib_source, *calib_streams).c_str(),
+              sampled_only ? bench::SampledOnlyNote(o.t).c_str() : "");
   std::printf("| method | bits | group | encodings | bits/weight (linear) | linear size (KiB) | model size (KiB) | "
               "perplexity | KL mean (nats) | top-1 agreement | quantize s | fallbacks |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
@@ -102,7 +98,7 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
               fp_bytes / 1024.0, fp->base.perplexity);
   std::fflush(stdout);
 
-  ThreadPool pool(o.threads);
+  ThreadPool pool(o.t.threads);
   for (const std::string& name : o.methods) {
     const quant::QuantMethod* method = quant::FindMethod(name);
     if (method == nullptr) {
@@ -155,7 +151,7 @@ void Table(const std::string& title, const Model& base_model, const Options& o) 
               : absl::StrFormat("%d of %d", q->report.fallbacks.size(), q->report.tensors.size());
       const double bpw = q->report.bits_per_weight;
       const size_t linear_bytes = q->report.bytes_after, model_bytes = q->report.model_bytes_after;
-      auto subject = MakeRuntime(kProgram, std::move(q->model), o.threads);
+      auto subject = MakeRuntime(kProgram, std::move(q->model), o.t.threads);
       auto r = eval::CompareModels(*base, *subject, *streams);
       if (!r.ok()) Die(kProgram, row, r.status());
       std::printf("%s %s | %.3f | %.1f | %.1f | %.4f | %.6f | %.2f%% | %.1f | %s |\n", row.c_str(), encodings.c_str(),
@@ -180,21 +176,18 @@ int main(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
+    auto shared = bench::ParseTableFlag(o.t, /*calibrates=*/true, argc, argv, i);
+    if (!shared.ok()) return Usage(std::string(shared.status().message()));
+    if (*shared) continue;
     if (a == "--generated") {
       o.generated = true;
       continue;
     }
+    if (a != "--methods" && a != "--groups") return Usage("unknown argument " + a);
     if (i + 1 >= argc) return Usage(a + " needs a value");
     const std::string v = argv[++i];
     bool ok = true;
-    if (a == "--stories") o.stories = v;
-    else if (a == "--streams") ok = absl::SimpleAtoi(v, &o.streams);
-    else if (a == "--stream-len") ok = absl::SimpleAtoi(v, &o.stream_len);
-    else if (a == "--calib-streams") ok = absl::SimpleAtoi(v, &o.calib_streams);
-    else if (a == "--calib-len") ok = absl::SimpleAtoi(v, &o.calib_len);
-    else if (a == "--calib-seed") ok = absl::SimpleAtoi(v, &o.calib_seed);
-    else if (a == "--threads") ok = absl::SimpleAtoi(v, &o.threads);
-    else if (a == "--methods") o.methods = absl::StrSplit(v, ',');
+    if (a == "--methods") o.methods = absl::StrSplit(v, ',');
     else if (a == "--groups") {
       o.groups.clear();
       for (absl::string_view g : absl::StrSplit(v, ',')) {
@@ -202,21 +195,12 @@ int main(int argc, char** argv) {
         ok = ok && absl::SimpleAtoi(g, &n) && n >= 0;
         o.groups.push_back(n);
       }
-    } else {
-      return Usage("unknown argument " + a);
     }
     if (!ok) return Usage("bad value for " + a);
   }
-  if (o.streams <= 0 || o.stream_len < 2 || o.calib_streams <= 0 || o.calib_len < 2) {
-    return Usage("stream counts must be positive and lengths at least 2");
-  }
-  if (o.calib_seed == 1) return Usage("--calib-seed 1 is the evaluation seed");
-  if (o.stories.empty() && !o.generated) return Usage("nothing to measure: give --stories PATH and/or --generated");
-  if (!o.stories.empty()) {
-    auto m = formats::LoadModel(o.stories);
-    if (!m.ok()) Die(kProgram, o.stories, m.status());
-    Table("stories260K (" + o.stories + ")", *m, o);
-  }
-  if (o.generated) Table(bench::kGeneratedEvalTitle, bench::GeneratedEvalModel(), o);
+  if (absl::Status s = bench::ValidateTableFlags(o.t); !s.ok()) return Usage(std::string(s.message()));
+  if (o.t.models.empty() && !o.generated) return Usage("nothing to measure: give --model PATH and/or --generated");
+  for (const std::string& path : o.t.models) Table(path, bench::LoadTableModel(kProgram, path, o.t), o, false);
+  if (o.generated) Table(bench::kGeneratedEvalTitle, bench::GeneratedEvalModel(), o, /*sampled_only=*/true);
   return 0;
 }
