@@ -19,15 +19,18 @@ ThreadPool::~ThreadPool() {
 }
 
 namespace {
-// Chunk `index` of `chunks` equal parts of [0, n).
-inline void ChunkRange(int64_t n, int chunks, int index, int64_t* begin, int64_t* end) {
-  *begin = n * index / chunks;
-  *end = n * (index + 1) / chunks;
+// Chunk `index` of `chunks` near-equal parts of [0, n), inner boundaries rounded down to multiples of align.
+inline void ChunkRange(int64_t n, int chunks, int index, int64_t align, int64_t* begin, int64_t* end) {
+  auto boundary = [&](int i) { return i == chunks ? n : std::min(n, n * i / chunks / align * align); };
+  *begin = boundary(index);
+  *end = boundary(index + 1);
 }
 }  // namespace
 
-void ThreadPool::ParallelFor(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn) {
+void ThreadPool::ParallelFor(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn,
+                             int64_t align) {
   if (n <= 0) return;
+  align = std::max<int64_t>(1, align);
   const int64_t max_chunks = std::max<int64_t>(1, n / std::max<int64_t>(1, min_chunk));
   const int chunks = static_cast<int>(std::min<int64_t>(size(), max_chunks));
   if (chunks <= 1) {
@@ -39,13 +42,14 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_chunk, const std::function<v
     job_ = &fn;
     job_n_ = n;
     job_chunks_ = chunks;
+    job_align_ = align;
     pending_ = chunks - 1;
     ++generation_;
   }
   start_cv_.notify_all();
   int64_t b, e;
-  ChunkRange(n, chunks, 0, &b, &e);
-  fn(b, e);
+  ChunkRange(n, chunks, 0, align, &b, &e);
+  if (b < e) fn(b, e);
   std::unique_lock<std::mutex> lock(mu_);
   done_cv_.wait(lock, [this] { return pending_ == 0; });
   job_ = nullptr;
@@ -57,6 +61,7 @@ void ThreadPool::WorkerLoop(int index) {
     const std::function<void(int64_t, int64_t)>* job;
     int64_t n;
     int chunks;
+    int64_t align;
     {
       std::unique_lock<std::mutex> lock(mu_);
       start_cv_.wait(lock, [&] { return stop_ || generation_ != seen; });
@@ -65,11 +70,12 @@ void ThreadPool::WorkerLoop(int index) {
       job = job_;
       n = job_n_;
       chunks = job_chunks_;
+      align = job_align_;
     }
     if (index < chunks) {
       int64_t b, e;
-      ChunkRange(n, chunks, index, &b, &e);
-      (*job)(b, e);
+      ChunkRange(n, chunks, index, align, &b, &e);
+      if (b < e) (*job)(b, e);
       std::lock_guard<std::mutex> lock(mu_);
       if (--pending_ == 0) done_cv_.notify_all();
     }

@@ -21,8 +21,10 @@ class ThreadPool {
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
   // Calls fn(begin, end) over disjoint chunks covering [0, n), on the pool and the calling thread,
-  // and returns when all are done. Chunks are at least `min_chunk` long. Not reentrant.
-  void ParallelFor(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn);
+  // and returns when all are done. Chunks are at least `min_chunk` long, and every chunk boundary but n is a
+  // multiple of `align`. Not reentrant.
+  void ParallelFor(int64_t n, int64_t min_chunk, const std::function<void(int64_t, int64_t)>& fn,
+                   int64_t align = 1);
 
  private:
   void WorkerLoop(int index);
@@ -34,6 +36,7 @@ class ThreadPool {
   const std::function<void(int64_t, int64_t)>* job_ = nullptr;
   int64_t job_n_ = 0;
   int job_chunks_ = 0;
+  int64_t job_align_ = 1;
   uint64_t generation_ = 0;
   int pending_ = 0;
   bool stop_ = false;

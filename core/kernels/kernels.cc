@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
+#include "core/kernels/int_dot.h"
 #include "core/kernels/kernels_internal.h"
 #include "core/kernels/quip.h"
 
@@ -181,6 +182,72 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
     case Isa::kAvx512: internal::MatMulAvx512(v, row_begin, row_end, x, n, y, y_stride); break;
     case Isa::kAvx2: internal::MatMulAvx2(v, row_begin, row_end, x, n, y, y_stride); break;
     case Isa::kScalar: internal::MatMulScalar(v, row_begin, row_end, x, n, y, y_stride); break;
+  }
+  return absl::OkStatus();
+}
+
+namespace {
+
+internal::ActType ActTypeOf(WeightType t) {
+  switch (t) {
+    case WeightType::kQ8_0:
+    case WeightType::kQ4_0: return internal::ActType::kQ8_0;
+    case WeightType::kQ4_K: return internal::ActType::kQ8_K;
+    default: return internal::ActType::kNone;
+  }
+}
+
+}  // namespace
+
+bool HasIntegerKernel(WeightType t) { return ActTypeOf(t) != internal::ActType::kNone; }
+
+absl::Status PrepareInput(const Tensor& w, const float* x, int64_t n, ActivationMode mode, MatMulInput* in) {
+  if (n < 0) return absl::InvalidArgumentError("negative token count");
+  in->x_ = x;
+  in->n_ = n;
+  in->cols_ = w.cols();
+  const internal::ActType act = mode == ActivationMode::kInt8 ? ActTypeOf(w.format.type) : internal::ActType::kNone;
+  in->act_type_ = static_cast<uint8_t>(act);
+  if (act == internal::ActType::kNone) return absl::OkStatus();
+  if (w.cols() % internal::ActBlock(act) != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", w.name, "': ", w.cols(), " columns are not a multiple of ",
+                                                   internal::ActBlock(act)));
+  }
+  const internal::ActRowLayout l = internal::GetActRowLayout(act, w.cols());
+  in->row_bytes_ = l.bytes;
+  in->buffer_.resize(l.bytes * static_cast<size_t>(n));
+  const bool simd = ActiveIsa() != Isa::kScalar;
+  for (int64_t t = 0; t < n; ++t) {
+    uint8_t* row = in->buffer_.data() + l.bytes * static_cast<size_t>(t);
+    if (simd) internal::QuantizeActAvx2(act, x + t * w.cols(), w.cols(), row);
+    else internal::QuantizeActScalar(act, x + t * w.cols(), w.cols(), row);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, const MatMulInput& in, float* y,
+                        int64_t y_stride) {
+  if (!in.quantized()) return MatMulRows(w, row_begin, row_end, in.x(), in.n(), y, y_stride);
+  QF_RETURN_IF_ERROR(CheckRows(w, row_begin, row_end));
+  if (in.cols() != w.cols() || ActTypeOf(w.format.type) != static_cast<internal::ActType>(in.act_type_)) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", w.name, "': input prepared for another weight"));
+  }
+  if (in.n() > 1 && y_stride < row_end) {
+    return absl::InvalidArgumentError(absl::StrCat("y_stride ", y_stride, " < row_end ", row_end));
+  }
+  QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
+  if (in.n() == 0 || row_begin == row_end) return absl::OkStatus();
+  const internal::ActType act = static_cast<internal::ActType>(in.act_type_);
+  const internal::ActView a{act, in.buffer_.data(), in.row_bytes_, internal::GetActRowLayout(act, w.cols())};
+  switch (ActiveIsa()) {
+    case Isa::kAvx512:
+      if (internal::HasAvx512Vnni()) {
+        internal::IntMatMulAvx512(v, row_begin, row_end, a, in.n(), y, y_stride);
+        break;
+      }
+      [[fallthrough]];
+    case Isa::kAvx2: internal::IntMatMulAvx2(v, row_begin, row_end, a, in.n(), y, y_stride); break;
+    case Isa::kScalar: internal::IntMatMulScalar(v, row_begin, row_end, a, in.n(), y, y_stride); break;
   }
   return absl::OkStatus();
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "core/model/tensor.h"
@@ -32,5 +33,43 @@ absl::Status DequantizeRows(const Tensor& w, int64_t row_begin, int64_t row_end,
 // Single-threaded: the caller splits rows across threads.
 absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, const float* x, int64_t n,
                         float* y, int64_t y_stride);
+
+// How a matmul treats its activations. kInt8 (llama.cpp's way, the default) quantizes each token's x once per
+// matmul into 8-bit blocks for the weight formats with an integer kernel (HasIntegerKernel: Q8_0, Q4_0 with
+// 32-column Q8_0 blocks; Q4_K with 256-column Q8_K blocks) and sums the products in integers (int_dot.h has
+// the exact numerics); every other format, and kFloat for all of them, multiplies fp32 activations (the
+// reference mode: no activation error).
+enum class ActivationMode { kFloat, kInt8 };
+
+// Whether `t` has an integer dot kernel (and so takes quantized activations in ActivationMode::kInt8).
+bool HasIntegerKernel(WeightType t);
+
+// The activations of one matmul (n token rows of cols floats), prepared once by PrepareInput and then shared by
+// every row range of the product, on any thread. Holds a pointer to x: x must outlive it. Reusable: a second
+// PrepareInput keeps the buffer's memory.
+class MatMulInput {
+ public:
+  const float* x() const { return x_; }
+  int64_t n() const { return n_; }
+  int64_t cols() const { return cols_; }
+  bool quantized() const { return act_type_ != 0; }
+
+ private:
+  friend absl::Status PrepareInput(const Tensor&, const float*, int64_t, ActivationMode, MatMulInput*);
+  friend absl::Status MatMulRows(const Tensor&, int64_t, int64_t, const MatMulInput&, float*, int64_t);
+  const float* x_ = nullptr;
+  int64_t n_ = 0, cols_ = 0;
+  uint8_t act_type_ = 0;  // internal::ActType
+  size_t row_bytes_ = 0;
+  std::vector<uint8_t> buffer_;
+};
+
+// Prepares x (n rows of w.cols() floats) for products with `w` in `mode` (quantizing it when w has an integer
+// kernel and mode is kInt8).
+absl::Status PrepareInput(const Tensor& w, const float* x, int64_t n, ActivationMode mode, MatMulInput* in);
+
+// MatMulRows over a prepared input: y[t * y_stride + r] for rows [row_begin, row_end) and its n tokens.
+absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, const MatMulInput& in, float* y,
+                        int64_t y_stride);
 
 }  // namespace qforge::kernels

@@ -650,5 +650,164 @@ TEST(KernelsTest, RejectsBadArguments) {
   EXPECT_FALSE(DequantizeRows(broken, 0, 1, out.data()).ok());
 }
 
+// ---- Integer dot products (int_dot.h): activations quantized per matmul, integer sums per block. ----
+
+namespace int_dot {
+
+struct IntCase {
+  WeightType type;
+  int64_t rows, cols;
+};
+// Row counts around the 8-row groups (1, 7, 8, 9, 17) and several blocks per row.
+std::vector<IntCase> IntCases() {
+  std::vector<IntCase> cases;
+  for (WeightType t : {WeightType::kQ8_0, WeightType::kQ4_0}) {
+    for (int64_t rows : {1, 7, 9, 17}) cases.push_back({t, rows, 32 * static_cast<int64_t>(rows % 5 + 1)});
+    cases.push_back({t, 24, 1024});
+  }
+  for (int64_t rows : {1, 8, 9, 13}) cases.push_back({WeightType::kQ4_K, rows, 256 * (rows % 3 + 1)});
+  return cases;
+}
+
+std::vector<float> RunInt(const Tensor& w, int64_t r0, int64_t r1, const std::vector<float>& x, int64_t n,
+                          int64_t stride) {
+  MatMulInput in;
+  EXPECT_TRUE(PrepareInput(w, x.data(), n, ActivationMode::kInt8, &in).ok());
+  EXPECT_TRUE(in.quantized());
+  std::vector<float> y(static_cast<size_t>(n * stride), -7.0f);
+  EXPECT_TRUE(MatMulRows(w, r0, r1, in, y.data(), stride).ok());
+  return y;
+}
+
+// Every ISA gives the scalar reference's bits, for whole matrices and for row ranges that cut 8-row groups.
+TEST(IntDotTest, EveryIsaEqualsTheScalarReferenceBitForBit) {
+  IsaGuard guard;
+  uint32_t seed = 500;
+  for (const IntCase& c : IntCases()) {
+    const Tensor w = RandomTensor(WeightFormat::Of(c.type), c.rows, c.cols, seed++);
+    for (int64_t n : {1, 2, 4, 5, 11}) {
+      const std::vector<float> x = RandomX(n, c.cols, seed++);
+      const int64_t r0 = c.rows > 3 ? 1 : 0, stride = c.rows + 2;
+      SetIsa(Isa::kScalar);
+      const std::vector<float> want = RunInt(w, r0, c.rows, x, n, stride);
+      for (Isa isa : {Isa::kAvx2, Isa::kAvx512}) {
+        if (SetIsa(isa) != isa) continue;
+        SCOPED_TRACE(absl::StrCat(FormatName(WeightFormat::Of(c.type)), " ", c.rows, "x", c.cols, " n=", n, " ",
+                                  IsaName(isa)));
+        const std::vector<float> got = RunInt(w, r0, c.rows, x, n, stride);
+        ASSERT_EQ(std::memcmp(got.data(), want.data(), got.size() * sizeof(float)), 0);
+      }
+    }
+  }
+}
+
+// The quantized activations themselves are the same bytes from the scalar and the SIMD quantizer, and follow
+// ggml's rules: Q8_0 d = fp16(max|x| / 127), codes round(x * 127 / max|x|); Q8_K codes of the largest-|x|
+// element are -127.
+TEST(IntDotTest, ActivationQuantizationIsGgmlsAndIsaIndependent) {
+  IsaGuard guard;
+  std::vector<float> x = RandomX(1, 512, 77);
+  x[5] = 9.0f;     // the Q8_0 block 0 maximum, and the Q8_K block 0 maximum
+  x[300] = -6.0f;  // block 1 of Q8_K: a negative maximum
+  for (WeightType t : {WeightType::kQ8_0, WeightType::kQ4_K}) {
+    const Tensor w = RandomTensor(WeightFormat::Of(t), 1, 512, 3);
+    SetIsa(Isa::kScalar);
+    const std::vector<float> ref = RunInt(w, 0, 1, x, 1, 1);
+    if (SetIsa(Isa::kAvx2) == Isa::kAvx2) EXPECT_EQ(FloatBits(RunInt(w, 0, 1, x, 1, 1)[0]), FloatBits(ref[0]));
+  }
+  // A one-block row with a unit weight at column 5 reads back the quantized x[5]: Q8_0 gives d * 127 = x[5]
+  // rounded through fp16.
+  std::vector<uint8_t> b(34, 0);
+  PutHalf(b, 0, 1.0f);
+  b[2 + 5] = 1;
+  const Tensor unit = Tensor::FromBytes("w", {1, 32}, WeightFormat::Of(WeightType::kQ8_0), b);
+  std::vector<float> x32(x.begin(), x.begin() + 32);
+  SetIsa(Isa::kScalar);
+  const float got = RunInt(unit, 0, 1, x32, 1, 1)[0];
+  EXPECT_EQ(got, HalfToFloat(FloatToHalf(9.0f / 127.0f)) * 127.0f);
+}
+
+// Against plain arithmetic: dequantized weights times dequantized activations, in double, is what the integer
+// kernel computes up to fp32 rounding; and against fp32 activations the error is the activation grid's.
+TEST(IntDotTest, MatchesDequantizedArithmetic) {
+  IsaGuard guard;
+  SetIsa(Isa::kScalar);
+  for (const IntCase& c : IntCases()) {
+    SCOPED_TRACE(FormatName(WeightFormat::Of(c.type)));
+    const Tensor w = RandomTensor(WeightFormat::Of(c.type), c.rows, c.cols, 9);
+    std::vector<float> dq(static_cast<size_t>(c.rows * c.cols));
+    ASSERT_TRUE(DequantizeRows(w, 0, c.rows, dq.data()).ok());
+    const std::vector<float> x = RandomX(1, c.cols, 10);
+    const std::vector<float> y = RunInt(w, 0, c.rows, x, 1, c.rows);
+    // The activations as the kernel sees them: each block on its grid (ggml's Q8_0 or Q8_K rule).
+    const int block = c.type == WeightType::kQ4_K ? 256 : 32;
+    std::vector<double> xq(x.size());
+    for (int64_t b0 = 0; b0 < c.cols; b0 += block) {
+      float amax = 0, vmax = 0;
+      for (int j = 0; j < block; ++j) {
+        if (std::fabs(x[b0 + j]) > amax) amax = std::fabs(x[b0 + j]), vmax = x[b0 + j];
+      }
+      for (int j = 0; j < block; ++j) {
+        if (block == 32) {
+          xq[b0 + j] = std::nearbyint(x[b0 + j] * (127.0f / amax)) * HalfToFloat(FloatToHalf(amax / 127.0f));
+        } else {
+          const float iscale = -127.0f / vmax;
+          xq[b0 + j] = std::min(127.0f, std::nearbyint(iscale * x[b0 + j])) / iscale;
+        }
+      }
+    }
+    for (int64_t r = 0; r < c.rows; ++r) {
+      double want = 0, exact = 0, mag = 0;
+      for (int64_t k = 0; k < c.cols; ++k) {
+        want += static_cast<double>(dq[r * c.cols + k]) * xq[k];
+        exact += static_cast<double>(dq[r * c.cols + k]) * x[k];
+        mag += std::fabs(static_cast<double>(dq[r * c.cols + k]) * x[k]);
+      }
+      EXPECT_NEAR(y[r], want, 1e-4 * mag) << "row " << r;
+      EXPECT_NEAR(y[r], exact, 2e-2 * mag) << "row " << r;  // activation rounding: about 1/254 per element
+    }
+  }
+}
+
+// Batch invariance with quantized activations: a token's outputs are the same bytes alone or at any position
+// among others, on every ISA.
+TEST(IntDotTest, BatchInvariantOnEveryIsa) {
+  IsaGuard guard;
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (SetIsa(isa) != isa) continue;
+    for (const IntCase& c : IntCases()) {
+      SCOPED_TRACE(absl::StrCat(FormatName(WeightFormat::Of(c.type)), " ", IsaName(isa)));
+      const Tensor w = RandomTensor(WeightFormat::Of(c.type), c.rows, c.cols, 21);
+      const std::vector<float> x = RandomX(9, c.cols, 22);
+      const std::vector<float> all = RunInt(w, 0, c.rows, x, 9, c.rows);
+      for (int64_t t = 0; t < 9; ++t) {
+        const std::vector<float> one(x.begin() + t * c.cols, x.begin() + (t + 1) * c.cols);
+        const std::vector<float> alone = RunInt(w, 0, c.rows, one, 1, c.rows);
+        ASSERT_EQ(std::memcmp(alone.data(), &all[t * c.rows], c.rows * sizeof(float)), 0) << "token " << t;
+      }
+    }
+  }
+}
+
+TEST(IntDotTest, FloatModeAndOtherFormatsKeepFloats) {
+  const Tensor q = RandomTensor(WeightFormat::Of(WeightType::kQ4_0), 4, 64, 1);
+  const Tensor f = RandomTensor(WeightFormat::F32(), 4, 64, 1);
+  const std::vector<float> x = RandomX(1, 64, 2);
+  MatMulInput in;
+  ASSERT_TRUE(PrepareInput(q, x.data(), 1, ActivationMode::kFloat, &in).ok());
+  EXPECT_FALSE(in.quantized());
+  ASSERT_TRUE(PrepareInput(f, x.data(), 1, ActivationMode::kInt8, &in).ok());
+  EXPECT_FALSE(in.quantized());
+  EXPECT_TRUE(HasIntegerKernel(WeightType::kQ4_K));
+  EXPECT_FALSE(HasIntegerKernel(WeightType::kNF4));
+  // An input prepared for one weight is refused by another.
+  ASSERT_TRUE(PrepareInput(q, x.data(), 1, ActivationMode::kInt8, &in).ok());
+  const Tensor q8 = RandomTensor(WeightFormat::Of(WeightType::kQ4_K), 4, 256, 1);
+  std::vector<float> y(4);
+  EXPECT_FALSE(MatMulRows(q8, 0, 4, in, y.data(), 4).ok());
+}
+
+}  // namespace int_dot
+
 }  // namespace
 }  // namespace qforge::kernels

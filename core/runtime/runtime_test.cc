@@ -48,8 +48,11 @@ double MaxRelativeError(const float* fast, const std::vector<double>& ref) {
   return err / scale;
 }
 
-void ExpectMatchesReference(std::shared_ptr<const Model> m, const std::vector<int>& tokens, double tol) {
-  auto rt = MakeRuntime(m);
+// max_argmax_mismatches: positions whose argmax may differ from the reference's (near-ties under activation
+// quantization).
+void ExpectMatchesReference(std::shared_ptr<const Model> m, const std::vector<int>& tokens, double tol,
+                            RuntimeOptions o = {.threads = 2}, int max_argmax_mismatches = 0) {
+  auto rt = MakeRuntime(m, o);
   ASSERT_NE(rt, nullptr);
   const int vocab = m->config.vocab_size;
   std::vector<float> logits(tokens.size() * vocab);
@@ -65,7 +68,7 @@ void ExpectMatchesReference(std::shared_ptr<const Model> m, const std::vector<in
     const int ref_arg = static_cast<int>(std::max_element(ref[p].begin(), ref[p].end()) - ref[p].begin());
     if (Sampler::Argmax(std::span<const float>(&logits[p * vocab], vocab)) != ref_arg) ++argmax_mismatch;
   }
-  EXPECT_EQ(argmax_mismatch, 0);
+  EXPECT_LE(argmax_mismatch, max_argmax_mismatches);
   ::testing::Test::RecordProperty("worst_relative_error", std::to_string(worst));
   std::cout << "worst relative logit error " << worst << "\n";
 }
@@ -155,8 +158,9 @@ Tensor ToQ8_0(const Tensor& t) {
   return Tensor::FromBytes(t.name, t.shape, WeightFormat::Of(WeightType::kQ8_0), std::move(bytes));
 }
 
-// Every matrix (the embedding included) in Q8_0, on every ISA the CPU has: the fast path, which decodes
-// inside the dot products, agrees with the reference, which decodes whole rows first.
+// Every matrix (the embedding included) in Q8_0, on every ISA the CPU has: with fp32 activations the fast path,
+// which decodes inside the dot products, agrees with the reference, which decodes whole rows first; with int8
+// activations (the default, llama.cpp's way) it is off by the activation grid's error only.
 TEST(Runtime, QuantizedWeightsMatchReferenceOnEveryIsa) {
   ModelConfig c = TinyTestConfig();
   Model m = MakeSyntheticModel(c, 17);
@@ -175,7 +179,9 @@ TEST(Runtime, QuantizedWeightsMatchReferenceOnEveryIsa) {
   for (kernels::Isa isa : {kernels::Isa::kScalar, kernels::Isa::kAvx2, kernels::Isa::kAvx512}) {
     if (kernels::SetIsa(isa) != isa) continue;
     SCOPED_TRACE(kernels::IsaName(isa));
-    ExpectMatchesReference(shared, TestTokens(33, c.vocab_size, 8), 1e-4);
+    ExpectMatchesReference(shared, TestTokens(33, c.vocab_size, 8), 1e-4,
+                           {.threads = 2, .activations = kernels::ActivationMode::kFloat});
+    ExpectMatchesReference(shared, TestTokens(33, c.vocab_size, 8), 6e-2, {.threads = 2}, 2);
   }
   kernels::SetIsa(original);
 }

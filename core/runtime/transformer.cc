@@ -140,21 +140,23 @@ absl::Status Transformer::MatMul(const Tensor& w, const float* x, int n, float* 
   }
   const int64_t rows = w.rows();
   const int64_t cols = w.cols();
-  // Chunks of at least ~32K multiply-adds so that small matrices are not drowned in dispatch overhead.
+  QF_RETURN_IF_ERROR(kernels::PrepareInput(w, x, n, options_.activations, &input_));
+  // Chunks of at least ~32K multiply-adds so that small matrices are not drowned in dispatch overhead, in
+  // whole groups of eight rows (the integer kernels' unit).
   const int64_t work_per_row = std::max<int64_t>(1, cols * n);
-  const int64_t min_chunk = std::max<int64_t>(1, (32 * 1024) / work_per_row);
+  const int64_t min_chunk = std::max<int64_t>(8, (32 * 1024) / work_per_row + 7) / 8 * 8;
   // The kernels are batch-invariant (kernels.h): a token's outputs do not depend on the others in the call, so
   // a sequence computes the same bits alone, chunked any way, or batched with other sequences.
   std::atomic<bool> failed{false};
   std::mutex mu;
   absl::Status first_error;
   pool_.ParallelFor(rows, min_chunk, [&](int64_t begin, int64_t end) {
-    const absl::Status s = kernels::MatMulRows(w, begin, end, x, n, y, y_stride);
+    const absl::Status s = kernels::MatMulRows(w, begin, end, input_, y, y_stride);
     if (!s.ok() && !failed.exchange(true)) {
       std::lock_guard<std::mutex> lock(mu);
       first_error = s;
     }
-  });
+  }, /*align=*/8);
   if (failed.load()) {
     std::lock_guard<std::mutex> lock(mu);
     return absl::Status(first_error.code(), absl::StrCat(w.name, ": ", first_error.message()));

@@ -15,17 +15,22 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/base/thread_pool.h"
+#include "core/kernels/kernels.h"
 #include "core/model/model.h"
 
 namespace qforge {
 namespace kernels {
 class QuipTransform;
-}
+}  // namespace kernels
 
 struct RuntimeOptions {
   int threads = 0;      // worker threads for matmuls and attention; <= 0 means hardware concurrency
   int max_seq_len = 0;  // KV-cache capacity in positions; <= 0 means the model's seq_len
   int max_batch = 64;   // tokens per internal chunk in Forward/ForwardBatch (bounds activation scratch memory)
+  // kInt8: each matmul quantizes its activations once into 8-bit blocks for the weight formats with integer
+  // kernels (Q8_0, Q4_0, Q4_K; kernels.h), as llama.cpp does. kFloat keeps fp32 activations throughout: the
+  // reference mode, without the activation error.
+  kernels::ActivationMode activations = kernels::ActivationMode::kInt8;
   // Calibration hook: when set, every matrix product (each linear layer and the classifier) first reports
   // its weight's name and its input x, n_tokens rows of `cols` floats (row-major, valid only during the
   // call). Called on the Forward caller's thread, once per chunk of at most max_batch tokens.
@@ -165,6 +170,7 @@ class Transformer {
   // routed to one expert, gathered [b, dim]; each (token, slot)'s expert output [b * k, dim].
   std::vector<float> router_probs_, route_weight_, expert_x_, expert_out_;
   std::vector<int> route_expert_, expert_rows_;
+  kernels::MatMulInput input_;  // the current matmul's activations, prepared once for every row range
   // kQuip matrices' regenerated rotations, built on first use (core/kernels/quip.h).
   std::unordered_map<const Tensor*, std::shared_ptr<const kernels::QuipTransform>> quip_;
 };

@@ -150,6 +150,10 @@ const std::vector<Command>& Commands() {
        "eval MODEL [--base MODEL] [--text FILE [--chunks N]] [--tokenizer TOK] [--streams N] [--stream-len L] [--seed S] "
        "[--window W] [--threads N]: perplexity, and KL / top-1 agreement against --base",
        Eval},
+      {"bench",
+       "bench MODEL [--threads 1,2] [-p 512] [-n 128] [-r 3] [--activations int8|float]: prompt (ppN) and decode "
+       "(tgN) tokens/s, as llama-bench reports them",
+       Bench},
       {"convert", "convert IN OUT.{gguf,safetensors} [--tokenizer TOK]: rewrite a model in another format", Convert},
       {"make-synthetic", "make-synthetic OUT [--dim ...]: write a random Llama model (tests, benchmarks)",
        MakeSynthetic},
