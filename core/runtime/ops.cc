@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/kernels/kernels.h"
+
 namespace qforge::runtime_ops {
 
 void RmsNorm(const float* x, const float* w, int n, float eps, float* out) {
@@ -57,6 +59,15 @@ void RouteTopK(float* logits, int n_experts, int k, int* experts, float* weights
 
 void AttendHead(const float* q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
                 float scale, float* scores, float* out) {
+  if (kernels::ActiveIsa() >= kernels::Isa::kAvx2) {
+    AttendHeadAvx2(q, k, v, stride, n_pos, head_dim, scale, scores, out);
+  } else {
+    AttendHeadScalar(q, k, v, stride, n_pos, head_dim, scale, scores, out);
+  }
+}
+
+void AttendHeadScalar(const float* q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
+                      float scale, float* scores, float* out) {
   for (int p = 0; p < n_pos; ++p) {
     const float* kp = k + p * stride;
     float dot = 0.0f;

@@ -6,12 +6,14 @@
 #include <map>
 #include <memory>
 #include <numeric>
+#include <random>
 #include <vector>
 
 #include "core/base/half.h"
 #include "core/kernels/kernels.h"
 #include "core/model/synthetic.h"
 #include "core/runtime/generate.h"
+#include "core/runtime/ops.h"
 #include "core/runtime/reference_forward.h"
 #include "core/runtime/sampler.h"
 #include "core/runtime/transformer.h"
@@ -119,6 +121,27 @@ TEST(Runtime, MoeMatchesFp64Reference) {
       total += seen;
     }
     EXPECT_EQ(total, 40 * c.n_experts_used);
+  }
+}
+
+// The AVX2 attention loops agree with the scalar reference up to summation order, for head sizes with and
+// without a remainder past the 8-wide vectors.
+TEST(RuntimeOps, AttendHeadAvx2AgreesWithScalar) {
+  if (kernels::DetectIsa() < kernels::Isa::kAvx2) GTEST_SKIP() << "no AVX2";
+  std::mt19937 rng(4);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int head_dim : {8, 20, 32, 128}) {
+    for (int n_pos : {1, 7, 100}) {
+      const int64_t stride = 3 * head_dim;
+      std::vector<float> q(head_dim), k(n_pos * stride), v(n_pos * stride);
+      for (auto* vec : {&q, &k, &v}) for (float& x : *vec) x = normal(rng);
+      std::vector<float> s1(n_pos), s2(n_pos), o1(head_dim), o2(head_dim);
+      const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+      runtime_ops::AttendHeadScalar(q.data(), k.data(), v.data(), stride, n_pos, head_dim, scale, s1.data(), o1.data());
+      runtime_ops::AttendHeadAvx2(q.data(), k.data(), v.data(), stride, n_pos, head_dim, scale, s2.data(), o2.data());
+      for (int i = 0; i < head_dim; ++i) EXPECT_NEAR(o1[i], o2[i], 1e-5f) << head_dim << " " << n_pos << " " << i;
+      for (int p = 0; p < n_pos; ++p) EXPECT_NEAR(s1[p], s2[p], 1e-5f);
+    }
   }
 }
 
