@@ -1,6 +1,7 @@
 // A fixed pool of worker threads for data-parallel loops (matmul rows, attention heads, quantizing rows).
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -30,16 +31,19 @@ class ThreadPool {
   void WorkerLoop(int index);
 
   std::vector<std::thread> workers_;
+  // Workers spin on generation_ for a while after each job and then sleep on start_cv_ (counted in sleepers_,
+  // so that ParallelFor takes the mutex only to wake sleepers); the caller spins on pending_ for the others.
   std::mutex mu_;
   std::condition_variable start_cv_;
-  std::condition_variable done_cv_;
+  // The current job, written before generation_ is bumped and read by workers after they see the new value.
   const std::function<void(int64_t, int64_t)>* job_ = nullptr;
   int64_t job_n_ = 0;
   int job_chunks_ = 0;
   int64_t job_align_ = 1;
-  uint64_t generation_ = 0;
-  int pending_ = 0;
-  bool stop_ = false;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0};
+  std::atomic<int> sleepers_{0};
+  std::atomic<bool> stop_{false};
 };
 
 // pool->ParallelFor(n, min_chunk, fn), or fn(0, n) on the calling thread when there is no pool (or one thread).
