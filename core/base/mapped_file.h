@@ -38,5 +38,7 @@ absl::StatusOr<std::string> ReadFileToString(const std::string& path);
 
 // Writes `bytes` to `path` through a temporary file and rename, so a crash never leaves a torn file.
 absl::Status WriteFileAtomically(const std::string& path, std::span<const uint8_t> bytes);
+// The same for a file made of `parts` one after another, written straight from their memory (no joined copy).
+absl::Status WriteFileAtomically(const std::string& path, std::span<const std::span<const uint8_t>> parts);
 
 }  // namespace qforge

@@ -545,11 +545,21 @@ absl::StatusOr<Model> ReadGguf(const std::string& path) {
   return m;
 }
 
-absl::StatusOr<std::vector<uint8_t>> SerializeGguf(const Model& m) {
+// A GGUF file as the byte ranges it is made of, in order: the header (metadata and tensor infos), then each
+// tensor's bytes (from the model's own memory) and its padding. WriteGguf streams them to the file; SerializeGguf
+// joins them.
+struct GgufParts {
+  std::vector<uint8_t> header;
+  std::vector<Tensor> stacked;  // the experts' stacked copies, kept alive for `parts`
+  std::vector<std::span<const uint8_t>> parts;
+};
+
+absl::StatusOr<GgufParts> MakeGgufParts(const Model& m) {
   QF_RETURN_IF_ERROR(ValidateModel(m));
+  GgufParts g;
   const ModelConfig& c = m.config;
   // Experts are written stacked, as llama.cpp loads them: one [n_experts, rows, cols] tensor per kind and layer.
-  std::vector<Tensor> stacked;
+  std::vector<Tensor>& stacked = g.stacked;
   std::set<std::string> in_stacks;
   for (int l = 0; c.is_moe() && l < c.n_layers; ++l) {
     for (const auto& [name, expert_name] : StackedExpertNames(l)) {
@@ -638,16 +648,30 @@ absl::StatusOr<std::vector<uint8_t>> SerializeGguf(const Model& m) {
     offset = (offset + t->nbytes + kDefaultAlignment - 1) / kDefaultAlignment * kDefaultAlignment;
   }
   w.Pad(kDefaultAlignment);
+  g.header = std::move(w.out());
+  static constexpr uint8_t kZeros[kDefaultAlignment] = {};
+  g.parts.push_back(g.header);
   for (const auto& [t, type] : tensors) {
-    w.out().insert(w.out().end(), t->data, t->data + t->nbytes);
-    w.Pad(kDefaultAlignment);
+    g.parts.emplace_back(t->data, t->nbytes);
+    const size_t pad = (kDefaultAlignment - t->nbytes % kDefaultAlignment) % kDefaultAlignment;
+    if (pad > 0) g.parts.emplace_back(kZeros, pad);
   }
-  return std::move(w.out());
+  return g;
+}
+
+absl::StatusOr<std::vector<uint8_t>> SerializeGguf(const Model& m) {
+  QF_ASSIGN_OR_RETURN(GgufParts g, MakeGgufParts(m));
+  std::vector<uint8_t> out;
+  size_t total = 0;
+  for (const auto& part : g.parts) total += part.size();
+  out.reserve(total);
+  for (const auto& part : g.parts) out.insert(out.end(), part.begin(), part.end());
+  return out;
 }
 
 absl::Status WriteGguf(const Model& m, const std::string& path) {
-  QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, SerializeGguf(m));
-  return WriteFileAtomically(path, bytes);
+  QF_ASSIGN_OR_RETURN(GgufParts g, MakeGgufParts(m));
+  return WriteFileAtomically(path, g.parts);
 }
 
 }  // namespace qforge::formats

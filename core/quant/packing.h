@@ -12,7 +12,8 @@ namespace qforge::quant {
 
 // ggml reference encoders for one row of n elements (n a multiple of 32, or 256 for Q4_K), bit-exact
 // with ggml's quantize_row_*_ref. `out` receives n/32*34, n/32*18 or n/256*144 bytes.
-void QuantizeRowQ8_0(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ8_0(const float* x, int64_t n, uint8_t* out);  // AVX2 where the CPU has it
+void QuantizeRowQ8_0Scalar(const float* x, int64_t n, uint8_t* out);  // the reference it equals
 void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowQ4_K(const float* x, int64_t n, uint8_t* out);
 

@@ -199,6 +199,23 @@ TEST(GgmlTest, Q8_0HandComputedBlocks) {
   EXPECT_EQ(b[1].qs[17], 8);    // 1 * 7.9375 = 7.94
 }
 
+// The AVX2 Q8_0 encoder writes the reference's bytes, exact ties (x * id = k + 1/2, which roundf takes away from
+// zero and the hardware's rounding to even) included.
+TEST(GgmlTest, Q8_0Avx2EqualsScalar) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(32 * 400);
+  for (float& v : x) v = normal(rng);
+  for (int b = 0; b < 40; ++b) {  // blocks whose max is 127: x * id = x exactly, so half-integers are ties
+    x[32 * b] = 127.0f;
+    for (int j = 1; j < 32; ++j) x[32 * b + j] = static_cast<float>((j * 37 % 254) - 127) + 0.5f * (j % 2 ? 1 : -1);
+  }
+  std::vector<uint8_t> a(34 * 400), b(34 * 400);
+  QuantizeRowQ8_0Scalar(x.data(), static_cast<int64_t>(x.size()), a.data());
+  QuantizeRowQ8_0(x.data(), static_cast<int64_t>(x.size()), b.data());
+  EXPECT_EQ(a, b);
+}
+
 TEST(GgmlTest, Q4_0HandComputedBlocks) {
   std::vector<float> x(64, 0.0f);
   // Block 0 linear: the largest magnitude is -16, so d = -16 / -8 = 2 and q = trunc((j-16)/2 + 8.5) = (j+1)/2.

@@ -22,15 +22,22 @@
 namespace qforge::quant {
 namespace {
 
-absl::StatusOr<std::vector<float>> ToF32(const Tensor& t, ThreadPool* pool) {
-  const int64_t rows = t.rows(), cols = t.cols();
-  std::vector<float> out(static_cast<size_t>(rows * cols));
-  if (t.format.type == WeightType::kF32) {
-    std::memcpy(out.data(), t.data, out.size() * 4);
-    return out;
+// A tensor's values as fp32: the tensor's own memory when it is f32 (and float-aligned), a decoded copy otherwise.
+struct F32Values {
+  std::vector<float> decoded;
+  const float* data = nullptr;
+};
+
+absl::StatusOr<F32Values> ToF32(const Tensor& t) {
+  F32Values v;
+  if (t.format.type == WeightType::kF32 && reinterpret_cast<uintptr_t>(t.data) % alignof(float) == 0) {
+    v.data = reinterpret_cast<const float*>(t.data);
+    return v;
   }
-  QF_RETURN_IF_ERROR(kernels::DequantizeRows(t, 0, rows, out.data()));
-  return out;
+  v.decoded.resize(static_cast<size_t>(t.rows() * t.cols()));
+  QF_RETURN_IF_ERROR(kernels::DequantizeRows(t, 0, t.rows(), v.decoded.data()));
+  v.data = v.decoded.data();
+  return v;
 }
 
 struct ErrorSums {
@@ -38,7 +45,7 @@ struct ErrorSums {
 };
 
 // Squared reconstruction error, per row then summed in row order so the result is thread-count independent.
-absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const std::vector<float>& ref, ThreadPool* pool) {
+absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const float* ref, ThreadPool* pool) {
   const int64_t rows = q.rows(), cols = q.cols();
   std::vector<double> err(static_cast<size_t>(rows)), norm(static_cast<size_t>(rows));
   std::vector<absl::Status> status(static_cast<size_t>(rows));
@@ -225,8 +232,9 @@ absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& metho
     p = next->second;
     format = m->OutputFormat(p, rows, cols);
   }
-  QF_ASSIGN_OR_RETURN(const std::vector<float> w, ToF32(in, pool));
-  QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, m->Quantize(w.data(), rows, cols, p, pool, calib));
+  QF_ASSIGN_OR_RETURN(const F32Values values, ToF32(in));
+  const float* w = values.data;
+  QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, m->Quantize(w, rows, cols, p, pool, calib));
   // The planned format may lack what only the data decides (spqr's outlier count).
   QF_ASSIGN_OR_RETURN(format, m->EncodedFormat(p, rows, cols, bytes));
   Tensor out = Tensor::FromBytes(in.name, in.shape, *format, std::move(bytes));
@@ -249,10 +257,10 @@ absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& metho
     report->rel_error = e.ref2 > 0 ? std::sqrt(e.err2 / e.ref2) : 0.0;
     report->output_rel_error = -1;
     if (calib != nullptr && calib->cols == cols && calib->tokens > 0) {
-      std::vector<float> w_hat(w.size());
+      std::vector<float> w_hat(static_cast<size_t>(rows * cols));
       QF_RETURN_IF_ERROR(kernels::DequantizeRows(out, 0, rows, w_hat.data()));
       double oe = 0, on = 0;
-      LayerOutputError(w.data(), w_hat.data(), rows, cols, calib->hessian.data(), &oe, &on);
+      LayerOutputError(w, w_hat.data(), rows, cols, calib->hessian.data(), &oe, &on);
       report->output_rel_error = on > 0 ? std::sqrt(std::max(0.0, oe) / on) : 0.0;
     }
   }
