@@ -104,10 +104,12 @@ absl::Status Convert(const std::vector<std::string>& args, std::ostream& out) {
 }
 
 absl::Status MakeSynthetic(const std::vector<std::string>& args, std::ostream& out) {
-  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"dim", "hidden", "layers", "heads", "kv-heads", "vocab", "seq-len", "seed"},
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"dim", "hidden", "layers", "heads", "kv-heads", "vocab", "seq-len", "seed",
+                                                 "experts", "experts-used"},
                                           {"tied"}));
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge make-synthetic OUT.{gguf,safetensors} [--dim N --hidden N "
-                                          "--layers N --heads N --kv-heads N --vocab N --seq-len N --seed S --tied]"));
+                                          "--layers N --heads N --kv-heads N --vocab N --seq-len N --seed S --tied "
+                                          "--experts N --experts-used K]"));
   ModelConfig c = Q4kTestConfig();
   QF_ASSIGN_OR_RETURN(c.dim, f.GetInt("dim", c.dim, 2, 65536));
   QF_ASSIGN_OR_RETURN(c.hidden_dim, f.GetInt("hidden", c.hidden_dim, 1, 262144));
@@ -118,7 +120,10 @@ absl::Status MakeSynthetic(const std::vector<std::string>& args, std::ostream& o
   QF_ASSIGN_OR_RETURN(c.seq_len, f.GetInt("seq-len", c.seq_len, 1, 1 << 20));
   QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("seed", 1));
   c.tied_embeddings = f.GetBool("tied");
-  QF_RETURN_IF_ERROR(ValidateConfig(c));
+  QF_ASSIGN_OR_RETURN(c.n_experts, f.GetInt("experts", 0, 0, 4096));
+  QF_ASSIGN_OR_RETURN(c.n_experts_used, f.GetInt("experts-used", c.n_experts > 0 ? std::min(2, c.n_experts) : 0, 0,
+                                                 4096));
+  if (absl::Status s = ValidateConfig(c); !s.ok()) return UsageError(std::string(s.message()));
   Model m = MakeSyntheticModel(c, seed, /*with_vocab=*/true);
   QF_RETURN_IF_ERROR(SaveModel(m, f.positional()[0]));
   int64_t params = 0;
@@ -155,7 +160,9 @@ const std::vector<Command>& Commands() {
        "(tgN) tokens/s, as llama-bench reports them",
        Bench},
       {"convert", "convert IN OUT.{gguf,safetensors} [--tokenizer TOK]: rewrite a model in another format", Convert},
-      {"make-synthetic", "make-synthetic OUT [--dim ...]: write a random Llama model (tests, benchmarks)",
+      {"make-synthetic",
+       "make-synthetic OUT [--dim ...] [--experts N --experts-used K]: write a random Llama (or Mixture-of-Experts) "
+       "model (tests, benchmarks)",
        MakeSynthetic},
       {"up",
        "up [--store DIR] [--listen HOST:PORT] [--workers N] [--threads N] [--allowed-roots DIR,...] "

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Interop check against llama.cpp (not part of CI: building llama.cpp takes ~25 min on 2 cores). Writes GGUF files
+# with qforge, runs each in llama.cpp's llama-simple and in `qforge generate` (greedy, same prompt, same number
+# of tokens) and reports whether the texts are equal. Usage:
+#   scripts/check-llama-cpp.sh [LLAMA_BIN_DIR]     (default: what ../shared/tools/peer-llama-cpp.sh builds)
+# Needs build/services/qforge and ../shared beside the checkout. Exit status 1 if any file differs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-$(bash ../shared/tools/peer-llama-cpp.sh)}
+qforge=build/services/qforge
+shared=${QFORGE_SHARED:-../shared}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+prompt="Once upon a time"
+tokens=${TOKENS:-100}
+status=0
+
+# One file: llama.cpp's text (its "<s> " echo of BOS removed) against qforge's (its timing line removed).
+check() {
+  local file=$1 label=$2
+  local want got
+  want=$("$bin/llama-simple" -m "$file" -n "$tokens" "$prompt" 2>/dev/null | sed '1s/^<s> //')
+  got=$("$qforge" generate "$file" --prompt "$prompt" --max-tokens "$tokens" --temperature 0 | sed '/^-- [0-9]* prompt/d')
+  if [ "$want" == "$got" ]; then
+    echo "same   $label"
+  else
+    echo "DIFFER $label"
+    echo "  llama.cpp: $(echo "$want" | tr '\n' '|' | head -c 300)"
+    echo "  qforge:    $(echo "$got" | tr '\n' '|' | head -c 300)"
+    status=1
+  fi
+}
+
+stories=$shared/models/stories260K/stories260K.bin
+"$qforge" convert "$stories" "$work/s-f32.gguf" >/dev/null
+check "$work/s-f32.gguf" "stories260K f32"
+"$qforge" quantize --method q8_0 --quantize-embeddings "$stories" "$work/s-q8_0.gguf" >/dev/null
+check "$work/s-q8_0.gguf" "stories260K q8_0 (embeddings too)"
+"$qforge" quantize --method q4_0 "$stories" "$work/s-q4_0.gguf" >/dev/null
+check "$work/s-q4_0.gguf" "stories260K q4_0 (172-wide ffn_down in f16)"
+for dir in models/*/; do
+  [ -f "$dir/config.json" ] || continue
+  name=$(basename "$dir")
+  "$qforge" convert "$dir" "$work/$name-f32.gguf" >/dev/null && check "$work/$name-f32.gguf" "$name f32"
+  for method in q8_0 q4_k; do
+    "$qforge" quantize --method $method --quantize-embeddings "$dir" "$work/$name-$method.gguf" >/dev/null &&
+      check "$work/$name-$method.gguf" "$name $method"
+  done
+done
+exit $status
