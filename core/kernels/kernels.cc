@@ -1,7 +1,9 @@
 // Dispatch: validates the tensor once, resolves its layout, and routes to the ISA picked at run time.
 #include "core/kernels/kernels.h"
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cpuid.h>
 #include <cstdlib>
 #include <cstring>
@@ -44,6 +46,12 @@ Isa DetectIsaUncached() {
   return Isa::kAvx2;
 }
 
+// Set when the ISA was chosen by hand (QFORGE_ISA or SetIsa): every family then runs it.
+std::atomic<bool>& IsaPinned() {
+  static std::atomic<bool> pinned{std::getenv("QFORGE_ISA") != nullptr};
+  return pinned;
+}
+
 Isa InitialIsa() {
   Isa isa = DetectIsa();
   // QFORGE_ISA=scalar|avx2|avx512 lets benchmarks and bug reports pin a path without recompiling.
@@ -69,6 +77,7 @@ Isa DetectIsa() {
 Isa ActiveIsa() { return static_cast<Isa>(ActiveIsaSlot().load(std::memory_order_relaxed)); }
 
 Isa SetIsa(Isa isa) {
+  IsaPinned().store(true);
   const Isa best = DetectIsa();
   const Isa chosen = static_cast<int>(isa) > static_cast<int>(best) ? best : isa;
   ActiveIsaSlot().store(static_cast<int>(chosen), std::memory_order_relaxed);
@@ -178,7 +187,7 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
     }
     return absl::OkStatus();
   }
-  switch (ActiveIsa()) {
+  switch (IsaFor(KernelFamily::kFloatDot)) {
     case Isa::kAvx512: internal::MatMulAvx512(v, row_begin, row_end, x, n, y, y_stride); break;
     case Isa::kAvx2: internal::MatMulAvx2(v, row_begin, row_end, x, n, y, y_stride); break;
     case Isa::kScalar: internal::MatMulScalar(v, row_begin, row_end, x, n, y, y_stride); break;
@@ -200,6 +209,96 @@ internal::ActType ActTypeOf(WeightType t) {
 }  // namespace
 
 bool HasIntegerKernel(WeightType t) { return ActTypeOf(t) != internal::ActType::kNone; }
+
+namespace {
+
+// Seconds of the fastest of `reps` runs of fn.
+template <typename Fn>
+double FastestRun(int reps, Fn fn) {
+  double best = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  return best;
+}
+
+// Deterministic bytes for a calibration matrix: small positive fp16 scales where the format keeps them, so
+// the kernels do realistic work (the values do not matter for timing).
+Tensor CalibrationTensor(WeightFormat f, int64_t rows, int64_t cols) {
+  std::vector<uint8_t> b(EncodedBytes(f, rows, cols).value());
+  uint32_t s = 12345;
+  for (auto& x : b) x = static_cast<uint8_t>((s = s * 1664525u + 1013904223u) >> 24);
+  if (f.type == WeightType::kF32) {
+    for (size_t i = 0; i + 4 <= b.size(); i += 4) {
+      const float v = static_cast<float>(static_cast<int8_t>(b[i])) / 64.0f;
+      std::memcpy(&b[i], &v, 4);
+    }
+  } else if (f.type == WeightType::kQ4_K) {
+    const uint16_t h = 0x2000;  // a small positive fp16
+    for (size_t i = 0; i < b.size(); i += sizeof(block_q4_K)) {
+      std::memcpy(&b[i], &h, 2);
+      std::memcpy(&b[i + 2], &h, 2);
+    }
+  }
+  return Tensor::FromBytes("calibration", {rows, cols}, f, std::move(b));
+}
+
+// The measured choice between the AVX-512 and AVX2 code of each kernel family on this CPU (first use, a few
+// milliseconds). The float family computes different (equally valid) bits on the two ISAs, so it keeps one ISA
+// for every token count, which keeps batch invariance, and leaves AVX2 only when AVX-512 is clearly faster
+// (so that a noisy measurement cannot flip the choice between runs); the integer family gives the same bits on
+// both, so decode (one token) and prompts pick separately.
+struct MeasuredIsas {
+  Isa float_dot = Isa::kAvx512, int_decode = Isa::kAvx512, int_prompt = Isa::kAvx512;
+};
+
+const MeasuredIsas& Measured() {
+  static const MeasuredIsas m = [] {
+    MeasuredIsas r;
+    // Matrices of 64 MiB (f32) and 36 MiB (Q4_K): past the last-level cache, as a model's weights are, so decode
+    // is measured where it runs in practice, bound by memory.
+    const int64_t cols = 2048, rows = 8192, q_rows = 32768;
+    std::vector<float> x(8 * cols, 0.25f), y(8 * q_rows);
+    const Tensor f32 = CalibrationTensor(WeightFormat::F32(), rows, cols);
+    const internal::WeightView fv = internal::MakeView(f32).value();
+    const double f2 = FastestRun(3, [&] { internal::MatMulAvx2(fv, 0, rows, x.data(), 1, y.data(), rows); });
+    const double f5 = FastestRun(3, [&] { internal::MatMulAvx512(fv, 0, rows, x.data(), 1, y.data(), rows); });
+    r.float_dot = f5 < 0.9 * f2 ? Isa::kAvx512 : Isa::kAvx2;
+    if (!internal::HasAvx512Vnni()) {
+      r.int_decode = r.int_prompt = Isa::kAvx2;
+      return r;
+    }
+    const Tensor q = CalibrationTensor(WeightFormat::Of(WeightType::kQ4_K), q_rows, cols);
+    const internal::WeightView qv = internal::MakeView(q).value();
+    const internal::ActRowLayout l = internal::GetActRowLayout(internal::ActType::kQ8_K, cols);
+    std::vector<uint8_t> act(l.bytes * 8);
+    for (int t = 0; t < 8; ++t) internal::QuantizeActAvx2(internal::ActType::kQ8_K, x.data() + t * cols, cols, &act[t * l.bytes]);
+    const internal::ActView a{internal::ActType::kQ8_K, act.data(), l.bytes, l};
+    for (int n : {1, 8}) {
+      const double i2 = FastestRun(3, [&] { internal::IntMatMulAvx2(qv, 0, q_rows, a, n, y.data(), q_rows); });
+      const double i5 = FastestRun(3, [&] { internal::IntMatMulAvx512(qv, 0, q_rows, a, n, y.data(), q_rows); });
+      (n == 1 ? r.int_decode : r.int_prompt) = i5 <= i2 ? Isa::kAvx512 : Isa::kAvx2;
+    }
+    return r;
+  }();
+  return m;
+}
+
+}  // namespace
+
+Isa IsaFor(KernelFamily family) {
+  const Isa active = ActiveIsa();
+  if (active != Isa::kAvx512 || IsaPinned().load()) return active;
+  const MeasuredIsas& m = Measured();
+  switch (family) {
+    case KernelFamily::kFloatDot: return m.float_dot;
+    case KernelFamily::kIntDecode: return m.int_decode;
+    case KernelFamily::kIntPrompt: return m.int_prompt;
+  }
+  return active;
+}
 
 absl::Status PrepareInput(const Tensor& w, const float* x, int64_t n, ActivationMode mode, MatMulInput* in) {
   if (n < 0) return absl::InvalidArgumentError("negative token count");
@@ -239,7 +338,7 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
   if (in.n() == 0 || row_begin == row_end) return absl::OkStatus();
   const internal::ActType act = static_cast<internal::ActType>(in.act_type_);
   const internal::ActView a{act, in.buffer_.data(), in.row_bytes_, internal::GetActRowLayout(act, w.cols())};
-  switch (ActiveIsa()) {
+  switch (IsaFor(in.n() == 1 ? KernelFamily::kIntDecode : KernelFamily::kIntPrompt)) {
     case Isa::kAvx512:
       if (internal::HasAvx512Vnni()) {
         internal::IntMatMulAvx512(v, row_begin, row_end, a, in.n(), y, y_stride);

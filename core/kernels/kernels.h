@@ -17,8 +17,15 @@ enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa DetectIsa();
 // The ISA the kernels use now: DetectIsa() unless overridden. Tests force each ISA to compare paths.
 Isa ActiveIsa();
-// Forces an ISA (clamped to what the CPU supports); returns the ISA now active.
+// Forces an ISA (clamped to what the CPU supports) for every kernel family; returns the ISA now active.
 Isa SetIsa(Isa isa);
+
+// The ISA a kernel family runs on: ActiveIsa(), except that on an AVX-512 CPU whose ISA nobody pinned (SetIsa,
+// QFORGE_ISA) each family runs the faster of its AVX-512 and AVX2 code, measured here at first use. The float
+// family (dequantize-in-the-dot formats) keeps one ISA for every token count, so batching stays bit-invariant; the
+// integer kernels give identical bits on both and choose for decode and prompts separately.
+enum class KernelFamily { kFloatDot, kIntDecode, kIntPrompt };
+Isa IsaFor(KernelFamily family);
 const char* IsaName(Isa isa);
 
 // Decodes rows [row_begin, row_end) of the 2-D tensor `w` (shape [rows, cols], any WeightFormat)

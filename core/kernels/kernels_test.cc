@@ -323,6 +323,17 @@ TEST(KernelsTest, Avx512IsBatchInvariant) {
   CheckBatchInvariant(Isa::kAvx512);
 }
 
+// A pinned ISA holds for every kernel family (the measured per-family choice applies only when nobody pinned one).
+TEST(KernelsTest, PinnedIsaAppliesToEveryFamily) {
+  IsaGuard guard;
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (SetIsa(isa) != isa) continue;
+    for (KernelFamily f : {KernelFamily::kFloatDot, KernelFamily::kIntDecode, KernelFamily::kIntPrompt}) {
+      EXPECT_EQ(IsaFor(f), isa);
+    }
+  }
+}
+
 TEST(KernelsTest, SetIsaClampsToCpu) {
   IsaGuard guard;
   EXPECT_EQ(SetIsa(Isa::kAvx512), DetectIsa());

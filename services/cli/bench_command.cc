@@ -126,7 +126,12 @@ absl::Status Bench(const std::vector<std::string>& raw_args, std::ostream& out) 
     for (int p : prompts) QF_RETURN_IF_ERROR(run(absl::StrCat("pp", p), p, true));
     for (int n : decodes) QF_RETURN_IF_ERROR(run(absl::StrCat("tg", n), n, false));
   }
-  out << absl::StrFormat("\nkernels: %s, activations %s\n", kernels::IsaName(kernels::ActiveIsa()), act);
+  using kernels::IsaFor;
+  using kernels::KernelFamily;
+  out << absl::StrFormat("\nkernels: %s (float dot %s, integer decode %s, integer prompt %s), activations %s\n",
+                         kernels::IsaName(kernels::ActiveIsa()), kernels::IsaName(IsaFor(KernelFamily::kFloatDot)),
+                         kernels::IsaName(IsaFor(KernelFamily::kIntDecode)),
+                         kernels::IsaName(IsaFor(KernelFamily::kIntPrompt)), act);
   return absl::OkStatus();
 }
 
