@@ -300,8 +300,15 @@ Isa IsaFor(KernelFamily family) {
   return active;
 }
 
-absl::Status PrepareInput(const Tensor& w, const float* x, int64_t n, ActivationMode mode, MatMulInput* in) {
+absl::Status PrepareInput(const Tensor& w, const float* x, int64_t n, ActivationMode mode, MatMulInput* in,
+                          bool x_unchanged) {
   if (n < 0) return absl::InvalidArgumentError("negative token count");
+  const internal::ActType wanted =
+      mode == ActivationMode::kInt8 ? ActTypeOf(w.format.type) : internal::ActType::kNone;
+  if (x_unchanged && in->x_ == x && in->n_ == n && in->cols_ == w.cols() &&
+      in->act_type_ == static_cast<uint8_t>(wanted)) {
+    return absl::OkStatus();
+  }
   in->x_ = x;
   in->n_ = n;
   in->cols_ = w.cols();

@@ -62,7 +62,7 @@ class MatMulInput {
   bool quantized() const { return act_type_ != 0; }
 
  private:
-  friend absl::Status PrepareInput(const Tensor&, const float*, int64_t, ActivationMode, MatMulInput*);
+  friend absl::Status PrepareInput(const Tensor&, const float*, int64_t, ActivationMode, MatMulInput*, bool);
   friend absl::Status MatMulRows(const Tensor&, int64_t, int64_t, const MatMulInput&, float*, int64_t);
   const float* x_ = nullptr;
   int64_t n_ = 0, cols_ = 0;
@@ -72,8 +72,11 @@ class MatMulInput {
 };
 
 // Prepares x (n rows of w.cols() floats) for products with `w` in `mode` (quantizing it when w has an integer
-// kernel and mode is kInt8).
-absl::Status PrepareInput(const Tensor& w, const float* x, int64_t n, ActivationMode mode, MatMulInput* in);
+// kernel and mode is kInt8). With x_unchanged (the caller's promise that x holds what `in` was last prepared
+// from), an input already prepared from x for the same columns and activation type is kept as it is: q, k and v
+// (gate and up) read one input.
+absl::Status PrepareInput(const Tensor& w, const float* x, int64_t n, ActivationMode mode, MatMulInput* in,
+                          bool x_unchanged = false);
 
 // MatMulRows over a prepared input: y[t * y_stride + r] for rows [row_begin, row_end) and its n tokens.
 absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, const MatMulInput& in, float* y,

@@ -811,11 +811,22 @@ TEST(IntDotTest, FloatModeAndOtherFormatsKeepFloats) {
   EXPECT_FALSE(in.quantized());
   EXPECT_TRUE(HasIntegerKernel(WeightType::kQ4_K));
   EXPECT_FALSE(HasIntegerKernel(WeightType::kNF4));
+  // x_unchanged keeps an input prepared from the same x for the same activation type (Q4_0 and Q8_0 share Q8_0
+  // blocks), and prepares it again for another (Q4_K's Q8_K), so the products stay right either way.
+  const Tensor q8 = RandomTensor(WeightFormat::Of(WeightType::kQ8_0), 4, 64, 2);
+  ASSERT_TRUE(PrepareInput(q, x.data(), 1, ActivationMode::kInt8, &in).ok());
+  ASSERT_TRUE(PrepareInput(q8, x.data(), 1, ActivationMode::kInt8, &in, /*x_unchanged=*/true).ok());
+  MatMulInput fresh;
+  ASSERT_TRUE(PrepareInput(q8, x.data(), 1, ActivationMode::kInt8, &fresh).ok());
+  std::vector<float> reused(4), again(4);
+  ASSERT_TRUE(MatMulRows(q8, 0, 4, in, reused.data(), 4).ok());
+  ASSERT_TRUE(MatMulRows(q8, 0, 4, fresh, again.data(), 4).ok());
+  EXPECT_EQ(reused, again);
   // An input prepared for one weight is refused by another.
   ASSERT_TRUE(PrepareInput(q, x.data(), 1, ActivationMode::kInt8, &in).ok());
-  const Tensor q8 = RandomTensor(WeightFormat::Of(WeightType::kQ4_K), 4, 256, 1);
+  const Tensor qk = RandomTensor(WeightFormat::Of(WeightType::kQ4_K), 4, 256, 1);
   std::vector<float> y(4);
-  EXPECT_FALSE(MatMulRows(q8, 0, 4, in, y.data(), 4).ok());
+  EXPECT_FALSE(MatMulRows(qk, 0, 4, in, y.data(), 4).ok());
 }
 
 }  // namespace int_dot

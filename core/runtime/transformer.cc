@@ -122,7 +122,8 @@ absl::StatusOr<KvCache> Transformer::NewCache(int capacity) const {
   return KvCache::Create(model_->config, capacity);
 }
 
-absl::Status Transformer::MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride) {
+absl::Status Transformer::MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride,
+                                 bool same_input) {
   if (options_.linear_observer) options_.linear_observer(w.name, x, n, static_cast<int>(w.cols()));
   if (w.format.type == WeightType::kQuip) {
     // U mixes all output rows: rotate each token's x, run the kQInt product over all rows (split over the
@@ -140,7 +141,7 @@ absl::Status Transformer::MatMul(const Tensor& w, const float* x, int n, float* 
   }
   const int64_t rows = w.rows();
   const int64_t cols = w.cols();
-  QF_RETURN_IF_ERROR(kernels::PrepareInput(w, x, n, options_.activations, &input_));
+  QF_RETURN_IF_ERROR(kernels::PrepareInput(w, x, n, options_.activations, &input_, same_input));
   // Chunks of at least ~32K multiply-adds so that small matrices are not drowned in dispatch overhead, in
   // whole groups of eight rows (the integer kernels' unit).
   const int64_t work_per_row = std::max<int64_t>(1, cols * n);
@@ -281,8 +282,8 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
 
     for (int t = 0; t < n; ++t) runtime_ops::RmsNorm(&x_[t * dim], L.attn_norm.data(), dim, c.norm_eps, &xb_[t * dim]);
     QF_RETURN_IF_ERROR(MatMul(*L.wq, xb_.data(), n, q_.data(), dim));
-    QF_RETURN_IF_ERROR(MatMul(*L.wk, xb_.data(), n, k_.data(), kv_dim));
-    QF_RETURN_IF_ERROR(MatMul(*L.wv, xb_.data(), n, v_.data(), kv_dim));
+    QF_RETURN_IF_ERROR(MatMul(*L.wk, xb_.data(), n, k_.data(), kv_dim, /*same_input=*/true));
+    QF_RETURN_IF_ERROR(MatMul(*L.wv, xb_.data(), n, v_.data(), kv_dim, /*same_input=*/true));
     // Rotate, then file each token's key and value under its own sequence and position. All of them land
     // before any attention runs, so a token sees the earlier tokens of its sequence in the same chunk.
     for (int t = 0; t < n; ++t) {
@@ -328,7 +329,7 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
 absl::Status Transformer::DenseFfn(const Layer& L, int n) {
   const int dim = model_->config.dim, hidden = model_->config.hidden_dim;
   QF_RETURN_IF_ERROR(MatMul(*L.gate, xb_.data(), n, hb_.data(), hidden));
-  QF_RETURN_IF_ERROR(MatMul(*L.up, xb_.data(), n, hb2_.data(), hidden));
+  QF_RETURN_IF_ERROR(MatMul(*L.up, xb_.data(), n, hb2_.data(), hidden, /*same_input=*/true));
   runtime_ops::SwiGlu(hb_.data(), hb2_.data(), n * hidden);
   return MatMul(*L.down, hb_.data(), n, xb2_.data(), dim);
 }
@@ -352,7 +353,7 @@ absl::Status Transformer::MoeFfn(const Layer& L, int n) {
     }
     if (rows == 0) continue;
     QF_RETURN_IF_ERROR(MatMul(*L.expert_gate[e], expert_x_.data(), rows, hb_.data(), hidden));
-    QF_RETURN_IF_ERROR(MatMul(*L.expert_up[e], expert_x_.data(), rows, hb2_.data(), hidden));
+    QF_RETURN_IF_ERROR(MatMul(*L.expert_up[e], expert_x_.data(), rows, hb2_.data(), hidden, /*same_input=*/true));
     runtime_ops::SwiGlu(hb_.data(), hb2_.data(), rows * hidden);
     // The down projection writes straight into the slots' rows: row r of the product goes to expert_rows_[r].
     QF_RETURN_IF_ERROR(MatMul(*L.expert_down[e], hb_.data(), rows, xb2_.data(), dim));

@@ -142,8 +142,9 @@ class Transformer {
   absl::Status ValidateBatch(std::span<const BatchToken> tokens, const float* logits_out) const;
   // At most max_batch tokens, already validated; logits_out gets the rows of tokens with want_logits.
   absl::Status ForwardChunk(std::span<const BatchToken> tokens, float* logits_out);
-  // y[t * y_stride + r] = W[r, :] · x[t, :] for all rows r, split over the pool.
-  absl::Status MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride);
+  // y[t * y_stride + r] = W[r, :] · x[t, :] for all rows r, split over the pool. same_input: x is the previous
+  // MatMul's input, unchanged since (its quantized form is reused when the formats agree).
+  absl::Status MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride, bool same_input = false);
   // The FFN half of a layer over n tokens: xb_ (normalised input) -> xb2_.
   absl::Status DenseFfn(const Layer& L, int n);
   absl::Status MoeFfn(const Layer& L, int n);
