@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/formats/parsers.h"
+#include "core/model/ggml_types.h"
 #include "core/kernels/spqr.h"
 
 namespace qforge::formats {
@@ -26,15 +27,9 @@ struct Plane {
 absl::StatusOr<std::vector<Plane>> RowPlanes(const Tensor& t) {
   const int64_t rows = t.rows(), cols = t.cols();
   const size_t r = static_cast<size_t>(rows);
+  // The ggml types group elements along a row only, so a row is a contiguous run of bytes.
+  if (IsGgmlType(t.format.type)) return std::vector<Plane>{{0, r == 0 ? 0 : t.nbytes / r}};
   switch (t.format.type) {
-    case WeightType::kF32:
-    case WeightType::kF16:
-    case WeightType::kBF16:
-    case WeightType::kQ8_0:
-    case WeightType::kQ4_0:
-    case WeightType::kQ4_K:
-      // Block formats group elements along a row only, so a row is a contiguous run of bytes.
-      return std::vector<Plane>{{0, r == 0 ? 0 : t.nbytes / r}};
     case WeightType::kQInt: {
       QF_ASSIGN_OR_RETURN(QIntLayout l, GetQIntLayout(t.format, rows, cols));
       std::vector<Plane> p = {{l.codes_offset, l.row_code_bytes},
@@ -57,6 +52,7 @@ absl::StatusOr<std::vector<Plane>> RowPlanes(const Tensor& t) {
       QF_ASSIGN_OR_RETURN(W8A8Layout l, GetW8A8Layout(t.format, rows, cols));
       return std::vector<Plane>{{l.codes_offset, static_cast<size_t>(cols)}, {l.scales_offset, 4}};
     }
+    default: break;  // the ggml types: above
   }
   return absl::InvalidArgumentError("unknown weight type");
 }

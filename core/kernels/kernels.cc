@@ -10,6 +10,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
+#include "core/model/ggml_types.h"
+#include "core/kernels/ggml_kernels.h"
 #include "core/kernels/int_dot.h"
 #include "core/kernels/kernels_internal.h"
 #include "core/kernels/quip.h"
@@ -102,13 +104,16 @@ absl::StatusOr<WeightView> MakeView(const Tensor& w) {
   v.data = w.data;
   v.rows = w.rows();
   v.cols = w.cols();
+  if (const GgmlTypeTraits* g = FindGgmlType(w.format.type)) {
+    // A row is cols / block whole blocks (ValidateTensor checked the multiple).
+    v.ggml = FindGgmlKernels(w.format.type);
+    if (v.ggml == nullptr) return absl::InternalError(absl::StrCat(g->name, " has no row in the kernels' table"));
+    v.block = g->block;
+    v.block_bytes = g->block_bytes;
+    v.row_bytes = static_cast<size_t>(v.cols / g->block) * static_cast<size_t>(g->block_bytes);
+    return v;
+  }
   switch (w.format.type) {
-    case WeightType::kF32: v.row_bytes = 4 * static_cast<size_t>(v.cols); break;
-    case WeightType::kF16:
-    case WeightType::kBF16: v.row_bytes = 2 * static_cast<size_t>(v.cols); break;
-    case WeightType::kQ8_0: v.row_bytes = static_cast<size_t>(v.cols / kQK8_0) * sizeof(block_q8_0); break;
-    case WeightType::kQ4_0: v.row_bytes = static_cast<size_t>(v.cols / kQK4_0) * sizeof(block_q4_0); break;
-    case WeightType::kQ4_K: v.row_bytes = static_cast<size_t>(v.cols / kQK_K) * sizeof(block_q4_K); break;
     case WeightType::kQInt: {
       QF_ASSIGN_OR_RETURN(v.qint, GetQIntLayout(w.format, v.rows, v.cols));
       v.row_bytes = v.qint.row_code_bytes;
@@ -131,6 +136,8 @@ absl::StatusOr<WeightView> MakeView(const Tensor& w) {
     }
     case WeightType::kQuip:
       return absl::InvalidArgumentError(absl::StrCat("tensor '", w.name, "': quip rows have no row view (quip.h)"));
+    default:
+      return absl::InternalError(absl::StrCat("tensor '", w.name, "': no view for ", FormatName(w.format)));
   }
   return v;
 }

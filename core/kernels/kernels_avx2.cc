@@ -449,26 +449,31 @@ QF_AVX2 float DotWalked(const WeightView& v, int64_t r, const float* x) {
 
 }  // namespace
 
+QF_AVX2 void DequantizeF16Avx2(const uint8_t* b, int64_t n, float* out) { DecodeF16(b, n, out); }
+QF_AVX2 void DequantizeBF16Avx2(const uint8_t* b, int64_t n, float* out) { DecodeBf16(b, n, out); }
+QF_AVX2 void DequantizeQ8_0Avx2(const uint8_t* b, int64_t nblocks, float* out) {
+  DecodeQ8_0(reinterpret_cast<const block_q8_0*>(b), nblocks, out);
+}
+QF_AVX2 void DequantizeQ4_0Avx2(const uint8_t* b, int64_t nblocks, float* out) {
+  DecodeQ4_0(reinterpret_cast<const block_q4_0*>(b), nblocks, out);
+}
+QF_AVX2 void DequantizeQ4_KAvx2(const uint8_t* b, int64_t nblocks, float* out) {
+  DecodeQ4_K(reinterpret_cast<const block_q4_K*>(b), nblocks, out);
+}
+
 QF_AVX2 void DecodeAvx2(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out) {
-  const uint8_t* row = v.data + static_cast<size_t>(r) * v.row_bytes;
+  if (v.ggml != nullptr) {  // the ggml types: the table's AVX2 decoder, or its scalar one where none exists yet
+    const DequantizeBlocksFn fn = v.ggml->dequantize_avx2 != nullptr ? v.ggml->dequantize_avx2 : v.ggml->dequantize;
+    fn(GgmlBlocksAt(v, r, c0), len / v.block, out);
+    return;
+  }
   switch (v.format.type) {
-    case WeightType::kF32: std::memcpy(out, row + 4 * c0, 4 * static_cast<size_t>(len)); return;
-    case WeightType::kF16: DecodeF16(row + 2 * c0, len, out); return;
-    case WeightType::kBF16: DecodeBf16(row + 2 * c0, len, out); return;
-    case WeightType::kQ8_0:
-      DecodeQ8_0(reinterpret_cast<const block_q8_0*>(row) + c0 / kQK8_0, len / kQK8_0, out);
-      return;
-    case WeightType::kQ4_0:
-      DecodeQ4_0(reinterpret_cast<const block_q4_0*>(row) + c0 / kQK4_0, len / kQK4_0, out);
-      return;
-    case WeightType::kQ4_K:
-      DecodeQ4_K(reinterpret_cast<const block_q4_K*>(row) + c0 / kQK_K, len / kQK_K, out);
-      return;
     case WeightType::kQInt: DecodeQInt(v, r, c0, len, out); return;
     case WeightType::kNF4: DecodeNf4(v, r, c0, len, out); return;
     case WeightType::kSpQR: DecodeSpqrScalar(v, r, c0, len, out); return;  // scalar decode, SIMD dot
     case WeightType::kW8A8: DecodeW8A8Avx2(v, r, c0, len, out); return;
     case WeightType::kQuip: return;  // never viewed row by row: kernels.cc routes it to quip.cc
+    default: return;                 // the ggml types: v.ggml above
   }
 }
 

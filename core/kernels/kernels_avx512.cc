@@ -1,6 +1,7 @@
-// AVX-512 (F, BW, DQ, VL) kernels: 16-lane decoders for Q8_0, Q4_0 and Q4_K, and a 16-lane dot product
-// shared by every n (see "Batch invariance" in kernels_avx2.cc; the same rules at 16 lanes). Other
-// formats decode with the AVX2 code (every AVX-512 CPU has AVX2).
+// AVX-512 (F, BW, DQ, VL) kernels: 16-lane decoders for Q8_0, Q4_0 and Q4_K (the AVX-512 slots of the ggml
+// table, ggml_kernels.cc), and a 16-lane dot product shared by every n (see "Batch invariance" in
+// kernels_avx2.cc; the same rules at 16 lanes). Other formats decode with the AVX2 code (every AVX-512 CPU has
+// AVX2).
 // GCC 12's avx512fintrin.h trips -Wmaybe-uninitialized on its own _mm512_undefined_* helpers (a known
 // false positive in the header, not in this file).
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -166,22 +167,24 @@ QF_AVX512 void AccumulateTokens(const float* w, int64_t len, const float* x, int
 
 }  // namespace
 
+QF_AVX512 void DequantizeQ8_0Avx512(const uint8_t* b, int64_t nblocks, float* out) {
+  DecodeQ8_0(reinterpret_cast<const block_q8_0*>(b), nblocks, out);
+}
+QF_AVX512 void DequantizeQ4_0Avx512(const uint8_t* b, int64_t nblocks, float* out) {
+  DecodeQ4_0(reinterpret_cast<const block_q4_0*>(b), nblocks, out);
+}
+QF_AVX512 void DequantizeQ4_KAvx512(const uint8_t* b, int64_t nblocks, float* out) {
+  DecodeQ4_K(reinterpret_cast<const block_q4_K*>(b), nblocks, out);
+}
+
 QF_AVX512 void DecodeAvx512(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out) {
-  const uint8_t* row = v.data + static_cast<size_t>(r) * v.row_bytes;
-  switch (v.format.type) {
-    case WeightType::kQ8_0:
-      DecodeQ8_0(reinterpret_cast<const block_q8_0*>(row) + c0 / kQK8_0, len / kQK8_0, out);
-      return;
-    case WeightType::kQ4_0:
-      DecodeQ4_0(reinterpret_cast<const block_q4_0*>(row) + c0 / kQK4_0, len / kQK4_0, out);
-      return;
-    case WeightType::kQ4_K:
-      DecodeQ4_K(reinterpret_cast<const block_q4_K*>(row) + c0 / kQK_K, len / kQK_K, out);
-      return;
-    default:
-      DecodeAvx2(v, r, c0, len, out);
-      return;
+  // The ggml types with an AVX-512 decoder in the table; everything else decodes as on AVX2 (the table's AVX2
+  // decoder, else its scalar one; qforge's own formats their AVX2 code).
+  if (v.ggml != nullptr && v.ggml->dequantize_avx512 != nullptr) {
+    v.ggml->dequantize_avx512(GgmlBlocksAt(v, r, c0), len / v.block, out);
+    return;
   }
+  DecodeAvx2(v, r, c0, len, out);
 }
 
 QF_AVX512 void MatMulAvx512(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,

@@ -5,6 +5,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/kernels/blocks.h"
+#include "core/kernels/ggml_kernels.h"
 #include "core/model/tensor.h"
 
 namespace qforge::kernels::internal {
@@ -16,6 +17,11 @@ struct WeightView {
   int64_t rows = 0;
   int64_t cols = 0;
   size_t row_bytes = 0;  // float and ggml types: bytes of one encoded row
+  // The ggml types (floats included): the type's kernels and block shape, from the two tables
+  // (ggml_kernels.h, core/model/ggml_types.h); nullptr / 0 for qforge's own encodings.
+  const GgmlKernelTraits* ggml = nullptr;
+  int block = 0;        // elements per block
+  int block_bytes = 0;  // bytes per block
   QIntLayout qint{};
   Nf4Layout nf4{};
   SpqrLayout spqr{};
@@ -23,6 +29,11 @@ struct WeightView {
 };
 
 absl::StatusOr<WeightView> MakeView(const Tensor& w);
+
+// The block holding column c0 of row r of a ggml-type view (c0 a multiple of the block).
+inline const uint8_t* GgmlBlocksAt(const WeightView& v, int64_t r, int64_t c0) {
+  return v.data + static_cast<size_t>(r) * v.row_bytes + static_cast<size_t>(c0 / v.block) * v.block_bytes;
+}
 
 // Columns decoded per step of a matmul: a multiple of every block size (32, 256) and of the SIMD
 // widths, small enough that the decoded chunk stays in L1 while all tokens consume it.
@@ -38,8 +49,8 @@ inline float Nf4BlockScale(const WeightView& v, int64_t block) {
   return scale * static_cast<float>(q) + offset;
 }
 
-// Scalar reference: decodes elements [c0, c0 + len) of row r into out. For Q8_0/Q4_0 c0 and len are
-// multiples of 32, for Q4_K of 256; other formats take any range.
+// Scalar reference: decodes elements [c0, c0 + len) of row r into out. For the ggml block types c0 and len are
+// multiples of the block (32 or 256); other formats take any range.
 void DecodeScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
 
 // kSpQR scalar reference (kernels_spqr.cc), any range: the dense part plus the row's outliers in [c0, c0 + len).
@@ -54,12 +65,25 @@ void MatMulScalar(const WeightView& v, int64_t r0, int64_t r1, const float* x, i
 
 // SIMD paths. Decoders produce exactly the scalar reference's floats (same operations, no FMA), so only
 // the dot products' summation order differs between ISAs.
+// The ggml types decode through their row of the table: its ISA slot where filled, else the next one down
+// (AVX-512 -> AVX2 -> scalar), the same floats on every path.
 void DecodeAvx2(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
 void MatMulAvx2(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
                 int64_t y_stride);
 void DecodeAvx512(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out);
 void MatMulAvx512(const WeightView& v, int64_t r0, int64_t r1, const float* x, int64_t n, float* y,
                   int64_t y_stride);
+
+// The SIMD block decoders that fill the ISA slots of the ggml table (ggml_kernels.cc); defined in
+// kernels_avx2.cc / kernels_avx512.cc, only called once CPUID allows.
+void DequantizeF16Avx2(const uint8_t* b, int64_t n, float* out);
+void DequantizeBF16Avx2(const uint8_t* b, int64_t n, float* out);
+void DequantizeQ8_0Avx2(const uint8_t* b, int64_t nblocks, float* out);
+void DequantizeQ4_0Avx2(const uint8_t* b, int64_t nblocks, float* out);
+void DequantizeQ4_KAvx2(const uint8_t* b, int64_t nblocks, float* out);
+void DequantizeQ8_0Avx512(const uint8_t* b, int64_t nblocks, float* out);
+void DequantizeQ4_0Avx512(const uint8_t* b, int64_t nblocks, float* out);
+void DequantizeQ4_KAvx512(const uint8_t* b, int64_t nblocks, float* out);
 
 // W8A8 (kernels_w8a8.cc). The matmuls quantize each token's x to int8 (per token, symmetric) and sum in int32,
 // so they do not compute sum W·x in floats like the paths above; MatMulRows routes kW8A8 here on every ISA,

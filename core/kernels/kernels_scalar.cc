@@ -11,40 +11,6 @@
 namespace qforge::kernels::internal {
 namespace {
 
-void DecodeQ8_0Scalar(const block_q8_0* b, int64_t nblocks, float* out) {
-  for (int64_t i = 0; i < nblocks; ++i, ++b, out += kQK8_0) {
-    const float d = LoadHalf(&b->d);
-    for (int j = 0; j < kQK8_0; ++j) out[j] = static_cast<float>(b->qs[j]) * d;
-  }
-}
-
-void DecodeQ4_0Scalar(const block_q4_0* b, int64_t nblocks, float* out) {
-  for (int64_t i = 0; i < nblocks; ++i, ++b, out += kQK4_0) {
-    const float d = LoadHalf(&b->d);
-    for (int j = 0; j < kQK4_0 / 2; ++j) {
-      out[j] = static_cast<float>((b->qs[j] & 0xF) - 8) * d;
-      out[j + kQK4_0 / 2] = static_cast<float>((b->qs[j] >> 4) - 8) * d;
-    }
-  }
-}
-
-void DecodeQ4_KScalar(const block_q4_K* b, int64_t nblocks, float* out) {
-  for (int64_t i = 0; i < nblocks; ++i, ++b) {
-    const float d = LoadHalf(&b->d);
-    const float dmin = LoadHalf(&b->dmin);
-    const uint8_t* q = b->qs;
-    for (int chunk = 0; chunk < 4; ++chunk, q += 32) {
-      uint8_t sc1, m1, sc2, m2;
-      GetScaleMinK4(2 * chunk, b->scales, &sc1, &m1);
-      GetScaleMinK4(2 * chunk + 1, b->scales, &sc2, &m2);
-      const float d1 = d * sc1, min1 = dmin * m1;
-      const float d2 = d * sc2, min2 = dmin * m2;
-      for (int l = 0; l < 32; ++l) *out++ = d1 * static_cast<float>(q[l] & 0xF) - min1;
-      for (int l = 0; l < 32; ++l) *out++ = d2 * static_cast<float>(q[l] >> 4) - min2;
-    }
-  }
-}
-
 void DecodeQIntScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out) {
   const WeightFormat& f = v.format;
   const QIntLayout& l = v.qint;
@@ -82,30 +48,11 @@ void DecodeNf4Scalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, fl
 }  // namespace
 
 void DecodeScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float* out) {
-  const uint8_t* row = v.data + static_cast<size_t>(r) * v.row_bytes;
+  if (v.ggml != nullptr) {  // every ggml type, through its row of the table (ggml_kernels.h)
+    v.ggml->dequantize(GgmlBlocksAt(v, r, c0), len / v.block, out);
+    return;
+  }
   switch (v.format.type) {
-    case WeightType::kF32:
-      std::memcpy(out, row + 4 * c0, 4 * static_cast<size_t>(len));
-      return;
-    case WeightType::kF16:
-      for (int64_t i = 0; i < len; ++i) out[i] = LoadHalf(row + 2 * (c0 + i));
-      return;
-    case WeightType::kBF16:
-      for (int64_t i = 0; i < len; ++i) {
-        uint16_t b;
-        std::memcpy(&b, row + 2 * (c0 + i), 2);
-        out[i] = Bf16ToFloat(b);
-      }
-      return;
-    case WeightType::kQ8_0:
-      DecodeQ8_0Scalar(reinterpret_cast<const block_q8_0*>(row) + c0 / kQK8_0, len / kQK8_0, out);
-      return;
-    case WeightType::kQ4_0:
-      DecodeQ4_0Scalar(reinterpret_cast<const block_q4_0*>(row) + c0 / kQK4_0, len / kQK4_0, out);
-      return;
-    case WeightType::kQ4_K:
-      DecodeQ4_KScalar(reinterpret_cast<const block_q4_K*>(row) + c0 / kQK_K, len / kQK_K, out);
-      return;
     case WeightType::kQInt:
       DecodeQIntScalar(v, r, c0, len, out);
       return;
@@ -119,6 +66,8 @@ void DecodeScalar(const WeightView& v, int64_t r, int64_t c0, int64_t len, float
       DecodeW8A8Scalar(v, r, c0, len, out);
       return;
     case WeightType::kQuip:  // never viewed row by row: kernels.cc routes it to quip.cc
+      return;
+    default:  // the ggml types: v.ggml above
       return;
   }
 }

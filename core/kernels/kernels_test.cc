@@ -10,6 +10,9 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/half.h"
 #include "core/kernels/blocks.h"
+#include "core/kernels/ggml_kernels.h"
+#include "core/kernels/iq_grids.h"
+#include "core/model/ggml_types.h"
 #include "gtest/gtest.h"
 
 namespace qforge::kernels {
@@ -60,6 +63,54 @@ void FillSpqr(const WeightFormat& f, int64_t rows, int64_t cols, std::mt19937& r
     const uint32_t c = static_cast<uint32_t>(pos[p].second);
     std::memcpy(b.data() + l.col_index_offset + static_cast<size_t>(p) * l.index_bytes, &c, l.index_bytes);
     PutHalf(b, l.values_offset + 2 * p, normal(rng));
+  }
+}
+
+// Where each newer ggml type keeps its f16 scales in a block, and how large they are made (mins may be
+// negative): the rest of a block stays random bytes, every code pattern being valid.
+struct HalfField {
+  int offset;
+  float lo, hi;
+};
+std::vector<HalfField> GgmlScaleFields(WeightType t) {
+  switch (t) {
+    case WeightType::kQ4_1:
+    case WeightType::kQ5_1: return {{0, 0.01f, 0.2f}, {2, -0.5f, 0.5f}};
+    case WeightType::kQ5_0:
+    case WeightType::kIQ4_NL:
+    case WeightType::kIQ4_XS:
+    case WeightType::kIQ2_XXS:
+    case WeightType::kIQ2_XS:
+    case WeightType::kIQ2_S:
+    case WeightType::kIQ3_XXS:
+    case WeightType::kIQ3_S:
+    case WeightType::kIQ1_S: return {{0, 0.001f, 0.02f}};
+    case WeightType::kQ2_K: return {{80, 0.001f, 0.02f}, {82, 0.001f, 0.02f}};
+    case WeightType::kQ3_K: return {{108, 0.001f, 0.02f}};
+    case WeightType::kQ5_K: return {{0, 0.001f, 0.02f}, {2, 0.001f, 0.02f}};
+    case WeightType::kQ6_K: return {{208, 0.0001f, 0.002f}};
+    case WeightType::kTQ1_0: return {{52, 0.01f, 0.2f}};
+    case WeightType::kTQ2_0: return {{64, 0.01f, 0.2f}};
+    default: return {};
+  }
+}
+
+// Sane scales in every block of a ggml-type tensor whose bytes are otherwise random (the older types' are
+// set by RandomTensor's own cases).
+void FillGgmlScales(const GgmlTypeTraits& g, std::vector<uint8_t>& b, std::mt19937& rng) {
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  for (size_t blk = 0; blk + g.block_bytes <= b.size(); blk += g.block_bytes) {
+    for (const HalfField& h : GgmlScaleFields(g.type)) PutHalf(b, blk + h.offset, h.lo + (h.hi - h.lo) * u(rng));
+    if (g.type == WeightType::kIQ1_M) {
+      // The f16 super-block scale is the top nibbles of the four u16 at byte 48, lowest nibble first.
+      const uint16_t d = FloatToHalf(0.001f + 0.02f * u(rng));
+      for (int k = 0; k < 4; ++k) {
+        uint16_t sc;
+        std::memcpy(&sc, &b[blk + 48 + 2 * k], 2);
+        sc = static_cast<uint16_t>((sc & 0x0FFF) | (((d >> (4 * k)) & 0xF) << 12));
+        std::memcpy(&b[blk + 48 + 2 * k], &sc, 2);
+      }
+    }
   }
 }
 
@@ -127,6 +178,9 @@ Tensor RandomTensor(const WeightFormat& f, int64_t rows, int64_t cols, uint32_t 
     case WeightType::kSpQR:
       FillSpqr(f, rows, cols, rng, b);
       break;
+    default:
+      if (const GgmlTypeTraits* g = FindGgmlType(f.type)) FillGgmlScales(*g, b, rng);
+      break;
   }
   return Tensor::FromBytes("w", {rows, cols}, f, std::move(b));
 }
@@ -134,6 +188,14 @@ Tensor RandomTensor(const WeightFormat& f, int64_t rows, int64_t cols, uint32_t 
 struct Case {
   WeightFormat format;
   int64_t rows, cols;
+};
+
+// The ggml types added after Q8_0 / Q4_0 / Q4_K (decoded through the type table, no SIMD decoder yet).
+constexpr WeightType kNewerGgmlTypes[] = {
+    WeightType::kQ4_1,   WeightType::kQ5_0,   WeightType::kQ5_1,   WeightType::kQ2_K,    WeightType::kQ3_K,
+    WeightType::kQ5_K,   WeightType::kQ6_K,   WeightType::kIQ4_NL, WeightType::kIQ4_XS,  WeightType::kTQ1_0,
+    WeightType::kTQ2_0,  WeightType::kIQ2_XXS, WeightType::kIQ2_XS, WeightType::kIQ2_S, WeightType::kIQ3_XXS,
+    WeightType::kIQ3_S,  WeightType::kIQ1_S,  WeightType::kIQ1_M,
 };
 
 std::vector<Case> AllCases() {
@@ -151,6 +213,14 @@ std::vector<Case> AllCases() {
       {WeightFormat::NF4(32, true), 600, 96},  // > 256 blocks: several double-quant groups
       {WeightFormat::NF4(6, false), 5, 42},    // block not a multiple of 8: scalar fallback inside SIMD
   };
+  // The newer ggml types (their scalar decoder on every ISA, the float matmul): one and three blocks of 256, or
+  // three and nine of 32, and a row of several spans (1280 columns).
+  for (WeightType t : kNewerGgmlTypes) {
+    const int block = FindGgmlType(t)->block;
+    cases.push_back({WeightFormat::Of(t), 3, block == 32 ? 96 : 256});
+    cases.push_back({WeightFormat::Of(t), 5, block == 32 ? 288 : 768});
+    cases.push_back({WeightFormat::Of(t), 2, 1280});
+  }
   for (int bits = 2; bits <= 8; ++bits) {
     for (bool sym : {true, false}) {
       cases.push_back({WeightFormat::QInt(bits, 0, sym), 5, 40});
@@ -426,6 +496,403 @@ TEST(KernelsTest, HandComputedQ4_K) {
       }
     }
   });
+}
+
+// ---- The newer ggml types, one hand-made block each: every element against the type's formula (written out
+// here from docs/encodings.md, not through the decoder), and a few elements worked out by hand. ----
+
+// One block of `t` from `bytes`, decoded on every ISA; `want(e)` is element e's value, `literal` some by hand.
+template <typename Want>
+void ExpectBlock(WeightType t, const std::vector<uint8_t>& bytes, Want want,
+                 std::vector<std::pair<int, float>> literal) {
+  const GgmlTypeTraits* g = FindGgmlType(t);
+  ASSERT_NE(g, nullptr);
+  ASSERT_EQ(bytes.size(), static_cast<size_t>(g->block_bytes));
+  const Tensor w = Tensor::FromBytes(g->name, {1, g->block}, WeightFormat::Of(t), bytes);
+  SCOPED_TRACE(g->name);
+  ForEachIsa([&] {
+    const auto out = Dequant(w);
+    for (int e = 0; e < g->block; ++e) ASSERT_EQ(FloatBits(out[e]), FloatBits(want(e))) << "element " << e;
+    for (const auto& [e, v] : literal) EXPECT_EQ(out[e], v) << "element " << e;
+    // The float matmul over the decoded block (x = 1): the sum of the elements.
+    std::vector<float> ones(static_cast<size_t>(g->block), 1.0f);
+    float y = 0;
+    ASSERT_TRUE(MatMulRows(w, 0, 1, ones.data(), 1, &y, 1).ok());
+    double sum = 0, mag = 0;
+    for (int e = 0; e < g->block; ++e) sum += out[e], mag += std::fabs(out[e]);
+    EXPECT_NEAR(y, sum, 1e-6 * mag + 1e-30);
+  });
+}
+
+void PutU16(std::vector<uint8_t>& b, size_t off, uint16_t v) { std::memcpy(b.data() + off, &v, 2); }
+void PutU32(std::vector<uint8_t>& b, size_t off, uint32_t v) { std::memcpy(b.data() + off, &v, 4); }
+float GridAt(uint64_t entry, int j) { return static_cast<float>(GridByte(entry, j)); }
+
+TEST(KernelsTest, HandComputedQ4_1) {
+  std::vector<uint8_t> b(20);
+  PutHalf(b, 0, 0.5f);   // d
+  PutHalf(b, 2, -1.0f);  // m
+  for (int j = 0; j < 16; ++j) b[4 + j] = static_cast<uint8_t>(j | ((15 - j) << 4));
+  ExpectBlock(WeightType::kQ4_1, b, [](int e) { return 0.5f * (e < 16 ? e : 31 - e) + -1.0f; },
+              {{0, -1.0f}, {3, 0.5f}, {16, 6.5f}, {31, -1.0f}});
+}
+
+// qh = bits 0 and 31: element 0's and element 31's fifth bits.
+TEST(KernelsTest, HandComputedQ5_0AndQ5_1) {
+  auto q5 = [](int e) {  // qs[j] = j | j << 4, so the low nibble of element e is e % 16
+    const int fifth = (e == 0 || e == 31) ? 16 : 0;
+    return (e % 16) | fifth;
+  };
+  std::vector<uint8_t> b(22);
+  PutHalf(b, 0, 0.25f);
+  PutU32(b, 2, 0x80000001u);
+  for (int j = 0; j < 16; ++j) b[6 + j] = static_cast<uint8_t>(j | (j << 4));
+  ExpectBlock(WeightType::kQ5_0, b, [&](int e) { return static_cast<float>(q5(e) - 16) * 0.25f; },
+              {{0, 0.0f}, {1, -3.75f}, {16, -4.0f}, {31, 3.75f}});
+  std::vector<uint8_t> b1(24);
+  PutHalf(b1, 0, 0.5f);
+  PutHalf(b1, 2, 1.0f);
+  PutU32(b1, 4, 0x80000001u);
+  for (int j = 0; j < 16; ++j) b1[8 + j] = static_cast<uint8_t>(j | (j << 4));
+  ExpectBlock(WeightType::kQ5_1, b1, [&](int e) { return static_cast<float>(q5(e)) * 0.5f + 1.0f; },
+              {{0, 9.0f}, {1, 1.5f}, {16, 1.0f}, {31, 16.5f}});
+}
+
+// Every qs byte 0xE4 = codes 0, 1, 2, 3 from the low bits up, so element e's 2-bit code is (e % 128) / 32.
+TEST(KernelsTest, HandComputedQ2_K) {
+  std::vector<uint8_t> b(84);
+  for (int k = 0; k < 16; ++k) b[k] = static_cast<uint8_t>(k | (1 << 4));  // scale k, min 1
+  for (int i = 0; i < 64; ++i) b[16 + i] = 0xE4;
+  PutHalf(b, 80, 1.0f);  // d
+  PutHalf(b, 82, 0.5f);  // dmin
+  ExpectBlock(WeightType::kQ2_K, b,
+              [](int e) { return 1.0f * static_cast<float>(e / 16) * static_cast<float>((e % 128) / 32) - 0.5f; },
+              {{0, -0.5f}, {40, 1.5f}, {200, 23.5f}, {255, 44.5f}});
+}
+
+// Scales 24 + k stored (k - 8 after the bias), codes as Q2_K's test; hmask bytes 0x0F for the first 16, 0xF0 for
+// the last 16: element e's high bit is bit e / 32 of hmask[e % 32], and a clear bit subtracts 4.
+TEST(KernelsTest, HandComputedQ3_K) {
+  std::vector<uint8_t> b(110, 0);
+  for (int l = 0; l < 32; ++l) b[l] = l < 16 ? 0x0F : 0xF0;
+  for (int i = 0; i < 64; ++i) b[32 + i] = 0xE4;
+  uint8_t* sc = b.data() + 96;
+  for (int k = 0; k < 16; ++k) {
+    const int s = 24 + k;
+    sc[k % 8] |= static_cast<uint8_t>((s & 0xF) << (k < 8 ? 0 : 4));
+    sc[8 + k % 4] |= static_cast<uint8_t>((s >> 4) << (2 * (k / 4)));
+  }
+  PutHalf(b, 108, 0.5f);
+  auto want = [](int e) {
+    const bool high = (e % 32 < 16) ? (e / 32 < 4) : (e / 32 >= 4);
+    const int q = (e % 128) / 32 - (high ? 0 : 4);
+    return 0.5f * static_cast<float>(e / 16 - 8) * static_cast<float>(q);
+  };
+  ExpectBlock(WeightType::kQ3_K, b, want, {{0, 0.0f}, {16, 14.0f}, {200, -4.0f}, {255, 10.5f}});
+}
+
+// Q4_K's hand scales and code pattern, plus fifth bits: qh[l] = 0x55 (even l: the first half of every chunk gets
+// +16) or 0xAA (odd l: the second half does).
+TEST(KernelsTest, HandComputedQ5_K) {
+  std::vector<uint8_t> b(176);
+  PutHalf(b, 0, 1.0f);
+  PutHalf(b, 2, 0.5f);
+  std::memcpy(b.data() + 4, kHandScales, 12);
+  for (int l = 0; l < 32; ++l) b[16 + l] = l % 2 == 0 ? 0x55 : 0xAA;
+  for (int k = 0; k < 4; ++k) {
+    for (int l = 0; l < 32; ++l) b[48 + 32 * k + l] = static_cast<uint8_t>((l % 16) | (((l + k) % 16) << 4));
+  }
+  auto want = [](int e) {
+    const int chunk = e / 64, l = e % 32;
+    const bool second = e % 64 >= 32;
+    const int v = second ? ((l + chunk) % 16) + (l % 2 == 1 ? 16 : 0) : (l % 16) + (l % 2 == 0 ? 16 : 0);
+    const int sub = 2 * chunk + (second ? 1 : 0);
+    return 1.0f * static_cast<float>(kHandSc[sub]) * static_cast<float>(v) - 0.5f * static_cast<float>(kHandM[sub]);
+  };
+  ExpectBlock(WeightType::kQ5_K, b, want, {{0, 13.5f}, {33, 31.0f}, {255, 1102.5f}});
+}
+
+// ql[i] = (i % 16) | (15 - i % 16) << 4, qh bytes 0xE4 (high bits k for the k-th 32 of each half), int8 scales k - 8.
+TEST(KernelsTest, HandComputedQ6_K) {
+  std::vector<uint8_t> b(210);
+  for (int i = 0; i < 128; ++i) b[i] = static_cast<uint8_t>((i % 16) | ((15 - i % 16) << 4));
+  for (int i = 0; i < 64; ++i) b[128 + i] = 0xE4;
+  for (int k = 0; k < 16; ++k) b[192 + k] = static_cast<uint8_t>(static_cast<int8_t>(k - 8));
+  PutHalf(b, 208, 0.5f);
+  auto want = [](int e) {
+    const int half = e / 128, k = (e % 128) / 32, l = e % 32;
+    const int ql = 64 * half + l + 32 * (k % 2);
+    const int nib = k < 2 ? ql % 16 : 15 - ql % 16;
+    const int q = (nib | (k << 4)) - 32;
+    return 0.5f * static_cast<float>(8 * half + 2 * k + l / 16 - 8) * static_cast<float>(q);
+  };
+  ExpectBlock(WeightType::kQ6_K, b, want, {{0, 128.0f}, {100, -27.0f}, {255, 56.0f}});
+}
+
+TEST(KernelsTest, HandComputedIQ4_NLAndIQ4_XS) {
+  std::vector<uint8_t> b(18);
+  PutHalf(b, 0, 0.5f);
+  for (int j = 0; j < 16; ++j) b[2 + j] = static_cast<uint8_t>(j | ((15 - j) << 4));
+  ExpectBlock(WeightType::kIQ4_NL, b,
+              [](int e) { return 0.5f * static_cast<float>(kIq4nlValues[e < 16 ? e : 31 - e]); },
+              {{0, -63.5f}, {8, 0.5f}, {16, 56.5f}});
+  // IQ4_XS: sub-block ib has the 6-bit scale 28 + ib (ib - 4 after the bias), its codes as IQ4_NL's block.
+  std::vector<uint8_t> x(136, 0);
+  PutHalf(x, 0, 0.25f);
+  uint16_t scales_h = 0;
+  for (int ib = 0; ib < 8; ++ib) {
+    const int ls = 28 + ib;
+    x[4 + ib / 2] |= static_cast<uint8_t>((ls & 0xF) << (4 * (ib % 2)));
+    scales_h |= static_cast<uint16_t>((ls >> 4) << (2 * ib));
+    for (int j = 0; j < 16; ++j) x[8 + 16 * ib + j] = static_cast<uint8_t>(j | ((15 - j) << 4));
+  }
+  PutU16(x, 2, scales_h);
+  ExpectBlock(WeightType::kIQ4_XS, x,
+              [](int e) {
+                const int ib = e / 32, j = e % 32;
+                return 0.25f * static_cast<float>(ib - 4) * static_cast<float>(kIq4nlValues[j < 16 ? j : 31 - j]);
+              },
+              {{0, 127.0f}, {255, -95.25f}});
+}
+
+// TQ1_0 encoded here as ggml's quantizer does: five trits t0..t4 of one byte are the base-3 number t0 t1 t2 t3 t4
+// (t0 most significant) scaled to a byte with ceil(v * 256 / 243); qh bytes hold four trits and a zero digit.
+// Weight e's trit is (e * 7 + e / 5) % 3; w = d * (t - 1).
+TEST(KernelsTest, HandComputedTQ1_0) {
+  auto trit = [](int e) { return (e * 7 + e / 5) % 3; };
+  std::vector<uint8_t> b(54);
+  auto pack = [](const int* t, int n) {
+    int v = 0;
+    for (int k = 0; k < 5; ++k) v = v * 3 + (k < n ? t[k] : 0);
+    return static_cast<uint8_t>((v * 256 + 242) / 243);
+  };
+  for (int m = 0; m < 32; ++m) {  // weight 32 n + m
+    int t[5];
+    for (int n = 0; n < 5; ++n) t[n] = trit(32 * n + m);
+    b[m] = pack(t, 5);
+  }
+  for (int m = 0; m < 16; ++m) {  // weight 160 + 16 n + m
+    int t[5];
+    for (int n = 0; n < 5; ++n) t[n] = trit(160 + 16 * n + m);
+    b[32 + m] = pack(t, 5);
+  }
+  for (int m = 0; m < 4; ++m) {  // weight 240 + 4 n + m
+    int t[4];
+    for (int n = 0; n < 4; ++n) t[n] = trit(240 + 4 * n + m);
+    b[48 + m] = pack(t, 4);
+  }
+  PutHalf(b, 52, 2.0f);
+  ExpectBlock(WeightType::kTQ1_0, b, [&](int e) { return static_cast<float>(trit(e) - 1) * 2.0f; },
+              {{0, -2.0f}, {1, 0.0f}, {2, 2.0f}, {255, static_cast<float>(trit(255) - 1) * 2.0f}});
+}
+
+// TQ2_0: weight 128 h + 32 l + m is bits [2l, 2l + 2) of qs[32 h + m]; code e % 4 (3 decodes as +2 too).
+TEST(KernelsTest, HandComputedTQ2_0) {
+  std::vector<uint8_t> b(66, 0);
+  for (int e = 0; e < 256; ++e) {
+    const int h = e / 128, l = (e % 128) / 32, m = e % 32;
+    b[32 * h + m] |= static_cast<uint8_t>((e % 4) << (2 * l));
+  }
+  PutHalf(b, 64, 0.5f);
+  ExpectBlock(WeightType::kTQ2_0, b, [](int e) { return static_cast<float>(e % 4 - 1) * 0.5f; },
+              {{0, -0.5f}, {1, 0.0f}, {2, 0.5f}, {3, 1.0f}});
+}
+
+// The sign masks of the IQ2 / IQ3 types: seven stored bits, the eighth making the count of minus signs even.
+TEST(KernelsTest, IqSignsAndGrids) {
+  EXPECT_EQ(EvenSigns(0), 0);
+  EXPECT_EQ(EvenSigns(1), 129);
+  EXPECT_EQ(EvenSigns(3), 3);
+  EXPECT_EQ(EvenSigns(127), 255);
+  EXPECT_EQ(EvenSigns(126), 126);
+  for (uint32_t s = 0; s < 128; ++s) EXPECT_EQ(__builtin_popcount(EvenSigns(s)) % 2, 0) << s;
+  // Spot entries of the generated grids (ggml-common.h) and their value sets.
+  EXPECT_EQ(kIq2xxsGrid[1], 0x080808080808082bu);
+  EXPECT_EQ(kIq2sGrid[257], 0x0819081919192b08u);
+  EXPECT_EQ(kIq3xxsGrid[255], 0x3e341c04u);
+  EXPECT_EQ(kIq3sGrid[511], 0x0f0f0101u);
+  EXPECT_EQ(kIq1sGrid[2047], 0x0101010101010101u);
+  auto bytes_in = [](uint64_t v, int n, std::initializer_list<int> set) {
+    for (int j = 0; j < n; ++j) {
+      const int b = GridByte(v, j);
+      if (std::find(set.begin(), set.end(), b) == set.end()) return false;
+    }
+    return true;
+  };
+  for (uint64_t v : kIq2xxsGrid) EXPECT_TRUE(bytes_in(v, 8, {8, 25, 43}));
+  for (uint64_t v : kIq2xsGrid) EXPECT_TRUE(bytes_in(v, 8, {8, 25, 43}));
+  for (uint64_t v : kIq2sGrid) EXPECT_TRUE(bytes_in(v, 8, {8, 25, 43}));
+  for (uint32_t v : kIq3xxsGrid) EXPECT_TRUE(bytes_in(v, 4, {4, 12, 20, 28, 36, 44, 52, 62}));
+  for (uint32_t v : kIq3sGrid) EXPECT_TRUE(bytes_in(v, 4, {1, 3, 5, 7, 9, 11, 13, 15}));
+  for (uint64_t v : kIq1sGrid) EXPECT_TRUE(bytes_in(v, 8, {0xFF, 0, 1}));
+}
+
+// IQ2_XXS: group 0 = indices {0, 1, 255, 0}, sign fields {0, 1, 127, 0} and scale 3 (db = (0.5 + 3) / 4); the
+// other groups all zero (index 0, no signs, db = 0.5 / 4).
+TEST(KernelsTest, HandComputedIQ2_XXS) {
+  std::vector<uint8_t> b(66, 0);
+  PutHalf(b, 0, 1.0f);
+  b[2] = 0, b[3] = 1, b[4] = 255, b[5] = 0;
+  PutU32(b, 6, (3u << 28) | (127u << 14) | (1u << 7));
+  auto want = [](int e) {
+    const int ib = e / 32, l = (e % 32) / 8, j = e % 8;
+    const uint8_t idx[4] = {0, 1, 255, 0};
+    const uint32_t signs[4] = {0, 1, 127, 0};
+    const float db = ib == 0 ? 1.0f * (0.5f + 3.0f) * 0.25f : 1.0f * 0.5f * 0.25f;
+    const float w = db * GridAt(kIq2xxsGrid[ib == 0 ? idx[l] : 0], j);
+    return ib == 0 && (EvenSigns(signs[l]) >> j & 1) ? -w : w;
+  };
+  ExpectBlock(WeightType::kIQ2_XXS, b, want,
+              {{0, 7.0f}, {8, -37.625f}, {9, 7.0f}, {15, -7.0f}, {16, -7.0f}, {21, -37.625f}, {32, 1.0f}});
+}
+
+// IQ2_XS: the first u16 = grid index 300 with sign field 1; scales[0] = 0x53 (3 for weights 0..15, 5 for 16..31).
+TEST(KernelsTest, HandComputedIQ2_XS) {
+  std::vector<uint8_t> b(74, 0);
+  PutHalf(b, 0, 1.0f);
+  PutU16(b, 2, static_cast<uint16_t>(300 | (1 << 9)));
+  PutU16(b, 2 + 2 * 2, 1);  // weights 16..23: index 1
+  b[66] = 0x53;
+  auto want = [](int e) {
+    const int ib = e / 32, l = (e % 32) / 8, j = e % 8;
+    const int scale = ib == 0 ? (l < 2 ? 3 : 5) : 0;
+    const float db = 1.0f * (0.5f + static_cast<float>(scale)) * 0.25f;
+    const int index = ib == 0 && l == 0 ? 300 : ib == 0 && l == 2 ? 1 : 0;
+    const float w = db * GridAt(kIq2xsGrid[index], j);
+    return ib == 0 && l == 0 && (j == 0 || j == 7) ? -w : w;
+  };
+  // Grid 300 is {8, 25, 25, 8, 8, 25, 8, 25}; grid 1 {43, 8, ...}.
+  ExpectBlock(WeightType::kIQ2_XS, b, want, {{0, -7.0f}, {1, 21.875f}, {7, -21.875f}, {16, 59.125f}, {17, 11.0f}});
+}
+
+// IQ2_S: the first point's index is 257 (qs[0] = 1, qh[0] bits 0-1 = 1), explicit signs 0x03 (weights 0, 1
+// negative); scales[0] = 0x21.
+TEST(KernelsTest, HandComputedIQ2_S) {
+  std::vector<uint8_t> b(82, 0);
+  PutHalf(b, 0, 0.5f);
+  b[2] = 1;         // qs[0]
+  b[2 + 1] = 2;     // qs[1]: index 2
+  b[2 + 32] = 0x03; // signs of point 0
+  b[66] = 1;        // qh[0]
+  b[74] = 0x21;     // scales[0]
+  auto want = [](int e) {
+    const int ib = e / 32, l = (e % 32) / 8, j = e % 8;
+    const int scale = ib == 0 ? (l < 2 ? 1 : 2) : 0;
+    const float db = 0.5f * (0.5f + static_cast<float>(scale)) * 0.25f;
+    const int index = ib == 0 && l == 0 ? 257 : ib == 0 && l == 1 ? 2 : 0;
+    const float w = db * GridAt(kIq2sGrid[index], j);
+    return ib == 0 && l == 0 && j < 2 ? -w : w;
+  };
+  // db = 0.1875 for weights 0..15: grid 257 is {8, 43, 25, ...}, grid 2 {25, 25, 8, ...}.
+  ExpectBlock(WeightType::kIQ2_S, b, want, {{0, -1.5f}, {1, -8.0625f}, {2, 4.6875f}, {8, 4.6875f}, {10, 1.5f}});
+}
+
+// IQ3_XXS: group 0's first two indices 0 and 1, sign field 1 (weights 0 and 7 negative), scale 2 (db = 1.25).
+TEST(KernelsTest, HandComputedIQ3_XXS) {
+  std::vector<uint8_t> b(98, 0);
+  PutHalf(b, 0, 1.0f);
+  b[2 + 1] = 1;
+  PutU32(b, 2 + 64, (2u << 28) | 1u);
+  auto want = [](int e) {
+    const int ib = e / 32, j = e % 8;
+    const float db = 1.0f * (0.5f + (ib == 0 ? 2.0f : 0.0f)) * 0.5f;
+    const float w = db * GridAt(kIq3xxsGrid[e == 4 ? 1 : 0], j % 4);
+    return ib == 0 && e % 32 < 8 && (j == 0 || j == 7) ? -w : w;
+  };
+  ExpectBlock(WeightType::kIQ3_XXS, b, want, {{0, -5.0f}, {1, 5.0f}, {4, 25.0f}, {7, -5.0f}, {8, 5.0f}, {32, 1.0f}});
+}
+
+// IQ3_S: group 0's first indices 257 (qs[0] = 1, qh[0] bit 0) and 2, signs[0] = 0x10 (weight 4 negative);
+// scales[0] = 0x21 (db = 0.5 * 3 for group 0, 0.5 * 5 for group 1).
+TEST(KernelsTest, HandComputedIQ3_S) {
+  std::vector<uint8_t> b(110, 0);
+  PutHalf(b, 0, 0.5f);
+  b[2] = 1, b[3] = 2;
+  b[66] = 1;         // qh[0]
+  b[74] = 0x10;      // signs[0]
+  b[106] = 0x21;     // scales[0]
+  auto want = [](int e) {
+    const int ib = e / 32;
+    const int s = ib == 0 ? 1 : ib == 1 ? 2 : 0;
+    const float db = 0.5f * static_cast<float>(1 + 2 * s);
+    const int index = e < 4 ? 257 : e < 8 ? 2 : 0;
+    const float w = db * GridAt(kIq3sGrid[index], e % 4);
+    return e == 4 ? -w : w;
+  };
+  // Grid 257 = {5, 7, 9, 5}, grid 2 = {5, 1, 1, 1}, grid 0 = {1, 1, 1, 1}.
+  ExpectBlock(WeightType::kIQ3_S, b, want, {{0, 7.5f}, {2, 13.5f}, {4, -7.5f}, {5, 1.5f}, {32, 2.5f}, {64, 0.5f}});
+}
+
+// IQ1_S: group 0 has scale 2 (dl = 5), a negative delta, point 0 index 5 * 256 + 7 and point 1 index 1.
+TEST(KernelsTest, HandComputedIQ1_S) {
+  std::vector<uint8_t> b(50, 0);
+  PutHalf(b, 0, 1.0f);
+  b[2] = 7, b[3] = 1;
+  PutU16(b, 34, static_cast<uint16_t>(0x8000 | (2 << 12) | 5));
+  auto want = [](int e) {
+    const int ib = e / 32, l = (e % 32) / 8;
+    const float dl = 1.0f * static_cast<float>(ib == 0 ? 5 : 1);
+    const float delta = ib == 0 ? -kIq1Delta : kIq1Delta;
+    const int index = ib == 0 && l == 0 ? 5 * 256 + 7 : ib == 0 && l == 1 ? 1 : 0;
+    const float g = static_cast<float>(static_cast<int8_t>(GridByte(kIq1sGrid[index], e % 8)));
+    return dl * (g + delta);
+  };
+  // Grid 1287 = {1, -1, 1, 0, -1, 0, 1, 0}; grid 1 = {1, -1, ...}; grid 0 all -1.
+  ExpectBlock(WeightType::kIQ1_S, b, want, {{0, 4.375f}, {1, -5.625f}, {3, -0.625f}, {8, 4.375f}, {32, -0.875f}});
+}
+
+// IQ1_M: d = 0.5 spread over the scales' top nibbles; group 0's 3-bit scales 1 and 2 (dl 1.5 and 2.5); point 0
+// index 0 with a negative delta (qh[0] bit 3), point 2 index 256 + 9 (qh[1] low nibble 1).
+TEST(KernelsTest, HandComputedIQ1_M) {
+  std::vector<uint8_t> b(56, 0);
+  b[2] = 9;      // qs[2]
+  b[32] = 0x08;  // qh[0]: point 0 index bits 0, negative delta; point 1 positive
+  b[33] = 0x01;  // qh[1]: point 2 index bits 1
+  const uint16_t d = FloatToHalf(0.5f);
+  for (int k = 0; k < 4; ++k) PutU16(b, 48 + 2 * k, static_cast<uint16_t>(((d >> (4 * k)) & 0xF) << 12));
+  uint16_t sc0;
+  std::memcpy(&sc0, &b[48], 2);
+  PutU16(b, 48, static_cast<uint16_t>(sc0 | 1 | (2 << 3)));
+  auto want = [](int e) {
+    const int ib = e / 32, l = (e % 32) / 8;
+    const int s = ib == 0 ? (l < 2 ? 1 : 2) : 0;
+    const float dl = 0.5f * static_cast<float>(2 * s + 1);
+    const float delta = e < 8 ? -kIq1Delta : kIq1Delta;
+    const int index = e >= 16 && e < 24 ? 256 + 9 : 0;
+    const float g = static_cast<float>(static_cast<int8_t>(GridByte(kIq1sGrid[index], e % 8)));
+    return dl * (g + delta);
+  };
+  // Grid 265 = {0, 1, -1, -1, -1, 0, 0, -1}.
+  ExpectBlock(WeightType::kIQ1_M, b, want,
+              {{0, -1.6875f}, {8, -1.3125f}, {16, 0.3125f}, {17, 2.8125f}, {18, -2.1875f}, {32, -0.4375f}});
+}
+
+// The two type tables have the same rows in the same order, every block struct has the table's size, and each
+// ISA slot decodes as the scalar reference (checked per format in the agreement tests).
+TEST(KernelsTest, GgmlTablesAgree) {
+  const auto types = GgmlTypes();
+  const auto kernels = GgmlKernelTable();
+  ASSERT_EQ(types.size(), kernels.size());
+  for (size_t i = 0; i < types.size(); ++i) {
+    EXPECT_EQ(types[i].type, kernels[i].type) << types[i].name;
+    EXPECT_NE(kernels[i].dequantize, nullptr) << types[i].name;
+    EXPECT_EQ(FindGgmlKernels(types[i].type), &kernels[i]);
+  }
+  const std::pair<WeightType, size_t> sizes[] = {
+      {WeightType::kQ8_0, sizeof(block_q8_0)},       {WeightType::kQ4_0, sizeof(block_q4_0)},
+      {WeightType::kQ4_K, sizeof(block_q4_K)},       {WeightType::kQ4_1, sizeof(block_q4_1)},
+      {WeightType::kQ5_0, sizeof(block_q5_0)},       {WeightType::kQ5_1, sizeof(block_q5_1)},
+      {WeightType::kQ2_K, sizeof(block_q2_K)},       {WeightType::kQ3_K, sizeof(block_q3_K)},
+      {WeightType::kQ5_K, sizeof(block_q5_K)},       {WeightType::kQ6_K, sizeof(block_q6_K)},
+      {WeightType::kIQ4_NL, sizeof(block_iq4_nl)},   {WeightType::kIQ4_XS, sizeof(block_iq4_xs)},
+      {WeightType::kTQ1_0, sizeof(block_tq1_0)},     {WeightType::kTQ2_0, sizeof(block_tq2_0)},
+      {WeightType::kIQ2_XXS, sizeof(block_iq2_xxs)}, {WeightType::kIQ2_XS, sizeof(block_iq2_xs)},
+      {WeightType::kIQ2_S, sizeof(block_iq2_s)},     {WeightType::kIQ3_XXS, sizeof(block_iq3_xxs)},
+      {WeightType::kIQ3_S, sizeof(block_iq3_s)},     {WeightType::kIQ1_S, sizeof(block_iq1_s)},
+      {WeightType::kIQ1_M, sizeof(block_iq1_m)},
+  };
+  for (const auto& [t, size] : sizes) EXPECT_EQ(FindGgmlType(t)->block_bytes, static_cast<int>(size)) << FindGgmlType(t)->name;
+  EXPECT_EQ(FindGgmlKernels(WeightType::kQInt), nullptr);
 }
 
 TEST(KernelsTest, HandComputedQInt3Asymmetric) {

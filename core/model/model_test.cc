@@ -1,7 +1,11 @@
 #include "core/model/model.h"
 
 #include <cstring>
+#include <set>
+#include <string>
+#include <vector>
 
+#include "core/model/ggml_types.h"
 #include "gtest/gtest.h"
 
 namespace qforge {
@@ -16,7 +20,9 @@ TEST(WeightFormat, NamesRoundTrip) {
     ASSERT_TRUE(parsed.ok()) << FormatName(f) << ": " << parsed.status();
     EXPECT_EQ(*parsed, f) << FormatName(f);
   }
-  EXPECT_FALSE(ParseFormatName("q5_k").ok());
+  EXPECT_FALSE(ParseFormatName("q7_k").ok());
+  EXPECT_FALSE(ParseFormatName("q4_K").ok());  // qforge's names are lower case
+  EXPECT_FALSE(ParseFormatName("q8_k").ok());  // ggml's activation type: never a stored weight here
   EXPECT_FALSE(ParseFormatName("qint9_g32_sym").ok());
   EXPECT_FALSE(ParseFormatName("qint4_g0_sym").ok());
   EXPECT_FALSE(ParseFormatName("nf4_bx").ok());
@@ -28,6 +34,59 @@ TEST(WeightFormat, GgmlBlockSizes) {
   EXPECT_EQ(*EncodedBytes(WeightFormat::Of(WeightType::kQ4_K), 4, 512), 4u * 2 * 144);
   EXPECT_FALSE(EncodedBytes(WeightFormat::Of(WeightType::kQ4_K), 4, 64).ok());
   EXPECT_FALSE(EncodedBytes(WeightFormat::Of(WeightType::kQ8_0), 1, 33).ok());
+}
+
+// The ggml type table: every row's name round-trips and sizes a matrix as rows * cols / block blocks; ids,
+// names and types are unique; a few rows checked against ggml-common.h's structs and ggml.h's ids by hand.
+TEST(WeightFormat, GgmlTypeTable) {
+  std::set<uint32_t> ids;
+  std::set<std::string> names;
+  std::set<WeightType> types;
+  for (const GgmlTypeTraits& g : GgmlTypes()) {
+    SCOPED_TRACE(g.name);
+    EXPECT_TRUE(ids.insert(g.ggml_id).second);
+    EXPECT_TRUE(names.insert(g.name).second);
+    EXPECT_TRUE(types.insert(g.type).second);
+    const WeightFormat f = WeightFormat::Of(g.type);
+    EXPECT_EQ(FormatName(f), g.name);
+    ASSERT_TRUE(ParseFormatName(g.name).ok());
+    EXPECT_EQ(*ParseFormatName(g.name), f);
+    EXPECT_EQ(FindGgmlType(g.type), &g);
+    EXPECT_EQ(FindGgmlTypeById(g.ggml_id), &g);
+    EXPECT_EQ(FindGgmlTypeByName(g.name), &g);
+    EXPECT_EQ(*EncodedBytes(f, 3, 2 * 256), 3u * 2 * 256 / g.block * g.block_bytes);
+    EXPECT_EQ(f.is_float(), g.block == 1);
+    if (g.block > 1) {
+      EXPECT_FALSE(EncodedBytes(f, 1, g.block + 16).ok());
+      EXPECT_EQ(PlaneSizes(f, 3, 512).value(), std::vector<size_t>{3u * 512 / g.block * g.block_bytes});
+    }
+  }
+  EXPECT_EQ(GgmlTypes().size(), 24u);
+  const struct {
+    WeightType type;
+    uint32_t id;
+    int block, bytes;
+  } kByHand[] = {
+      {WeightType::kBF16, 30, 1, 2},      {WeightType::kQ4_1, 3, 32, 20},     {WeightType::kQ5_0, 6, 32, 22},
+      {WeightType::kQ5_1, 7, 32, 24},     {WeightType::kQ2_K, 10, 256, 84},   {WeightType::kQ3_K, 11, 256, 110},
+      {WeightType::kQ5_K, 13, 256, 176},  {WeightType::kQ6_K, 14, 256, 210},  {WeightType::kIQ4_NL, 20, 32, 18},
+      {WeightType::kIQ4_XS, 23, 256, 136}, {WeightType::kTQ1_0, 34, 256, 54}, {WeightType::kTQ2_0, 35, 256, 66},
+      {WeightType::kIQ2_XXS, 16, 256, 66}, {WeightType::kIQ2_XS, 17, 256, 74}, {WeightType::kIQ2_S, 22, 256, 82},
+      {WeightType::kIQ3_XXS, 18, 256, 98}, {WeightType::kIQ3_S, 21, 256, 110}, {WeightType::kIQ1_S, 19, 256, 50},
+      {WeightType::kIQ1_M, 29, 256, 56},
+  };
+  for (const auto& h : kByHand) {
+    const GgmlTypeTraits* g = FindGgmlType(h.type);
+    ASSERT_NE(g, nullptr);
+    EXPECT_EQ(g->ggml_id, h.id) << g->name;
+    EXPECT_EQ(g->block, h.block) << g->name;
+    EXPECT_EQ(g->block_bytes, h.bytes) << g->name;
+  }
+  // qforge's own encodings and ggml types it does not read have no row.
+  EXPECT_EQ(FindGgmlType(WeightType::kQInt), nullptr);
+  EXPECT_EQ(FindGgmlType(WeightType::kW8A8), nullptr);
+  EXPECT_EQ(FindGgmlTypeById(15), nullptr);  // q8_k
+  EXPECT_EQ(FindGgmlTypeById(9), nullptr);   // q8_1
 }
 
 TEST(WeightFormat, QIntLayoutCountsScalesAndZeros) {

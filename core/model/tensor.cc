@@ -10,6 +10,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/base/status_macros.h"
+#include "core/model/ggml_types.h"
 
 namespace qforge {
 
@@ -33,13 +34,8 @@ const float kNf4Levels[16] = {
 };
 
 std::string FormatName(const WeightFormat& f) {
+  if (const GgmlTypeTraits* g = FindGgmlType(f.type)) return g->name;
   switch (f.type) {
-    case WeightType::kF32: return "f32";
-    case WeightType::kF16: return "f16";
-    case WeightType::kBF16: return "bf16";
-    case WeightType::kQ8_0: return "q8_0";
-    case WeightType::kQ4_0: return "q4_0";
-    case WeightType::kQ4_K: return "q4_k";
     case WeightType::kQInt:
       return absl::StrCat("qint", f.bits, "_", f.group == 0 ? std::string("pc") : absl::StrCat("g", f.group),
                           f.symmetric ? "_sym" : "_asym");
@@ -51,17 +47,13 @@ std::string FormatName(const WeightFormat& f) {
     case WeightType::kQuip:
       return absl::StrCat("quip", f.bits, "_", f.group == 0 ? std::string("pc") : absl::StrCat("g", f.group),
                           f.symmetric ? "_sym" : "_asym");
+    default: break;  // the ggml types: FindGgmlType above
   }
   return "unknown";
 }
 
 absl::StatusOr<WeightFormat> ParseFormatName(const std::string& name) {
-  if (name == "f32") return WeightFormat::F32();
-  if (name == "f16") return WeightFormat::F16();
-  if (name == "bf16") return WeightFormat::BF16();
-  if (name == "q8_0") return WeightFormat::Of(WeightType::kQ8_0);
-  if (name == "q4_0") return WeightFormat::Of(WeightType::kQ4_0);
-  if (name == "q4_k") return WeightFormat::Of(WeightType::kQ4_K);
+  if (const GgmlTypeTraits* g = FindGgmlTypeByName(name)) return WeightFormat::Of(g->type);
   if (name == "w8a8") return WeightFormat::Of(WeightType::kW8A8);
   const std::vector<absl::string_view> parts = absl::StrSplit(name, '_');
   auto bad = [&] { return absl::InvalidArgumentError(absl::StrCat("unknown weight format '", name, "'")); };
@@ -249,19 +241,11 @@ absl::StatusOr<W8A8Layout> GetW8A8Layout(const WeightFormat& f, int64_t rows, in
 absl::StatusOr<size_t> EncodedBytes(const WeightFormat& f, int64_t rows, int64_t cols) {
   QF_RETURN_IF_ERROR(CheckDims(rows, cols));
   const size_t n = static_cast<size_t>(rows) * static_cast<size_t>(cols);
+  if (const GgmlTypeTraits* g = FindGgmlType(f.type)) {
+    if (g->block > 1) QF_RETURN_IF_ERROR(NeedMultiple(f, cols, g->block));
+    return n / static_cast<size_t>(g->block) * static_cast<size_t>(g->block_bytes);
+  }
   switch (f.type) {
-    case WeightType::kF32: return n * 4;
-    case WeightType::kF16:
-    case WeightType::kBF16: return n * 2;
-    case WeightType::kQ8_0:
-      QF_RETURN_IF_ERROR(NeedMultiple(f, cols, 32));
-      return n / 32 * 34;
-    case WeightType::kQ4_0:
-      QF_RETURN_IF_ERROR(NeedMultiple(f, cols, 32));
-      return n / 32 * 18;
-    case WeightType::kQ4_K:
-      QF_RETURN_IF_ERROR(NeedMultiple(f, cols, 256));
-      return n / 256 * 144;
     case WeightType::kQInt: {
       QF_ASSIGN_OR_RETURN(QIntLayout l, GetQIntLayout(f, rows, cols));
       return l.total_bytes;
@@ -282,6 +266,7 @@ absl::StatusOr<size_t> EncodedBytes(const WeightFormat& f, int64_t rows, int64_t
       QF_ASSIGN_OR_RETURN(QuipLayout l, GetQuipLayout(f, rows, cols));
       return l.total_bytes;
     }
+    default: break;  // the ggml types: FindGgmlType above
   }
   return absl::InvalidArgumentError("unknown weight type");
 }

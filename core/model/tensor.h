@@ -19,7 +19,9 @@ enum class WeightType : uint8_t {
   kF32 = 0,
   kF16 = 1,
   kBF16 = 2,
-  // ggml block layouts, bit-exact with block_q8_0 / block_q4_0 / block_q4_K.
+  // ggml block layouts, bit-exact with ggml's block_* structs. Their shapes (ggml type id, name, elements and
+  // bytes per block) are rows of one table, core/model/ggml_types.h; their decoders rows of another,
+  // core/kernels/ggml_kernels.h; docs/encodings.md has every byte layout.
   kQ8_0 = 3,   // 32 weights: f16 d, int8 qs[32]                       -> 34 bytes, w = d*q
   kQ4_0 = 4,   // 32 weights: f16 d, u8 qs[16] (j low nibble, j+16 high) -> 18 bytes, w = d*(q-8)
   kQ4_K = 5,   // 256 weights: f16 d, f16 dmin, u8 scales[12], u8 qs[128] -> 144 bytes
@@ -37,6 +39,25 @@ enum class WeightType : uint8_t {
   // random orthogonal U, V (Kronecker products of two factors each, core/kernels/orthogonal.h), see QuipLayout.
   // U mixes every output row, so rows are not independent: never row-sliced, no row view.
   kQuip = 10,
+  // More ggml block layouts (read, run and written; quantized by llama.cpp, not yet by qforge).
+  kQ4_1 = 11,     // 32 weights, 20 bytes: w = d*q + m
+  kQ5_0 = 12,     // 32 weights, 22 bytes: w = d*(q-16), 5-bit q
+  kQ5_1 = 13,     // 32 weights, 24 bytes: w = d*q + m, 5-bit q
+  kQ2_K = 14,     // 256 weights, 84 bytes: 16 sub-blocks of 16, 4-bit scales and mins, 2-bit q
+  kQ3_K = 15,     // 256 weights, 110 bytes: 16 sub-blocks of 16, 6-bit scales, 3-bit q
+  kQ5_K = 16,     // 256 weights, 176 bytes: Q4_K plus a fifth bit
+  kQ6_K = 17,     // 256 weights, 210 bytes: 16 sub-blocks of 16, int8 scales, 6-bit q
+  kIQ4_NL = 18,   // 32 weights, 18 bytes: w = d*kvalues_iq4nl[q]
+  kIQ4_XS = 19,   // 256 weights, 136 bytes: IQ4_NL values, 6-bit scales per 32
+  kTQ1_0 = 20,    // 256 weights, 54 bytes: ternary, five trits a byte
+  kTQ2_0 = 21,    // 256 weights, 66 bytes: ternary, two bits each
+  kIQ2_XXS = 22,  // 256 weights, 66 bytes: grid points of 8 weights (core/kernels/iq_grids.h)
+  kIQ2_XS = 23,   // 256 weights, 74 bytes
+  kIQ2_S = 24,    // 256 weights, 82 bytes
+  kIQ3_XXS = 25,  // 256 weights, 98 bytes
+  kIQ3_S = 26,    // 256 weights, 110 bytes
+  kIQ1_S = 27,    // 256 weights, 50 bytes
+  kIQ1_M = 28,    // 256 weights, 56 bytes
 };
 
 struct WeightFormat {

@@ -1,0 +1,59 @@
+#include "core/kernels/ggml_kernels.h"
+
+#include <array>
+
+#include "core/kernels/kernels_internal.h"
+
+namespace qforge::kernels {
+namespace {
+
+using internal::DequantizeBF16Avx2;
+using internal::DequantizeF16Avx2;
+using internal::DequantizeQ4_0Avx2;
+using internal::DequantizeQ4_0Avx512;
+using internal::DequantizeQ4_KAvx2;
+using internal::DequantizeQ4_KAvx512;
+using internal::DequantizeQ8_0Avx2;
+using internal::DequantizeQ8_0Avx512;
+
+// The rows of core/model/ggml_types.cc, in its order (kernels_test checks that the two tables match).
+constexpr std::array<GgmlKernelTraits, 24> kKernels = {{
+    // type               scalar               avx2                 avx512                quantize
+    {WeightType::kF32,     &DequantizeF32,     nullptr,             nullptr,              nullptr},
+    {WeightType::kF16,     &DequantizeF16,     &DequantizeF16Avx2,  nullptr,              nullptr},
+    {WeightType::kQ4_0,    &DequantizeQ4_0,    &DequantizeQ4_0Avx2, &DequantizeQ4_0Avx512, nullptr},
+    {WeightType::kQ4_1,    &DequantizeQ4_1,    nullptr,             nullptr,              nullptr},
+    {WeightType::kQ5_0,    &DequantizeQ5_0,    nullptr,             nullptr,              nullptr},
+    {WeightType::kQ5_1,    &DequantizeQ5_1,    nullptr,             nullptr,              nullptr},
+    {WeightType::kQ8_0,    &DequantizeQ8_0,    &DequantizeQ8_0Avx2, &DequantizeQ8_0Avx512, nullptr},
+    {WeightType::kQ2_K,    &DequantizeQ2_K,    nullptr,             nullptr,              nullptr},
+    {WeightType::kQ3_K,    &DequantizeQ3_K,    nullptr,             nullptr,              nullptr},
+    {WeightType::kQ4_K,    &DequantizeQ4_K,    &DequantizeQ4_KAvx2, &DequantizeQ4_KAvx512, nullptr},
+    {WeightType::kQ5_K,    &DequantizeQ5_K,    nullptr,             nullptr,              nullptr},
+    {WeightType::kQ6_K,    &DequantizeQ6_K,    nullptr,             nullptr,              nullptr},
+    {WeightType::kIQ2_XXS, &DequantizeIQ2_XXS, nullptr,             nullptr,              nullptr},
+    {WeightType::kIQ2_XS,  &DequantizeIQ2_XS,  nullptr,             nullptr,              nullptr},
+    {WeightType::kIQ3_XXS, &DequantizeIQ3_XXS, nullptr,             nullptr,              nullptr},
+    {WeightType::kIQ1_S,   &DequantizeIQ1_S,   nullptr,             nullptr,              nullptr},
+    {WeightType::kIQ4_NL,  &DequantizeIQ4_NL,  nullptr,             nullptr,              nullptr},
+    {WeightType::kIQ3_S,   &DequantizeIQ3_S,   nullptr,             nullptr,              nullptr},
+    {WeightType::kIQ2_S,   &DequantizeIQ2_S,   nullptr,             nullptr,              nullptr},
+    {WeightType::kIQ4_XS,  &DequantizeIQ4_XS,  nullptr,             nullptr,              nullptr},
+    {WeightType::kIQ1_M,   &DequantizeIQ1_M,   nullptr,             nullptr,              nullptr},
+    {WeightType::kBF16,    &DequantizeBF16,    &DequantizeBF16Avx2, nullptr,              nullptr},
+    {WeightType::kTQ1_0,   &DequantizeTQ1_0,   nullptr,             nullptr,              nullptr},
+    {WeightType::kTQ2_0,   &DequantizeTQ2_0,   nullptr,             nullptr,              nullptr},
+}};
+
+}  // namespace
+
+std::span<const GgmlKernelTraits> GgmlKernelTable() { return kKernels; }
+
+const GgmlKernelTraits* FindGgmlKernels(WeightType t) {
+  for (const GgmlKernelTraits& k : kKernels) {
+    if (k.type == t) return &k;
+  }
+  return nullptr;
+}
+
+}  // namespace qforge::kernels
