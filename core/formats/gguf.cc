@@ -16,6 +16,7 @@
 #include "core/formats/byte_reader.h"
 #include "core/formats/formats.h"
 #include "core/formats/parsers.h"
+#include "core/model/ggml_types.h"
 
 namespace qforge::formats {
 namespace {
@@ -50,39 +51,27 @@ size_t ScalarSize(uint32_t t) {
   }
 }
 
-// ggml_type ids of the tensor encodings we handle.
-enum GgmlType : uint32_t { kGgmlF32 = 0, kGgmlF16 = 1, kGgmlQ4_0 = 2, kGgmlQ8_0 = 8, kGgmlQ4_K = 12, kGgmlBF16 = 30 };
-
-// Names of ggml types we know of but do not decode, for clearer errors.
+// Names of ggml types qforge knows of but does not read, for clearer errors. The types it reads are the rows
+// of core/model/ggml_types.h (ids as ggml.h's enum ggml_type).
 const char* OtherGgmlTypeName(uint32_t t) {
   switch (t) {
-    case 3: return "q4_1";
-    case 6: return "q5_0";
-    case 7: return "q5_1";
     case 9: return "q8_1";
-    case 10: return "q2_k";
-    case 11: return "q3_k";
-    case 13: return "q5_k";
-    case 14: return "q6_k";
     case 15: return "q8_k";
     case 24: return "i8";
     case 25: return "i16";
     case 26: return "i32";
     case 27: return "i64";
     case 28: return "f64";
+    case 39: return "mxfp4";
+    case 40: return "nvfp4";
+    case 41: return "q1_0";
+    case 42: return "q2_0";
     default: return nullptr;
   }
 }
 
 absl::StatusOr<WeightFormat> FormatOfGgml(uint32_t t, const std::string& tensor) {
-  switch (t) {
-    case kGgmlF32: return WeightFormat::F32();
-    case kGgmlF16: return WeightFormat::F16();
-    case kGgmlBF16: return WeightFormat::BF16();
-    case kGgmlQ8_0: return WeightFormat::Of(WeightType::kQ8_0);
-    case kGgmlQ4_0: return WeightFormat::Of(WeightType::kQ4_0);
-    case kGgmlQ4_K: return WeightFormat::Of(WeightType::kQ4_K);
-  }
+  if (const GgmlTypeTraits* g = FindGgmlTypeById(t)) return WeightFormat::Of(g->type);
   if (const char* name = OtherGgmlTypeName(t)) {
     return absl::UnimplementedError(absl::StrCat("gguf: tensor '", tensor, "' has ggml type ", t, " (", name,
                                                  "), which is not supported"));
@@ -91,15 +80,7 @@ absl::StatusOr<WeightFormat> FormatOfGgml(uint32_t t, const std::string& tensor)
 }
 
 absl::StatusOr<uint32_t> GgmlOfFormat(const WeightFormat& f, const std::string& tensor) {
-  switch (f.type) {
-    case WeightType::kF32: return uint32_t{kGgmlF32};
-    case WeightType::kF16: return uint32_t{kGgmlF16};
-    case WeightType::kBF16: return uint32_t{kGgmlBF16};
-    case WeightType::kQ8_0: return uint32_t{kGgmlQ8_0};
-    case WeightType::kQ4_0: return uint32_t{kGgmlQ4_0};
-    case WeightType::kQ4_K: return uint32_t{kGgmlQ4_K};
-    default: break;
-  }
+  if (const GgmlTypeTraits* g = FindGgmlType(f.type)) return g->ggml_id;
   return absl::InvalidArgumentError(absl::StrCat("gguf: tensor '", tensor, "' is ", FormatName(f),
                                                  ", which GGUF has no type for (write safetensors instead)"));
 }
@@ -521,14 +502,8 @@ uint32_t FileType(const Model& m) {
   for (const auto& [type, c] : count) {
     if (c > best) best = c, dominant = type;
   }
-  switch (dominant) {
-    case WeightType::kF16: return 1;   // MOSTLY_F16
-    case WeightType::kQ4_0: return 2;  // MOSTLY_Q4_0
-    case WeightType::kQ8_0: return 7;  // MOSTLY_Q8_0
-    case WeightType::kQ4_K: return 15; // MOSTLY_Q4_K_M
-    case WeightType::kBF16: return 32; // MOSTLY_BF16
-    default: return 0;                 // ALL_F32
-  }
+  const GgmlTypeTraits* g = FindGgmlType(dominant);
+  return g != nullptr ? g->llama_ftype : 0;  // ALL_F32 when the weights are mostly qforge-only encodings
 }
 
 }  // namespace

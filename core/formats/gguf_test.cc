@@ -6,6 +6,7 @@
 #include "core/formats/formats.h"
 #include "core/formats/parsers.h"
 #include "core/formats/test_util.h"
+#include "core/model/ggml_types.h"
 #include "core/model/synthetic.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -166,7 +167,46 @@ INSTANTIATE_TEST_SUITE_P(All, GgufEncodings,
                          ::testing::Values(EncodingCase{WeightFormat::F16(), "1"}, EncodingCase{WeightFormat::BF16(), "32"},
                                            EncodingCase{WeightFormat::Of(WeightType::kQ8_0), "7"},
                                            EncodingCase{WeightFormat::Of(WeightType::kQ4_0), "2"},
-                                           EncodingCase{WeightFormat::Of(WeightType::kQ4_K), "15"}));
+                                           EncodingCase{WeightFormat::Of(WeightType::kQ4_K), "15"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kQ4_1), "3"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kQ5_0), "8"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kQ5_1), "9"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kQ2_K), "10"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kQ3_K), "12"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kQ5_K), "17"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kQ6_K), "18"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kIQ4_NL), "25"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kIQ4_XS), "30"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kTQ1_0), "36"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kTQ2_0), "37"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kIQ2_XXS), "19"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kIQ2_XS), "20"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kIQ2_S), "28"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kIQ3_XXS), "23"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kIQ3_S), "26"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kIQ1_S), "24"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kIQ1_M), "31"}));
+
+// Every ggml type of the table is read from the id ggml.h gives it (a hand-built file, one tensor per type, as
+// llama.cpp writes them: ne[0] the row length), and a row length that is not a multiple of its block is refused.
+TEST(GgufTest, ReadsEveryGgmlTypeById) {
+  for (const GgmlTypeTraits& g : GgmlTypes()) {
+    SCOPED_TRACE(g.name);
+    const uint64_t cols = 512, rows = 3;
+    const size_t nbytes = rows * cols / g.block * g.block_bytes;
+    Builder b;
+    b.Llama().Tensor("t", {cols, rows}, g.ggml_id, 0);
+    const std::vector<uint8_t> file = b.Build(3, (nbytes + 31) / 32 * 32);
+    // The minimal header has no model tensors, so the parse fails at validation, past the tensor infos and the
+    // data bounds: a type or size error would come first.
+    EXPECT_THAT(ParseError(file), HasSubstr("no tensor 'token_embd.weight'"));
+    if (g.block > 1) {
+      Builder bad;
+      bad.Llama().Tensor("t", {static_cast<uint64_t>(g.block) + 16}, g.ggml_id, 0);
+      EXPECT_THAT(ParseError(bad.Build(3, 4096)), HasSubstr(absl::StrCat("multiple of ", g.block)));
+    }
+  }
+}
 
 TEST(GgufTest, WriterRefusesQforgeOnlyEncodings) {
   for (const WeightFormat& f : {WeightFormat::QInt(4, 64, true), WeightFormat::NF4(64, false)}) {
@@ -292,8 +332,13 @@ TEST(GgufTest, RejectsBadTensorInfos) {
   }
   {
     Builder b;
-    b.Llama().Tensor("t", {256}, 14, 0);
-    EXPECT_THAT(ParseError(b.Build()), HasSubstr("ggml type 14 (q6_k)"));
+    b.Llama().Tensor("t", {256}, 15, 0);
+    EXPECT_THAT(ParseError(b.Build()), HasSubstr("ggml type 15 (q8_k)"));
+  }
+  {
+    Builder b;
+    b.Llama().Tensor("t", {256}, 39, 0);
+    EXPECT_THAT(ParseError(b.Build()), HasSubstr("ggml type 39 (mxfp4)"));
   }
   {
     Builder b;

@@ -124,7 +124,8 @@ INSTANTIATE_TEST_SUITE_P(All, SafetensorsEncodings,
                                            WeightFormat::Of(WeightType::kQ4_0), WeightFormat::Of(WeightType::kQ4_K),
                                            WeightFormat::QInt(4, 64, true), WeightFormat::QInt(3, 0, false),
                                            WeightFormat::QInt(8, 128, false), WeightFormat::NF4(64, false),
-                                           WeightFormat::NF4(64, true)));
+                                           WeightFormat::NF4(64, true), WeightFormat::Of(WeightType::kQ6_K),
+                                           WeightFormat::Of(WeightType::kIQ2_XXS), WeightFormat::Of(WeightType::kQ5_1)));
 
 // A Mixture of Experts is written and read as Hugging Face's Mixtral: block_sparse_moe.gate and
 // experts.E.w1/w3/w2, with num_local_experts / num_experts_per_tok in config.json.
