@@ -37,7 +37,19 @@ QF_AVX2 void AttendHeadAvx2(const float* q, const float* k, const float* v, int6
     scores[p] = dot * scale;
   }
   Softmax(scores, n_pos);
+  // Values in spans of up to 64 dimensions (eight accumulators in registers), each span one pass over the
+  // positions, so every position's span is read once, contiguously.
   int i = 0;
+  for (; i + 64 <= head_dim; i += 64) {
+    __m256 o[8];
+    for (int c = 0; c < 8; ++c) o[c] = _mm256_setzero_ps();
+    for (int p = 0; p < n_pos; ++p) {
+      const __m256 a = _mm256_set1_ps(scores[p]);
+      const float* vp = v + p * stride + i;
+      for (int c = 0; c < 8; ++c) o[c] = _mm256_fmadd_ps(a, _mm256_loadu_ps(vp + 8 * c), o[c]);
+    }
+    for (int c = 0; c < 8; ++c) _mm256_storeu_ps(out + i + 8 * c, o[c]);
+  }
   for (; i + 8 <= head_dim; i += 8) {
     __m256 o = _mm256_setzero_ps();
     for (int p = 0; p < n_pos; ++p) o = _mm256_fmadd_ps(_mm256_set1_ps(scores[p]), _mm256_loadu_ps(v + p * stride + i), o);
