@@ -296,7 +296,10 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
     }
 
     // One task per (token, head); a token sees positions [0, pos] of its own cache.
-    pool_.ParallelFor(static_cast<int64_t>(n) * c.n_heads, 1, [&](int64_t begin, int64_t end) {
+    // At least ~32K multiply-adds per chunk, as for the matmuls: a small model's heads are not worth a thread each.
+    const int64_t head_work = std::max<int64_t>(1, 2 * static_cast<int64_t>(hd) * (max_pos + 1));
+    pool_.ParallelFor(static_cast<int64_t>(n) * c.n_heads, std::max<int64_t>(1, (32 * 1024) / head_work),
+                      [&](int64_t begin, int64_t end) {
       std::vector<float> scores(static_cast<size_t>(max_pos + 1));
       for (int64_t i = begin; i < end; ++i) {
         const int t = static_cast<int>(i / c.n_heads);
