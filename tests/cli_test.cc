@@ -61,7 +61,7 @@ TEST(Cli, UsageErrorsExitTwoWithOneLine) {
 TEST(Cli, HelpListsEveryCommand) {
   Result r = RunQforge("help");
   EXPECT_EQ(r.exit_code, 0);
-  for (const char* c : {"inspect", "quantize", "generate", "eval", "convert", "methods"}) {
+  for (const char* c : {"inspect", "quantize", "generate", "eval", "convert", "compare", "methods"}) {
     EXPECT_TRUE(absl::StrContains(r.out, c)) << c;
   }
 }
@@ -113,6 +113,24 @@ TEST(Cli, QuantizeInspectEvalGenerate) {
   Result g = RunQforge("generate " + out + " --max-tokens 8 --temperature 0");
   ASSERT_EQ(g.exit_code, 0) << g.err;
   EXPECT_TRUE(absl::StartsWith(g.out, "Once upon a time")) << g.out;
+}
+
+// compare decodes both files' tensors to fp32: a model against itself in another container is bit-identical;
+// against its Q8_0 quantization every linear weight differs (exit 1, one DIFFER line each).
+TEST(Cli, CompareDecodedTensors) {
+  if (!HaveStories()) GTEST_SKIP() << kStories << " not present";
+  const std::string f32 = ::testing::TempDir() + "/s260k-cmp-f32.gguf";
+  const std::string q8 = ::testing::TempDir() + "/s260k-cmp-q8.gguf";
+  ASSERT_EQ(RunQforge("convert " + kStories + " " + f32).exit_code, 0);
+  ASSERT_EQ(RunQforge("quantize --method q8_0 " + kStories + " " + q8).exit_code, 0);
+  Result same = RunQforge("compare " + kStories + " " + f32 + " --quiet");
+  EXPECT_EQ(same.exit_code, 0) << same.err;
+  EXPECT_TRUE(absl::StrContains(same.out, "0 differ, 0 missing")) << same.out;
+  Result differ = RunQforge("compare " + f32 + " " + q8);
+  EXPECT_EQ(differ.exit_code, 1) << differ.out;
+  EXPECT_TRUE(absl::StrContains(differ.out, "DIFFER   blk.0.attn_q.weight (f32 / q8_0)")) << differ.out;
+  EXPECT_TRUE(absl::StrContains(differ.out, "same     blk.0.attn_norm.weight (f32 / f32)")) << differ.out;
+  ExpectOneLineError(RunQforge("compare " + f32), 2, "usage: qforge compare");
 }
 
 // Every file qforge writes carries the vocabulary: safetensors as tokenizer.model beside it, GGUF inside. A

@@ -1,5 +1,7 @@
 #include "services/cli/commands.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <functional>
 #include <map>
@@ -10,7 +12,9 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "core/base/status_macros.h"
+#include "core/base/half.h"
 #include "core/formats/formats.h"
+#include "core/kernels/kernels.h"
 #include "core/model/synthetic.h"
 #include "services/cli/flags.h"
 #include "services/cli/internal.h"
@@ -132,6 +136,56 @@ absl::Status MakeSynthetic(const std::vector<std::string>& args, std::ostream& o
   return absl::OkStatus();
 }
 
+// Every tensor of A and B (by name, same shapes, any encodings) decoded to fp32 and compared bit for bit: checks
+// that two files hold the same numbers, e.g. a quantized GGUF against llama.cpp's dequantization of it.
+absl::Status Compare(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {}, {"quiet"}));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 2, "qforge compare A B [--quiet]"));
+  QF_ASSIGN_OR_RETURN(Model a, formats::LoadModel(f.positional()[0]));
+  QF_ASSIGN_OR_RETURN(Model b, formats::LoadModel(f.positional()[1]));
+  const bool quiet = f.GetBool("quiet");
+  size_t same = 0, differ = 0, missing = 0;
+  std::map<std::string, std::pair<size_t, size_t>> by_format;  // A's format -> (identical, differing) tensors
+  for (const auto& [name, ta] : a.tensors) {
+    const Tensor* tb = b.Find(name);
+    if (tb == nullptr || tb->shape != ta.shape) {
+      ++missing;
+      out << "missing  " << name << (tb == nullptr ? " (not in B)" : " (another shape in B)") << "\n";
+      continue;
+    }
+    const int64_t rows = ta.rows(), cols = ta.cols();
+    std::vector<float> va(static_cast<size_t>(cols)), vb(static_cast<size_t>(cols));
+    int64_t diff = 0;
+    double max_abs = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      QF_RETURN_IF_ERROR(kernels::DequantizeRows(ta, r, r + 1, va.data()));
+      QF_RETURN_IF_ERROR(kernels::DequantizeRows(*tb, r, r + 1, vb.data()));
+      for (int64_t c = 0; c < cols; ++c) {
+        if (FloatBits(va[c]) != FloatBits(vb[c])) {
+          ++diff;
+          max_abs = std::max(max_abs, std::fabs(static_cast<double>(va[c]) - vb[c]));
+        }
+      }
+    }
+    auto& agg = by_format[absl::StrCat(FormatName(ta.format), " / ", FormatName(tb->format))];
+    if (diff == 0) {
+      ++same, ++agg.first;
+      if (!quiet) out << "same     " << name << " (" << FormatName(ta.format) << " / " << FormatName(tb->format) << ")\n";
+    } else {
+      ++differ, ++agg.second;
+      out << absl::StrFormat("DIFFER   %s (%s / %s): %d of %d values, max |a - b| = %g\n", name, FormatName(ta.format),
+                             FormatName(tb->format), diff, rows * cols, max_abs);
+    }
+  }
+  for (const auto& [fmts, agg] : by_format) {
+    out << absl::StrFormat("  %-20s %d bit-identical, %d differ\n", fmts, agg.first, agg.second);
+  }
+  out << absl::StrFormat("%d tensors bit-identical, %d differ, %d missing or reshaped (of %d in A, %d in B)\n", same,
+                         differ, missing, a.tensors.size(), b.tensors.size());
+  if (differ + missing > 0) return absl::DataLossError(absl::StrCat(differ + missing, " tensors are not the same"));
+  return absl::OkStatus();
+}
+
 struct Command {
   const char* name;
   const char* summary;
@@ -160,6 +214,10 @@ const std::vector<Command>& Commands() {
        "(tgN) tokens/s, as llama-bench reports them",
        Bench},
       {"convert", "convert IN OUT.{gguf,safetensors} [--tokenizer TOK]: rewrite a model in another format", Convert},
+      {"compare",
+       "compare A B [--quiet]: decode every tensor of two models to fp32 and report which are bit-identical "
+       "(exit 1 if any differ)",
+       Compare},
       {"make-synthetic",
        "make-synthetic OUT [--dim ...] [--experts N --experts-used K]: write a random Llama (or Mixture-of-Experts) "
        "model (tests, benchmarks)",
