@@ -109,8 +109,11 @@ int main(int argc, char** argv) {
     WriteText(out / "json" / (t + "_config.json"), formats::HfConfigJson(c));
   }
   Model base = MakeSyntheticModel(fuzz::SeedConfig(), 3);
+  // The 32-element ggml blocks fit the seed's 32-wide rows (the 256-element types would need 256).
   for (const WeightFormat& f : {WeightFormat::F16(), WeightFormat::BF16(), WeightFormat::Of(WeightType::kQ8_0),
-                                WeightFormat::Of(WeightType::kQ4_0)}) {
+                                WeightFormat::Of(WeightType::kQ4_0), WeightFormat::Of(WeightType::kQ4_1),
+                                WeightFormat::Of(WeightType::kQ5_0), WeightFormat::Of(WeightType::kQ5_1),
+                                WeightFormat::Of(WeightType::kIQ4_NL)}) {
     if (auto g = formats::SerializeGguf(Encoded(base, f)); check(g, "gguf enc")) {
       Write(out / "gguf" / (FormatName(f) + ".gguf"), *g);
     }
