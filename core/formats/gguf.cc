@@ -62,7 +62,6 @@ const char* OtherGgmlTypeName(uint32_t t) {
     case 26: return "i32";
     case 27: return "i64";
     case 28: return "f64";
-    case 39: return "mxfp4";
     case 40: return "nvfp4";
     case 41: return "q1_0";
     case 42: return "q2_0";

@@ -185,7 +185,8 @@ INSTANTIATE_TEST_SUITE_P(All, GgufEncodings,
                                            EncodingCase{WeightFormat::Of(WeightType::kIQ3_XXS), "23"},
                                            EncodingCase{WeightFormat::Of(WeightType::kIQ3_S), "26"},
                                            EncodingCase{WeightFormat::Of(WeightType::kIQ1_S), "24"},
-                                           EncodingCase{WeightFormat::Of(WeightType::kIQ1_M), "31"}));
+                                           EncodingCase{WeightFormat::Of(WeightType::kIQ1_M), "31"},
+                                           EncodingCase{WeightFormat::Of(WeightType::kMXFP4), "38"}));
 
 // Every ggml type of the table is read from the id ggml.h gives it (a hand-built file, one tensor per type, as
 // llama.cpp writes them: ne[0] the row length), and a row length that is not a multiple of its block is refused.
@@ -337,8 +338,8 @@ TEST(GgufTest, RejectsBadTensorInfos) {
   }
   {
     Builder b;
-    b.Llama().Tensor("t", {256}, 39, 0);
-    EXPECT_THAT(ParseError(b.Build()), HasSubstr("ggml type 39 (mxfp4)"));
+    b.Llama().Tensor("t", {256}, 40, 0);
+    EXPECT_THAT(ParseError(b.Build()), HasSubstr("ggml type 40 (nvfp4)"));
   }
   {
     Builder b;

@@ -164,6 +164,13 @@ struct block_iq1_m {
   uint8_t scales[8];
 };
 
+// 32 weights (OCP MXFP4): an E8M0 exponent e, the scale 2^(e - 127), and 4-bit E2M1 codes laid out as Q4_0;
+// w = kFp4Values[q] * 2^(e - 128) (the table holds the E2M1 values doubled).
+struct block_mxfp4 {
+  uint8_t e;
+  uint8_t qs[16];
+};
+
 static_assert(sizeof(block_q8_0) == 34, "block_q8_0 must match ggml");
 static_assert(sizeof(block_q4_0) == 18, "block_q4_0 must match ggml");
 static_assert(sizeof(block_q4_K) == 144, "block_q4_K must match ggml");
@@ -173,6 +180,7 @@ static_assert(sizeof(block_q2_K) == 84 && sizeof(block_q3_K) == 110 && sizeof(bl
               "ggml K-quants");
 static_assert(sizeof(block_iq4_nl) == 18 && sizeof(block_iq4_xs) == 136, "ggml IQ4");
 static_assert(sizeof(block_tq1_0) == 54 && sizeof(block_tq2_0) == 66, "ggml ternary");
+static_assert(sizeof(block_mxfp4) == 17, "ggml MXFP4");
 static_assert(sizeof(block_iq2_xxs) == 66 && sizeof(block_iq2_xs) == 74 && sizeof(block_iq2_s) == 82 &&
                   sizeof(block_iq3_xxs) == 98 && sizeof(block_iq3_s) == 110 && sizeof(block_iq1_s) == 50 &&
                   sizeof(block_iq1_m) == 56,

@@ -426,4 +426,25 @@ void DequantizeIQ1_M(const uint8_t* bytes, int64_t nblocks, float* out) {
   }
 }
 
+namespace {
+// Half the E8M0 scale, 2^(e - 128), as an exact float: subnormal for e < 2.
+inline float E8M0Half(uint8_t e) {
+  const uint32_t bits = e < 2 ? (0x00200000u << e) : (static_cast<uint32_t>(e - 1) << 23);
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+}  // namespace
+
+void DequantizeMXFP4(const uint8_t* bytes, int64_t nblocks, float* out) {
+  const block_mxfp4* b = Blocks<block_mxfp4>(bytes);
+  for (int64_t i = 0; i < nblocks; ++i, ++b, out += 32) {
+    const float d = E8M0Half(b->e);
+    for (int j = 0; j < 16; ++j) {
+      out[j] = static_cast<float>(kFp4Values[b->qs[j] & 0xF]) * d;
+      out[j + 16] = static_cast<float>(kFp4Values[b->qs[j] >> 4]) * d;
+    }
+  }
+}
+
 }  // namespace qforge::kernels

@@ -17,7 +17,7 @@ using internal::DequantizeQ8_0Avx2;
 using internal::DequantizeQ8_0Avx512;
 
 // The rows of core/model/ggml_types.cc, in its order (kernels_test checks that the two tables match).
-constexpr std::array<GgmlKernelTraits, 24> kKernels = {{
+constexpr std::array<GgmlKernelTraits, 25> kKernels = {{
     // type               scalar               avx2                 avx512                quantize
     {WeightType::kF32,     &DequantizeF32,     nullptr,             nullptr,              nullptr},
     {WeightType::kF16,     &DequantizeF16,     &DequantizeF16Avx2,  nullptr,              nullptr},
@@ -43,6 +43,7 @@ constexpr std::array<GgmlKernelTraits, 24> kKernels = {{
     {WeightType::kBF16,    &DequantizeBF16,    &DequantizeBF16Avx2, nullptr,              nullptr},
     {WeightType::kTQ1_0,   &DequantizeTQ1_0,   nullptr,             nullptr,              nullptr},
     {WeightType::kTQ2_0,   &DequantizeTQ2_0,   nullptr,             nullptr,              nullptr},
+    {WeightType::kMXFP4,   &DequantizeMXFP4,   nullptr,             nullptr,              nullptr},
 }};
 
 }  // namespace

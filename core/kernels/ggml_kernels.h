@@ -62,5 +62,6 @@ void DequantizeIQ3_XXS(const uint8_t* b, int64_t nblocks, float* out);
 void DequantizeIQ3_S(const uint8_t* b, int64_t nblocks, float* out);
 void DequantizeIQ1_S(const uint8_t* b, int64_t nblocks, float* out);
 void DequantizeIQ1_M(const uint8_t* b, int64_t nblocks, float* out);
+void DequantizeMXFP4(const uint8_t* b, int64_t nblocks, float* out);
 
 }  // namespace qforge::kernels

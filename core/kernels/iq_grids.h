@@ -18,6 +18,9 @@ extern const uint64_t kIq1sGrid[2048];   // int8 values from {-1, 0, 1}
 inline constexpr int8_t kIq4nlValues[16] = {-127, -104, -83, -65, -49, -35, -22, -10,
                                             1,    13,   25,  38,  53,  69,  89,  113};
 
+// The 16 E2M1 (FP4) values of MXFP4, doubled: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives, times 2.
+inline constexpr int8_t kFp4Values[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+
 // IQ1_S / IQ1_M: every grid value is shifted by +-kIq1Delta (the sign from a bit of the block).
 inline constexpr float kIq1Delta = 0.125f;
 

@@ -101,6 +101,7 @@ void FillGgmlScales(const GgmlTypeTraits& g, std::vector<uint8_t>& b, std::mt199
   std::uniform_real_distribution<float> u(0.0f, 1.0f);
   for (size_t blk = 0; blk + g.block_bytes <= b.size(); blk += g.block_bytes) {
     for (const HalfField& h : GgmlScaleFields(g.type)) PutHalf(b, blk + h.offset, h.lo + (h.hi - h.lo) * u(rng));
+    if (g.type == WeightType::kMXFP4) b[blk] = static_cast<uint8_t>(118 + rng() % 8);  // scale 2^-10 .. 2^-3
     if (g.type == WeightType::kIQ1_M) {
       // The f16 super-block scale is the top nibbles of the four u16 at byte 48, lowest nibble first.
       const uint16_t d = FloatToHalf(0.001f + 0.02f * u(rng));
@@ -195,7 +196,7 @@ constexpr WeightType kNewerGgmlTypes[] = {
     WeightType::kQ4_1,   WeightType::kQ5_0,   WeightType::kQ5_1,   WeightType::kQ2_K,    WeightType::kQ3_K,
     WeightType::kQ5_K,   WeightType::kQ6_K,   WeightType::kIQ4_NL, WeightType::kIQ4_XS,  WeightType::kTQ1_0,
     WeightType::kTQ2_0,  WeightType::kIQ2_XXS, WeightType::kIQ2_XS, WeightType::kIQ2_S, WeightType::kIQ3_XXS,
-    WeightType::kIQ3_S,  WeightType::kIQ1_S,  WeightType::kIQ1_M,
+    WeightType::kIQ3_S,  WeightType::kIQ1_S,  WeightType::kIQ1_M,   WeightType::kMXFP4,
 };
 
 std::vector<Case> AllCases() {
@@ -867,6 +868,22 @@ TEST(KernelsTest, HandComputedIQ1_M) {
               {{0, -1.6875f}, {8, -1.3125f}, {16, 0.3125f}, {17, 2.8125f}, {18, -2.1875f}, {32, -0.4375f}});
 }
 
+// MXFP4: e = 130 (d = 2^(130 - 128) = 4 with the doubled FP4 values), codes laid out as Q4_0; a second block with
+// e = 0 (d = 2^-128, a subnormal scale) and e = 1.
+TEST(KernelsTest, HandComputedMXFP4) {
+  std::vector<uint8_t> b(17);
+  b[0] = 130;
+  for (int j = 0; j < 16; ++j) b[1 + j] = static_cast<uint8_t>(j | ((15 - j) << 4));
+  ExpectBlock(WeightType::kMXFP4, b, [](int e) { return static_cast<float>(kFp4Values[e < 16 ? e : 31 - e]) * 4.0f; },
+              {{0, 0.0f}, {5, 24.0f}, {7, 48.0f}, {15, -48.0f}, {16, -48.0f}, {31, 0.0f}});
+  b[0] = 0;
+  ExpectBlock(WeightType::kMXFP4, b, [](int e) { return static_cast<float>(kFp4Values[e < 16 ? e : 31 - e]) * std::ldexp(1.0f, -128); },
+              {{1, std::ldexp(1.0f, -128)}, {7, std::ldexp(12.0f, -128)}});
+  b[0] = 1;
+  ExpectBlock(WeightType::kMXFP4, b, [](int e) { return static_cast<float>(kFp4Values[e < 16 ? e : 31 - e]) * std::ldexp(1.0f, -127); },
+              {{1, std::ldexp(1.0f, -127)}});
+}
+
 // The two type tables have the same rows in the same order, every block struct has the table's size, and each
 // ISA slot decodes as the scalar reference (checked per format in the agreement tests).
 TEST(KernelsTest, GgmlTablesAgree) {
@@ -889,7 +906,7 @@ TEST(KernelsTest, GgmlTablesAgree) {
       {WeightType::kIQ2_XXS, sizeof(block_iq2_xxs)}, {WeightType::kIQ2_XS, sizeof(block_iq2_xs)},
       {WeightType::kIQ2_S, sizeof(block_iq2_s)},     {WeightType::kIQ3_XXS, sizeof(block_iq3_xxs)},
       {WeightType::kIQ3_S, sizeof(block_iq3_s)},     {WeightType::kIQ1_S, sizeof(block_iq1_s)},
-      {WeightType::kIQ1_M, sizeof(block_iq1_m)},
+      {WeightType::kIQ1_M, sizeof(block_iq1_m)},     {WeightType::kMXFP4, sizeof(block_mxfp4)},
   };
   for (const auto& [t, size] : sizes) EXPECT_EQ(FindGgmlType(t)->block_bytes, static_cast<int>(size)) << FindGgmlType(t)->name;
   EXPECT_EQ(FindGgmlKernels(WeightType::kQInt), nullptr);

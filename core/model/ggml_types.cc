@@ -8,7 +8,7 @@ namespace {
 // Block sizes and bytes as ggml-common.h's block_* structs (core/kernels/blocks.h has qforge's, and
 // kernels_test checks them against this table); ids as ggml.h's enum ggml_type; file types as llama.h's enum
 // llama_ftype (for the K-quants the "_M" mixes, llama-quantize's usual presets).
-constexpr std::array<GgmlTypeTraits, 24> kTypes = {{
+constexpr std::array<GgmlTypeTraits, 25> kTypes = {{
     // type               id  name       block bytes ftype
     {WeightType::kF32,      0, "f32",        1,   4,  0},
     {WeightType::kF16,      1, "f16",        1,   2,  1},
@@ -34,6 +34,7 @@ constexpr std::array<GgmlTypeTraits, 24> kTypes = {{
     {WeightType::kBF16,    30, "bf16",       1,   2, 32},
     {WeightType::kTQ1_0,   34, "tq1_0",    256,  54, 36},
     {WeightType::kTQ2_0,   35, "tq2_0",    256,  66, 37},
+    {WeightType::kMXFP4,   39, "mxfp4",     32,  17, 38},
 }};
 
 }  // namespace

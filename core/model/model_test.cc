@@ -61,7 +61,7 @@ TEST(WeightFormat, GgmlTypeTable) {
       EXPECT_EQ(PlaneSizes(f, 3, 512).value(), std::vector<size_t>{3u * 512 / g.block * g.block_bytes});
     }
   }
-  EXPECT_EQ(GgmlTypes().size(), 24u);
+  EXPECT_EQ(GgmlTypes().size(), 25u);
   const struct {
     WeightType type;
     uint32_t id;
@@ -73,7 +73,7 @@ TEST(WeightFormat, GgmlTypeTable) {
       {WeightType::kIQ4_XS, 23, 256, 136}, {WeightType::kTQ1_0, 34, 256, 54}, {WeightType::kTQ2_0, 35, 256, 66},
       {WeightType::kIQ2_XXS, 16, 256, 66}, {WeightType::kIQ2_XS, 17, 256, 74}, {WeightType::kIQ2_S, 22, 256, 82},
       {WeightType::kIQ3_XXS, 18, 256, 98}, {WeightType::kIQ3_S, 21, 256, 110}, {WeightType::kIQ1_S, 19, 256, 50},
-      {WeightType::kIQ1_M, 29, 256, 56},
+      {WeightType::kIQ1_M, 29, 256, 56},  {WeightType::kMXFP4, 39, 32, 17},
   };
   for (const auto& h : kByHand) {
     const GgmlTypeTraits* g = FindGgmlType(h.type);

@@ -58,6 +58,7 @@ enum class WeightType : uint8_t {
   kIQ3_S = 26,    // 256 weights, 110 bytes
   kIQ1_S = 27,    // 256 weights, 50 bytes
   kIQ1_M = 28,    // 256 weights, 56 bytes
+  kMXFP4 = 29,    // 32 weights, 17 bytes: E8M0 scale, FP4 (E2M1) values (OCP microscaling)
 };
 
 struct WeightFormat {
