@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/base/half.h"
 #include "core/base/mapped_file.h"
 #include "core/base/status_macros.h"
 #include "core/formats/byte_reader.h"
@@ -524,7 +525,7 @@ absl::StatusOr<Model> ReadGguf(const std::string& path) {
 // joins them.
 struct GgufParts {
   std::vector<uint8_t> header;
-  std::vector<Tensor> stacked;  // the experts' stacked copies, kept alive for `parts`
+  std::vector<Tensor> stacked;  // the experts' stacked copies and the f32 norms, kept alive for `parts`
   std::vector<std::span<const uint8_t>> parts;
 };
 
@@ -553,6 +554,19 @@ absl::StatusOr<GgufParts> MakeGgufParts(const Model& m) {
       stacked.push_back(Tensor::FromBytes(name, {c.n_experts, first.shape[0], first.shape[1]}, first.format,
                                           std::move(bytes)));
     }
+  }
+  // llama.cpp keeps every 1-D tensor (the norms) in f32 and multiplies activations by them only in f32, so norms
+  // stored in f16 or bf16 (a bf16 checkpoint's) are written widened, exactly.
+  for (const auto& [name, t] : m.tensors) {
+    if (t.shape.size() != 1 || t.format.type == WeightType::kF32) continue;
+    std::vector<float> wide(static_cast<size_t>(t.numel()));
+    for (size_t i = 0; i < wide.size(); ++i) {
+      uint16_t h;
+      std::memcpy(&h, t.data + 2 * i, 2);
+      wide[i] = t.format.type == WeightType::kBF16 ? Bf16ToFloat(h) : HalfToFloat(h);
+    }
+    stacked.push_back(Tensor::FromFloats(name, t.shape, wide));
+    in_stacks.insert(name);
   }
   std::vector<std::pair<const Tensor*, uint32_t>> tensors;
   for (const auto& [name, t] : m.tensors) {

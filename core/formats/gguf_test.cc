@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/base/half.h"
 #include "core/formats/formats.h"
 #include "core/formats/parsers.h"
 #include "core/formats/test_util.h"
@@ -135,6 +136,31 @@ TEST(GgufTest, MoeExpertsAreStackedAndSplitBack) {
   Model mixed = WithEncoding(m, WeightFormat::Of(WeightType::kQ8_0), 3);
   mixed.tensors.at(names::FfnUpExpert(0, 5)) = m.tensors.at(names::FfnUpExpert(0, 5));
   EXPECT_THAT(SerializeGguf(mixed).status().message(), HasSubstr("stored as one tensor"));
+}
+
+// Norms stored in bf16 (as a bf16 checkpoint has them) are written as f32, the only type llama.cpp multiplies
+// activations by; the values are the same.
+TEST(GgufTest, HalfPrecisionNormsAreWrittenAsF32) {
+  Model m = MakeSyntheticModel(TinyTestConfig(), 3, /*with_vocab=*/true);
+  const Tensor& norm = m.tensors.at(names::AttnNorm(0));
+  std::vector<uint8_t> bf(2 * static_cast<size_t>(norm.numel()));
+  std::vector<float> want(static_cast<size_t>(norm.numel()));
+  for (int64_t i = 0; i < norm.numel(); ++i) {
+    float v;
+    std::memcpy(&v, norm.data + 4 * i, 4);
+    const uint16_t b = FloatToBf16(v);
+    std::memcpy(&bf[2 * i], &b, 2);
+    want[i] = Bf16ToFloat(b);
+  }
+  m.tensors[names::AttnNorm(0)] = Tensor::FromBytes(norm.name, norm.shape, WeightFormat::BF16(), bf);
+  auto bytes = SerializeGguf(m);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  auto r = ParseGguf(*bytes, nullptr);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const Tensor& back = r->tensors.at(names::AttnNorm(0));
+  EXPECT_EQ(back.format.type, WeightType::kF32);
+  ASSERT_EQ(back.nbytes, 4 * want.size());
+  EXPECT_EQ(0, std::memcmp(back.data, want.data(), back.nbytes));
 }
 
 TEST(GgufTest, WithoutVocabHasNoVocab) {
