@@ -1,6 +1,8 @@
 // AWQ: the α search, the clipping search and the model-level fold (awq.h).
 #include "core/quant/awq.h"
 
+#include "core/kernels/kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -34,12 +36,14 @@ int64_t GroupLen(const AwqOptions& o, int64_t cols) { return o.group > 0 ? o.gro
 
 absl::StatusOr<std::vector<float>> ReadF32Tensor(const Model& m, const std::string& name, const char* method) {
   QF_ASSIGN_OR_RETURN(const Tensor* t, m.Get(name));
-  if (t->format.type != WeightType::kF32) {
+  // A fold rescales the source's own values: f16 / bf16 checkpoints (most Hugging Face models) are widened
+  // exactly; a quantized tensor has no values of its own to rescale.
+  if (!t->format.is_float()) {
     return absl::FailedPreconditionError(
-        absl::StrCat(method, ": fold needs fp32 tensors, ", name, " is ", FormatName(t->format)));
+        absl::StrCat(method, ": fold needs f32/f16/bf16 tensors, ", name, " is ", FormatName(t->format)));
   }
   std::vector<float> v(static_cast<size_t>(t->numel()));
-  std::memcpy(v.data(), t->data, 4 * v.size());
+  QF_RETURN_IF_ERROR(kernels::DequantizeRows(*t, 0, t->rows(), v.data()));
   return v;
 }
 

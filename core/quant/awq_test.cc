@@ -1,6 +1,7 @@
 // AWQ: the scale fold leaves the fp model unchanged, the α search is never worse than rtn and helps on inputs
 // with a few loud channels, the clipping search never loses to rtn per group, validation names the field.
 #include "core/quant/awq.h"
+#include "core/base/half.h"
 
 #include <algorithm>
 #include <cmath>
@@ -271,6 +272,41 @@ TEST(AwqModelTest, ScaleModelThenQuantize) {
   o.bits = 4;
   o.group = 128;
   EXPECT_TRUE(AwqScaleModel(m2, *stats2, o).ok());
+}
+
+// A bf16 checkpoint (how Hugging Face models come) folds like its exact f32 widening: the fold reads the bf16
+// values, and the folded tensors are f32.
+TEST(AwqModelTest, Bf16SourceFoldsLikeItsF32Widening) {
+  Model wide = MakeSyntheticModel(TinyTestConfig(), 21);
+  Model narrow = wide;
+  for (auto& [name, t] : narrow.tensors) {
+    std::vector<float> v(static_cast<size_t>(t.numel()));
+    std::memcpy(v.data(), t.data, 4 * v.size());
+    std::vector<uint8_t> b(2 * v.size());
+    for (size_t i = 0; i < v.size(); ++i) {
+      const uint16_t h = FloatToBf16(v[i]);
+      std::memcpy(&b[2 * i], &h, 2);
+      v[i] = Bf16ToFloat(h);
+    }
+    wide.tensors[name] = Tensor::FromFloats(name, t.shape, v);
+    t = Tensor::FromBytes(name, t.shape, WeightFormat::BF16(), std::move(b));
+  }
+  std::vector<std::vector<int>> streams = {{1, 5, 9, 33, 71, 200, 12, 7, 99, 300, 41, 2}};
+  auto stats = calib::CollectCalibration(wide, streams);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  AwqOptions o;
+  o.bits = 4;
+  o.group = 32;
+  calib::CalibrationStats wide_stats = *stats, narrow_stats = *stats;  // AwqScaleModel rescales them in place
+  ASSERT_TRUE(AwqScaleModel(wide, wide_stats, o).ok());
+  ASSERT_TRUE(AwqScaleModel(narrow, narrow_stats, o).ok());
+  for (const auto& [name, t] : wide.tensors) {
+    const Tensor& u = narrow.tensors.at(name);
+    if (u.format.type != WeightType::kF32) continue;  // untouched by the fold: still bf16
+    ASSERT_EQ(t.nbytes, u.nbytes) << name;
+    EXPECT_EQ(0, std::memcmp(t.data, u.data, t.nbytes)) << name;
+  }
+  EXPECT_EQ(narrow.tensors.at(names::AttnQ(0)).format.type, WeightType::kF32);
 }
 
 }  // namespace
