@@ -203,11 +203,12 @@ const std::vector<Command>& Commands() {
       {"methods", "methods: list the quantization methods", Methods},
       {"generate",
        "generate MODEL --prompt TEXT [--tokenizer TOK] [--max-tokens N] [--temperature T] [--top-p P] [--seed S] "
-       "[--threads N]: generate text (streamed)",
+       "[--threads N] [--activations int8|float]: generate text (streamed)",
        Generate},
       {"eval",
        "eval MODEL [--base MODEL] [--text FILE [--chunks N]] [--tokenizer TOK] [--streams N] [--stream-len L] [--seed S] "
-       "[--window W] [--threads N]: perplexity, and KL / top-1 agreement against --base",
+       "[--window W] [--threads N] [--activations int8|float]: perplexity, and KL / top-1 agreement against --base "
+       "(the base runs with the same activations)",
        Eval},
       {"bench",
        "bench MODEL [--threads 1,2] [-p 512] [-n 128] [-r 3] [--activations int8|float]: prompt (ppN) and decode "

@@ -14,6 +14,7 @@
 #include "core/calib/collect.h"
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
+#include "core/kernels/kernels.h"
 #include "core/quant/mixed_precision.h"
 #include "core/quant/quantize_model.h"
 #include "core/runtime/generate.h"
@@ -59,8 +60,19 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> ResolveTokenizer(const Model& m, cons
   return std::unique_ptr<Tokenizer>();
 }
 
-absl::StatusOr<std::unique_ptr<Transformer>> MakeTransformer(Model m, int threads) {
-  return Transformer::Create(std::make_shared<const Model>(std::move(m)), RuntimeOptions{.threads = threads});
+absl::StatusOr<std::unique_ptr<Transformer>> MakeTransformer(
+    Model m, int threads, kernels::ActivationMode activations = kernels::ActivationMode::kInt8) {
+  return Transformer::Create(std::make_shared<const Model>(std::move(m)),
+                             RuntimeOptions{.threads = threads, .activations = activations});
+}
+
+// --activations int8 (the default: 8-bit activation blocks for the formats with integer kernels, as llama.cpp)
+// or float (fp32 activations everywhere, the reference).
+absl::StatusOr<kernels::ActivationMode> ActivationsFlag(const Flags& f) {
+  const std::string v = f.Get("activations", "int8");
+  if (v == "int8") return kernels::ActivationMode::kInt8;
+  if (v == "float") return kernels::ActivationMode::kFloat;
+  return UsageError(absl::StrCat("--activations must be int8 or float, got '", v, "'"));
 }
 
 // Input statistics of every linear layer, from --calib-text (tokenized) or from token streams sampled from
@@ -229,15 +241,16 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
 
 absl::Status Generate(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"prompt", "tokenizer", "max-tokens", "temperature", "top-p", "seed",
-                                                 "threads"},
+                                                 "threads", "activations"},
                                           {}));
+  QF_ASSIGN_OR_RETURN(const kernels::ActivationMode activations, ActivationsFlag(f));
   QF_ASSIGN_OR_RETURN(int max_tokens, f.GetInt("max-tokens", 128, 1, 1 << 20));
   QF_ASSIGN_OR_RETURN(double temperature, f.GetDouble("temperature", 0.8, 0.0, 100.0));
   QF_ASSIGN_OR_RETURN(double top_p, f.GetDouble("top-p", 0.95, 1e-6, 1.0));
   QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("seed", 42));
   QF_ASSIGN_OR_RETURN(int threads, f.GetInt("threads", 0, 0, 1024));
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge generate MODEL [--prompt TEXT] [--tokenizer TOK] [--max-tokens N] "
-                                          "[--temperature T] [--top-p P] [--seed S] [--threads N]"));
+                                          "[--temperature T] [--top-p P] [--seed S] [--threads N] [--activations int8|float]"));
   QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0]));
   QF_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, ResolveTokenizer(model, f));
   const int bos = tokenizer ? tokenizer->bos_id() : (model.vocab ? model.vocab->bos_id : 1);
@@ -249,7 +262,7 @@ absl::Status Generate(const std::vector<std::string>& args, std::ostream& out) {
     }
     QF_ASSIGN_OR_RETURN(prompt, tokenizer->Encode(f.Get("prompt"), /*add_bos=*/true));
   }
-  QF_ASSIGN_OR_RETURN(auto transformer, MakeTransformer(std::move(model), threads));
+  QF_ASSIGN_OR_RETURN(auto transformer, MakeTransformer(std::move(model), threads, activations));
   max_tokens = std::min(max_tokens, transformer->max_seq_len() - static_cast<int>(prompt.size()));
   if (max_tokens <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("the prompt (", prompt.size(),
@@ -298,8 +311,9 @@ absl::Status Generate(const std::vector<std::string>& args, std::ostream& out) {
 
 absl::Status Eval(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"base", "text", "tokenizer", "streams", "stream-len", "seed",
-                                                 "window", "chunks", "threads", "temperature"},
+                                                 "window", "chunks", "threads", "temperature", "activations"},
                                           {}));
+  QF_ASSIGN_OR_RETURN(const kernels::ActivationMode activations, ActivationsFlag(f));
   QF_ASSIGN_OR_RETURN(int streams, f.GetInt("streams", 8, 0, 100000));
   QF_ASSIGN_OR_RETURN(int stream_len, f.GetInt("stream-len", 0, 0, 1 << 24));
   QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("seed", 1));
@@ -310,12 +324,12 @@ absl::Status Eval(const std::vector<std::string>& args, std::ostream& out) {
   if (window == 1) return UsageError("--window must be at least 2");
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge eval MODEL [--base MODEL] [--text FILE [--chunks N]] "
                                           "[--tokenizer TOK] [--streams N] [--stream-len L] [--seed S] [--window W] "
-                                          "[--threads N]"));
+                                          "[--threads N] [--activations int8|float]"));
   if (streams == 0 && !f.Has("text")) return UsageError("nothing to evaluate: --streams 0 and no --text");
 
   QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0]));
   QF_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, ResolveTokenizer(model, f));
-  QF_ASSIGN_OR_RETURN(auto subject, MakeTransformer(std::move(model), threads));
+  QF_ASSIGN_OR_RETURN(auto subject, MakeTransformer(std::move(model), threads, activations));
   std::unique_ptr<Transformer> base;
   if (f.Has("base")) {
     QF_ASSIGN_OR_RETURN(Model base_model, formats::LoadModel(f.Get("base")));
@@ -323,7 +337,7 @@ absl::Status Eval(const std::vector<std::string>& args, std::ostream& out) {
       return absl::InvalidArgumentError(absl::StrCat("--base has vocabulary ", base_model.config.vocab_size,
                                                      ", the model has ", subject->vocab_size()));
     }
-    QF_ASSIGN_OR_RETURN(base, MakeTransformer(std::move(base_model), threads));
+    QF_ASSIGN_OR_RETURN(base, MakeTransformer(std::move(base_model), threads, activations));
   }
 
   auto report = [&](const std::string& what, const eval::CompareResult& r) {
