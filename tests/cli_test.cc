@@ -108,7 +108,23 @@ TEST(Cli, QuantizeInspectEvalGenerate) {
                          " --window 32 --chunks 3 --streams 0");
     ASSERT_EQ(t.exit_code, 0) << t.err;
     EXPECT_TRUE(absl::StrContains(t.out, "(93 tokens)")) << t.out;
+    // fp32 activations (the reference) multiply other numbers than the default 8-bit blocks: the base's line
+    // (f32 weights, no integer kernel) is the same, the Q8_0 file's KL is not.
+    Result f = RunQforge("eval " + out + " --base " + kStories + " --text " + text +
+                         " --window 32 --chunks 3 --streams 0 --activations float");
+    ASSERT_EQ(f.exit_code, 0) << f.err;
+    auto line = [](const std::string& s, const char* needle) {
+      for (absl::string_view l : absl::StrSplit(s, '\n')) {
+        if (absl::StrContains(l, needle)) return std::string(l);
+      }
+      return std::string();
+    };
+    EXPECT_NE(line(t.out, "KL("), "");
+    EXPECT_NE(line(t.out, "KL("), line(f.out, "KL("));
+    const std::string base_ppl = line(t.out, "perplexity base");
+    EXPECT_EQ(base_ppl.substr(0, base_ppl.find("model")), line(f.out, "perplexity base").substr(0, base_ppl.find("model")));
   }
+  ExpectOneLineError(RunQforge("eval " + out + " --activations int4"), 2, "--activations");
   // The file carries tok512 (found beside the checkpoint), so generation prints the card's opening words.
   Result g = RunQforge("generate " + out + " --max-tokens 8 --temperature 0");
   ASSERT_EQ(g.exit_code, 0) << g.err;
