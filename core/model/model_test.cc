@@ -170,3 +170,25 @@ TEST(Synthetic, ModelsAreValidAndDeterministic) {
 }
 }  // namespace
 }  // namespace qforge
+
+#include <set>
+
+namespace qforge {
+namespace {
+// A Llama 2-sized synthetic vocabulary has no repeated piece (llama.cpp aborts loading a GGUF that has one).
+TEST(Synthetic, VocabularyPiecesAreDistinct) {
+  ModelConfig c = TinyTestConfig();
+  c.vocab_size = 32000;
+  c.dim = 8;
+  c.hidden_dim = 8;
+  c.n_heads = 2;
+  c.n_kv_heads = 2;
+  c.n_layers = 1;
+  Model m = MakeSyntheticModel(c, 1, /*with_vocab=*/true);
+  ASSERT_TRUE(m.vocab.has_value());
+  ASSERT_EQ(m.vocab->tokens.size(), 32000u);
+  const std::set<std::string> distinct(m.vocab->tokens.begin(), m.vocab->tokens.end());
+  EXPECT_EQ(distinct.size(), 32000u);
+}
+}  // namespace
+}  // namespace qforge

@@ -36,14 +36,22 @@ Vocab ByteVocab(int vocab_size) {
   for (int b = 0; b < 256 && static_cast<int>(v.tokens.size()) < vocab_size; ++b) {
     add(absl::StrFormat("<0x%02X>", b), 0.0f, TokenType::kByte);
   }
-  // Fill the rest with word pieces ("▁a", "▁b", ..., "ab", ...) so merges exist.
+  // Fill the rest with word pieces ("▁a", "▁b", ..., "ab", ..., then three letters and more) so merges exist.
+  // Every piece is distinct: llama.cpp refuses a vocabulary with a repeated piece.
   const std::string letters = "etaoinshrdlucmfwypvbgkjqxz";
+  const int n_letters = static_cast<int>(letters.size());
+  const int two_letter_end = n_letters * (n_letters + 1);  // 26 "▁x" pieces, then 676 two-letter ones
   int i = 0;
   while (static_cast<int>(v.tokens.size()) < vocab_size) {
-    const char a = letters[i % letters.size()];
-    const char b = letters[(i / letters.size()) % letters.size()];
-    std::string piece = (i < static_cast<int>(letters.size())) ? absl::StrCat("\xe2\x96\x81", std::string(1, a))
-                                                                : absl::StrCat(std::string(1, b), std::string(1, a));
+    std::string piece;
+    if (i < n_letters) {
+      piece = absl::StrCat("\xe2\x96\x81", std::string(1, letters[i]));
+    } else if (i < two_letter_end) {
+      piece = {letters[(i / n_letters) % n_letters], letters[i % n_letters]};
+    } else {
+      // Base-26 digits of i - two_letter_end, at least three of them: distinct, and longer than the above.
+      for (int n = i - two_letter_end; n > 0 || piece.size() < 3; n /= n_letters) piece += letters[n % n_letters];
+    }
     add(piece, -static_cast<float>(i), TokenType::kNormal);
     ++i;
   }
