@@ -1180,7 +1180,8 @@ TEST(IntDotTest, EveryIsaEqualsTheScalarReferenceBitForBit) {
   uint32_t seed = 500;
   for (const IntCase& c : IntCases()) {
     const Tensor w = RandomTensor(WeightFormat::Of(c.type), c.rows, c.cols, seed++);
-    for (int64_t n : {1, 2, 4, 5, 11}) {
+    // 11 = 8 + 2 + 1 and 37 = 16 + 16 + 4 + 1: every token tile, the 8- and 16-token row-lane kernels included.
+    for (int64_t n : {1, 2, 4, 5, 11, 37}) {
       const std::vector<float> x = RandomX(n, c.cols, seed++);
       const int64_t r0 = c.rows > 3 ? 1 : 0, stride = c.rows + 2;
       SetIsa(Isa::kScalar);
@@ -1273,9 +1274,10 @@ TEST(IntDotTest, BatchInvariantOnEveryIsa) {
     for (const IntCase& c : IntCases()) {
       SCOPED_TRACE(absl::StrCat(FormatName(WeightFormat::Of(c.type)), " ", IsaName(isa)));
       const Tensor w = RandomTensor(WeightFormat::Of(c.type), c.rows, c.cols, 21);
-      const std::vector<float> x = RandomX(9, c.cols, 22);
-      const std::vector<float> all = RunInt(w, 0, c.rows, x, 9, c.rows);
-      for (int64_t t = 0; t < 9; ++t) {
+      constexpr int64_t kN = 21;  // tiles of 16, 4 and 1
+      const std::vector<float> x = RandomX(kN, c.cols, 22);
+      const std::vector<float> all = RunInt(w, 0, c.rows, x, kN, c.rows);
+      for (int64_t t = 0; t < kN; ++t) {
         const std::vector<float> one(x.begin() + t * c.cols, x.begin() + (t + 1) * c.cols);
         const std::vector<float> alone = RunInt(w, 0, c.rows, one, 1, c.rows);
         ASSERT_EQ(std::memcmp(alone.data(), &all[t * c.rows], c.rows * sizeof(float)), 0) << "token " << t;
