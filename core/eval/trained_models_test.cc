@@ -2,15 +2,14 @@
 // tokenizer they carry, predict real held-out text far better than a unigram model, and greedy-decode a story.
 #include <cmath>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
-#include <sstream>
 #include <string>
 #include <vector>
 
 #include "absl/strings/match.h"
+#include "core/base/mapped_file.h"
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
 #include "core/runtime/generate.h"
@@ -51,10 +50,9 @@ TEST_P(TrainedModel, PredictsHeldOutTextAndTellsAStory) {
       Transformer::Create(std::make_shared<const Model>(*std::move(m)), {.threads = 2});
   ASSERT_TRUE(rt.ok()) << rt.status();
 
-  std::ifstream in(kEvalText, std::ios::binary);
-  std::stringstream text;
-  text << in.rdbuf();
-  absl::StatusOr<std::vector<int>> tokens = (*tok)->Encode(text.str(), /*add_bos=*/true);
+  absl::StatusOr<std::string> text = ReadFileToString(kEvalText);
+  ASSERT_TRUE(text.ok()) << text.status();
+  absl::StatusOr<std::vector<int>> tokens = (*tok)->Encode(*text, /*add_bos=*/true);
   ASSERT_TRUE(tokens.ok()) << tokens.status();
   constexpr int kWindow = 256, kWindows = 12;
   ASSERT_GE(tokens->size(), size_t{kWindow * kWindows});

@@ -64,8 +64,7 @@ absl::Status Bench(const std::vector<std::string>& raw_args, std::ostream& out) 
   QF_ASSIGN_OR_RETURN(std::vector<int> prompts, ParseIntList("p", f.Get("p", "512"), 0, 1 << 20));
   QF_ASSIGN_OR_RETURN(std::vector<int> decodes, ParseIntList("n", f.Get("n", "128"), 0, 1 << 20));
   QF_ASSIGN_OR_RETURN(int reps, f.GetInt("r", 3, 1, 1000));
-  const std::string act = f.Get("activations", "int8");
-  if (act != "int8" && act != "float") return UsageError("--activations must be int8 or float");
+  QF_ASSIGN_OR_RETURN(const kernels::ActivationMode activations, ActivationsFlag(f));
 
   QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0]));
   int64_t params = 0;
@@ -89,7 +88,7 @@ absl::Status Bench(const std::vector<std::string>& raw_args, std::ostream& out) 
   for (int nt : threads) {
     RuntimeOptions o;
     o.threads = nt;
-    o.activations = act == "int8" ? kernels::ActivationMode::kInt8 : kernels::ActivationMode::kFloat;
+    o.activations = activations;
     o.max_batch = 512;  // a whole pp512 prompt in one batch, as llama-bench's default ubatch
     QF_ASSIGN_OR_RETURN(auto rt, Transformer::Create(shared, o));
     auto run = [&](const std::string& test, int tokens, bool prompt) -> absl::Status {
@@ -131,7 +130,8 @@ absl::Status Bench(const std::vector<std::string>& raw_args, std::ostream& out) 
   out << absl::StrFormat("\nkernels: %s (float dot %s, integer decode %s, integer prompt %s), activations %s\n",
                          kernels::IsaName(kernels::ActiveIsa()), kernels::IsaName(IsaFor(KernelFamily::kFloatDot)),
                          kernels::IsaName(IsaFor(KernelFamily::kIntDecode)),
-                         kernels::IsaName(IsaFor(KernelFamily::kIntPrompt)), act);
+                         kernels::IsaName(IsaFor(KernelFamily::kIntPrompt)),
+                         activations == kernels::ActivationMode::kInt8 ? "int8" : "float");
   return absl::OkStatus();
 }
 

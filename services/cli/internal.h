@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/kernels/kernels.h"
 #include "core/model/model.h"
 #include "core/quant/quant_method.h"
 #include "services/cli/flags.h"
@@ -19,6 +20,10 @@ absl::Status NeedPositional(const Flags& f, size_t n, const std::string& usage);
 absl::Status SaveModel(const Model& m, const std::string& path);
 // A vocabulary from a SentencePiece .model or a llama2.c tokenizer.bin.
 absl::StatusOr<Vocab> LoadVocab(const std::string& path, int vocab_size);
+
+// --activations int8 (the default: 8-bit activation blocks for the formats with integer kernels, as llama.cpp)
+// or float (fp32 activations everywhere, the reference); anything else is a usage error.
+absl::StatusOr<kernels::ActivationMode> ActivationsFlag(const Flags& f);
 
 // "rtn, nf4, ...": every registered method.
 std::string MethodNames();

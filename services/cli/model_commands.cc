@@ -38,6 +38,13 @@ namespace {
 
 }  // namespace
 
+absl::StatusOr<kernels::ActivationMode> ActivationsFlag(const Flags& f) {
+  const std::string v = f.Get("activations", "int8");
+  if (v == "int8") return kernels::ActivationMode::kInt8;
+  if (v == "float") return kernels::ActivationMode::kFloat;
+  return UsageError(absl::StrCat("--activations must be int8 or float, got '", v, "'"));
+}
+
 std::string MethodNames() {
   std::vector<std::string> names;
   for (const quant::QuantMethod* m : quant::ListMethods()) names.push_back(m->name());
@@ -66,14 +73,6 @@ absl::StatusOr<std::unique_ptr<Transformer>> MakeTransformer(
                              RuntimeOptions{.threads = threads, .activations = activations});
 }
 
-// --activations int8 (the default: 8-bit activation blocks for the formats with integer kernels, as llama.cpp)
-// or float (fp32 activations everywhere, the reference).
-absl::StatusOr<kernels::ActivationMode> ActivationsFlag(const Flags& f) {
-  const std::string v = f.Get("activations", "int8");
-  if (v == "int8") return kernels::ActivationMode::kInt8;
-  if (v == "float") return kernels::ActivationMode::kFloat;
-  return UsageError(absl::StrCat("--activations must be int8 or float, got '", v, "'"));
-}
 
 // Input statistics of every linear layer, from --calib-text (tokenized) or from token streams sampled from
 // the source model itself (tokenizer-free).
