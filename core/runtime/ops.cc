@@ -57,12 +57,14 @@ void RouteTopK(float* logits, int n_experts, int k, int* experts, float* weights
   for (int s = 0; s < k; ++s) weights[s] /= sum;
 }
 
-void AttendHead(const float* q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
-                float scale, float* scores, float* out) {
+void AttendGroup(const float* q, int n_q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
+                 float scale, float* scores, float* out) {
   if (kernels::ActiveIsa() >= kernels::Isa::kAvx2) {
-    AttendHeadAvx2(q, k, v, stride, n_pos, head_dim, scale, scores, out);
-  } else {
-    AttendHeadScalar(q, k, v, stride, n_pos, head_dim, scale, scores, out);
+    AttendGroupAvx2(q, n_q, k, v, stride, n_pos, head_dim, scale, scores, out);
+    return;
+  }
+  for (int g = 0; g < n_q; ++g) {
+    AttendHeadScalar(q + g * head_dim, k, v, stride, n_pos, head_dim, scale, scores + g * n_pos, out + g * head_dim);
   }
 }
 

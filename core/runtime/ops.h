@@ -17,15 +17,20 @@ void ApplyRope(float* v, int n_heads, int head_dim, const float* cos_sin);
 
 // One query head attending to cache positions [0, n_pos): scores = q·k_p * scale, softmax, out = Σ p_p v_p.
 // k and v point at the head's slice of position 0; consecutive positions are `stride` floats apart.
-// `scores` is scratch of n_pos floats.
-// Runs AttendHeadAvx2 when the kernels' active ISA has AVX2, AttendHeadScalar otherwise.
-void AttendHead(const float* q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
-                float scale, float* scores, float* out);
-// The reference loops, and the same computation with 8-lane FMA dot products (a different summation order).
+// `scores` is scratch of n_pos floats. The reference loops.
 void AttendHeadScalar(const float* q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
                       float scale, float* scores, float* out);
-void AttendHeadAvx2(const float* q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
-                    float scale, float* scores, float* out);
+
+// The n_q query heads that share one key/value head (grouped-query attention), each attending as
+// AttendHeadScalar does: queries and outputs are head_dim apart, `scores` is scratch of n_q * n_pos floats.
+// AttendGroupAvx2 loads every key and value once for up to four queries and uses 8-lane FMA dot products and a
+// vectorised exp (a different summation order from the reference); a query's result has the same bits whatever
+// n_q and its place in the group. AttendGroup runs it when the kernels' active ISA has AVX2, the reference
+// otherwise.
+void AttendGroup(const float* q, int n_q, const float* k, const float* v, int64_t stride, int n_pos, int head_dim,
+                 float scale, float* scores, float* out);
+void AttendGroupAvx2(const float* q, int n_q, const float* k, const float* v, int64_t stride, int n_pos,
+                     int head_dim, float scale, float* scores, float* out);
 
 // In place: x[i] = softmax(x)[i], subtracting the max first.
 void Softmax(float* x, int n);

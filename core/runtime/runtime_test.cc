@@ -124,25 +124,57 @@ TEST(Runtime, MoeMatchesFp64Reference) {
   }
 }
 
-// The AVX2 attention loops agree with the scalar reference up to summation order, for head sizes with and
-// without a remainder past the 8-wide vectors.
-TEST(RuntimeOps, AttendHeadAvx2AgreesWithScalar) {
+// The AVX2 grouped attention agrees with the scalar reference up to summation order and its exp, for head sizes
+// with and without a remainder past the 8- and 16-wide steps, groups of 1-8 queries and key counts that do and
+// do not fill its four-key reductions; and a query's output has the same bits alone as in any group.
+TEST(RuntimeOps, AttendGroupAvx2AgreesWithScalarAndIgnoresGrouping) {
   if (kernels::DetectIsa() < kernels::Isa::kAvx2) GTEST_SKIP() << "no AVX2";
   std::mt19937 rng(4);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   for (int head_dim : {8, 20, 32, 128}) {
-    for (int n_pos : {1, 7, 100}) {
-      const int64_t stride = 3 * head_dim;
-      std::vector<float> q(head_dim), k(n_pos * stride), v(n_pos * stride);
-      for (auto* vec : {&q, &k, &v}) for (float& x : *vec) x = normal(rng);
-      std::vector<float> s1(n_pos), s2(n_pos), o1(head_dim), o2(head_dim);
-      const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-      runtime_ops::AttendHeadScalar(q.data(), k.data(), v.data(), stride, n_pos, head_dim, scale, s1.data(), o1.data());
-      runtime_ops::AttendHeadAvx2(q.data(), k.data(), v.data(), stride, n_pos, head_dim, scale, s2.data(), o2.data());
-      for (int i = 0; i < head_dim; ++i) EXPECT_NEAR(o1[i], o2[i], 1e-5f) << head_dim << " " << n_pos << " " << i;
-      for (int p = 0; p < n_pos; ++p) EXPECT_NEAR(s1[p], s2[p], 1e-5f);
+    for (int n_pos : {1, 7, 100, 131}) {
+      for (int n_q : {1, 2, 3, 4, 8}) {
+        const int64_t stride = 3 * head_dim;
+        std::vector<float> q(n_q * head_dim), k(n_pos * stride), v(n_pos * stride);
+        for (auto* vec : {&q, &k, &v}) for (float& x : *vec) x = 2.0f * normal(rng);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+        std::vector<float> s_ref(n_pos), o_ref(n_q * head_dim), s_grp(n_q * n_pos), o_grp(n_q * head_dim);
+        runtime_ops::AttendGroupAvx2(q.data(), n_q, k.data(), v.data(), stride, n_pos, head_dim, scale, s_grp.data(),
+                                     o_grp.data());
+        for (int g = 0; g < n_q; ++g) {
+          runtime_ops::AttendHeadScalar(&q[g * head_dim], k.data(), v.data(), stride, n_pos, head_dim, scale,
+                                        s_ref.data(), &o_ref[g * head_dim]);
+          for (int p = 0; p < n_pos; ++p) EXPECT_NEAR(s_ref[p], s_grp[g * n_pos + p], 1e-5f) << n_q << " " << g;
+          std::vector<float> s_one(n_pos), o_one(head_dim);
+          runtime_ops::AttendGroupAvx2(&q[g * head_dim], 1, k.data(), v.data(), stride, n_pos, head_dim, scale,
+                                       s_one.data(), o_one.data());
+          for (int i = 0; i < head_dim; ++i) {
+            EXPECT_NEAR(o_ref[g * head_dim + i], o_grp[g * head_dim + i], 2e-5f) << head_dim << " " << n_pos;
+            EXPECT_EQ(o_one[i], o_grp[g * head_dim + i]) << "query " << g << " of " << n_q << ", dim " << i;
+          }
+        }
+      }
     }
   }
+}
+
+// The dispatching AttendGroup is the reference when the active ISA is scalar.
+TEST(RuntimeOps, AttendGroupScalarIsTheReference) {
+  const kernels::Isa original = kernels::ActiveIsa();
+  kernels::SetIsa(kernels::Isa::kScalar);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int head_dim = 16, n_pos = 9, n_q = 3;
+  std::vector<float> q(n_q * head_dim), k(n_pos * head_dim), v(n_pos * head_dim);
+  for (auto* vec : {&q, &k, &v}) for (float& x : *vec) x = normal(rng);
+  std::vector<float> s(n_q * n_pos), o(n_q * head_dim), s_ref(n_pos), o_ref(head_dim);
+  runtime_ops::AttendGroup(q.data(), n_q, k.data(), v.data(), head_dim, n_pos, head_dim, 0.25f, s.data(), o.data());
+  for (int g = 0; g < n_q; ++g) {
+    runtime_ops::AttendHeadScalar(&q[g * head_dim], k.data(), v.data(), head_dim, n_pos, head_dim, 0.25f,
+                                  s_ref.data(), o_ref.data());
+    for (int i = 0; i < head_dim; ++i) EXPECT_EQ(o_ref[i], o[g * head_dim + i]);
+  }
+  kernels::SetIsa(original);
 }
 
 // token_embd and one matrix in f16: the runtime decodes through the kernels whatever the encoding.

@@ -157,7 +157,7 @@ absl::Status Transformer::MatMul(const Tensor& w, const float* x, int n, float* 
       std::lock_guard<std::mutex> lock(mu);
       first_error = s;
     }
-  }, /*align=*/8);
+  }, /*align=*/16);
   if (failed.load()) {
     std::lock_guard<std::mutex> lock(mu);
     return absl::Status(first_error.code(), absl::StrCat(w.name, ": ", first_error.message()));
@@ -295,19 +295,22 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
       std::copy_n(&v_[t * kv_dim], kv_dim, b.cache->values(l, b.pos));
     }
 
-    // One task per (token, head); a token sees positions [0, pos] of its own cache.
+    // One task per (key/value head, token): the token's query heads that share that key/value head attend
+    // together, each key and value loaded once for all of them. Tasks run key/value head by key/value head, so one
+    // head's slice of the caches stays in cache across the tokens. A token sees positions [0, pos] of its cache.
     // At least ~32K multiply-adds per chunk, as for the matmuls: a small model's heads are not worth a thread each.
-    const int64_t head_work = std::max<int64_t>(1, 2 * static_cast<int64_t>(hd) * (max_pos + 1));
-    pool_.ParallelFor(static_cast<int64_t>(n) * c.n_heads, std::max<int64_t>(1, (32 * 1024) / head_work),
+    const int64_t group_work = std::max<int64_t>(1, 2 * static_cast<int64_t>(hd) * kv_group * (max_pos + 1));
+    pool_.ParallelFor(static_cast<int64_t>(c.n_kv_heads) * n, std::max<int64_t>(1, (32 * 1024) / group_work),
                       [&](int64_t begin, int64_t end) {
-      std::vector<float> scores(static_cast<size_t>(max_pos + 1));
+      std::vector<float> scores(static_cast<size_t>(kv_group) * (max_pos + 1));
       for (int64_t i = begin; i < end; ++i) {
-        const int t = static_cast<int>(i / c.n_heads);
-        const int h = static_cast<int>(i % c.n_heads);
-        const int kvh = h / kv_group;
+        const int kvh = static_cast<int>(i / n);
+        const int t = static_cast<int>(i % n);
+        const int h0 = kvh * kv_group;
         KvCache& cache = *tokens[t].cache;
-        runtime_ops::AttendHead(&q_[t * dim + h * hd], cache.keys(l, 0) + kvh * hd, cache.values(l, 0) + kvh * hd,
-                                kv_dim, tokens[t].pos + 1, hd, scale, scores.data(), &xb_[t * dim + h * hd]);
+        runtime_ops::AttendGroup(&q_[t * dim + h0 * hd], kv_group, cache.keys(l, 0) + kvh * hd,
+                                 cache.values(l, 0) + kvh * hd, kv_dim, tokens[t].pos + 1, hd, scale, scores.data(),
+                                 &xb_[t * dim + h0 * hd]);
       }
     });
     QF_RETURN_IF_ERROR(MatMul(*L.wo, xb_.data(), n, xb2_.data(), dim));
