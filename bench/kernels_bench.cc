@@ -97,7 +97,7 @@ void BM_MatMulRows(benchmark::State& state) {
 
 void Args(benchmark::internal::Benchmark* b) {
   for (int spec = 0; spec < static_cast<int>(Specs().size()); ++spec) {
-    for (int64_t n : {1, 8, 16, 32}) {
+    for (int64_t n : {1, 8, 16, 32, 128}) {
       for (int isa : {0, 1, 2}) b->Args({spec, n, isa});
     }
   }

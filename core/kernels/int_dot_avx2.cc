@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "core/kernels/int_dot.h"
 #include "core/kernels/kernels_internal.h"

@@ -7,9 +7,15 @@
 #include <cmath>
 #include <cstddef>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #include "core/kernels/int_dot.h"
 #include "core/kernels/kernels_internal.h"
+
+// GCC 12's 512-bit intrinsics pass _mm512_undefined_*() (a self-initialised variable) as their unused merge
+// source, which -Wmaybe-uninitialized reports at every inlined call.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 #define QF_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl,avx512bw,avx512vnni")))
 #define QF_VNNI 1

@@ -1153,14 +1153,15 @@ struct IntCase {
   WeightType type;
   int64_t rows, cols;
 };
-// Row counts around the 8-row groups (1, 7, 8, 9, 17) and several blocks per row.
+// Row counts around the 8- and 16-row groups (1, 7, 8, 9, 17; Q4_K's 26 and 41 rows, which with the first row
+// cut off are 16 + 8 + 1 and 16 + 16 + 8) and several blocks per row.
 std::vector<IntCase> IntCases() {
   std::vector<IntCase> cases;
   for (WeightType t : {WeightType::kQ8_0, WeightType::kQ4_0}) {
     for (int64_t rows : {1, 7, 9, 17}) cases.push_back({t, rows, 32 * static_cast<int64_t>(rows % 5 + 1)});
     cases.push_back({t, 24, 1024});
   }
-  for (int64_t rows : {1, 8, 9, 13}) cases.push_back({WeightType::kQ4_K, rows, 256 * (rows % 3 + 1)});
+  for (int64_t rows : {1, 8, 9, 13, 26, 41}) cases.push_back({WeightType::kQ4_K, rows, 256 * (rows % 3 + 1)});
   return cases;
 }
 
