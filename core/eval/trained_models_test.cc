@@ -62,7 +62,8 @@ TEST_P(TrainedModel, PredictsHeldOutTextAndTellsAStory) {
   ASSERT_TRUE(ppl.ok()) << ppl.status();
   const double unigram = OracleUnigramPerplexity(*tokens, kWindow);
   std::cout << GetParam() << ": perplexity " << ppl->perplexity << ", unigram " << unigram << "\n";
-  // Measured: dense 7.7 against 114 (15x); an untrained model of this vocabulary scores ~512.
+  // Measured on these windows: dense 7.7 against 114 (15x), MoE 11.3 against 114 (10x); an untrained model of
+  // this vocabulary scores ~512.
   EXPECT_LT(ppl->perplexity * 8, unigram) << GetParam() << ": perplexity " << ppl->perplexity << ", unigram " << unigram;
 
   absl::StatusOr<std::vector<int>> bos = (*tok)->Encode("", /*add_bos=*/true);
@@ -79,7 +80,7 @@ TEST_P(TrainedModel, PredictsHeldOutTextAndTellsAStory) {
   EXPECT_TRUE(absl::StartsWith(*words, "Once upon a time")) << *words;
 }
 
-INSTANTIATE_TEST_SUITE_P(Models, TrainedModel, ::testing::Values("qforge-tinystories-dense"));
+INSTANTIATE_TEST_SUITE_P(Models, TrainedModel, ::testing::Values("qforge-tinystories-dense", "qforge-tinystories-moe"));
 
 }  // namespace
 }  // namespace qforge
