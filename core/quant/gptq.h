@@ -9,6 +9,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/base/thread_pool.h"
+#include "core/quant/packing.h"
 
 namespace qforge::quant {
 
@@ -26,6 +27,9 @@ struct GptqOptions {
   // Splits each block's column pass over rows (rows are independent given H); the bytes never depend on the
   // split. The Cholesky factorisations and the lazy-batch GEMM are OpenBLAS's, threaded by OpenBLAS itself.
   ThreadPool* pool = nullptr;
+  // The grid of one group (or row) from its current weights; nullptr: ChooseQIntGrid, the kQInt grid of `bits`
+  // and `symmetric`. The ternary method passes its {-s, 0, +s} grid (ternary.h).
+  QIntGrid (*choose_grid)(const float* x, int64_t n, int bits, bool symmetric) = nullptr;
 };
 
 // The result in kQInt terms, columns in their original order.

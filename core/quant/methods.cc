@@ -16,6 +16,7 @@
 #include "core/quant/spqr.h"
 #include "core/quant/quip.h"
 #include "core/quant/smoothquant.h"
+#include "core/quant/ternary.h"
 
 namespace qforge::quant {
 
@@ -358,6 +359,8 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
     r->push_back(MakeSpqrMethod());
     r->push_back(MakeSmoothQuantMethod());
     r->push_back(MakeQuipMethod());
+    r->push_back(MakeTernaryMethod());
+    r->push_back(MakeBitnetMethod());
     r->push_back(std::make_unique<F16Method>());
     return r;
   }();

@@ -72,7 +72,8 @@ TEST(RegistryTest, ListsEveryMethodOnce) {
     EXPECT_FALSE(m->description().empty());
     EXPECT_TRUE(m->Validate(m->DefaultParams()).ok()) << m->name();
   }
-  EXPECT_THAT(names, ::testing::UnorderedElementsAre("rtn", "nf4", "q8_0", "q4_0", "q4_k", "gptq", "awq", "smoothquant", "quip", "spqr", "f16"));
+  EXPECT_THAT(names, ::testing::UnorderedElementsAre("rtn", "nf4", "q8_0", "q4_0", "q4_k", "gptq", "awq", "smoothquant",
+                                                    "quip", "spqr", "ternary", "bitnet", "f16"));
   EXPECT_EQ(FindMethod("gptq-not-yet"), nullptr);
 }
 

@@ -1,0 +1,221 @@
+#include "core/quant/ternary.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+
+#include "absl/strings/str_cat.h"
+#include "core/base/half.h"
+#include "core/base/large_buffer.h"
+#include "core/base/status_macros.h"
+#include "core/kernels/blocks.h"
+#include "core/quant/gptq.h"
+
+namespace qforge::quant {
+
+QIntGrid ChooseTernaryGrid(const float* x, int64_t n, int /*bits*/, bool /*symmetric*/) {
+  std::vector<float> mag(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) mag[i] = std::fabs(x[i]);
+  std::sort(mag.begin(), mag.end(), std::greater<float>());
+  double prefix = 0, best_gain = 0, best_scale = 0;
+  for (int64_t k = 1; k <= n; ++k) {
+    prefix += mag[k - 1];
+    const double gain = prefix * prefix / static_cast<double>(k);
+    if (gain > best_gain) {
+      best_gain = gain;
+      best_scale = prefix / static_cast<double>(k);
+    }
+  }
+  constexpr float kMaxHalf = 65504.0f;
+  QIntGrid g;
+  g.max_code = 2;
+  g.zero = 1;
+  g.scale_half = FloatToHalf(std::min(static_cast<float>(best_scale), kMaxHalf));
+  g.scale = HalfToFloat(g.scale_half);
+  return g;
+}
+
+namespace {
+
+// ggml's TQ1_0 byte of five trits t[0] (most significant) .. t[4]: the base-3 number as a fixed-point fraction of
+// 256, rounded up so that the decoder's (byte * 3^n mod 256) * 3 >> 8 reads trit n back.
+uint8_t PackFiveTrits(const uint8_t* t, int64_t stride) {
+  int q = 0;
+  for (int n = 0; n < 5; ++n) q = q * 3 + t[n * stride];
+  return static_cast<uint8_t>((q * 256 + 242) / 243);
+}
+
+void PackTQ1_0Block(const uint8_t* t, uint16_t d, kernels::block_tq1_0* b) {
+  // qs[0..32): trit n of byte m is weight 32n + m; qs[32..48): weight 160 + 16n + m.
+  for (int m = 0; m < 32; ++m) b->qs[m] = PackFiveTrits(t + m, 32);
+  for (int m = 0; m < 16; ++m) b->qs[32 + m] = PackFiveTrits(t + 160 + m, 16);
+  // qh[m]: four trits, weight 240 + 4n + m, with a zero fifth trit below them.
+  for (int m = 0; m < 4; ++m) {
+    int q = 0;
+    for (int n = 0; n < 4; ++n) q = q * 3 + t[240 + 4 * n + m];
+    q *= 3;
+    b->qh[m] = static_cast<uint8_t>((q * 256 + 242) / 243);
+  }
+  b->d = d;
+}
+
+void PackTQ2_0Block(const uint8_t* t, uint16_t d, kernels::block_tq2_0* b) {
+  // Bits [2l, 2l + 2) of qs[32 h + m] hold weight 128 h + 32 l + m.
+  for (int h = 0; h < 2; ++h) {
+    for (int m = 0; m < 32; ++m) {
+      uint8_t q = 0;
+      for (int l = 0; l < 4; ++l) q |= static_cast<uint8_t>((t[128 * h + 32 * l + m] & 3) << (2 * l));
+      b->qs[32 * h + m] = q;
+    }
+  }
+  b->d = d;
+}
+
+}  // namespace
+
+void PackTernaryBlocks(const uint8_t* codes, const uint16_t* block_scales, int64_t rows, int64_t cols,
+                       WeightType type, uint8_t* out) {
+  const int64_t blocks = rows * (cols / kTernaryBlock);
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* t = codes + i * kTernaryBlock;
+    if (type == WeightType::kTQ1_0) {
+      PackTQ1_0Block(t, block_scales[i], reinterpret_cast<kernels::block_tq1_0*>(out) + i);
+    } else {
+      PackTQ2_0Block(t, block_scales[i], reinterpret_cast<kernels::block_tq2_0*>(out) + i);
+    }
+  }
+}
+
+namespace {
+
+absl::StatusOr<WeightType> TernaryFileType(const char* method, int bits) {
+  if (bits == 2) return WeightType::kTQ2_0;
+  if (bits == 1) return WeightType::kTQ1_0;
+  return absl::InvalidArgumentError(
+      absl::StrCat(method, ": bits must be 2 (TQ2_0, 2 bits per weight) or 1 (TQ1_0, base-3 packed), got ", bits));
+}
+
+// What the two methods share: the file types, the shape rule, the packing and the fallback.
+class TernaryMethodBase : public QuantMethod {
+ public:
+  absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
+    QF_RETURN_IF_ERROR(Validate(p));
+    if (rows <= 0 || cols <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("cannot quantize an empty [", rows, ", ", cols, "] matrix"));
+    }
+    if (cols % kTernaryBlock != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name(), ": row length ", cols, " is not a multiple of the block size ", kTernaryBlock));
+    }
+    QF_ASSIGN_OR_RETURN(const WeightType t, TernaryFileType(name().c_str(), p.bits));
+    return WeightFormat::Of(t);
+  }
+  std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams&) const override {
+    return std::make_pair(std::string("q8_0"), FindMethod("q8_0")->DefaultParams());
+  }
+
+ protected:
+  // codes: [rows, cols] in {0, 1, 2}; block_scales: f16 per 256 weights.
+  absl::StatusOr<std::vector<uint8_t>> Pack(const std::vector<uint8_t>& codes, const std::vector<uint16_t>& scales,
+                                            const QuantParams& p, int64_t rows, int64_t cols) const {
+    QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
+    QF_ASSIGN_OR_RETURN(const size_t nbytes, EncodedBytes(f, rows, cols));
+    std::vector<uint8_t> out = LargeZeroedVector<uint8_t>(nbytes);
+    PackTernaryBlocks(codes.data(), scales.data(), rows, cols, f.type, out.data());
+    return out;
+  }
+};
+
+class TernaryMethod : public TernaryMethodBase {
+ public:
+  std::string name() const override { return "ternary"; }
+  std::string description() const override {
+    return "QMoE ternary {-s, 0, +s}: GPTQ error feedback onto a least-squares ternary grid per 256 (group 256) or "
+           "per row (group 0), written as TQ2_0 (bits 2) or TQ1_0 (bits 1) (needs calibration)";
+  }
+  QuantParams DefaultParams() const override { return {2, 256, true, false}; }
+  bool NeedsCalibration() const override { return true; }
+  absl::Status Validate(const QuantParams& p) const override {
+    QF_RETURN_IF_ERROR(TernaryFileType("ternary", p.bits).status());
+    if (p.group != 0 && p.group != kTernaryBlock) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ternary: group must be 256 (a scale per block) or 0 (one per row), got ", p.group));
+    }
+    if (p.act_order) return absl::InvalidArgumentError("ternary: act_order is not supported");
+    if (!(p.damp >= 0)) return absl::InvalidArgumentError(absl::StrCat("ternary: damp must be >= 0, got ", p.damp));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool* pool, const calib::LayerStats* calib) const override {
+    QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
+    if (calib == nullptr) {
+      return absl::FailedPreconditionError("ternary: needs calibration statistics (the layer's input Hessian)");
+    }
+    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("ternary: calibration statistics are for ", calib->cols, " inputs, the matrix has ", cols));
+    }
+    GptqOptions o;
+    o.bits = 2;
+    o.group = p.group;
+    o.symmetric = true;
+    o.percdamp = p.damp;
+    o.pool = pool;
+    o.choose_grid = &ChooseTernaryGrid;
+    // An expert no calibration token reached has an all-zero Hessian, which GPTQ reads as "every input dead" and
+    // would zero the expert: with no data, every input counts the same (H = I: nearest rounding on the grid).
+    std::vector<double> identity;
+    const double* hessian = calib->hessian.data();
+    if (calib->tokens == 0) {
+      identity.assign(static_cast<size_t>(cols * cols), 0.0);
+      for (int64_t i = 0; i < cols; ++i) identity[i * cols + i] = 1.0;
+      hessian = identity.data();
+    }
+    QF_ASSIGN_OR_RETURN(GptqResult r, GptqQuantize(w, rows, cols, hessian, o));
+    // One scale per 256-weight block: the group's, or the row's repeated.
+    const int64_t blocks_per_row = cols / kTernaryBlock;
+    const int64_t groups_per_row = p.group == 0 ? 1 : blocks_per_row;
+    std::vector<uint16_t> scales(static_cast<size_t>(rows * blocks_per_row));
+    for (int64_t r0 = 0; r0 < rows; ++r0) {
+      for (int64_t b = 0; b < blocks_per_row; ++b) {
+        scales[r0 * blocks_per_row + b] = r.scales[r0 * groups_per_row + (p.group == 0 ? 0 : b)];
+      }
+    }
+    return Pack(r.codes, scales, p, rows, cols);
+  }
+};
+
+class BitnetMethod : public TernaryMethodBase {
+ public:
+  std::string name() const override { return "bitnet"; }
+  std::string description() const override {
+    return "BitNet b1.58 absmean ternary: one scale mean|W| per matrix, RoundClip(w / scale, -1, 1), written as "
+           "TQ2_0 (bits 2) or TQ1_0 (bits 1)";
+  }
+  QuantParams DefaultParams() const override { return {2, 0, true, false}; }
+  absl::Status Validate(const QuantParams& p) const override { return TernaryFileType("bitnet", p.bits).status(); }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool* pool, const calib::LayerStats*) const override {
+    QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
+    double sum = 0;
+    for (int64_t i = 0; i < rows * cols; ++i) sum += std::fabs(w[i]);
+    QIntGrid g;
+    g.max_code = 2;
+    g.zero = 1;
+    g.scale_half = FloatToHalf(std::min(static_cast<float>(sum / static_cast<double>(rows * cols)), 65504.0f));
+    g.scale = HalfToFloat(g.scale_half);
+    std::vector<uint8_t> codes(static_cast<size_t>(rows * cols));
+    ParallelForOrInline(pool, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0 * cols; i < r1 * cols; ++i) codes[i] = static_cast<uint8_t>(QIntCode(w[i], g));
+    });
+    std::vector<uint16_t> scales(static_cast<size_t>(rows * cols / kTernaryBlock), g.scale_half);
+    return Pack(codes, scales, p, rows, cols);
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<QuantMethod> MakeTernaryMethod() { return std::make_unique<TernaryMethod>(); }
+std::unique_ptr<QuantMethod> MakeBitnetMethod() { return std::make_unique<BitnetMethod>(); }
+
+}  // namespace qforge::quant
