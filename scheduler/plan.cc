@@ -27,6 +27,8 @@ bool RowsAreIndependent(const QuantConfig& c) {
   if (c.format.type == WeightType::kSpQR) return false;
   // kQuip's output rotation mixes every row of the matrix (tensor.h QuipLayout).
   if (c.format.type == WeightType::kQuip) return false;
+  // kQMoE rows are variable-length runs of codewords behind one header and per-group starts (tensor.h QmoeLayout).
+  if (c.format.type == WeightType::kQMoE) return false;
   return !(c.format.type == WeightType::kNF4 && c.format.double_quant);
 }
 

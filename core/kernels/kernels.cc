@@ -14,6 +14,7 @@
 #include "core/kernels/ggml_kernels.h"
 #include "core/kernels/int_dot.h"
 #include "core/kernels/kernels_internal.h"
+#include "core/kernels/qmoe.h"
 #include "core/kernels/quip.h"
 
 namespace qforge::kernels {
@@ -158,6 +159,8 @@ absl::Status DequantizeRows(const Tensor& w, int64_t row_begin, int64_t row_end,
   QF_RETURN_IF_ERROR(CheckRows(w, row_begin, row_end));
   // kQuip's rows are mixed by its output rotation: no per-row view exists (quip.h).
   if (w.format.type == WeightType::kQuip) return QuipDequantizeRows(w, row_begin, row_end, out);
+  // kQMoE rows have variable length: decoded by walking their codewords (qmoe.h), not through a row view.
+  if (w.format.type == WeightType::kQMoE) return qmoe::DequantizeRows(w, row_begin, row_end, out);
   QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
   if (v.format.type == WeightType::kSpQR) QF_RETURN_IF_ERROR(internal::CheckSpqrRows(v, row_begin, row_end));
   const Isa isa = ActiveIsa();
@@ -182,6 +185,10 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
   if (w.format.type == WeightType::kQuip) {
     if (n == 0 || row_begin == row_end) return ValidateTensor(w);
     return QuipMatMulRows(w, row_begin, row_end, x, n, y, y_stride);
+  }
+  if (w.format.type == WeightType::kQMoE) {
+    if (n == 0) return ValidateTensor(w);
+    return qmoe::MatMulRows(w, row_begin, row_end, x, n, y, y_stride, /*use_reference=*/ActiveIsa() == Isa::kScalar);
   }
   QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
   if (n == 0 || row_begin == row_end) return absl::OkStatus();

@@ -44,6 +44,7 @@ std::string FormatName(const WeightFormat& f) {
     case WeightType::kSpQR:
       return absl::StrCat("spqr", f.bits, "_g", f.group, "_o", f.outliers);
     case WeightType::kW8A8: return "w8a8";
+    case WeightType::kQMoE: return absl::StrCat("qmoe_c", f.codewords);
     case WeightType::kQuip:
       return absl::StrCat("quip", f.bits, "_", f.group == 0 ? std::string("pc") : absl::StrCat("g", f.group),
                           f.symmetric ? "_sym" : "_asym");
@@ -57,6 +58,11 @@ absl::StatusOr<WeightFormat> ParseFormatName(const std::string& name) {
   if (name == "w8a8") return WeightFormat::Of(WeightType::kW8A8);
   const std::vector<absl::string_view> parts = absl::StrSplit(name, '_');
   auto bad = [&] { return absl::InvalidArgumentError(absl::StrCat("unknown weight format '", name, "'")); };
+  if (parts.size() == 2 && parts[0] == "qmoe" && absl::StartsWith(parts[1], "c")) {
+    int64_t words = 0;
+    if (!absl::SimpleAtoi(parts[1].substr(1), &words) || words < 0) return bad();
+    return WeightFormat::QMoE(words);
+  }
   if (parts.size() == 3 && absl::StartsWith(parts[0], "quip")) {
     // The payload's qint name with "quip" in place of "qint".
     auto q = ParseFormatName(absl::StrCat("qint", parts[0].substr(4), "_", parts[1], "_", parts[2]));
@@ -179,6 +185,26 @@ absl::StatusOr<SpqrLayout> GetSpqrLayout(const WeightFormat& f, int64_t rows, in
   return l;
 }
 
+absl::StatusOr<QmoeLayout> GetQmoeLayout(const WeightFormat& f, int64_t rows, int64_t cols) {
+  if (f.type != WeightType::kQMoE) return absl::InvalidArgumentError("not a qmoe format");
+  QF_RETURN_IF_ERROR(CheckDims(rows, cols));
+  if (cols > kQmoeMaxCols) {
+    return absl::InvalidArgumentError(absl::StrCat("qmoe needs a row length of at most ", kQmoeMaxCols, ", got ", cols));
+  }
+  if (f.codewords < 0 || f.codewords > rows * cols) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("qmoe codewords must be 0..", rows * cols, " (one trit each at least), got ", f.codewords));
+  }
+  QmoeLayout l{};
+  l.row_groups = (rows + QmoeLayout::kRowGroup - 1) / QmoeLayout::kRowGroup;
+  l.scales_offset = QmoeLayout::kHeaderBytes;
+  l.counts_offset = l.scales_offset + 2 * static_cast<size_t>(rows);
+  l.starts_offset = l.counts_offset + 2 * static_cast<size_t>(rows);
+  l.words_offset = l.starts_offset + 4 * static_cast<size_t>(l.row_groups);
+  l.total_bytes = l.words_offset + 2 * static_cast<size_t>(f.codewords);
+  return l;
+}
+
 absl::StatusOr<std::vector<size_t>> PlaneSizes(const WeightFormat& f, int64_t rows, int64_t cols) {
   if (f.type == WeightType::kQInt) {
     QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
@@ -264,6 +290,10 @@ absl::StatusOr<size_t> EncodedBytes(const WeightFormat& f, int64_t rows, int64_t
     }
     case WeightType::kQuip: {
       QF_ASSIGN_OR_RETURN(QuipLayout l, GetQuipLayout(f, rows, cols));
+      return l.total_bytes;
+    }
+    case WeightType::kQMoE: {
+      QF_ASSIGN_OR_RETURN(QmoeLayout l, GetQmoeLayout(f, rows, cols));
       return l.total_bytes;
     }
     default: break;  // the ggml types: FindGgmlType above

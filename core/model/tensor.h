@@ -59,6 +59,10 @@ enum class WeightType : uint8_t {
   kIQ1_S = 27,    // 256 weights, 50 bytes
   kIQ1_M = 28,    // 256 weights, 56 bytes
   kMXFP4 = 29,    // 32 weights, 17 bytes: E8M0 scale, FP4 (E2M1) values (OCP microscaling)
+  // QMoE's sub-1-bit idea (Frantar & Alistarh 2023): ternary rows {-s, 0, +s} entropy-coded as fixed-length
+  // 16-bit codewords of a dictionary of the most probable trit sequences, decoded by table lookup inside the
+  // matmul; see QmoeLayout and core/kernels/qmoe.h.
+  kQMoE = 30,
 };
 
 struct WeightFormat {
@@ -70,6 +74,8 @@ struct WeightFormat {
   // kSpQR: number of stored outliers. Data-dependent, so it is part of the format (and of FormatName): a stored
   // tensor stays self-describing and EncodedBytes a function of (format, shape).
   int64_t outliers = 0;
+  // kQMoE: number of stored codewords, data-dependent like outliers (FormatName "qmoe_c1234").
+  int64_t codewords = 0;
 
   static WeightFormat F32() { return {}; }
   static WeightFormat F16() { return {WeightType::kF16}; }
@@ -86,6 +92,7 @@ struct WeightFormat {
   static WeightFormat SpQR(int bits, int group, int64_t outliers) {
     return {WeightType::kSpQR, bits, group, false, false, outliers};
   }
+  static WeightFormat QMoE(int64_t codewords) { return {WeightType::kQMoE, 0, 0, true, false, 0, codewords}; }
 
   bool is_float() const {
     return type == WeightType::kF32 || type == WeightType::kF16 || type == WeightType::kBF16;
@@ -193,12 +200,29 @@ struct QuipLayout {
 };
 absl::StatusOr<QuipLayout> GetQuipLayout(const WeightFormat& f, int64_t rows, int64_t cols);
 
+// kQMoE layout for [rows, cols] with N = f.codewords (all little-endian):
+//   header (8 bytes): u32 magic "QMoE" | u8 version (1) | u8 zero_code | u16 reserved (0)
+//   scales : rows f16 at offset 8, s_r of row r
+//   counts : rows u16, the number of codewords of row r
+//   starts : ceil(rows / 64) u32, the index of the first codeword of rows 64 g, 64 g + 1, ...
+//   words  : N u16, every row's codewords one row after another
+//   Row r is the concatenation of its words' trit strings (a word of the dictionary built for zero_code,
+//   core/kernels/qmoe.h), cut at cols: w[r, c] = s_r * trit_c, trit in {-1, 0, +1}.
+struct QmoeLayout {
+  static constexpr size_t kHeaderBytes = 8;
+  static constexpr int64_t kRowGroup = 64;
+  size_t scales_offset, counts_offset, starts_offset, words_offset, total_bytes;
+  int64_t row_groups;
+};
+inline constexpr int64_t kQmoeMaxCols = 65535;  // a row's codeword count is a u16 and a word holds >= 1 trit
+absl::StatusOr<QmoeLayout> GetQmoeLayout(const WeightFormat& f, int64_t rows, int64_t cols);
+
 // The byte sizes of an encoding's planes in storage order: qint stores codes | scales (| zeros), nf4 without
 // double quantization codes | absmax, w8a8 codes | scales, each plane row-major; every other encoding is one
 // plane of row-major blocks. So a matrix cut into row slices is, plane by plane, its slices' parts of that
 // plane in row order: the rule by which the scheduler assembles a tensor from its slices. nf4 with double
-// quantization shares its second-level scales across rows, and quip's rotation mixes all rows; each is one plane
-// here, and is never sliced.
+// quantization shares its second-level scales across rows, quip's rotation mixes all rows, and qmoe's rows have
+// variable length; each is one plane here, and is never sliced.
 absl::StatusOr<std::vector<size_t>> PlaneSizes(const WeightFormat& f, int64_t rows, int64_t cols);
 
 // A named n-dimensional tensor whose bytes live in `owner` (a mapped file or a heap buffer).

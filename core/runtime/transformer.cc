@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/kernels/kernels.h"
+#include "core/kernels/qmoe.h"
 #include "core/kernels/quip.h"
 #include "core/runtime/ops.h"
 
@@ -77,6 +78,10 @@ absl::Status Transformer::Init() {
       L.expert_gate.push_back(g);
       L.expert_up.push_back(u);
       L.expert_down.push_back(d);
+      // A qmoe expert's dictionary is built at load, not inside the first token's matmul.
+      for (const Tensor* t : {g, u, d}) {
+        if (t->format.type == WeightType::kQMoE) QF_RETURN_IF_ERROR(kernels::qmoe::Prepare(*t));
+      }
     }
   }
 

@@ -1,0 +1,42 @@
+// The QMoE codec's reader on arbitrary bytes. The first 4 bytes give the shape (rows, cols up to 255 each), the
+// rest is the tensor. Oracles: whatever decodes, decodes to {-s, 0, +s} per row and agrees with the fused matmul
+// on x = 1 (both read the same words); anything else is DATA_LOSS or INVALID_ARGUMENT, never a crash.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#include "core/kernels/qmoe.h"
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  if (size < 4) return 0;
+  const int64_t rows = 1 + data[0] % 128, cols = 1 + data[1];
+  const std::vector<uint8_t> bytes(data + 4, data + size);
+  const qforge::QmoeLayout l = qforge::GetQmoeLayout(qforge::WeightFormat::QMoE(0), rows, cols).value();
+  if (bytes.size() < l.words_offset || (bytes.size() - l.words_offset) % 2 != 0) return 0;
+  const auto words = static_cast<int64_t>((bytes.size() - l.words_offset) / 2);
+  if (words > rows * cols) return 0;
+  const qforge::Tensor t =
+      qforge::Tensor::FromBytes("fuzz", {rows, cols}, qforge::WeightFormat::QMoE(words), bytes);
+  std::vector<float> w(static_cast<size_t>(rows * cols));
+  const absl::Status s = qforge::kernels::qmoe::DequantizeRows(t, 0, rows, w.data());
+  if (s.ok() != qforge::kernels::qmoe::Validate(t).ok()) std::abort();
+  if (!s.ok()) {
+    if (s.code() != absl::StatusCode::kDataLoss && s.code() != absl::StatusCode::kInvalidArgument) std::abort();
+    return 0;
+  }
+  std::vector<float> ones(static_cast<size_t>(cols), 1.0f), y(static_cast<size_t>(rows));
+  if (!qforge::kernels::qmoe::MatMulRows(t, 0, rows, ones.data(), 1, y.data(), rows, false).ok()) std::abort();
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0;
+    float s_r = 0;
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = w[r * cols + c];
+      if (v != 0 && s_r != 0 && std::fabs(v) != s_r && !std::isnan(v)) std::abort();
+      if (v != 0) s_r = std::fabs(v);
+      sum += v;
+    }
+    if (std::isfinite(sum) && std::fabs(sum - y[r]) > 1e-3 * (1 + std::fabs(sum))) std::abort();
+  }
+  return 0;
+}
