@@ -85,7 +85,7 @@ absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t co
   auto choose_grid = [&](int64_t r, int64_t group, const double* values) {
     std::vector<float> seg(static_cast<size_t>(g));
     for (int64_t i = 0; i < g; ++i) seg[i] = static_cast<float>(values[i]);
-    const QIntGrid q = (o.choose_grid ? o.choose_grid : &ChooseQIntGrid)(seg.data(), g, o.bits, o.symmetric);
+    const QIntGrid q = o.choose_grid ? o.choose_grid(seg.data(), g) : ChooseQIntGrid(seg.data(), g, o.bits, o.symmetric);
     grid[r * groups + group] = q;
     res.scales[r * groups + group] = q.scale_half;
     res.zeros[r * groups + group] = static_cast<uint8_t>(q.zero);

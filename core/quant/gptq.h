@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -29,7 +30,7 @@ struct GptqOptions {
   ThreadPool* pool = nullptr;
   // The grid of one group (or row) from its current weights; nullptr: ChooseQIntGrid, the kQInt grid of `bits`
   // and `symmetric`. The ternary method passes its {-s, 0, +s} grid (ternary.h).
-  QIntGrid (*choose_grid)(const float* x, int64_t n, int bits, bool symmetric) = nullptr;
+  std::function<QIntGrid(const float* x, int64_t n)> choose_grid;
 };
 
 // The result in kQInt terms, columns in their original order.

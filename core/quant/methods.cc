@@ -361,6 +361,7 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
     r->push_back(MakeQuipMethod());
     r->push_back(MakeTernaryMethod());
     r->push_back(MakeBitnetMethod());
+    r->push_back(MakeQmoeMethod());
     r->push_back(std::make_unique<F16Method>());
     return r;
   }();

@@ -34,11 +34,15 @@ struct QIntGrid {
   float scale = 0;
   int zero = 0;
   int max_code = 0;  // 2^bits - 1
+  // Ternary grids only (max_code 2, zero 1): when positive, |w| <= deadzone codes to 0 and anything larger to
+  // +-scale, a dead zone wider than nearest rounding's scale / 2 (the qmoe method's sparse grid, ternary.h).
+  float deadzone = 0;
 };
 QIntGrid ChooseQIntGrid(const float* x, int64_t n, int bits, bool symmetric);
 // The code nearest to w on the grid (round half to even), clamped to [0, max_code].
 inline int QIntCode(double w, const QIntGrid& g) {
   if (!(g.scale > 0)) return g.zero;
+  if (g.deadzone > 0) return std::fabs(w) <= g.deadzone ? 1 : (w > 0 ? 2 : 0);
   const double q = std::nearbyint(w / static_cast<double>(g.scale)) + g.zero;
   return static_cast<int>(std::clamp(q, 0.0, static_cast<double>(g.max_code)));
 }

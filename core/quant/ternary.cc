@@ -1,14 +1,18 @@
 #include "core/quant/ternary.h"
 
+#include <cblas.h>
+
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "core/base/half.h"
 #include "core/base/large_buffer.h"
 #include "core/base/status_macros.h"
 #include "core/kernels/blocks.h"
+#include "core/kernels/qmoe.h"
 #include "core/quant/gptq.h"
 
 namespace qforge::quant {
@@ -32,6 +36,25 @@ QIntGrid ChooseTernaryGrid(const float* x, int64_t n, int /*bits*/, bool /*symme
   g.zero = 1;
   g.scale_half = FloatToHalf(std::min(static_cast<float>(best_scale), kMaxHalf));
   g.scale = HalfToFloat(g.scale_half);
+  return g;
+}
+
+QIntGrid ChooseSparseTernaryGrid(const float* x, int64_t n, double drop) {
+  std::vector<float> mag(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) mag[i] = std::fabs(x[i]);
+  std::sort(mag.begin(), mag.end(), std::greater<float>());
+  const int64_t keep =
+      std::clamp<int64_t>(static_cast<int64_t>(std::ceil((1.0 - drop) * static_cast<double>(n))), 1, n);
+  double sum = 0;
+  for (int64_t i = 0; i < keep; ++i) sum += mag[i];
+  QIntGrid g;
+  g.max_code = 2;
+  g.zero = 1;
+  g.scale_half = FloatToHalf(std::min(static_cast<float>(sum / static_cast<double>(keep)), 65504.0f));
+  g.scale = HalfToFloat(g.scale_half);
+  const float dropped = keep < n ? mag[keep] : 0.0f;
+  // Never exactly zero: a positive dead zone is what selects the dead-zone rule in QIntCode.
+  g.deadzone = std::max(0.5f * (mag[keep - 1] + dropped), std::numeric_limits<float>::min());
   return g;
 }
 
@@ -161,7 +184,7 @@ class TernaryMethod : public TernaryMethodBase {
     o.symmetric = true;
     o.percdamp = p.damp;
     o.pool = pool;
-    o.choose_grid = &ChooseTernaryGrid;
+    o.choose_grid = [](const float* x, int64_t n) { return ChooseTernaryGrid(x, n, 2, true); };
     // An expert no calibration token reached has an all-zero Hessian, which GPTQ reads as "every input dead" and
     // would zero the expert: with no data, every input counts the same (H = I: nearest rounding on the grid).
     std::vector<double> identity;
@@ -213,8 +236,123 @@ class BitnetMethod : public TernaryMethodBase {
   }
 };
 
+// Refits each row's scale to the codes the feedback chose: with the row's trits t fixed, the layer-output error
+// (w - s t)ᵀ H (w - s t) is least at s = tᵀ H w / tᵀ H t. The products run on panels of rows (BLAS).
+void RefitRowScales(const float* w, int64_t rows, int64_t cols, const double* hessian, const uint8_t* codes,
+                    uint16_t* scales) {
+  constexpr int64_t kPanel = 256;
+  std::vector<double> a(static_cast<size_t>(kPanel * cols)), t(a.size()), ha(a.size()), ht(a.size());
+  for (int64_t r0 = 0; r0 < rows; r0 += kPanel) {
+    const int64_t pr = std::min(kPanel, rows - r0);
+    for (int64_t i = 0; i < pr * cols; ++i) {
+      a[i] = w[r0 * cols + i];
+      t[i] = static_cast<double>(codes[r0 * cols + i]) - 1.0;
+    }
+    for (auto [in, out] : {std::pair{&a, &ha}, std::pair{&t, &ht}}) {
+      cblas_dsymm(CblasRowMajor, CblasRight, CblasUpper, static_cast<int>(pr), static_cast<int>(cols), 1.0, hessian,
+                  static_cast<int>(cols), in->data(), static_cast<int>(cols), 0.0, out->data(), static_cast<int>(cols));
+    }
+    for (int64_t r = 0; r < pr; ++r) {
+      double num = 0, den = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        num += t[r * cols + c] * ha[r * cols + c];
+        den += t[r * cols + c] * ht[r * cols + c];
+      }
+      if (den > 0 && num > 0) scales[r0 + r] = FloatToHalf(static_cast<float>(std::min(num / den, 65504.0)));
+    }
+  }
+}
+
+// GPTQ onto the sparse per-row grid, then the QMoE codec. The bytes are the codec's; their codeword count is the
+// format's, read back from the bytes' length (EncodedFormat).
+class QmoeMethod : public QuantMethod {
+ public:
+  std::string name() const override { return "qmoe"; }
+  std::string description() const override {
+    return "QMoE: GPTQ error feedback onto a sparse ternary grid per row (88% zeros), entropy-coded with 16-bit "
+           "dictionary codewords below 1 bit/weight, decoded inside the matmul (needs calibration)";
+  }
+  QuantParams DefaultParams() const override { return {2, 0, true, false}; }
+  bool NeedsCalibration() const override { return true; }
+  absl::Status Validate(const QuantParams& p) const override {
+    if (p.group != 0) return absl::InvalidArgumentError(absl::StrCat("qmoe: group must be 0 (one scale per row), got ", p.group));
+    if (p.act_order) return absl::InvalidArgumentError("qmoe: act_order is not supported");
+    if (!(p.damp >= 0)) return absl::InvalidArgumentError(absl::StrCat("qmoe: damp must be >= 0, got ", p.damp));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
+    QF_RETURN_IF_ERROR(Validate(p));
+    if (rows <= 0 || cols <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("cannot quantize an empty [", rows, ", ", cols, "] matrix"));
+    }
+    if (cols > kQmoeMaxCols) {
+      return absl::InvalidArgumentError(absl::StrCat("qmoe: row length ", cols, " exceeds ", kQmoeMaxCols));
+    }
+    // The codeword count is known only once the matrix is encoded: EncodedFormat.
+    return WeightFormat::QMoE(0);
+  }
+  absl::StatusOr<WeightFormat> EncodedFormat(const QuantParams& p, int64_t rows, int64_t cols,
+                                             std::span<const uint8_t> bytes) const override {
+    QF_ASSIGN_OR_RETURN(WeightFormat f, OutputFormat(p, rows, cols));
+    QF_ASSIGN_OR_RETURN(const QmoeLayout l, GetQmoeLayout(f, rows, cols));
+    if (bytes.size() < l.words_offset || (bytes.size() - l.words_offset) % 2 != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("qmoe: ", bytes.size(), " bytes are no [", rows, ", ", cols,
+                                                     "] encoding"));
+    }
+    f.codewords = static_cast<int64_t>((bytes.size() - l.words_offset) / 2);
+    return f;
+  }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool* pool, const calib::LayerStats* calib) const override {
+    QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
+    if (calib == nullptr) {
+      return absl::FailedPreconditionError("qmoe: needs calibration statistics (the layer's input Hessian)");
+    }
+    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("qmoe: calibration statistics are for ", calib->cols, " inputs, the matrix has ", cols));
+    }
+    GptqOptions o;
+    o.bits = 2;
+    o.group = 0;
+    o.symmetric = true;
+    o.percdamp = p.damp;
+    o.pool = pool;
+    std::vector<double> identity;
+    const double* hessian = calib->hessian.data();
+    if (calib->tokens == 0) {  // as in the ternary method: no data, nearest rounding rather than zeros
+      identity.assign(static_cast<size_t>(cols * cols), 0.0);
+      for (int64_t i = 0; i < cols; ++i) identity[i * cols + i] = 1.0;
+      hessian = identity.data();
+    }
+    // Bisect the dropped fraction of the grid until the codes after the feedback are kQmoeSparsity zeros
+    // (within half a per cent), keeping the last result that reaches it; the passes are deterministic.
+    double lo = kQmoeSparsity, hi = 0.999, drop = kQmoeSparsity;
+    std::optional<GptqResult> best;
+    for (int pass = 0; pass < 8; ++pass) {
+      o.choose_grid = [drop](const float* x, int64_t n) { return ChooseSparseTernaryGrid(x, n, drop); };
+      QF_ASSIGN_OR_RETURN(GptqResult r, GptqQuantize(w, rows, cols, hessian, o));
+      const double zeros = static_cast<double>(std::count(r.codes.begin(), r.codes.end(), uint8_t{1})) /
+                           static_cast<double>(r.codes.size());
+      const bool sparse_enough = zeros >= kQmoeSparsity - 0.005;
+      if (sparse_enough || (pass == 7 && !best)) best = std::move(r);
+      if (sparse_enough && zeros <= kQmoeSparsity + 0.005) break;
+      (sparse_enough ? hi : lo) = drop;
+      drop = 0.5 * (lo + hi);
+    }
+    GptqResult& r = *best;
+    RefitRowScales(w, rows, cols, hessian, r.codes.data(), r.scales.data());
+    QF_ASSIGN_OR_RETURN(kernels::qmoe::Encoded e, kernels::qmoe::Encode(r.codes.data(), r.scales.data(), rows, cols));
+    return std::move(e.bytes);
+  }
+  std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams&) const override {
+    return std::make_pair(std::string("q8_0"), FindMethod("q8_0")->DefaultParams());
+  }
+};
+
 }  // namespace
 
+std::unique_ptr<QuantMethod> MakeQmoeMethod() { return std::make_unique<QmoeMethod>(); }
 std::unique_ptr<QuantMethod> MakeTernaryMethod() { return std::make_unique<TernaryMethod>(); }
 std::unique_ptr<QuantMethod> MakeBitnetMethod() { return std::make_unique<BitnetMethod>(); }
 

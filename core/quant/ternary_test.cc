@@ -108,10 +108,10 @@ std::vector<float> QuantizeDecode(const char* method, const QuantParams& p, cons
                                   int64_t rows, int64_t cols, const calib::LayerStats* stats) {
   const QuantMethod* m = FindMethod(method);
   EXPECT_NE(m, nullptr) << method;
-  auto format = m->OutputFormat(p, rows, cols);
-  EXPECT_TRUE(format.ok()) << format.status();
   auto bytes = m->Quantize(w.data(), rows, cols, p, nullptr, stats);
   EXPECT_TRUE(bytes.ok()) << bytes.status();
+  auto format = m->EncodedFormat(p, rows, cols, *bytes);
+  EXPECT_TRUE(format.ok()) << format.status();
   const Tensor t = Tensor::FromBytes("w", {rows, cols}, *format, std::move(*bytes));
   std::vector<float> out(static_cast<size_t>(rows * cols));
   EXPECT_TRUE(kernels::DequantizeRows(t, 0, rows, out.data()).ok());
@@ -153,6 +153,46 @@ TEST(TernaryTest, ErrorFeedbackBeatsNearestRoundingAndBitnet) {
   per_row.group = 0;
   const std::vector<float> row_fed = QuantizeDecode("ternary", per_row, w, rows, cols, &stats);
   EXPECT_LT(OutputError(w, row_fed, rows, cols, x_test, 256), e_nearest);
+}
+
+// qmoe: the codes after the feedback are kQmoeSparsity zeros, the bytes (everything: header, scales, counts,
+// codewords) under one bit per weight, and the feedback (with the refitted scales) well ahead of nearest rounding
+// at the same sparsity. (Against BitNet on i.i.d. Gaussian weights qmoe loses: 88 % zeros against ~40 % at twice
+// the bits; on the trained MoE it wins, docs/moe.md.)
+TEST(TernaryTest, QmoeIsSparseBelowOneBitAndFeedbackHelps) {
+  const int64_t rows = 64, cols = 512, n = 2048;
+  const std::vector<float> w = GaussianF(rows * cols, 31, 1.0 / 16);
+  const std::vector<float> x = MixedInputs(n, cols, 32);
+  const std::vector<float> x_test = MixedInputs(256, cols, 33);
+  const calib::LayerStats stats = StatsOf(x, n, cols);
+  const QuantMethod* q = FindMethod("qmoe");
+  ASSERT_NE(q, nullptr);
+  const QuantParams p = q->DefaultParams();
+  auto bytes = q->Quantize(w.data(), rows, cols, p, nullptr, &stats);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  auto format = q->EncodedFormat(p, rows, cols, *bytes);
+  ASSERT_TRUE(format.ok()) << format.status();
+  EXPECT_EQ(format->type, WeightType::kQMoE);
+  const double bits_per_weight = 8.0 * static_cast<double>(bytes->size()) / static_cast<double>(rows * cols);
+  EXPECT_LT(bits_per_weight, 1.0);
+  const Tensor t = Tensor::FromBytes("w", {rows, cols}, *format, std::move(*bytes));
+  std::vector<float> decoded(static_cast<size_t>(rows * cols));
+  ASSERT_TRUE(kernels::DequantizeRows(t, 0, rows, decoded.data()).ok());
+  const double zeros = static_cast<double>(std::count(decoded.begin(), decoded.end(), 0.0f)) / decoded.size();
+  EXPECT_NEAR(zeros, kQmoeSparsity, 0.006);
+  // The same grid search without data (an expert no calibration token reached: H = I) is nearest rounding.
+  const calib::LayerStats no_tokens = calib::StatsAccumulator(cols).Finish();
+  const std::vector<float> nearest = QuantizeDecode("qmoe", p, w, rows, cols, &no_tokens);
+  const double e_qmoe = OutputError(w, decoded, rows, cols, x_test, 256);
+  const double e_nearest = OutputError(w, nearest, rows, cols, x_test, 256);
+  std::cout << "qmoe " << bits_per_weight << " bits/weight, " << zeros << " zeros, output error " << e_qmoe
+            << " (nearest rounding " << e_nearest << ")\n";
+  EXPECT_LT(e_qmoe, 0.95 * e_nearest);  // measured 0.90
+  EXPECT_EQ(q->Quantize(w.data(), rows, cols, p, nullptr, nullptr).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  QuantParams grouped = p;
+  grouped.group = 256;
+  EXPECT_NE(q->Validate(grouped).message().find("group"), std::string::npos);
 }
 
 TEST(TernaryTest, BitnetIsAbsmeanRoundClipInTQ1_0AndTQ2_0) {
