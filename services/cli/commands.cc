@@ -65,6 +65,7 @@ absl::Status Inspect(const std::vector<std::string>& args, std::ostream& out) {
       "config:     %s dim=%d hidden=%d layers=%d heads=%d kv_heads=%d vocab=%d seq_len=%d rope_theta=%g eps=%g %s\n",
       c.arch, c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len, c.rope_theta,
       c.norm_eps, c.tied_embeddings ? "tied-classifier" : "separate-classifier");
+  if (c.is_moe()) out << absl::StrFormat("experts:    %d per layer, %d used per token\n", c.n_experts, c.n_experts_used);
   out << "vocabulary: "
       << (m.vocab ? absl::StrCat(m.vocab->tokens.size(), " tokens (", m.vocab->model, ")") : std::string("none"))
       << "\n";
