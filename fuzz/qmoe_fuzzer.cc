@@ -1,6 +1,7 @@
-// The QMoE codec's reader on arbitrary bytes. The first 4 bytes give the shape (rows, cols up to 255 each), the
-// rest is the tensor. Oracles: whatever decodes, decodes to {-s, 0, +s} per row and agrees with the fused matmul
-// on x = 1 (both read the same words); anything else is DATA_LOSS or INVALID_ARGUMENT, never a crash.
+// The QMoE codec's reader on arbitrary bytes. The first 4 bytes give the shape (byte 0: rows 1..128, byte 1:
+// cols 1..256; bytes 2-3 spare), the rest is the tensor. Oracles: whatever decodes, decodes to {-s, 0, +s} per
+// row and agrees with the fused matmul on x = 1 (both read the same words); anything else is DATA_LOSS or
+// INVALID_ARGUMENT, never a crash.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
