@@ -111,6 +111,25 @@ void PackTernaryBlocks(const uint8_t* codes, const uint16_t* block_scales, int64
 
 namespace {
 
+// The Hessian GPTQ feeds its errors through, after checking the statistics fit the matrix. An expert no
+// calibration token reached has an all-zero Hessian, which GPTQ reads as "every input dead" and would zero the
+// expert: with no data, every input counts the same (H = I, kept in *identity: nearest rounding on the grid).
+absl::StatusOr<const double*> ExpertHessian(const char* method, int64_t cols, const calib::LayerStats* calib,
+                                            std::vector<double>* identity) {
+  if (calib == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(method, ": needs calibration statistics (the layer's input Hessian)"));
+  }
+  if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
+    return absl::InvalidArgumentError(absl::StrCat(method, ": calibration statistics are for ", calib->cols,
+                                                   " inputs, the matrix has ", cols));
+  }
+  if (calib->tokens != 0) return calib->hessian.data();
+  identity->assign(static_cast<size_t>(cols * cols), 0.0);
+  for (int64_t i = 0; i < cols; ++i) (*identity)[i * cols + i] = 1.0;
+  return identity->data();
+}
+
 absl::StatusOr<WeightType> TernaryFileType(const char* method, int bits) {
   if (bits == 2) return WeightType::kTQ2_0;
   if (bits == 1) return WeightType::kTQ1_0;
@@ -171,13 +190,8 @@ class TernaryMethod : public TernaryMethodBase {
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
                                                 ThreadPool* pool, const calib::LayerStats* calib) const override {
     QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
-    if (calib == nullptr) {
-      return absl::FailedPreconditionError("ternary: needs calibration statistics (the layer's input Hessian)");
-    }
-    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("ternary: calibration statistics are for ", calib->cols, " inputs, the matrix has ", cols));
-    }
+    std::vector<double> identity;
+    QF_ASSIGN_OR_RETURN(const double* hessian, ExpertHessian("ternary", cols, calib, &identity));
     GptqOptions o;
     o.bits = 2;
     o.group = p.group;
@@ -185,15 +199,6 @@ class TernaryMethod : public TernaryMethodBase {
     o.percdamp = p.damp;
     o.pool = pool;
     o.choose_grid = [](const float* x, int64_t n) { return ChooseTernaryGrid(x, n, 2, true); };
-    // An expert no calibration token reached has an all-zero Hessian, which GPTQ reads as "every input dead" and
-    // would zero the expert: with no data, every input counts the same (H = I: nearest rounding on the grid).
-    std::vector<double> identity;
-    const double* hessian = calib->hessian.data();
-    if (calib->tokens == 0) {
-      identity.assign(static_cast<size_t>(cols * cols), 0.0);
-      for (int64_t i = 0; i < cols; ++i) identity[i * cols + i] = 1.0;
-      hessian = identity.data();
-    }
     QF_ASSIGN_OR_RETURN(GptqResult r, GptqQuantize(w, rows, cols, hessian, o));
     // One scale per 256-weight block: the group's, or the row's repeated.
     const int64_t blocks_per_row = cols / kTernaryBlock;
@@ -305,26 +310,14 @@ class QmoeMethod : public QuantMethod {
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
                                                 ThreadPool* pool, const calib::LayerStats* calib) const override {
     QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
-    if (calib == nullptr) {
-      return absl::FailedPreconditionError("qmoe: needs calibration statistics (the layer's input Hessian)");
-    }
-    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("qmoe: calibration statistics are for ", calib->cols, " inputs, the matrix has ", cols));
-    }
+    std::vector<double> identity;
+    QF_ASSIGN_OR_RETURN(const double* hessian, ExpertHessian("qmoe", cols, calib, &identity));
     GptqOptions o;
     o.bits = 2;
     o.group = 0;
     o.symmetric = true;
     o.percdamp = p.damp;
     o.pool = pool;
-    std::vector<double> identity;
-    const double* hessian = calib->hessian.data();
-    if (calib->tokens == 0) {  // as in the ternary method: no data, nearest rounding rather than zeros
-      identity.assign(static_cast<size_t>(cols * cols), 0.0);
-      for (int64_t i = 0; i < cols; ++i) identity[i * cols + i] = 1.0;
-      hessian = identity.data();
-    }
     // Bisect the dropped fraction of the grid until the codes after the feedback are kQmoeSparsity zeros
     // (within half a per cent), keeping the last result that reaches it; the passes are deterministic.
     double lo = kQmoeSparsity, hi = 0.999, drop = kQmoeSparsity;
