@@ -1,5 +1,6 @@
 // MatMulRows throughput per weight format: decode (n = 1 token) and batches / prompts (n = 8, 16, 32
 // tokens) on a 4096 x 4096 matrix, for each ISA the CPU has. bytes/s counts the encoded weight bytes streamed.
+// BM_ExpertMatMul: qmoe against q4_k on expert-sized matrices (docs/moe.md).
 #include <benchmark/benchmark.h>
 
 #include <map>
@@ -10,6 +11,7 @@
 
 #include "core/base/thread_pool.h"
 #include "core/kernels/kernels.h"
+#include "core/kernels/qmoe.h"
 #include "core/quant/quant_method.h"
 
 namespace qforge {
@@ -104,6 +106,72 @@ void Args(benchmark::internal::Benchmark* b) {
 }
 
 BENCHMARK(BM_MatMulRows)->Apply(Args)->ArgNames({"fmt", "n", "isa"})->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// 24 expert matrices of 256 x 256 (the trained MoE's: 4 layers x 2 routed experts x gate, up, down), cycled
+// through as one token's decode does, with int8 activations (the runtime's default). qmoe: random trits with
+// 88 % zeros on the qmoe method's dictionary; q4_k: Gaussian weights.
+constexpr int64_t kExpertDim = 256;
+constexpr int kExperts = 24;
+
+const std::vector<Tensor>& Experts(bool qmoe) {
+  static std::map<bool, std::vector<Tensor>> cache;
+  auto it = cache.find(qmoe);
+  if (it != cache.end()) return it->second;
+  std::vector<Tensor> experts;
+  std::mt19937 rng(2);
+  const int64_t n = kExpertDim * kExpertDim;
+  for (int e = 0; e < kExperts; ++e) {
+    if (qmoe) {
+      std::uniform_real_distribution<double> u(0, 1);
+      std::vector<uint8_t> codes(static_cast<size_t>(n));
+      for (auto& c : codes) c = u(rng) < 0.88 ? 1 : (u(rng) < 0.5 ? 0 : 2);
+      const std::vector<uint16_t> scales(kExpertDim, 0x2000);
+      auto enc = kernels::qmoe::Encode(codes.data(), scales.data(), kExpertDim, kExpertDim,
+                                       kernels::qmoe::ZeroCodeFor(0.88));
+      if (!enc.ok()) std::abort();
+      experts.push_back(Tensor::FromBytes("e", {kExpertDim, kExpertDim}, enc->format, std::move(enc->bytes)));
+    } else {
+      std::normal_distribution<float> d(0.0f, 0.02f);
+      std::vector<float> w(static_cast<size_t>(n));
+      for (auto& x : w) x = d(rng);
+      const quant::QuantMethod* m = quant::FindMethod("q4_k");
+      auto format = m->OutputFormat(m->DefaultParams(), kExpertDim, kExpertDim);
+      auto bytes = m->Quantize(w.data(), kExpertDim, kExpertDim, m->DefaultParams(), nullptr, nullptr);
+      if (!format.ok() || !bytes.ok()) std::abort();
+      experts.push_back(Tensor::FromBytes("e", {kExpertDim, kExpertDim}, *format, std::move(*bytes)));
+    }
+  }
+  return cache.emplace(qmoe, std::move(experts)).first->second;
+}
+
+void BM_ExpertMatMul(benchmark::State& state) {
+  const bool qmoe = state.range(0) != 0;
+  const int64_t n = state.range(1);
+  const std::vector<Tensor>& experts = Experts(qmoe);
+  std::vector<float> x(static_cast<size_t>(n * kExpertDim)), y(static_cast<size_t>(n * kExpertDim));
+  std::mt19937 rng(3);
+  std::normal_distribution<float> g(0, 1);
+  for (auto& v : x) v = g(rng);
+  kernels::MatMulInput in;
+  for (auto _ : state) {
+    for (const Tensor& w : experts) {
+      if (!kernels::PrepareInput(w, x.data(), n, kernels::ActivationMode::kInt8, &in).ok() ||
+          !kernels::MatMulRows(w, 0, kExpertDim, in, y.data(), kExpertDim).ok()) {
+        state.SkipWithError("MatMulRows failed");
+      }
+    }
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(n), benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(std::string(qmoe ? "qmoe" : "q4_k") + " x" + std::to_string(kExperts) + " experts " +
+                 std::to_string(kExpertDim) + "x" + std::to_string(kExpertDim));
+}
+
+BENCHMARK(BM_ExpertMatMul)
+    ->ArgsProduct({{0, 1}, {1, 128}})
+    ->ArgNames({"qmoe", "n"})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
 
 }  // namespace
 }  // namespace qforge

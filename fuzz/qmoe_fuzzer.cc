@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "core/kernels/kernels.h"
 #include "core/kernels/qmoe.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
@@ -27,7 +28,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   }
   std::vector<float> ones(static_cast<size_t>(cols), 1.0f), y(static_cast<size_t>(rows));
-  if (!qforge::kernels::qmoe::MatMulRows(t, 0, rows, ones.data(), 1, y.data(), rows, false).ok()) std::abort();
+  if (!qforge::kernels::MatMulRows(t, 0, rows, ones.data(), 1, y.data(), rows).ok()) std::abort();
   for (int64_t r = 0; r < rows; ++r) {
     double sum = 0;
     float s_r = 0;

@@ -188,7 +188,13 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
   }
   if (w.format.type == WeightType::kQMoE) {
     if (n == 0) return ValidateTensor(w);
-    return qmoe::MatMulRows(w, row_begin, row_end, x, n, y, y_stride, /*use_reference=*/ActiveIsa() == Isa::kScalar);
+    if (ActiveIsa() == Isa::kScalar || w.cols() % qmoe::kQ8_0TileColumns != 0) {
+      return qmoe::MatMulRowsReference(w, row_begin, row_end, x, n, y, y_stride);
+    }
+    // Decoded rows run the Q8_0 kernels (qmoe.h): w = d * q exactly, so this is the format's own product.
+    return qmoe::ForEachQ8_0Tile(w, row_begin, row_end, /*bitwise=*/false, [&](const Tensor& tile, int64_t first) {
+      return MatMulRows(tile, 0, tile.rows(), x, n, y + first, y_stride);
+    });
   }
   QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
   if (n == 0 || row_begin == row_end) return absl::OkStatus();
@@ -214,7 +220,8 @@ namespace {
 internal::ActType ActTypeOf(WeightType t) {
   switch (t) {
     case WeightType::kQ8_0:
-    case WeightType::kQ4_0: return internal::ActType::kQ8_0;
+    case WeightType::kQ4_0:
+    case WeightType::kQMoE: return internal::ActType::kQ8_0;  // qmoe runs on Q8_0 tiles (qmoe.h)
     case WeightType::kQ4_K: return internal::ActType::kQ8_K;
     default: return internal::ActType::kNone;
   }
@@ -223,6 +230,17 @@ internal::ActType ActTypeOf(WeightType t) {
 }  // namespace
 
 bool HasIntegerKernel(WeightType t) { return ActTypeOf(t) != internal::ActType::kNone; }
+
+namespace {
+
+// The activation blocks a matmul with w takes in ActivationMode::kInt8: its type's, except that qmoe rows of no
+// multiple of 32 columns have no Q8_0 tiles and take the float reference.
+internal::ActType ActTypeFor(const Tensor& w) {
+  if (w.format.type == WeightType::kQMoE && w.cols() % qmoe::kQ8_0TileColumns != 0) return internal::ActType::kNone;
+  return ActTypeOf(w.format.type);
+}
+
+}  // namespace
 
 namespace {
 
@@ -317,8 +335,7 @@ Isa IsaFor(KernelFamily family) {
 absl::Status PrepareInput(const Tensor& w, const float* x, int64_t n, ActivationMode mode, MatMulInput* in,
                           bool x_unchanged) {
   if (n < 0) return absl::InvalidArgumentError("negative token count");
-  const internal::ActType wanted =
-      mode == ActivationMode::kInt8 ? ActTypeOf(w.format.type) : internal::ActType::kNone;
+  const internal::ActType wanted = mode == ActivationMode::kInt8 ? ActTypeFor(w) : internal::ActType::kNone;
   if (x_unchanged && in->x_ == x && in->n_ == n && in->cols_ == w.cols() &&
       in->act_type_ == static_cast<uint8_t>(wanted)) {
     return absl::OkStatus();
@@ -326,7 +343,7 @@ absl::Status PrepareInput(const Tensor& w, const float* x, int64_t n, Activation
   in->x_ = x;
   in->n_ = n;
   in->cols_ = w.cols();
-  const internal::ActType act = mode == ActivationMode::kInt8 ? ActTypeOf(w.format.type) : internal::ActType::kNone;
+  const internal::ActType act = wanted;
   in->act_type_ = static_cast<uint8_t>(act);
   if (act == internal::ActType::kNone) return absl::OkStatus();
   if (w.cols() % internal::ActBlock(act) != 0) {
@@ -349,11 +366,27 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
                         int64_t y_stride) {
   if (!in.quantized()) return MatMulRows(w, row_begin, row_end, in.x(), in.n(), y, y_stride);
   QF_RETURN_IF_ERROR(CheckRows(w, row_begin, row_end));
-  if (in.cols() != w.cols() || ActTypeOf(w.format.type) != static_cast<internal::ActType>(in.act_type_)) {
+  if (in.cols() != w.cols() || ActTypeFor(w) != static_cast<internal::ActType>(in.act_type_)) {
     return absl::InvalidArgumentError(absl::StrCat("tensor '", w.name, "': input prepared for another weight"));
   }
   if (in.n() > 1 && y_stride < row_end) {
     return absl::InvalidArgumentError(absl::StrCat("y_stride ", y_stride, " < row_end ", row_end));
+  }
+  if (w.format.type == WeightType::kQMoE) {
+    if (in.n() == 0) return ValidateTensor(w);
+    const bool bitwise = ActiveIsa() == Isa::kScalar;
+    if (in.n() == 1) {
+      const internal::ActRowLayout l = internal::GetActRowLayout(internal::ActType::kQ8_0, w.cols());
+      const uint8_t* row = in.buffer_.data();
+      const qmoe::Q8_0Activations a{reinterpret_cast<const int8_t*>(row + l.codes),
+                                    reinterpret_cast<const float*>(row + l.scales),
+                                    reinterpret_cast<const int32_t*>(row + l.sums)};
+      return qmoe::DotRowsQ8_0(w, row_begin, row_end, a, y, bitwise);
+    }
+    // The same Q8_0 tiles as the float path, each multiplied with the activations quantized once for all.
+    return qmoe::ForEachQ8_0Tile(w, row_begin, row_end, bitwise, [&](const Tensor& tile, int64_t first) {
+      return MatMulRows(tile, 0, tile.rows(), in, y + first, y_stride);
+    });
   }
   QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
   if (in.n() == 0 || row_begin == row_end) return absl::OkStatus();

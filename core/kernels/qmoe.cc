@@ -7,10 +7,16 @@
 #include <memory>
 #include <mutex>
 #include <queue>
+#include <new>
+
+#include <sys/mman.h>
+
+#include <immintrin.h>
 
 #include "absl/strings/str_cat.h"
 #include "core/base/half.h"
 #include "core/base/status_macros.h"
+#include "core/kernels/blocks.h"
 
 namespace qforge::kernels::qmoe {
 namespace {
@@ -63,6 +69,7 @@ std::unique_ptr<Dictionary> Build(int zero_code) {
     leaves += 2;
   }
   d->word.assign(nodes.size(), -1);
+  d->entries.reserve(static_cast<size_t>(leaves));
   for (size_t id = 1; id < nodes.size(); ++id) {
     if (d->child[3 * id] != -1) continue;
     const int w = d->words++;
@@ -175,6 +182,17 @@ absl::Status CheckRange(const Tensor& w, int64_t r0, int64_t r1) {
 
 }  // namespace
 
+template <class T>
+T* Dictionary::HugePageAllocator<T>::allocate(size_t n) {
+  constexpr size_t kHugePage = size_t{2} << 20;
+  const size_t bytes = (n * sizeof(T) + kHugePage - 1) / kHugePage * kHugePage;
+  void* p = std::aligned_alloc(kHugePage, bytes);
+  if (p == nullptr) throw std::bad_alloc();
+  madvise(p, bytes, MADV_HUGEPAGE);  // advice only: 4 KiB pages where the kernel says no
+  return static_cast<T*>(p);
+}
+template struct Dictionary::HugePageAllocator<Dictionary::Entry>;
+
 const Dictionary& DictionaryFor(int zero_code) {
   static std::mutex mu;
   static std::array<std::unique_ptr<const Dictionary>, 256> cache;
@@ -188,17 +206,21 @@ int ZeroCodeFor(double zero_fraction) {
   return std::clamp(static_cast<int>(std::floor(zero_fraction * 256.0)), 0, 255);
 }
 
-absl::StatusOr<Encoded> Encode(const uint8_t* codes, const uint16_t* row_scales, int64_t rows, int64_t cols) {
+absl::StatusOr<Encoded> Encode(const uint8_t* codes, const uint16_t* row_scales, int64_t rows, int64_t cols,
+                               int zero_code) {
   if (rows <= 0 || cols <= 0 || cols > kQmoeMaxCols) {
     return absl::InvalidArgumentError(
         absl::StrCat("qmoe: a [", rows, ", ", cols, "] matrix does not fit (rows of 1..", kQmoeMaxCols, ")"));
+  }
+  if (zero_code < -1 || zero_code > 255) {
+    return absl::InvalidArgumentError(absl::StrCat("qmoe: zero_code ", zero_code, " is not in -1..255"));
   }
   int64_t zeros = 0;
   for (int64_t i = 0; i < rows * cols; ++i) {
     if (codes[i] > 2) return absl::InvalidArgumentError(absl::StrCat("qmoe: ternary code ", int{codes[i]}, " > 2"));
     zeros += codes[i] == 1;
   }
-  const int zero_code = ZeroCodeFor(static_cast<double>(zeros) / static_cast<double>(rows * cols));
+  if (zero_code == -1) zero_code = ZeroCodeFor(static_cast<double>(zeros) / static_cast<double>(rows * cols));
   const Dictionary& d = DictionaryFor(zero_code);
   static constexpr uint8_t kTritOfCode[3] = {kMinus, kZero, kPlus};
   std::vector<uint16_t> words, counts(static_cast<size_t>(rows));
@@ -251,56 +273,201 @@ absl::Status DequantizeRows(const Tensor& w, int64_t row_begin, int64_t row_end,
   });
 }
 
-absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, const float* x, int64_t n, float* y,
-                        int64_t y_stride, bool use_reference) {
+absl::Status MatMulRowsReference(const Tensor& w, int64_t row_begin, int64_t row_end, const float* x, int64_t n,
+                                 float* y, int64_t y_stride) {
   QF_RETURN_IF_ERROR(CheckRange(w, row_begin, row_end));
   QF_ASSIGN_OR_RETURN(const View v, Open(w));
   const int64_t cols = v.cols;
-  if (use_reference) {
-    std::vector<float> row(static_cast<size_t>(cols));
-    return ForEachRow(v, row_begin, row_end, [&](int64_t r, int64_t first) {
-      std::fill(row.begin(), row.end(), 0.0f);
-      const float s = v.Scale(r);
-      QF_RETURN_IF_ERROR(ForEachWord(v, r, first, [&](int64_t c, uint64_t nonzero, uint64_t negative) {
-        for (uint64_t m = nonzero; m != 0; m &= m - 1) {
-          const int b = __builtin_ctzll(m);
-          row[c + b] = (negative >> b & 1) ? -s : s;
-        }
-      }));
-      for (int64_t t = 0; t < n; ++t) {
-        double acc = 0;
-        for (int64_t c = 0; c < cols; ++c) acc += static_cast<double>(row[c]) * x[t * cols + c];
-        y[t * y_stride + r] = static_cast<float>(acc);
-      }
-      return absl::OkStatus();
-    });
-  }
-  // The row's +1 and -1 columns, listed once per row and shared by every token of the call.
-  std::vector<int32_t> plus(static_cast<size_t>(cols)), minus(static_cast<size_t>(cols));
+  std::vector<float> row(static_cast<size_t>(cols));
   return ForEachRow(v, row_begin, row_end, [&](int64_t r, int64_t first) {
-    int64_t np = 0, nm = 0;
-    QF_RETURN_IF_ERROR(ForEachWord(v, r, first, [&](int64_t c, uint64_t nonzero, uint64_t negative) {
-      for (uint64_t m = nonzero & ~negative; m != 0; m &= m - 1) plus[np++] = static_cast<int32_t>(c + __builtin_ctzll(m));
-      for (uint64_t m = negative & nonzero; m != 0; m &= m - 1) minus[nm++] = static_cast<int32_t>(c + __builtin_ctzll(m));
-    }));
+    std::fill(row.begin(), row.end(), 0.0f);
     const float s = v.Scale(r);
+    QF_RETURN_IF_ERROR(ForEachWord(v, r, first, [&](int64_t c, uint64_t nonzero, uint64_t negative) {
+      for (uint64_t m = nonzero; m != 0; m &= m - 1) {
+        const int b = __builtin_ctzll(m);
+        row[c + b] = (negative >> b & 1) ? -s : s;
+      }
+    }));
     for (int64_t t = 0; t < n; ++t) {
-      const float* xt = x + t * cols;
-      // Four partial sums each, combined in a fixed order: the same bits for a token alone or in a batch.
-      float p[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
-      int64_t i = 0;
-      for (; i + 4 <= np; i += 4) {
-        for (int k = 0; k < 4; ++k) p[k] += xt[plus[i + k]];
-      }
-      for (; i < np; ++i) p[0] += xt[plus[i]];
-      for (i = 0; i + 4 <= nm; i += 4) {
-        for (int k = 0; k < 4; ++k) q[k] += xt[minus[i + k]];
-      }
-      for (; i < nm; ++i) q[0] += xt[minus[i]];
-      y[t * y_stride + r] = s * (((p[0] + p[1]) + (p[2] + p[3])) - ((q[0] + q[1]) + (q[2] + q[3])));
+      double acc = 0;
+      for (int64_t c = 0; c < cols; ++c) acc += static_cast<double>(row[c]) * x[t * cols + c];
+      y[t * y_stride + r] = static_cast<float>(acc);
     }
     return absl::OkStatus();
   });
+}
+
+namespace {
+
+constexpr uint64_t kMask56 = (uint64_t{1} << 56) - 1;
+
+// The reference decoder: row r's trits, trit by trit, into trits[0, cols) (zeroed first).
+absl::Status DecodeRowBitwise(const View& v, int64_t r, int64_t first, int8_t* trits) {
+  std::memset(trits, 0, static_cast<size_t>(v.cols));
+  return ForEachWord(v, r, first, [&](int64_t c, uint64_t nonzero, uint64_t negative) {
+    for (uint64_t m = nonzero; m != 0; m &= m - 1) {
+      const int b = __builtin_ctzll(m);
+      trits[c + b] = (negative >> b & 1) ? int8_t{-1} : int8_t{1};
+    }
+  });
+}
+
+#define QF_QMOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+
+// Row r's trits into trits[0, cols) at 64 per store: a word's store is zero past its length in its masks, and
+// the next word's store, which starts where this word ends, overwrites that, so stores in word order leave
+// each position its own trit. The last word's store may reach 64 bytes past cols (slack the caller provides;
+// a following row in the same buffer overwrites it the same way). false where the row is inconsistent: the
+// caller asks the reference decoder for the message.
+QF_QMOE_AVX512 bool DecodeRowAvx512(const View& v, int64_t r, int64_t first, int8_t* trits) {
+  const int64_t count = v.Count(r), cols = v.cols;
+  if (first + count > v.words) return false;
+  const uint8_t* words = v.base + v.layout.words_offset + 2 * first;
+  const Dictionary::Entry* entries = v.dict->entries.data();
+  const int dictionary_words = v.dict->words;
+  const __m512i one = _mm512_set1_epi8(1), minus_one = _mm512_set1_epi8(-1);
+  int64_t c = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    const uint16_t code = LoadU16(words + 2 * i);
+    if (code >= dictionary_words || c >= cols) return false;
+    const Dictionary::Entry e = entries[code];
+    const uint64_t negative = e.negative_and_length & kMask56;
+    const __m512i plus = _mm512_maskz_mov_epi8(e.nonzero & ~negative, one);
+    _mm512_storeu_si512(trits + c, _mm512_mask_mov_epi8(plus, negative, minus_one));
+    c += static_cast<int64_t>(e.negative_and_length >> 56);
+  }
+  return c >= cols;
+}
+
+// One row of trits times one token's Q8_0 activations with int_dot.h's Q8_0 numerics: per 32-column block the
+// exact integer sum of trit * code, then acc = fma(dw * dx, float(sum), acc) in block order.
+float DotRowQ8_0Scalar(const int8_t* trits, const int8_t* codes, const float* dx, float dw, int64_t blocks) {
+  float acc = 0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    int32_t sum = 0;
+    for (int j = 0; j < 32; ++j) sum += int32_t{trits[32 * b + j]} * codes[32 * b + j];
+    acc = std::fma(dw * dx[b], static_cast<float>(sum), acc);
+  }
+  return acc;
+}
+
+// The same integers by vpdpbusd, whose first operand is unsigned: sum (t + 1) * a = sum t * a + sum a, and the
+// activations carry each block's exact code sum. Eight blocks' lanes are summed together (integers: any order),
+// then added to acc one block after another as the reference does.
+QF_QMOE_AVX512 float DotRowQ8_0Avx512(const int8_t* trits, const int8_t* codes, const float* dx,
+                                      const int32_t* code_sums, float dw, int64_t blocks) {
+  const __m256i one = _mm256_set1_epi8(1), zero = _mm256_setzero_si256();
+  float acc = 0;
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    __m256i v[8];
+    for (int j = 0; j < 8; ++j) {
+      const int64_t at = 32 * (b + j);
+      const __m256i t1 = _mm256_add_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(trits + at)), one);
+      v[j] = _mm256_dpbusd_epi32(zero, t1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + at)));
+    }
+    // hadd pairs lanes within 128-bit halves: after two rounds lane k of half h holds half h of block k's sum
+    // (k = 0..3 from q03, 4..7 from q47); adding the halves finishes each block.
+    const __m256i q03 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    const __m256i q47 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    const __m128i s03 = _mm_add_epi32(_mm256_castsi256_si128(q03), _mm256_extracti128_si256(q03, 1));
+    const __m128i s47 = _mm_add_epi32(_mm256_castsi256_si128(q47), _mm256_extracti128_si256(q47, 1));
+    const __m256i sums = _mm256_sub_epi32(_mm256_set_m128i(s47, s03),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(code_sums + b)));
+    alignas(32) float scale[8], sum[8];
+    _mm256_store_ps(scale, _mm256_mul_ps(_mm256_set1_ps(dw), _mm256_loadu_ps(dx + b)));
+    _mm256_store_ps(sum, _mm256_cvtepi32_ps(sums));
+    for (int j = 0; j < 8; ++j) acc = __builtin_fmaf(scale[j], sum[j], acc);
+  }
+  for (; b < blocks; ++b) {
+    int32_t sum = 0;
+    for (int j = 0; j < 32; ++j) sum += int32_t{trits[32 * b + j]} * codes[32 * b + j];
+    acc = __builtin_fmaf(dw * dx[b], static_cast<float>(sum), acc);
+  }
+  return acc;
+}
+
+bool HasAvx512Decoder() { return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"); }
+
+absl::Status CheckQ8_0Columns(const View& v) {
+  if (v.cols % kQ8_0TileColumns == 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("tensor '", v.w->name, "' (qmoe): ", v.cols,
+                                                 " columns have no Q8_0 form (a multiple of 32)"));
+}
+
+}  // namespace
+
+absl::Status ForEachQ8_0Tile(const Tensor& w, int64_t row_begin, int64_t row_end, bool bitwise,
+                             const std::function<absl::Status(const Tensor& tile, int64_t first_row)>& f) {
+  QF_RETURN_IF_ERROR(CheckRange(w, row_begin, row_end));
+  QF_ASSIGN_OR_RETURN(const View v, Open(w));
+  QF_RETURN_IF_ERROR(CheckQ8_0Columns(v));
+  const int64_t cols = v.cols, blocks = cols / kQ8_0TileColumns;
+  const bool simd = !bitwise && HasAvx512Decoder();
+  std::vector<int8_t> trits(static_cast<size_t>(kTileRows * cols + 64));
+  std::vector<block_q8_0> tile(static_cast<size_t>(kTileRows * blocks));
+  int64_t tile_first = row_begin;
+  // Hands the rows decoded so far, [tile_first, end), to f as one Q8_0 tensor.
+  auto flush = [&](int64_t end) -> absl::Status {
+    const int64_t rows = end - tile_first;
+    if (rows == 0) return absl::OkStatus();
+    const Tensor t = Tensor::View(w.name, {rows, cols}, WeightFormat::Of(WeightType::kQ8_0), nullptr,
+                                  reinterpret_cast<const uint8_t*>(tile.data()),
+                                  static_cast<size_t>(rows * blocks) * sizeof(block_q8_0));
+    QF_RETURN_IF_ERROR(f(t, tile_first));
+    tile_first = end;
+    return absl::OkStatus();
+  };
+  QF_RETURN_IF_ERROR(ForEachRow(v, row_begin, row_end, [&](int64_t r, int64_t first) {
+    // Tiles end on multiples of kTileRows, so a row's tile does not depend on the range asked for.
+    if (r > tile_first && r % kTileRows == 0) QF_RETURN_IF_ERROR(flush(r));
+    const int64_t i = r - tile_first;
+    int8_t* row = trits.data() + i * cols;
+    if (!simd || !DecodeRowAvx512(v, r, first, row)) QF_RETURN_IF_ERROR(DecodeRowBitwise(v, r, first, row));
+    const uint16_t scale = LoadU16(v.base + v.layout.scales_offset + 2 * r);
+    for (int64_t b = 0; b < blocks; ++b) {
+      block_q8_0& q = tile[i * blocks + b];
+      q.d = scale;
+      std::memcpy(q.qs, row + b * kQ8_0TileColumns, kQ8_0TileColumns);
+    }
+    return absl::OkStatus();
+  }));
+  return flush(row_end);
+}
+
+absl::Status DotRowsQ8_0(const Tensor& w, int64_t row_begin, int64_t row_end, const Q8_0Activations& a, float* y,
+                         bool bitwise) {
+  QF_RETURN_IF_ERROR(CheckRange(w, row_begin, row_end));
+  QF_ASSIGN_OR_RETURN(const View v, Open(w));
+  QF_RETURN_IF_ERROR(CheckQ8_0Columns(v));
+  const int64_t cols = v.cols, blocks = cols / kQ8_0TileColumns;
+  if (bitwise || !HasAvx512Decoder()) {
+    std::vector<int8_t> trits(static_cast<size_t>(cols));
+    return ForEachRow(v, row_begin, row_end, [&](int64_t r, int64_t first) {
+      QF_RETURN_IF_ERROR(DecodeRowBitwise(v, r, first, trits.data()));
+      y[r] = DotRowQ8_0Scalar(trits.data(), a.codes, a.scales, v.Scale(r), blocks);
+      return absl::OkStatus();
+    });
+  }
+  // kTileRows rows are decoded before any is read back: a load that spans several recent overlapping stores
+  // cannot be forwarded from the store buffer and stalls until they reach the cache.
+  std::vector<int8_t> trits(static_cast<size_t>(kTileRows * cols + 64));
+  int64_t pending_first = row_begin;
+  auto dot_pending = [&](int64_t end) {
+    for (int64_t r = pending_first; r < end; ++r) {
+      y[r] = DotRowQ8_0Avx512(trits.data() + (r - pending_first) * cols, a.codes, a.scales, a.code_sums,
+                              v.Scale(r), blocks);
+    }
+    pending_first = end;
+  };
+  QF_RETURN_IF_ERROR(ForEachRow(v, row_begin, row_end, [&](int64_t r, int64_t first) {
+    if (r - pending_first == kTileRows) dot_pending(r);
+    int8_t* row = trits.data() + (r - pending_first) * cols;
+    if (!DecodeRowAvx512(v, r, first, row)) return DecodeRowBitwise(v, r, first, row);  // names the fault
+    return absl::OkStatus();
+  }));
+  dot_pending(row_end);
+  return absl::OkStatus();
 }
 
 absl::Status Prepare(const Tensor& w) { return Open(w).status(); }

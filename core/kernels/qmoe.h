@@ -9,12 +9,16 @@
 // stop at 56 trits. Its 65,535 leaves are the codewords, numbered in the order they were made. Any trit
 // sequence parses into leaves; a row's last word is completed with zeros, which the decoder cuts at cols.
 //
-// The matmul never materialises a row: each word's precomputed masks of non-zero and negative positions give
-// the row's +1 and -1 columns, and a token's output is s_r * (sum of x over the +1 columns - sum over the -1
-// columns), summed in the same order for every batch (batch-invariant).
+// The matmul never materialises a matrix: it decodes 16 rows at a time into ggml Q8_0 blocks (d = the row's f16
+// scale, q = its trits as int8, so w = d * q exactly), a few KiB that stay in L1, and runs the Q8_0 kernels on
+// them, with fp32 activations or int8 ones as the runtime asks (kernels.h ActivationMode); a single token's
+// int8 product decodes and dots each row at once (DotRowsQ8_0) to the same bits. Decoding a word is one 16-byte
+// dictionary entry (its masks of non-zero and negative positions) and, on AVX-512, one 64-byte masked store.
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <functional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -43,7 +47,19 @@ struct Dictionary {
     uint64_t nonzero;
     uint64_t negative_and_length;
   };
-  std::vector<Entry> entries;
+  // Lookups land at random in this 1 MiB table: on 4 KiB pages nearly each one would miss the TLB as well.
+  template <class T>
+  struct HugePageAllocator {
+    using value_type = T;
+    HugePageAllocator() = default;
+    template <class U>
+    HugePageAllocator(const HugePageAllocator<U>&) {}
+    T* allocate(size_t n);
+    void deallocate(T* p, size_t) { std::free(p); }
+    template <class U>
+    bool operator==(const HugePageAllocator<U>&) const { return true; }
+  };
+  std::vector<Entry, HugePageAllocator<Entry>> entries;
   // The encoder's tree: child[3 * node + trit] (-1: none), word[node] (-1: an inner node); node 0 is the root.
   std::vector<int32_t> child;
   std::vector<int32_t> word;
@@ -56,22 +72,51 @@ const Dictionary& DictionaryFor(int zero_code);
 int ZeroCodeFor(double zero_fraction);
 
 // Encodes ternary codes [rows, cols] (0, 1, 2 for -1, 0, +1: the GPTQ / QIntGrid codes with zero 1) and one f16
-// scale per row into a kQMoE tensor's bytes; the format carries the codeword count. The dictionary is the one
-// for the codes' own zero fraction. INVALID_ARGUMENT when cols exceeds kQmoeMaxCols or a code is above 2.
+// scale per row into a kQMoE tensor's bytes; the format carries the codeword count. The dictionary is that of
+// zero_code, or with zero_code -1 the one for the codes' own zero fraction. A method gives all its tensors one
+// zero_code: each dictionary the runtime reads is 1 MiB of lookups at random, so a model's experts should share
+// one that stays in cache (a few per cent larger for a matrix whose zero fraction is off the code's).
+// INVALID_ARGUMENT when cols exceeds kQmoeMaxCols, a code is above 2 or zero_code is outside -1..255.
 struct Encoded {
   WeightFormat format;
   std::vector<uint8_t> bytes;
 };
-absl::StatusOr<Encoded> Encode(const uint8_t* codes, const uint16_t* row_scales, int64_t rows, int64_t cols);
+absl::StatusOr<Encoded> Encode(const uint8_t* codes, const uint16_t* row_scales, int64_t rows, int64_t cols,
+                               int zero_code = -1);
 
-// kernels::DequantizeRows / MatMulRows for kQMoE (any row range; the runtime calls MatMulRows per chunk of
-// rows). DATA_LOSS, naming the tensor and row, when the header, the row counts and starts, a codeword or a row's
-// decoded length is inconsistent: a corrupt file is refused, never read out of bounds.
+// kernels::DequantizeRows for kQMoE (any row range). Here and below: DATA_LOSS, naming the tensor and row, when
+// the header, the row counts and starts, a codeword or a row's decoded length is inconsistent: a corrupt file is
+// refused, never read out of bounds.
 absl::Status DequantizeRows(const Tensor& w, int64_t row_begin, int64_t row_end, float* out);
-// use_reference: decode each row to floats and sum every token's products in double (the scalar reference);
-// otherwise the fused sparse sums of the header comment.
-absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, const float* x, int64_t n, float* y,
-                        int64_t y_stride, bool use_reference);
+
+// The scalar reference of kernels::MatMulRows: each row decoded to floats, every token's products summed in
+// double. Also the path for rows whose length is no multiple of 32 (no Q8_0 form).
+absl::Status MatMulRowsReference(const Tensor& w, int64_t row_begin, int64_t row_end, const float* x, int64_t n,
+                                 float* y, int64_t y_stride);
+
+// Rows [row_begin, row_end) decoded into Q8_0 tiles: f(tile, first_row) for each, tile a [rows, cols] Q8_0
+// tensor (valid only during the call) holding rows first_row.. of w exactly. Tiles end at multiples of
+// kTileRows, whatever the range, so a row's products do not depend on how the caller cut the rows.
+// bitwise: the reference decoder (trit by trit); otherwise AVX-512 stores where the CPU has AVX-512BW (the
+// same bytes, qmoe_test). INVALID_ARGUMENT when cols is not a multiple of 32.
+inline constexpr int64_t kTileRows = 16;
+inline constexpr int64_t kQ8_0TileColumns = 32;
+absl::Status ForEachQ8_0Tile(const Tensor& w, int64_t row_begin, int64_t row_end, bool bitwise,
+                             const std::function<absl::Status(const Tensor& tile, int64_t first_row)>& f);
+
+// One token's int8 activations in the kQ8_0 layout of int_dot.h: cols codes, and per 32 columns a scale and the
+// exact sum of the codes.
+struct Q8_0Activations {
+  const int8_t* codes;
+  const float* scales;
+  const int32_t* code_sums;
+};
+// Decode (one token): y[r] for rows [row_begin, row_end), each row decoded into a row of trits and dotted with
+// a at once, with no tile. The bits of the Q8_0 kernels on the same rows (int_dot.h numerics), so a token's
+// result is the same alone and batched through ForEachQ8_0Tile. bitwise: the reference decoder and dot;
+// otherwise AVX-512 (BW, VNNI) where the CPU has it. INVALID_ARGUMENT when cols is not a multiple of 32.
+absl::Status DotRowsQ8_0(const Tensor& w, int64_t row_begin, int64_t row_end, const Q8_0Activations& a, float* y,
+                         bool bitwise);
 
 // Builds (once per process) the dictionary w's header names, so that the first matmul does not pay for it
 // (~30 ms); the runtime calls it when it loads a model. DATA_LOSS for a bad header.

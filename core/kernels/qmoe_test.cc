@@ -1,6 +1,6 @@
 // The QMoE codec: the Tunstall dictionary, exact round trips of ternary rows, its size against the trits'
-// entropy, the fused sparse matmul against the decoded reference (and batch invariance), and corrupt bytes
-// refused with DATA_LOSS.
+// entropy, the Q8_0 tiles the matmul runs on (every decoder, fp32 and int8 activations, batch invariance), and
+// corrupt bytes refused with DATA_LOSS.
 #include "core/kernels/qmoe.h"
 
 #include <cmath>
@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/base/half.h"
+#include "core/kernels/blocks.h"
 #include "core/kernels/kernels.h"
 #include "gtest/gtest.h"
 
@@ -102,44 +103,103 @@ TEST(QmoeTest, RowsRoundTripExactlyAndCostNearTheirEntropy) {
   EXPECT_LT(8.0 * static_cast<double>(t.nbytes) / (256 * 256), 1.0) << t.nbytes << " bytes";
 }
 
-TEST(QmoeTest, FusedMatMulMatchesTheReferenceAndIsBatchInvariant) {
+// The rows as an independent Q8_0 tensor: block d = the row's scale, q = code - 1.
+Tensor AsQ8_0(const Rows& r, int64_t rows, int64_t cols) {
+  std::vector<uint8_t> bytes(static_cast<size_t>(rows * cols / 32) * sizeof(block_q8_0));
+  auto* blocks = reinterpret_cast<block_q8_0*>(bytes.data());
+  for (int64_t i = 0; i < rows * cols / 32; ++i) {
+    blocks[i].d = r.scales[i / (cols / 32)];
+    for (int j = 0; j < 32; ++j) blocks[i].qs[j] = static_cast<int8_t>(r.codes[i * 32 + j] - 1);
+  }
+  return Tensor::FromBytes("experts.w.q8_0", {rows, cols}, WeightFormat::Of(WeightType::kQ8_0), std::move(bytes));
+}
+
+TEST(QmoeTest, Q8_0TilesHoldTheRowsExactlyOnEveryDecoder) {
+  const int64_t rows = 70, cols = 288;  // 4 full tiles and a part; words cross the 32-column blocks
+  const Rows r = RandomRows(rows, cols, 0.88, 9);
+  const Tensor t = EncodeTensor(r, rows, cols);
+  const Tensor q = AsQ8_0(r, rows, cols);
+  for (bool bitwise : {true, false}) {
+    SCOPED_TRACE(bitwise);
+    for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, rows}, {7, 67}, {33, 34}}) {
+      int64_t next = begin;
+      ASSERT_TRUE(qmoe::ForEachQ8_0Tile(t, begin, end, bitwise, [&](const Tensor& tile, int64_t first) {
+                    EXPECT_EQ(first, next);
+                    next = first + tile.rows();
+                    // Tiles end on multiples of 16 rows (or at the range's end).
+                    EXPECT_TRUE(next == end || next % qmoe::kTileRows == 0) << next;
+                    const size_t row_bytes = static_cast<size_t>(cols / 32) * sizeof(block_q8_0);
+                    EXPECT_EQ(tile.nbytes, row_bytes * static_cast<size_t>(tile.rows()));
+                    EXPECT_EQ(std::memcmp(tile.data, q.data + row_bytes * static_cast<size_t>(first), tile.nbytes), 0)
+                        << "rows from " << first;
+                    return absl::OkStatus();
+                  }).ok());
+      EXPECT_EQ(next, end);
+    }
+  }
+  // No Q8_0 form for rows of no multiple of 32.
+  const Rows odd = RandomRows(3, 300, 0.88, 10);
+  EXPECT_EQ(qmoe::ForEachQ8_0Tile(EncodeTensor(odd, 3, 300), 0, 3, false,
+                                  [](const Tensor&, int64_t) { return absl::OkStatus(); })
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(QmoeTest, MatMulIsTheQ8_0ProductAndBatchInvariant) {
   const int64_t rows = 80, cols = 256, n = 5;
   const Rows r = RandomRows(rows, cols, 0.85, 5);
   const Tensor t = EncodeTensor(r, rows, cols);
+  const Tensor q = AsQ8_0(r, rows, cols);
   std::mt19937 rng(6);
   std::normal_distribution<float> g(0, 1);
   std::vector<float> x(static_cast<size_t>(n * cols));
   for (float& v : x) v = g(rng);
-  std::vector<float> fused(n * rows), reference(n * rows);
-  ASSERT_TRUE(qmoe::MatMulRows(t, 0, rows, x.data(), n, fused.data(), rows, false).ok());
-  ASSERT_TRUE(qmoe::MatMulRows(t, 0, rows, x.data(), n, reference.data(), rows, true).ok());
   std::vector<float> w(rows * cols);
   ASSERT_TRUE(DequantizeRows(t, 0, rows, w.data()).ok());
-  for (int64_t i = 0; i < n * rows; ++i) {
-    const int64_t tok = i / rows, row = i % rows;
-    double exact = 0, mag = 0;
-    for (int64_t c = 0; c < cols; ++c) {
-      exact += double{w[row * cols + c]} * x[tok * cols + c];
-      mag += std::fabs(double{w[row * cols + c]} * x[tok * cols + c]);
+  const Isa before = ActiveIsa();
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (SetIsa(isa) != isa) continue;  // not on this CPU
+    SCOPED_TRACE(IsaName(isa));
+    // fp32 activations: the reference on the scalar ISA, Q8_0 tiles otherwise; both near the exact product.
+    std::vector<float> y(n * rows);
+    ASSERT_TRUE(MatMulRows(t, 0, rows, x.data(), n, y.data(), rows).ok());
+    for (int64_t i = 0; i < n * rows; ++i) {
+      const int64_t tok = i / rows, row = i % rows;
+      double exact = 0, mag = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        exact += double{w[row * cols + c]} * x[tok * cols + c];
+        mag += std::fabs(double{w[row * cols + c]} * x[tok * cols + c]);
+      }
+      ASSERT_NEAR(y[i], exact, (isa == Isa::kScalar ? 1e-6 : 1e-5) * mag + 1e-12) << i;
     }
-    EXPECT_NEAR(reference[i], exact, 1e-6 * mag + 1e-12);
-    EXPECT_NEAR(fused[i], exact, 1e-5 * mag + 1e-12);
+    if (isa != Isa::kScalar) {
+      std::vector<float> yq(n * rows);
+      ASSERT_TRUE(MatMulRows(q, 0, rows, x.data(), n, yq.data(), rows).ok());
+      EXPECT_EQ(y, yq) << "the Q8_0 product of the same weights";
+    }
+    // int8 activations: bit for bit the Q8_0 tensor's integer product, alone or batched, rows cut anywhere.
+    MatMulInput in, in_q;
+    ASSERT_TRUE(PrepareInput(t, x.data(), n, ActivationMode::kInt8, &in).ok());
+    ASSERT_TRUE(in.quantized());
+    ASSERT_TRUE(PrepareInput(q, x.data(), n, ActivationMode::kInt8, &in_q).ok());
+    std::vector<float> yi(n * rows), yiq(n * rows);
+    ASSERT_TRUE(MatMulRows(t, 0, rows, in, yi.data(), rows).ok());
+    ASSERT_TRUE(MatMulRows(q, 0, rows, in_q, yiq.data(), rows).ok());
+    EXPECT_EQ(yi, yiq);
+    for (int64_t tok = 0; tok < n; ++tok) {
+      std::vector<float> alone(rows), alone_i(rows);
+      ASSERT_TRUE(MatMulRows(t, 0, 17, x.data() + tok * cols, 1, alone.data(), rows).ok());
+      ASSERT_TRUE(MatMulRows(t, 17, rows, x.data() + tok * cols, 1, alone.data(), rows).ok());
+      MatMulInput one;
+      ASSERT_TRUE(PrepareInput(t, x.data() + tok * cols, 1, ActivationMode::kInt8, &one).ok());
+      ASSERT_TRUE(MatMulRows(t, 0, 23, one, alone_i.data(), rows).ok());
+      ASSERT_TRUE(MatMulRows(t, 23, rows, one, alone_i.data(), rows).ok());
+      for (int64_t row = 0; row < rows; ++row) {
+        ASSERT_EQ(alone[row], y[tok * rows + row]) << tok << " " << row;
+        ASSERT_EQ(alone_i[row], yi[tok * rows + row]) << tok << " " << row;
+      }
+    }
   }
-  // Each token alone, over row ranges cut anywhere: the same bits as in the batch.
-  for (int64_t tok = 0; tok < n; ++tok) {
-    std::vector<float> alone(rows);
-    ASSERT_TRUE(qmoe::MatMulRows(t, 0, 17, x.data() + tok * cols, 1, alone.data(), rows, false).ok());
-    ASSERT_TRUE(qmoe::MatMulRows(t, 17, rows, x.data() + tok * cols, 1, alone.data(), rows, false).ok());
-    for (int64_t row = 0; row < rows; ++row) ASSERT_EQ(alone[row], fused[tok * rows + row]) << tok << " " << row;
-  }
-  // kernels::MatMulRows routes the format: the reference on the scalar ISA, the fused kernel otherwise.
-  const Isa before = SetIsa(Isa::kScalar);
-  std::vector<float> routed(n * rows);
-  ASSERT_TRUE(MatMulRows(t, 0, rows, x.data(), n, routed.data(), rows).ok());
-  EXPECT_EQ(routed, reference);
-  SetIsa(Isa::kAvx2);
-  ASSERT_TRUE(MatMulRows(t, 0, rows, x.data(), n, routed.data(), rows).ok());
-  EXPECT_EQ(routed, fused);
   SetIsa(before);
 }
 

@@ -335,7 +335,10 @@ class QmoeMethod : public QuantMethod {
     }
     GptqResult& r = *best;
     RefitRowScales(w, rows, cols, hessian, r.codes.data(), r.scales.data());
-    QF_ASSIGN_OR_RETURN(kernels::qmoe::Encoded e, kernels::qmoe::Encode(r.codes.data(), r.scales.data(), rows, cols));
+    // One dictionary for every matrix the method writes, that of its target sparsity (qmoe.h Encode).
+    const int zero_code = kernels::qmoe::ZeroCodeFor(kQmoeSparsity);
+    QF_ASSIGN_OR_RETURN(kernels::qmoe::Encoded e,
+                        kernels::qmoe::Encode(r.codes.data(), r.scales.data(), rows, cols, zero_code));
     return std::move(e.bytes);
   }
   std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams&) const override {
