@@ -21,6 +21,8 @@
 namespace qforge::kernels::qmoe {
 namespace {
 
+constexpr uint64_t kMask56 = (uint64_t{1} << 56) - 1;  // a word's trits; its length sits above
+
 uint16_t LoadU16(const uint8_t* p) {
   uint16_t v;
   std::memcpy(&v, p, 2);
@@ -83,7 +85,7 @@ std::unique_ptr<Dictionary> Build(int zero_code) {
     d->length.push_back(nodes[id].depth);
     d->nonzero.push_back(nonzero);
     d->negative.push_back(negative);
-    d->entries.push_back({nonzero, negative | uint64_t{nodes[id].depth} << 56});
+    d->entries.push_back({(nonzero & ~negative) | uint64_t{nodes[id].depth} << 56, negative});
   }
   return d;
 }
@@ -138,8 +140,8 @@ absl::Status ForEachWord(const View& v, int64_t r, int64_t first, F&& f) {
     if (code >= d.words) return DataLoss(*v.w, absl::StrCat("row ", r, ": codeword ", code, " is not in the dictionary"));
     if (c >= v.cols) return DataLoss(*v.w, absl::StrCat("row ", r, " has codewords past its ", v.cols, " columns"));
     const Dictionary::Entry& e = d.entries[code];
-    const int len = static_cast<int>(e.negative_and_length >> 56);
-    uint64_t nonzero = e.nonzero, negative = e.negative_and_length & ((uint64_t{1} << 56) - 1);
+    const int len = static_cast<int>(e.plus_and_length >> 56);
+    uint64_t negative = e.minus, nonzero = (e.plus_and_length & kMask56) | negative;
     if (c + len > v.cols) {
       const uint64_t keep = (uint64_t{1} << (v.cols - c)) - 1;  // v.cols - c < len <= 56
       nonzero &= keep;
@@ -299,8 +301,6 @@ absl::Status MatMulRowsReference(const Tensor& w, int64_t row_begin, int64_t row
 
 namespace {
 
-constexpr uint64_t kMask56 = (uint64_t{1} << 56) - 1;
-
 // The reference decoder: row r's trits, trit by trit, into trits[0, cols) (zeroed first).
 absl::Status DecodeRowBitwise(const View& v, int64_t r, int64_t first, int8_t* trits) {
   std::memset(trits, 0, static_cast<size_t>(v.cols));
@@ -330,11 +330,12 @@ QF_QMOE_AVX512 bool DecodeRowAvx512(const View& v, int64_t r, int64_t first, int
   for (int64_t i = 0; i < count; ++i) {
     const uint16_t code = LoadU16(words + 2 * i);
     if (code >= dictionary_words || c >= cols) return false;
+    // The length bits in the top byte of the +1 mask write +1 to trits c + 56.. c + 63: past this word's end,
+    // so the next store or the slack takes them.
     const Dictionary::Entry e = entries[code];
-    const uint64_t negative = e.negative_and_length & kMask56;
-    const __m512i plus = _mm512_maskz_mov_epi8(e.nonzero & ~negative, one);
-    _mm512_storeu_si512(trits + c, _mm512_mask_mov_epi8(plus, negative, minus_one));
-    c += static_cast<int64_t>(e.negative_and_length >> 56);
+    const __m512i plus = _mm512_maskz_mov_epi8(e.plus_and_length, one);
+    _mm512_storeu_si512(trits + c, _mm512_mask_mov_epi8(plus, e.minus, minus_one));
+    c += static_cast<int64_t>(e.plus_and_length >> 56);
   }
   return c >= cols;
 }

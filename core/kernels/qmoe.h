@@ -41,11 +41,11 @@ struct Dictionary {
   std::vector<uint8_t> length;    // [words] trits of each word, 1..56
   std::vector<uint64_t> nonzero;  // [words] bit i: trit i of the word is +1 or -1
   std::vector<uint64_t> negative; // [words] bit i: trit i is -1
-  // What the kernels read, one 16-byte entry per word (one cache line fetch per codeword, not three): the
-  // non-zero mask, and the negative mask with the length in its top byte.
+  // What the kernels read, one 16-byte entry per word (one cache line fetch per codeword, not three): the mask
+  // of +1 positions with the length in its top byte, and the mask of -1 positions.
   struct Entry {
-    uint64_t nonzero;
-    uint64_t negative_and_length;
+    uint64_t plus_and_length;
+    uint64_t minus;
   };
   // Lookups land at random in this 1 MiB table: on 4 KiB pages nearly each one would miss the TLB as well.
   template <class T>
