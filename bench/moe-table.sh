@@ -31,6 +31,7 @@ configs=(
   "ternary (TQ2_0)|--method q8_0 --layers $experts=ternary ${calib[*]}|gguf"
   "qmoe|--method q8_0 --layers $experts=qmoe ${calib[*]}|safetensors"
   "bitnet (TQ2_0)|--method q8_0 --layers $experts=bitnet|gguf"
+  "billm|--method q8_0 --layers $experts=billm ${calib[*]}|safetensors"
 )
 
 params=$("$qforge" inspect "$model" | grep -o '[0-9]* parameters' | head -1 | awk '{print $1}')

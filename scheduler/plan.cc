@@ -29,6 +29,8 @@ bool RowsAreIndependent(const QuantConfig& c) {
   if (c.format.type == WeightType::kQuip) return false;
   // kQMoE rows are variable-length runs of codewords behind one header and per-group starts (tensor.h QmoeLayout).
   if (c.format.type == WeightType::kQMoE) return false;
+  // kBiLLM rows share one map of salient columns (tensor.h BillmLayout).
+  if (c.format.type == WeightType::kBiLLM) return false;
   return !(c.format.type == WeightType::kNF4 && c.format.double_quant);
 }
 

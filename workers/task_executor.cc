@@ -30,7 +30,7 @@ absl::StatusOr<Tensor> RowSlice(const Tensor& t, int64_t row_begin, int64_t row_
   QF_ASSIGN_OR_RETURN(const std::vector<size_t> planes, PlaneSizes(t.format, t.rows(), cols));
   const bool rows_contiguous = planes.size() == 1 && !(t.format.type == WeightType::kNF4 && t.format.double_quant) &&
                                t.format.type != WeightType::kQuip && t.format.type != WeightType::kSpQR &&
-                               t.format.type != WeightType::kQMoE;
+                               t.format.type != WeightType::kQMoE && t.format.type != WeightType::kBiLLM;
   if (rows_contiguous) {
     QF_ASSIGN_OR_RETURN(const size_t row_bytes, EncodedBytes(t.format, 1, cols));
     return Tensor::View(t.name, {rows, cols}, t.format, t.owner, t.data + static_cast<size_t>(row_begin) * row_bytes,

@@ -50,6 +50,8 @@ absl::StatusOr<std::vector<Plane>> RowPlanes(const Tensor& t) {
       return absl::UnimplementedError("spqr rows are not stored one after another");  // PermuteSpqrRows instead
     case WeightType::kQMoE:
       return absl::UnimplementedError("qmoe rows are variable-length codeword runs, not permutable in place");
+    case WeightType::kBiLLM:
+      return absl::UnimplementedError("billm rows share a salient-column map, not permuted in place");
     case WeightType::kW8A8: {
       QF_ASSIGN_OR_RETURN(W8A8Layout l, GetW8A8Layout(t.format, rows, cols));
       return std::vector<Plane>{{l.codes_offset, static_cast<size_t>(cols)}, {l.scales_offset, 4}};

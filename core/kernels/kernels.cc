@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/model/ggml_types.h"
+#include "core/kernels/billm.h"
 #include "core/kernels/ggml_kernels.h"
 #include "core/kernels/int_dot.h"
 #include "core/kernels/kernels_internal.h"
@@ -161,6 +162,8 @@ absl::Status DequantizeRows(const Tensor& w, int64_t row_begin, int64_t row_end,
   if (w.format.type == WeightType::kQuip) return QuipDequantizeRows(w, row_begin, row_end, out);
   // kQMoE rows have variable length: decoded by walking their codewords (qmoe.h), not through a row view.
   if (w.format.type == WeightType::kQMoE) return qmoe::DequantizeRows(w, row_begin, row_end, out);
+  // kBiLLM rows share a salient-column map: decoded through it (billm.h).
+  if (w.format.type == WeightType::kBiLLM) return billm::DequantizeRows(w, row_begin, row_end, out);
   QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
   if (v.format.type == WeightType::kSpQR) QF_RETURN_IF_ERROR(internal::CheckSpqrRows(v, row_begin, row_end));
   const Isa isa = ActiveIsa();
@@ -185,6 +188,10 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
   if (w.format.type == WeightType::kQuip) {
     if (n == 0 || row_begin == row_end) return ValidateTensor(w);
     return QuipMatMulRows(w, row_begin, row_end, x, n, y, y_stride);
+  }
+  if (w.format.type == WeightType::kBiLLM) {
+    if (n == 0) return ValidateTensor(w);
+    return billm::MatMulRows(w, row_begin, row_end, x, n, y, y_stride);  // fp32 tiles through this function
   }
   if (w.format.type == WeightType::kQMoE) {
     if (n == 0) return ValidateTensor(w);

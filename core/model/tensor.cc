@@ -45,6 +45,7 @@ std::string FormatName(const WeightFormat& f) {
       return absl::StrCat("spqr", f.bits, "_g", f.group, "_o", f.outliers);
     case WeightType::kW8A8: return "w8a8";
     case WeightType::kQMoE: return absl::StrCat("qmoe_c", f.codewords);
+    case WeightType::kBiLLM: return "billm";
     case WeightType::kQuip:
       return absl::StrCat("quip", f.bits, "_", f.group == 0 ? std::string("pc") : absl::StrCat("g", f.group),
                           f.symmetric ? "_sym" : "_asym");
@@ -56,6 +57,7 @@ std::string FormatName(const WeightFormat& f) {
 absl::StatusOr<WeightFormat> ParseFormatName(const std::string& name) {
   if (const GgmlTypeTraits* g = FindGgmlTypeByName(name)) return WeightFormat::Of(g->type);
   if (name == "w8a8") return WeightFormat::Of(WeightType::kW8A8);
+  if (name == "billm") return WeightFormat::Of(WeightType::kBiLLM);
   const std::vector<absl::string_view> parts = absl::StrSplit(name, '_');
   auto bad = [&] { return absl::InvalidArgumentError(absl::StrCat("unknown weight format '", name, "'")); };
   if (parts.size() == 2 && parts[0] == "qmoe" && absl::StartsWith(parts[1], "c")) {
@@ -205,6 +207,18 @@ absl::StatusOr<QmoeLayout> GetQmoeLayout(const WeightFormat& f, int64_t rows, in
   return l;
 }
 
+absl::StatusOr<BillmLayout> GetBillmLayout(const WeightFormat& f, int64_t rows, int64_t cols) {
+  if (f.type != WeightType::kBiLLM) return absl::InvalidArgumentError("not a billm format");
+  QF_RETURN_IF_ERROR(CheckDims(rows, cols));
+  BillmLayout l{};
+  l.row_code_bytes = static_cast<size_t>((cols + 3) / 4);
+  l.codebooks_offset = 0;
+  l.salient_offset = 16 * static_cast<size_t>(rows);
+  l.codes_offset = l.salient_offset + static_cast<size_t>((cols + 7) / 8);
+  l.total_bytes = l.codes_offset + l.row_code_bytes * static_cast<size_t>(rows);
+  return l;
+}
+
 absl::StatusOr<std::vector<size_t>> PlaneSizes(const WeightFormat& f, int64_t rows, int64_t cols) {
   if (f.type == WeightType::kQInt) {
     QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
@@ -294,6 +308,10 @@ absl::StatusOr<size_t> EncodedBytes(const WeightFormat& f, int64_t rows, int64_t
     }
     case WeightType::kQMoE: {
       QF_ASSIGN_OR_RETURN(QmoeLayout l, GetQmoeLayout(f, rows, cols));
+      return l.total_bytes;
+    }
+    case WeightType::kBiLLM: {
+      QF_ASSIGN_OR_RETURN(BillmLayout l, GetBillmLayout(f, rows, cols));
       return l.total_bytes;
     }
     default: break;  // the ggml types: FindGgmlType above

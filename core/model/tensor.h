@@ -63,6 +63,10 @@ enum class WeightType : uint8_t {
   // 16-bit codewords of a dictionary of the most probable trit sequences, decoded by table lookup inside the
   // matmul; see QmoeLayout and core/kernels/qmoe.h.
   kQMoE = 30,
+  // BiLLM (Huang et al. 2024): binarised weights, Hessian-salient columns with a second (residual) binary
+  // basis, the other weights split at a break point into two magnitudes; 2-bit codes into per-row codebooks,
+  // see BillmLayout.
+  kBiLLM = 31,
 };
 
 struct WeightFormat {
@@ -217,12 +221,25 @@ struct QmoeLayout {
 inline constexpr int64_t kQmoeMaxCols = 65535;  // a row's codeword count is a u16 and a word holds >= 1 trit
 absl::StatusOr<QmoeLayout> GetQmoeLayout(const WeightFormat& f, int64_t rows, int64_t cols);
 
+// kBiLLM layout for [rows, cols] (all little-endian), planar:
+//   codebooks: rows x 8 f16: row r's values for codes 0..3 of its ordinary columns, then of its salient ones
+//   salient  : ceil(cols / 8) bytes, bit c % 8 of byte c / 8 set when column c is salient (shared by every row)
+//   codes    : rows x ceil(cols / 4) bytes, column c's 2-bit code at bits 2 (c % 4) of byte c / 4
+//   w[r, c] = codebook[r][salient(c) ? 4 + code : code]. BiLLM's values are {-a_s, -a_c, a_c, a_s} for the
+//   ordinary columns and {-(a1 + a2), -(a1 - a2), a1 - a2, a1 + a2} for the salient ones, but any eight values
+//   decode. The salient map is shared by the rows: never row-sliced.
+struct BillmLayout {
+  size_t codebooks_offset, salient_offset, codes_offset, total_bytes;
+  size_t row_code_bytes;
+};
+absl::StatusOr<BillmLayout> GetBillmLayout(const WeightFormat& f, int64_t rows, int64_t cols);
+
 // The byte sizes of an encoding's planes in storage order: qint stores codes | scales (| zeros), nf4 without
 // double quantization codes | absmax, w8a8 codes | scales, each plane row-major; every other encoding is one
 // plane of row-major blocks. So a matrix cut into row slices is, plane by plane, its slices' parts of that
 // plane in row order: the rule by which the scheduler assembles a tensor from its slices. nf4 with double
-// quantization shares its second-level scales across rows, quip's rotation mixes all rows, and qmoe's rows have
-// variable length; each is one plane here, and is never sliced.
+// quantization shares its second-level scales across rows, quip's rotation mixes all rows, qmoe's rows have
+// variable length and billm's share a salient-column map; each is one plane here, and is never sliced.
 absl::StatusOr<std::vector<size_t>> PlaneSizes(const WeightFormat& f, int64_t rows, int64_t cols);
 
 // A named n-dimensional tensor whose bytes live in `owner` (a mapped file or a heap buffer).

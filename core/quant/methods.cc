@@ -16,6 +16,7 @@
 #include "core/quant/spqr.h"
 #include "core/quant/quip.h"
 #include "core/quant/smoothquant.h"
+#include "core/quant/billm.h"
 #include "core/quant/ternary.h"
 
 namespace qforge::quant {
@@ -362,6 +363,7 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
     r->push_back(MakeTernaryMethod());
     r->push_back(MakeBitnetMethod());
     r->push_back(MakeQmoeMethod());
+    r->push_back(MakeBillmMethod());
     r->push_back(std::make_unique<F16Method>());
     return r;
   }();

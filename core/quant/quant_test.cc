@@ -73,7 +73,7 @@ TEST(RegistryTest, ListsEveryMethodOnce) {
     EXPECT_TRUE(m->Validate(m->DefaultParams()).ok()) << m->name();
   }
   EXPECT_THAT(names, ::testing::UnorderedElementsAre("rtn", "nf4", "q8_0", "q4_0", "q4_k", "gptq", "awq", "smoothquant",
-                                                    "quip", "spqr", "ternary", "bitnet", "qmoe", "f16"));
+                                                    "quip", "spqr", "ternary", "bitnet", "qmoe", "billm", "f16"));
   EXPECT_EQ(FindMethod("gptq-not-yet"), nullptr);
 }
 

@@ -109,13 +109,8 @@ void PackTernaryBlocks(const uint8_t* codes, const uint16_t* block_scales, int64
   }
 }
 
-namespace {
-
-// The Hessian GPTQ feeds its errors through, after checking the statistics fit the matrix. An expert no
-// calibration token reached has an all-zero Hessian, which GPTQ reads as "every input dead" and would zero the
-// expert: with no data, every input counts the same (H = I, kept in *identity: nearest rounding on the grid).
-absl::StatusOr<const double*> ExpertHessian(const char* method, int64_t cols, const calib::LayerStats* calib,
-                                            std::vector<double>* identity) {
+absl::StatusOr<const double*> CalibrationHessian(const char* method, int64_t cols, const calib::LayerStats* calib,
+                                                 std::vector<double>* identity) {
   if (calib == nullptr) {
     return absl::FailedPreconditionError(
         absl::StrCat(method, ": needs calibration statistics (the layer's input Hessian)"));
@@ -129,6 +124,8 @@ absl::StatusOr<const double*> ExpertHessian(const char* method, int64_t cols, co
   for (int64_t i = 0; i < cols; ++i) (*identity)[i * cols + i] = 1.0;
   return identity->data();
 }
+
+namespace {
 
 absl::StatusOr<WeightType> TernaryFileType(const char* method, int bits) {
   if (bits == 2) return WeightType::kTQ2_0;
@@ -191,7 +188,7 @@ class TernaryMethod : public TernaryMethodBase {
                                                 ThreadPool* pool, const calib::LayerStats* calib) const override {
     QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
     std::vector<double> identity;
-    QF_ASSIGN_OR_RETURN(const double* hessian, ExpertHessian("ternary", cols, calib, &identity));
+    QF_ASSIGN_OR_RETURN(const double* hessian, CalibrationHessian("ternary", cols, calib, &identity));
     GptqOptions o;
     o.bits = 2;
     o.group = p.group;
@@ -311,7 +308,7 @@ class QmoeMethod : public QuantMethod {
                                                 ThreadPool* pool, const calib::LayerStats* calib) const override {
     QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
     std::vector<double> identity;
-    QF_ASSIGN_OR_RETURN(const double* hessian, ExpertHessian("qmoe", cols, calib, &identity));
+    QF_ASSIGN_OR_RETURN(const double* hessian, CalibrationHessian("qmoe", cols, calib, &identity));
     GptqOptions o;
     o.bits = 2;
     o.group = 0;

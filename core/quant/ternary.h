@@ -23,6 +23,13 @@
 
 namespace qforge::quant {
 
+// The Hessian the error feedback runs through, after checking the statistics fit the matrix (FAILED_PRECONDITION
+// without any, INVALID_ARGUMENT for another width). An expert no calibration token reached has an all-zero
+// Hessian, which GPTQ reads as "every input dead" and would zero the expert: with no data every input counts the
+// same, H = I (kept in *identity), nearest rounding on the method's grid. Shared by ternary, qmoe and billm.
+absl::StatusOr<const double*> CalibrationHessian(const char* method, int64_t cols, const calib::LayerStats* calib,
+                                                 std::vector<double>* identity);
+
 // Weights per TQ1_0 / TQ2_0 block (one f16 scale each).
 inline constexpr int64_t kTernaryBlock = 256;
 

@@ -1,7 +1,9 @@
-// The ternary methods: the least-squares ternary grid, ggml's TQ1_0 / TQ2_0 layouts read back by the reference
-// dequantizers (the ones scripts/check-ggml-types.sh holds bit-identical to llama.cpp's), and what the error
-// feedback buys against nearest rounding and BitNet's absmean rule.
+// The ternary and binary methods: the least-squares ternary grid, ggml's TQ1_0 / TQ2_0 layouts read back by the
+// reference dequantizers (the ones scripts/check-ggml-types.sh holds bit-identical to llama.cpp's), what the error
+// feedback buys against nearest rounding and BitNet's absmean rule, and BiLLM's binarisation (billm.h).
 #include "core/quant/ternary.h"
+
+#include "core/quant/billm.h"
 
 #include <algorithm>
 #include <cmath>
@@ -12,6 +14,7 @@
 
 #include "core/base/half.h"
 #include "core/calib/stats.h"
+#include "core/kernels/billm.h"
 #include "core/kernels/ggml_kernels.h"
 #include "core/kernels/kernels.h"
 #include "core/quant/quant_method.h"
@@ -233,6 +236,135 @@ TEST(TernaryTest, BadParametersAndShapesSayWhich) {
   EXPECT_EQ(t->Quantize(w.data(), 1, 256, p, nullptr, nullptr).status().code(),
             absl::StatusCode::kFailedPrecondition);
   EXPECT_FALSE(FindMethod("bitnet")->NeedsCalibration());
+}
+
+
+double SquaredError(const std::vector<double>& x, const float* values) {
+  double e = 0;
+  for (double v : x) {
+    double best = 1e300;
+    for (int k = 0; k < 4; ++k) best = std::min(best, (v - values[k]) * (v - values[k]));
+    e += best;
+  }
+  return e;
+}
+
+TEST(BillmTest, BinaryValuesAreBiLLMs) {
+  // Residual: a1 = mean |x| = 3.5, residuals |x - 3.5 sign x| = 2.5, 0.5, 1.5, 1.5 -> a2 = 1.5: values ±5, ±2.
+  const std::vector<double> x = {1, -3, 5, -5};
+  float v[4];
+  ResidualBinaryValues(x.data(), 4, v);
+  EXPECT_EQ(std::vector<float>(v, v + 4), (std::vector<float>{-5, -2, 2, 5}));
+  // Split: the best break point against a scan of thresholds, on a bell-shaped row.
+  std::vector<double> bell;
+  for (float f : GaussianF(512, 41)) bell.push_back(f);
+  SplitBinaryValues(bell.data(), 512, v);
+  EXPECT_LT(v[0], v[1]);
+  EXPECT_LT(v[1], 0);
+  EXPECT_EQ(v[2], -v[1]);
+  EXPECT_EQ(v[3], -v[0]);
+  double scan = 1e300;
+  for (int i = 1; i < 400; ++i) {
+    const double cut = 0.01 * i;
+    double sc = 0, ss = 0;
+    int nc = 0, ns = 0;
+    for (double b : bell) (std::fabs(b) <= cut ? (sc += std::fabs(b), ++nc) : (ss += std::fabs(b), ++ns));
+    if (nc == 0 || ns == 0) continue;
+    const float trial[4] = {static_cast<float>(-ss / ns), static_cast<float>(-sc / nc), static_cast<float>(sc / nc),
+                            static_cast<float>(ss / ns)};
+    scan = std::min(scan, SquaredError(bell, trial));
+  }
+  EXPECT_LE(SquaredError(bell, v), scan * 1.001);
+}
+
+// BiLLM against the plain 1-bit rule (sign(w) times the row's mean |w|) and BitNet's ternary: honest bits
+// (2 + 128 / cols per weight) and the layer-output error on held-out inputs.
+TEST(BillmTest, BinarisesWithFeedbackAndCountsItsBits) {
+  const int64_t rows = 32, cols = 256, n = 1024;
+  const std::vector<float> w = GaussianF(rows * cols, 51, 1.0 / 16);
+  const std::vector<float> x = MixedInputs(n, cols, 52);
+  const std::vector<float> x_test = MixedInputs(256, cols, 53);
+  const calib::LayerStats stats = StatsOf(x, n, cols);
+  const QuantMethod* m = FindMethod("billm");
+  ASSERT_NE(m, nullptr);
+  const QuantParams p = m->DefaultParams();
+  auto bytes = m->Quantize(w.data(), rows, cols, p, nullptr, &stats);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_EQ(FormatName(*m->EncodedFormat(p, rows, cols, *bytes)), "billm");
+  const double bits = 8.0 * static_cast<double>(bytes->size()) / static_cast<double>(rows * cols);
+  EXPECT_NEAR(bits, 2.0 + 128.0 / cols + 1.0 / rows, 1e-9);
+  const Tensor t = Tensor::FromBytes("w", {rows, cols}, WeightFormat::Of(WeightType::kBiLLM), std::move(*bytes));
+  std::vector<float> billm(static_cast<size_t>(rows * cols));
+  ASSERT_TRUE(kernels::DequantizeRows(t, 0, rows, billm.data()).ok());
+  // Each row uses at most four values in its ordinary columns and four in its salient ones.
+  const BillmLayout l = *GetBillmLayout(t.format, rows, cols);
+  int salient_columns = 0;
+  for (int64_t c = 0; c < cols; ++c) salient_columns += t.data[l.salient_offset + c / 8] >> (c % 8) & 1;
+  EXPECT_GE(salient_columns, cols / 64);
+  EXPECT_LE(salient_columns, cols / 8);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::set<float> ordinary, salient;
+    for (int64_t c = 0; c < cols; ++c) {
+      (t.data[l.salient_offset + c / 8] >> (c % 8) & 1 ? salient : ordinary).insert(billm[r * cols + c]);
+    }
+    EXPECT_LE(ordinary.size(), 4u);
+    EXPECT_LE(salient.size(), 4u);
+  }
+  std::vector<float> sign(w.size());
+  for (int64_t r = 0; r < rows; ++r) {
+    double a = 0;
+    for (int64_t c = 0; c < cols; ++c) a += std::fabs(w[r * cols + c]);
+    a /= cols;
+    for (int64_t c = 0; c < cols; ++c) sign[r * cols + c] = w[r * cols + c] >= 0 ? a : -a;
+  }
+  const std::vector<float> bitnet = QuantizeDecode("bitnet", FindMethod("bitnet")->DefaultParams(), w, rows, cols,
+                                                   nullptr);
+  const double e_billm = OutputError(w, billm, rows, cols, x_test, 256);
+  const double e_sign = OutputError(w, sign, rows, cols, x_test, 256);
+  const double e_bitnet = OutputError(w, bitnet, rows, cols, x_test, 256);
+  std::cout << "billm " << bits << " bits/weight, output error " << e_billm << " (sign " << e_sign << ", bitnet "
+            << e_bitnet << ")\n";
+  EXPECT_LT(e_billm, 0.6 * e_sign);  // measured 0.19
+  EXPECT_LT(e_billm, e_bitnet);
+  EXPECT_EQ(m->Quantize(w.data(), rows, cols, p, nullptr, nullptr).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+}
+
+// The kBiLLM matmul is the fp32 product of the decoded rows, bit for bit on every ISA, for a token alone or in a
+// batch.
+TEST(BillmTest, MatMulIsTheDecodedProductAndBatchInvariant) {
+  const int64_t rows = 40, cols = 96, n = 3;
+  std::mt19937 rng(61);
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * cols)), salient(static_cast<size_t>(cols));
+  for (auto& c : codes) c = static_cast<uint8_t>(rng() % 4);
+  for (auto& s : salient) s = rng() % 5 == 0;
+  std::vector<uint16_t> books(static_cast<size_t>(rows * 8));
+  for (auto& b : books) b = FloatToHalf(std::normal_distribution<float>(0, 0.1f)(rng));
+  auto bytes = kernels::billm::Encode(codes.data(), books.data(), salient.data(), rows, cols);
+  ASSERT_TRUE(bytes.ok());
+  const Tensor t = Tensor::FromBytes("w", {rows, cols}, WeightFormat::Of(WeightType::kBiLLM), std::move(*bytes));
+  std::vector<float> decoded(static_cast<size_t>(rows * cols));
+  ASSERT_TRUE(kernels::DequantizeRows(t, 0, rows, decoded.data()).ok());
+  for (int64_t i = 0; i < rows * cols; ++i) {
+    ASSERT_EQ(decoded[i], HalfToFloat(books[(i / cols) * 8 + (salient[i % cols] ? 4 : 0) + codes[i]])) << i;
+  }
+  const Tensor f32 = Tensor::FromFloats("w", {rows, cols}, decoded);
+  const std::vector<float> x = GaussianF(n * cols, 62);
+  const kernels::Isa before = kernels::ActiveIsa();
+  for (kernels::Isa isa : {kernels::Isa::kScalar, kernels::Isa::kAvx2, kernels::Isa::kAvx512}) {
+    if (kernels::SetIsa(isa) != isa) continue;
+    std::vector<float> y(n * rows), y_f32(n * rows), alone(rows);
+    ASSERT_TRUE(kernels::MatMulRows(t, 0, rows, x.data(), n, y.data(), rows).ok());
+    ASSERT_TRUE(kernels::MatMulRows(f32, 0, rows, x.data(), n, y_f32.data(), rows).ok());
+    EXPECT_EQ(y, y_f32) << kernels::IsaName(isa);
+    ASSERT_TRUE(kernels::MatMulRows(t, 0, 21, x.data() + cols, 1, alone.data(), rows).ok());
+    ASSERT_TRUE(kernels::MatMulRows(t, 21, rows, x.data() + cols, 1, alone.data(), rows).ok());
+    for (int64_t r = 0; r < rows; ++r) ASSERT_EQ(alone[r], y[rows + r]) << kernels::IsaName(isa) << " row " << r;
+  }
+  kernels::SetIsa(before);
+  // Truncated bytes are refused, not read past.
+  const Tensor short_t = Tensor::View("w", {rows, cols}, t.format, nullptr, t.data, t.nbytes - 1);
+  EXPECT_FALSE(kernels::DequantizeRows(short_t, 0, rows, decoded.data()).ok());
 }
 
 }  // namespace
