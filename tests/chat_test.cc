@@ -291,6 +291,17 @@ TEST(ChatServerTest, ModelWithItsOwnTemplate) {
   ASSERT_TRUE(tokenizer.ok());
   EXPECT_EQ(Member(Parse(r.body), "usage.prompt_tokens"),
             static_cast<int64_t>((*tokenizer)->Encode("[INST] Tell a story [/INST]", true)->size()));
+  // eos_token between turns is the EOS token too (its spelling would be 4+ text tokens): BOS, the first turns'
+  // text, EOS, then the last turn's text, each text piece encoded on its own.
+  const auto turns = HttpRequest(port, "POST", "/v1/chat/completions",
+                                 ChatBody("inst@file",
+                                          R"([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                              {"role": "user", "content": "More"}])",
+                                          "\"max_tokens\": 2"));
+  ASSERT_EQ(turns.status, 200) << turns.body;
+  const size_t expected = 1 + (*tokenizer)->Encode("[INST] Hi [/INST] Hello ", false)->size() + 1 +
+                          (*tokenizer)->Encode("[INST] More [/INST]", false)->size();
+  EXPECT_EQ(Member(Parse(turns.body), "usage.prompt_tokens"), static_cast<int64_t>(expected));
   const auto raised = HttpRequest(port, "POST", "/v1/chat/completions",
                                   ChatBody("inst@file", R"([{"role": "assistant", "content": "x"}])"));
   EXPECT_EQ(raised.status, 400);

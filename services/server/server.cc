@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/formats/json.h"
+#include "core/tokenizer/vocab_tokenizer.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "qforge/v1/artifacts.grpc.pb.h"
@@ -40,6 +41,9 @@ struct GenerationParams {
   std::vector<std::string> stop;
   Clock::time_point deadline = Clock::time_point::max();
   int logprobs = -1;  // serving::GenerationRequest::logprobs
+  // When set, the prompt as token ids (starting with BOS) instead of `prompt` encoded (chat: control tokens
+  // spelled by the template are parsed into their ids).
+  std::vector<int> prompt_tokens;
 };
 
 struct GenerationOutcome {
@@ -154,7 +158,7 @@ class InferenceServer::Impl {
       outcome_counter(absl::IsResourceExhausted(s) ? "rejected" : "invalid");
       return s;
     };
-    if (p.prompt.empty()) return fail(absl::InvalidArgumentError("prompt: empty"));
+    if (p.prompt.empty() && p.prompt_tokens.empty()) return fail(absl::InvalidArgumentError("prompt: empty"));
     if (!lm.tokenizer) {
       return fail(absl::FailedPreconditionError(absl::StrCat(
           ref, " has no tokenizer: load it with tokenizer_path (its file carries no vocabulary)")));
@@ -169,7 +173,8 @@ class InferenceServer::Impl {
     if (p.stop.size() > kMaxStopStrings) {
       return fail(absl::InvalidArgumentError(absl::StrCat("stop: at most ", kMaxStopStrings, " strings")));
     }
-    auto tokens = lm.tokenizer->Encode(p.prompt, /*add_bos=*/true);
+    auto tokens = p.prompt_tokens.empty() ? lm.tokenizer->Encode(p.prompt, /*add_bos=*/true)
+                                          : absl::StatusOr<std::vector<int>>(p.prompt_tokens);
     if (!tokens.ok()) return fail(absl::InvalidArgumentError(absl::StrCat("prompt: ", tokens.status().message())));
 
     serving::GenerationRequest req;
@@ -661,8 +666,26 @@ class InferenceServer::Impl {
     return out;
   }
 
-  // The prompt text of a conversation under the model's template. The tokenizer adds BOS as a token, so a
-  // bos_token the template wrote at the start is removed from the text (it would otherwise be spelled out).
+  // The prompt of a conversation under the model's template, as token ids starting with BOS. The spellings of
+  // control tokens the template writes (bos_token, eos_token between turns, <|im_start|> of a model that has it)
+  // become those tokens, as transformers tokenizes a rendered chat; BOS is added when the text does not start
+  // with it.
+  static absl::StatusOr<std::vector<int>> ChatPromptTokens(const LoadedModel& lm,
+                                                           const std::vector<chat::ChatMessage>& messages) {
+    if (!lm.tokenizer) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          lm.ref(), " has no tokenizer: load it with tokenizer_path (its file carries no vocabulary)"));
+    }
+    QF_ASSIGN_OR_RETURN(const std::string text, RenderChat(lm, messages));
+    const auto* vocab = dynamic_cast<const VocabTokenizer*>(lm.tokenizer.get());
+    auto ids = vocab != nullptr ? vocab->EncodeWithControlTokens(text, /*add_bos=*/false)
+                                : lm.tokenizer->Encode(text, /*add_bos=*/false);
+    if (!ids.ok()) return absl::InvalidArgumentError(absl::StrCat("messages: ", ids.status().message()));
+    if (ids->empty() || ids->front() != lm.tokenizer->bos_id()) ids->insert(ids->begin(), lm.tokenizer->bos_id());
+    return ids;
+  }
+
+  // The conversation rendered by the model's template.
   static absl::StatusOr<std::string> RenderChat(const LoadedModel& lm, const std::vector<chat::ChatMessage>& messages) {
     if (lm.chat_template == nullptr) {
       return absl::FailedPreconditionError(
@@ -670,8 +693,9 @@ class InferenceServer::Impl {
     }
     auto text = lm.chat_template->Apply(messages, lm.bos_text, lm.eos_text, /*add_generation_prompt=*/true);
     if (!text.ok()) return absl::InvalidArgumentError(absl::StrCat("messages: ", text.status().message()));
-    if (!lm.bos_text.empty() && text->starts_with(lm.bos_text)) text->erase(0, lm.bos_text.size());
-    if (text->empty()) return absl::InvalidArgumentError("messages: the chat template rendered an empty prompt");
+    if (text->empty() || *text == lm.bos_text) {
+      return absl::InvalidArgumentError("messages: the chat template rendered an empty prompt");
+    }
     return text;
   }
 
@@ -683,9 +707,9 @@ class InferenceServer::Impl {
     if (!parsed.ok()) return send_error(parsed.status());
     auto lm = models().Get(parsed->common.model, "");
     if (!lm.ok()) return send_error(lm.status());
-    auto prompt = RenderChat(**lm, parsed->messages);
+    auto prompt = ChatPromptTokens(**lm, parsed->messages);
     if (!prompt.ok()) return send_error(prompt.status());
-    parsed->common.params.prompt = *std::move(prompt);
+    parsed->common.params.prompt_tokens = *std::move(prompt);
     const std::string id = absl::StrCat("chatcmpl-", ++completion_ids_);
     const int64_t created = NowSeconds();
     const std::string ref = (*lm)->ref();
