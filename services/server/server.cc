@@ -486,6 +486,8 @@ class InferenceServer::Impl {
                        const char* finish)> whole;
     // Sent once before the first streamed chunk (the chat API's role delta), or null.
     std::function<Json()> stream_start;
+    // A streamed chunk's members without its choices (id, object, created, model): the usage chunk's frame.
+    std::function<Json()> chunk_envelope;
   };
 
   // Runs the generation and answers: server-sent events (`data: {chunk}` per piece, a last chunk with the
@@ -515,18 +517,17 @@ class InferenceServer::Impl {
         },
         [&w] { return w.ClientGone(); });
     if (!outcome.ok()) {
-      if (!started) return w.Send(HttpStatusOf(outcome.status()), "application/json", ErrorJson(outcome.status())), void();
+      if (!started) {
+        w.Send(HttpStatusOf(outcome.status()), "application/json", ErrorJson(outcome.status()));
+        return;
+      }
       w.WriteChunk("data: " + ErrorJson(outcome.status()) + "\n\n");
       w.EndStream();
       return;
     }
     if (r.stream) {
-      if (r.include_usage_in_stream) {
-        Json usage_chunk = shape.chunk("", {}, nullptr);
-        usage_chunk.mutable_object().erase(
-            std::remove_if(usage_chunk.mutable_object().begin(), usage_chunk.mutable_object().end(),
-                           [](const auto& m) { return m.first == "choices"; }),
-            usage_chunk.mutable_object().end());
+      if (r.include_usage_in_stream) {  // OpenAI's last chunk before [DONE]: no choices, the usage
+        Json usage_chunk = shape.chunk_envelope();
         usage_chunk.Set("choices", Json::MakeArray());
         usage_chunk.Set("usage", Usage(*outcome));
         send(usage_chunk);
@@ -575,7 +576,10 @@ class InferenceServer::Impl {
       body.Set("choices", Json::MakeArray({std::move(choice)}));
       return body;
     };
-    ServeGeneration(**lm, *parsed, "http", ResponseShape{choice_object, choice_object, nullptr}, w);
+    ServeGeneration(**lm, *parsed, "http",
+                    ResponseShape{choice_object, choice_object, nullptr,
+                                  [&] { return Envelope(id, "text_completion", created, ref); }},
+                    w);
   }
 
   // --- /v1/chat/completions ---------------------------------------------------------------------------------
@@ -731,6 +735,7 @@ class InferenceServer::Impl {
       body.Set("choices", Json::MakeArray({choice("delta", std::move(delta), logprobs, finish)}));
       return body;
     };
+    shape.chunk_envelope = [&] { return Envelope(id, "chat.completion.chunk", created, ref); };
     shape.stream_start = [&] {
       Json delta = Json::MakeObject();
       delta.Set("role", Json::String("assistant"));
