@@ -11,9 +11,11 @@
 // literals (strings, ints, floats, true / false / none in either case, lists, dicts), names, attributes,
 // subscripts and slices, calls; operators `if else`, or, and, not, == != < <= > >=, in, not in, is [not] TEST,
 // ~ + - * / // % **, unary - and +; filters trim, length / count, upper, lower, title, capitalize, default / d,
-// first, last, join, string, int, float, list, reverse, replace, tojson, items, unique-free basics; string
-// methods strip / lstrip / rstrip / upper / lower / title / capitalize / startswith / endswith / split /
-// replace / find, dict methods items / keys / values / get; functions raise_exception, range, namespace.
+// first, last, join, string, int, float, list, reverse, replace, items, tojson (without indent), abs; tests
+// defined, undefined, none, boolean, true, false, string, number, integer, float, mapping, iterable, sequence,
+// even, odd, divisibleby, eq / equalto / sameas, ne, lt, le, gt, ge, in, lower, upper; string methods strip /
+// lstrip / rstrip / upper / lower / title / capitalize / startswith / endswith / split / replace / find, dict
+// methods items / keys / values / get; functions raise_exception, range, namespace, dict.
 //
 // Errors (parse and render) are INVALID_ARGUMENT with "line L, column C" of the offending construct, and
 // raise_exception(msg) fails rendering with msg. Templates are treated as untrusted input: nesting depth,

@@ -276,6 +276,7 @@ TEST(TemplateErrorsTest, RenderErrorsNameTheirPosition) {
   EXPECT_THAT(RenderError("{{ 'a' | frob }}").message(), HasSubstr("unsupported filter 'frob'"));
   EXPECT_THAT(RenderError("{% for x in 3 %}{% endfor %}").message(), HasSubstr("cannot iterate"));
   EXPECT_THAT(RenderError("{{ 9223372036854775807 + 1 }}").message(), HasSubstr("integer overflow"));
+  EXPECT_THAT(RenderError("{{ [1] | tojson(indent=4) }}").message(), HasSubstr("indent is not supported"));
 }
 
 TEST(TemplateErrorsTest, HostileTemplatesHitBoundsInsteadOfExhaustingResources) {

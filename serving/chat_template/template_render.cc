@@ -801,6 +801,9 @@ class Renderer {
       return CallMethod(n, v, "items", args);
     }
     if (f == "tojson") {
+      if (const Value* indent = args.Get(0, "indent"); indent != nullptr && !indent->is_none()) {
+        return Error(n, "tojson: indent is not supported");  // rather than a layout that differs from Python's
+      }
       std::string out;
       if (absl::Status s = ToJson(v, &out); !s.ok()) return Error(n, s.message());
       return Value::String(std::move(out));
