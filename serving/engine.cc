@@ -54,6 +54,7 @@ struct Engine::Request {
   int pending_token = -1;    // sampled and streamed, to be fed at next_pos by the next step
   int prev_token;            // the token before the next one, for DecodePiece
   std::vector<int> unreported;  // generated since the last event
+  std::vector<TokenLogprob> unreported_logprobs;  // theirs, when the request asked for log-probabilities
   int completion = 0;
   bool finished = false;
 
@@ -135,6 +136,10 @@ absl::Status Engine::Validate(const GenerationRequest& r) const {
   }
   if (!std::isfinite(r.sampler.temperature) || !std::isfinite(r.sampler.top_p)) {
     return absl::InvalidArgumentError("sampler temperature and top_p must be finite");
+  }
+  if (r.logprobs < -1 || r.logprobs > kMaxTopLogprobs) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("logprobs ", r.logprobs, " outside [-1, ", kMaxTopLogprobs, "]"));
   }
   if (!r.stop.empty() && tokenizer_ == nullptr) {
     return absl::InvalidArgumentError("stop strings need an engine with a tokenizer");
@@ -303,14 +308,17 @@ void Engine::Advance(Request& r, std::span<const float> logits) {
   r.unreported.push_back(token);
   ++r.completion;
   std::string text;
+  std::string piece_text;
   if (tokenizer_ != nullptr) {
     absl::StatusOr<std::string> piece = tokenizer_->DecodePiece(r.prev_token, token);
     if (!piece.ok()) {
       Finish(r, FinishReason::kError, piece.status());
       return;
     }
+    piece_text = *piece;
     text = r.text.Push(*piece);
   }
+  if (r.request.logprobs >= 0) r.unreported_logprobs.push_back(Logprobs(r, logits, token, std::move(piece_text)));
   r.prev_token = token;
   // Generate's order: the length limit, then the context, so the same prompt stops the same way.
   if (r.text.stopped()) {
@@ -324,6 +332,8 @@ void Engine::Advance(Request& r, std::span<const float> logits) {
     event.text = std::move(text);
     event.tokens = std::move(r.unreported);
     r.unreported.clear();
+    event.logprobs = std::move(r.unreported_logprobs);
+    r.unreported_logprobs.clear();
     event.prompt_tokens = r.prompt_len();
     event.completion_tokens = r.completion;
     if (!r.on_event(event)) {
@@ -332,6 +342,32 @@ void Engine::Advance(Request& r, std::span<const float> logits) {
     }
     r.pending_token = token;
   }
+}
+
+TokenLogprob Engine::Logprobs(const Request& r, std::span<const float> logits, int token, std::string piece) {
+  eval::LogSoftmax(logits, log_probs_);
+  TokenLogprob out;
+  out.token = token;
+  out.piece = std::move(piece);
+  out.logprob = static_cast<float>(log_probs_[token]);
+  const int k = std::min<int>(r.request.logprobs, static_cast<int>(logits.size()));
+  if (k == 0) return out;
+  // The k most likely ids, ties to the lower id so the order is deterministic.
+  top_ids_.resize(logits.size());
+  for (size_t i = 0; i < top_ids_.size(); ++i) top_ids_[i] = static_cast<int>(i);
+  std::partial_sort(top_ids_.begin(), top_ids_.begin() + k, top_ids_.end(), [&](int a, int b) {
+    return log_probs_[a] > log_probs_[b] || (log_probs_[a] == log_probs_[b] && a < b);
+  });
+  for (int i = 0; i < k; ++i) {
+    TokenLogprob::Alternative alt;
+    alt.token = top_ids_[i];
+    alt.logprob = static_cast<float>(log_probs_[alt.token]);
+    if (tokenizer_ != nullptr) {
+      if (absl::StatusOr<std::string> p = tokenizer_->DecodePiece(r.prev_token, alt.token); p.ok()) alt.piece = *p;
+    }
+    out.top.push_back(std::move(alt));
+  }
+  return out;
 }
 
 void Engine::Finish(Request& r, FinishReason reason, absl::Status error, std::string text) {
@@ -348,6 +384,8 @@ void Engine::Finish(Request& r, FinishReason reason, absl::Status error, std::st
   event.text = std::move(text);
   event.tokens = std::move(r.unreported);
   r.unreported.clear();
+  event.logprobs = std::move(r.unreported_logprobs);
+  r.unreported_logprobs.clear();
   event.done = true;
   event.finish = reason;
   event.error = std::move(error);

@@ -44,6 +44,21 @@ struct EngineOptions {
 inline constexpr int kMaxStopStrings = 16;
 inline constexpr size_t kMaxStopStringBytes = 256;
 
+// How likely the model found one generated token: the log-softmax of its logits at temperature 1 (the model's own
+// distribution, whatever temperature and top_p the sampler used).
+struct TokenLogprob {
+  struct Alternative {
+    int token = 0;
+    std::string piece;
+    float logprob = 0;
+  };
+  int token = 0;
+  std::string piece;  // the token's DecodePiece after the previous token: raw bytes, "" without a tokenizer
+  float logprob = 0;
+  std::vector<Alternative> top;  // the GenerationRequest::logprobs most likely tokens, most likely first
+};
+inline constexpr int kMaxTopLogprobs = 20;
+
 struct GenerationRequest {
   std::vector<int> prompt = {};  // non-empty, starts with BOS
   int max_tokens = 128;          // 1 ..= context
@@ -51,6 +66,8 @@ struct GenerationRequest {
   std::vector<std::string> stop = {};  // stop strings on the decoded text (needs a tokenizer)
   bool stop_at_eos = true;        // the tokenizer's EOS (else the model vocabulary's) ends the stream, unsent
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+  // -1: no log-probabilities; 0 ..= kMaxTopLogprobs: every generated token's, with that many alternatives.
+  int logprobs = -1;
 };
 
 enum class FinishReason { kLength, kStop, kEos, kContextFull, kCancelled, kDeadline, kError };
@@ -60,6 +77,7 @@ const char* FinishReasonName(FinishReason reason);
 struct StreamEvent {
   std::string text;         // new text since the last event (valid UTF-8; may be empty while held back)
   std::vector<int> tokens;  // tokens generated since the last event (the EOS is never included)
+  std::vector<TokenLogprob> logprobs;  // one per entry of `tokens` when the request asked for them
   bool done = false;
   FinishReason finish = FinishReason::kLength;  // meaningful when done
   absl::Status error;                           // set with kError
@@ -117,7 +135,7 @@ class Engine {
 
   // Queues a request; it joins the running batch at a following step. Thread-safe. INVALID_ARGUMENT for an
   // empty prompt, one longer than the context, max_tokens outside [1, context], a bad token id, a
-  // non-finite sampler option, bad stop strings (empty, too many, too long, or without a tokenizer), or no
+  // non-finite sampler option, logprobs outside [-1, kMaxTopLogprobs], bad stop strings (empty, too many, too long, or without a tokenizer), or no
   // callback; RESOURCE_EXHAUSTED when max_queue requests are already waiting; UNAVAILABLE after Shutdown.
   absl::StatusOr<std::shared_ptr<RequestHandle>> Submit(GenerationRequest request, EventCallback on_event);
 
@@ -143,6 +161,8 @@ class Engine {
   void Step();
   // Samples the request's next token from `logits` and streams it, finishing the request when it ends.
   void Advance(Request& r, std::span<const float> logits);
+  // `token`'s log-probability under `logits` and the request's top alternatives (their pieces after prev_token).
+  TokenLogprob Logprobs(const Request& r, std::span<const float> logits, int token, std::string piece);
   // Sends the done event (once) with `text` plus, unless the stream stopped, everything held back.
   void Finish(Request& r, FinishReason reason, absl::Status error = absl::OkStatus(), std::string text = "");
   // Gives the caches of finished running requests back to the pool and drops the requests.
@@ -161,6 +181,8 @@ class Engine {
   std::vector<BatchToken> batch_;
   std::vector<Request*> logits_owners_;  // the request of each logits row
   std::vector<float> logits_;
+  std::vector<double> log_probs_;  // Logprobs' scratch
+  std::vector<int> top_ids_;
 
   mutable std::mutex mu_;
   std::condition_variable wake_;

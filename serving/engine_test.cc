@@ -57,6 +57,12 @@ class Stream {
     for (const StreamEvent& e : events_) t.insert(t.end(), e.tokens.begin(), e.tokens.end());
     return t;
   }
+  std::vector<TokenLogprob> logprobs() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<TokenLogprob> l;
+    for (const StreamEvent& e : events_) l.insert(l.end(), e.logprobs.begin(), e.logprobs.end());
+    return l;
+  }
   std::string text() const {
     std::lock_guard<std::mutex> lock(mu_);
     std::string t;
@@ -479,6 +485,49 @@ TEST(Engine, ScoreEqualsLogSoftmaxOfForwardAndLeavesTheBatchAlone) {
   EXPECT_EQ(engine->Score(std::vector<int>(129, 5)).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(engine->Score({1, vocab}).status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(engine->Score(std::vector<int>(128, 5)).ok());
+}
+
+// Log-probabilities come from the model's distribution (temperature 1) whatever the sampler does, so they equal
+// what Score computes for the prompt followed by the generated tokens; the alternatives are the most likely ids.
+TEST(Engine, LogprobsEqualScoreOfTheGeneratedTokens) {
+  const TestModel tm = TinyWithVocab(59);
+  auto engine = MakeEngine(tm, {.threads = 2});
+  ASSERT_NE(engine, nullptr);
+  const int vocab = tm.model->config.vocab_size;
+  GenerationRequest with{.prompt = Prompt(6, 9, vocab), .max_tokens = 12, .sampler = {.temperature = 0.7f, .seed = 4},
+                         .stop_at_eos = false, .logprobs = 5};
+  GenerationRequest without = with;
+  without.logprobs = -1;
+  Stream a, b;
+  ASSERT_TRUE(engine->Submit(with, a.Callback()).ok());
+  ASSERT_TRUE(engine->Submit(without, b.Callback()).ok());
+  a.WaitDone();
+  b.WaitDone();
+  EXPECT_TRUE(b.logprobs().empty());
+  EXPECT_EQ(a.tokens(), b.tokens());  // asking for logprobs does not change what is sampled
+  const std::vector<int> generated = a.tokens();
+  const std::vector<TokenLogprob> lps = a.logprobs();
+  ASSERT_EQ(lps.size(), generated.size());
+  std::vector<int> all = with.prompt;
+  all.insert(all.end(), generated.begin(), generated.end());
+  auto score = engine->Score(all);
+  ASSERT_TRUE(score.ok()) << score.status();
+  int prev = with.prompt.back();
+  for (size_t i = 0; i < lps.size(); ++i) {
+    // Raw bytes, as the tokenizer spells the token after its predecessor (the text stream repairs UTF-8 later).
+    EXPECT_EQ(lps[i].piece, *tm.tokenizer->DecodePiece(prev, generated[i]));
+    prev = generated[i];
+    EXPECT_EQ(lps[i].token, generated[i]);
+    EXPECT_EQ(lps[i].logprob, score->token_logprobs[with.prompt.size() - 1 + i]) << i;
+    ASSERT_EQ(lps[i].top.size(), 5u);
+    EXPECT_LE(lps[i].logprob, lps[i].top[0].logprob);
+    for (size_t k = 1; k < 5; ++k) {
+      EXPECT_GE(lps[i].top[k - 1].logprob, lps[i].top[k].logprob);
+    }
+  }
+  GenerationRequest bad = with;
+  bad.logprobs = kMaxTopLogprobs + 1;
+  EXPECT_EQ(engine->Submit(bad, a.Callback()).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(Engine, ShutdownEndsEveryStreamExactlyOnce) {

@@ -12,6 +12,10 @@
 namespace qforge::formats {
 
 enum class FileFormat { kUnknown, kSafetensors, kGguf, kLlama2c };
+
+// Model::metadata key of the model's chat template (Jinja text): GGUF's `tokenizer.chat_template`, or, beside
+// safetensors, tokenizer_config.json's `chat_template` (or chat_template.jinja). Both writers write it back.
+inline constexpr char kChatTemplateKey[] = "tokenizer.chat_template";
 const char* FileFormatName(FileFormat f);
 
 // Guesses the format from the first bytes and the name: GGUF magic, a safetensors header length + '{',

@@ -281,6 +281,7 @@ class GgufParser {
     if (const Value* v = Find("general.file_type"); v != nullptr && v->type == kU32) {
       m.metadata["general.file_type"] = absl::StrCat(v->u);
     }
+    if (const Value* v = Find(kChatTemplateKey); v != nullptr && v->type == kString) m.metadata[kChatTemplateKey] = v->s;
     m.metadata["source.format"] = "gguf";
     QF_RETURN_IF_ERROR(ValidateModel(m));
     return m;
@@ -619,6 +620,7 @@ absl::StatusOr<GgufParts> MakeGgufParts(const Model& m) {
     kv.KeyBool("tokenizer.ggml.add_space_prefix", v.normalizer.add_dummy_prefix);
     kv.KeyBool("tokenizer.ggml.remove_extra_whitespaces", v.normalizer.remove_extra_whitespaces);
   }
+  if (auto t = m.metadata.find(kChatTemplateKey); t != m.metadata.end()) kv.KeyString(kChatTemplateKey, t->second);
 
   Writer w;
   w.Put<uint32_t>(kMagic);

@@ -116,6 +116,24 @@ TEST_P(GgufRoundTrip, SyntheticModelWithVocab) {
 }
 INSTANTIATE_TEST_SUITE_P(TiedAndUntied, GgufRoundTrip, ::testing::Bool());
 
+// tokenizer.chat_template (what llama.cpp and qforge-server read a model's chat template from) survives a round trip.
+TEST(GgufTest, ChatTemplateTravelsAsTokenizerChatTemplate) {
+  Model m = MakeSyntheticModel(TinyTestConfig(), 5, /*with_vocab=*/true);
+  const std::string chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m.content }}\n{% endfor %}";
+  m.metadata[kChatTemplateKey] = chat_template;
+  auto bytes = SerializeGguf(m);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  const std::string text(bytes->begin(), bytes->end());
+  EXPECT_NE(text.find("tokenizer.chat_template"), std::string::npos);
+  auto r = ParseGguf(*bytes, nullptr);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->metadata.at(kChatTemplateKey), chat_template);
+  m.metadata.erase(kChatTemplateKey);
+  auto without = ParseGguf(*SerializeGguf(m), nullptr);
+  ASSERT_TRUE(without.ok()) << without.status();
+  EXPECT_EQ(without->metadata.count(kChatTemplateKey), 0u);
+}
+
 // Experts travel stacked as llama.cpp stores them (blk.N.ffn_*_exps.weight, [E, rows, cols], with
 // llama.expert_count / expert_used_count) and come back as one matrix per expert, byte for byte.
 TEST(GgufTest, MoeExpertsAreStackedAndSplitBack) {

@@ -598,6 +598,48 @@ absl::Status LoadSharded(const std::string& index_path, Loaded* out) {
 
 }  // namespace
 
+namespace {
+
+// Hugging Face keeps the chat template in tokenizer_config.json: "chat_template" is the Jinja text, or a list of
+// {"name", "template"} whose "default" entry is the one apply_chat_template uses; newer exports put it in
+// chat_template.jinja instead. A file that is there but unusable is noted in metadata, not fatal: the model
+// still serves completions.
+void AttachChatTemplate(const fs::path& dir, Model* m) {
+  std::error_code ec;
+  const fs::path config_path = dir / "tokenizer_config.json";
+  if (fs::is_regular_file(config_path, ec)) {
+    auto text = ReadFileToString(config_path.string());
+    auto json = text.ok() ? ParseJson(*text) : absl::StatusOr<Json>(text.status());
+    if (!json.ok()) {
+      m->metadata["tokenizer.chat_template.skipped"] = absl::StrCat(config_path.string(), ": ", json.status().message());
+    } else if (const Json* t = json->Find("chat_template"); t != nullptr) {
+      if (t->is_string()) {
+        m->metadata[kChatTemplateKey] = t->string_value();
+        return;
+      }
+      if (t->is_array()) {
+        for (const Json& entry : t->array()) {
+          const Json* name = entry.Find("name");
+          const Json* body = entry.Find("template");
+          if (name != nullptr && name->is_string() && name->string_value() == "default" && body != nullptr &&
+              body->is_string()) {
+            m->metadata[kChatTemplateKey] = body->string_value();
+            return;
+          }
+        }
+      }
+      m->metadata["tokenizer.chat_template.skipped"] =
+          absl::StrCat(config_path.string(), ": chat_template is neither a string nor a list with a \"default\" entry");
+    }
+  }
+  const fs::path jinja_path = dir / "chat_template.jinja";
+  if (fs::is_regular_file(jinja_path, ec)) {
+    if (auto text = ReadFileToString(jinja_path.string()); text.ok()) m->metadata[kChatTemplateKey] = *text;
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<Model> ReadSafetensors(const std::string& path) {
   std::error_code ec;
   Loaded loaded;
@@ -634,6 +676,7 @@ absl::StatusOr<Model> ReadSafetensors(const std::string& path) {
   m->metadata["source.path"] = path;
   // Hugging Face keeps a SentencePiece vocabulary beside the weights as tokenizer.model.
   AttachSiblingTokenizer(path, {"tokenizer.model"}, &*m);
+  AttachChatTemplate(dir, &*m);
   return m;
 }
 
@@ -641,7 +684,7 @@ namespace {
 
 // tokenizer_config.json for a SentencePiece vocabulary, so Hugging Face's LlamaTokenizer finds the special
 // tokens (the normaliser flags live in tokenizer.model itself).
-std::string HfTokenizerConfigJson(const Vocab& v) {
+std::string HfTokenizerConfigJson(const Vocab& v, const std::map<std::string, std::string>& metadata) {
   auto piece = [&](int id) {
     return id >= 0 && static_cast<size_t>(id) < v.tokens.size() ? Json::String(v.tokens[id]) : Json::Null();
   };
@@ -652,6 +695,7 @@ std::string HfTokenizerConfigJson(const Vocab& v) {
   j.Set("unk_token", piece(v.unk_id));
   j.Set("add_bos_token", Json::Bool(true));
   j.Set("add_eos_token", Json::Bool(false));
+  if (auto t = metadata.find(kChatTemplateKey); t != metadata.end()) j.Set("chat_template", Json::String(t->second));
   return j.Dump() + "\n";
 }
 
@@ -668,7 +712,7 @@ absl::Status WriteSafetensors(const Model& m, const std::string& path) {
   QF_RETURN_IF_ERROR(WriteText(dir / "config.json", HfConfigJson(m.config)));
   if (!m.vocab.has_value() || m.vocab->model != "llama") return absl::OkStatus();
   QF_RETURN_IF_ERROR(WriteSentencePieceModel(*m.vocab, (dir / "tokenizer.model").string()));
-  return WriteText(dir / "tokenizer_config.json", HfTokenizerConfigJson(*m.vocab));
+  return WriteText(dir / "tokenizer_config.json", HfTokenizerConfigJson(*m.vocab, m.metadata));
 }
 
 }  // namespace qforge::formats

@@ -146,6 +146,35 @@ TEST(SafetensorsTest, MixtralRoundTrip) {
   EXPECT_NE(std::string(cfg.begin(), cfg.end()).find("MixtralForCausalLM"), std::string::npos);
 }
 
+// Hugging Face models carry their chat template in tokenizer_config.json (a string, or a list of named templates
+// of which "default" is used) or, in newer exports, in chat_template.jinja.
+TEST(SafetensorsTest, ChatTemplateIsReadFromTokenizerConfigBesideTheWeights) {
+  Model m = MakeSyntheticModel(TinyTestConfig(), 3, /*with_vocab=*/false);
+  const std::string dir = TempDir("st_chat_template");
+  ASSERT_TRUE(WriteSafetensors(m, dir + "/model.safetensors").ok());
+  auto read = [&]() {
+    auto r = ReadSafetensors(dir);
+    EXPECT_TRUE(r.ok()) << r.status();
+    return r.ok() ? *std::move(r) : Model();
+  };
+  EXPECT_EQ(read().metadata.count(kChatTemplateKey), 0u);
+  auto write = [&](const std::string& name, const std::string& text) {
+    WriteBytes(dir + "/" + name, std::vector<uint8_t>(text.begin(), text.end()));
+  };
+  write("chat_template.jinja", "{{ 'from the jinja file' }}");
+  EXPECT_EQ(read().metadata.at(kChatTemplateKey), "{{ 'from the jinja file' }}");
+  write("tokenizer_config.json", R"({"bos_token": "<s>", "chat_template": "{{ bos_token }}{% for m in messages %}\n{% endfor %}"})");
+  EXPECT_EQ(read().metadata.at(kChatTemplateKey), "{{ bos_token }}{% for m in messages %}\n{% endfor %}");
+  write("tokenizer_config.json",
+        R"({"chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]})");
+  EXPECT_EQ(read().metadata.at(kChatTemplateKey), "D");
+  // A broken tokenizer_config.json does not stop the model from loading; it is noted and the .jinja file is used.
+  write("tokenizer_config.json", "{not json");
+  const Model broken = read();
+  EXPECT_EQ(broken.metadata.at(kChatTemplateKey), "{{ 'from the jinja file' }}");
+  EXPECT_NE(broken.metadata.at("tokenizer.chat_template.skipped").find("tokenizer_config.json"), std::string::npos);
+}
+
 TEST(SafetensorsTest, Nf4DoubleQuantAcrossScaleGroupsIsRefused) {
   // Q4k config: head 64 rows x 8 blocks of 32 = 512 blocks per head, so rotate-half moves blocks between
   // groups of 256 blocks that share a scale.

@@ -262,6 +262,36 @@ TEST(VocabTokenizer, ByteVocabularyRoundTripAndMerges) {
   EXPECT_EQ(pieces("\xc3\xa9"), (std::vector<std::string>{"<0xE2>", "<0x96>", "<0x81>", "<0xC3>", "<0xA9>"}));
 }
 
+TEST(VocabTokenizer, EncodeWithControlTokensMapsTheirSpellings) {
+  Vocab v;
+  auto add = [&](std::string p, float s, TokenType t) {
+    v.tokens.push_back(std::move(p));
+    v.scores.push_back(s);
+    v.types.push_back(t);
+  };
+  add("<unk>", 0, TokenType::kUnknown);  // 0
+  add("<s>", 0, TokenType::kControl);    // 1
+  add("</s>", 0, TokenType::kControl);   // 2
+  add("\xe2\x96\x81", -10, TokenType::kNormal);  // 3 "▁"
+  add("a", -10, TokenType::kNormal);     // 4
+  add("b", -10, TokenType::kNormal);     // 5
+  add("<", -10, TokenType::kNormal);     // 6
+  add("s", -10, TokenType::kNormal);     // 7
+  add(">", -10, TokenType::kNormal);     // 8
+  add("<|x|>", 0, TokenType::kControl);  // 9
+  add("<|x|>y", 0, TokenType::kControl); // 10: longer, so it wins where both match
+  add("y", -10, TokenType::kNormal);     // 11
+  auto t = VocabTokenizer::Create(v);
+  ASSERT_TRUE(t.ok()) << t.status();
+  // Plain Encode spells "<s>" out; this one makes it BOS, and each text piece gets its dummy prefix.
+  EXPECT_EQ(*(*t)->Encode("<s>a", false), (std::vector<int>{3, 6, 7, 8, 4}));
+  EXPECT_EQ(*(*t)->EncodeWithControlTokens("<s>a</s><s>b", false), (std::vector<int>{1, 3, 4, 2, 1, 3, 5}));
+  EXPECT_EQ(*(*t)->EncodeWithControlTokens("a<|x|>ya<|x|>", true), (std::vector<int>{1, 3, 4, 10, 3, 4, 9}));
+  // No control spelling: the same as Encode; "<unk>" is not a control token and stays text.
+  EXPECT_EQ(*(*t)->EncodeWithControlTokens("ab<s", false), *(*t)->Encode("ab<s", false));
+  EXPECT_EQ(*(*t)->EncodeWithControlTokens("", true), (std::vector<int>{1}));
+}
+
 TEST(VocabTokenizer, MergesByScoreNotLength) {
   // Pieces: a, b, c, ab (score -5), bc (score -1), abc (score -2). "abc": bc outranks ab, then a+bc=abc.
   Vocab v;

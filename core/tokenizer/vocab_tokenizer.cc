@@ -1,5 +1,6 @@
 #include "core/tokenizer/vocab_tokenizer.h"
 
+#include <algorithm>
 #include <cstring>
 #include <queue>
 
@@ -53,8 +54,50 @@ VocabTokenizer::VocabTokenizer(Vocab vocab) : vocab_(std::move(vocab)) {
     } else if (type == TokenType::kByte) {
       const int b = ParseBytePiece(vocab_.tokens[id]);
       if (b >= 0 && byte_ids_[b] < 0) byte_ids_[b] = id;
+    } else if (type == TokenType::kControl && !vocab_.tokens[id].empty()) {
+      control_ids_.push_back(id);
     }
   }
+  std::stable_sort(control_ids_.begin(), control_ids_.end(),
+                   [&](int a, int b) { return vocab_.tokens[a].size() > vocab_.tokens[b].size(); });
+}
+
+absl::StatusOr<std::vector<int>> VocabTokenizer::EncodeWithControlTokens(const std::string& text, bool add_bos) const {
+  std::vector<int> ids;
+  if (add_bos) ids.push_back(vocab_.bos_id);
+  bool first_byte[256] = {};
+  for (int id : control_ids_) first_byte[static_cast<unsigned char>(vocab_.tokens[id][0])] = true;
+  size_t segment = 0;  // start of the text not yet encoded
+  auto flush = [&](size_t end) -> absl::Status {
+    if (end > segment) {
+      absl::StatusOr<std::vector<int>> piece = Encode(text.substr(segment, end - segment), false);
+      if (!piece.ok()) return piece.status();
+      ids.insert(ids.end(), piece->begin(), piece->end());
+    }
+    return absl::OkStatus();
+  };
+  for (size_t i = 0; i < text.size();) {
+    int match = -1;
+    if (first_byte[static_cast<unsigned char>(text[i])]) {
+      for (int id : control_ids_) {  // longest first
+        const std::string& piece = vocab_.tokens[id];
+        if (text.compare(i, piece.size(), piece) == 0) {
+          match = id;
+          break;
+        }
+      }
+    }
+    if (match < 0) {
+      ++i;
+      continue;
+    }
+    if (absl::Status s = flush(i); !s.ok()) return s;
+    ids.push_back(match);
+    i += vocab_.tokens[match].size();
+    segment = i;
+  }
+  if (absl::Status s = flush(text.size()); !s.ok()) return s;
+  return ids;
 }
 
 absl::StatusOr<std::unique_ptr<VocabTokenizer>> VocabTokenizer::Create(Vocab vocab) {

@@ -24,6 +24,12 @@ class VocabTokenizer : public Tokenizer {
   // or, when the vocabulary has no byte tokens, unk (one for a whole run of such characters, as
   // libsentencepiece merges adjacent unknown pieces).
   absl::StatusOr<std::vector<int>> Encode(const std::string& text, bool add_bos) const override;
+  // Encode, except that the spelling of a control token (type kControl: "<s>", "</s>", "<|im_start|>", ...)
+  // anywhere in `text` becomes that token, the longest spelling where several start at one place; the text
+  // between them is encoded on its own (each piece with the dummy prefix, as Hugging Face's legacy Llama
+  // tokenizer does after a special token). For prompts rendered by a chat template, whose turns are marked
+  // with such tokens; Encode itself never produces control tokens from text.
+  absl::StatusOr<std::vector<int>> EncodeWithControlTokens(const std::string& text, bool add_bos) const;
   // As libsentencepiece decodes: a run of byte tokens becomes its UTF-8 text with U+FFFD for each byte that
   // is not part of a well-formed character; the leading "▁" of the first text piece is dropped when the
   // dummy prefix (or remove_extra_whitespaces) is on, and with remove_extra_whitespaces every leading "▁" is
@@ -45,6 +51,7 @@ class VocabTokenizer : public Tokenizer {
 
   Vocab vocab_;
   std::unordered_map<std::string, int> mergeable_;  // normal and user-defined pieces -> id
+  std::vector<int> control_ids_;                    // control tokens with a non-empty piece, longest piece first
   int byte_ids_[256];                                // <0xNN> -> id, or -1
 };
 

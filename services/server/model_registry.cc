@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/formats/formats.h"
+#include "core/tokenizer/vocab_tokenizer.h"
 
 namespace qforge::server {
 namespace {
@@ -30,6 +31,24 @@ void Measure(LoadedModel& m) {
       best = bytes;
       m.encoding = encoding;
     }
+  }
+}
+
+// The chat template and the texts of its bos_token / eos_token.
+void AttachChatTemplate(LoadedModel& m) {
+  const auto it = m.model->metadata.find(formats::kChatTemplateKey);
+  m.default_chat_template = it == m.model->metadata.end();
+  auto parsed = chat::ChatTemplate::Parse(m.default_chat_template ? chat::kDefaultChatTemplate : it->second);
+  if (parsed.ok()) {
+    m.chat_template = std::make_shared<const chat::ChatTemplate>(*std::move(parsed));
+  } else {
+    m.chat_template_error = parsed.status();
+  }
+  if (const auto* vocab = dynamic_cast<const VocabTokenizer*>(m.tokenizer.get()); vocab != nullptr) {
+    const std::vector<std::string>& pieces = vocab->vocab().tokens;
+    auto piece = [&](int id) { return id >= 0 && static_cast<size_t>(id) < pieces.size() ? pieces[id] : ""; };
+    m.bos_text = piece(vocab->bos_id());
+    m.eos_text = piece(vocab->eos_id());
   }
 }
 
@@ -155,6 +174,7 @@ absl::StatusOr<std::shared_ptr<LoadedModel>> ModelRegistry::Load(const std::stri
     }
     m->tokenizer = std::move(t);
   }
+  AttachChatTemplate(*m);
   serving::EngineOptions engine_options = options_.engine;
   engine_options.on_step = nullptr;
   if (options_.on_step) {

@@ -17,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "core/model/model.h"
 #include "core/tokenizer/tokenizer.h"
+#include "serving/chat_template/chat_template.h"
 #include "serving/engine.h"
 #include "storage/model_ref.h"
 
@@ -36,6 +37,13 @@ struct LoadedModel {
   uint64_t weight_bytes = 0;  // every tensor's bytes as held in memory
   uint64_t fp16_bytes = 0;    // the same model with every tensor in fp16: the baseline for "bytes saved"
   std::string encoding;       // the encoding of most of the weights (by bytes), e.g. "q4_k"
+  // /v1/chat/completions: the model's chat template (its metadata's tokenizer.chat_template) or, when it has
+  // none, chat::kDefaultChatTemplate; null with the parse error in chat_template_error when it does not parse
+  // (the model then serves completions only).
+  std::shared_ptr<const chat::ChatTemplate> chat_template;
+  absl::Status chat_template_error;
+  bool default_chat_template = false;
+  std::string bos_text, eos_text;  // the tokenizer's BOS / EOS pieces: the template's bos_token / eos_token
   std::atomic<int64_t> last_used_ms{0};
   std::chrono::steady_clock::time_point loaded_at;  // when it was installed (the cost metrics' time base)
 

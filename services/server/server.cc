@@ -1,16 +1,19 @@
 #include "services/server/server.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <deque>
 #include <map>
+#include <set>
 #include <thread>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/formats/json.h"
+#include "core/tokenizer/vocab_tokenizer.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "qforge/v1/artifacts.grpc.pb.h"
@@ -37,6 +40,10 @@ struct GenerationParams {
   uint64_t seed = 0;
   std::vector<std::string> stop;
   Clock::time_point deadline = Clock::time_point::max();
+  int logprobs = -1;  // serving::GenerationRequest::logprobs
+  // When set, the prompt as token ids (starting with BOS) instead of `prompt` encoded (chat: control tokens
+  // spelled by the template are parsed into their ids).
+  std::vector<int> prompt_tokens;
 };
 
 struct GenerationOutcome {
@@ -151,7 +158,7 @@ class InferenceServer::Impl {
       outcome_counter(absl::IsResourceExhausted(s) ? "rejected" : "invalid");
       return s;
     };
-    if (p.prompt.empty()) return fail(absl::InvalidArgumentError("prompt: empty"));
+    if (p.prompt.empty() && p.prompt_tokens.empty()) return fail(absl::InvalidArgumentError("prompt: empty"));
     if (!lm.tokenizer) {
       return fail(absl::FailedPreconditionError(absl::StrCat(
           ref, " has no tokenizer: load it with tokenizer_path (its file carries no vocabulary)")));
@@ -166,7 +173,8 @@ class InferenceServer::Impl {
     if (p.stop.size() > kMaxStopStrings) {
       return fail(absl::InvalidArgumentError(absl::StrCat("stop: at most ", kMaxStopStrings, " strings")));
     }
-    auto tokens = lm.tokenizer->Encode(p.prompt, /*add_bos=*/true);
+    auto tokens = p.prompt_tokens.empty() ? lm.tokenizer->Encode(p.prompt, /*add_bos=*/true)
+                                          : absl::StatusOr<std::vector<int>>(p.prompt_tokens);
     if (!tokens.ok()) return fail(absl::InvalidArgumentError(absl::StrCat("prompt: ", tokens.status().message())));
 
     serving::GenerationRequest req;
@@ -177,6 +185,7 @@ class InferenceServer::Impl {
     req.sampler.seed = p.seed;
     req.stop = p.stop;
     req.deadline = p.deadline;
+    req.logprobs = p.logprobs;
 
     // The engine thread hands events over; this thread writes them to the client, so a slow client never
     // stalls the batch.
@@ -369,38 +378,45 @@ class InferenceServer::Impl {
     return body.Dump();
   }
 
-  // The OpenAI request body -> what to run. Unknown members are ignored, as OpenAI's API does.
-  static absl::StatusOr<std::pair<std::string, GenerationParams>> ParseCompletionRequest(const std::string& body,
-                                                                                        bool* stream) {
-    auto json = formats::ParseJson(body);
-    if (!json.ok() || !json->is_object()) return absl::InvalidArgumentError("body: not a JSON object");
-    GenerationParams p;
+  // The members /v1/completions and /v1/chat/completions share: sampling, stop strings, streaming. Unknown
+  // members are ignored, as OpenAI's API does.
+  struct OpenAiRequest {
+    std::string model;
+    GenerationParams params;
+    bool stream = false;
+    bool include_usage_in_stream = false;  // stream_options.include_usage
+  };
+
+  static absl::Status ParseSharedMembers(const Json& json, OpenAiRequest* r) {
+    GenerationParams& p = r->params;
     p.max_tokens = 16;  // OpenAI's default
-    const Json* model = json->Find("model");
+    const Json* model = json.Find("model");
     if (model == nullptr || !model->is_string()) return absl::InvalidArgumentError("model: required string");
-    const Json* prompt = json->Find("prompt");
-    if (prompt != nullptr && prompt->is_array() && prompt->array().size() == 1) prompt = &prompt->array()[0];
-    if (prompt == nullptr || !prompt->is_string()) return absl::InvalidArgumentError("prompt: required string");
-    p.prompt = prompt->string_value();
-    if (const Json* v = json->Find("max_tokens"); v != nullptr && !v->is_null()) {
-      if (!v->is_int() || v->int_value() < 0 || v->int_value() > (1 << 24)) {
-        return absl::InvalidArgumentError("max_tokens: must be a non-negative integer");
+    r->model = model->string_value();
+    for (const char* name : {"max_tokens", "max_completion_tokens"}) {  // the chat API's newer name for it
+      if (const Json* v = json.Find(name); v != nullptr && !v->is_null()) {
+        if (!v->is_int() || v->int_value() < 0 || v->int_value() > (1 << 24)) {
+          return absl::InvalidArgumentError(absl::StrCat(name, ": must be a non-negative integer"));
+        }
+        p.max_tokens = static_cast<int>(v->int_value());
       }
-      p.max_tokens = static_cast<int>(v->int_value());
     }
-    if (const Json* v = json->Find("temperature"); v != nullptr && !v->is_null()) {
+    if (const Json* v = json.Find("temperature"); v != nullptr && !v->is_null()) {
       if (!v->is_number()) return absl::InvalidArgumentError("temperature: must be a number");
       p.temperature = v->number_value();
     }
-    if (const Json* v = json->Find("top_p"); v != nullptr && !v->is_null()) {
+    if (const Json* v = json.Find("top_p"); v != nullptr && !v->is_null()) {
       if (!v->is_number()) return absl::InvalidArgumentError("top_p: must be a number");
       p.top_p = v->number_value();
     }
-    if (const Json* v = json->Find("seed"); v != nullptr && !v->is_null()) {
+    if (const Json* v = json.Find("seed"); v != nullptr && !v->is_null()) {
       if (!v->is_int() || v->int_value() < 0) return absl::InvalidArgumentError("seed: must be a non-negative integer");
       p.seed = static_cast<uint64_t>(v->int_value());
     }
-    if (const Json* v = json->Find("stop"); v != nullptr && !v->is_null()) {
+    if (const Json* v = json.Find("n"); v != nullptr && !v->is_null()) {
+      if (!v->is_int() || v->int_value() != 1) return absl::InvalidArgumentError("n: only 1 choice per request is supported");
+    }
+    if (const Json* v = json.Find("stop"); v != nullptr && !v->is_null()) {
       if (v->is_string()) {
         p.stop.push_back(v->string_value());
       } else if (v->is_array()) {
@@ -411,82 +427,413 @@ class InferenceServer::Impl {
       } else {
         return absl::InvalidArgumentError("stop: must be a string or an array of strings");
       }
+      for (const std::string& s : p.stop) {
+        if (s.empty()) return absl::InvalidArgumentError("stop: strings must not be empty");
+      }
     }
-    *stream = false;
-    if (const Json* v = json->Find("stream"); v != nullptr && !v->is_null()) {
+    if (const Json* v = json.Find("stream"); v != nullptr && !v->is_null()) {
       if (!v->is_bool()) return absl::InvalidArgumentError("stream: must be a boolean");
-      *stream = v->bool_value();
+      r->stream = v->bool_value();
     }
-    return std::make_pair(model->string_value(), p);
+    if (const Json* v = json.Find("stream_options"); v != nullptr && !v->is_null()) {
+      if (!v->is_object()) return absl::InvalidArgumentError("stream_options: must be an object");
+      if (const Json* u = v->Find("include_usage"); u != nullptr && !u->is_null()) {
+        if (!u->is_bool()) return absl::InvalidArgumentError("stream_options.include_usage: must be a boolean");
+        r->include_usage_in_stream = u->bool_value();
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  static absl::StatusOr<Json> ParseBody(const std::string& body) {
+    auto json = formats::ParseJson(body);
+    if (!json.ok() || !json->is_object()) return absl::InvalidArgumentError("body: not a JSON object");
+    return *std::move(json);
+  }
+
+  static absl::StatusOr<OpenAiRequest> ParseCompletionRequest(const std::string& body) {
+    QF_ASSIGN_OR_RETURN(const Json json, ParseBody(body));
+    OpenAiRequest r;
+    QF_RETURN_IF_ERROR(ParseSharedMembers(json, &r));
+    const Json* prompt = json.Find("prompt");
+    if (prompt != nullptr && prompt->is_array() && prompt->array().size() == 1) prompt = &prompt->array()[0];
+    if (prompt == nullptr || !prompt->is_string()) return absl::InvalidArgumentError("prompt: required string");
+    r.params.prompt = prompt->string_value();
+    return r;
+  }
+
+  static Json Usage(const GenerationOutcome& o) {
+    Json usage = Json::MakeObject();
+    usage.Set("prompt_tokens", Json::Int(o.prompt_tokens));
+    usage.Set("completion_tokens", Json::Int(o.completion_tokens));
+    usage.Set("total_tokens", Json::Int(o.prompt_tokens + o.completion_tokens));
+    return usage;
+  }
+
+  // OpenAI's finish reasons are "stop" (a stop string or EOS) and "length".
+  static const char* OpenAiFinish(serving::FinishReason f) {
+    return f == serving::FinishReason::kStop || f == serving::FinishReason::kEos ? "stop" : "length";
+  }
+
+  // How one endpoint words its answers; ServeGeneration does the rest for both.
+  struct ResponseShape {
+    // A streamed chunk: new text (may be empty) and the log-probabilities of the tokens it came with; `finish`
+    // is null except on the last chunk.
+    std::function<Json(const std::string& text, const std::vector<serving::TokenLogprob>& logprobs,
+                       const char* finish)> chunk;
+    // The whole answer (usage is added by ServeGeneration).
+    std::function<Json(const std::string& text, const std::vector<serving::TokenLogprob>& logprobs,
+                       const char* finish)> whole;
+    // Sent once before the first streamed chunk (the chat API's role delta), or null.
+    std::function<Json()> stream_start;
+    // A streamed chunk's members without its choices (id, object, created, model): the usage chunk's frame.
+    std::function<Json()> chunk_envelope;
+  };
+
+  // Runs the generation and answers: server-sent events (`data: {chunk}` per piece, a last chunk with the
+  // finish reason, optionally a usage chunk, then `data: [DONE]`) or one JSON object with usage.
+  void ServeGeneration(LoadedModel& lm, const OpenAiRequest& r, const std::string& endpoint, const ResponseShape& shape,
+                       http::ResponseWriter& w) {
+    std::string text;
+    std::vector<serving::TokenLogprob> logprobs;
+    bool started = false;
+    auto send = [&](const Json& chunk) { return w.WriteChunk("data: " + chunk.Dump() + "\n\n"); };
+    auto outcome = Generate(
+        lm, r.params, endpoint,
+        [&](const serving::StreamEvent& e) {
+          if (!r.stream) {
+            text += e.text;
+            logprobs.insert(logprobs.end(), e.logprobs.begin(), e.logprobs.end());
+            return true;
+          }
+          if (!started) {
+            if (!w.StartStream(200, "text/event-stream")) return false;
+            started = true;
+            if (shape.stream_start && !send(shape.stream_start())) return false;
+          }
+          if ((!e.text.empty() || !e.logprobs.empty()) && !send(shape.chunk(e.text, e.logprobs, nullptr))) return false;
+          if (e.done && !send(shape.chunk("", {}, OpenAiFinish(e.finish)))) return false;
+          return true;
+        },
+        [&w] { return w.ClientGone(); });
+    if (!outcome.ok()) {
+      if (!started) {
+        w.Send(HttpStatusOf(outcome.status()), "application/json", ErrorJson(outcome.status()));
+        return;
+      }
+      w.WriteChunk("data: " + ErrorJson(outcome.status()) + "\n\n");
+      w.EndStream();
+      return;
+    }
+    if (r.stream) {
+      if (r.include_usage_in_stream) {  // OpenAI's last chunk before [DONE]: no choices, the usage
+        Json usage_chunk = shape.chunk_envelope();
+        usage_chunk.Set("choices", Json::MakeArray());
+        usage_chunk.Set("usage", Usage(*outcome));
+        send(usage_chunk);
+      }
+      w.WriteChunk("data: [DONE]\n\n");
+      w.EndStream();
+      return;
+    }
+    Json body = shape.whole(text, logprobs, OpenAiFinish(outcome->finish));
+    body.Set("usage", Usage(*outcome));
+    w.Send(200, "application/json", body.Dump());
+  }
+
+  static int64_t NowSeconds() {
+    return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+  }
+
+  // The envelope every OpenAI object shares.
+  static Json Envelope(const std::string& id, const char* object, int64_t created, const std::string& model) {
+    Json body = Json::MakeObject();
+    body.Set("id", Json::String(id));
+    body.Set("object", Json::String(object));
+    body.Set("created", Json::Int(created));
+    body.Set("model", Json::String(model));
+    return body;
   }
 
   void HandleCompletion(const http::Request& request, http::ResponseWriter& w) {
     auto send_error = [&](const absl::Status& s) { w.Send(HttpStatusOf(s), "application/json", ErrorJson(s)); };
     if (stopping()) return send_error(absl::UnavailableError("server shutting down"));
     InFlight in_flight(this);
-    bool stream = false;
-    auto parsed = ParseCompletionRequest(request.body, &stream);
+    auto parsed = ParseCompletionRequest(request.body);
     if (!parsed.ok()) return send_error(parsed.status());
-    auto lm = models().Get(parsed->first, "");
+    auto lm = models().Get(parsed->model, "");
     if (!lm.ok()) return send_error(lm.status());
     const std::string id = absl::StrCat("cmpl-", ++completion_ids_);
-    const int64_t created =
-        std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
-    auto chunk = [&](const std::string& text, const char* finish) {
+    const int64_t created = NowSeconds();
+    const std::string ref = (*lm)->ref();
+    auto choice_object = [&](const std::string& text, const std::vector<serving::TokenLogprob>&, const char* finish) {
       Json choice = Json::MakeObject();
       choice.Set("text", Json::String(text));
       choice.Set("index", Json::Int(0));
       choice.Set("logprobs", Json::Null());
       choice.Set("finish_reason", finish == nullptr ? Json::Null() : Json::String(finish));
-      Json body = Json::MakeObject();
-      body.Set("id", Json::String(id));
-      body.Set("object", Json::String("text_completion"));
-      body.Set("created", Json::Int(created));
-      body.Set("model", Json::String((*lm)->ref()));
+      Json body = Envelope(id, "text_completion", created, ref);
       body.Set("choices", Json::MakeArray({std::move(choice)}));
       return body;
     };
-    // OpenAI's finish reasons are "stop" (a stop string or EOS) and "length".
-    auto openai_finish = [](serving::FinishReason f) {
-      return f == serving::FinishReason::kStop || f == serving::FinishReason::kEos ? "stop" : "length";
+    ServeGeneration(**lm, *parsed, "http",
+                    ResponseShape{choice_object, choice_object, nullptr,
+                                  [&] { return Envelope(id, "text_completion", created, ref); }},
+                    w);
+  }
+
+  // --- /v1/chat/completions ---------------------------------------------------------------------------------
+  struct ChatRequest {
+    OpenAiRequest common;
+    std::vector<chat::ChatMessage> messages;
+    bool logprobs = false;
+    int top_logprobs = 0;
+  };
+
+  static absl::StatusOr<ChatRequest> ParseChatRequest(const std::string& body) {
+    QF_ASSIGN_OR_RETURN(const Json json, ParseBody(body));
+    ChatRequest r;
+    QF_RETURN_IF_ERROR(ParseSharedMembers(json, &r.common));
+    const Json* messages = json.Find("messages");
+    if (messages == nullptr || !messages->is_array() || messages->array().empty()) {
+      return absl::InvalidArgumentError("messages: required non-empty array");
+    }
+    static const std::set<std::string> kRoles = {"system", "developer", "user", "assistant", "tool"};
+    for (size_t i = 0; i < messages->array().size(); ++i) {
+      const Json& m = messages->array()[i];
+      const std::string at = absl::StrCat("messages[", i, "]");
+      if (!m.is_object()) return absl::InvalidArgumentError(absl::StrCat(at, ": must be an object"));
+      const Json* role = m.Find("role");
+      if (role == nullptr || !role->is_string() || !kRoles.count(role->string_value())) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(at, ".role: must be one of system, developer, user, assistant, tool"));
+      }
+      chat::ChatMessage message{role->string_value(), ""};
+      const Json* content = m.Find("content");
+      if (content != nullptr && content->is_string()) {
+        message.content = content->string_value();
+      } else if (content != nullptr && content->is_array()) {
+        // Content parts: only text can be rendered into a prompt; the parts are joined as OpenAI does.
+        for (size_t k = 0; k < content->array().size(); ++k) {
+          const Json& part = content->array()[k];
+          const Json* type = part.Find("type");
+          const Json* text = part.Find("text");
+          if (type == nullptr || !type->is_string() || type->string_value() != "text" || text == nullptr ||
+              !text->is_string()) {
+            return absl::InvalidArgumentError(
+                absl::StrCat(at, ".content[", k, "]: only {\"type\": \"text\", \"text\": ...} parts are supported"));
+          }
+          message.content += text->string_value();
+        }
+      } else if (!(content != nullptr && content->is_null() && message.role == "assistant")) {
+        return absl::InvalidArgumentError(absl::StrCat(at, ".content: required string or array of text parts"));
+      }
+      r.messages.push_back(std::move(message));
+    }
+    if (const Json* v = json.Find("logprobs"); v != nullptr && !v->is_null()) {
+      if (!v->is_bool()) return absl::InvalidArgumentError("logprobs: must be a boolean");
+      r.logprobs = v->bool_value();
+    }
+    if (const Json* v = json.Find("top_logprobs"); v != nullptr && !v->is_null()) {
+      if (!v->is_int() || v->int_value() < 0 || v->int_value() > serving::kMaxTopLogprobs) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("top_logprobs: must be an integer in 0..", serving::kMaxTopLogprobs));
+      }
+      if (!r.logprobs) return absl::InvalidArgumentError("top_logprobs: needs logprobs: true");
+      r.top_logprobs = static_cast<int>(v->int_value());
+    }
+    if (r.logprobs) r.common.params.logprobs = r.top_logprobs;
+    return r;
+  }
+
+  // OpenAI's logprobs object of a chat choice: {"content": [{token, logprob, bytes, top_logprobs}, ...]}.
+  static Json ChatLogprobs(const std::vector<serving::TokenLogprob>& logprobs) {
+    auto entry = [](const std::string& piece, float logprob) {
+      Json e = Json::MakeObject();
+      e.Set("token", Json::String(piece));  // Dump writes a partial UTF-8 character as U+FFFD; bytes keep it
+      e.Set("logprob", Json::Double(logprob));
+      Json::Array bytes;
+      for (unsigned char c : piece) bytes.push_back(Json::Int(c));
+      e.Set("bytes", Json::MakeArray(std::move(bytes)));
+      return e;
     };
-    std::string text;
-    bool started = false;
-    auto outcome = Generate(
-        **lm, parsed->second, "http",
-        [&](const serving::StreamEvent& e) {
-          if (!stream) {
-            text += e.text;
-            return true;
-          }
-          if (!started) {
-            if (!w.StartStream(200, "text/event-stream")) return false;
-            started = true;
-          }
-          if (!e.text.empty() && !w.WriteChunk("data: " + chunk(e.text, nullptr).Dump() + "\n\n")) return false;
-          if (e.done && !w.WriteChunk("data: " + chunk("", openai_finish(e.finish)).Dump() + "\n\ndata: [DONE]\n\n")) {
-            return false;
-          }
-          return true;
-        },
-        [&w] { return w.ClientGone(); });
-    if (!outcome.ok()) {
-      if (!started) return send_error(outcome.status());
-      w.WriteChunk("data: " + ErrorJson(outcome.status()) + "\n\n");
-      w.EndStream();
+    Json::Array content;
+    for (const serving::TokenLogprob& t : logprobs) {
+      Json e = entry(t.piece, t.logprob);
+      Json::Array top;
+      for (const auto& alt : t.top) top.push_back(entry(alt.piece, alt.logprob));
+      e.Set("top_logprobs", Json::MakeArray(std::move(top)));
+      content.push_back(std::move(e));
+    }
+    Json out = Json::MakeObject();
+    out.Set("content", Json::MakeArray(std::move(content)));
+    return out;
+  }
+
+  // The prompt of a conversation under the model's template, as token ids starting with BOS. The spellings of
+  // control tokens the template writes (bos_token, eos_token between turns, <|im_start|> of a model that has it)
+  // become those tokens, as transformers tokenizes a rendered chat; BOS is added when the text does not start
+  // with it.
+  static absl::StatusOr<std::vector<int>> ChatPromptTokens(const LoadedModel& lm,
+                                                           const std::vector<chat::ChatMessage>& messages) {
+    if (!lm.tokenizer) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          lm.ref(), " has no tokenizer: load it with tokenizer_path (its file carries no vocabulary)"));
+    }
+    QF_ASSIGN_OR_RETURN(const std::string text, RenderChat(lm, messages));
+    const auto* vocab = dynamic_cast<const VocabTokenizer*>(lm.tokenizer.get());
+    auto ids = vocab != nullptr ? vocab->EncodeWithControlTokens(text, /*add_bos=*/false)
+                                : lm.tokenizer->Encode(text, /*add_bos=*/false);
+    if (!ids.ok()) return absl::InvalidArgumentError(absl::StrCat("messages: ", ids.status().message()));
+    if (ids->empty() || ids->front() != lm.tokenizer->bos_id()) ids->insert(ids->begin(), lm.tokenizer->bos_id());
+    return ids;
+  }
+
+  // The conversation rendered by the model's template.
+  static absl::StatusOr<std::string> RenderChat(const LoadedModel& lm, const std::vector<chat::ChatMessage>& messages) {
+    if (lm.chat_template == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(lm.ref(), ": its chat template does not parse: ", lm.chat_template_error.message()));
+    }
+    auto text = lm.chat_template->Apply(messages, lm.bos_text, lm.eos_text, /*add_generation_prompt=*/true);
+    if (!text.ok()) return absl::InvalidArgumentError(absl::StrCat("messages: ", text.status().message()));
+    if (text->empty() || *text == lm.bos_text) {
+      return absl::InvalidArgumentError("messages: the chat template rendered an empty prompt");
+    }
+    return text;
+  }
+
+  void HandleChatCompletion(const http::Request& request, http::ResponseWriter& w) {
+    auto send_error = [&](const absl::Status& s) { w.Send(HttpStatusOf(s), "application/json", ErrorJson(s)); };
+    if (stopping()) return send_error(absl::UnavailableError("server shutting down"));
+    InFlight in_flight(this);
+    auto parsed = ParseChatRequest(request.body);
+    if (!parsed.ok()) return send_error(parsed.status());
+    auto lm = models().Get(parsed->common.model, "");
+    if (!lm.ok()) return send_error(lm.status());
+    auto prompt = ChatPromptTokens(**lm, parsed->messages);
+    if (!prompt.ok()) return send_error(prompt.status());
+    parsed->common.params.prompt_tokens = *std::move(prompt);
+    const std::string id = absl::StrCat("chatcmpl-", ++completion_ids_);
+    const int64_t created = NowSeconds();
+    const std::string ref = (*lm)->ref();
+    const bool with_logprobs = parsed->logprobs;
+    auto choice = [&](const char* body_member, Json payload, const std::vector<serving::TokenLogprob>& logprobs,
+                      const char* finish) {
+      Json c = Json::MakeObject();
+      c.Set("index", Json::Int(0));
+      c.Set(body_member, std::move(payload));
+      c.Set("logprobs", with_logprobs && (finish == nullptr || !logprobs.empty()) ? ChatLogprobs(logprobs) : Json::Null());
+      c.Set("finish_reason", finish == nullptr ? Json::Null() : Json::String(finish));
+      return c;
+    };
+    ResponseShape shape;
+    shape.chunk = [&](const std::string& text, const std::vector<serving::TokenLogprob>& logprobs, const char* finish) {
+      Json delta = Json::MakeObject();
+      if (finish == nullptr) delta.Set("content", Json::String(text));
+      Json body = Envelope(id, "chat.completion.chunk", created, ref);
+      body.Set("choices", Json::MakeArray({choice("delta", std::move(delta), logprobs, finish)}));
+      return body;
+    };
+    shape.chunk_envelope = [&] { return Envelope(id, "chat.completion.chunk", created, ref); };
+    shape.stream_start = [&] {
+      Json delta = Json::MakeObject();
+      delta.Set("role", Json::String("assistant"));
+      delta.Set("content", Json::String(""));
+      Json c = Json::MakeObject();
+      c.Set("index", Json::Int(0));
+      c.Set("delta", std::move(delta));
+      c.Set("logprobs", Json::Null());
+      c.Set("finish_reason", Json::Null());
+      Json body = Envelope(id, "chat.completion.chunk", created, ref);
+      body.Set("choices", Json::MakeArray({std::move(c)}));
+      return body;
+    };
+    shape.whole = [&](const std::string& text, const std::vector<serving::TokenLogprob>& logprobs, const char* finish) {
+      Json message = Json::MakeObject();
+      message.Set("role", Json::String("assistant"));
+      message.Set("content", Json::String(text));
+      Json body = Envelope(id, "chat.completion", created, ref);
+      Json c = Json::MakeObject();
+      c.Set("index", Json::Int(0));
+      c.Set("message", std::move(message));
+      c.Set("logprobs", with_logprobs ? ChatLogprobs(logprobs) : Json::Null());
+      c.Set("finish_reason", Json::String(finish));
+      body.Set("choices", Json::MakeArray({std::move(c)}));
+      return body;
+    };
+    ServeGeneration(**lm, parsed->common, "chat", shape, w);
+  }
+
+  // --- /tokenize, /detokenize (llama.cpp server style) --------------------------------------------------------
+  // The model a request names (`model`), or the only one loaded when it names none.
+  absl::StatusOr<std::shared_ptr<LoadedModel>> ModelOf(const Json& body) {
+    const Json* model = body.Find("model");
+    if (model != nullptr && !model->is_null()) {
+      if (!model->is_string()) return absl::InvalidArgumentError("model: must be a string");
+      return models().Get(model->string_value(), "");
+    }
+    const auto loaded = models().List();
+    if (loaded.size() == 1) return loaded[0];
+    return absl::InvalidArgumentError(
+        absl::StrCat("model: required when the server holds ", loaded.size(), " models (see /v1/models)"));
+  }
+
+  absl::StatusOr<Json> Tokenize(const std::string& request_body) {
+    QF_ASSIGN_OR_RETURN(const Json json, ParseBody(request_body));
+    const Json* content = json.Find("content");
+    if (content == nullptr || !content->is_string()) return absl::InvalidArgumentError("content: required string");
+    bool add_special = false;  // llama.cpp's default: no BOS
+    if (const Json* v = json.Find("add_special"); v != nullptr && !v->is_null()) {
+      if (!v->is_bool()) return absl::InvalidArgumentError("add_special: must be a boolean");
+      add_special = v->bool_value();
+    }
+    QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> lm, ModelOf(json));
+    if (!lm->tokenizer) return absl::FailedPreconditionError(absl::StrCat(lm->ref(), " has no tokenizer"));
+    auto ids = lm->tokenizer->Encode(content->string_value(), add_special);
+    if (!ids.ok()) return absl::InvalidArgumentError(absl::StrCat("content: ", ids.status().message()));
+    Json::Array tokens;
+    for (int id : *ids) tokens.push_back(Json::Int(id));
+    Json out = Json::MakeObject();
+    out.Set("tokens", Json::MakeArray(std::move(tokens)));
+    return out;
+  }
+
+  absl::StatusOr<Json> Detokenize(const std::string& request_body) {
+    QF_ASSIGN_OR_RETURN(const Json json, ParseBody(request_body));
+    const Json* tokens = json.Find("tokens");
+    if (tokens == nullptr || !tokens->is_array()) return absl::InvalidArgumentError("tokens: required array of integers");
+    QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> lm, ModelOf(json));
+    if (!lm->tokenizer) return absl::FailedPreconditionError(absl::StrCat(lm->ref(), " has no tokenizer"));
+    const int vocab = lm->tokenizer->vocab_size();
+    std::vector<int> ids;
+    for (size_t i = 0; i < tokens->array().size(); ++i) {
+      const Json& t = tokens->array()[i];
+      if (!t.is_int() || t.int_value() < 0 || t.int_value() >= vocab) {
+        return absl::InvalidArgumentError(absl::StrCat("tokens[", i, "]: must be a token id in 0..", vocab - 1));
+      }
+      ids.push_back(static_cast<int>(t.int_value()));
+    }
+    QF_ASSIGN_OR_RETURN(std::string text, lm->tokenizer->Decode(ids));
+    Json out = Json::MakeObject();
+    out.Set("content", Json::String(std::move(text)));
+    return out;
+  }
+
+  void HandleJson(const http::Request& request, http::ResponseWriter& w,
+                  absl::StatusOr<Json> (Impl::*handler)(const std::string&)) {
+    if (stopping()) {
+      const absl::Status s = absl::UnavailableError("server shutting down");
+      w.Send(HttpStatusOf(s), "application/json", ErrorJson(s));
       return;
     }
-    if (stream) {
-      w.EndStream();
+    InFlight in_flight(this);
+    auto out = (this->*handler)(request.body);
+    if (!out.ok()) {
+      w.Send(HttpStatusOf(out.status()), "application/json", ErrorJson(out.status()));
       return;
     }
-    Json body = chunk(text, openai_finish(outcome->finish));
-    Json usage = Json::MakeObject();
-    usage.Set("prompt_tokens", Json::Int(outcome->prompt_tokens));
-    usage.Set("completion_tokens", Json::Int(outcome->completion_tokens));
-    usage.Set("total_tokens", Json::Int(outcome->prompt_tokens + outcome->completion_tokens));
-    body.Set("usage", std::move(usage));
-    w.Send(200, "application/json", body.Dump());
+    w.Send(200, "application/json", out->Dump());
   }
 
   void HandleModels(const http::Request&, http::ResponseWriter& w) {
@@ -506,6 +853,18 @@ class InferenceServer::Impl {
 
   void RegisterRoutes(http::HttpServer& s) {
     s.Route("POST", "/v1/completions", [this](const http::Request& r, http::ResponseWriter& w) { HandleCompletion(r, w); });
+    s.Route("POST", "/v1/chat/completions",
+            [this](const http::Request& r, http::ResponseWriter& w) { HandleChatCompletion(r, w); });
+    s.Route("POST", "/tokenize", [this](const http::Request& r, http::ResponseWriter& w) { HandleJson(r, w, &Impl::Tokenize); });
+    s.Route("POST", "/detokenize",
+            [this](const http::Request& r, http::ResponseWriter& w) { HandleJson(r, w, &Impl::Detokenize); });
+    s.Route("GET", "/health", [this](const http::Request&, http::ResponseWriter& w) {
+      if (stopping()) {
+        w.Send(503, "application/json", "{\"status\":\"stopping\"}");
+      } else {
+        w.Send(200, "application/json", "{\"status\":\"ok\"}");
+      }
+    });
     s.Route("GET", "/v1/models", [this](const http::Request& r, http::ResponseWriter& w) { HandleModels(r, w); });
     s.Route("GET", "/healthz", [this](const http::Request&, http::ResponseWriter& w) {
       if (stopping()) {

@@ -1,5 +1,6 @@
 // qforge-server: quantized models behind gRPC (InferenceService, grpc.health.v1, reflection) and HTTP (an
-// OpenAI-compatible /v1/completions with server-sent events, /v1/models, /healthz, and Prometheus /metrics).
+// OpenAI-compatible /v1/completions and /v1/chat/completions with server-sent events, /v1/models, llama.cpp-style
+// /tokenize, /detokenize and /health, /healthz, and Prometheus /metrics).
 // docs/serving.md describes the endpoints, the metrics and the cost model.
 #pragma once
 
