@@ -15,12 +15,15 @@ packages=(
   libsentencepiece-dev
   libzstd-dev libxxhash-dev libssl-dev
   prometheus                          # promtool and a real server for the metrics tests
+  nodejs                              # the official openai npm client drives the server in a test
 )
 
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
 done
+# Debian's nodejs comes without npm (its own package); some nodejs builds carry npm inside.
+command -v npm >/dev/null || dpkg-query -W -f='${Status}' npm 2>/dev/null | grep -q "ok installed" || missing+=(npm)
 if [ ${#missing[@]} -eq 0 ]; then
   echo "install-deps: all ${#packages[@]} packages already installed"
   exit 0
