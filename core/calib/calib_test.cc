@@ -2,6 +2,7 @@
 // against the model's own arithmetic.
 #include <algorithm>
 #include <cmath>
+#include <iostream>
 #include <map>
 #include <memory>
 #include <random>
@@ -253,6 +254,72 @@ TEST(CollectCalibrationTest, SharesInputsAndMatchesObservedHessian) {
   }
 
   EXPECT_FALSE(CollectCalibration(model, {}, o).ok());
+}
+
+
+// Experts routed fewer tokens than their inputs get the layer's pool for the rest; the others keep their own.
+TEST(CollectCalibrationTest, SparseExpertsAreCompletedFromTheLayersPool) {
+  const ModelConfig c = TinyMoeTestConfig();
+  const Model model = MakeSyntheticModel(c, 9);
+  std::mt19937 rng(5);
+  std::uniform_int_distribution<int> tok(0, c.vocab_size - 1);
+  std::vector<std::vector<int>> streams(4, std::vector<int>(64));
+  for (auto& st : streams) {
+    for (int& t : st) t = tok(rng);
+  }
+  CalibrationOptions own_only;
+  own_only.threads = 2;
+  own_only.pool_sparse_experts = false;
+  CalibrationOptions pooled = own_only;
+  pooled.pool_sparse_experts = true;
+  auto raw = CollectCalibration(model, streams, own_only);
+  auto done = CollectCalibration(model, streams, pooled);
+  ASSERT_TRUE(raw.ok() && done.ok());
+  int completed = 0, kept = 0;
+  for (int l = 0; l < c.n_layers; ++l) {
+    for (auto expert_name : {&names::FfnGateExpert, &names::FfnDownExpert}) {
+      const int64_t cols = (*expert_name)(l, 0).find("down") != std::string::npos ? c.hidden_dim : c.dim;
+      // The pool: token-weighted mean of the experts' own statistics.
+      std::vector<double> pool(static_cast<size_t>(cols * cols), 0.0);
+      int64_t total = 0;
+      for (int e = 0; e < c.n_experts; ++e) {
+        const LayerStats& s = *raw->at((*expert_name)(l, e));
+        for (size_t i = 0; i < pool.size(); ++i) pool[i] += static_cast<double>(s.tokens) * s.hessian[i];
+        total += s.tokens;
+      }
+      ASSERT_GT(total, 0);
+      for (double& h : pool) h /= static_cast<double>(total);
+      for (int e = 0; e < c.n_experts; ++e) {
+        const std::string name = (*expert_name)(l, e);
+        const LayerStats& own = *raw->at(name);
+        const LayerStats& got = *done->at(name);
+        if (own.tokens >= cols) {
+          ++kept;
+          EXPECT_EQ(got.tokens, own.tokens) << name;
+          EXPECT_EQ(got.pooled_tokens, 0) << name;
+          EXPECT_EQ(got.hessian, own.hessian) << name;
+          continue;
+        }
+        ++completed;
+        EXPECT_EQ(got.tokens, cols) << name;
+        EXPECT_EQ(got.pooled_tokens, cols - own.tokens) << name;
+        const double n = static_cast<double>(own.tokens);
+        for (size_t i = 0; i < pool.size(); i += 13) {
+          const double want = (n * own.hessian[i] + static_cast<double>(cols - own.tokens) * pool[i]) / cols;
+          ASSERT_NEAR(got.hessian[i], want, 1e-12 * (1 + std::fabs(want))) << name << " " << i;
+        }
+      }
+      // up reads gate's input: it shares the completed statistics.
+      if (expert_name == &names::FfnGateExpert) {
+        for (int e = 0; e < c.n_experts; ++e) {
+          EXPECT_EQ(done->at(names::FfnUpExpert(l, e)).get(), done->at(names::FfnGateExpert(l, e)).get());
+        }
+      }
+    }
+  }
+  std::cout << completed << " expert statistics completed from the pool, " << kept << " kept\n";
+  EXPECT_GT(completed, 0);
+  EXPECT_GT(kept, 0);
 }
 
 }  // namespace

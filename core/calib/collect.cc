@@ -12,6 +12,55 @@
 
 namespace qforge::calib {
 
+namespace {
+
+// CalibrationOptions::pool_sparse_experts for one projection of one layer's experts.
+void PoolSparseExperts(const std::vector<std::string>& experts,
+                       std::map<std::string, std::shared_ptr<const LayerStats>>& stats) {
+  const LayerStats& first = *stats.at(experts.front());
+  const int64_t cols = first.cols;
+  const size_t cc = static_cast<size_t>(cols * cols);
+  LayerStats pool;
+  pool.cols = cols;
+  pool.hessian.assign(cc, 0.0);
+  pool.mean_abs.assign(static_cast<size_t>(cols), 0.0);
+  pool.max_abs.assign(static_cast<size_t>(cols), 0.0);
+  for (const std::string& name : experts) {
+    const LayerStats& s = *stats.at(name);
+    const double n = static_cast<double>(s.tokens);
+    for (size_t i = 0; i < cc; ++i) pool.hessian[i] += n * s.hessian[i];
+    for (int64_t i = 0; i < cols; ++i) {
+      pool.mean_abs[i] += n * s.mean_abs[i];
+      pool.max_abs[i] = std::max(pool.max_abs[i], s.max_abs[i]);
+    }
+    pool.tokens += s.tokens;
+  }
+  if (pool.tokens == 0) return;  // nothing to lend
+  const double total = static_cast<double>(pool.tokens);
+  for (double& h : pool.hessian) h /= total;
+  for (double& m : pool.mean_abs) m /= total;
+  for (const std::string& name : experts) {
+    const LayerStats& own = *stats.at(name);
+    if (own.tokens >= cols) continue;
+    const double n = static_cast<double>(own.tokens), borrowed = static_cast<double>(cols - own.tokens);
+    LayerStats s;
+    s.cols = cols;
+    s.tokens = cols;
+    s.pooled_tokens = cols - own.tokens;
+    s.hessian.resize(cc);
+    for (size_t i = 0; i < cc; ++i) s.hessian[i] = (n * own.hessian[i] + borrowed * pool.hessian[i]) / cols;
+    s.mean_abs.resize(static_cast<size_t>(cols));
+    s.max_abs.resize(static_cast<size_t>(cols));
+    for (int64_t i = 0; i < cols; ++i) {
+      s.mean_abs[i] = (n * own.mean_abs[i] + borrowed * pool.mean_abs[i]) / cols;
+      s.max_abs[i] = std::max(own.max_abs[i], pool.max_abs[i]);
+    }
+    stats[name] = std::make_shared<const LayerStats>(std::move(s));
+  }
+}
+
+}  // namespace
+
 absl::StatusOr<CalibrationStats> CollectCalibration(const Model& model, const std::vector<std::vector<int>>& streams,
                                                     const CalibrationOptions& options) {
   const ModelConfig& c = model.config;
@@ -83,6 +132,15 @@ absl::StatusOr<CalibrationStats> CollectCalibration(const Model& model, const st
 
   std::map<std::string, std::shared_ptr<const LayerStats>> finished;
   for (auto& [name, acc] : accumulators) finished[name] = std::make_shared<const LayerStats>(acc->Finish());
+  if (c.is_moe() && options.pool_sparse_experts) {
+    for (int l = 0; l < c.n_layers; ++l) {
+      for (auto expert_name : {&names::FfnGateExpert, &names::FfnDownExpert}) {
+        std::vector<std::string> experts;
+        for (int e = 0; e < c.n_experts; ++e) experts.push_back((*expert_name)(l, e));
+        PoolSparseExperts(experts, finished);
+      }
+    }
+  }
   CalibrationStats out;
   for (const auto& [name, from] : source) out[name] = finished.at(from);
   return out;

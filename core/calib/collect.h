@@ -23,6 +23,12 @@ struct CalibrationOptions {
   // Also collect the classifier's input (output.weight, or token_embd.weight when tied). Costs a
   // vocab x dim product per token.
   bool include_classifier = true;
+  // Completes the statistics of experts routed fewer tokens than they have inputs (their Hessian is then rank
+  // deficient; with no token at all, zero) from the layer's pool of the same projection, the token-weighted mean
+  // over all its experts: with n own tokens of cols, H = (n H_own + (cols - n) H_pool) / cols, and likewise the
+  // mean magnitudes; max magnitudes are the larger of the two. tokens becomes cols, pooled_tokens cols - n, so a
+  // quantize report can say which experts were completed.
+  bool pool_sparse_experts = true;
 };
 
 // Statistics for every LinearWeightNames matrix (plus the classifier when asked). q/k/v share one

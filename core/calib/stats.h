@@ -14,6 +14,9 @@ namespace qforge::calib {
 struct LayerStats {
   int64_t cols = 0;              // input features of the layer (the weight's row length)
   int64_t tokens = 0;            // n: input rows seen
+  // Of `tokens`, how many stand for the layer's pool rather than rows this weight saw: an expert routed fewer
+  // tokens than it has inputs has its statistics completed from all the layer's experts (collect.h).
+  int64_t pooled_tokens = 0;
   std::vector<double> hessian;   // [cols, cols] row-major, symmetric: 2/n * sum_t x_t x_tᵀ
   std::vector<double> mean_abs;  // [cols]: 1/n * sum_t |x_t|
   std::vector<double> max_abs;   // [cols]: max_t |x_t|

@@ -31,6 +31,36 @@ TEST(StatsCodecTest, RoundTripsBitForBit) {
   EXPECT_EQ(back->max_abs, s.max_abs);
 }
 
+// Pooled statistics (a sparse expert's, calib/collect.h) are version 2: 8 more bytes, pooled_tokens kept; more
+// pooled tokens than tokens is refused.
+TEST(StatsCodecTest, PooledTokensTravelInVersion2) {
+  LayerStats s = Sample(6);
+  s.tokens = 6;
+  s.pooled_tokens = 1;
+  auto bytes = EncodeLayerStats(s);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  EXPECT_EQ(bytes->size(), EncodedPooledLayerStatsBytes(6));
+  EXPECT_EQ(bytes->substr(0, 8), "QFLSTAT2");
+  auto back = DecodeLayerStats({reinterpret_cast<const uint8_t*>(bytes->data()), bytes->size()}, "x");
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->tokens, 6);
+  EXPECT_EQ(back->pooled_tokens, 1);
+  EXPECT_EQ(back->hessian, s.hessian);
+  EXPECT_EQ(back->max_abs, s.max_abs);
+  std::string more_pooled_than_seen = *bytes;
+  const int64_t seven = 7;
+  std::memcpy(more_pooled_than_seen.data() + 24, &seven, 8);
+  EXPECT_EQ(DecodeLayerStats({reinterpret_cast<const uint8_t*>(more_pooled_than_seen.data()),
+                              more_pooled_than_seen.size()},
+                             "x")
+                .status()
+                .code(),
+            absl::StatusCode::kDataLoss);
+  // Without pooled tokens the bytes are version 1's, as before version 2 existed.
+  s.pooled_tokens = 0;
+  EXPECT_EQ(EncodeLayerStats(s)->substr(0, 8), "QFLSTAT1");
+}
+
 TEST(StatsCodecTest, RejectsMalformedBytes) {
   auto bytes = EncodeLayerStats(Sample(4));
   ASSERT_TRUE(bytes.ok());

@@ -360,6 +360,40 @@ TEST(QuantizeModelTest, TinyModelFallsBackFromQ4_K) {
   EXPECT_THAT(text, HasSubstr("fallback"));
 }
 
+// An expert whose statistics were completed from its layer's pool (calib/collect.h) says so in the report.
+TEST(QuantizeModelTest, PooledExpertCalibrationIsReported) {
+  const int64_t rows = 8, cols = 32;
+  std::vector<float> w(static_cast<size_t>(rows * cols));
+  for (size_t i = 0; i < w.size(); ++i) w[i] = std::sin(0.37 * static_cast<double>(i));
+  calib::LayerStats stats;
+  stats.cols = cols;
+  stats.tokens = cols;
+  stats.pooled_tokens = cols - 5;
+  stats.hessian.assign(static_cast<size_t>(cols * cols), 0.0);
+  for (int64_t i = 0; i < cols; ++i) stats.hessian[i * cols + i] = 1.0 + 0.1 * static_cast<double>(i);
+  stats.mean_abs.assign(static_cast<size_t>(cols), 1.0);
+  stats.max_abs.assign(static_cast<size_t>(cols), 2.0);
+  const Tensor t = Tensor::FromFloats("blk.0.ffn_down.3.weight", {rows, cols}, w);
+  QuantReport report;
+  report.tensors.resize(2);
+  ASSERT_TRUE(QuantizeTensor(t, *FindMethod("gptq"), QuantParams{4, 32, true, false}, nullptr, &report.tensors[0],
+                             &stats)
+                  .ok());
+  EXPECT_EQ(report.tensors[0].calib_tokens, cols);
+  EXPECT_EQ(report.tensors[0].calib_pooled_tokens, cols - 5);
+  stats.pooled_tokens = cols;  // no token routed at all
+  ASSERT_TRUE(QuantizeTensor(Tensor::FromFloats("blk.0.ffn_down.4.weight", {rows, cols}, w), *FindMethod("gptq"),
+                             QuantParams{4, 32, true, false}, nullptr, &report.tensors[1], &stats)
+                  .ok());
+  const std::string text = FormatReport(report);
+  EXPECT_THAT(text, HasSubstr("pooled calibration: blk.0.ffn_down.3.weight: 5 of 32 tokens routed to it"));
+  EXPECT_THAT(text, HasSubstr("pooled calibration: blk.0.ffn_down.4.weight: no token was routed to it"));
+  // A method that reads no statistics reports none.
+  TensorQuantReport rtn;
+  ASSERT_TRUE(QuantizeTensor(t, *FindMethod("rtn"), QuantParams{4, 32, true, false}, nullptr, &rtn, &stats).ok());
+  EXPECT_EQ(rtn.calib_pooled_tokens, 0);
+}
+
 TEST(QuantizeModelTest, RtnGroupFallsBackToPerChannel) {
   const Model in = MakeSyntheticModel(TinyTestConfig(), 2);
   auto r = QuantizeModel(in, {"rtn", QuantParams{4, 128, false, false}, false}, nullptr);

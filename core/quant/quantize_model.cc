@@ -268,6 +268,10 @@ absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& metho
     report->rmse = std::sqrt(e.err2 / n);
     report->rel_error = e.ref2 > 0 ? std::sqrt(e.err2 / e.ref2) : 0.0;
     report->output_rel_error = -1;
+    if (calib != nullptr && m->NeedsCalibration()) {
+      report->calib_tokens = calib->tokens;
+      report->calib_pooled_tokens = calib->pooled_tokens;
+    }
     if (calib != nullptr && calib->cols == cols && calib->tokens > 0) {
       std::vector<float> w_hat(static_cast<size_t>(rows * cols));
       QF_RETURN_IF_ERROR(kernels::DequantizeRows(out, 0, rows, w_hat.data()));
@@ -385,6 +389,15 @@ std::string FormatReport(const QuantReport& r) {
   absl::StrAppendFormat(&s, "model bytes %d -> %d\n", r.model_bytes_before, r.model_bytes_after);
   for (const TensorQuantReport& t : r.tensors) {
     if (t.fell_back) absl::StrAppend(&s, "fallback: ", t.name, " -> ", t.format, ": ", t.fallback_reason, "\n");
+  }
+  for (const TensorQuantReport& t : r.tensors) {
+    if (t.calib_tokens > 0 && t.calib_pooled_tokens == t.calib_tokens) {
+      absl::StrAppend(&s, "pooled calibration: ", t.name, ": no token was routed to it; its statistics are the ",
+                      "layer's experts' pool\n");
+    } else if (t.calib_pooled_tokens > 0) {
+      absl::StrAppend(&s, "pooled calibration: ", t.name, ": ", t.calib_tokens - t.calib_pooled_tokens, " of ",
+                      t.calib_tokens, " tokens routed to it, the rest from the layer's experts' pool\n");
+    }
   }
   return s;
 }

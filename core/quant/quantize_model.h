@@ -71,6 +71,9 @@ struct TensorQuantReport {
   double rel_error = 0;     // ||W - W_hat||_F / ||W||_F
   // sqrt(tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)) = ||(W - Ŵ)X|| / ||WX|| over the calibration inputs; -1 without them.
   double output_rel_error = -1;
+  // The calibration behind a method that read it: tokens, and how many of them stand for the layer's pool (an
+  // expert routed fewer tokens than its inputs, calib/collect.h). 0, 0 when no statistics were used.
+  int64_t calib_tokens = 0, calib_pooled_tokens = 0;
 };
 
 struct QuantReport {

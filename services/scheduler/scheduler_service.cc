@@ -436,9 +436,12 @@ class SchedulerServer::Impl {
         }
       }
       const std::string where = absl::StrCat(what, ": statistics of '", a.tensor_names(0), "'");
-      if (a.nbytes() != calib::EncodedLayerStatsBytes(a.cols())) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(where, ": ", a.nbytes(), " bytes, ", a.cols(), " inputs need ", calib::EncodedLayerStatsBytes(a.cols())));
+      if (a.nbytes() != calib::EncodedLayerStatsBytes(a.cols()) &&
+          a.nbytes() != calib::EncodedPooledLayerStatsBytes(a.cols())) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": ", a.nbytes(), " bytes, ", a.cols(), " inputs need ",
+                                                       calib::EncodedLayerStatsBytes(a.cols()), " (or ",
+                                                       calib::EncodedPooledLayerStatsBytes(a.cols()),
+                                                       " with pooled tokens)"));
       }
       QF_RETURN_IF_ERROR(VerifyChunks(a.chunk_ids(), a.nbytes(), where).status());
     }
