@@ -22,6 +22,7 @@ namespace {
 using formats::Json;
 using testing::HttpRequest;
 using testing::ServerProcess;
+using testing::SseData;
 using testing::TempDir;
 using ::testing::HasSubstr;
 
@@ -32,17 +33,6 @@ Json Parse(const std::string& text) {
   auto j = formats::ParseJson(text);
   EXPECT_TRUE(j.ok()) << j.status() << ": " << text;
   return j.ok() ? *j : Json();
-}
-
-// The "data: X" payloads of a server-sent-event body, in order.
-std::vector<std::string> SseData(const std::string& body) {
-  std::vector<std::string> out;
-  for (size_t pos = 0; (pos = body.find("data: ", pos)) != std::string::npos;) {
-    const size_t end = body.find("\n\n", pos);
-    out.push_back(body.substr(pos + 6, end - pos - 6));
-    pos = end;
-  }
-  return out;
 }
 
 std::string ChatBody(const std::string& model, const std::string& messages, const std::string& extra = "") {

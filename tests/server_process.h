@@ -104,4 +104,15 @@ class ServerProcess {
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
 };
 
+// The "data: X" payloads of a server-sent-event body, in order ("data: X\n\n" -> X).
+inline std::vector<std::string> SseData(const std::string& body) {
+  std::vector<std::string> out;
+  for (size_t pos = 0; (pos = body.find("data: ", pos)) != std::string::npos;) {
+    const size_t end = body.find("\n\n", pos);
+    out.push_back(body.substr(pos + 6, end - pos - 6));
+    pos = end;
+  }
+  return out;
+}
+
 }  // namespace qforge::testing

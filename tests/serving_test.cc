@@ -36,6 +36,7 @@ const std::string kStories = testing::Stories260KPath();
 const std::string kTok512 = testing::Tok512Path();
 
 using testing::ServerProcess;
+using testing::SseData;
 
 v1::GenerateRequest GenerateRequest(const std::string& model, const std::string& prompt, int max_tokens,
                                     float temperature = 0, uint64_t seed = 0) {
@@ -62,17 +63,6 @@ std::vector<int> GenerateInProcess(const Model& model, const std::string& prompt
   auto r = qforge::Generate(**t, *ids, o);
   EXPECT_TRUE(r.ok()) << r.status();
   return r.ok() ? r->tokens : std::vector<int>();
-}
-
-// The pieces of a server-sent-event body, in order ("data: X\n\n" -> X).
-std::vector<std::string> SseData(const std::string& body) {
-  std::vector<std::string> out;
-  for (size_t pos = 0; (pos = body.find("data: ", pos)) != std::string::npos;) {
-    const size_t end = body.find("\n\n", pos);
-    out.push_back(body.substr(pos + 6, end - pos - 6));
-    pos = end;
-  }
-  return out;
 }
 
 std::string CompletionBody(const std::string& model, const std::string& prompt, int max_tokens, bool stream) {
