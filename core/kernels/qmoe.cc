@@ -17,6 +17,7 @@
 #include "core/base/half.h"
 #include "core/base/status_macros.h"
 #include "core/kernels/blocks.h"
+#include "core/kernels/kernels.h"
 
 namespace qforge::kernels::qmoe {
 namespace {
@@ -388,7 +389,12 @@ QF_QMOE_AVX512 float DotRowQ8_0Avx512(const int8_t* trits, const int8_t* codes, 
   return acc;
 }
 
-bool HasAvx512Decoder() { return __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"); }
+// The AVX-512 decoder and dot run where the kernels run AVX-512 (an ISA pinned lower by SetIsa or QFORGE_ISA keeps
+// them off) and the CPU has BW and VNNI.
+bool UseAvx512Decoder() {
+  static const bool has = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+  return has && ActiveIsa() == Isa::kAvx512;
+}
 
 absl::Status CheckQ8_0Columns(const View& v) {
   if (v.cols % kQ8_0TileColumns == 0) return absl::OkStatus();
@@ -404,7 +410,7 @@ absl::Status ForEachQ8_0Tile(const Tensor& w, int64_t row_begin, int64_t row_end
   QF_ASSIGN_OR_RETURN(const View v, Open(w));
   QF_RETURN_IF_ERROR(CheckQ8_0Columns(v));
   const int64_t cols = v.cols, blocks = cols / kQ8_0TileColumns;
-  const bool simd = !bitwise && HasAvx512Decoder();
+  const bool simd = !bitwise && UseAvx512Decoder();
   std::vector<int8_t> trits(static_cast<size_t>(kTileRows * cols + 64));
   std::vector<block_q8_0> tile(static_cast<size_t>(kTileRows * blocks));
   int64_t tile_first = row_begin;
@@ -442,7 +448,7 @@ absl::Status DotRowsQ8_0(const Tensor& w, int64_t row_begin, int64_t row_end, co
   QF_ASSIGN_OR_RETURN(const View v, Open(w));
   QF_RETURN_IF_ERROR(CheckQ8_0Columns(v));
   const int64_t cols = v.cols, blocks = cols / kQ8_0TileColumns;
-  if (bitwise || !HasAvx512Decoder()) {
+  if (bitwise || !UseAvx512Decoder()) {
     std::vector<int8_t> trits(static_cast<size_t>(cols));
     return ForEachRow(v, row_begin, row_end, [&](int64_t r, int64_t first) {
       QF_RETURN_IF_ERROR(DecodeRowBitwise(v, r, first, trits.data()));

@@ -97,8 +97,8 @@ absl::Status MatMulRowsReference(const Tensor& w, int64_t row_begin, int64_t row
 // Rows [row_begin, row_end) decoded into Q8_0 tiles: f(tile, first_row) for each, tile a [rows, cols] Q8_0
 // tensor (valid only during the call) holding rows first_row.. of w exactly. Tiles end at multiples of
 // kTileRows, whatever the range, so a row's products do not depend on how the caller cut the rows.
-// bitwise: the reference decoder (trit by trit); otherwise AVX-512 stores where the CPU has AVX-512BW (the
-// same bytes, qmoe_test). INVALID_ARGUMENT when cols is not a multiple of 32.
+// bitwise: the reference decoder (trit by trit); otherwise AVX-512 stores where the active ISA is AVX-512 and the
+// CPU has BW and VNNI (the same bytes, qmoe_test). INVALID_ARGUMENT when cols is not a multiple of 32.
 inline constexpr int64_t kTileRows = 16;
 inline constexpr int64_t kQ8_0TileColumns = 32;
 absl::Status ForEachQ8_0Tile(const Tensor& w, int64_t row_begin, int64_t row_end, bool bitwise,
@@ -114,7 +114,8 @@ struct Q8_0Activations {
 // Decode (one token): y[r] for rows [row_begin, row_end), each row decoded into a row of trits and dotted with
 // a at once, with no tile. The bits of the Q8_0 kernels on the same rows (int_dot.h numerics), so a token's
 // result is the same alone and batched through ForEachQ8_0Tile. bitwise: the reference decoder and dot;
-// otherwise AVX-512 (BW, VNNI) where the CPU has it. INVALID_ARGUMENT when cols is not a multiple of 32.
+// otherwise AVX-512 (BW, VNNI) where the active ISA is AVX-512 and the CPU has them. INVALID_ARGUMENT when cols is
+// not a multiple of 32.
 absl::Status DotRowsQ8_0(const Tensor& w, int64_t row_begin, int64_t row_end, const Q8_0Activations& a, float* y,
                          bool bitwise);
 
