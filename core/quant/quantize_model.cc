@@ -45,6 +45,28 @@ struct ErrorSums {
   double err2 = 0, ref2 = 0;
 };
 
+// sum (w - w_hat)² and sum w² of one row in double: eight partial sums, column c into lane c % 8 (explicit
+// lanes, so it vectorizes), combined in one fixed order.
+void RowErrorSums(const float* ref, const float* row, int64_t cols, double* err, double* norm) {
+  double e[8] = {}, n[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    double w[8], d[8];
+    for (int l = 0; l < 8; ++l) w[l] = ref[c + l];
+    for (int l = 0; l < 8; ++l) d[l] = w[l] - static_cast<double>(row[c + l]);
+    for (int l = 0; l < 8; ++l) e[l] += d[l] * d[l];
+    for (int l = 0; l < 8; ++l) n[l] += w[l] * w[l];
+  }
+  for (int l = 0; c < cols; ++c, ++l) {
+    const double w = ref[c];
+    const double d = w - row[c];
+    e[l] += d * d;
+    n[l] += w * w;
+  }
+  *err = ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]));
+  *norm = ((n[0] + n[1]) + (n[2] + n[3])) + ((n[4] + n[5]) + (n[6] + n[7]));
+}
+
 // Squared reconstruction error, per row then summed in row order so the result is thread-count independent.
 absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const float* ref, ThreadPool* pool) {
   const int64_t rows = q.rows(), cols = q.cols();
@@ -56,34 +78,21 @@ absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const float* ref,
     all.resize(static_cast<size_t>(rows * cols));
     QF_RETURN_IF_ERROR(kernels::DequantizeRows(q, 0, rows, all.data()));
   }
-  ParallelForOrInline(pool, rows, 8, [&](int64_t r0, int64_t r1) {
-    std::vector<float> row(static_cast<size_t>(cols));
-    for (int64_t r = r0; r < r1; ++r) {
+  // Rows are decoded a panel at a time (one DequantizeRows call per panel, not per row).
+  constexpr int64_t kPanel = 16;
+  ParallelForOrInline(pool, rows, kPanel, [&](int64_t r0, int64_t r1) {
+    std::vector<float> panel(static_cast<size_t>(kPanel * cols));
+    for (int64_t p0 = r0; p0 < r1; p0 += kPanel) {
+      const int64_t p1 = std::min(r1, p0 + kPanel);
       if (all.empty()) {
-        status[r] = kernels::DequantizeRows(q, r, r + 1, row.data());
+        status[p0] = kernels::DequantizeRows(q, p0, p1, panel.data());
+        if (!status[p0].ok()) return;
       } else {
-        std::copy_n(&all[r * cols], cols, row.data());
+        std::copy_n(&all[p0 * cols], (p1 - p0) * cols, panel.data());
       }
-      // Eight partial sums per row, column c into lane c % 8 (vectorizable, and still one fixed order).
-      double e[8] = {}, n[8] = {};
-      const float* ref_row = ref + r * cols;
-      int64_t c = 0;
-      for (; c + 8 <= cols; c += 8) {
-        for (int l = 0; l < 8; ++l) {
-          const double w = ref_row[c + l];
-          const double d = w - row[c + l];
-          e[l] += d * d;
-          n[l] += w * w;
-        }
+      for (int64_t r = p0; r < p1; ++r) {
+        RowErrorSums(ref + r * cols, panel.data() + (r - p0) * cols, cols, &err[r], &norm[r]);
       }
-      for (int l = 0; c < cols; ++c, ++l) {
-        const double w = ref_row[c];
-        const double d = w - row[c];
-        e[l] += d * d;
-        n[l] += w * w;
-      }
-      err[r] = ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]));
-      norm[r] = ((n[0] + n[1]) + (n[2] + n[3])) + ((n[4] + n[5]) + (n[6] + n[7]));
     }
   });
   ErrorSums s;
