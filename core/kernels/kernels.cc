@@ -269,12 +269,7 @@ Tensor CalibrationTensor(WeightFormat f, int64_t rows, int64_t cols) {
   std::vector<uint8_t> b(EncodedBytes(f, rows, cols).value());
   uint32_t s = 12345;
   for (auto& x : b) x = static_cast<uint8_t>((s = s * 1664525u + 1013904223u) >> 24);
-  if (f.type == WeightType::kF32) {
-    for (size_t i = 0; i + 4 <= b.size(); i += 4) {
-      const float v = static_cast<float>(static_cast<int8_t>(b[i])) / 64.0f;
-      std::memcpy(&b[i], &v, 4);
-    }
-  } else if (f.type == WeightType::kQ4_K) {
+  if (f.type == WeightType::kQ4_K) {
     const uint16_t h = 0x2000;  // a small positive fp16
     for (size_t i = 0; i < b.size(); i += sizeof(block_q4_K)) {
       std::memcpy(&b[i], &h, 2);
@@ -284,11 +279,12 @@ Tensor CalibrationTensor(WeightFormat f, int64_t rows, int64_t cols) {
   return Tensor::FromBytes("calibration", {rows, cols}, f, std::move(b));
 }
 
-// The measured choice between the AVX-512 and AVX2 code of each kernel family on this CPU (first use, a few
-// milliseconds). The float family computes different (equally valid) bits on the two ISAs, so it keeps one ISA
-// for every token count, which keeps batch invariance, and leaves AVX2 only when AVX-512 is clearly faster
-// (so that a noisy measurement cannot flip the choice between runs); the integer family gives the same bits on
-// both, so decode (one token) and prompts pick separately.
+// The choice between the AVX-512 and AVX2 code of each kernel family on this CPU. The float family computes
+// different (equally valid) bits on the two ISAs, so it is not measured: a timing near the margin flipped it
+// between processes on a loaded machine, and a worker's calibrated result (AWQ's scale search runs the float
+// path) then differed from the same job in one process. It keeps AVX-512, for every token count (batch
+// invariance) and every process on this CPU. The integer family gives the same bits on both, so decode (one
+// token) and prompts are measured (first use, a few milliseconds) and pick separately.
 struct MeasuredIsas {
   Isa float_dot = Isa::kAvx512, int_decode = Isa::kAvx512, int_prompt = Isa::kAvx512;
 };
@@ -296,15 +292,10 @@ struct MeasuredIsas {
 const MeasuredIsas& Measured() {
   static const MeasuredIsas m = [] {
     MeasuredIsas r;
-    // Matrices of 64 MiB (f32) and 36 MiB (Q4_K): past the last-level cache, as a model's weights are, so decode
-    // is measured where it runs in practice, bound by memory.
-    const int64_t cols = 2048, rows = 8192, q_rows = 32768;
+    // A 36 MiB Q4_K matrix: past the last-level cache, as a model's weights are, so decode is measured where it
+    // runs in practice, bound by memory.
+    const int64_t cols = 2048, q_rows = 32768;
     std::vector<float> x(8 * cols, 0.25f), y(8 * q_rows);
-    const Tensor f32 = CalibrationTensor(WeightFormat::F32(), rows, cols);
-    const internal::WeightView fv = internal::MakeView(f32).value();
-    const double f2 = FastestRun(3, [&] { internal::MatMulAvx2(fv, 0, rows, x.data(), 1, y.data(), rows); });
-    const double f5 = FastestRun(3, [&] { internal::MatMulAvx512(fv, 0, rows, x.data(), 1, y.data(), rows); });
-    r.float_dot = f5 < 0.9 * f2 ? Isa::kAvx512 : Isa::kAvx2;
     if (!internal::HasAvx512Vnni()) {
       r.int_decode = r.int_prompt = Isa::kAvx2;
       return r;

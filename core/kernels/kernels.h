@@ -21,9 +21,10 @@ Isa ActiveIsa();
 Isa SetIsa(Isa isa);
 
 // The ISA a kernel family runs on: ActiveIsa(), except that on an AVX-512 CPU whose ISA nobody pinned (SetIsa,
-// QFORGE_ISA) each family runs the faster of its AVX-512 and AVX2 code, measured here at first use. The float
-// family (dequantize-in-the-dot formats) keeps one ISA for every token count, so batching stays bit-invariant; the
-// integer kernels give identical bits on both and choose for decode and prompts separately.
+// QFORGE_ISA) the integer kernels, which give identical bits on both, run the faster of their AVX-512 and AVX2
+// code, measured at first use, for decode and prompts separately. The float family (dequantize-in-the-dot
+// formats) is not measured: its bits differ between the ISAs, and a measured choice could differ between two
+// processes (a worker and the job run in one process) on one machine.
 enum class KernelFamily { kFloatDot, kIntDecode, kIntPrompt };
 Isa IsaFor(KernelFamily family);
 const char* IsaName(Isa isa);
