@@ -179,7 +179,10 @@ class Prometheus {
     kill(pid_, SIGKILL);
     waitpid(pid_, nullptr, 0);
   }
-  bool exited() { return waitpid(pid_, nullptr, WNOHANG) == pid_ && (pid_ = 0, true); }
+  bool exited() {
+    if (pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == pid_) pid_ = 0;  // reaped: never wait on it again
+    return pid_ <= 0;
+  }
   std::string log() const { return testing::ReadFile(dir_ + "/prometheus.log"); }
 
   // data.result of an instant query; nullopt (with the reason in *error) when the query fails.
@@ -231,6 +234,13 @@ TEST(ObservabilityTest, EveryDashboardPanelAndRecordingRuleHasDataFromARealClust
   ASSERT_GE(records.size(), 5u) << kRules;
 
   const std::string dir = testing::TempDir("observability");
+  // Declared before the processes, so it runs after they are gone. A failed run keeps the logs for reading.
+  struct RemoveOnSuccess {
+    std::string dir;
+    ~RemoveOnSuccess() {
+      if (!::testing::Test::HasFailure()) std::filesystem::remove_all(dir);
+    }
+  } remove_on_success{dir};
   testing::Cluster cluster(dir + "/cluster", {});
   ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
   const int worker_ports[2] = {testing::PickFreePort(), testing::PickFreePort()};
