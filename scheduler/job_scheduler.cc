@@ -340,6 +340,23 @@ QueueCounters JobScheduler::counters() const {
   return counters_;
 }
 
+TaskStateCounts JobScheduler::TaskCounts() const {
+  std::lock_guard<std::mutex> l(mu_);
+  TaskStateCounts c;
+  for (const auto& [id, j] : jobs_) {
+    if (j->state != JobState::kRunning) continue;
+    for (const TaskState s : j->task_state) {
+      switch (s) {
+        case TaskState::kBlocked: ++c.blocked; break;
+        case TaskState::kReady: ++c.ready; break;
+        case TaskState::kLeased: ++c.leased; break;
+        case TaskState::kDone: ++c.done; break;
+      }
+    }
+  }
+  return c;
+}
+
 size_t JobScheduler::MemoryBytes() const {
   std::lock_guard<std::mutex> l(mu_);
   size_t n = sizeof(*this) + ready_.size() * sizeof(TaskRef) + expiries_.size() * sizeof(Expiry) +

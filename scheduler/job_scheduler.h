@@ -71,6 +71,12 @@ struct QueueCounters {
   uint64_t leased = 0, committed = 0, duplicates = 0, failed = 0, expired = 0;
 };
 
+// Tasks of the running jobs by state, now (for metrics): waiting on dependencies, ready to lease (the queue a
+// worker pool drains), leased, committed. Finished jobs are left out: their tasks wait for nothing.
+struct TaskStateCounts {
+  uint64_t blocked = 0, ready = 0, leased = 0, done = 0;
+};
+
 class JobScheduler {
  public:
   // Rebuilds every job from `store` (not owned): committed tasks stay committed, everything else whose
@@ -103,6 +109,7 @@ class JobScheduler {
   std::vector<JobId> Jobs() const;
   size_t LeasedCount() const;
   QueueCounters counters() const;
+  TaskStateCounts TaskCounts() const;
   // Bytes held by plans, per-task state, queues and leases (not the store).
   size_t MemoryBytes() const;
 

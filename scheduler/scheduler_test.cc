@@ -307,6 +307,28 @@ TEST(QueueTest, DuplicateAndLateCompletionsAreHarmless) {
   EXPECT_GE(c.leased, 2u);
 }
 
+TEST(QueueTest, TaskCountsFollowTasksThroughTheirStatesAndLeaveFinishedJobsOut) {
+  Fixture f;
+  const uint64_t quantize = f.plan.tasks.size() - 1;  // the assemble task waits for all of them
+  auto counts = [&f] {
+    const TaskStateCounts c = f.sched->TaskCounts();
+    return std::vector<uint64_t>{c.blocked, c.ready, c.leased, c.done};
+  };
+  EXPECT_EQ(counts(), (std::vector<uint64_t>{1, quantize, 0, 0}));
+  auto a = *f.sched->Lease("w", 1);
+  auto b = *f.sched->Lease("w", 1);
+  ASSERT_TRUE(a.has_value() && b.has_value());
+  EXPECT_EQ(counts(), (std::vector<uint64_t>{1, quantize - 2, 2, 0}));
+  ASSERT_EQ(*f.sched->Complete("w", a->ref, "r", 2), CompleteOutcome::kCommitted);
+  EXPECT_EQ(counts(), (std::vector<uint64_t>{1, quantize - 2, 1, 1}));
+  // A failed attempt puts the task back in the queue.
+  ASSERT_TRUE(f.sched->Fail("w", b->ref, "boom", 3).ok());
+  EXPECT_EQ(counts(), (std::vector<uint64_t>{1, quantize - 1, 0, 1}));
+  // A cancelled job's tasks are no longer anyone's work.
+  ASSERT_TRUE(f.sched->CancelJob(f.job, 4).ok());
+  EXPECT_EQ(counts(), (std::vector<uint64_t>{0, 0, 0, 0}));
+}
+
 TEST(QueueTest, NFailuresFailTheJobWithTheWorkersMessage) {
   SchedulerOptions o;
   o.max_attempts = 3;

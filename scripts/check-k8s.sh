@@ -28,7 +28,7 @@ fi
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-overlays=(dev prod)
+overlays=(dev prod prod-monitoring)
 rendered=()
 for o in "${overlays[@]}"; do
   i=0
@@ -173,6 +173,27 @@ def check(o, docs):
             for l in LABELS:
                 if l not in d["metadata"].get("labels", {}):
                     fail(o, f"{k}/{n}: lacks label {l}")
+
+    # --- PodMonitors (k8s/monitoring): each selects one workload's pods, names a port they open, and sets the
+    # job label the Prometheus rules and dashboards expect.
+    monitors = [(n, d) for (k, n), d in objs.items() if k == "PodMonitor"]
+    if o.endswith("-monitoring") and len(monitors) != 3:
+        fail(o, f"expected PodMonitors for scheduler, worker and server, got {[n for n, _ in monitors]}")
+    for n, d in monitors:
+        sel = d["spec"].get("selector", {}).get("matchLabels")
+        pods = [w["spec"]["template"] for (wk, wn), w in objs.items()
+                if wk in ("Deployment", "StatefulSet") and selects(sel, w["spec"]["template"]["metadata"]["labels"])]
+        if len(pods) != 1:
+            fail(o, f"PodMonitor/{n} selects {len(pods)} workloads, expected 1")
+            continue
+        ports = {p.get("name") for c in pods[0]["spec"]["containers"] for p in c.get("ports", [])}
+        component = pods[0]["metadata"]["labels"].get("app.kubernetes.io/component")
+        for e in d["spec"].get("podMetricsEndpoints", []):
+            if e.get("port") not in ports:
+                fail(o, f"PodMonitor/{n}: port {e.get('port')!r} is not one of the pods' ports {sorted(ports)}")
+            jobs = [r.get("replacement") for r in e.get("relabelings", []) if r.get("targetLabel") == "job"]
+            if jobs != [f"qforge-{component}"]:
+                fail(o, f"PodMonitor/{n}: job label {jobs}, expected qforge-{component}")
 
     # --- scheduler ---
     sts = objs.get(("StatefulSet", "qforge-scheduler"))

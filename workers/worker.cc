@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <utility>
 
@@ -234,11 +235,48 @@ class Heartbeater {
 
 }  // namespace
 
+struct Worker::BusyClock {
+  using Clock = std::chrono::steady_clock;
+  metrics::Counter* seconds = nullptr;
+
+  void Start() {
+    std::lock_guard<std::mutex> l(mu);
+    since = Clock::now();
+  }
+  // Adds the time since the last call to the counter while a task runs.
+  void Accrue() {
+    std::lock_guard<std::mutex> l(mu);
+    AccrueLocked();
+  }
+  void Stop() {
+    std::lock_guard<std::mutex> l(mu);
+    AccrueLocked();
+    since.reset();
+  }
+
+ private:
+  void AccrueLocked() {
+    if (!since.has_value()) return;
+    const Clock::time_point now = Clock::now();
+    seconds->Inc(std::chrono::duration<double>(now - *since).count());
+    since = now;
+  }
+  std::mutex mu;
+  std::optional<Clock::time_point> since;  // set while a task executes: accounted up to here
+};
+
 Worker::Worker(std::shared_ptr<grpc::Channel> channel, WorkerOptions options)
     : stub_(v1::WorkerService::NewStub(channel)),
       artifacts_(v1::ArtifactService::NewStub(channel)),
       options_(std::move(options)),
-      executor_(ExecutorOptions{.threads = options_.threads, .allowed_roots = options_.allowed_roots}) {}
+      executor_(ExecutorOptions{.threads = options_.threads, .allowed_roots = options_.allowed_roots}) {
+  if (options_.metrics == nullptr) return;
+  auto seconds = options_.metrics->GetCounter("qforge_worker_busy_seconds_total", "Seconds spent executing tasks");
+  if (!seconds.ok()) return;
+  busy_ = std::make_shared<BusyClock>();
+  busy_->seconds = *seconds;
+  options_.metrics->AddCollector([busy = busy_](metrics::Registry&) { busy->Accrue(); });
+}
 
 Worker::~Worker() {
   if (task_log_fd_ >= 0) ::close(task_log_fd_);
@@ -320,6 +358,7 @@ void Worker::RunTask(const v1::LeaseTaskResponse& lease, const std::atomic<bool>
   const v1::Task& task = lease.task();
   LogEvent(absl::StrCat("lease ", task.task_id(), " ", KindName(task.kind()), " ", ::getpid()));
   const auto start = std::chrono::steady_clock::now();
+  if (busy_) busy_->Start();
 
   v1::CompleteTaskRequest done;
   done.set_worker_id(worker_id_);
@@ -331,10 +370,10 @@ void Worker::RunTask(const v1::LeaseTaskResponse& lease, const std::atomic<bool>
     GrpcChunkSource artifacts(*artifacts_, stop);
     result = executor_.Execute(task, sink, &done, &artifacts);
   }
-  const double busy = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  if (busy_) busy_->Stop();
   if (!result.ok()) {
     LogLine(absl::StrCat("task ", Describe(task), " failed: ", StatusText(result)));
-    CountTask(task, "failed", busy, done);
+    CountTask(task, "failed", done);
     Fail(task, StatusText(result), stop);
     return;
   }
@@ -345,7 +384,7 @@ void Worker::RunTask(const v1::LeaseTaskResponse& lease, const std::atomic<bool>
     SetTimeout(&ctx, kRpcTimeout);
     return stub_->CompleteTask(&ctx, done, &response);
   });
-  CountTask(task, s.ok() ? (response.duplicate() ? "duplicate" : "committed") : "rejected", busy, done);
+  CountTask(task, s.ok() ? (response.duplicate() ? "duplicate" : "committed") : "rejected", done);
   if (s.ok()) {
     ++tasks_completed_;
     LogEvent(absl::StrCat(response.duplicate() ? "duplicate " : "commit ", task.task_id(), " ", ::getpid()));
@@ -366,17 +405,13 @@ void Worker::RunTask(const v1::LeaseTaskResponse& lease, const std::atomic<bool>
   Fail(task, error, stop);
 }
 
-void Worker::CountTask(const v1::Task& task, const std::string& outcome, double seconds,
-                       const v1::CompleteTaskRequest& done) {
+void Worker::CountTask(const v1::Task& task, const std::string& outcome, const v1::CompleteTaskRequest& done) {
   if (options_.metrics == nullptr) return;
   metrics::Registry& m = *options_.metrics;
   if (auto c = m.GetCounter("qforge_worker_tasks_total", "Tasks this worker ran, by kind and outcome",
                             {{"kind", KindName(task.kind())}, {"outcome", outcome}});
       c.ok()) {
     (*c)->Inc();
-  }
-  if (auto c = m.GetCounter("qforge_worker_busy_seconds_total", "Seconds spent executing tasks"); c.ok()) {
-    (*c)->Inc(seconds);
   }
   uint64_t bytes = 0;
   for (const v1::StoredTensor& t : done.outputs()) bytes += t.nbytes();

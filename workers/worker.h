@@ -27,7 +27,8 @@ struct WorkerOptions {
   std::string task_log_path;
   int64_t memory_bytes = 0;  // reported at registration
   bool verbose = false;      // one line per task on stderr (errors are always printed)
-  // When set, the worker counts its tasks (by kind and outcome), uploaded bytes and busy seconds here.
+  // When set, the worker counts its tasks (by kind and outcome), uploaded bytes and busy seconds here (busy
+  // seconds from construction on, so the series exists before the first task).
   metrics::Registry* metrics = nullptr;
 };
 
@@ -54,7 +55,7 @@ class Worker {
   void Fail(const qforge::v1::Task& task, const std::string& error, const std::atomic<bool>& stop);
   void LogEvent(const std::string& line);
   // Counts one finished task in options_.metrics (no-op without a registry).
-  void CountTask(const qforge::v1::Task& task, const std::string& outcome, double seconds,
+  void CountTask(const qforge::v1::Task& task, const std::string& outcome,
                  const qforge::v1::CompleteTaskRequest& done);
 
   std::unique_ptr<qforge::v1::WorkerService::Stub> stub_;
@@ -64,6 +65,11 @@ class Worker {
   std::string worker_id_;
   int task_log_fd_ = -1;  // opened by Run
   std::atomic<int64_t> tasks_completed_{0};
+  // qforge_worker_busy_seconds_total, advanced while a task executes (also at every scrape, so that a long task
+  // shows as busy while it runs, not as one jump when it ends). Shared with the registry's collector, which
+  // may outlive this worker. Null without a registry.
+  struct BusyClock;
+  std::shared_ptr<BusyClock> busy_;
 };
 
 }  // namespace qforge::workers

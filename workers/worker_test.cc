@@ -276,6 +276,65 @@ TEST(WorkerTest, RunsLeasedTasksAndStopsWhenAsked) {
                    }));
 }
 
+// The value of an unlabelled sample in Registry::Render's text; -1 when it is absent.
+double SampleValue(const std::string& text, const std::string& name) {
+  const size_t at = text.find("\n" + name + " ");
+  if (at == std::string::npos) return -1;
+  return std::stod(text.substr(at + name.size() + 2));
+}
+
+TEST(WorkerTest, BusySecondsAdvanceWhileATaskRunsAndStopWhenIdle) {
+  const std::string dir = testing::TempDir("worker_busy");
+  const std::string path = dir + "/model.gguf";
+  testing::WriteTestModel(path, Q4kTestConfig(), 11);
+  std::vector<v1::Task> tasks = {testing::QuantizeTask(path, "blk.0.attn_q.weight", 0, 256, 256, "q8_0",
+                                                       quant::FindMethod("q8_0")->DefaultParams())};
+  tasks[0].set_task_id("1/0");
+  FakeWorkerService service(tasks);
+  service.slow_upload_tasks = {"1/0"};  // the task takes over a second, inside Execute
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  rpc::ConfigureServer(builder);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_NE(server, nullptr);
+
+  metrics::Registry registry;
+  WorkerOptions options;
+  options.name = "test-host";
+  options.allowed_roots = {dir};
+  options.max_idle_poll_ms = 50;
+  options.metrics = &registry;
+  Worker worker(rpc::MakeChannel(absl::StrCat("127.0.0.1:", port)), options);
+  // Exported before any task, so a utilisation query has a series for an idle worker.
+  EXPECT_EQ(SampleValue(registry.Render(), "qforge_worker_busy_seconds_total"), 0);
+
+  std::atomic<bool> stop{false};
+  std::thread runner([&] { EXPECT_TRUE(worker.Run(stop).ok()); });
+  // Scraped while the task is still running (not yet reported), busy time has already accrued.
+  double busy_mid_task = 0;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (service.Reported() == 0 && std::chrono::steady_clock::now() < give_up) {
+    const double busy = SampleValue(registry.Render(), "qforge_worker_busy_seconds_total");
+    if (service.Reported() == 0) busy_mid_task = std::max(busy_mid_task, busy);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_EQ(service.Reported(), 1u);
+  EXPECT_GT(busy_mid_task, 0.5);
+  // Idle afterwards: the counter stands still.
+  const double after = SampleValue(registry.Render(), "qforge_worker_busy_seconds_total");
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_EQ(SampleValue(registry.Render(), "qforge_worker_busy_seconds_total"), after);
+  EXPECT_GE(after, 1.0);
+  EXPECT_GE(after, busy_mid_task);
+  stop = true;
+  runner.join();
+  server->Shutdown();
+  EXPECT_NE(registry.Render().find("qforge_worker_tasks_total{kind=\"quantize\",outcome=\"committed\"} 1\n"),
+            std::string::npos);
+}
+
 TEST(WorkerTest, StopsWhileTheSchedulerIsUnreachable) {
   // Nothing listens on this port (bound, then closed); Run keeps retrying until stop.
   int port = 0;

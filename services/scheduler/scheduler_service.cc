@@ -796,6 +796,13 @@ class SchedulerServer::Impl {
             in_succeeded / out_succeeded);
     }
     gauge("qforge_scheduler_leased_tasks", "Tasks leased to workers now", static_cast<double>(sched().LeasedCount()));
+    const scheduler::TaskStateCounts tasks = sched().TaskCounts();
+    for (const auto& [state, n] : {std::pair<const char*, uint64_t>{"blocked", tasks.blocked}, {"ready", tasks.ready},
+                                   {"leased", tasks.leased}, {"done", tasks.done}}) {
+      gauge("qforge_scheduler_tasks",
+            "Tasks of running jobs by state: waiting on dependencies, ready to lease (the queue), leased, committed",
+            static_cast<double>(n), {{"state", state}});
+    }
     {
       std::lock_guard<std::mutex> l(mu_);
       gauge("qforge_scheduler_workers_registered", "Workers registered since this process started",

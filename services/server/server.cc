@@ -130,6 +130,23 @@ class InferenceServer::Impl {
       }
       set("qforge_cost_saved_dollars", "Memory cost saved against fp16 weights since the model was loaded",
           (static_cast<double>(lm->fp16_bytes) - lm->weight_bytes) / gib * options_.price_per_gib_hour * hours, {});
+      // Memory held over time as counters, so GiB-hours over any range are an increase() that survives unloads
+      // and restarts. Advanced to now at every scrape; a model unloaded between scrapes loses its last interval.
+      const Clock::time_point now = Clock::now();
+      Clock::time_point& accrued = memory_accrued_to_[ref];
+      if (accrued < lm->loaded_at) accrued = lm->loaded_at;
+      const double held = Seconds(now - accrued);
+      accrued = now;
+      for (const auto& [weights, bytes] : {std::pair<const char*, double>{"served", double(lm->weight_bytes)},
+                                           {"fp16", double(lm->fp16_bytes)}}) {
+        if (auto c = r.GetCounter("qforge_model_memory_byte_seconds_total",
+                                  "Weight bytes held in memory times the seconds they were held (served, and the "
+                                  "same weights in fp16)",
+                                  {{"model", ref}, {"weights", weights}});
+            c.ok()) {
+          (*c)->Inc(bytes * held);
+        }
+      }
     }
     if (tokens_all > 0) {
       if (auto g = r.GetGauge("qforge_energy_per_token_joules", "Energy since start divided by generated tokens",
@@ -881,6 +898,9 @@ class InferenceServer::Impl {
   InferenceServer* server_;
   ServerOptions options_;
   metrics::EnergyMeter energy_;
+  // Per model ref: how far qforge_model_memory_byte_seconds_total has been advanced. Only collectors touch it,
+  // and the registry runs them one at a time.
+  std::map<std::string, Clock::time_point> memory_accrued_to_;
   std::atomic<bool> stopping_{false};
   std::atomic<int> in_flight_{0};
   std::atomic<uint64_t> completion_ids_{0};
