@@ -352,9 +352,36 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
                                                    32, 8, &QuantizeRowQ8_0, "f16"));
     r->push_back(std::make_unique<GgmlBlockMethod>("q4_0", "ggml Q4_0: 32 weights per f16 scale, 4-bit",
                                                    WeightType::kQ4_0, 32, 4, &QuantizeRowQ4_0, "q8_0"));
+    // The fallbacks of the 256-weight types are llama-quantize's (llama_tensor_get_type's incompatible-shape
+    // switch): q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0, q2_k / q3_k / iq4_xs -> iq4_nl; the 32-weight types then
+    // reach f16 through q8_0 (same block, so exactly where llama.cpp writes f16).
     r->push_back(std::make_unique<GgmlBlockMethod>(
         "q4_k", "ggml Q4_K: 256-weight super-blocks, 6-bit scales/mins per 32", WeightType::kQ4_K, 256, 4,
-        &QuantizeRowQ4_K, "q4_0"));
+        &QuantizeRowQ4_K, "q5_0"));
+    r->push_back(std::make_unique<GgmlBlockMethod>("q4_1", "ggml Q4_1: 32 weights per f16 scale and min, 4-bit",
+                                                   WeightType::kQ4_1, 32, 4, &QuantizeRowQ4_1, "q8_0"));
+    r->push_back(std::make_unique<GgmlBlockMethod>("q5_0", "ggml Q5_0: 32 weights per f16 scale, 5-bit",
+                                                   WeightType::kQ5_0, 32, 5, &QuantizeRowQ5_0, "q8_0"));
+    r->push_back(std::make_unique<GgmlBlockMethod>("q5_1", "ggml Q5_1: 32 weights per f16 scale and min, 5-bit",
+                                                   WeightType::kQ5_1, 32, 5, &QuantizeRowQ5_1, "q8_0"));
+    r->push_back(std::make_unique<GgmlBlockMethod>(
+        "q2_k", "ggml Q2_K: 256-weight super-blocks, 4-bit scales/mins per 16, 2-bit", WeightType::kQ2_K, 256, 2,
+        &QuantizeRowQ2_K, "iq4_nl"));
+    r->push_back(std::make_unique<GgmlBlockMethod>(
+        "q3_k", "ggml Q3_K: 256-weight super-blocks, 6-bit scales per 16, 3-bit symmetric", WeightType::kQ3_K, 256,
+        3, &QuantizeRowQ3_K, "iq4_nl"));
+    r->push_back(std::make_unique<GgmlBlockMethod>(
+        "q5_k", "ggml Q5_K: 256-weight super-blocks, 6-bit scales/mins per 32, 5-bit", WeightType::kQ5_K, 256, 5,
+        &QuantizeRowQ5_K, "q5_1"));
+    r->push_back(std::make_unique<GgmlBlockMethod>(
+        "q6_k", "ggml Q6_K: 256-weight super-blocks, int8 scales per 16, 6-bit symmetric", WeightType::kQ6_K, 256,
+        6, &QuantizeRowQ6_K, "q8_0"));
+    r->push_back(std::make_unique<GgmlBlockMethod>(
+        "iq4_nl", "ggml IQ4_NL: 32 weights per f16 scale, 4-bit indices into a non-linear 16-level grid",
+        WeightType::kIQ4_NL, 32, 4, &QuantizeRowIQ4_NL, "q8_0"));
+    r->push_back(std::make_unique<GgmlBlockMethod>(
+        "iq4_xs", "ggml IQ4_XS: 256-weight super-blocks, 6-bit scales per 32, IQ4_NL's grid", WeightType::kIQ4_XS,
+        256, 4, &QuantizeRowIQ4_XS, "iq4_nl"));
     r->push_back(std::make_unique<GptqMethod>());
     r->push_back(std::make_unique<AwqMethod>());
     r->push_back(MakeSpqrMethod());

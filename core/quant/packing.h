@@ -16,6 +16,23 @@ void QuantizeRowQ8_0(const float* x, int64_t n, uint8_t* out);  // AVX2 where th
 void QuantizeRowQ8_0Scalar(const float* x, int64_t n, uint8_t* out);  // the reference it equals
 void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowQ4_K(const float* x, int64_t n, uint8_t* out);
+// The rest of the writable ggml types, each bit-exact in intent with ggml's quantize_row_*_ref (what
+// llama-quantize writes without an importance matrix; IQ4_NL / IQ4_XS: quantize_iq4_nl / _xs with no weights).
+// n is a multiple of 32 (Q4_1, Q5_0, Q5_1, IQ4_NL) or 256 (the K-quants, IQ4_XS). docs/quantizers.md has each
+// algorithm and what is verified.
+void QuantizeRowQ4_1(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ5_0(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ5_1(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ2_K(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ3_K(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ5_K(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ6_K(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowIQ4_NL(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowIQ4_XS(const float* x, int64_t n, uint8_t* out);
+
+// The 6-bit scale / min packing of Q4_K and Q5_K (12 bytes for 8 sub-blocks), the inverse of
+// kernels::GetScaleMinK4. Sub-blocks must be packed in order j = 0..7 (4..7 OR into bytes 0..7 that 0..3 wrote).
+void PackScaleMinK4(int j, uint8_t ls, uint8_t lm, uint8_t* scales);
 
 // Round-to-nearest into the kQInt planar layout: writes row r's codes, f16 scales and (asymmetric) zeros
 // at their offsets inside `tensor_bytes`. The codes of row r must be zero on entry (bits are OR-ed in).
