@@ -34,13 +34,14 @@ struct WriterCase {
 };
 
 // Measured on these rows (16 x 1024, seed 7): q4_1 0.0780, q5_0 0.0423, q5_1 0.0377, q2_k 0.2961, q3_k 0.1506,
-// q5_k 0.0360, q6_k 0.0177, iq4_nl 0.0748, iq4_xs 0.0754; the bounds add about 10%.
+// q5_k 0.0360, q6_k 0.0177, iq4_nl 0.0748, iq4_xs 0.0754, q4_k 0.0711; the bounds
+// add about 10%.
 const WriterCase kWriters[] = {
     {"q4_1", WeightType::kQ4_1, 0.086},   {"q5_0", WeightType::kQ5_0, 0.047},
     {"q5_1", WeightType::kQ5_1, 0.042},   {"q2_k", WeightType::kQ2_K, 0.33},
     {"q3_k", WeightType::kQ3_K, 0.166},   {"q5_k", WeightType::kQ5_K, 0.040},
     {"q6_k", WeightType::kQ6_K, 0.0195},  {"iq4_nl", WeightType::kIQ4_NL, 0.083},
-    {"iq4_xs", WeightType::kIQ4_XS, 0.083},
+    {"iq4_xs", WeightType::kIQ4_XS, 0.083}, {"q4_k", WeightType::kQ4_K, 0.078},
 };
 
 std::vector<uint8_t> QuantizeWith(const std::string& method, const std::vector<float>& w, int64_t rows, int64_t cols,
@@ -244,8 +245,10 @@ TEST(GgmlWritersTest, Q5_KNibblesAndHighBits) {
   for (int i = 0; i < 256; ++i) EXPECT_NEAR(back[i], x[i], 0.13f * static_cast<float>(1 + i / 32)) << i;
 }
 
-// Re-encoding a decoded row: exact for the absmax / min-max types whose grid holds its own extremes (the
-// re-derived scale rounds to the same f16), near for the searched K-quant fits, which may pick another scale.
+// Re-encoding a decoded row. Exact (same bytes) on these rows for the min/max and absmax types, whose grid holds
+// its own extremes so the re-derived scale rounds to the same f16, and for q2_k / q4_k / q5_k, whose searches
+// land on the grid they came from; q6_k's bytes may differ (another scale pair) but decode to the same values;
+// q3_k's code-moving passes and IQ4's scale search settle on another nearby scale: near, not exact.
 TEST(GgmlWritersTest, Idempotence) {
   const std::vector<float> w = Gaussian(8 * 512, 19);
   for (const WriterCase& c : kWriters) {
@@ -254,11 +257,14 @@ TEST(GgmlWritersTest, Idempotence) {
     const std::vector<float> d1 = Decode(c.type, q1, w.size());
     const std::vector<uint8_t> q2 = QuantizeWith(c.method, d1, 8, 512);
     const std::vector<float> d2 = Decode(c.type, q2, w.size());
-    if (std::string(c.method) == "q5_0") {
-      EXPECT_EQ(q1, q2);
+    const std::string m = c.method;
+    if (m == "q3_k" || m == "iq4_nl" || m == "iq4_xs") {
+      // Measured: q3_k moves 0.023 after a first-pass error of 0.150, iq4_nl / iq4_xs 0.007 after 0.077.
+      EXPECT_LT(RelError(d1, d2), 0.2 * RelError(w, d1));
+    } else if (m == "q6_k") {
+      EXPECT_EQ(d1, d2);
     } else {
-      // A second pass moves the decoded weights far less than the first did.
-      EXPECT_LT(RelError(d1, d2), 0.5 * RelError(w, d1));
+      EXPECT_EQ(q1, q2);
     }
   }
 }
