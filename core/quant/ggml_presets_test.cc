@@ -113,7 +113,7 @@ TEST(GgmlPresetsTest, TiedEmbeddingIsTheOutput) {
 }
 
 // Rows of 64 fit no K-quant: each tensor takes its type's llama.cpp fallback (q4_k -> q5_0, q6_k -> q8_0,
-// q3_k -> iq4_nl, q5_k -> q5_1), and output goes to q8_0.
+// q3_k -> q4_0, q5_k -> q5_1), and output goes to q8_0.
 TEST(GgmlPresetsTest, FallbacksOnRowsOf64) {
   const Model m = MakeSyntheticModel(TinyTestConfig(), 5);
   ASSERT_EQ(m.config.n_layers, 2);
@@ -122,7 +122,8 @@ TEST(GgmlPresetsTest, FallbacksOnRowsOf64) {
   EXPECT_EQ(q4.at("blk.1.attn_v.weight"), "q8_0");  // use_more_bits(1, 2): q6_k, which falls back to q8_0
   EXPECT_EQ(q4.at("token_embd.weight"), "q5_0");
   const auto q3 = TypesAfter("q3_k_m", m);
-  EXPECT_EQ(q3.at("blk.0.attn_q.weight"), "iq4_nl");
+  EXPECT_EQ(q3.at("blk.0.attn_q.weight"), "q4_0");
+  EXPECT_EQ(q4.at("output.weight"), "q8_0");
   EXPECT_EQ(q3.at("blk.0.attn_v.weight"), "q5_1");  // q5_k (first two layers) -> q5_1
 }
 

@@ -271,7 +271,7 @@ TEST(GgmlWritersTest, Idempotence) {
 
 TEST(GgmlWritersTest, FallbacksFollowLlamaQuantize) {
   const std::pair<const char*, const char*> kChains[] = {
-      {"q4_k", "q5_0"}, {"q5_k", "q5_1"}, {"q6_k", "q8_0"}, {"q2_k", "iq4_nl"}, {"q3_k", "iq4_nl"},
+      {"q4_k", "q5_0"}, {"q5_k", "q5_1"}, {"q6_k", "q8_0"}, {"q2_k", "q4_0"}, {"q3_k", "q4_0"},
       {"iq4_xs", "iq4_nl"}, {"q4_1", "q8_0"}, {"q5_0", "q8_0"}, {"q5_1", "q8_0"}, {"iq4_nl", "q8_0"}};
   for (const auto& [method, next] : kChains) {
     const QuantMethod* m = FindMethod(method);

@@ -352,8 +352,8 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
                                                    32, 8, &QuantizeRowQ8_0, "f16"));
     r->push_back(std::make_unique<GgmlBlockMethod>("q4_0", "ggml Q4_0: 32 weights per f16 scale, 4-bit",
                                                    WeightType::kQ4_0, 32, 4, &QuantizeRowQ4_0, "q8_0"));
-    // The fallbacks of the 256-weight types are llama-quantize's (llama_tensor_get_type's incompatible-shape
-    // switch): q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0, q2_k / q3_k / iq4_xs -> iq4_nl; the 32-weight types then
+    // The fallbacks of the 256-weight types are llama-quantize's (tensor_type_fallback in llama.cpp 007dbbf):
+    // q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0, q2_k / q3_k -> q4_0, iq4_xs -> iq4_nl; the 32-weight types then
     // reach f16 through q8_0 (same block, so exactly where llama.cpp writes f16).
     r->push_back(std::make_unique<GgmlBlockMethod>(
         "q4_k", "ggml Q4_K: 256-weight super-blocks, 6-bit scales/mins per 32", WeightType::kQ4_K, 256, 4,
@@ -366,10 +366,10 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
                                                    WeightType::kQ5_1, 32, 5, &QuantizeRowQ5_1, "q8_0"));
     r->push_back(std::make_unique<GgmlBlockMethod>(
         "q2_k", "ggml Q2_K: 256-weight super-blocks, 4-bit scales/mins per 16, 2-bit", WeightType::kQ2_K, 256, 2,
-        &QuantizeRowQ2_K, "iq4_nl"));
+        &QuantizeRowQ2_K, "q4_0"));
     r->push_back(std::make_unique<GgmlBlockMethod>(
         "q3_k", "ggml Q3_K: 256-weight super-blocks, 6-bit scales per 16, 3-bit symmetric", WeightType::kQ3_K, 256,
-        3, &QuantizeRowQ3_K, "iq4_nl"));
+        3, &QuantizeRowQ3_K, "q4_0"));
     r->push_back(std::make_unique<GgmlBlockMethod>(
         "q5_k", "ggml Q5_K: 256-weight super-blocks, 6-bit scales/mins per 32, 5-bit", WeightType::kQ5_K, 256, 5,
         &QuantizeRowQ5_K, "q5_1"));
