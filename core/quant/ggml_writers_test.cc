@@ -269,6 +269,28 @@ TEST(GgmlWritersTest, Idempotence) {
   }
 }
 
+// Every encoder in the kernels' type table is a method of the type's name writing that type with that encoder,
+// and the writers listed above are exactly those rows.
+TEST(GgmlWritersTest, EveryTableEncoderIsAMethod) {
+  const std::vector<float> w = Gaussian(512, 23);
+  int with_encoder = 0;
+  for (const kernels::GgmlKernelTraits& k : kernels::GgmlKernelTable()) {
+    if (k.quantize == nullptr) continue;
+    ++with_encoder;
+    const GgmlTypeTraits* t = FindGgmlType(k.type);
+    SCOPED_TRACE(t->name);
+    const QuantMethod* m = FindMethod(t->name);
+    ASSERT_NE(m, nullptr);
+    auto f = m->OutputFormat(m->DefaultParams(), 1, 512);
+    ASSERT_TRUE(f.ok()) << f.status();
+    EXPECT_EQ(f->type, k.type);
+    std::vector<uint8_t> direct(512 / t->block * t->block_bytes);
+    k.quantize(w.data(), 512, direct.data());
+    EXPECT_EQ(QuantizeWith(t->name, w, 1, 512), direct);
+  }
+  EXPECT_EQ(with_encoder, static_cast<int>(std::size(kWriters)) + 2);  // + q8_0 and q4_0
+}
+
 TEST(GgmlWritersTest, FallbacksFollowLlamaQuantize) {
   const std::pair<const char*, const char*> kChains[] = {
       {"q4_k", "q5_0"}, {"q5_k", "q5_1"}, {"q6_k", "q8_0"}, {"q2_k", "q4_0"}, {"q3_k", "q4_0"},

@@ -1,4 +1,4 @@
-// Hot encoders: turn fp32 rows into the byte layouts of core/model/tensor.h. Pure functions over
+// Hot encoders: turn fp32 rows into qforge's own byte layouts of core/model/tensor.h (qint, nf4). Pure functions over
 // caller-provided buffers; the registry (quant_method.h) and model plumbing live elsewhere.
 #pragma once
 
@@ -6,33 +6,27 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/kernels/ggml_kernels.h"
 #include "core/model/tensor.h"
 
 namespace qforge::quant {
 
-// ggml reference encoders for one row of n elements (n a multiple of 32, or 256 for Q4_K), bit-exact
-// with ggml's quantize_row_*_ref. `out` receives n/32*34, n/32*18 or n/256*144 bytes.
-void QuantizeRowQ8_0(const float* x, int64_t n, uint8_t* out);  // AVX2 where the CPU has it
-void QuantizeRowQ8_0Scalar(const float* x, int64_t n, uint8_t* out);  // the reference it equals
-void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out);
-void QuantizeRowQ4_K(const float* x, int64_t n, uint8_t* out);
-// The rest of the writable ggml types, each bit-exact in intent with ggml's quantize_row_*_ref (what
-// llama-quantize writes without an importance matrix; IQ4_NL / IQ4_XS: quantize_iq4_nl / _xs with no weights).
-// n is a multiple of 32 (Q4_1, Q5_0, Q5_1, IQ4_NL) or 256 (the K-quants, IQ4_XS). docs/quantizers.md has each
-// algorithm and what is verified.
-void QuantizeRowQ4_1(const float* x, int64_t n, uint8_t* out);
-void QuantizeRowQ5_0(const float* x, int64_t n, uint8_t* out);
-void QuantizeRowQ5_1(const float* x, int64_t n, uint8_t* out);
-void QuantizeRowQ2_K(const float* x, int64_t n, uint8_t* out);
-void QuantizeRowQ3_K(const float* x, int64_t n, uint8_t* out);
-void QuantizeRowQ5_K(const float* x, int64_t n, uint8_t* out);
-void QuantizeRowQ6_K(const float* x, int64_t n, uint8_t* out);
-void QuantizeRowIQ4_NL(const float* x, int64_t n, uint8_t* out);
-void QuantizeRowIQ4_XS(const float* x, int64_t n, uint8_t* out);
-
-// The 6-bit scale / min packing of Q4_K and Q5_K (12 bytes for 8 sub-blocks), the inverse of
-// kernels::GetScaleMinK4. Sub-blocks must be packed in order j = 0..7 (4..7 OR into bytes 0..7 that 0..3 wrote).
-void PackScaleMinK4(int j, uint8_t ls, uint8_t lm, uint8_t* scales);
+// The ggml encoders live beside the decoders in core/kernels (ggml_kernels.h: the type table's quantize column);
+// the names are kept here for core/quant's callers.
+using kernels::PackScaleMinK4;
+using kernels::QuantizeRowIQ4_NL;
+using kernels::QuantizeRowIQ4_XS;
+using kernels::QuantizeRowQ2_K;
+using kernels::QuantizeRowQ3_K;
+using kernels::QuantizeRowQ4_0;
+using kernels::QuantizeRowQ4_1;
+using kernels::QuantizeRowQ4_K;
+using kernels::QuantizeRowQ5_0;
+using kernels::QuantizeRowQ5_1;
+using kernels::QuantizeRowQ5_K;
+using kernels::QuantizeRowQ6_K;
+using kernels::QuantizeRowQ8_0;
+using kernels::QuantizeRowQ8_0Scalar;
 
 // Round-to-nearest into the kQInt planar layout: writes row r's codes, f16 scales and (asymmetric) zeros
 // at their offsets inside `tensor_bytes`. The codes of row r must be zero on entry (bits are OR-ed in).

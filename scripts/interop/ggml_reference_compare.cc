@@ -1,4 +1,4 @@
-// qforge's ggml encoders (core/quant/packing.h) against ggml's own reference quantizers, compiled from a ggml
+// qforge's ggml encoders (core/kernels/ggml_kernels.h) against ggml's own reference quantizers, compiled from a ggml
 // source tree by scripts/check-ggml-reference.sh (not part of the build or CI). 400 rows of 4096 floats of eight
 // kinds (Gaussian, uniform, outliers, all positive, all negative, zero sub-blocks, ties, constant blocks with tiny
 // values; scales 1e-4 .. 1e2), every block compared byte for byte. --perturb changes one input element per row on
@@ -11,7 +11,7 @@
 #include <random>
 #include <string>
 #include <vector>
-#include "core/quant/packing.h"
+#include "core/kernels/ggml_kernels.h"
 extern "C" {
 void quantize_row_q4_0_ref(const float*, void*, int64_t);
 void quantize_row_q4_1_ref(const float*, void*, int64_t);
@@ -31,7 +31,7 @@ struct Case { const char* name; int block, bytes; Enc ours; void (*ref)(const fl
 static void RefIq4nl(const float* x, void* y, int64_t k) { quantize_iq4_nl(x, y, 1, k, nullptr); }
 static void RefIq4xs(const float* x, void* y, int64_t k) { quantize_iq4_xs(x, y, 1, k, nullptr); }
 int main(int argc, char** argv) {
-  using namespace qforge::quant;
+  using namespace qforge::kernels;
   const bool perturb = argc > 1 && std::string(argv[1]) == "--perturb";
   const Case cases[] = {
       {"q8_0", 32, 34, QuantizeRowQ8_0, quantize_row_q8_0_ref}, {"q4_0", 32, 18, QuantizeRowQ4_0, quantize_row_q4_0_ref},
