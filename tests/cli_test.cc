@@ -11,6 +11,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "core/formats/formats.h"
+#include "core/model/ggml_types.h"
 #include "gtest/gtest.h"
 
 namespace {
@@ -129,6 +131,44 @@ TEST(Cli, QuantizeInspectEvalGenerate) {
   Result g = RunQforge("generate " + out + " --max-tokens 8 --temperature 0");
   ASSERT_EQ(g.exit_code, 0) << g.err;
   EXPECT_TRUE(absl::StartsWith(g.out, "Once upon a time")) << g.out;
+}
+
+// llama-quantize's Q4_K_M preset through the CLI: the GGUF holds q6_k for output.weight and for attn_v /
+// ffn_down of layers 0, 3, 6, 7 of 8 (use_more_bits), q4_k everywhere else (token_embd included), f32 norms;
+// --pure gives the base type alone.
+TEST(Cli, QuantizeWithLlamaPreset) {
+  const std::string dir = ::testing::TempDir();
+  const std::string in = dir + "/preset-in.gguf", out = dir + "/preset-q4_k_m.gguf", pure = dir + "/preset-pure.gguf";
+  Result m = RunQforge("make-synthetic " + in + " --dim 256 --hidden 768 --layers 8 --heads 4 --kv-heads 2 --vocab 512");
+  ASSERT_EQ(m.exit_code, 0) << m.err;
+  Result q = RunQforge("quantize --method q4_k_m " + in + " " + out);
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  auto model = qforge::formats::LoadModel(out);
+  ASSERT_TRUE(model.ok()) << model.status();
+  auto type = [&](const std::string& name) {
+    const qforge::Tensor* t = model->Find(name);
+    return t == nullptr ? std::string("missing") : std::string(qforge::FindGgmlType(t->format.type)->name);
+  };
+  for (int l = 0; l < 8; ++l) {
+    const std::string blk = absl::StrCat("blk.", l, ".");
+    const bool more = l == 0 || l == 3 || l == 6 || l == 7;
+    EXPECT_EQ(type(blk + "attn_v.weight"), more ? "q6_k" : "q4_k") << l;
+    EXPECT_EQ(type(blk + "ffn_down.weight"), more ? "q6_k" : "q4_k") << l;
+    EXPECT_EQ(type(blk + "attn_q.weight"), "q4_k") << l;
+    EXPECT_EQ(type(blk + "ffn_up.weight"), "q4_k") << l;
+    EXPECT_EQ(type(blk + "attn_norm.weight"), "f32") << l;
+  }
+  EXPECT_EQ(type("output.weight"), "q6_k");
+  EXPECT_EQ(type("token_embd.weight"), "q4_k");
+  Result p = RunQforge("quantize --method q6_k --pure " + in + " " + pure);
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  auto pure_model = qforge::formats::LoadModel(pure);
+  ASSERT_TRUE(pure_model.ok()) << pure_model.status();
+  EXPECT_EQ(pure_model->Find("blk.3.attn_v.weight")->format.type, qforge::WeightType::kQ6_K);
+  EXPECT_EQ(pure_model->Find("token_embd.weight")->format.type, qforge::WeightType::kF32);  // --pure: linear weights only
+  Result list = RunQforge("methods");
+  EXPECT_TRUE(absl::StrContains(list.out, "q4_k_m")) << list.out;
+  EXPECT_TRUE(absl::StrContains(list.out, "q6_k")) << list.out;
 }
 
 // compare decodes both files' tensors to fp32: a model against itself in another container is bit-identical;

@@ -1,12 +1,13 @@
 // The kernels of the ggml tensor types: one row per row of core/model/ggml_types.h (the layout facts: ggml id,
-// name, block size and bytes), holding the functions that decode (and later encode) a run of blocks. The
+// name, block size and bytes), holding the functions that decode and encode a run of blocks. The
 // scalar dequantizer of each type is the definition of what its bytes mean (bit-exact with ggml's
 // dequantize_row_*); the ISA slots hold SIMD decoders that give the same floats, and are empty (nullptr) where
 // none exists yet: DecodeAvx2 then runs the scalar one, DecodeAvx512 the AVX2 one or else the scalar one.
 //
 // DecodeScalar / DecodeAvx2 / DecodeAvx512 (kernels_internal.h) decode every ggml type through this table, so
 // a new type needs no case in them: one row in ggml_types.cc, one here (ggml_kernels.cc), and its dequantize
-// function (ggml_dequant.cc). Its matmul is then the float path (decode a span, fp32 dot products) on every
+// function (ggml_dequant.cc); to write it too, its encoder (ggml_quantize.cc) in the row's quantize slot and one
+// registry line in core/quant/methods.cc. Its matmul is then the float path (decode a span, fp32 dot products) on every
 // ISA; integer dot kernels are per type (int_dot.h).
 #pragma once
 
@@ -27,8 +28,9 @@ struct GgmlKernelTraits {
   DequantizeBlocksFn dequantize;         // scalar reference, never null
   DequantizeBlocksFn dequantize_avx2;    // the same floats with AVX2 + F16C; nullptr: none yet
   DequantizeBlocksFn dequantize_avx512;  // the same floats with AVX-512; nullptr: none yet
-  // An encoder for this type, for later work: nullptr for every type today (the Q8_0 / Q4_0 / Q4_K encoders
-  // are core/quant's, packing.h).
+  // The encoder into this type (ggml_quantize.cc), bit-exact with ggml's reference quantizer: what llama-quantize
+  // writes without an importance matrix. nullptr where qforge writes the type some other way (tq1_0 / tq2_0: the
+  // ternary methods' own grids) or not at all. core/quant's GgmlBlockMethod takes it from here.
   QuantizeBlocksFn quantize;
 };
 
@@ -36,6 +38,27 @@ struct GgmlKernelTraits {
 std::span<const GgmlKernelTraits> GgmlKernelTable();
 // The row of `t`; nullptr for qforge's own encodings.
 const GgmlKernelTraits* FindGgmlKernels(WeightType t);
+
+// The encoders (ggml_quantize.cc) for one row of n elements, n a multiple of the block (32, or 256 for the K-quants
+// and IQ4_XS), into n / block blocks at `out`; each follows ggml's quantize_row_*_ref (IQ4_NL / IQ4_XS:
+// quantize_iq4_nl / _xs with no importance weights) in ggml's float order, and the library is built without FMA
+// contraction, so the bytes equal ggml's (scripts/check-ggml-reference.sh compares them).
+void QuantizeRowQ8_0(const float* x, int64_t n, uint8_t* out);        // AVX2 where the CPU has it
+void QuantizeRowQ8_0Scalar(const float* x, int64_t n, uint8_t* out);  // the reference it equals
+void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ4_1(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ5_0(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ5_1(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ2_K(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ3_K(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ4_K(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ5_K(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowQ6_K(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowIQ4_NL(const float* x, int64_t n, uint8_t* out);
+void QuantizeRowIQ4_XS(const float* x, int64_t n, uint8_t* out);
+// The 6-bit scale / min packing of Q4_K and Q5_K (12 bytes for 8 sub-blocks), the inverse of GetScaleMinK4
+// (blocks.h). Sub-blocks must be packed in order j = 0..7 (4..7 OR into bytes 0..7 that 0..3 wrote).
+void PackScaleMinK4(int j, uint8_t ls, uint8_t lm, uint8_t* scales);
 
 // The scalar dequantizers (ggml_dequant.cc): the reference for each type's bytes.
 void DequantizeF32(const uint8_t* b, int64_t n, float* out);

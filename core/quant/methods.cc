@@ -9,6 +9,8 @@
 #include "core/base/half.h"
 #include "core/base/large_buffer.h"
 #include "core/base/status_macros.h"
+#include "core/kernels/ggml_kernels.h"
+#include "core/model/ggml_types.h"
 #include "core/quant/awq.h"
 #include "core/quant/gptq.h"
 #include "core/quant/packing.h"
@@ -63,14 +65,15 @@ absl::StatusOr<WeightFormat> QIntOutputFormat(const char* method, const QuantPar
   return WeightFormat::QInt(p.bits, p.group, p.symmetric);
 }
 
-// A ggml block format quantized row by row with a fixed encoder.
+// A ggml block format quantized row by row with the encoder of its row in the kernels' type table
+// (ggml_kernels.h); the block size is the type table's (ggml_types.h), so a type is one row there and one line here.
 class GgmlBlockMethod : public QuantMethod {
  public:
-  using RowEncoder = void (*)(const float*, int64_t, uint8_t*);
-  GgmlBlockMethod(std::string name, std::string description, WeightType type, int block, int bits,
-                  RowEncoder encode, std::optional<std::string> fallback)
-      : name_(std::move(name)), description_(std::move(description)), type_(type), block_(block), bits_(bits),
-        encode_(encode), fallback_(std::move(fallback)) {}
+  GgmlBlockMethod(std::string name, std::string description, WeightType type, int bits,
+                  std::optional<std::string> fallback)
+      : name_(std::move(name)), description_(std::move(description)), type_(type),
+        block_(FindGgmlType(type)->block), bits_(bits), encode_(kernels::FindGgmlKernels(type)->quantize),
+        fallback_(std::move(fallback)) {}
 
   std::string name() const override { return name_; }
   std::string description() const override { return description_; }
@@ -87,6 +90,7 @@ class GgmlBlockMethod : public QuantMethod {
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
                                                 ThreadPool* pool, const calib::LayerStats*) const override {
     QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
+    if (encode_ == nullptr) return absl::InternalError(absl::StrCat(name_, ": the type table has no encoder"));
     QF_ASSIGN_OR_RETURN(const size_t nbytes, EncodedBytes(f, rows, cols));
     std::vector<uint8_t> out = LargeZeroedVector<uint8_t>(nbytes);
     const size_t row_bytes = nbytes / static_cast<size_t>(rows);
@@ -104,7 +108,7 @@ class GgmlBlockMethod : public QuantMethod {
   std::string name_, description_;
   WeightType type_;
   int block_, bits_;
-  RowEncoder encode_;
+  kernels::QuantizeBlocksFn encode_;
   std::optional<std::string> fallback_;
 };
 
@@ -348,13 +352,31 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
     auto* r = new std::vector<std::unique_ptr<QuantMethod>>();
     r->push_back(std::make_unique<RtnMethod>());
     r->push_back(std::make_unique<Nf4Method>());
-    r->push_back(std::make_unique<GgmlBlockMethod>("q8_0", "ggml Q8_0: 32 weights per f16 scale, int8", WeightType::kQ8_0,
-                                                   32, 8, &QuantizeRowQ8_0, "f16"));
-    r->push_back(std::make_unique<GgmlBlockMethod>("q4_0", "ggml Q4_0: 32 weights per f16 scale, 4-bit",
-                                                   WeightType::kQ4_0, 32, 4, &QuantizeRowQ4_0, "q8_0"));
-    r->push_back(std::make_unique<GgmlBlockMethod>(
-        "q4_k", "ggml Q4_K: 256-weight super-blocks, 6-bit scales/mins per 32", WeightType::kQ4_K, 256, 4,
-        &QuantizeRowQ4_K, "q4_0"));
+    // One line per writable ggml type: name, description, type (its encoder and block come from the type tables),
+    // nominal bits, fallback. The fallbacks of the 256-weight types are llama-quantize's (tensor_type_fallback in
+    // llama.cpp 007dbbf): q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0, q2_k / q3_k -> q4_0, iq4_xs -> iq4_nl; the
+    // 32-weight types then reach f16 through q8_0 (same block, so exactly where llama.cpp writes f16).
+    auto ggml = [r](const char* name, const char* description, WeightType type, int bits, const char* fallback) {
+      r->push_back(std::make_unique<GgmlBlockMethod>(name, description, type, bits, fallback));
+    };
+    ggml("q8_0", "ggml Q8_0: 32 weights per f16 scale, int8", WeightType::kQ8_0, 8, "f16");
+    ggml("q4_0", "ggml Q4_0: 32 weights per f16 scale, 4-bit", WeightType::kQ4_0, 4, "q8_0");
+    ggml("q4_k", "ggml Q4_K: 256-weight super-blocks, 6-bit scales/mins per 32", WeightType::kQ4_K, 4, "q5_0");
+    ggml("q4_1", "ggml Q4_1: 32 weights per f16 scale and min, 4-bit", WeightType::kQ4_1, 4, "q8_0");
+    ggml("q5_0", "ggml Q5_0: 32 weights per f16 scale, 5-bit", WeightType::kQ5_0, 5, "q8_0");
+    ggml("q5_1", "ggml Q5_1: 32 weights per f16 scale and min, 5-bit", WeightType::kQ5_1, 5, "q8_0");
+    ggml("q2_k", "ggml Q2_K: 256-weight super-blocks, 4-bit scales/mins per 16, 2-bit", WeightType::kQ2_K, 2,
+         "q4_0");
+    ggml("q3_k", "ggml Q3_K: 256-weight super-blocks, 6-bit scales per 16, 3-bit symmetric", WeightType::kQ3_K, 3,
+         "q4_0");
+    ggml("q5_k", "ggml Q5_K: 256-weight super-blocks, 6-bit scales/mins per 32, 5-bit", WeightType::kQ5_K, 5,
+         "q5_1");
+    ggml("q6_k", "ggml Q6_K: 256-weight super-blocks, int8 scales per 16, 6-bit symmetric", WeightType::kQ6_K, 6,
+         "q8_0");
+    ggml("iq4_nl", "ggml IQ4_NL: 32 weights per f16 scale, 4-bit indices into a non-linear 16-level grid",
+         WeightType::kIQ4_NL, 4, "q8_0");
+    ggml("iq4_xs", "ggml IQ4_XS: 256-weight super-blocks, 6-bit scales per 32, IQ4_NL's grid", WeightType::kIQ4_XS, 4,
+         "iq4_nl");
     r->push_back(std::make_unique<GptqMethod>());
     r->push_back(std::make_unique<AwqMethod>());
     r->push_back(MakeSpqrMethod());

@@ -1,4 +1,4 @@
-// Hot encoders: turn fp32 rows into the byte layouts of core/model/tensor.h. Pure functions over
+// Hot encoders: turn fp32 rows into qforge's own byte layouts of core/model/tensor.h (qint, nf4). Pure functions over
 // caller-provided buffers; the registry (quant_method.h) and model plumbing live elsewhere.
 #pragma once
 
@@ -6,16 +6,27 @@
 #include <cmath>
 #include <cstdint>
 
+#include "core/kernels/ggml_kernels.h"
 #include "core/model/tensor.h"
 
 namespace qforge::quant {
 
-// ggml reference encoders for one row of n elements (n a multiple of 32, or 256 for Q4_K), bit-exact
-// with ggml's quantize_row_*_ref. `out` receives n/32*34, n/32*18 or n/256*144 bytes.
-void QuantizeRowQ8_0(const float* x, int64_t n, uint8_t* out);  // AVX2 where the CPU has it
-void QuantizeRowQ8_0Scalar(const float* x, int64_t n, uint8_t* out);  // the reference it equals
-void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out);
-void QuantizeRowQ4_K(const float* x, int64_t n, uint8_t* out);
+// The ggml encoders live beside the decoders in core/kernels (ggml_kernels.h: the type table's quantize column);
+// the names are kept here for core/quant's callers.
+using kernels::PackScaleMinK4;
+using kernels::QuantizeRowIQ4_NL;
+using kernels::QuantizeRowIQ4_XS;
+using kernels::QuantizeRowQ2_K;
+using kernels::QuantizeRowQ3_K;
+using kernels::QuantizeRowQ4_0;
+using kernels::QuantizeRowQ4_1;
+using kernels::QuantizeRowQ4_K;
+using kernels::QuantizeRowQ5_0;
+using kernels::QuantizeRowQ5_1;
+using kernels::QuantizeRowQ5_K;
+using kernels::QuantizeRowQ6_K;
+using kernels::QuantizeRowQ8_0;
+using kernels::QuantizeRowQ8_0Scalar;
 
 // Round-to-nearest into the kQInt planar layout: writes row r's codes, f16 scales and (asymmetric) zeros
 // at their offsets inside `tensor_bytes`. The codes of row r must be zero on entry (bits are OR-ed in).

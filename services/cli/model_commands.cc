@@ -15,6 +15,7 @@
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
 #include "core/kernels/kernels.h"
+#include "core/quant/ggml_presets.h"
 #include "core/quant/mixed_precision.h"
 #include "core/quant/quantize_model.h"
 #include "core/runtime/generate.h"
@@ -108,6 +109,11 @@ absl::Status Methods(const std::vector<std::string>& args, std::ostream& out) {
     out << absl::StrFormat("  %-6s %s (defaults: %s)\n", m->name(), m->description(),
                            quant::ParamsToString(m->DefaultParams()));
   }
+  out << "presets (qforge quantize --method NAME; llama-quantize's per-tensor types, embeddings included; --pure: "
+         "the base type alone):\n";
+  for (const quant::GgmlPreset& p : quant::GgmlPresets()) {
+    out << absl::StrFormat("  %-6s %s\n", p.name, p.description);
+  }
   return absl::OkStatus();
 }
 
@@ -141,21 +147,28 @@ absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodF
 absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   std::set<std::string> value_flags = {"threads",    "tokenizer", "calib-text", "calib-streams",
                                        "calib-len",  "calib-seed", "layers",    "target-bpw"};
-  std::set<std::string> bool_flags = {"quantize-embeddings"};
+  std::set<std::string> bool_flags = {"quantize-embeddings", "pure"};
   value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, bool_flags));
   const std::string usage =
       "qforge quantize (--method M [--bits B] [--group G] [--asym] [--no-double-quant] [--act-order] [--damp D] [--alpha A] [--outlier-threshold T] [--seed S] "
-      "[--layers 'GLOB=METHOD[:bits=B,group=G,asym];...'] | --target-bpw X) [--quantize-embeddings] "
+      "[--layers 'GLOB=METHOD[:bits=B,group=G,asym];...'] [--pure] | --target-bpw X) [--quantize-embeddings] "
       "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--threads N] [--tokenizer TOK] "
       "IN OUT.{gguf,safetensors}";
   const bool automatic = f.Has("target-bpw");
   if (automatic && f.Has("layers")) return UsageError("--target-bpw plans every tensor itself: drop --layers");
+  // A llama-quantize preset (q4_k_m, ..., and q2_k / q6_k, whose names are also types) picks each tensor's type;
+  // --pure keeps the method of that name alone, as llama-quantize's --pure does.
+  const quant::GgmlPreset* preset =
+      f.Has("method") && !f.GetBool("pure") ? quant::FindGgmlPreset(f.Get("method")) : nullptr;
+  if (preset != nullptr && automatic) return UsageError("--target-bpw plans every tensor itself: drop the preset");
   // In automatic mode every target tensor gets an explicit rule, so the default method only fills the metadata.
   std::pair<const quant::QuantMethod*, quant::QuantParams> method_and_params = {
       quant::FindMethod("q8_0"), quant::FindMethod("q8_0")->DefaultParams()};
-  if (!automatic || f.Has("method")) {
+  if (preset != nullptr) {
+    method_and_params = {quant::FindMethod(preset->base_method), quant::FindMethod(preset->base_method)->DefaultParams()};
+  } else if (!automatic || f.Has("method")) {
     QF_ASSIGN_OR_RETURN(method_and_params, MethodFromFlags(f, usage));
   }
   const auto [method, params] = method_and_params;
@@ -188,6 +201,14 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   recipe.params = params;
   recipe.quantize_embeddings = f.GetBool("quantize-embeddings");
   recipe.layers = rules;
+  if (preset != nullptr) {
+    QF_ASSIGN_OR_RETURN(quant::QuantRecipe expanded, quant::GgmlPresetRecipe(*preset, model));
+    // --layers rules come first, so they override the preset's choice for the tensors they match.
+    recipe.layers.insert(recipe.layers.end(), expanded.layers.begin(), expanded.layers.end());
+    recipe.quantize_embeddings = expanded.quantize_embeddings;
+    out << absl::StrFormat("preset %s: base %s, %d tensors raised or lowered\n", preset->name, preset->base_method,
+                           expanded.layers.size());
+  }
   bool needs_calibration = method->NeedsCalibration() || method->HasModelTransform();
   for (const quant::LayerRule& r : rules) {
     const quant::QuantMethod* m = quant::FindMethod(r.method);

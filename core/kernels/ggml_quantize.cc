@@ -1,0 +1,766 @@
+// The ggml encoders: fp32 rows into ggml blocks, bit-exact with ggml's reference quantizers (ggml_kernels.h).
+#include "core/kernels/ggml_kernels.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "core/base/half.h"
+#include "core/kernels/blocks.h"
+#include "core/kernels/iq_grids.h"
+#include "core/kernels/kernels.h"
+
+namespace qforge::kernels {
+namespace {
+
+// ggml's nearest_int: round half to even (the default FP rounding mode), as lrintf does.
+// Round half to even, as lrintf in the default rounding mode, without a library call: adding 1.5 * 2^23 leaves
+// the rounded integer in the low mantissa bits (exact for |v| < 2^22, the range every caller stays in).
+inline int NearestInt(float v) {
+  if (!(std::fabs(v) < 4194304.0f)) return static_cast<int>(std::lrintf(v));
+  const float shifted = v + 12582912.0f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  return (bits & 0x007fffff) - 0x00400000;
+}
+
+void StoreHalf(uint16_t* dst, float v) { *dst = FloatToHalf(v); }
+
+// ggml's make_qkx2_quants: fits x ~ scale * L + min (min <= 0) over n elements with per-element
+// weights, trying nstep+1 candidate scales around nmax/(max-min) and keeping the least weighted squared
+// error of a least-squares refit. Returns the scale; *neg_min receives -min.
+// use_mad: the error is the weighted absolute difference instead of the squared one (Q2_K's choice).
+float FitScaleMin(int n, int nmax, const float* x, const float* weights, uint8_t* L, float* neg_min, uint8_t* Laux,
+                  float rmin, float rdelta, int nstep, bool use_mad = false) {
+  float min = x[0], max = x[0];
+  float sum_w = weights[0];
+  float sum_x = sum_w * x[0];
+  for (int i = 1; i < n; ++i) {
+    min = std::min(min, x[i]);
+    max = std::max(max, x[i]);
+    sum_w += weights[i];
+    sum_x += weights[i] * x[i];
+  }
+  if (min > 0) min = 0;
+  if (max == min) {
+    std::fill(L, L + n, 0);
+    *neg_min = -min;
+    return 0.0f;
+  }
+  float iscale = nmax / (max - min);
+  float scale = 1 / iscale;
+  float best_error = 0;
+  for (int i = 0; i < n; ++i) {
+    L[i] = static_cast<uint8_t>(std::clamp(NearestInt(iscale * (x[i] - min)), 0, nmax));
+    const float diff = scale * L[i] + min - x[i];
+    best_error += weights[i] * (use_mad ? std::fabs(diff) : diff * diff);
+  }
+  for (int step = 0; step <= nstep; ++step) {
+    iscale = (rmin + rdelta * step + nmax) / (max - min);
+    float sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = std::clamp(NearestInt(iscale * (x[i] - min)), 0, nmax);
+      Laux[i] = static_cast<uint8_t>(l);
+      const float w = weights[i];
+      sum_l += w * l;
+      sum_l2 += w * l * l;
+      sum_xl += w * l * x[i];
+    }
+    const float D = sum_w * sum_l2 - sum_l * sum_l;
+    if (D > 0) {
+      float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+      float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+      if (this_min > 0) {
+        this_min = 0;
+        this_scale = sum_xl / sum_l2;
+      }
+      float error = 0;
+      for (int i = 0; i < n; ++i) {
+        const float diff = this_scale * Laux[i] + this_min - x[i];
+        error += weights[i] * (use_mad ? std::fabs(diff) : diff * diff);
+      }
+      if (error < best_error) {
+        std::copy(Laux, Laux + n, L);
+        best_error = error;
+        scale = this_scale;
+        min = this_min;
+      }
+    }
+  }
+  *neg_min = -min;
+  return scale;
+}
+
+}  // namespace
+
+void PackScaleMinK4(int j, uint8_t ls, uint8_t lm, uint8_t* scales) {
+  if (j < 4) {
+    scales[j] = ls;
+    scales[j + 4] = lm;
+  } else {
+    scales[j + 4] = static_cast<uint8_t>((ls & 0xF) | ((lm & 0xF) << 4));
+    scales[j - 4] |= static_cast<uint8_t>((ls >> 4) << 6);
+    scales[j] |= static_cast<uint8_t>((lm >> 4) << 6);
+  }
+}
+
+namespace {
+
+// QuantizeRowQ8_0 with AVX2: the same bytes (max by vector max, x * id as one multiply, roundf's half-away-from-
+// zero rebuilt from the hardware's half-to-even by fixing exact ties).
+__attribute__((target("avx2,f16c"))) void QuantizeRowQ8_0Avx2(const float* x, int64_t n, uint8_t* out) {
+  auto* blocks = reinterpret_cast<block_q8_0*>(out);
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  for (int64_t b = 0; b < n / kQK8_0; ++b, x += kQK8_0) {
+    __m256 v[4];
+    __m256 m = _mm256_setzero_ps();
+    for (int i = 0; i < 4; ++i) {
+      v[i] = _mm256_loadu_ps(x + 8 * i);
+      m = _mm256_max_ps(m, _mm256_and_ps(v[i], abs_mask));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float amax = _mm_cvtss_f32(m4);
+    const float d = amax / 127;
+    const __m256 id = _mm256_set1_ps(d != 0 ? 1.0f / d : 0.0f);
+    block_q8_0 blk;
+    StoreHalf(&blk.d, d);
+    __m256i q[4];
+    for (int i = 0; i < 4; ++i) {
+      const __m256 y = _mm256_mul_ps(v[i], id);
+      __m256 r = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      // A tie rounded toward zero (2.5 -> 2, -2.5 -> -2) moves one step away from it.
+      const __m256 diff = _mm256_sub_ps(y, r);  // exact: |y| <= 127
+      const __m256 zero = _mm256_setzero_ps();
+      const __m256 up = _mm256_and_ps(_mm256_cmp_ps(diff, half, _CMP_EQ_OQ), _mm256_cmp_ps(y, zero, _CMP_GT_OQ));
+      const __m256 down = _mm256_and_ps(_mm256_cmp_ps(diff, _mm256_sub_ps(zero, half), _CMP_EQ_OQ),
+                                        _mm256_cmp_ps(y, zero, _CMP_LT_OQ));
+      r = _mm256_sub_ps(_mm256_add_ps(r, _mm256_and_ps(up, one)), _mm256_and_ps(down, one));
+      q[i] = _mm256_cvtps_epi32(r);
+    }
+    const __m256i p = _mm256_permutevar8x32_epi32(
+        _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3])),
+        _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(blk.qs), p);
+    std::memcpy(&blocks[b], &blk, sizeof(blk));
+  }
+}
+
+}  // namespace
+
+void QuantizeRowQ8_0(const float* x, int64_t n, uint8_t* out) {
+  if (DetectIsa() >= Isa::kAvx2) return QuantizeRowQ8_0Avx2(x, n, out);
+  QuantizeRowQ8_0Scalar(x, n, out);
+}
+
+void QuantizeRowQ8_0Scalar(const float* x, int64_t n, uint8_t* out) {
+  auto* blocks = reinterpret_cast<block_q8_0*>(out);
+  for (int64_t b = 0; b < n / kQK8_0; ++b, x += kQK8_0) {
+    float amax = 0;
+    for (int j = 0; j < kQK8_0; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float d = amax / 127;
+    const float id = d != 0 ? 1.0f / d : 0.0f;
+    block_q8_0 blk;
+    StoreHalf(&blk.d, d);
+    for (int j = 0; j < kQK8_0; ++j) blk.qs[j] = static_cast<int8_t>(std::roundf(x[j] * id));
+    std::memcpy(&blocks[b], &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out) {
+  auto* blocks = reinterpret_cast<block_q4_0*>(out);
+  constexpr int kHalf = kQK4_0 / 2;
+  for (int64_t b = 0; b < n / kQK4_0; ++b, x += kQK4_0) {
+    // The signed value of largest magnitude maps to code 0 (q = -8), so its sign picks d's sign.
+    float amax = 0, max = 0;
+    for (int j = 0; j < kQK4_0; ++j) {
+      if (amax < std::fabs(x[j])) {
+        amax = std::fabs(x[j]);
+        max = x[j];
+      }
+    }
+    const float d = max / -8;
+    const float id = d != 0 ? 1.0f / d : 0.0f;
+    block_q4_0 blk;
+    StoreHalf(&blk.d, d);
+    for (int j = 0; j < kHalf; ++j) {
+      // Truncation of (v + 8.5) is ggml's rounding; v >= -8 keeps the sum non-negative.
+      const int q0 = std::min(15, static_cast<int>(static_cast<int8_t>(x[j] * id + 8.5f)));
+      const int q1 = std::min(15, static_cast<int>(static_cast<int8_t>(x[j + kHalf] * id + 8.5f)));
+      blk.qs[j] = static_cast<uint8_t>(q0 | (q1 << 4));
+    }
+    std::memcpy(&blocks[b], &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowQ4_K(const float* x, int64_t n, uint8_t* out) {
+  auto* blocks = reinterpret_cast<block_q4_K*>(out);
+  uint8_t L[kQK_K];
+  uint8_t Laux[32];
+  float weights[32];
+  float mins[8], scales[8];
+  for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
+    block_q4_K blk;
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 8; ++j) {
+      const float* xs = x + 32 * j;
+      // Weights favour large magnitudes: av_x (the sub-block's RMS) + |x|.
+      float sum_x2 = 0;
+      for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
+      const float av_x = std::sqrt(sum_x2 / 32);
+      for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xs[l]);
+      scales[j] = FitScaleMin(32, 15, xs, weights, L + 32 * j, &mins[j], Laux, -1.0f, 0.1f, 20);
+      max_scale = std::max(max_scale, scales[j]);
+      max_min = std::max(max_min, mins[j]);
+    }
+    // 6-bit scales and mins relative to the super-block's d and dmin.
+    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+    for (int j = 0; j < 8; ++j) {
+      uint8_t ls = static_cast<uint8_t>(NearestInt(inv_scale * scales[j]));
+      uint8_t lm = static_cast<uint8_t>(NearestInt(inv_min * mins[j]));
+      PackScaleMinK4(j, std::min<uint8_t>(63, ls), std::min<uint8_t>(63, lm), blk.scales);
+    }
+    StoreHalf(&blk.d, max_scale / 63.0f);
+    StoreHalf(&blk.dmin, max_min / 63.0f);
+    // Requantize against the scales actually stored.
+    const float d_stored = HalfToFloat(blk.d);
+    const float dmin_stored = HalfToFloat(blk.dmin);
+    for (int j = 0; j < 8; ++j) {
+      uint8_t sc, m;
+      GetScaleMinK4(j, blk.scales, &sc, &m);
+      const float d = d_stored * sc;
+      if (d == 0) continue;
+      const float dm = dmin_stored * m;
+      for (int l = 0; l < 32; ++l) {
+        L[32 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt((x[32 * j + l] + dm) / d), 0, 15));
+      }
+    }
+    for (int chunk = 0; chunk < 4; ++chunk) {
+      for (int l = 0; l < 32; ++l) {
+        blk.qs[32 * chunk + l] = static_cast<uint8_t>(L[64 * chunk + l] | (L[64 * chunk + 32 + l] << 4));
+      }
+    }
+    std::memcpy(&blocks[b], &blk, sizeof(blk));
+  }
+}
+
+namespace {
+
+// ggml's GROUP_MAX_EPS: a group whose largest magnitude is below it is all zero.
+constexpr float kGroupMaxEps = 1e-15f;
+
+// The min / max of a 32-weight block, as Q4_1 and Q5_1 take them (max starts at -FLT_MAX: an all-negative block
+// keeps its true max).
+void BlockMinMax(const float* x, int n, float* min, float* max) {
+  *min = std::numeric_limits<float>::max();
+  *max = -std::numeric_limits<float>::max();
+  for (int j = 0; j < n; ++j) {
+    *min = std::min(*min, x[j]);
+    *max = std::max(*max, x[j]);
+  }
+}
+
+// The signed value of largest magnitude (the first one on ties): Q5_0 and the symmetric K-quant fits map it to the
+// most negative code, so its sign picks the scale's sign.
+float SignedAbsMax(const float* x, int n) {
+  float amax = 0, max = 0;
+  for (int j = 0; j < n; ++j) {
+    if (amax < std::fabs(x[j])) {
+      amax = std::fabs(x[j]);
+      max = x[j];
+    }
+  }
+  return max;
+}
+
+// ggml's make_qx_quants with qw = NULL: a symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax). rmse_type 1
+// weights each element by x^2 and tries 18 scales around nmax / max, keeping the one of least weighted squared
+// error (largest sumlx^2 / suml2) with its least-squares scale. Only rmse_type 1 is used (Q6_K).
+float FitSymmetricScale(int n, int nmax, const float* x, uint8_t* L) {
+  float max = 0, amax = 0;
+  for (int i = 0; i < n; ++i) {
+    const float ax = std::fabs(x[i]);
+    if (ax > amax) {
+      amax = ax;
+      max = x[i];
+    }
+  }
+  if (amax < kGroupMaxEps) {
+    std::fill(L, L + n, 0);
+    return 0.0f;
+  }
+  auto code = [nmax](float v) { return std::clamp(NearestInt(v), -nmax, nmax - 1); };
+  float iscale = static_cast<float>(-nmax) / max;
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = code(iscale * x[i]);
+    L[i] = static_cast<uint8_t>(l + nmax);
+    const float w = x[i] * x[i];
+    sumlx += w * x[i] * static_cast<float>(l);
+    suml2 += w * static_cast<float>(l) * static_cast<float>(l);
+  }
+  float scale = suml2 != 0 ? sumlx / suml2 : 0.0f;
+  float best = scale * sumlx;
+  for (int is = -9; is <= 9; ++is) {
+    if (is == 0) continue;
+    iscale = -(static_cast<float>(nmax) + 0.1f * static_cast<float>(is)) / max;
+    sumlx = suml2 = 0;
+    for (int i = 0; i < n; ++i) {
+      const int l = code(iscale * x[i]);
+      const float w = x[i] * x[i];
+      sumlx += w * x[i] * static_cast<float>(l);
+      suml2 += w * static_cast<float>(l) * static_cast<float>(l);
+    }
+    if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+      for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(code(iscale * x[i]) + nmax);
+      scale = sumlx / suml2;
+      best = scale * sumlx;
+    }
+  }
+  return scale;
+}
+
+// ggml's make_q3_quants with do_rmse: the symmetric 3-bit fit of Q3_K. Starts from rounding against nmax / max,
+// then up to five passes move single codes to the value the others' least-squares scale asks for when that
+// lowers the x^2-weighted error. L receives codes biased by nmax.
+float FitQ3Scale(int n, int nmax, const float* x, uint8_t* L) {
+  const float max = SignedAbsMax(x, n);
+  if (std::fabs(max) < kGroupMaxEps) {
+    std::fill(L, L + n, 0);
+    return 0.0f;
+  }
+  const float iscale = static_cast<float>(-nmax) / max;
+  int l_signed[kQK_K];
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = std::clamp(NearestInt(iscale * x[i]), -nmax, nmax - 1);
+    l_signed[i] = l;
+    const float w = x[i] * x[i];
+    sumlx += w * x[i] * static_cast<float>(l);
+    suml2 += w * static_cast<float>(l) * static_cast<float>(l);
+  }
+  for (int pass = 0; pass < 5; ++pass) {
+    int changed = 0;
+    for (int i = 0; i < n; ++i) {
+      const float w = x[i] * x[i];
+      const float li = static_cast<float>(l_signed[i]);
+      float slx = sumlx - w * x[i] * li;
+      if (!(slx > 0)) continue;
+      float sl2 = suml2 - w * li * li;
+      const int new_l = std::clamp(NearestInt(x[i] * sl2 / slx), -nmax, nmax - 1);
+      if (new_l == l_signed[i]) continue;
+      slx += w * x[i] * static_cast<float>(new_l);
+      sl2 += w * static_cast<float>(new_l) * static_cast<float>(new_l);
+      if (sl2 > 0 && slx * slx * suml2 > sumlx * sumlx * sl2) {
+        l_signed[i] = new_l;
+        sumlx = slx;
+        suml2 = sl2;
+        ++changed;
+      }
+    }
+    if (changed == 0) break;
+  }
+  for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(l_signed[i] + nmax);
+  return sumlx / suml2;
+}
+
+// The K-quant code layout shared by Q2_K and Q3_K (2 bits of each element): element j + 32 k of each 128-element
+// half lands in bits [2k, 2k+2) of qs[32 * half + j].
+void PackTwoBitK(const uint8_t* L, uint8_t* qs) {
+  for (int h = 0; h < kQK_K; h += 128) {
+    for (int l = 0; l < 32; ++l) {
+      qs[h / 4 + l] = static_cast<uint8_t>(L[h + l] | (L[h + l + 32] << 2) | (L[h + l + 64] << 4) | (L[h + l + 96] << 6));
+    }
+  }
+}
+
+// The Q5_0 / Q5_1 split of 32 five-bit codes: low nibbles as Q4_0 (element j low, j + 16 high), bit 4 of element j
+// into bit j of the little-endian qh.
+void PackFiveBit(const uint8_t* q, uint8_t* qs, uint8_t* qh_bytes) {
+  uint32_t qh = 0;
+  for (int j = 0; j < 16; ++j) {
+    qs[j] = static_cast<uint8_t>((q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4));
+    qh |= static_cast<uint32_t>((q[j] >> 4) & 1) << j;
+    qh |= static_cast<uint32_t>((q[j + 16] >> 4) & 1) << (j + 16);
+  }
+  for (int k = 0; k < 4; ++k) qh_bytes[k] = static_cast<uint8_t>(qh >> (8 * k));
+}
+
+// ggml's best_index_int8: the index of the IQ4_NL level nearest to v (the lower one on ties), by bisection.
+int NearestIq4nlIndex(float v) {
+  const int8_t* values = kIq4nlValues;
+  if (v <= values[0]) return 0;
+  if (v >= values[15]) return 15;
+  int lo = 0, hi = 15;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (v < values[mid]) {
+      hi = mid;
+    } else {
+      lo = mid;
+    }
+  }
+  return v - values[hi - 1] < values[hi] - v ? hi - 1 : hi;
+}
+
+// ggml's quantize_row_iq4_nl_impl without importance weights (ntry 7): each 32-weight sub-block gets the scale,
+// among 15 candidates around max / values[0], of least x^2-weighted squared error; with several sub-blocks
+// (IQ4_XS) those scales become 6-bit multiples of a super-block d = -max_scale / 32 and every index is chosen
+// again against the stored scale. Writes *d_out (f16), the 4-bit indices as Q4_0 packs them, and for IQ4_XS the
+// 6-bit scales (biased by 32: low nibbles in scales_l, high 2 bits in scales_h).
+void QuantizeIq4Blocks(const float* x, int super_block, uint16_t* d_out, uint8_t* qs, uint16_t* scales_h,
+                       uint8_t* scales_l) {
+  constexpr int kNtry = 7;
+  const int8_t* values = kIq4nlValues;
+  const int nsub = super_block / 32;
+  uint8_t L[kQK_K] = {};
+  float scales[kQK_K / 32] = {};
+  float weight[32];
+  std::fill(qs, qs + super_block / 2, 0);
+  *d_out = FloatToHalf(0.0f);
+  float max_scale = 0, amax_scale = 0;
+  for (int ib = 0; ib < nsub; ++ib) {
+    const float* xb = x + 32 * ib;
+    uint8_t* Lb = L + 32 * ib;
+    for (int j = 0; j < 32; ++j) weight[j] = xb[j] * xb[j];
+    float amax = 0, max = 0;
+    for (int j = 0; j < 32; ++j) {
+      if (std::fabs(xb[j]) > amax) {
+        amax = std::fabs(xb[j]);
+        max = xb[j];
+      }
+    }
+    if (amax < kGroupMaxEps) {
+      scales[ib] = 0;
+      continue;
+    }
+    float d = -max / values[0];
+    float id = 1 / d;
+    float sumqx = 0, sumq2 = 0;
+    for (int j = 0; j < 32; ++j) {
+      const int l = NearestIq4nlIndex(id * xb[j]);
+      Lb[j] = static_cast<uint8_t>(l);
+      const float q = values[l];
+      sumqx += weight[j] * q * xb[j];
+      sumq2 += weight[j] * q * q;
+    }
+    d = sumqx / sumq2;
+    float best = d * sumqx;
+    for (int itry = -kNtry; itry <= kNtry; ++itry) {
+      id = static_cast<float>(itry + values[0]) / max;
+      sumqx = sumq2 = 0;
+      for (int j = 0; j < 32; ++j) {
+        const float q = values[NearestIq4nlIndex(id * xb[j])];
+        sumqx += weight[j] * q * xb[j];
+        sumq2 += weight[j] * q * q;
+      }
+      if (sumq2 > 0 && sumqx * sumqx > best * sumq2) {
+        d = sumqx / sumq2;
+        best = d * sumqx;
+      }
+    }
+    scales[ib] = d;
+    if (std::fabs(d) > amax_scale) {
+      amax_scale = std::fabs(d);
+      max_scale = d;
+    }
+  }
+  if (nsub > 1) {
+    *scales_h = 0;
+    const float d = -max_scale / 32;
+    *d_out = FloatToHalf(d);
+    const float id = d != 0 ? 1 / d : 0.0f;
+    for (int ib = 0; ib < nsub; ++ib) {
+      int l = std::clamp(NearestInt(id * scales[ib]), -32, 31);
+      const float dl = d * static_cast<float>(l);
+      const float idl = dl != 0 ? 1 / dl : 0.0f;
+      for (int j = 0; j < 32; ++j) L[32 * ib + j] = static_cast<uint8_t>(NearestIq4nlIndex(idl * x[32 * ib + j]));
+      l += 32;
+      if (ib % 2 == 0) {
+        scales_l[ib / 2] = static_cast<uint8_t>(l & 0xF);
+      } else {
+        scales_l[ib / 2] |= static_cast<uint8_t>((l & 0xF) << 4);
+      }
+      *scales_h |= static_cast<uint16_t>((l >> 4) << (2 * (ib % 8)));
+    }
+  } else {
+    *d_out = FloatToHalf(scales[0]);
+    const float id = scales[0] != 0 ? 1 / scales[0] : 0.0f;
+    for (int j = 0; j < super_block; ++j) L[j] = static_cast<uint8_t>(NearestIq4nlIndex(id * x[j]));
+  }
+  for (int i = 0; i < super_block / 32; ++i) {
+    for (int j = 0; j < 16; ++j) qs[16 * i + j] = static_cast<uint8_t>(L[32 * i + j] | (L[32 * i + 16 + j] << 4));
+  }
+}
+
+}  // namespace
+
+void QuantizeRowQ4_1(const float* x, int64_t n, uint8_t* out) {
+  for (int64_t b = 0; b < n / 32; ++b, x += 32) {
+    float min, max;
+    BlockMinMax(x, 32, &min, &max);
+    const float d = (max - min) / 15;
+    const float id = d != 0 ? 1.0f / d : 0.0f;
+    block_q4_1 blk;
+    StoreHalf(&blk.d, d);
+    StoreHalf(&blk.m, min);
+    for (int j = 0; j < 16; ++j) {
+      // Truncation of (v + 0.5) toward zero is ggml's rounding here; v >= 0 up to float error.
+      const int q0 = std::min(15, static_cast<int>(static_cast<int8_t>((x[j] - min) * id + 0.5f)));
+      const int q1 = std::min(15, static_cast<int>(static_cast<int8_t>((x[j + 16] - min) * id + 0.5f)));
+      blk.qs[j] = static_cast<uint8_t>(q0 | (q1 << 4));
+    }
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowQ5_0(const float* x, int64_t n, uint8_t* out) {
+  for (int64_t b = 0; b < n / 32; ++b, x += 32) {
+    const float d = SignedAbsMax(x, 32) / -16;
+    const float id = d != 0 ? 1.0f / d : 0.0f;
+    block_q5_0 blk;
+    StoreHalf(&blk.d, d);
+    uint8_t q[32];
+    for (int j = 0; j < 32; ++j) q[j] = static_cast<uint8_t>(std::min(31, static_cast<int>(static_cast<int8_t>(x[j] * id + 16.5f))));
+    PackFiveBit(q, blk.qs, blk.qh);
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowQ5_1(const float* x, int64_t n, uint8_t* out) {
+  for (int64_t b = 0; b < n / 32; ++b, x += 32) {
+    float min, max;
+    BlockMinMax(x, 32, &min, &max);
+    const float d = (max - min) / 31;
+    const float id = d != 0 ? 1.0f / d : 0.0f;
+    block_q5_1 blk;
+    StoreHalf(&blk.d, d);
+    StoreHalf(&blk.m, min);
+    // ggml truncates to uint8_t without a clamp: (max - min) * id + 0.5 stays below 32 in float.
+    uint8_t q[32];
+    for (int j = 0; j < 32; ++j) q[j] = static_cast<uint8_t>((x[j] - min) * id + 0.5f);
+    PackFiveBit(q, blk.qs, blk.qh);
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowQ2_K(const float* x, int64_t n, uint8_t* out) {
+  constexpr float kQ4Scale = 15.0f;
+  uint8_t L[kQK_K], Laux[16];
+  float weights[16], mins[16], scales[16];
+  for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
+    block_q2_K blk;
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 16; ++j) {
+      for (int l = 0; l < 16; ++l) weights[l] = std::fabs(x[16 * j + l]);
+      scales[j] = FitScaleMin(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, true);
+      max_scale = std::max(max_scale, scales[j]);
+      max_min = std::max(max_min, mins[j]);
+    }
+    // 4-bit scales (low nibble) and mins (high nibble) relative to d and dmin.
+    if (max_scale > 0) {
+      const float iscale = kQ4Scale / max_scale;
+      for (int j = 0; j < 16; ++j) blk.scales[j] = static_cast<uint8_t>(NearestInt(iscale * scales[j]));
+      StoreHalf(&blk.d, max_scale / kQ4Scale);
+    } else {
+      std::fill(blk.scales, blk.scales + 16, 0);
+      StoreHalf(&blk.d, 0.0f);
+    }
+    if (max_min > 0) {
+      const float iscale = kQ4Scale / max_min;
+      for (int j = 0; j < 16; ++j) blk.scales[j] |= static_cast<uint8_t>(NearestInt(iscale * mins[j]) << 4);
+      StoreHalf(&blk.dmin, max_min / kQ4Scale);
+    } else {
+      StoreHalf(&blk.dmin, 0.0f);
+    }
+    // Requantize against the stored scales; a sub-block whose scale rounded to 0 keeps its fitted codes.
+    const float d_stored = HalfToFloat(blk.d), dmin_stored = HalfToFloat(blk.dmin);
+    for (int j = 0; j < 16; ++j) {
+      const float d = d_stored * static_cast<float>(blk.scales[j] & 0xF);
+      if (d == 0) continue;
+      const float dm = dmin_stored * static_cast<float>(blk.scales[j] >> 4);
+      for (int l = 0; l < 16; ++l) {
+        L[16 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt((x[16 * j + l] + dm) / d), 0, 3));
+      }
+    }
+    PackTwoBitK(L, blk.qs);
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowQ3_K(const float* x, int64_t n, uint8_t* out) {
+  uint8_t L[kQK_K];
+  float scales[16];
+  for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
+    block_q3_K blk;
+    float max_scale = 0, amax = 0;
+    for (int j = 0; j < 16; ++j) {
+      scales[j] = FitQ3Scale(16, 4, x + 16 * j, L + 16 * j);
+      if (std::fabs(scales[j]) > amax) {
+        amax = std::fabs(scales[j]);
+        max_scale = scales[j];
+      }
+    }
+    // 6-bit scales biased by 32: low 4 bits in byte j % 8 (low nibble for j < 8), high 2 bits at bit 2 (j / 4)
+    // of byte 8 + j % 4.
+    std::fill(blk.scales, blk.scales + 12, 0);
+    if (max_scale != 0) {
+      const float iscale = -32.0f / max_scale;
+      for (int j = 0; j < 16; ++j) {
+        const int l = std::clamp(NearestInt(iscale * scales[j]), -32, 31) + 32;
+        if (j < 8) {
+          blk.scales[j] = static_cast<uint8_t>(l & 0xF);
+        } else {
+          blk.scales[j - 8] |= static_cast<uint8_t>((l & 0xF) << 4);
+        }
+        blk.scales[j % 4 + 8] |= static_cast<uint8_t>((l >> 4) << (2 * (j / 4)));
+      }
+      StoreHalf(&blk.d, 1 / iscale);
+    } else {
+      StoreHalf(&blk.d, 0.0f);
+    }
+    const float d_stored = HalfToFloat(blk.d);
+    for (int j = 0; j < 16; ++j) {
+      const int low = j < 8 ? (blk.scales[j] & 0xF) : (blk.scales[j - 8] >> 4);
+      const int sc = (low | (((blk.scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+      const float d = d_stored * static_cast<float>(sc);
+      if (d == 0) continue;
+      for (int l = 0; l < 16; ++l) {
+        L[16 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt(x[16 * j + l] / d), -4, 3) + 4);
+      }
+    }
+    // The high bit of element e is bit e / 32 of hmask[e % 32]; the low two bits go as Q2_K's.
+    std::fill(blk.hmask, blk.hmask + 32, 0);
+    for (int e = 0; e < kQK_K; ++e) {
+      if (L[e] > 3) {
+        blk.hmask[e % 32] |= static_cast<uint8_t>(1 << (e / 32));
+        L[e] -= 4;
+      }
+    }
+    PackTwoBitK(L, blk.qs);
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowQ5_K(const float* x, int64_t n, uint8_t* out) {
+  uint8_t L[kQK_K], Laux[32];
+  float weights[32], mins[8], scales[8];
+  for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
+    block_q5_K blk;
+    float max_scale = 0, max_min = 0;
+    for (int j = 0; j < 8; ++j) {
+      const float* xs = x + 32 * j;
+      float sum_x2 = 0;
+      for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
+      const float av_x = std::sqrt(sum_x2 / 32);
+      for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xs[l]);
+      scales[j] = FitScaleMin(32, 31, xs, weights, L + 32 * j, &mins[j], Laux, -0.5f, 0.1f, 15);
+      max_scale = std::max(max_scale, scales[j]);
+      max_min = std::max(max_min, mins[j]);
+    }
+    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+    for (int j = 0; j < 8; ++j) {
+      const uint8_t ls = static_cast<uint8_t>(NearestInt(inv_scale * scales[j]));
+      const uint8_t lm = static_cast<uint8_t>(NearestInt(inv_min * mins[j]));
+      PackScaleMinK4(j, std::min<uint8_t>(63, ls), std::min<uint8_t>(63, lm), blk.scales);
+    }
+    StoreHalf(&blk.d, max_scale / 63.0f);
+    StoreHalf(&blk.dmin, max_min / 63.0f);
+    const float d_stored = HalfToFloat(blk.d), dmin_stored = HalfToFloat(blk.dmin);
+    for (int j = 0; j < 8; ++j) {
+      uint8_t sc, m;
+      GetScaleMinK4(j, blk.scales, &sc, &m);
+      const float d = d_stored * sc;
+      if (d == 0) continue;
+      const float dm = dmin_stored * m;
+      for (int l = 0; l < 32; ++l) {
+        L[32 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt((x[32 * j + l] + dm) / d), 0, 31));
+      }
+    }
+    // Each 64-element chunk c: low nibbles of elements j and j + 32 share qs[32 c + j]; their fifth bits are bits
+    // 2c and 2c + 1 of qh[j].
+    std::fill(blk.qh, blk.qh + 32, 0);
+    for (int c = 0; c < 4; ++c) {
+      for (int j = 0; j < 32; ++j) {
+        const int l1 = L[64 * c + j], l2 = L[64 * c + 32 + j];
+        blk.qh[j] |= static_cast<uint8_t>(((l1 >> 4) << (2 * c)) | ((l2 >> 4) << (2 * c + 1)));
+        blk.qs[32 * c + j] = static_cast<uint8_t>((l1 & 0xF) | ((l2 & 0xF) << 4));
+      }
+    }
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowQ6_K(const float* x, int64_t n, uint8_t* out) {
+  uint8_t L[kQK_K];
+  float scales[16];
+  for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
+    block_q6_K blk;
+    float max_scale = 0, max_abs_scale = 0;
+    for (int ib = 0; ib < 16; ++ib) {
+      scales[ib] = FitSymmetricScale(16, 32, x + 16 * ib, L + 16 * ib);
+      if (std::fabs(scales[ib]) > max_abs_scale) {
+        max_abs_scale = std::fabs(scales[ib]);
+        max_scale = scales[ib];
+      }
+    }
+    if (max_abs_scale < kGroupMaxEps) {
+      std::memset(&blk, 0, sizeof(blk));
+      std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+      continue;
+    }
+    // int8 sub-block scales against d = max_scale / -128 (the largest maps to -128).
+    const float iscale = -128.0f / max_scale;
+    StoreHalf(&blk.d, 1 / iscale);
+    for (int ib = 0; ib < 16; ++ib) blk.scales[ib] = static_cast<int8_t>(std::min(127, NearestInt(iscale * scales[ib])));
+    const float d_stored = HalfToFloat(blk.d);
+    for (int j = 0; j < 16; ++j) {
+      const float d = d_stored * static_cast<float>(blk.scales[j]);
+      if (d == 0) continue;
+      for (int l = 0; l < 16; ++l) {
+        L[16 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt(x[16 * j + l] / d), -32, 31) + 32);
+      }
+    }
+    // Each 128-element half: elements l, l+32, l+64, l+96 share ql[l] / ql[l+32] (low nibbles: l and l+64 in
+    // ql[l], l+32 and l+96 in ql[l+32]) and qh[l] (their top two bits at 0, 2, 4, 6).
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* Lh = L + 128 * h;
+      uint8_t* ql = blk.ql + 64 * h;
+      uint8_t* qh = blk.qh + 32 * h;
+      for (int l = 0; l < 32; ++l) {
+        ql[l] = static_cast<uint8_t>((Lh[l] & 0xF) | ((Lh[l + 64] & 0xF) << 4));
+        ql[l + 32] = static_cast<uint8_t>((Lh[l + 32] & 0xF) | ((Lh[l + 96] & 0xF) << 4));
+        qh[l] = static_cast<uint8_t>((Lh[l] >> 4) | ((Lh[l + 32] >> 4) << 2) | ((Lh[l + 64] >> 4) << 4) |
+                                     ((Lh[l + 96] >> 4) << 6));
+      }
+    }
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowIQ4_NL(const float* x, int64_t n, uint8_t* out) {
+  for (int64_t b = 0; b < n / 32; ++b, x += 32) {
+    block_iq4_nl blk;
+    QuantizeIq4Blocks(x, 32, &blk.d, blk.qs, nullptr, nullptr);
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowIQ4_XS(const float* x, int64_t n, uint8_t* out) {
+  for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
+    block_iq4_xs blk;
+    uint16_t scales_h = 0;
+    QuantizeIq4Blocks(x, kQK_K, &blk.d, blk.qs, &scales_h, blk.scales_l);
+    std::memcpy(&blk.scales_h, &scales_h, sizeof(scales_h));
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+}  // namespace qforge::kernels

@@ -1,0 +1,139 @@
+// llama-quantize's presets as recipes: per-tensor types against the rules of llama.cpp's llama_tensor_get_type,
+// written out by hand here (docs/quantizers.md has the same table), on synthetic models.
+#include "core/quant/ggml_presets.h"
+
+#include <map>
+#include <set>
+#include <string>
+
+#include "core/model/ggml_types.h"
+#include "core/model/synthetic.h"
+#include "core/quant/quantize_model.h"
+#include "gtest/gtest.h"
+
+namespace qforge::quant {
+namespace {
+
+// The type name each quantized tensor of `preset` ends up with.
+std::map<std::string, std::string> TypesAfter(const char* preset, const Model& m) {
+  const GgmlPreset* p = FindGgmlPreset(preset);
+  EXPECT_NE(p, nullptr) << preset;
+  std::map<std::string, std::string> types;
+  if (p == nullptr) return types;
+  auto recipe = GgmlPresetRecipe(*p, m);
+  EXPECT_TRUE(recipe.ok()) << recipe.status();
+  if (!recipe.ok()) return types;
+  auto q = QuantizeModel(m, *recipe, nullptr);
+  EXPECT_TRUE(q.ok()) << q.status();
+  if (!q.ok()) return types;
+  for (const auto& [name, t] : q->model.tensors) {
+    if (t.rows() > 1) types[name] = FindGgmlType(t.format.type) ? FindGgmlType(t.format.type)->name : "?";
+  }
+  return types;
+}
+
+ModelConfig Layers(int n) {
+  ModelConfig c = Q4kTestConfig();  // every row length a multiple of 256
+  c.n_layers = n;
+  return c;
+}
+
+TEST(GgmlPresetsTest, Q4_K_MOnEightLayers) {
+  const Model m = MakeSyntheticModel(Layers(8), 3);
+  const auto types = TypesAfter("q4_k_m", m);
+  // use_more_bits(i, 8): i < 1, i >= 7, (i - 1) % 3 == 2  ->  layers 0, 3, 6, 7.
+  const std::set<int> more_bits = {0, 3, 6, 7};
+  for (int l = 0; l < 8; ++l) {
+    const std::string blk = "blk." + std::to_string(l) + ".";
+    const std::string raised = more_bits.count(l) ? "q6_k" : "q4_k";
+    EXPECT_EQ(types.at(blk + "attn_v.weight"), raised) << l;
+    EXPECT_EQ(types.at(blk + "ffn_down.weight"), raised) << l;
+    for (const char* t : {"attn_q.weight", "attn_k.weight", "attn_output.weight", "ffn_gate.weight", "ffn_up.weight"}) {
+      EXPECT_EQ(types.at(blk + t), "q4_k") << blk << t;
+    }
+  }
+  EXPECT_EQ(types.at("output.weight"), "q6_k");
+  EXPECT_EQ(types.at("token_embd.weight"), "q4_k");
+}
+
+// The rules of each preset at chosen layers of a 32-layer model (use_more_bits(i, 32): i < 4, i >= 28, i = 6, 9,
+// ..., 27; n/16 = 2; n/8 = 4), straight from llama_tensor_get_type.
+TEST(GgmlPresetsTest, RulesOnThirtyTwoLayers) {
+  ModelConfig c = Layers(32);
+  struct Expect {
+    const char* preset;
+    const char* tensor;
+    const char* type;
+  };
+  const Expect kExpect[] = {
+      {"q4_k_m", "blk.3.attn_v.weight", "q6_k"},      {"q4_k_m", "blk.4.attn_v.weight", "q4_k"},
+      {"q4_k_m", "blk.6.ffn_down.weight", "q6_k"},    {"q4_k_m", "blk.7.ffn_down.weight", "q4_k"},
+      {"q4_k_m", "blk.27.ffn_down.weight", "q6_k"},   {"q4_k_m", "blk.28.attn_v.weight", "q6_k"},
+      {"q4_k_m", "blk.5.attn_output.weight", "q4_k"}, {"q4_k_m", "output.weight", "q6_k"},
+      {"q4_k_s", "blk.3.attn_v.weight", "q5_k"},      {"q4_k_s", "blk.4.attn_v.weight", "q4_k"},
+      {"q4_k_s", "blk.3.ffn_down.weight", "q5_k"},    {"q4_k_s", "blk.4.ffn_down.weight", "q4_k"},
+      {"q4_k_s", "blk.0.ffn_gate.weight", "q4_k"},    {"q4_k_s", "output.weight", "q6_k"},
+      {"q5_k_m", "blk.9.attn_v.weight", "q6_k"},      {"q5_k_m", "blk.10.ffn_down.weight", "q5_k"},
+      {"q5_k_m", "blk.31.ffn_down.weight", "q6_k"},   {"q5_k_m", "blk.1.attn_q.weight", "q5_k"},
+      {"q5_k_s", "blk.0.attn_v.weight", "q5_k"},      {"q5_k_s", "blk.0.ffn_down.weight", "q5_k"},
+      {"q5_k_s", "output.weight", "q6_k"},            {"q5_k_s", "token_embd.weight", "q5_k"},
+      {"q3_k_m", "blk.1.attn_v.weight", "q5_k"},      {"q3_k_m", "blk.2.attn_v.weight", "q4_k"},
+      {"q3_k_m", "blk.1.ffn_down.weight", "q5_k"},    {"q3_k_m", "blk.2.ffn_down.weight", "q4_k"},
+      {"q3_k_m", "blk.9.attn_output.weight", "q4_k"}, {"q3_k_m", "blk.9.ffn_up.weight", "q3_k"},
+      {"q3_k_s", "blk.0.attn_v.weight", "q3_k"},      {"q3_k_s", "blk.0.ffn_down.weight", "q3_k"},
+      {"q3_k_s", "output.weight", "q6_k"},            {"q3_k_l", "blk.20.attn_v.weight", "q5_k"},
+      {"q3_k_l", "blk.20.ffn_down.weight", "q5_k"},   {"q3_k_l", "blk.20.attn_output.weight", "q5_k"},
+      {"q3_k_l", "blk.20.attn_k.weight", "q3_k"},     {"q2_k", "blk.0.attn_v.weight", "q3_k"},  // n_gqa = 2
+      {"q2_k", "blk.0.ffn_down.weight", "q3_k"},      {"q2_k", "blk.0.attn_output.weight", "q3_k"},
+      {"q2_k", "blk.0.ffn_gate.weight", "q2_k"},      {"q2_k", "token_embd.weight", "q2_k"},
+      {"q2_k", "output.weight", "q6_k"},              {"q6_k", "blk.0.attn_v.weight", "q6_k"},
+      {"q6_k", "token_embd.weight", "q6_k"},          {"q6_k", "output.weight", "q6_k"},
+  };
+  for (const Expect& e : kExpect) {
+    const GgmlPreset* p = FindGgmlPreset(e.preset);
+    ASSERT_NE(p, nullptr) << e.preset;
+    EXPECT_EQ(GgmlPresetTensorMethod(*p, c, e.tensor, 256, true), e.type) << e.preset << " " << e.tensor;
+  }
+  // Q2_K's attn_v takes q4_k with at least four query heads per kv head.
+  c.n_kv_heads = 1;
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q2_k"), c, "blk.0.attn_v.weight", 256, true), "q4_k");
+  // Eight experts: attn_v and attn_k q8_0, attn_output q5_k for the presets llama.cpp lists.
+  c.n_experts = 8;
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q4_k_m"), c, "blk.5.attn_v.weight", 256, true), "q8_0");
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q4_k_m"), c, "blk.5.attn_k.weight", 256, true), "q8_0");
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q4_k_m"), c, "blk.5.attn_output.weight", 256, true), "q5_k");
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q5_k_m"), c, "blk.5.attn_output.weight", 256, true), "q5_k");
+}
+
+TEST(GgmlPresetsTest, TiedEmbeddingIsTheOutput) {
+  const GgmlPreset& p = *FindGgmlPreset("q4_k_m");
+  EXPECT_EQ(GgmlPresetTensorMethod(p, Layers(2), "token_embd.weight", 256, /*has_output=*/false), "q6_k");
+  // An output whose rows do not fit the base type's 256-blocks goes to q8_0, not through the fallback chain.
+  EXPECT_EQ(GgmlPresetTensorMethod(p, Layers(2), "output.weight", 288, true), "q8_0");
+}
+
+// Rows of 64 fit no K-quant: each tensor takes its type's llama.cpp fallback (q4_k -> q5_0, q6_k -> q8_0,
+// q3_k -> q4_0, q5_k -> q5_1), and output goes to q8_0.
+TEST(GgmlPresetsTest, FallbacksOnRowsOf64) {
+  const Model m = MakeSyntheticModel(TinyTestConfig(), 5);
+  ASSERT_EQ(m.config.n_layers, 2);
+  const auto q4 = TypesAfter("q4_k_m", m);
+  EXPECT_EQ(q4.at("blk.0.attn_q.weight"), "q5_0");
+  EXPECT_EQ(q4.at("blk.1.attn_v.weight"), "q8_0");  // use_more_bits(1, 2): q6_k, which falls back to q8_0
+  EXPECT_EQ(q4.at("token_embd.weight"), "q5_0");
+  const auto q3 = TypesAfter("q3_k_m", m);
+  EXPECT_EQ(q3.at("blk.0.attn_q.weight"), "q4_0");
+  EXPECT_EQ(q4.at("output.weight"), "q8_0");
+  EXPECT_EQ(q3.at("blk.0.attn_v.weight"), "q5_1");  // q5_k (first two layers) -> q5_1
+}
+
+TEST(GgmlPresetsTest, EveryPresetHasAWritableBase) {
+  for (const GgmlPreset& p : GgmlPresets()) {
+    EXPECT_NE(FindMethod(p.base_method), nullptr) << p.name;
+    EXPECT_NE(FindGgmlTypeByName(p.base_method), nullptr) << p.name;
+  }
+  EXPECT_EQ(FindGgmlPreset("q4_k"), nullptr);
+}
+
+}  // namespace
+}  // namespace qforge::quant

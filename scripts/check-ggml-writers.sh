@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Interop check of qforge's ggml *writers* against llama.cpp's llama-quantize (not part of CI: it needs a llama.cpp
+# build; docs/quantizers.md "Checking against llama-quantize"). Makes a random 8-layer Llama (qforge make-synthetic:
+# dim 256, hidden 768, vocab 32000, converted with the Llama 2 tokenizer; 8 layers so that use_more_bits picks
+# layers 0, 3, 6, 7), then for each type and each preset writes one file with llama-quantize and one with qforge
+# from the same F32 file, and compares them tensor by tensor with `qforge compare` (every tensor decoded to fp32
+# by qforge's bit-exact dequantizers; equal values for every element means the same type and the same codes and
+# scales, up to encodings of equal values such as a -0 scale):
+#   pure types  llama-quantize --pure F32 L.gguf TYPE   vs   qforge quantize --method type --pure --quantize-embeddings
+#   presets     llama-quantize F32 L.gguf PRESET         vs   qforge quantize --method preset
+# No importance matrix on either side (llama-quantize then runs ggml's quantize_row_*_ref, qforge's targets).
+# Usage:
+#   scripts/check-ggml-writers.sh [LLAMA_BIN_DIR]   (default ~/.cache/qforge/peer-llama.cpp/src/build/bin)
+# Environment: QFORGE (default build/services/qforge), QFORGE_SHARED (default ../shared), KEEP=DIR keeps the
+# files there. Prints one line per file and exits 1 if any differs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-$HOME/.cache/qforge/peer-llama.cpp/src/build/bin}
+qforge=${QFORGE:-build/services/qforge}
+shared=${QFORGE_SHARED:-../shared}
+[ -x "$bin/llama-quantize" ] || { echo "no $bin/llama-quantize" >&2; exit 2; }
+[ -x "$qforge" ] || { echo "no $qforge (build services/qforge first)" >&2; exit 2; }
+if [ -n "${KEEP:-}" ]; then work=$KEEP; mkdir -p "$work"; else work=$(mktemp -d); trap 'rm -rf "$work"' EXIT; fi
+status=0
+
+"$qforge" make-synthetic "$work/synthetic.gguf" --dim 256 --hidden 768 --layers 8 --vocab 32000 >/dev/null || exit 1
+"$qforge" convert "$work/synthetic.gguf" "$work/F32.gguf" --tokenizer "$shared/models/llama2-tokenizer/tokenizer.model" \
+  >/dev/null || exit 1
+src=$work/F32.gguf
+
+printf '%-12s %-10s %s\n' file result "differing tensors (first 3)"
+# compare LABEL LLAMA_TYPE QFORGE_ARGS...: one file from each tool, compared decoded.
+compare() {
+  local label=$1 type=$2
+  shift 2
+  local ours="$work/$label-qforge.gguf" theirs="$work/$label-llama.gguf"
+  local -a llama_flags=()
+  [[ $label == pure-* ]] && llama_flags=(--pure)
+  if ! "$bin/llama-quantize" "${llama_flags[@]}" "$src" "$theirs" "$type" >"$work/$label-llama.log" 2>&1; then
+    printf '%-12s %-10s %s\n' "$label" REFUSED "llama-quantize: $(grep -m1 -iE 'error|failed|invalid' "$work/$label-llama.log")"
+    status=1
+    return
+  fi
+  if ! "$qforge" quantize "$@" "$src" "$ours" >"$work/$label-qforge.log" 2>&1; then
+    printf '%-12s %-10s %s\n' "$label" FAILED "qforge: $(tail -1 "$work/$label-qforge.log")"
+    status=1
+    return
+  fi
+  local cmp
+  if cmp=$("$qforge" compare "$theirs" "$ours" --quiet 2>&1); then
+    printf '%-12s %-10s\n' "$label" same
+  else
+    printf '%-12s %-10s %s\n' "$label" DIFFER "$(echo "$cmp" | grep -E '^DIFFER|^missing' | head -3 | tr '\n' ';')"
+    status=1
+  fi
+  [ -n "${KEEP:-}" ] || rm -f "$ours" "$theirs"
+}
+
+# q8_0, q4_0 and q4_k are the writers that existed before (the controls); the rest are new.
+for type in Q8_0 Q4_0 Q4_K Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q5_K Q6_K IQ4_NL IQ4_XS; do
+  lower=$(echo "$type" | tr 'A-Z' 'a-z')
+  compare "pure-$type" "$type" --method "$lower" --pure --quantize-embeddings
+done
+for preset in Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K; do
+  lower=$(echo "$preset" | tr 'A-Z' 'a-z')
+  compare "$preset" "$preset" --method "$lower"
+done
+exit $status
