@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/kernels/kernels.h"
+#include "core/kernels/lora_delta.h"
 #include "core/kernels/qmoe.h"
 #include "core/kernels/quip.h"
 #include "core/runtime/ops.h"
@@ -205,6 +206,7 @@ absl::Status Transformer::ValidateBatch(std::span<const BatchToken> tokens, cons
   if (tokens.empty()) return absl::InvalidArgumentError("ForwardBatch: no tokens");
   // Next expected position of each cache seen so far.
   absl::flat_hash_map<const KvCache*, int> next_pos;
+  const lora::LoraAdapter* checked_adapter = nullptr;  // consecutive tokens mostly share one: check it once
   for (size_t i = 0; i < tokens.size(); ++i) {
     const BatchToken& b = tokens[i];
     if (b.cache == nullptr) return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, ": null cache"));
@@ -226,6 +228,12 @@ absl::Status Transformer::ValidateBatch(std::span<const BatchToken> tokens, cons
       return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, " wants logits but logits_out is null"));
     }
     if (b.pos < 0) return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, ": position ", b.pos));
+    if (b.adapter != nullptr && b.adapter != checked_adapter) {
+      if (absl::Status s = lora::CheckAdapterFits(*b.adapter, c); !s.ok()) {
+        return absl::Status(s.code(), absl::StrCat("ForwardBatch: token ", i, ": ", s.message()));
+      }
+      checked_adapter = b.adapter;
+    }
     auto [it, first] = next_pos.try_emplace(b.cache, b.pos + 1);
     if (first) {
       if (b.pos > b.cache->positions()) {
@@ -289,6 +297,10 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
     QF_RETURN_IF_ERROR(MatMul(*L.wq, xb_.data(), n, q_.data(), dim));
     QF_RETURN_IF_ERROR(MatMul(*L.wk, xb_.data(), n, k_.data(), kv_dim, /*same_input=*/true));
     QF_RETURN_IF_ERROR(MatMul(*L.wv, xb_.data(), n, v_.data(), kv_dim, /*same_input=*/true));
+    // Adapter updates land before RoPE: they are part of the projection (q/k B rows are in this runtime's order).
+    QF_RETURN_IF_ERROR(AddAdapterDeltas(tokens, l, lora::LoraTarget::kAttnQ, xb_.data(), dim, q_.data(), dim));
+    QF_RETURN_IF_ERROR(AddAdapterDeltas(tokens, l, lora::LoraTarget::kAttnK, xb_.data(), dim, k_.data(), kv_dim));
+    QF_RETURN_IF_ERROR(AddAdapterDeltas(tokens, l, lora::LoraTarget::kAttnV, xb_.data(), dim, v_.data(), kv_dim));
     // Rotate, then file each token's key and value under its own sequence and position. All of them land
     // before any attention runs, so a token sees the earlier tokens of its sequence in the same chunk.
     for (int t = 0; t < n; ++t) {
@@ -319,10 +331,11 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
       }
     });
     QF_RETURN_IF_ERROR(MatMul(*L.wo, xb_.data(), n, xb2_.data(), dim));
+    QF_RETURN_IF_ERROR(AddAdapterDeltas(tokens, l, lora::LoraTarget::kAttnOutput, xb_.data(), dim, xb2_.data(), dim));
     runtime_ops::AddInPlace(x_.data(), xb2_.data(), n * dim);
 
     for (int t = 0; t < n; ++t) runtime_ops::RmsNorm(&x_[t * dim], L.ffn_norm.data(), dim, c.norm_eps, &xb_[t * dim]);
-    QF_RETURN_IF_ERROR(c.is_moe() ? MoeFfn(L, n) : DenseFfn(L, n));
+    QF_RETURN_IF_ERROR(c.is_moe() ? MoeFfn(L, n) : DenseFfn(tokens, l, L, n));
     runtime_ops::AddInPlace(x_.data(), xb2_.data(), n * dim);
   }
 
@@ -337,12 +350,38 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
   return MatMul(*classifier_, xb_.data(), wanted, logits_out, c.vocab_size);
 }
 
-absl::Status Transformer::DenseFfn(const Layer& L, int n) {
+absl::Status Transformer::AddAdapterDeltas(std::span<const BatchToken> tokens, int layer, lora::LoraTarget target,
+                                           const float* x, int64_t in, float* y, int64_t y_stride) {
+  int max_rank = 0;
+  for (const BatchToken& b : tokens) {
+    if (b.adapter == nullptr) continue;
+    if (const lora::LoraMatrix* m = b.adapter->Find(layer, target)) max_rank = std::max(max_rank, m->rank);
+  }
+  if (max_rank == 0) return absl::OkStatus();
+  // Token by token: each row's update is computed alone, so it is the same bits whatever shares the batch.
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  pool_.ParallelFor(n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> u(static_cast<size_t>(max_rank));
+    for (int64_t t = begin; t < end; ++t) {
+      const lora::LoraAdapter* a = tokens[t].adapter;
+      const lora::LoraMatrix* m = a == nullptr ? nullptr : a->Find(layer, target);
+      if (m == nullptr) continue;
+      kernels::AddLoraDelta(m->a.data(), m->b.data(), m->rank, in, m->out, m->scale, x + t * in, y + t * y_stride,
+                            u.data());
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status Transformer::DenseFfn(std::span<const BatchToken> tokens, int layer, const Layer& L, int n) {
   const int dim = model_->config.dim, hidden = model_->config.hidden_dim;
   QF_RETURN_IF_ERROR(MatMul(*L.gate, xb_.data(), n, hb_.data(), hidden));
   QF_RETURN_IF_ERROR(MatMul(*L.up, xb_.data(), n, hb2_.data(), hidden, /*same_input=*/true));
+  QF_RETURN_IF_ERROR(AddAdapterDeltas(tokens, layer, lora::LoraTarget::kFfnGate, xb_.data(), dim, hb_.data(), hidden));
+  QF_RETURN_IF_ERROR(AddAdapterDeltas(tokens, layer, lora::LoraTarget::kFfnUp, xb_.data(), dim, hb2_.data(), hidden));
   runtime_ops::SwiGlu(hb_.data(), hb2_.data(), n * hidden);
-  return MatMul(*L.down, hb_.data(), n, xb2_.data(), dim);
+  QF_RETURN_IF_ERROR(MatMul(*L.down, hb_.data(), n, xb2_.data(), dim));
+  return AddAdapterDeltas(tokens, layer, lora::LoraTarget::kFfnDown, hb_.data(), hidden, xb2_.data(), dim);
 }
 
 absl::Status Transformer::MoeFfn(const Layer& L, int n) {
