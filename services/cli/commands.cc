@@ -171,6 +171,10 @@ absl::Status MakeLora(const std::vector<std::string>& args, std::ostream& out) {
     return o ? absl::OkStatus() : absl::InternalError(absl::StrCat("cannot write ", p));
   };
   if (absl::EndsWith(path, ".gguf")) {
+    if (const std::filesystem::path parent = std::filesystem::path(path).parent_path(); !parent.empty()) {
+      std::error_code ec;
+      std::filesystem::create_directories(parent, ec);
+    }
     QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, lora::SerializeGgufAdapter(a));
     QF_RETURN_IF_ERROR(write(path, bytes.data(), bytes.size()));
   } else {
