@@ -16,6 +16,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "core/kernels/kernels.h"
+#include "core/kernels/lora_delta.h"
 #include "core/formats/formats.h"
 #include "core/formats/parsers.h"
 #include "core/model/synthetic.h"
@@ -64,7 +65,6 @@ void ExpectSameMatrices(const LoraAdapter& x, const LoraAdapter& y) {
   }
 }
 
-std::span<const uint8_t> Bytes(const std::string& s) { return {reinterpret_cast<const uint8_t*>(s.data()), s.size()}; }
 
 // --- PEFT ---------------------------------------------------------------------------------------------------------
 
@@ -256,13 +256,12 @@ std::vector<uint8_t> Safetensors(const std::vector<std::pair<std::string, std::v
   }
   header += "}";
   while (header.size() % 8) header += ' ';
-  std::vector<uint8_t> out(8);
   const uint64_t len = header.size();
-  std::memcpy(out.data(), &len, 8);
-  out.insert(out.end(), header.begin(), header.end());
+  std::string blob(reinterpret_cast<const char*>(&len), 8);
+  blob += header;
   const float v = 0.01f;
-  for (uint64_t i = 0; i < offset / 4; ++i) out.insert(out.end(), reinterpret_cast<const uint8_t*>(&v), reinterpret_cast<const uint8_t*>(&v) + 4);
-  return out;
+  for (uint64_t i = 0; i < offset / 4; ++i) blob.append(reinterpret_cast<const char*>(&v), 4);
+  return std::vector<uint8_t>(blob.begin(), blob.end());
 }
 
 TEST(PeftTest, TensorErrorsNameTheTensor) {
@@ -489,6 +488,40 @@ TEST(LoadAdapterTest, ReadsDirectoriesAndFiles) {
   }
   EXPECT_EQ(LoadAdapter((dir / "missing").string(), c).status().code(), absl::StatusCode::kNotFound);
   std::filesystem::remove_all(dir);
+}
+
+// --- The delta kernel ------------------------------------------------------------------------------------------
+
+// The documented order, written out plainly: eight lanes over the columns, combined pairwise, the tail in order.
+float ReferenceDot(const float* a, const float* x, int64_t n) {
+  float lane[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int k = 0; k < 8; ++k) lane[k] = lane[k] + a[i + k] * x[i + k];
+  }
+  float s = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+  for (; i < n; ++i) s = s + a[i] * x[i];
+  return s;
+}
+
+TEST(LoraDeltaTest, FollowsTheDocumentedOrder) {
+  for (const auto& [rank, in, out] : {std::tuple{3, 37, 19}, std::tuple{8, 64, 160}, std::tuple{16, 1024, 5}}) {
+    std::vector<float> a(rank * in), b(out * rank), x(in), y(out), u(rank);
+    uint64_t s = 99;
+    auto next = [&] {
+      s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+      return static_cast<float>(static_cast<int64_t>(s >> 40) - (1 << 23)) / (1 << 23);
+    };
+    for (auto* v : {&a, &b, &x, &y}) {
+      for (float& f : *v) f = next();
+    }
+    std::vector<float> want = y;
+    std::vector<float> uref(rank);
+    for (int j = 0; j < rank; ++j) uref[j] = ReferenceDot(&a[j * in], x.data(), in);
+    for (int o = 0; o < out; ++o) want[o] = want[o] + 1.5f * ReferenceDot(&b[o * rank], uref.data(), rank);
+    kernels::AddLoraDelta(a.data(), b.data(), rank, in, out, 1.5f, x.data(), y.data(), u.data());
+    ASSERT_EQ(std::memcmp(y.data(), want.data(), out * sizeof(float)), 0) << rank << "x" << in << "x" << out;
+  }
 }
 
 // --- Runtime: unmerged equals merged, batch invariance -------------------------------------------------------------
