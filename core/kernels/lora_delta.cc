@@ -18,14 +18,36 @@ inline __attribute__((always_inline)) float Dot(const float* a, const float* x, 
 
 }  // namespace
 
-// The AVX2 clone runs Dot's eight lanes as one 256-bit multiply and add, the default clone as two 128-bit ones: the
-// same IEEE operations on the same lanes (no FMA: this target builds with -ffp-contract=off), so both give the same
-// bits and the clone chosen at load time changes only the speed (LoraDeltaTest.FollowsTheDocumentedOrder).
-__attribute__((target_clones("avx2", "default"))) void AddLoraDelta(const float* a, const float* b, int rank,
+// The AVX2 clone runs the same IEEE operations as the default one on wider registers (no FMA: this target builds
+// with -ffp-contract=off, and each lane or output keeps its own sequential sum), so both give the same bits and the
+// clone chosen at load time changes only the speed (LoraDeltaTest.FollowsTheDocumentedOrder).
+__attribute__((target_clones("avx2", "default"))) void AddLoraDelta(const float* a, const float* b_t, int rank,
                                                                     int64_t in, int64_t out, float scale,
-                                                                    const float* x, float* y, float* u) {
-  for (int j = 0; j < rank; ++j) u[j] = Dot(a + static_cast<int64_t>(j) * in, x, in);
-  for (int64_t o = 0; o < out; ++o) y[o] += scale * Dot(b + o * rank, u, rank);
+                                                                    const float* const* x_rows,
+                                                                    float* const* y_rows, int n_tokens, float* u) {
+  // Row j of A stays in L1 while every token's dot product with it runs.
+  for (int j = 0; j < rank; ++j) {
+    const float* aj = a + static_cast<int64_t>(j) * in;
+    for (int t = 0; t < n_tokens; ++t) u[static_cast<int64_t>(t) * rank + j] = Dot(aj, x_rows[t], in);
+  }
+  // Outputs in blocks of B's transpose (rank x kBlock floats, in L1 across the tokens). Each d[o] is its own
+  // sequential sum over j, so vectorising across o reorders nothing.
+  constexpr int64_t kBlock = 64;
+  float d[kBlock];
+  for (int64_t o0 = 0; o0 < out; o0 += kBlock) {
+    const int64_t n = out - o0 < kBlock ? out - o0 : kBlock;
+    for (int t = 0; t < n_tokens; ++t) {
+      const float* ut = u + static_cast<int64_t>(t) * rank;
+      for (int64_t o = 0; o < n; ++o) d[o] = 0.0f;
+      for (int j = 0; j < rank; ++j) {
+        const float* row = b_t + static_cast<int64_t>(j) * out + o0;
+        const float uj = ut[j];
+        for (int64_t o = 0; o < n; ++o) d[o] += row[o] * uj;
+      }
+      float* y = y_rows[t] + o0;
+      for (int64_t o = 0; o < n; ++o) y[o] += scale * d[o];
+    }
+  }
 }
 
 }  // namespace qforge::kernels

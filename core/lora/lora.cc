@@ -362,7 +362,7 @@ int LoraAdapter::max_rank() const {
 
 size_t LoraAdapter::bytes() const {
   size_t n = 0;
-  for (const LoraMatrix& m : matrices) n += (m.a.size() + m.b.size()) * sizeof(float);
+  for (const LoraMatrix& m : matrices) n += (m.a.size() + m.b.size() + m.b_t.size()) * sizeof(float);
   return n;
 }
 
@@ -372,7 +372,7 @@ absl::Status LoraAdapter::Index() {
   });
   index_.assign(static_cast<size_t>(std::max(shape.n_layers, 0)) * kNumTargets, -1);
   for (size_t i = 0; i < matrices.size(); ++i) {
-    const LoraMatrix& m = matrices[i];
+    LoraMatrix& m = matrices[i];
     const std::string name = CanonicalName(m.layer, m.target);
     if (m.layer < 0 || m.layer >= shape.n_layers) {
       return absl::InvalidArgumentError(absl::StrCat(name, ": layer outside the model's ", shape.n_layers));
@@ -385,6 +385,10 @@ absl::Status LoraAdapter::Index() {
     int& slot = index_[static_cast<size_t>(m.layer) * kNumTargets + static_cast<int>(m.target)];
     if (slot >= 0) return absl::InvalidArgumentError(absl::StrCat(name, ": adapted twice"));
     slot = static_cast<int>(i);
+    m.b_t.resize(m.b.size());
+    for (int64_t o = 0; o < m.out; ++o) {
+      for (int j = 0; j < m.rank; ++j) m.b_t[static_cast<size_t>(j) * m.out + o] = m.b[o * m.rank + j];
+    }
   }
   return absl::OkStatus();
 }
@@ -491,6 +495,7 @@ absl::StatusOr<LoraAdapter> ParsePeftAdapter(std::span<const uint8_t> safetensor
   adapter.format = "peft";
   adapter.alpha = static_cast<float>(alpha);
   for (LoraMatrix& m : adapter.matrices) QF_RETURN_IF_ERROR(PermuteB(m, base, /*from_hf=*/true));
+  QF_RETURN_IF_ERROR(adapter.Index());  // B moved: its transpose follows
   return adapter;
 }
 

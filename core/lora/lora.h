@@ -47,6 +47,7 @@ struct LoraMatrix {
   float scale = 1.0f;       // alpha / rank (or what the file's convention says; see the header comment)
   std::vector<float> a;     // [rank, in], row-major
   std::vector<float> b;     // [out, rank], row-major, q/k rows in qforge's interleaved-pair order
+  std::vector<float> b_t;   // B transposed, [rank, out]: the runtime kernel's layout; LoraAdapter::Index fills it
 };
 
 // What an adapter was built for, so that the runtime can refuse it on another model in O(1).
@@ -65,8 +66,9 @@ struct LoraAdapter {
   // The matrix for (layer, target), or nullptr when the adapter leaves that linear alone.
   const LoraMatrix* Find(int layer, LoraTarget t) const;
   int max_rank() const;
-  size_t bytes() const;  // memory held by A and B
-  // Builds the (layer, target) lookup; Parse* and Make* call it. Fails on duplicates or out-of-range layers.
+  size_t bytes() const;  // memory held by A, B and B's transpose
+  // Builds the (layer, target) lookup and each B's transpose; Parse* and Make* call it (again after changing B).
+  // Fails on duplicates, out-of-range layers or sizes that do not match the shape.
   absl::Status Index();
 
  private:

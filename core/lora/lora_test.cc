@@ -492,7 +492,8 @@ TEST(LoadAdapterTest, ReadsDirectoriesAndFiles) {
 
 // --- The delta kernel ------------------------------------------------------------------------------------------
 
-// The documented order, written out plainly: eight lanes over the columns, combined pairwise, the tail in order.
+// The documented order, written out plainly: A·x in eight lanes over the columns, combined pairwise, the tail in
+// order; B·u one output at a time, j in order.
 float ReferenceDot(const float* a, const float* x, int64_t n) {
   float lane[8] = {};
   int64_t i = 0;
@@ -516,11 +517,35 @@ TEST(LoraDeltaTest, FollowsTheDocumentedOrder) {
       for (float& f : *v) f = next();
     }
     std::vector<float> want = y;
-    std::vector<float> uref(rank);
+    std::vector<float> uref(rank), b_t(out * rank);
     for (int j = 0; j < rank; ++j) uref[j] = ReferenceDot(&a[j * in], x.data(), in);
-    for (int o = 0; o < out; ++o) want[o] = want[o] + 1.5f * ReferenceDot(&b[o * rank], uref.data(), rank);
-    kernels::AddLoraDelta(a.data(), b.data(), rank, in, out, 1.5f, x.data(), y.data(), u.data());
+    for (int o = 0; o < out; ++o) {
+      float d = 0;
+      for (int j = 0; j < rank; ++j) d = d + b[o * rank + j] * uref[j];  // B·u: j in order
+      want[o] = want[o] + 1.5f * d;
+      for (int j = 0; j < rank; ++j) b_t[j * out + o] = b[o * rank + j];
+    }
+    // Alone, and as the third of five tokens (the others random): the same bits.
+    const float* xr[1] = {x.data()};
+    float* yr[1] = {y.data()};
+    std::vector<float> y_group = y;
+    kernels::AddLoraDelta(a.data(), b_t.data(), rank, in, out, 1.5f, xr, yr, 1, u.data());
     ASSERT_EQ(std::memcmp(y.data(), want.data(), out * sizeof(float)), 0) << rank << "x" << in << "x" << out;
+    std::vector<std::vector<float>> xs(5, std::vector<float>(in)), ys(5, std::vector<float>(out));
+    for (int t = 0; t < 5; ++t) {
+      for (float& f : xs[t]) f = next();
+    }
+    xs[2] = x;
+    ys[2] = y_group;
+    const float* xg[5];
+    float* yg[5];
+    for (int t = 0; t < 5; ++t) {
+      xg[t] = xs[t].data();
+      yg[t] = ys[t].data();
+    }
+    std::vector<float> ug(5 * rank);
+    kernels::AddLoraDelta(a.data(), b_t.data(), rank, in, out, 1.5f, xg, yg, 5, ug.data());
+    ASSERT_EQ(std::memcmp(ys[2].data(), want.data(), out * sizeof(float)), 0) << "in a group of five";
   }
 }
 

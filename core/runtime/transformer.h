@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <span>
 #include <string>
@@ -152,10 +153,16 @@ class Transformer {
   // MatMul's input, unchanged since (its quantized form is reused when the formats agree).
   absl::Status MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride, bool same_input = false);
   // The FFN half of a layer over n tokens: xb_ (normalised input) -> xb2_.
-  // Adds each token's adapter update for (layer, target) to its row of y (input x: n rows of `in` floats).
-  // Nothing to do, and no cost, when no token of the chunk has an adapter.
-  absl::Status AddAdapterDeltas(std::span<const BatchToken> tokens, int layer, lora::LoraTarget target,
-                                const float* x, int64_t in, float* y, int64_t y_stride);
+  // One adapted linear's output: token t's row is y + t * y_stride.
+  struct AdapterOutput {
+    lora::LoraTarget target;
+    float* y;
+    int64_t y_stride;
+  };
+  // Adds each token's adapter update for (layer, target) to its row of each output, for linears that share the
+  // input x (tokens.size() rows of `in` floats). Nothing to do, and no cost, when no token has an adapter for them.
+  absl::Status AddAdapterDeltas(std::span<const BatchToken> tokens, int layer,
+                                std::initializer_list<AdapterOutput> outputs, const float* x, int64_t in);
   absl::Status DenseFfn(std::span<const BatchToken> tokens, int layer, const Layer& L, int n);
   absl::Status MoeFfn(const Layer& L, int n);
 
@@ -182,6 +189,14 @@ class Transformer {
   std::vector<float> router_probs_, route_weight_, expert_x_, expert_out_;
   std::vector<int> route_expert_, expert_rows_;
   kernels::MatMulInput input_;  // the current matmul's activations, prepared once for every row range
+  // AddAdapterDeltas' scratch: the (matrix, token) pairs of one linear, and their pieces [first, last).
+  struct AdapterRow {
+    const lora::LoraMatrix* matrix;
+    int token;
+    int output;  // index into AddAdapterDeltas' outputs
+  };
+  std::vector<AdapterRow> adapter_rows_;
+  std::vector<std::pair<size_t, size_t>> adapter_pieces_;
   // kQuip matrices' regenerated rotations, built on first use (core/kernels/quip.h).
   std::unordered_map<const Tensor*, std::shared_ptr<const kernels::QuipTransform>> quip_;
 };
