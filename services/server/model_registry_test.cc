@@ -81,7 +81,7 @@ TEST_F(ModelRegistryTest, AdaptersLoadOnlyUnderTheRootAndGoWithTheirModel) {
             absl::StatusCode::kFailedPrecondition);
 
   RegistryOptions options;
-  options.adapter_root = root.string();
+  options.adapter_root = root.string() + "/";  // a trailing separator names the same root
   ModelRegistry registry(options, nullptr);
   ASSERT_TRUE(registry.Load("a", "file", Path("a"), "").ok());
   ASSERT_TRUE(registry.Load("b", "file", Path("b"), "").ok());
