@@ -2,7 +2,8 @@
 // `batch` sequences each prefilled with `prompt` tokens, then timed ForwardBatch steps of one token per sequence
 // with (a) no adapter, (b) every sequence on a rank-R adapter of all seven linears, (c) the sequences round-robin
 // over {none, that adapter, a rank-2R adapter of q and v}. The three are interleaved in every repetition, so the
-// shared machine's load hits them alike; the median step time of each is reported.
+// shared machine's load hits them alike; the median step time of each is reported. Then the same for a prefill: all
+// sequences' prompts in one ForwardBatch (what a server's first step does when many requests arrive together).
 //
 //   qforge_lora_bench --model PATH [--batch 64] [--rank 8] [--prompt 8] [--steps 8] [--reps 7] [--threads 2]
 #include <algorithm>
@@ -55,7 +56,7 @@ int main(int argc, char** argv) {
                                          LoraTarget::kFfnDown}, *rank, 2.0f * *rank, 1);
   auto qv = lora::MakeRandomAdapter(c, {LoraTarget::kAttnQ, LoraTarget::kAttnV}, 2 * *rank, 4.0f * *rank, 2);
   if (!all.ok() || !qv.ok()) return Fail("adapter");
-  auto rt = Transformer::Create(model, RuntimeOptions{.threads = *threads, .max_batch = std::max(*batch, *prompt)});
+  auto rt = Transformer::Create(model, RuntimeOptions{.threads = *threads, .max_batch = *batch * *prompt});
   if (!rt.ok()) return Fail(std::string(rt.status().message()));
   std::vector<KvCache> caches;
   std::vector<int> pos(*batch, 0);
@@ -86,12 +87,33 @@ int main(int argc, char** argv) {
       times[mode].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / *steps);
     }
   }
-  std::printf("model dim %d hidden %d layers %d, batch %d, rank %d, %d threads, median of %d x %d steps\n", c.dim,
-              c.hidden_dim, c.n_layers, *batch, *rank, *threads, *reps, *steps);
-  const double base = Median(times[0]);
-  for (int mode = 0; mode < 3; ++mode) {
-    const double t = Median(times[mode]);
-    std::printf("  %-32s %8.2f ms/step  %+6.1f %%\n", names[mode], 1e3 * t, 100.0 * (t / base - 1));
+  // Prefill: every cache emptied, then batch x prompt tokens in one call (the last of each sequence wants logits).
+  std::vector<double> prefill[3];
+  std::vector<BatchToken> all_prompts;
+  for (int r = 0; r < *reps; ++r) {
+    for (int mode = 0; mode < 3; ++mode) {
+      all_prompts.clear();
+      for (int s = 0; s < *batch; ++s) {
+        caches[s].Reset();
+        const lora::LoraAdapter* a = mode == 0 ? nullptr : mode == 1 ? &*all : mixed[s % 3];
+        for (int i = 0; i < *prompt; ++i) {
+          all_prompts.push_back(BatchToken{&caches[s], (s * 7 + i) % c.vocab_size, i, i == *prompt - 1, a});
+        }
+      }
+      const auto start = std::chrono::steady_clock::now();
+      if (!(*rt)->ForwardBatch(all_prompts, logits.data()).ok()) return Fail("prefill");
+      prefill[mode].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
+  }
+  std::printf("model dim %d hidden %d layers %d, batch %d, rank %d, %d threads, median of %d reps\n", c.dim,
+              c.hidden_dim, c.n_layers, *batch, *rank, *threads, *reps);
+  for (const auto& [what, t] : {std::pair{"decode step (1 token each)", times}, std::pair{"prefill (all prompts)", prefill}}) {
+    std::printf(" %s\n", what);
+    const double base = Median(t[0]);
+    for (int mode = 0; mode < 3; ++mode) {
+      const double m = Median(t[mode]);
+      std::printf("  %-32s %8.2f ms  %+6.1f %%\n", names[mode], 1e3 * m, 100.0 * (m / base - 1));
+    }
   }
   return 0;
 }
