@@ -918,12 +918,19 @@ class InferenceServer::Impl {
     return all[0];
   }
 
+  // A query parameter's value: %XX escapes and '+' decoded (a model ref's '@' arrives as %40).
   static std::string PercentDecode(const std::string& s) {
+    auto hex = [](char c) {
+      if (c >= '0' && c <= '9') return c - '0';
+      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+      if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+      return -1;
+    };
     std::string out;
     for (size_t i = 0; i < s.size(); ++i) {
-      int hi = 0, lo = 0;
-      auto hex = [](char c) { return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1; };
-      if (s[i] == '%' && i + 2 < s.size() && (hi = hex(s[i + 1])) >= 0 && (lo = hex(s[i + 2])) >= 0) {
+      const int hi = s[i] == '%' && i + 2 < s.size() ? hex(s[i + 1]) : -1;
+      const int lo = hi >= 0 ? hex(s[i + 2]) : -1;
+      if (lo >= 0) {
         out.push_back(static_cast<char>(hi * 16 + lo));
         i += 2;
       } else {
