@@ -21,6 +21,7 @@
 #include "core/formats/json.h"
 #include "core/formats/parsers.h"
 #include "core/kernels/kernels.h"
+#include "core/model/ggml_types.h"
 
 namespace qforge::lora {
 namespace {
@@ -598,19 +599,35 @@ absl::StatusOr<LoraAdapter> ParseGgufAdapter(std::span<const uint8_t> gguf, cons
     if (ne.size() != 2) {
       return absl::InvalidArgumentError(absl::StrCat("tensor ", t.name, ": ", ne.size(), "-D, expected 2-D"));
     }
-    const char* dtype = t.type == 0 ? "F32" : t.type == 1 ? "F16" : t.type == 30 ? "BF16" : nullptr;
-    if (dtype == nullptr) {
-      return absl::UnimplementedError(absl::StrCat("tensor ", t.name, ": ggml type ", t.type, " (only F32, F16, BF16)"));
+    // Any ggml type the kernels decode (llama.cpp's converter writes f32, f16, bf16 or q8_0): the bytes become a
+    // [ne1, ne0] tensor of that type, decoded to fp32 by the same code that decodes model weights.
+    const GgmlTypeTraits* g = FindGgmlTypeById(t.type);
+    if (g == nullptr) {
+      return absl::UnimplementedError(absl::StrCat("tensor ", t.name, ": ggml type ", t.type,
+                                                   " is not one qforge decodes"));
+    }
+    if (ne[0] % g->block != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", t.name, ": rows of ", ne[0], " elements are not whole ",
+                                                     g->name, " blocks of ", g->block));
     }
     const uint64_t n = static_cast<uint64_t>(ne[0]) * static_cast<uint64_t>(ne[1]);  // each <= 2^30
     uint64_t nbytes = 0, begin = 0, end = 0;
-    if (!formats::MulOk(n, t.type == 0 ? 4 : 2, &nbytes) || !formats::AddOk(data_start, t.offset, &begin) ||
+    if (!formats::MulOk(n / g->block, g->block_bytes, &nbytes) || !formats::AddOk(data_start, t.offset, &begin) ||
         !formats::AddOk(begin, nbytes, &end) || end > gguf.size() || t.offset % alignment != 0) {
       return absl::InvalidArgumentError(absl::StrCat("tensor ", t.name, ": data at offset ", t.offset, " (",
                                                      nbytes, " bytes) outside the file or misaligned"));
     }
-    QF_ASSIGN_OR_RETURN(std::vector<float> v, ToFloats(absl::StrCat("tensor ", t.name), dtype, gguf.data() + begin,
-                                                       nbytes, static_cast<int64_t>(n)));
+    const Tensor stored = Tensor::FromBytes(t.name, {ne[1], ne[0]}, WeightFormat::Of(g->type),
+                                            std::vector<uint8_t>(gguf.data() + begin, gguf.data() + end));
+    std::vector<float> v(static_cast<size_t>(n));
+    if (absl::Status st = kernels::DequantizeRows(stored, 0, ne[1], v.data()); !st.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", t.name, ": ", st.message()));
+    }
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (!std::isfinite(v[i])) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor ", t.name, ": non-finite value at ", i));
+      }
+    }
     // ggml ne[0] is the contiguous axis: ne = [cols, rows] of the row-major matrix.
     (is_a ? as : bs)[key] = Half{{ne[1], ne[0]}, std::move(v)};
   }

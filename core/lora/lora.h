@@ -16,7 +16,8 @@
 //    A [r, in] / B [out, r] as PyTorch's; llama.cpp checks model ne[0] == a.ne[0], model ne[1] == b.ne[1] and
 //    a.ne[1] == b.ne[0]. The converter pushes B through the model's own q/k permutation, so GGUF B rows are
 //    already in qforge's order. Metadata: general.type = "adapter", adapter.type = "lora",
-//    adapter.lora.alpha (f32; absent or 0 means scale 1, as llama.cpp does).
+//    adapter.lora.alpha (f32; absent or 0 means scale 1, as llama.cpp does). Tensors in any ggml type the kernels
+//    decode (the converter writes f32, f16, bf16 or q8_0) are decoded to fp32.
 #pragma once
 
 #include <cstdint>

@@ -401,6 +401,38 @@ TEST(GgufLoraTest, ReadsLlamaCppLayout) {
   EXPECT_THAT(bad.status().message(), HasSubstr("blk.1.attn_v.weight.lora_a: shape [64, 2]"));
 }
 
+// llama.cpp's converter can write q8_0 halves: blocks of an f16 scale and 32 int8 codes, value = scale * code.
+TEST(GgufLoraTest, DecodesQ8_0Halves) {
+  const ModelConfig c = TinyTestConfig();
+  const int r = 2, in = c.dim;  // A [2, 64]: 2 rows of 2 blocks
+  std::vector<uint8_t> q8;
+  std::vector<float> want;
+  for (int row = 0; row < r; ++row) {
+    for (int blk = 0; blk < in / 32; ++blk) {
+      const uint16_t half_scale = 0x3800;  // 0.5
+      q8.push_back(half_scale & 0xff);
+      q8.push_back(half_scale >> 8);
+      for (int i = 0; i < 32; ++i) {
+        const int8_t code = static_cast<int8_t>((row * 64 + blk * 32 + i) % 7 - 3);
+        q8.push_back(static_cast<uint8_t>(code));
+        want.push_back(0.5f * code);
+      }
+    }
+  }
+  GgufBuilder g;
+  g.Header(4);
+  // The builder writes floats: pass the q8_0 bytes through a float vector of the same size (136 bytes = 34 floats).
+  std::vector<float> raw(q8.size() / 4);
+  std::memcpy(raw.data(), q8.data(), q8.size());
+  g.Tensor("blk.0.attn_output.weight.lora_a", {static_cast<uint64_t>(in), r}, 8, raw);
+  g.Tensor("blk.0.attn_output.weight.lora_b", {r, static_cast<uint64_t>(c.dim)}, 0, std::vector<float>(r * c.dim, 0.25f));
+  auto parsed = ParseGgufAdapter(g.Build(), c);
+  ASSERT_TRUE(parsed.ok()) << parsed.status();
+  const LoraMatrix* m = parsed->Find(0, LoraTarget::kAttnOutput);
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(m->a, want);
+}
+
 TEST(GgufLoraTest, NoAlphaMeansScaleOne) {
   const ModelConfig c = TinyTestConfig();
   GgufBuilder g;
@@ -441,7 +473,10 @@ TEST(GgufLoraTest, ErrorsNameTheKeyOrTensor) {
       {[&](GgufBuilder& g) { g.Header(); g.Tensor("blk.0.attn_qkv.weight.lora_a", {64, 4}, 0, a); }, "attn_qkv"},
       {[&](GgufBuilder& g) { g.Header(); g.Tensor("blk.0.attn_q.weight", {64, 64}, 0, std::vector<float>(64 * 64)); },
        "blk.0.attn_q.weight: not a"},
-      {[&](GgufBuilder& g) { g.Header(); g.Tensor("blk.0.attn_q.weight.lora_a", {64, 4}, 8, a); }, "ggml type 8"},
+      {[&](GgufBuilder& g) { g.Header(); g.Tensor("blk.0.attn_q.weight.lora_a", {64, 4}, 99, a); },
+       "ggml type 99 is not one qforge decodes"},
+      {[&](GgufBuilder& g) { g.Header(); g.Tensor("blk.0.attn_q.weight.lora_b", {4, 64}, 8, b); },
+       "rows of 4 elements are not whole q8_0 blocks of 32"},
       {[&](GgufBuilder& g) {
          g.Header();
          g.Tensor("blk.0.attn_q.weight.lora_a", {64, 4}, 0, a);
