@@ -4,6 +4,7 @@
 // (--deadline-s per request).
 //
 //   qforge_serve_load --server 127.0.0.1:7701 --model gen@file --streams 1,8,32 --requests 2 --max-tokens 32
+//   qforge_serve_load ... --adapters a1,a2,   (LoRA adapters round-robin over the streams; "" = the base model)
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -40,8 +41,8 @@ struct RunResult {
   std::string first_error;
 };
 
-RunResult Run(v1::InferenceService::Stub& stub, const std::string& model, int streams, int requests, int max_tokens,
-              const std::string& prompt, int deadline_s) {
+RunResult Run(v1::InferenceService::Stub& stub, const std::string& model, const std::vector<std::string>& adapters,
+              int streams, int requests, int max_tokens, const std::string& prompt, int deadline_s) {
   RunResult r;
   r.streams = streams;
   std::mutex mu;
@@ -52,6 +53,8 @@ RunResult Run(v1::InferenceService::Stub& stub, const std::string& model, int st
       for (int q = 0; q < requests; ++q) {
         v1::GenerateRequest req;
         req.mutable_model()->set_name(model);
+        // Stream s uses adapter s mod |adapters| ("" = the base model), so every step mixes them.
+        req.set_adapter(adapters[s % adapters.size()]);
         req.set_prompt(prompt);
         req.set_max_tokens(max_tokens);
         req.set_temperature(1.0f);
@@ -100,7 +103,7 @@ RunResult Run(v1::InferenceService::Stub& stub, const std::string& model, int st
 int main(int argc, char** argv) {
   auto flags = qforge::cli::Flags::Parse(std::vector<std::string>(argv + 1, argv + argc),
                                          {"server", "model", "streams", "requests", "max-tokens", "prompt",
-                                          "deadline-s", "label"},
+                                          "deadline-s", "label", "adapters"},
                                          {});
   if (!flags.ok()) {
     std::cerr << "qforge_serve_load: " << flags.status().message() << "\n";
@@ -130,11 +133,15 @@ int main(int argc, char** argv) {
   auto stub = v1::InferenceService::NewStub(qforge::rpc::MakeChannel(server));
   const std::string model = flags->Get("model"), label = flags->Get("label", model);
   const std::string prompt = flags->Get("prompt", "Once upon a time");
+  // --adapters a,b, : LoRA adapters (loaded with POST /v1/adapters) assigned to streams round-robin; an empty
+  // entry is the base model.
+  std::vector<std::string> adapters = absl::StrSplit(flags->Get("adapters", ""), ',');
+  if (adapters.empty()) adapters.push_back("");
   std::printf("%-12s %7s %8s %8s %10s %10s %10s %10s %10s %8s\n", "model", "streams", "requests", "tokens",
               "tokens/s", "ttft p50", "ttft p99", "tpot p50", "tpot p99", "failed");
   int failures = 0;
   for (int streams : stream_counts) {
-    const RunResult r = Run(*stub, model, streams, *requests, *max_tokens, prompt, *deadline);
+    const RunResult r = Run(*stub, model, adapters, streams, *requests, *max_tokens, prompt, *deadline);
     failures += r.failures;
     std::printf("%-12s %7d %8d %8lld %10.1f %8.1fms %8.1fms %8.1fms %8.1fms %8d\n", label.c_str(), streams, r.requests,
                 static_cast<long long>(r.tokens), static_cast<double>(r.tokens) / r.seconds,

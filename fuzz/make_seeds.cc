@@ -10,6 +10,7 @@
 
 #include "core/formats/parsers.h"
 #include "core/model/synthetic.h"
+#include "core/lora/lora.h"
 #include "fuzz/seed_config.h"
 
 namespace {
@@ -138,5 +139,26 @@ int main(int argc, char** argv) {
     tok.insert(tok.end(), v.tokens[i].begin(), v.tokens[i].end());
   }
   Write(out / "tokenizer" / "small.bin", tok);
+  // lora: byte 0 even + a GGUF LoRA; byte 0 odd + 2 bytes of config length + adapter_config.json + safetensors.
+  const ModelConfig lora_base = fuzz::SeedConfig();
+  for (int rank : {1, 4}) {
+    auto a = lora::MakeRandomAdapter(lora_base, {lora::LoraTarget::kAttnQ, lora::LoraTarget::kAttnK, lora::LoraTarget::kAttnV,
+                                         lora::LoraTarget::kAttnOutput, lora::LoraTarget::kFfnGate,
+                                         lora::LoraTarget::kFfnUp, lora::LoraTarget::kFfnDown},
+                                     rank, 2.0f * rank, 7);
+    if (!check(a, "lora")) continue;
+    if (auto g = lora::SerializeGgufAdapter(*a); check(g, "lora gguf")) {
+      std::vector<uint8_t> seed = {0};
+      seed.insert(seed.end(), g->begin(), g->end());
+      Write(out / "lora" / ("r" + std::to_string(rank) + ".gguf"), seed);
+    }
+    if (auto p = lora::SerializePeftAdapter(*a, lora_base); check(p, "lora peft")) {
+      std::vector<uint8_t> seed = {1, static_cast<uint8_t>(p->config_json.size() & 0xff),
+                                   static_cast<uint8_t>(p->config_json.size() >> 8)};
+      seed.insert(seed.end(), p->config_json.begin(), p->config_json.end());
+      seed.insert(seed.end(), p->safetensors.begin(), p->safetensors.end());
+      Write(out / "lora" / ("r" + std::to_string(rank) + ".peft"), seed);
+    }
+  }
   return fails == 0 ? 0 : 1;
 }

@@ -125,6 +125,7 @@ absl::Status Engine::Validate(const GenerationRequest& r) const {
     return absl::InvalidArgumentError(
         absl::StrCat("prompt of ", r.prompt.size(), " tokens exceeds the context of ", context_));
   }
+  if (r.adapter != nullptr) QF_RETURN_IF_ERROR(lora::CheckAdapterFits(*r.adapter, model_->config));
   if (r.max_tokens < 1 || r.max_tokens > context_) {
     return absl::InvalidArgumentError(absl::StrCat("max_tokens ", r.max_tokens, " outside [1, ", context_, "]"));
   }
@@ -244,7 +245,7 @@ void Engine::Step() {
   int sequences = 0;
   for (auto& r : running_) {
     if (r->finished || r->pending_token < 0) continue;
-    batch_.push_back(BatchToken{r->cache.get(), r->pending_token, r->next_pos, true});
+    batch_.push_back(BatchToken{r->cache.get(), r->pending_token, r->next_pos, true, r->request.adapter.get()});
     logits_owners_.push_back(r.get());
     r->pending_token = -1;
     ++r->next_pos;
@@ -258,7 +259,7 @@ void Engine::Step() {
     for (int k = 0; k < piece; ++k) {
       const int pos = r->prefilled + k;
       const bool last = pos == r->prompt_len() - 1;
-      batch_.push_back(BatchToken{r->cache.get(), r->request.prompt[pos], pos, last});
+      batch_.push_back(BatchToken{r->cache.get(), r->request.prompt[pos], pos, last, r->request.adapter.get()});
       if (last) logits_owners_.push_back(r.get());
     }
     r->prefilled += piece;

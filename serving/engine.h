@@ -23,6 +23,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/lora/lora.h"
 #include "core/model/model.h"
 #include "core/runtime/sampler.h"
 #include "core/runtime/transformer.h"
@@ -68,6 +69,10 @@ struct GenerationRequest {
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
   // -1: no log-probabilities; 0 ..= kMaxTopLogprobs: every generated token's, with that many alternatives.
   int logprobs = -1;
+  // The LoRA adapter this request's tokens apply (nullptr: the base model). Requests on different adapters and
+  // on none share every step's batch; each token row adds its own adapter's update (core/runtime), so the tokens
+  // equal those of the request alone. Held until the request finishes, so unloading an adapter never cuts one.
+  std::shared_ptr<const lora::LoraAdapter> adapter = nullptr;
 };
 
 enum class FinishReason { kLength, kStop, kEos, kContextFull, kCancelled, kDeadline, kError };
@@ -135,7 +140,8 @@ class Engine {
 
   // Queues a request; it joins the running batch at a following step. Thread-safe. INVALID_ARGUMENT for an
   // empty prompt, one longer than the context, max_tokens outside [1, context], a bad token id, a
-  // non-finite sampler option, logprobs outside [-1, kMaxTopLogprobs], bad stop strings (empty, too many, too long, or without a tokenizer), or no
+  // non-finite sampler option, logprobs outside [-1, kMaxTopLogprobs], an adapter built for another model's shape
+  // (UNIMPLEMENTED: FFN adapters on MoE), bad stop strings (empty, too many, too long, or without a tokenizer), or no
   // callback; RESOURCE_EXHAUSTED when max_queue requests are already waiting; UNAVAILABLE after Shutdown.
   absl::StatusOr<std::shared_ptr<RequestHandle>> Submit(GenerationRequest request, EventCallback on_event);
 

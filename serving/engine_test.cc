@@ -283,6 +283,74 @@ INSTANTIATE_TEST_SUITE_P(Batches, EngineConcurrencyTest,
                                            ConcurrencyCase{"Q8_0AllTogether", "q8_0", 8}),
                          [](const auto& info) { return std::string(info.param.name); });
 
+// Requests on two LoRA adapters and on none, all in flight together (prompts prefilled beside the others' decode
+// steps): each gets exactly the tokens it gets alone, and the adapters change what is generated.
+TEST(Engine, RequestsOnDifferentAdaptersShareTheBatchAndEqualThemselvesAlone) {
+  const TestModel tm = TinyWithVocab(53, "q8_0");
+  const ModelConfig& c = tm.model->config;
+  const int vocab = c.vocab_size;
+  using lora::LoraTarget;
+  auto first = lora::MakeRandomAdapter(c, {LoraTarget::kAttnQ, LoraTarget::kAttnV, LoraTarget::kFfnUp}, 4, 8, 1, 0.1f);
+  auto second = lora::MakeRandomAdapter(c, {LoraTarget::kAttnK, LoraTarget::kAttnOutput, LoraTarget::kFfnDown}, 8,
+                                        16, 2, 0.1f);
+  ASSERT_TRUE(first.ok() && second.ok());
+  const std::vector<std::shared_ptr<const lora::LoraAdapter>> adapters = {
+      std::make_shared<const lora::LoraAdapter>(*std::move(first)),
+      std::make_shared<const lora::LoraAdapter>(*std::move(second)), nullptr};
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 9; ++i) {
+    SamplerOptions sampler = i % 2 == 0 ? SamplerOptions{.temperature = 0.0f}
+                                        : SamplerOptions{.temperature = 0.9f, .seed = 500u + i};
+    // Requests 0..2 share a prompt and sampler, differing only in the adapter.
+    requests.push_back({.prompt = Prompt(i < 3 ? 5 : 3 + 2 * i, i < 3 ? 77 : 20 + i, vocab), .max_tokens = 24,
+                        .sampler = i < 3 ? SamplerOptions{.temperature = 0.0f} : sampler, .stop_at_eos = false,
+                        .adapter = adapters[i % 3]});
+  }
+  auto engine = MakeEngine(tm, {.threads = 2, .max_running = 9, .max_prefill_tokens_per_step = 8});
+  ASSERT_NE(engine, nullptr);
+  std::vector<std::vector<int>> alone;
+  for (const GenerationRequest& r : requests) {
+    Stream s;
+    ASSERT_TRUE(engine->Submit(r, s.Callback()).ok());
+    s.WaitDone();
+    alone.push_back(s.tokens());
+  }
+  EXPECT_NE(alone[0], alone[2]);
+  EXPECT_NE(alone[1], alone[2]);
+  EXPECT_NE(alone[0], alone[1]);
+  std::atomic<int> max_sequences{0};
+  EngineOptions o{.threads = 2, .max_running = 9, .max_prefill_tokens_per_step = 8};
+  o.on_step = [&](int sequences, int, double) { max_sequences = std::max(max_sequences.load(), sequences); };
+  auto batched = MakeEngine(tm, o);
+  Latch all_submitted;
+  std::vector<std::unique_ptr<Stream>> streams;
+  for (size_t i = 0; i < requests.size(); ++i) streams.push_back(std::make_unique<Stream>());
+  ASSERT_TRUE(batched->Submit(requests[0], streams[0]->Callback([&](const StreamEvent&, int index) {
+                                if (index == 0) all_submitted.Wait();
+                                return true;
+                              })).ok());
+  for (size_t i = 1; i < requests.size(); ++i) ASSERT_TRUE(batched->Submit(requests[i], streams[i]->Callback()).ok());
+  all_submitted.Open();
+  for (size_t i = 0; i < requests.size(); ++i) {
+    streams[i]->WaitDone();
+    EXPECT_EQ(streams[i]->tokens(), alone[i]) << "request " << i;
+  }
+  EXPECT_GT(max_sequences.load(), 3);
+}
+
+TEST(Engine, RejectsAdapterOfAnotherModel) {
+  const TestModel tm = TinyWithVocab();
+  ModelConfig other = tm.model->config;
+  other.dim *= 2;
+  auto wrong = lora::MakeRandomAdapter(other, {lora::LoraTarget::kAttnQ}, 4, 8, 1);
+  ASSERT_TRUE(wrong.ok());
+  auto engine = MakeEngine(tm, {.threads = 1});
+  GenerationRequest r{.prompt = Prompt(3, 1, tm.model->config.vocab_size), .max_tokens = 4,
+                      .adapter = std::make_shared<const lora::LoraAdapter>(*std::move(wrong))};
+  auto h = engine->Submit(r, [](const StreamEvent&) { return true; });
+  EXPECT_EQ(h.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // Byte offset of the UTF-8 character boundary at or after i.
 size_t Boundary(const std::string& s, size_t i) {
   while (i < s.size() && (static_cast<unsigned char>(s[i]) & 0xC0) == 0x80) ++i;

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/formats/formats.h"
+#include "core/lora/lora.h"
 #include "core/model/ggml_types.h"
 #include "gtest/gtest.h"
 
@@ -89,6 +90,28 @@ TEST(Cli, InspectStories) {
   EXPECT_TRUE(absl::StrContains(r.out, "dim=64 hidden=172 layers=5 heads=8 kv_heads=4 vocab=512 seq_len=512"))
       << r.out;
   EXPECT_TRUE(absl::StrContains(r.out, "tied-classifier")) << r.out;
+}
+
+TEST(Cli, MakeLoraWritesAdaptersTheServerCanRead) {
+  if (!HaveStories()) GTEST_SKIP() << kStories << " not present";
+  const std::string dir = absl::StrCat(::testing::TempDir(), "/qforge_cli_lora_", getpid());
+  Result g = RunQforge("make-lora " + kStories + " " + dir + "/a.gguf --rank 4 --targets q,v,down");
+  ASSERT_EQ(g.exit_code, 0) << g.err;
+  EXPECT_TRUE(absl::StrContains(g.out, "15 matrices, rank 4")) << g.out;  // 3 targets x 5 layers
+  Result p = RunQforge("make-lora " + kStories + " " + dir + "/peft --rank 2");
+  ASSERT_EQ(p.exit_code, 0) << p.err;
+  auto base = qforge::formats::LoadModel(kStories);
+  ASSERT_TRUE(base.ok());
+  auto a = qforge::lora::LoadAdapter(dir + "/a.gguf", base->config);
+  ASSERT_TRUE(a.ok()) << a.status();
+  EXPECT_EQ(a->matrices.size(), 15u);
+  EXPECT_EQ(a->format, "gguf");
+  auto peft = qforge::lora::LoadAdapter(dir + "/peft", base->config);
+  ASSERT_TRUE(peft.ok()) << peft.status();
+  EXPECT_EQ(peft->matrices.size(), 35u);
+  EXPECT_EQ(peft->max_rank(), 2);
+  ExpectOneLineError(RunQforge("make-lora " + kStories + " " + dir + "/x.gguf --targets q,lm_head"), 2, "lm_head");
+  std::filesystem::remove_all(dir);
 }
 
 TEST(Cli, QuantizeInspectEvalGenerate) {

@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/kernels/kernels.h"
+#include "core/kernels/lora_delta.h"
 #include "core/kernels/qmoe.h"
 #include "core/kernels/quip.h"
 #include "core/runtime/ops.h"
@@ -205,6 +206,7 @@ absl::Status Transformer::ValidateBatch(std::span<const BatchToken> tokens, cons
   if (tokens.empty()) return absl::InvalidArgumentError("ForwardBatch: no tokens");
   // Next expected position of each cache seen so far.
   absl::flat_hash_map<const KvCache*, int> next_pos;
+  const lora::LoraAdapter* checked_adapter = nullptr;  // consecutive tokens mostly share one: check it once
   for (size_t i = 0; i < tokens.size(); ++i) {
     const BatchToken& b = tokens[i];
     if (b.cache == nullptr) return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, ": null cache"));
@@ -226,6 +228,12 @@ absl::Status Transformer::ValidateBatch(std::span<const BatchToken> tokens, cons
       return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, " wants logits but logits_out is null"));
     }
     if (b.pos < 0) return absl::InvalidArgumentError(absl::StrCat("ForwardBatch: token ", i, ": position ", b.pos));
+    if (b.adapter != nullptr && b.adapter != checked_adapter) {
+      if (absl::Status s = lora::CheckAdapterFits(*b.adapter, c); !s.ok()) {
+        return absl::Status(s.code(), absl::StrCat("ForwardBatch: token ", i, ": ", s.message()));
+      }
+      checked_adapter = b.adapter;
+    }
     auto [it, first] = next_pos.try_emplace(b.cache, b.pos + 1);
     if (first) {
       if (b.pos > b.cache->positions()) {
@@ -289,6 +297,12 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
     QF_RETURN_IF_ERROR(MatMul(*L.wq, xb_.data(), n, q_.data(), dim));
     QF_RETURN_IF_ERROR(MatMul(*L.wk, xb_.data(), n, k_.data(), kv_dim, /*same_input=*/true));
     QF_RETURN_IF_ERROR(MatMul(*L.wv, xb_.data(), n, v_.data(), kv_dim, /*same_input=*/true));
+    // Adapter updates land before RoPE: they are part of the projection (q/k B rows are in this runtime's order).
+    QF_RETURN_IF_ERROR(AddAdapterDeltas(tokens, l,
+                                        {{lora::LoraTarget::kAttnQ, q_.data(), dim},
+                                         {lora::LoraTarget::kAttnK, k_.data(), kv_dim},
+                                         {lora::LoraTarget::kAttnV, v_.data(), kv_dim}},
+                                        xb_.data(), dim));
     // Rotate, then file each token's key and value under its own sequence and position. All of them land
     // before any attention runs, so a token sees the earlier tokens of its sequence in the same chunk.
     for (int t = 0; t < n; ++t) {
@@ -319,10 +333,11 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
       }
     });
     QF_RETURN_IF_ERROR(MatMul(*L.wo, xb_.data(), n, xb2_.data(), dim));
+    QF_RETURN_IF_ERROR(AddAdapterDeltas(tokens, l, {{lora::LoraTarget::kAttnOutput, xb2_.data(), dim}}, xb_.data(), dim));
     runtime_ops::AddInPlace(x_.data(), xb2_.data(), n * dim);
 
     for (int t = 0; t < n; ++t) runtime_ops::RmsNorm(&x_[t * dim], L.ffn_norm.data(), dim, c.norm_eps, &xb_[t * dim]);
-    QF_RETURN_IF_ERROR(c.is_moe() ? MoeFfn(L, n) : DenseFfn(L, n));
+    QF_RETURN_IF_ERROR(c.is_moe() ? MoeFfn(L, n) : DenseFfn(tokens, l, L, n));
     runtime_ops::AddInPlace(x_.data(), xb2_.data(), n * dim);
   }
 
@@ -337,12 +352,65 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
   return MatMul(*classifier_, xb_.data(), wanted, logits_out, c.vocab_size);
 }
 
-absl::Status Transformer::DenseFfn(const Layer& L, int n) {
+absl::Status Transformer::AddAdapterDeltas(std::span<const BatchToken> tokens, int layer,
+                                           std::initializer_list<AdapterOutput> outputs, const float* x, int64_t in) {
+  // The tokens that adapt these linears, grouped by matrix (token order within a group), cut into pieces of at
+  // most kPiece tokens: each piece reads its adapter's A and B once for all its tokens. The linears given together
+  // share their input and go through one ParallelFor (one wake-up of the pool, not one per linear).
+  constexpr int kPiece = 16;
+  adapter_rows_.clear();
+  for (size_t o = 0; o < outputs.size(); ++o) {
+    const AdapterOutput& out = outputs.begin()[o];
+    for (size_t t = 0; t < tokens.size(); ++t) {
+      if (tokens[t].adapter == nullptr) continue;
+      if (const lora::LoraMatrix* m = tokens[t].adapter->Find(layer, out.target)) {
+        adapter_rows_.push_back({m, static_cast<int>(t), static_cast<int>(o)});
+      }
+    }
+  }
+  if (adapter_rows_.empty()) return absl::OkStatus();
+  std::stable_sort(adapter_rows_.begin(), adapter_rows_.end(),
+                   [](const AdapterRow& p, const AdapterRow& q) { return std::less<>()(p.matrix, q.matrix); });
+  adapter_pieces_.clear();
+  for (size_t i = 0; i < adapter_rows_.size();) {
+    size_t j = i + 1;
+    while (j < adapter_rows_.size() && j - i < kPiece && adapter_rows_[j].matrix == adapter_rows_[i].matrix) ++j;
+    adapter_pieces_.push_back({i, j});
+    i = j;
+  }
+  // A token's update does not depend on which piece it is in or what else is there (lora_delta.h), so the
+  // grouping keeps batch invariance.
+  pool_.ParallelFor(static_cast<int64_t>(adapter_pieces_.size()), 1, [&](int64_t begin, int64_t end) {
+    const float* x_rows[kPiece];
+    float* y_rows[kPiece];
+    std::vector<float> u;
+    for (int64_t p = begin; p < end; ++p) {
+      const auto [first, last] = adapter_pieces_[p];
+      const lora::LoraMatrix& m = *adapter_rows_[first].matrix;
+      const AdapterOutput& out = outputs.begin()[adapter_rows_[first].output];
+      const int n = static_cast<int>(last - first);
+      for (int i = 0; i < n; ++i) {
+        const int64_t t = adapter_rows_[first + i].token;
+        x_rows[i] = x + t * in;
+        y_rows[i] = out.y + t * out.y_stride;
+      }
+      u.resize(static_cast<size_t>(n) * m.rank);
+      kernels::AddLoraDelta(m.a.data(), m.b_t.data(), m.rank, in, m.out, m.scale, x_rows, y_rows, n, u.data());
+    }
+  });
+  return absl::OkStatus();
+}
+
+absl::Status Transformer::DenseFfn(std::span<const BatchToken> tokens, int layer, const Layer& L, int n) {
   const int dim = model_->config.dim, hidden = model_->config.hidden_dim;
   QF_RETURN_IF_ERROR(MatMul(*L.gate, xb_.data(), n, hb_.data(), hidden));
   QF_RETURN_IF_ERROR(MatMul(*L.up, xb_.data(), n, hb2_.data(), hidden, /*same_input=*/true));
+  QF_RETURN_IF_ERROR(AddAdapterDeltas(
+      tokens, layer, {{lora::LoraTarget::kFfnGate, hb_.data(), hidden}, {lora::LoraTarget::kFfnUp, hb2_.data(), hidden}},
+      xb_.data(), dim));
   runtime_ops::SwiGlu(hb_.data(), hb2_.data(), n * hidden);
-  return MatMul(*L.down, hb_.data(), n, xb2_.data(), dim);
+  QF_RETURN_IF_ERROR(MatMul(*L.down, hb_.data(), n, xb2_.data(), dim));
+  return AddAdapterDeltas(tokens, layer, {{lora::LoraTarget::kFfnDown, xb2_.data(), dim}}, hb_.data(), hidden);
 }
 
 absl::Status Transformer::MoeFfn(const Layer& L, int n) {

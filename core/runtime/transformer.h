@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <memory>
 #include <span>
 #include <string>
@@ -16,6 +17,7 @@
 #include "absl/status/statusor.h"
 #include "core/base/thread_pool.h"
 #include "core/kernels/kernels.h"
+#include "core/lora/lora.h"
 #include "core/model/model.h"
 
 namespace qforge {
@@ -74,12 +76,16 @@ class KvCache {
   std::unique_ptr<float[]> keys_, values_;
 };
 
-// One token of one sequence in ForwardBatch: its cache, id and position, and whether its logits are wanted.
+// One token of one sequence in ForwardBatch: its cache, id and position, whether its logits are wanted, and the
+// LoRA adapter its linears add (nullptr: the base model alone). Tokens of different adapters, and tokens without
+// one, share a batch: every matmul runs once over all of them, then each token row adds its own adapter's
+// scale · B (A x) in fp32 (core/kernels/lora_delta.h). The adapter must outlive the call.
 struct BatchToken {
   KvCache* cache = nullptr;
   int token = 0;
   int pos = 0;
   bool want_logits = false;
+  const lora::LoraAdapter* adapter = nullptr;
 };
 
 // Not thread-safe: one call at a time. Many sequences share one Transformer through ForwardBatch, each with
@@ -108,7 +114,8 @@ class Transformer {
   // order (may be nullptr when none wants logits).
   // Errors, checked before anything is computed (nothing changes then): INVALID_ARGUMENT for an empty span,
   // a null cache, a cache of another shape or longer than max_seq_len(), a bad token id, a negative or
-  // non-consecutive position, or wanted logits with a null logits_out; FAILED_PRECONDITION for a first
+  // non-consecutive position, wanted logits with a null logits_out, or an adapter built for another model's
+  // shape (lora::CheckAdapterFits; UNIMPLEMENTED for FFN adapters on MoE); FAILED_PRECONDITION for a first
   // position past cache->positions(); OUT_OF_RANGE for a position at or past cache->capacity().
   absl::Status ForwardBatch(std::span<const BatchToken> tokens, float* logits_out);
 
@@ -146,7 +153,17 @@ class Transformer {
   // MatMul's input, unchanged since (its quantized form is reused when the formats agree).
   absl::Status MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride, bool same_input = false);
   // The FFN half of a layer over n tokens: xb_ (normalised input) -> xb2_.
-  absl::Status DenseFfn(const Layer& L, int n);
+  // One adapted linear's output: token t's row is y + t * y_stride.
+  struct AdapterOutput {
+    lora::LoraTarget target;
+    float* y;
+    int64_t y_stride;
+  };
+  // Adds each token's adapter update for (layer, target) to its row of each output, for linears that share the
+  // input x (tokens.size() rows of `in` floats). Nothing to do, and no cost, when no token has an adapter for them.
+  absl::Status AddAdapterDeltas(std::span<const BatchToken> tokens, int layer,
+                                std::initializer_list<AdapterOutput> outputs, const float* x, int64_t in);
+  absl::Status DenseFfn(std::span<const BatchToken> tokens, int layer, const Layer& L, int n);
   absl::Status MoeFfn(const Layer& L, int n);
 
   std::shared_ptr<const Model> model_;
@@ -172,6 +189,14 @@ class Transformer {
   std::vector<float> router_probs_, route_weight_, expert_x_, expert_out_;
   std::vector<int> route_expert_, expert_rows_;
   kernels::MatMulInput input_;  // the current matmul's activations, prepared once for every row range
+  // AddAdapterDeltas' scratch: the (matrix, token) pairs of one linear, and their pieces [first, last).
+  struct AdapterRow {
+    const lora::LoraMatrix* matrix;
+    int token;
+    int output;  // index into AddAdapterDeltas' outputs
+  };
+  std::vector<AdapterRow> adapter_rows_;
+  std::vector<std::pair<size_t, size_t>> adapter_pieces_;
   // kQuip matrices' regenerated rotations, built on first use (core/kernels/quip.h).
   std::unordered_map<const Tensor*, std::shared_ptr<const kernels::QuipTransform>> quip_;
 };

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdio>
 #include <functional>
+#include <filesystem>
+#include <fstream>
 #include <map>
 
 #include "absl/status/status.h"
@@ -11,10 +13,12 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "core/base/status_macros.h"
 #include "core/base/half.h"
 #include "core/formats/formats.h"
 #include "core/kernels/kernels.h"
+#include "core/lora/lora.h"
 #include "core/model/synthetic.h"
 #include "services/cli/flags.h"
 #include "services/cli/internal.h"
@@ -137,6 +141,55 @@ absl::Status MakeSynthetic(const std::vector<std::string>& args, std::ostream& o
   return absl::OkStatus();
 }
 
+// A random LoRA adapter for BASE's shape: a GGUF LoRA (OUT.gguf) or a PEFT directory (anything else). For tests,
+// benchmarks and trying the server's /v1/adapters without a trained adapter.
+absl::Status MakeLora(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"rank", "alpha", "seed", "targets", "amplitude"}, {}));
+  QF_RETURN_IF_ERROR(NeedPositional(f, 2, "qforge make-lora BASE OUT.gguf|OUT_DIR [--rank R] [--alpha A] [--seed S] "
+                                          "[--targets q,k,v,o,gate,up,down] [--amplitude X]"));
+  QF_ASSIGN_OR_RETURN(Model base, formats::LoadModel(f.positional()[0]));
+  QF_ASSIGN_OR_RETURN(int rank, f.GetInt("rank", 8, 1, 4096));
+  QF_ASSIGN_OR_RETURN(double alpha, f.GetDouble("alpha", 2.0 * rank, 0, 1e6));
+  QF_ASSIGN_OR_RETURN(double amplitude, f.GetDouble("amplitude", 0.05, 0, 100));
+  QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("seed", 1));
+  std::vector<lora::LoraTarget> targets;
+  const std::map<std::string, lora::LoraTarget> by_name = {
+      {"q", lora::LoraTarget::kAttnQ},       {"k", lora::LoraTarget::kAttnK},     {"v", lora::LoraTarget::kAttnV},
+      {"o", lora::LoraTarget::kAttnOutput},  {"gate", lora::LoraTarget::kFfnGate}, {"up", lora::LoraTarget::kFfnUp},
+      {"down", lora::LoraTarget::kFfnDown}};
+  for (absl::string_view t : absl::StrSplit(f.Get("targets", "q,k,v,o,gate,up,down"), ',', absl::SkipEmpty())) {
+    auto it = by_name.find(std::string(t));
+    if (it == by_name.end()) return UsageError(absl::StrCat("--targets: unknown '", t, "' (q,k,v,o,gate,up,down)"));
+    targets.push_back(it->second);
+  }
+  QF_ASSIGN_OR_RETURN(lora::LoraAdapter a, lora::MakeRandomAdapter(base.config, targets, rank, static_cast<float>(alpha),
+                                                                   seed, static_cast<float>(amplitude)));
+  const std::string& path = f.positional()[1];
+  auto write = [](const std::string& p, const void* data, size_t n) -> absl::Status {
+    std::ofstream o(p, std::ios::binary);
+    o.write(static_cast<const char*>(data), static_cast<std::streamsize>(n));
+    return o ? absl::OkStatus() : absl::InternalError(absl::StrCat("cannot write ", p));
+  };
+  if (absl::EndsWith(path, ".gguf")) {
+    if (const std::filesystem::path parent = std::filesystem::path(path).parent_path(); !parent.empty()) {
+      std::error_code ec;
+      std::filesystem::create_directories(parent, ec);
+    }
+    QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, lora::SerializeGgufAdapter(a));
+    QF_RETURN_IF_ERROR(write(path, bytes.data(), bytes.size()));
+  } else {
+    QF_ASSIGN_OR_RETURN(lora::PeftFiles files, lora::SerializePeftAdapter(a, base.config));
+    std::error_code ec;
+    std::filesystem::create_directories(path, ec);
+    if (ec) return absl::InternalError(absl::StrCat("cannot create ", path, ": ", ec.message()));
+    QF_RETURN_IF_ERROR(write(path + "/adapter_model.safetensors", files.safetensors.data(), files.safetensors.size()));
+    QF_RETURN_IF_ERROR(write(path + "/adapter_config.json", files.config_json.data(), files.config_json.size()));
+  }
+  out << "wrote " << path << ": " << a.matrices.size() << " matrices, rank " << rank << ", " << a.bytes()
+      << " bytes\n";
+  return absl::OkStatus();
+}
+
 // Every tensor of A and B (by name, same shapes, any encodings) decoded to fp32 and compared bit for bit: checks
 // that two files hold the same numbers, e.g. a quantized GGUF against llama.cpp's dequantization of it.
 absl::Status Compare(const std::vector<std::string>& args, std::ostream& out) {
@@ -224,6 +277,10 @@ const std::vector<Command>& Commands() {
        "make-synthetic OUT [--dim ...] [--experts N --experts-used K]: write a random Llama (or Mixture-of-Experts) "
        "model (tests, benchmarks)",
        MakeSynthetic},
+      {"make-lora",
+       "make-lora BASE OUT.gguf|OUT_DIR [--rank R] [--alpha A] [--seed S] [--targets q,k,v,o,gate,up,down] "
+       "[--amplitude X]: write a random LoRA adapter for BASE (GGUF LoRA, or a PEFT directory)",
+       MakeLora},
       {"up",
        "up [--store DIR] [--listen HOST:PORT] [--workers N] [--threads N] [--allowed-roots DIR,...] "
        "[--serve-grpc HOST:PORT] [--serve-http HOST:PORT | --no-serve]: run scheduler, store, workers and the "

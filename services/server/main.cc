@@ -19,7 +19,7 @@ constexpr char kUsage[] =
     "usage: qforge-server [--grpc HOST:PORT] [--http HOST:PORT] [--scheduler HOST:PORT]\n"
     "                     [--model NAME=PATH[,NAME=PATH...]] [--tokenizer FILE] [--memory-budget-mib N]\n"
     "                     [--threads N] [--max-running N] [--max-queue N] [--context N]\n"
-    "                     [--estimate-watts W] [--price-per-gib-hour P] [--port-file FILE]\n"
+    "                     [--estimate-watts W] [--price-per-gib-hour P] [--port-file FILE] [--adapter-root DIR]\n"
     "  --grpc             InferenceService, grpc.health.v1 and reflection (default 127.0.0.1:7701)\n"
     "  --http             /v1/completions and /v1/chat/completions (OpenAI), /v1/models, /tokenize,\n"
     "                     /detokenize, /health, /healthz, /metrics (default 127.0.0.1:7702)\n"
@@ -30,6 +30,7 @@ constexpr char kUsage[] =
     "                     RESOURCE_EXHAUSTED\n"
     "  --estimate-watts   power assumed while computing where RAPL / NVML cannot be read\n"
     "  --price-per-gib-hour  memory price for the cost metrics\n"
+    "  --adapter-root     POST /v1/adapters reads LoRA adapters (GGUF, PEFT directories) only under DIR\n"
     "  --port-file        write \"GRPC_PORT HTTP_PORT\" once serving (scripts and tests)\n";
 
 int Fail(absl::string_view message, int code) { return qforge::cli::PrintError("qforge-server", message, code); }
@@ -45,7 +46,7 @@ int main(int argc, char** argv) {
   auto flags = qforge::cli::Flags::Parse(args,
                                          {"grpc", "http", "scheduler", "model", "tokenizer", "memory-budget-mib",
                                           "threads", "max-running", "max-queue", "context", "estimate-watts",
-                                          "price-per-gib-hour", "port-file"},
+                                          "price-per-gib-hour", "port-file", "adapter-root"},
                                          {});
   if (!flags.ok()) return Fail(flags.status().message(), 2);
   if (!flags->positional().empty()) return Fail("unexpected argument '" + flags->positional()[0] + "'", 2);
@@ -71,6 +72,7 @@ int main(int argc, char** argv) {
   options.registry.engine.max_running = *running;
   options.registry.engine.max_queue = *queue;
   options.registry.engine.context = *context;
+  options.registry.adapter_root = flags->Get("adapter-root");
   options.estimate_watts = *watts;
   options.price_per_gib_hour = *price;
 

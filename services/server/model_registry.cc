@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
@@ -224,6 +227,83 @@ absl::Status ModelRegistry::Unload(const std::string& name, const std::string& v
   }
   if (it->second.empty()) models_.erase(it);
   return absl::OkStatus();
+}
+
+absl::StatusOr<LoadedAdapter> ModelRegistry::LoadAdapter(const std::string& model_ref, const std::string& adapter_name,
+                                                        const std::string& path) {
+  namespace fs = std::filesystem;
+  if (adapter_name.empty() || adapter_name.size() > 64 ||
+      !std::all_of(adapter_name.begin(), adapter_name.end(), [](char ch) {
+        return absl::ascii_isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '_' || ch == '-';
+      })) {
+    return absl::InvalidArgumentError("name: 1 to 64 characters of [A-Za-z0-9._-]");
+  }
+  if (options_.adapter_root.empty()) {
+    return absl::FailedPreconditionError("adapters: this server was started without --adapter-root");
+  }
+  if (path.empty()) return absl::InvalidArgumentError("path: required");
+  // The resolved path (symlinks followed) must stay under the resolved root.
+  std::error_code ec;
+  const fs::path root = fs::weakly_canonical(options_.adapter_root, ec);
+  if (ec) return absl::FailedPreconditionError(absl::StrCat("--adapter-root ", options_.adapter_root, ": ", ec.message()));
+  const fs::path full = fs::weakly_canonical(fs::path(path).is_absolute() ? fs::path(path) : root / path, ec);
+  const auto [root_end, full_it] = std::mismatch(root.begin(), root.end(), full.begin(), full.end());
+  if (ec || root_end != root.end()) {
+    return absl::PermissionDeniedError(absl::StrCat("path: ", path, " is outside the adapter root"));
+  }
+  QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> m, Get(model_ref, ""));
+  {
+    std::lock_guard<std::mutex> l(m->adapters_mu);
+    if (m->adapters.contains(adapter_name)) {
+      return absl::AlreadyExistsError(absl::StrCat("adapter ", adapter_name, " is already loaded for ", m->ref()));
+    }
+  }
+  auto parsed = lora::LoadAdapter(full.string(), m->model->config);
+  if (!parsed.ok()) {
+    // Name the request's path, not the resolved one: the client need not learn the server's layout.
+    std::string message(parsed.status().message());
+    if (absl::StartsWith(message, full.string())) message = path + message.substr(full.string().size());
+    return absl::Status(parsed.status().code(), absl::StrCat("path: ", message));
+  }
+  LoadedAdapter a{adapter_name, path, std::make_shared<const lora::LoraAdapter>(*std::move(parsed))};
+  std::lock_guard<std::mutex> l(m->adapters_mu);
+  if (!m->adapters.emplace(adapter_name, a).second) {
+    return absl::AlreadyExistsError(absl::StrCat("adapter ", adapter_name, " is already loaded for ", m->ref()));
+  }
+  return a;
+}
+
+absl::Status ModelRegistry::UnloadAdapter(const std::string& model_ref, const std::string& adapter_name) {
+  std::vector<std::shared_ptr<LoadedModel>> candidates;
+  if (!model_ref.empty()) {
+    QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> m, Get(model_ref, ""));
+    candidates.push_back(std::move(m));
+  } else {
+    candidates = List();
+  }
+  std::vector<LoadedModel*> holders;
+  for (const auto& m : candidates) {
+    std::lock_guard<std::mutex> l(m->adapters_mu);
+    if (m->adapters.contains(adapter_name)) holders.push_back(m.get());
+  }
+  if (holders.empty()) return absl::NotFoundError(absl::StrCat("adapter ", adapter_name, " is not loaded"));
+  if (holders.size() > 1) {
+    return absl::InvalidArgumentError(absl::StrCat("model: required, ", holders.size(), " models have an adapter ",
+                                                   adapter_name));
+  }
+  std::lock_guard<std::mutex> l(holders[0]->adapters_mu);
+  holders[0]->adapters.erase(adapter_name);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const lora::LoraAdapter>> ModelRegistry::FindAdapter(const LoadedModel& m,
+                                                                                   const std::string& adapter_name) {
+  std::lock_guard<std::mutex> l(m.adapters_mu);
+  auto it = m.adapters.find(adapter_name);
+  if (it == m.adapters.end()) {
+    return absl::NotFoundError(absl::StrCat("adapter: ", adapter_name, " is not loaded for ", m.ref()));
+  }
+  return it->second.adapter;
 }
 
 std::vector<std::shared_ptr<LoadedModel>> ModelRegistry::List() const {

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/lora/lora.h"
 #include "core/model/model.h"
 #include "core/tokenizer/tokenizer.h"
 #include "serving/chat_template/chat_template.h"
@@ -25,6 +26,13 @@ namespace qforge::server {
 
 // A loaded model's version number: positive for store versions, kFileVersion for a model read from a file.
 inline constexpr uint64_t kFileVersion = 0;
+
+// A LoRA adapter loaded beside a model (POST /v1/adapters): requests on that model name it in `adapter`.
+struct LoadedAdapter {
+  std::string name;
+  std::string path;  // as resolved under RegistryOptions::adapter_root
+  std::shared_ptr<const lora::LoraAdapter> adapter;
+};
 
 struct LoadedModel {
   std::string name;
@@ -46,6 +54,10 @@ struct LoadedModel {
   std::string bos_text, eos_text;  // the tokenizer's BOS / EOS pieces: the template's bos_token / eos_token
   std::atomic<int64_t> last_used_ms{0};
   std::chrono::steady_clock::time_point loaded_at;  // when it was installed (the cost metrics' time base)
+  // Its adapters by name. They go with the model when it is unloaded; a request holds its adapter's shared_ptr,
+  // so unloading an adapter never cuts a stream that uses it.
+  mutable std::mutex adapters_mu;
+  std::map<std::string, LoadedAdapter> adapters;  // guarded by adapters_mu
 
   std::string ref() const;  // "name@3", or "name@file"
 };
@@ -53,6 +65,9 @@ struct LoadedModel {
 struct RegistryOptions {
   uint64_t memory_budget_bytes = 0;  // weights of all loaded models together; 0 = no limit
   serving::EngineOptions engine;     // for every model's engine (its on_step is replaced by the one below)
+  // LoadAdapter reads files only under this directory (relative paths are taken from it); "" refuses every
+  // adapter load, so an HTTP client cannot make the server open arbitrary files.
+  std::string adapter_root;
   // Each engine step of each model: the model's ref, sequences and tokens in the batch, the step's seconds.
   std::function<void(const std::string& model_ref, int sequences, int tokens, double seconds)> on_step;
 };
@@ -75,6 +90,19 @@ class ModelRegistry {
   absl::StatusOr<std::shared_ptr<LoadedModel>> Get(const std::string& name, const std::string& version);
   absl::Status Unload(const std::string& name, const std::string& version);
   std::vector<std::shared_ptr<LoadedModel>> List() const;
+
+  // Reads a LoRA adapter (lora::LoadAdapter: a .gguf file or a PEFT directory) under adapter_root and attaches it
+  // to the model `model_ref` (name@version, as Get resolves it) as `adapter_name` ([A-Za-z0-9._-], 1..64 bytes).
+  // ALREADY_EXISTS when the model has an adapter of that name; FAILED_PRECONDITION without an adapter_root;
+  // PERMISSION_DENIED for a path outside it; the parser's errors otherwise.
+  absl::StatusOr<LoadedAdapter> LoadAdapter(const std::string& model_ref, const std::string& adapter_name,
+                                            const std::string& path);
+  // Detaches `adapter_name` from `model_ref`, or, when model_ref is "", from the one loaded model that has it
+  // (INVALID_ARGUMENT when several have). NOT_FOUND when none has.
+  absl::Status UnloadAdapter(const std::string& model_ref, const std::string& adapter_name);
+  // The adapter `adapter_name` of `m`; NOT_FOUND naming both when it has none of that name.
+  static absl::StatusOr<std::shared_ptr<const lora::LoraAdapter>> FindAdapter(const LoadedModel& m,
+                                                                              const std::string& adapter_name);
   uint64_t ResidentBytes() const;
 
  private:

@@ -11,6 +11,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "core/base/status_macros.h"
 #include "core/formats/json.h"
 #include "core/tokenizer/vocab_tokenizer.h"
@@ -44,6 +45,7 @@ struct GenerationParams {
   // When set, the prompt as token ids (starting with BOS) instead of `prompt` encoded (chat: control tokens
   // spelled by the template are parsed into their ids).
   std::vector<int> prompt_tokens;
+  std::shared_ptr<const lora::LoraAdapter> adapter;  // the request's LoRA adapter, or null for the base model
 };
 
 struct GenerationOutcome {
@@ -203,6 +205,7 @@ class InferenceServer::Impl {
     req.stop = p.stop;
     req.deadline = p.deadline;
     req.logprobs = p.logprobs;
+    req.adapter = p.adapter;
 
     // The engine thread hands events over; this thread writes them to the client, so a slow client never
     // stalls the batch.
@@ -298,6 +301,11 @@ class InferenceServer::Impl {
       p.top_p = req->top_p();
       p.seed = req->seed();
       p.stop.assign(req->stop().begin(), req->stop().end());
+      if (!req->adapter().empty()) {
+        auto adapter = ModelRegistry::FindAdapter(**lm, req->adapter());
+        if (!adapter.ok()) return rpc::ToGrpc(adapter.status());
+        p.adapter = *std::move(adapter);
+      }
       if (ctx->deadline() != std::chrono::system_clock::time_point::max()) {
         p.deadline = Clock::now() + (ctx->deadline() - std::chrono::system_clock::now());
       }
@@ -375,7 +383,9 @@ class InferenceServer::Impl {
       case absl::StatusCode::kInvalidArgument:
       case absl::StatusCode::kFailedPrecondition:
       case absl::StatusCode::kOutOfRange: return 400;
+      case absl::StatusCode::kPermissionDenied: return 403;
       case absl::StatusCode::kNotFound: return 404;
+      case absl::StatusCode::kAlreadyExists: return 409;
       case absl::StatusCode::kResourceExhausted: return 429;
       case absl::StatusCode::kUnavailable: return 503;
       case absl::StatusCode::kDeadlineExceeded: return 504;
@@ -399,6 +409,7 @@ class InferenceServer::Impl {
   // members are ignored, as OpenAI's API does.
   struct OpenAiRequest {
     std::string model;
+    std::string adapter;  // a LoRA adapter loaded for `model` (POST /v1/adapters); "" = the base model
     GenerationParams params;
     bool stream = false;
     bool include_usage_in_stream = false;  // stream_options.include_usage
@@ -410,6 +421,10 @@ class InferenceServer::Impl {
     const Json* model = json.Find("model");
     if (model == nullptr || !model->is_string()) return absl::InvalidArgumentError("model: required string");
     r->model = model->string_value();
+    if (const Json* v = json.Find("adapter"); v != nullptr && !v->is_null()) {
+      if (!v->is_string()) return absl::InvalidArgumentError("adapter: must be a string");
+      r->adapter = v->string_value();
+    }
     for (const char* name : {"max_tokens", "max_completion_tokens"}) {  // the chat API's newer name for it
       if (const Json* v = json.Find(name); v != nullptr && !v->is_null()) {
         if (!v->is_int() || v->int_value() < 0 || v->int_value() > (1 << 24)) {
@@ -572,6 +587,13 @@ class InferenceServer::Impl {
     return body;
   }
 
+  // Resolves the request's `adapter` member against the model's loaded adapters.
+  static absl::Status AttachAdapter(const LoadedModel& lm, OpenAiRequest& r) {
+    if (r.adapter.empty()) return absl::OkStatus();
+    QF_ASSIGN_OR_RETURN(r.params.adapter, ModelRegistry::FindAdapter(lm, r.adapter));
+    return absl::OkStatus();
+  }
+
   void HandleCompletion(const http::Request& request, http::ResponseWriter& w) {
     auto send_error = [&](const absl::Status& s) { w.Send(HttpStatusOf(s), "application/json", ErrorJson(s)); };
     if (stopping()) return send_error(absl::UnavailableError("server shutting down"));
@@ -580,6 +602,7 @@ class InferenceServer::Impl {
     if (!parsed.ok()) return send_error(parsed.status());
     auto lm = models().Get(parsed->model, "");
     if (!lm.ok()) return send_error(lm.status());
+    if (absl::Status s = AttachAdapter(**lm, *parsed); !s.ok()) return send_error(s);
     const std::string id = absl::StrCat("cmpl-", ++completion_ids_);
     const int64_t created = NowSeconds();
     const std::string ref = (*lm)->ref();
@@ -728,6 +751,7 @@ class InferenceServer::Impl {
     if (!parsed.ok()) return send_error(parsed.status());
     auto lm = models().Get(parsed->common.model, "");
     if (!lm.ok()) return send_error(lm.status());
+    if (absl::Status s = AttachAdapter(**lm, parsed->common); !s.ok()) return send_error(s);
     auto prompt = ChatPromptTokens(**lm, parsed->messages);
     if (!prompt.ok()) return send_error(prompt.status());
     parsed->common.params.prompt_tokens = *std::move(prompt);
@@ -868,7 +892,109 @@ class InferenceServer::Impl {
     w.Send(200, "application/json", body.Dump());
   }
 
+  // --- LoRA adapters: POST / DELETE / GET /v1/adapters ---------------------------------------------------------
+  static Json AdapterJson(const LoadedModel& lm, const LoadedAdapter& a) {
+    Json entry = Json::MakeObject();
+    entry.Set("name", Json::String(a.name));
+    entry.Set("model", Json::String(lm.ref()));
+    entry.Set("path", Json::String(a.path));
+    entry.Set("format", Json::String(a.adapter->format));
+    entry.Set("rank", Json::Int(a.adapter->max_rank()));
+    entry.Set("alpha", Json::Double(a.adapter->alpha));
+    entry.Set("matrices", Json::Int(static_cast<int64_t>(a.adapter->matrices.size())));
+    entry.Set("bytes", Json::Int(static_cast<int64_t>(a.adapter->bytes())));
+    return entry;
+  }
+
+  // {"name", "path", "model"?}: without `model`, the only loaded model.
+  absl::StatusOr<Json> LoadAdapterRequest(const std::string& body) {
+    QF_ASSIGN_OR_RETURN(const Json json, ParseBody(body));
+    std::string fields[3];
+    const char* names[3] = {"name", "path", "model"};
+    for (int i = 0; i < 3; ++i) {
+      const Json* v = json.Find(names[i]);
+      if (v == nullptr || v->is_null()) {
+        if (i < 2) return absl::InvalidArgumentError(absl::StrCat(names[i], ": required string"));
+        continue;
+      }
+      if (!v->is_string()) return absl::InvalidArgumentError(absl::StrCat(names[i], ": must be a string"));
+      fields[i] = v->string_value();
+    }
+    QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> lm, ModelFor(fields[2]));
+    QF_ASSIGN_OR_RETURN(LoadedAdapter a, models().LoadAdapter(lm->ref(), fields[0], fields[1]));
+    return AdapterJson(*lm, a);
+  }
+
+  // The model a request names, or the only loaded one when it names none.
+  absl::StatusOr<std::shared_ptr<LoadedModel>> ModelFor(const std::string& ref) {
+    if (!ref.empty()) return models().Get(ref, "");
+    const auto all = models().List();
+    if (all.size() != 1) {
+      return absl::InvalidArgumentError(absl::StrCat("model: required (", all.size(), " models are loaded)"));
+    }
+    return all[0];
+  }
+
+  // A query parameter's value: %XX escapes and '+' decoded (a model ref's '@' arrives as %40).
+  static std::string PercentDecode(const std::string& s) {
+    auto hex = [](char c) {
+      if (c >= '0' && c <= '9') return c - '0';
+      if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+      if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+      return -1;
+    };
+    std::string out;
+    for (size_t i = 0; i < s.size(); ++i) {
+      const int hi = s[i] == '%' && i + 2 < s.size() ? hex(s[i + 1]) : -1;
+      const int lo = hi >= 0 ? hex(s[i + 2]) : -1;
+      if (lo >= 0) {
+        out.push_back(static_cast<char>(hi * 16 + lo));
+        i += 2;
+      } else {
+        out.push_back(s[i] == '+' ? ' ' : s[i]);
+      }
+    }
+    return out;
+  }
+
+  void HandleAdapters(const http::Request& request, http::ResponseWriter& w) {
+    auto send_error = [&](const absl::Status& s) { w.Send(HttpStatusOf(s), "application/json", ErrorJson(s)); };
+    if (request.method == "POST") {
+      if (stopping()) return send_error(absl::UnavailableError("server shutting down"));
+      auto out = LoadAdapterRequest(request.body);
+      if (!out.ok()) return send_error(out.status());
+      w.Send(200, "application/json", out->Dump());
+      return;
+    }
+    if (request.method == "DELETE") {  // ?name=NAME[&model=REF]
+      std::string name, model;
+      for (absl::string_view part : absl::StrSplit(request.query, '&', absl::SkipEmpty())) {
+        const size_t eq = part.find('=');
+        const std::string key(part.substr(0, eq));
+        const std::string value = eq == absl::string_view::npos ? "" : PercentDecode(std::string(part.substr(eq + 1)));
+        if (key == "name") name = value;
+        if (key == "model") model = value;
+      }
+      if (name.empty()) return send_error(absl::InvalidArgumentError("name: required query parameter"));
+      if (absl::Status s = models().UnloadAdapter(model, name); !s.ok()) return send_error(s);
+      w.Send(200, "application/json", absl::StrCat("{\"deleted\":", Json::String(name).Dump(), "}"));
+      return;
+    }
+    Json::Array data;
+    for (const auto& lm : models().List()) {
+      std::lock_guard<std::mutex> l(lm->adapters_mu);
+      for (const auto& [name, a] : lm->adapters) data.push_back(AdapterJson(*lm, a));
+    }
+    Json body = Json::MakeObject();
+    body.Set("object", Json::String("list"));
+    body.Set("data", Json::MakeArray(std::move(data)));
+    w.Send(200, "application/json", body.Dump());
+  }
+
   void RegisterRoutes(http::HttpServer& s) {
+    for (const char* method : {"GET", "POST", "DELETE"}) {
+      s.Route(method, "/v1/adapters", [this](const http::Request& r, http::ResponseWriter& w) { HandleAdapters(r, w); });
+    }
     s.Route("POST", "/v1/completions", [this](const http::Request& r, http::ResponseWriter& w) { HandleCompletion(r, w); });
     s.Route("POST", "/v1/chat/completions",
             [this](const http::Request& r, http::ResponseWriter& w) { HandleChatCompletion(r, w); });
