@@ -278,7 +278,10 @@ namespace {
 
 // 03 added the config's rope_theta, norm_eps and tied_embeddings (02 plans read back with their defaults, which
 // made a restarted scheduler reject a tied model's assemble: its config no longer matched).
-constexpr char kMagic[8] = {'Q', 'F', 'P', 'L', 'A', 'N', '0', '3'};
+// 04 added the config's n_experts and n_experts_used (03 plans read back as dense, which made a restarted
+// scheduler reject an MoE model's assemble the same way).
+constexpr char kMagic[8] = {'Q', 'F', 'P', 'L', 'A', 'N', '0', '4'};
+constexpr char kMagic03[8] = {'Q', 'F', 'P', 'L', 'A', 'N', '0', '3'};
 constexpr char kMagic02[8] = {'Q', 'F', 'P', 'L', 'A', 'N', '0', '2'};
 
 class Writer {
@@ -379,6 +382,8 @@ std::string SerializePlan(const Plan& p) {
   w.Pod<float>(m.config.rope_theta);
   w.Pod<float>(m.config.norm_eps);
   w.Pod<uint8_t>(m.config.tied_embeddings);
+  w.Pod<int32_t>(m.config.n_experts);
+  w.Pod<int32_t>(m.config.n_experts_used);
   w.Str(m.name_arena);
   w.Vec(m.tensors);
   w.Pod<uint64_t>(p.configs.size());
@@ -398,10 +403,9 @@ std::string SerializePlan(const Plan& p) {
 
 absl::StatusOr<Plan> DeserializePlan(const std::string& bytes) {
   const auto bad = [] { return absl::DataLossError("plan: truncated or malformed serialized plan"); };
-  const bool v02 = bytes.size() >= sizeof(kMagic02) && std::memcmp(bytes.data(), kMagic02, sizeof(kMagic02)) == 0;
-  if (bytes.size() < sizeof(kMagic) || (!v02 && std::memcmp(bytes.data(), kMagic, sizeof(kMagic)) != 0)) {
-    return absl::DataLossError("plan: not a serialized plan (bad magic or version)");
-  }
+  const auto is = [&](const char* magic) { return bytes.size() >= 8 && std::memcmp(bytes.data(), magic, 8) == 0; };
+  const bool v02 = is(kMagic02), v03 = is(kMagic03);
+  if (!v02 && !v03 && !is(kMagic)) return absl::DataLossError("plan: not a serialized plan (bad magic or version)");
   Reader r(bytes, sizeof(kMagic));
   Plan p;
   ModelDescription& m = p.model;
@@ -416,6 +420,12 @@ absl::StatusOr<Plan> DeserializePlan(const std::string& bytes) {
     uint8_t tied = 0;
     if (!r.Pod(&m.config.rope_theta) || !r.Pod(&m.config.norm_eps) || !r.Pod(&tied)) return bad();
     m.config.tied_embeddings = tied != 0;
+  }
+  if (!v02 && !v03) {
+    int32_t experts = 0, used = 0;
+    if (!r.Pod(&experts) || !r.Pod(&used)) return bad();
+    m.config.n_experts = experts;
+    m.config.n_experts_used = used;
   }
   if (!r.Str(&m.name_arena) || !r.Vec(&m.tensors)) return bad();
   uint64_t n_configs = 0;

@@ -179,6 +179,8 @@ TEST(PlanTest, SerializationRoundTrips) {
   d.config.tied_embeddings = !d.config.tied_embeddings;
   d.config.rope_theta = 500000.0f;
   d.config.norm_eps = 1e-6f;
+  d.config.n_experts = 8;  // the expert counts too (a restarted scheduler read an MoE plan back as dense)
+  d.config.n_experts_used = 2;
   auto plan = PlanJob(d, Rtn4());
   ASSERT_TRUE(plan.ok());
   plan->attachment = std::string("the service's request\0with a NUL", 33);

@@ -164,10 +164,11 @@ absl::Status TaskExecutor::Quantize(const qforge::v1::Task& task, const Model& s
   quant::TensorQuantReport r;
   QF_ASSIGN_OR_RETURN(const Tensor encoded,
                       quant::QuantizeTensor(slice, method, params, &pool_, &r, stats ? &*stats : nullptr));
-  // The task's format is the planned one; an spqr tensor's outlier count is known only now, and the stored
-  // tensor carries it (the scheduler records what the worker reports).
+  // The task's format is the planned one; an spqr tensor's outlier count and a qmoe tensor's codeword count are
+  // known only now, and the stored tensor carries them (the scheduler records what the worker reports).
   WeightFormat planned = encoded.format;
   if (wanted->type == WeightType::kSpQR && wanted->outliers == 0) planned.outliers = 0;
+  if (wanted->type == WeightType::kQMoE && wanted->codewords == 0) planned.codewords = 0;
   if (!(planned == *wanted)) {
     return absl::InternalError(absl::StrCat(what, " produced ", FormatName(encoded.format)));
   }

@@ -67,6 +67,22 @@ TEST(ThreadPool, CoversEveryIndexExactlyOnce) {
   }
 }
 
+// Jobs with fewer chunks than workers between jobs with one chunk per worker, many times over, on more threads
+// than this machine has cores: a worker that had not looked at a small job yet once read its generation with
+// the next job's parameters, ran a chunk twice and let ParallelFor return while another chunk still ran.
+TEST(ThreadPool, EveryChunkRunsOnceAndFinishesBeforeParallelForReturns) {
+  ThreadPool pool(6);
+  std::vector<std::atomic<int>> hits(6);
+  for (int job = 0; job < 3000; ++job) {
+    const int64_t n = job % 3 == 0 ? 2 : 6;
+    for (auto& h : hits) h.store(0);
+    pool.ParallelFor(n, 1, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
+    });
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "job " << job << " chunk " << i;
+  }
+}
+
 TEST(ThreadPool, RespectsMinimumChunk) {
   ThreadPool pool(4);
   std::atomic<int> calls{0};

@@ -54,7 +54,11 @@ void ThreadPool::ParallelFor(int64_t n, int64_t min_chunk, const std::function<v
   job_n_ = n;
   job_chunks_ = chunks;
   job_align_ = align;
-  pending_.store(chunks - 1);
+  // Every worker acknowledges every job, also those with no chunk of it: a worker that had not yet looked at the
+  // previous job could otherwise read that job's generation with this job's parameters, run a chunk twice and
+  // let the count reach zero early (the caller returned with a chunk still running, then hung or crashed on a
+  // later job: seen in MoE forward passes with more threads than cores).
+  pending_.store(size() - 1);
   // Publishes the job (the stores above happen before it); spinning workers see it without any lock.
   generation_.fetch_add(1);
   if (sleepers_.load() > 0) {
@@ -96,8 +100,8 @@ void ThreadPool::WorkerLoop(int index) {
       int64_t b, e;
       ChunkRange(job_n_, chunks, index, job_align_, &b, &e);
       if (b < e) (*job_)(b, e);
-      pending_.fetch_sub(1, std::memory_order_acq_rel);
     }
+    pending_.fetch_sub(1, std::memory_order_acq_rel);
   }
 }
 

@@ -509,6 +509,12 @@ class SchedulerServer::Impl {
     (*md)["quant.params"] = quant::ParamsToString(defaults);
     (*md)["quant.quantize_embeddings"] = recipe.quantize_embeddings ? "true" : "false";
     (*md)["quant.fallbacks"] = absl::StrJoin(fallbacks, ",");
+    // As QuantizeModel records them (only when there are rules, so rule-free versions are unchanged).
+    if (!recipe.layers.empty()) {
+      std::vector<quant::LayerRule> rules;
+      for (const scheduler::LayerRule& r : recipe.layers) rules.push_back({r.pattern, r.method, r.params});
+      (*md)["quant.layers"] = quant::LayerRulesToString(rules);
+    }
     return absl::OkStatus();
   }
 
@@ -601,11 +607,14 @@ class SchedulerServer::Impl {
         return absl::InvalidArgumentError(absl::StrCat(what, ": output names '", out.name().substr(0, 128), "'"));
       }
       WeightFormat format = plan->configs[pt.config].format;
-      // The plan cannot know an spqr tensor's outlier count: take the worker's, all else must be the plan's.
-      if (format.type == WeightType::kSpQR && format.outliers == 0) {
-        if (auto reported = ParseFormatName(out.format()); reported.ok() && reported->type == WeightType::kSpQR) {
+      // The plan cannot know an spqr tensor's outlier count nor a qmoe tensor's codeword count: take the
+      // worker's, all else must be the plan's (CheckStoredTensor then holds the bytes to that count).
+      if ((format.type == WeightType::kSpQR && format.outliers == 0) ||
+          (format.type == WeightType::kQMoE && format.codewords == 0)) {
+        if (auto reported = ParseFormatName(out.format()); reported.ok() && reported->type == format.type) {
           WeightFormat base = *reported;
           base.outliers = 0;
+          base.codewords = 0;
           if (base == format) format = *reported;
         }
       }
