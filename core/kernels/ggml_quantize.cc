@@ -198,49 +198,56 @@ void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out) {
   }
 }
 
+namespace {
+
+// The super-block fit Q4_K and Q5_K share (ggml's make_qkx2_quants per 32 weights, weighted by the sub-block's RMS
+// + |x|): eight scales and mins packed as 6-bit values relative to d and dmin, then every weight's code
+// (0..nmax) requantized against the scales actually stored. Fills blk->d, blk->dmin, blk->scales and L[256].
+template <typename Block>
+void FitSuperBlockK4(const float* x, int nmax, float rmin, int nstep, Block* blk, uint8_t* L) {
+  uint8_t Laux[32];
+  float weights[32], mins[8], scales[8];
+  float max_scale = 0, max_min = 0;
+  for (int j = 0; j < 8; ++j) {
+    const float* xs = x + 32 * j;
+    float sum_x2 = 0;
+    for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
+    const float av_x = std::sqrt(sum_x2 / 32);
+    for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xs[l]);
+    scales[j] = FitScaleMin(32, nmax, xs, weights, L + 32 * j, &mins[j], Laux, rmin, 0.1f, nstep);
+    max_scale = std::max(max_scale, scales[j]);
+    max_min = std::max(max_min, mins[j]);
+  }
+  const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
+  const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
+  for (int j = 0; j < 8; ++j) {
+    const uint8_t ls = static_cast<uint8_t>(NearestInt(inv_scale * scales[j]));
+    const uint8_t lm = static_cast<uint8_t>(NearestInt(inv_min * mins[j]));
+    PackScaleMinK4(j, std::min<uint8_t>(63, ls), std::min<uint8_t>(63, lm), blk->scales);
+  }
+  StoreHalf(&blk->d, max_scale / 63.0f);
+  StoreHalf(&blk->dmin, max_min / 63.0f);
+  const float d_stored = HalfToFloat(blk->d), dmin_stored = HalfToFloat(blk->dmin);
+  for (int j = 0; j < 8; ++j) {
+    uint8_t sc, m;
+    GetScaleMinK4(j, blk->scales, &sc, &m);
+    const float d = d_stored * sc;
+    if (d == 0) continue;
+    const float dm = dmin_stored * m;
+    for (int l = 0; l < 32; ++l) {
+      L[32 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt((x[32 * j + l] + dm) / d), 0, nmax));
+    }
+  }
+}
+
+}  // namespace
+
 void QuantizeRowQ4_K(const float* x, int64_t n, uint8_t* out) {
   auto* blocks = reinterpret_cast<block_q4_K*>(out);
   uint8_t L[kQK_K];
-  uint8_t Laux[32];
-  float weights[32];
-  float mins[8], scales[8];
   for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
     block_q4_K blk;
-    float max_scale = 0, max_min = 0;
-    for (int j = 0; j < 8; ++j) {
-      const float* xs = x + 32 * j;
-      // Weights favour large magnitudes: av_x (the sub-block's RMS) + |x|.
-      float sum_x2 = 0;
-      for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
-      const float av_x = std::sqrt(sum_x2 / 32);
-      for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xs[l]);
-      scales[j] = FitScaleMin(32, 15, xs, weights, L + 32 * j, &mins[j], Laux, -1.0f, 0.1f, 20);
-      max_scale = std::max(max_scale, scales[j]);
-      max_min = std::max(max_min, mins[j]);
-    }
-    // 6-bit scales and mins relative to the super-block's d and dmin.
-    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
-    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
-    for (int j = 0; j < 8; ++j) {
-      uint8_t ls = static_cast<uint8_t>(NearestInt(inv_scale * scales[j]));
-      uint8_t lm = static_cast<uint8_t>(NearestInt(inv_min * mins[j]));
-      PackScaleMinK4(j, std::min<uint8_t>(63, ls), std::min<uint8_t>(63, lm), blk.scales);
-    }
-    StoreHalf(&blk.d, max_scale / 63.0f);
-    StoreHalf(&blk.dmin, max_min / 63.0f);
-    // Requantize against the scales actually stored.
-    const float d_stored = HalfToFloat(blk.d);
-    const float dmin_stored = HalfToFloat(blk.dmin);
-    for (int j = 0; j < 8; ++j) {
-      uint8_t sc, m;
-      GetScaleMinK4(j, blk.scales, &sc, &m);
-      const float d = d_stored * sc;
-      if (d == 0) continue;
-      const float dm = dmin_stored * m;
-      for (int l = 0; l < 32; ++l) {
-        L[32 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt((x[32 * j + l] + dm) / d), 0, 15));
-      }
-    }
+    FitSuperBlockK4(x, 15, -1.0f, 20, &blk, L);
     for (int chunk = 0; chunk < 4; ++chunk) {
       for (int l = 0; l < 32; ++l) {
         blk.qs[32 * chunk + l] = static_cast<uint8_t>(L[64 * chunk + l] | (L[64 * chunk + 32 + l] << 4));
@@ -649,41 +656,10 @@ void QuantizeRowQ3_K(const float* x, int64_t n, uint8_t* out) {
 }
 
 void QuantizeRowQ5_K(const float* x, int64_t n, uint8_t* out) {
-  uint8_t L[kQK_K], Laux[32];
-  float weights[32], mins[8], scales[8];
+  uint8_t L[kQK_K];
   for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
     block_q5_K blk;
-    float max_scale = 0, max_min = 0;
-    for (int j = 0; j < 8; ++j) {
-      const float* xs = x + 32 * j;
-      float sum_x2 = 0;
-      for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
-      const float av_x = std::sqrt(sum_x2 / 32);
-      for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xs[l]);
-      scales[j] = FitScaleMin(32, 31, xs, weights, L + 32 * j, &mins[j], Laux, -0.5f, 0.1f, 15);
-      max_scale = std::max(max_scale, scales[j]);
-      max_min = std::max(max_min, mins[j]);
-    }
-    const float inv_scale = max_scale > 0 ? 63.0f / max_scale : 0.0f;
-    const float inv_min = max_min > 0 ? 63.0f / max_min : 0.0f;
-    for (int j = 0; j < 8; ++j) {
-      const uint8_t ls = static_cast<uint8_t>(NearestInt(inv_scale * scales[j]));
-      const uint8_t lm = static_cast<uint8_t>(NearestInt(inv_min * mins[j]));
-      PackScaleMinK4(j, std::min<uint8_t>(63, ls), std::min<uint8_t>(63, lm), blk.scales);
-    }
-    StoreHalf(&blk.d, max_scale / 63.0f);
-    StoreHalf(&blk.dmin, max_min / 63.0f);
-    const float d_stored = HalfToFloat(blk.d), dmin_stored = HalfToFloat(blk.dmin);
-    for (int j = 0; j < 8; ++j) {
-      uint8_t sc, m;
-      GetScaleMinK4(j, blk.scales, &sc, &m);
-      const float d = d_stored * sc;
-      if (d == 0) continue;
-      const float dm = dmin_stored * m;
-      for (int l = 0; l < 32; ++l) {
-        L[32 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt((x[32 * j + l] + dm) / d), 0, 31));
-      }
-    }
+    FitSuperBlockK4(x, 31, -0.5f, 15, &blk, L);
     // Each 64-element chunk c: low nibbles of elements j and j + 32 share qs[32 c + j]; their fifth bits are bits
     // 2c and 2c + 1 of qh[j].
     std::fill(blk.qh, blk.qh + 32, 0);
