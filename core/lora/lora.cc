@@ -150,6 +150,17 @@ absl::Status PermuteB(LoraMatrix& m, const ModelConfig& base, bool from_hf) {
   return absl::OkStatus();
 }
 
+// "N." at the front of s (a layer number without leading zeros) into *layer, consumed; names the tensor otherwise.
+absl::Status ConsumeLayerNumber(absl::string_view* s, const std::string& name, int* layer) {
+  const size_t dot = s->find('.');
+  if (dot == absl::string_view::npos || !absl::SimpleAtoi(s->substr(0, dot), layer) || *layer < 0 ||
+      (dot > 1 && (*s)[0] == '0')) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor ", name, ": bad layer number"));
+  }
+  s->remove_prefix(dot + 1);
+  return absl::OkStatus();
+}
+
 // --- PEFT names --------------------------------------------------------------------------------------------------
 
 // "base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight" -> (N, q_proj, A).
@@ -176,13 +187,8 @@ absl::Status ParsePeftName(const std::string& name, PairKey* key, bool* is_a) {
   if (!absl::ConsumePrefix(&s, "model.layers.")) {
     return absl::InvalidArgumentError(absl::StrCat("tensor ", name, ": expected model.layers.N."));
   }
-  const size_t dot = s.find('.');
   int layer = -1;
-  if (dot == absl::string_view::npos || !absl::SimpleAtoi(s.substr(0, dot), &layer) || layer < 0 ||
-      (dot > 1 && s[0] == '0')) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor ", name, ": bad layer number"));
-  }
-  s.remove_prefix(dot + 1);
+  QF_RETURN_IF_ERROR(ConsumeLayerNumber(&s, name, &layer));
   for (LoraTarget t : kAllTargets) {
     const std::string want = absl::StrCat(IsFfn(t) ? "mlp." : "self_attn.", PeftModuleName(t));
     if (s == want) {
@@ -294,13 +300,8 @@ absl::Status ParseGgufName(const std::string& name, PairKey* key, bool* is_a) {
   if (!absl::ConsumePrefix(&s, "blk.")) {
     return absl::InvalidArgumentError(absl::StrCat("tensor ", name, ": expected blk.N."));
   }
-  const size_t dot = s.find('.');
   int layer = -1;
-  if (dot == absl::string_view::npos || !absl::SimpleAtoi(s.substr(0, dot), &layer) || layer < 0 ||
-      (dot > 1 && s[0] == '0')) {
-    return absl::InvalidArgumentError(absl::StrCat("tensor ", name, ": bad layer number"));
-  }
-  s.remove_prefix(dot + 1);
+  QF_RETURN_IF_ERROR(ConsumeLayerNumber(&s, name, &layer));
   for (LoraTarget t : kAllTargets) {
     if (s == GgufStem(t)) {
       *key = PairKey{layer, t};
