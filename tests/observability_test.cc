@@ -40,21 +40,6 @@ constexpr char kPrometheus[] = "/usr/bin/prometheus";
 const std::string kGrafanaDir = std::string(QFORGE_SOURCE_DIR) + "/deploy/grafana";
 const std::string kRules = std::string(QFORGE_SOURCE_DIR) + "/deploy/prometheus/qforge-rules.yml";
 
-std::string UrlEncode(const std::string& s) {
-  static const char kHex[] = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '_' || c == '-' || c == '.' || c == '~') {
-      out += static_cast<char>(c);
-    } else {
-      out += '%';
-      out += kHex[c >> 4];
-      out += kHex[c & 15];
-    }
-  }
-  return out;
-}
-
 // One query of a dashboard panel.
 struct PanelQuery {
   std::string where;  // "qforge-serving.json: Tokens per second [A]"
@@ -187,11 +172,12 @@ class Prometheus {
 
   // data.result of an instant query; nullopt (with the reason in *error) when the query fails.
   std::optional<Json::Array> Query(const std::string& promql, std::string* error = nullptr) {
-    return Result(testing::HttpRequest(port_, "GET", "/api/v1/query?query=" + UrlEncode(promql)), error);
+    return Result(testing::HttpRequest(port_, "GET", "/api/v1/query?query=" + testing::UrlEncode(promql)), error);
   }
   // data of /api/v1/label/LABEL/values restricted to series of `metric`.
   std::optional<Json::Array> LabelValues(const std::string& metric, const std::string& label) {
-    return Result(testing::HttpRequest(port_, "GET", "/api/v1/label/" + label + "/values?match[]=" + UrlEncode(metric)),
+    return Result(testing::HttpRequest(port_, "GET", "/api/v1/label/" + label + "/values?match[]=" +
+                                                     testing::UrlEncode(metric)),
                   nullptr);
   }
 

@@ -26,6 +26,7 @@
 #include "services/metrics/energy.h"
 #include "services/metrics/process_metrics.h"
 #include "services/metrics/registry.h"
+#include "tests/http_client.h"
 
 namespace qforge::metrics {
 namespace {
@@ -54,21 +55,6 @@ std::optional<bhttp::response<bhttp::string_body>> Get(int port, const std::stri
   bhttp::read(socket, buffer, res, ec);
   if (ec) return std::nullopt;
   return res;
-}
-
-std::string UrlEncode(const std::string& s) {
-  static const char kHex[] = "0123456789ABCDEF";
-  std::string out;
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '_' || c == '-' || c == '.' || c == '~') {
-      out += static_cast<char>(c);
-    } else {
-      out += '%';
-      out += kHex[c >> 4];
-      out += kHex[c & 15];
-    }
-  }
-  return out;
 }
 
 // The value of the first sample in an instant-query answer:
@@ -166,7 +152,7 @@ class PrometheusProcess {
 
   // The first sample of an instant query, or nullopt while there is none (or Prometheus is not up yet).
   std::optional<std::string> Query(const std::string& promql) {
-    auto res = Get(web_port_, "/api/v1/query?query=" + UrlEncode(promql));
+    auto res = Get(web_port_, "/api/v1/query?query=" + testing::UrlEncode(promql));
     if (!res.has_value() || res->result_int() != 200) return std::nullopt;
     return FirstValue(res->body());
   }
