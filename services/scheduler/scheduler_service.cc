@@ -26,6 +26,7 @@
 #include "services/metrics/process_metrics.h"
 #include "services/metrics/registry.h"
 #include "services/rpc/rpc_util.h"
+#include "services/scheduler/evaluation.h"
 #include "storage/chunk_codec.h"
 #include "storage/model_store.h"
 
@@ -211,6 +212,34 @@ class SchedulerServer::Impl {
     return bytes;
   }
 
+  // Committed task results of job `id`, as evaluation.h reads them.
+  CommittedResult CommittedOf(JobId id) {
+    return [this, id](uint32_t t) { return sched().ResultRef({id, t}); };
+  }
+
+  // The manifest of the version job `id` committed (its assemble task's result), for its evaluate tasks.
+  absl::StatusOr<v1::Manifest> VersionOf(JobId id, const Plan& plan) {
+    for (uint32_t t = 0; t < plan.tasks.size(); ++t) {
+      if (plan.tasks[t].kind != TaskKind::kAssemble) continue;
+      QF_ASSIGN_OR_RETURN(const std::string ref, sched().ResultRef({id, t}));
+      QF_ASSIGN_OR_RETURN(const storage::ModelRef model, storage::ParseModelRef(ref));
+      return store().GetManifest(model);
+    }
+    return absl::FailedPreconditionError(absl::StrCat("job ", id, ": no assemble task"));
+  }
+
+  // Job.quality of a succeeded job, merged from its evaluate tasks once (their results never change again).
+  absl::StatusOr<std::optional<v1::QualityReport>> QualityOf(JobId id, const Plan& plan, const v1::Job& record) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = quality_.find(id); it != quality_.end()) return it->second;
+    }
+    QF_ASSIGN_OR_RETURN(auto q, MergeQuality(plan, record.request().recipe().evaluation_text_uri(), CommittedOf(id)));
+    std::lock_guard<std::mutex> l(mu_);
+    quality_[id] = q;
+    return q;
+  }
+
   // The job's identity (tenant, request, creation time), persisted inside its plan.
   absl::StatusOr<v1::Job> JobRecord(JobId id) {
     {
@@ -255,6 +284,8 @@ class SchedulerServer::Impl {
         job.mutable_result()->set_version(absl::StrCat(model->version.value_or(0)));
         if (auto bytes = VersionBytes(id, *model); bytes.ok()) out->set_bytes_out(static_cast<int64_t>(*bytes));
       }
+      QF_ASSIGN_OR_RETURN(const std::optional<v1::QualityReport> quality, QualityOf(id, *plan, job));
+      if (quality) *job.mutable_quality() = *quality;
     }
     return job;
   }
@@ -280,10 +311,6 @@ class SchedulerServer::Impl {
       }
       calibration_text = *std::move(path);
     }
-    if (!recipe.evaluation_text_uri.empty()) {
-      return absl::UnimplementedError(
-          "recipe.evaluation_text_uri: evaluate tasks are not run by the distributed pipeline yet; use `qforge eval`");
-    }
     if (!req.idempotency_key().empty()) {
       std::lock_guard<std::mutex> l(mu_);
       if (auto it = idempotency_.find({req.tenant(), req.idempotency_key()}); it != idempotency_.end()) return it->second;
@@ -304,6 +331,10 @@ class SchedulerServer::Impl {
             vocab.ok() ? absl::StrCat(" (it has ", vocab->tokens.size(), ")") : absl::StrCat(": ", vocab.status().message())));
       }
     }
+    v1::Recipe stored_recipe = req.recipe();
+    if (!recipe.evaluation_text_uri.empty()) {
+      QF_RETURN_IF_ERROR(ResolveEvaluation(roots_, *description, &recipe, &stored_recipe));
+    }
     scheduler::PlanOptions plan_options;
     plan_options.max_task_input_bytes = req.max_task_bytes() > 0 ? req.max_task_bytes() : options_.max_task_bytes;
     if (calibration_text.empty() && recipe.calibration_length > description->config.seq_len) {
@@ -315,6 +346,7 @@ class SchedulerServer::Impl {
     v1::Job record;
     record.set_tenant(req.tenant());
     *record.mutable_request() = req;
+    *record.mutable_request()->mutable_recipe() = std::move(stored_recipe);
     record.mutable_request()->set_output_name(name);
     record.mutable_request()->set_tokenizer_uri(tokenizer);
     if (!calibration_text.empty()) record.mutable_request()->mutable_recipe()->set_calibration_text_uri(calibration_text);
@@ -392,6 +424,10 @@ class SchedulerServer::Impl {
       QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(leased.ref.job));
       QF_RETURN_IF_ERROR(QuantMetadata(*plan, record.request().recipe(), task->mutable_metadata()));
       task->set_tokenizer_uri(record.request().tokenizer_uri());
+    } else if (spec.kind == TaskKind::kEvaluate) {
+      QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(leased.ref.job));
+      QF_ASSIGN_OR_RETURN(const v1::Manifest version, VersionOf(leased.ref.job, *plan));
+      QF_RETURN_IF_ERROR(FillEvaluateTask(*plan, leased.ref.task, record, version, task));
     }
     return absl::OkStatus();
   }
@@ -627,6 +663,8 @@ class SchedulerServer::Impl {
                                  format == plan->configs[pt.config].format ? "" : FormatName(format));
     } else if (pt.kind == TaskKind::kCalibrate && pt.layer < 0) {
       QF_ASSIGN_OR_RETURN(result, CheckCalibration(*plan, req, what));
+    } else if (pt.kind == TaskKind::kEvaluate) {
+      QF_ASSIGN_OR_RETURN(result, CheckEvaluation(*plan, ref.task, req, CommittedOf(ref.job), what));
     } else if (pt.kind == TaskKind::kAssemble) {
       // One assemble at a time: the check for an existing version and the commit must not interleave.
       std::lock_guard<std::mutex> l(assemble_mu_);
@@ -794,6 +832,7 @@ class SchedulerServer::Impl {
         in_succeeded += static_cast<double>(p->bytes_total);
         out_succeeded += static_cast<double>(job->progress().bytes_out());
       }
+      if (job.ok() && job->has_quality()) CollectQuality(r, *job);
     }
     for (const auto& [state, n] : by_state) {
       gauge("qforge_scheduler_jobs", "Jobs in the store by state", n, {{"state", scheduler::JobStateName(state)}});
@@ -832,6 +871,24 @@ class SchedulerServer::Impl {
       uint64_t& seen = events_seen_[event];
       (*counter)->Inc(static_cast<double>(value - seen));
       seen = value;
+    }
+  }
+
+  // A succeeded job's Job.quality, labelled by job id (and by model for the two perplexities).
+  static void CollectQuality(metrics::Registry& r, const v1::Job& job) {
+    const v1::QualityReport& q = job.quality();
+    const metrics::Labels labels = {{"job", job.job_id()}};
+    auto gauge = [&r](const char* name, const char* help, double v, const metrics::Labels& l) {
+      if (auto g = r.GetGauge(name, help, l); g.ok()) (*g)->Set(v);
+    };
+    gauge("qforge_job_quality_kl", "Mean KL(source || version) per predicted token of a job's evaluation text, nats",
+          q.kl_mean(), labels);
+    gauge("qforge_job_quality_top1", "Fraction of a job's evaluation positions where source and version agree on the "
+          "most likely token", q.top1_agreement(), labels);
+    for (const auto& [model, ppl] : {std::pair<const char*, double>{"source", q.perplexity_base()},
+                                     {"version", q.perplexity_quantized()}}) {
+      gauge("qforge_job_quality_perplexity", "Perplexity of a job's evaluation text under the source and the version",
+            ppl, {{"job", job.job_id()}, {"model", model}});
     }
   }
 
@@ -1094,6 +1151,7 @@ class SchedulerServer::Impl {
   std::map<std::string, v1::RegisterWorkerRequest> workers_;
   std::map<JobId, uint64_t> output_bytes_;
   std::map<JobId, std::shared_ptr<const CalibrationIndex>> calibrations_;
+  std::map<JobId, std::optional<v1::QualityReport>> quality_;
   std::map<std::string, uint64_t> events_seen_;
   metrics::Registry metrics_;
 
