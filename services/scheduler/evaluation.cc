@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/eval/eval.h"
+#include "core/formats/formats.h"
 #include "services/rpc/rpc_util.h"
 
 namespace qforge::services {
@@ -37,7 +38,7 @@ std::pair<int64_t, int64_t> ShareOf(int64_t total, uint32_t part, uint32_t parts
 }  // namespace
 
 absl::Status ResolveEvaluation(const std::vector<std::string>& roots, const scheduler::ModelDescription& model,
-                               scheduler::JobRecipe* recipe, v1::Recipe* stored) {
+                               const std::string& tokenizer, scheduler::JobRecipe* recipe, v1::Recipe* stored) {
   auto path = rpc::ResolveUnderRoots(recipe->evaluation_text_uri, roots, "recipe.evaluation_text_uri");
   // A missing text is a bad recipe like any other field (the source model's NOT_FOUND is about the job's input).
   if (absl::IsNotFound(path.status())) return absl::InvalidArgumentError(path.status().message());
@@ -46,6 +47,11 @@ absl::Status ResolveEvaluation(const std::vector<std::string>& roots, const sche
   if (!std::filesystem::is_regular_file(*path, ec)) {
     return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_text_uri: '", recipe->evaluation_text_uri,
                                                    "' is not a regular file"));
+  }
+  if (tokenizer.empty() && model.file_format == formats::FileFormatName(formats::FileFormat::kLlama2c)) {
+    return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_text_uri: ", model.source_uri,
+                                                   " is a llama2.c checkpoint, which carries no vocabulary to "
+                                                   "tokenize the text with; give the job a tokenizer_uri"));
   }
   const int context = model.config.seq_len;
   if (recipe->evaluation_window > context) {

@@ -24,11 +24,14 @@ inline constexpr int kDefaultMaxEvaluationTasks = 16;
 
 // SubmitJob's check of `recipe`'s evaluation fields (recipe.evaluation_text_uri non-empty): the text resolves
 // under `roots` to a regular file (missing: INVALID_ARGUMENT, outside the roots: PERMISSION_DENIED, both naming
-// recipe.evaluation_text_uri) and the window fits the model's context (recipe.evaluation_window). Fills in the
+// recipe.evaluation_text_uri), there is a vocabulary to tokenize it (the job's tokenizer_uri, `tokenizer`, or
+// the source's own: a llama2.c checkpoint has none) and the window fits the model's context
+// (recipe.evaluation_window). Fills in the
 // text's realpath and, when the request left it unset, the task count: about four windows per task estimated
 // from the text's size, at most kDefaultMaxEvaluationTasks. `stored` (the request the job records) gets both.
 absl::Status ResolveEvaluation(const std::vector<std::string>& roots, const scheduler::ModelDescription& model,
-                               scheduler::JobRecipe* recipe, qforge::v1::Recipe* stored);
+                               const std::string& tokenizer, scheduler::JobRecipe* recipe,
+                               qforge::v1::Recipe* stored);
 
 // Task index -> its committed result (NOT_FOUND while it has none).
 using CommittedResult = std::function<absl::StatusOr<std::string>(uint32_t task)>;

@@ -333,7 +333,7 @@ class SchedulerServer::Impl {
     }
     v1::Recipe stored_recipe = req.recipe();
     if (!recipe.evaluation_text_uri.empty()) {
-      QF_RETURN_IF_ERROR(ResolveEvaluation(roots_, *description, &recipe, &stored_recipe));
+      QF_RETURN_IF_ERROR(ResolveEvaluation(roots_, *description, tokenizer, &recipe, &stored_recipe));
     }
     scheduler::PlanOptions plan_options;
     plan_options.max_task_input_bytes = req.max_task_bytes() > 0 ? req.max_task_bytes() : options_.max_task_bytes;
