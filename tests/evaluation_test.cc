@@ -14,6 +14,7 @@
 #include "core/base/mapped_file.h"
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
+#include "core/quant/quantize_model.h"
 #include "core/runtime/transformer.h"
 #include "core/tokenizer/tokenizer.h"
 #include "gtest/gtest.h"
@@ -132,9 +133,10 @@ std::vector<testing::TaskEvent> WaitForLog(Cluster& cluster,
 }
 
 // Two jobs on two workers (one and two threads): q4_0 with 48 windows of 128 tokens over 5 evaluate tasks (shares
-// of 9 and 10 windows), and q8_0 at the model's context with the first 12 windows and the scheduler's own task
-// count. Job.quality equals the in-process comparison exactly; `qforge watch` prints the very lines `qforge eval`
-// prints for the exported version; `qforge jobs` and the scheduler's /metrics show the numbers.
+// of 9 and 10 windows), and q8_0 in 4 KiB row slices at the model's context with the first 12 windows and the
+// scheduler's own task count. Job.quality equals the in-process comparison exactly; `qforge watch` prints the very
+// lines `qforge eval` prints for the exported version; `qforge jobs` and the scheduler's /metrics show the numbers;
+// Job.tensors is QuantizeModel's per-tensor report.
 TEST(EvaluationTest, JobQualityEqualsQforgeEvalExactly) {
   const std::string dir = TempDir("evaluation");
   Cluster cluster(dir, {.lease_ms = 5000});
@@ -145,7 +147,9 @@ TEST(EvaluationTest, JobQualityEqualsQforgeEvalExactly) {
   const Evaluation e1{.window = 128, .chunks = 48, .tasks = 5}, e2{.chunks = 12};
   std::string id1, id2;
   ASSERT_TRUE(cluster.Submit(EvalRequest("q4_0", "stories-q4", e1), &id1).ok());
-  ASSERT_TRUE(cluster.Submit(EvalRequest("q8_0", "stories-q8", e2), &id2).ok());
+  v1::SubmitJobRequest sliced = EvalRequest("q8_0", "stories-q8", e2);
+  sliced.set_max_task_bytes(4096);
+  ASSERT_TRUE(cluster.Submit(sliced, &id2).ok());
   const v1::Job job1 = cluster.WaitJob(id1), job2 = cluster.WaitJob(id2);
   // Planned: one evaluate task per share after the quantize tasks and assemble.
   const auto events = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
@@ -171,6 +175,31 @@ TEST(EvaluationTest, JobQualityEqualsQforgeEvalExactly) {
   EXPECT_EQ(job2.quality().window(), 512);
   // q4_0 costs more than q8_0.
   EXPECT_GT(job1.quality().kl_mean(), job2.quality().kl_mean());
+
+  // Job.tensors is kept beside Job.quality: QuantizeModel's per-tensor report (format, bits/weight, error), the
+  // q8_0 job's errors added up over its 4 KiB row slices.
+  for (const auto& [job, method] : {std::pair<const v1::Job*, const char*>{&job1, "q4_0"}, {&job2, "q8_0"}}) {
+    SCOPED_TRACE(method);
+    auto in = formats::LoadModel(kStories);
+    ASSERT_TRUE(in.ok()) << in.status();
+    auto want = quant::QuantizeModel(
+        *in, quant::QuantRecipe{.method = method, .params = quant::FindMethod(method)->DefaultParams()}, nullptr);
+    ASSERT_TRUE(want.ok()) << want.status();
+    ASSERT_EQ(job->tensors_size(), static_cast<int>(want->report.tensors.size()));
+    std::map<std::string, const v1::TensorReport*> got;
+    for (const v1::TensorReport& t : job->tensors()) got[t.name()] = &t;
+    for (const quant::TensorQuantReport& w : want->report.tensors) {
+      ASSERT_TRUE(got.contains(w.name)) << w.name;
+      const v1::TensorReport& t = *got[w.name];
+      EXPECT_EQ(t.format(), w.format) << w.name;
+      EXPECT_EQ(t.bits_per_weight(), w.bits_per_weight) << w.name;
+      EXPECT_EQ(t.bytes_after(), w.bytes_after) << w.name;
+      EXPECT_EQ(t.bytes_before(), w.bytes_f32) << w.name;
+      EXPECT_NEAR(t.rmse(), w.rmse, 1e-9 * w.rmse) << w.name;
+      EXPECT_NEAR(t.relative_error(), w.rel_error, 1e-9 * w.rel_error) << w.name;
+      EXPECT_GT(t.rmse(), 0.0) << w.name;
+    }
+  }
 
   // The CLI: `qforge eval` on the exported version prints the two lines `qforge watch` prints for the job.
   const std::string exported = dir + "/stories-q4.gguf";

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <filesystem>
 #include <map>
@@ -12,6 +13,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/base/status_macros.h"
@@ -94,15 +96,41 @@ std::string EncodeSliceResult(uint64_t nbytes, const std::vector<SliceChunk>& ch
   return out;
 }
 
+// The slice's reconstruction error as the worker reported it (its TensorReport), kept for Job.tensors: sums of
+// squared errors and of squared weights, so the slices of a tensor add up exactly. Appended as "@<sse>,<ssw>";
+// results committed without it (older ones, or a worker that sent no report) decode with `known = false`.
+struct SliceError {
+  bool known = false;
+  double squared_error = 0.0, squared_weights = 0.0;
+};
+
+std::string SliceErrorSuffix(const v1::TensorReport& report, int64_t elements) {
+  const double sse = report.rmse() * report.rmse() * static_cast<double>(elements);
+  // ||W||^2 = ||E||^2 / rel^2; a slice encoded without error (rel 0) leaves its weights' norm unknown but adds
+  // nothing to the tensor's error, which is what matters.
+  const double ssw = report.relative_error() > 0 ? sse / (report.relative_error() * report.relative_error()) : 0.0;
+  if (!std::isfinite(sse) || !std::isfinite(ssw) || sse < 0) return "";
+  return absl::StrFormat("@%.17g,%.17g", sse, ssw);
+}
+
 absl::Status DecodeSliceResult(const std::string& ref, uint64_t* nbytes, std::vector<SliceChunk>* chunks,
-                               std::string* format = nullptr) {
+                               std::string* format = nullptr, SliceError* error = nullptr) {
   const auto bad = [&] { return absl::DataLossError(absl::StrCat("malformed task result '", ref.substr(0, 80), "'")); };
   const size_t colon = ref.find(':');
   if (colon == std::string::npos) return bad();
   const size_t semi = ref.substr(0, colon).find(';');
   if (!absl::SimpleAtoi(ref.substr(0, std::min(colon, semi)), nbytes)) return bad();
   if (format != nullptr) *format = semi == std::string::npos ? "" : ref.substr(semi + 1, colon - semi - 1);
-  const std::string list = ref.substr(colon + 1);
+  const size_t at = ref.find('@', colon);
+  if (at != std::string::npos && error != nullptr) {
+    const std::vector<std::string> sums = absl::StrSplit(ref.substr(at + 1), ',');
+    if (sums.size() != 2 || !absl::SimpleAtod(sums[0], &error->squared_error) ||
+        !absl::SimpleAtod(sums[1], &error->squared_weights)) {
+      return bad();
+    }
+    error->known = true;
+  }
+  const std::string list = ref.substr(colon + 1, at == std::string::npos ? std::string::npos : at - colon - 1);
   if (list.empty()) return absl::OkStatus();
   for (const std::string& item : std::vector<std::string>(absl::StrSplit(list, ','))) {
     const size_t dot = item.find('.');
@@ -258,7 +286,56 @@ class SchedulerServer::Impl {
     return job;
   }
 
-  absl::StatusOr<v1::Job> DescribeJob(JobId id) {
+  // Job.tensors of a succeeded job: every quantized tensor of its version, format, shape, bits per weight and
+  // bytes from the manifest, the reconstruction error added up over the slices the workers reported (left 0 when
+  // a slice's report is missing). Built once: versions and committed results never change.
+  using TensorReports = google::protobuf::RepeatedPtrField<v1::TensorReport>;
+  absl::StatusOr<std::shared_ptr<const TensorReports>> TensorReportsOf(JobId id, const Plan& plan) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = tensor_reports_.find(id); it != tensor_reports_.end()) return it->second;
+    }
+    std::map<std::string, SliceError> errors;  // by tensor; known only if every slice's is
+    for (uint32_t t = 0; t < plan.tasks.size(); ++t) {
+      const scheduler::PlanTask& pt = plan.tasks[t];
+      if (pt.kind != TaskKind::kQuantize) continue;
+      QF_ASSIGN_OR_RETURN(const std::string ref, sched().ResultRef({id, t}));
+      uint64_t nbytes = 0;
+      std::vector<SliceChunk> chunks;
+      SliceError e;
+      QF_RETURN_IF_ERROR(DecodeSliceResult(ref, &nbytes, &chunks, nullptr, &e));
+      auto [it, first] = errors.try_emplace(std::string(plan.model.name(pt.tensor)), SliceError{.known = true});
+      it->second.known &= e.known;
+      it->second.squared_error += e.squared_error;
+      it->second.squared_weights += e.squared_weights;
+    }
+    QF_ASSIGN_OR_RETURN(const v1::Manifest manifest, VersionOf(id, plan));
+    auto reports = std::make_shared<TensorReports>();
+    for (const v1::ManifestTensor& mt : manifest.tensors()) {
+      auto it = errors.find(mt.name());
+      if (it == errors.end()) continue;  // copied, not quantized
+      int64_t elements = 1;
+      for (int64_t d : mt.shape()) elements *= d;
+      v1::TensorReport* r = reports->Add();
+      r->set_name(mt.name());
+      r->set_format(mt.format());
+      *r->mutable_shape() = mt.shape();
+      r->set_bits_per_weight(elements > 0 ? 8.0 * static_cast<double>(mt.nbytes()) / static_cast<double>(elements) : 0);
+      r->set_bytes_before(static_cast<uint64_t>(elements) * sizeof(float));
+      r->set_bytes_after(mt.nbytes());
+      const SliceError& e = it->second;
+      if (e.known && elements > 0) {
+        r->set_rmse(std::sqrt(e.squared_error / static_cast<double>(elements)));
+        r->set_relative_error(e.squared_weights > 0 ? std::sqrt(e.squared_error / e.squared_weights) : 0.0);
+      }
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    tensor_reports_[id] = reports;
+    return std::shared_ptr<const TensorReports>(reports);
+  }
+
+  // `with_tensors`: also Job.tensors (GetJob; ListJobs and the watchers leave the per-tensor list out).
+  absl::StatusOr<v1::Job> DescribeJob(JobId id, bool with_tensors = false) {
     QF_ASSIGN_OR_RETURN(v1::Job job, JobRecord(id));
     QF_ASSIGN_OR_RETURN(scheduler::JobProgress p, sched().Progress(id, NowMs()));
     job.set_job_id(rpc::FormatJobId(id));
@@ -286,6 +363,10 @@ class SchedulerServer::Impl {
       }
       QF_ASSIGN_OR_RETURN(const std::optional<v1::QualityReport> quality, QualityOf(id, *plan, job));
       if (quality) *job.mutable_quality() = *quality;
+      if (with_tensors) {
+        QF_ASSIGN_OR_RETURN(const std::shared_ptr<const TensorReports> tensors, TensorReportsOf(id, *plan));
+        *job.mutable_tensors() = *tensors;
+      }
     }
     return job;
   }
@@ -661,6 +742,9 @@ class SchedulerServer::Impl {
       QF_ASSIGN_OR_RETURN(const std::vector<SliceChunk> chunks, AssignPlanes(out.chunk_ids(), sizes, planes, what));
       result = EncodeSliceResult(out.nbytes(), chunks,
                                  format == plan->configs[pt.config].format ? "" : FormatName(format));
+      if (req.tensors_size() == 1 && req.tensors(0).name() == out.name()) {
+        absl::StrAppend(&result, SliceErrorSuffix(req.tensors(0), rows * td.cols));
+      }
     } else if (pt.kind == TaskKind::kCalibrate && pt.layer < 0) {
       QF_ASSIGN_OR_RETURN(result, CheckCalibration(*plan, req, what));
     } else if (pt.kind == TaskKind::kEvaluate) {
@@ -912,7 +996,7 @@ class SchedulerServer::Impl {
       return grpc::Status::OK;
     }
     grpc::Status GetJob(grpc::ServerContext*, const v1::GetJobRequest* req, v1::Job* resp) override {
-      return Describe(req->job_id(), resp);
+      return Describe(req->job_id(), resp, /*with_tensors=*/true);
     }
     grpc::Status CancelJob(grpc::ServerContext*, const v1::CancelJobRequest* req, v1::Job* resp) override {
       auto id = rpc::ParseJobId(req->job_id());
@@ -967,10 +1051,10 @@ class SchedulerServer::Impl {
     }
 
    private:
-    grpc::Status Describe(const std::string& job_id, v1::Job* out) {
+    grpc::Status Describe(const std::string& job_id, v1::Job* out, bool with_tensors = false) {
       auto id = rpc::ParseJobId(job_id);
       if (!id.ok()) return rpc::ToGrpc(id.status());
-      auto job = impl_->DescribeJob(*id);
+      auto job = impl_->DescribeJob(*id, with_tensors);
       if (!job.ok()) return rpc::ToGrpc(job.status());
       *out = *std::move(job);
       return grpc::Status::OK;
@@ -1152,6 +1236,7 @@ class SchedulerServer::Impl {
   std::map<JobId, uint64_t> output_bytes_;
   std::map<JobId, std::shared_ptr<const CalibrationIndex>> calibrations_;
   std::map<JobId, std::optional<v1::QualityReport>> quality_;
+  std::map<JobId, std::shared_ptr<const TensorReports>> tensor_reports_;
   std::map<std::string, uint64_t> events_seen_;
   metrics::Registry metrics_;
 
