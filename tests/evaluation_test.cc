@@ -28,6 +28,7 @@ namespace {
 
 namespace v1 = qforge::v1;
 using testing::Cluster;
+using testing::WaitForLog;
 using testing::TempDir;
 
 const std::string kStories = testing::Stories260KPath();
@@ -117,19 +118,6 @@ std::vector<std::string> LinesStartingWith(const std::string& text, const std::s
     if (line.rfind(prefix, 0) == 0) out.push_back(line);
   }
   return out;
-}
-
-std::vector<testing::TaskEvent> WaitForLog(Cluster& cluster,
-                                           const std::function<bool(const std::vector<testing::TaskEvent>&)>& pred,
-                                           int timeout_s = 120) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-  while (std::chrono::steady_clock::now() < deadline) {
-    auto events = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
-    if (pred(events)) return events;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  ADD_FAILURE() << "the task log never reached the expected state";
-  return {};
 }
 
 // Two jobs on two workers (one and two threads): q4_0 with 48 windows of 128 tokens over 5 evaluate tasks (shares

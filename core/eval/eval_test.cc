@@ -125,20 +125,26 @@ TEST(Compare, ModelAgainstItselfIsIdentical) {
   EXPECT_EQ(r->base.mean_nll, r->quant.mean_nll);
 }
 
-TEST(Compare, PerturbedWeightsDiverge) {
-  ModelConfig c = TinyTestConfig();
-  auto base_model = std::make_shared<Model>(MakeSyntheticModel(c, 14));
-  Model noisy = MakeSyntheticModel(c, 14);
-  std::mt19937 rng(5);
+// The synthetic model of `seed` with N(0, 0.05) noise (from `noise_seed`) added to every linear weight: a stand-in
+// for a quantized copy.
+std::shared_ptr<Model> NoisyCopy(const ModelConfig& c, uint32_t seed, uint32_t noise_seed) {
+  auto noisy = std::make_shared<Model>(MakeSyntheticModel(c, seed));
+  std::mt19937 rng(noise_seed);
   std::normal_distribution<float> noise(0.0f, 0.05f);
   for (const std::string& name : LinearWeightNames(c)) {
-    Tensor& t = noisy.tensors.at(name);
+    Tensor& t = noisy->tensors.at(name);
     std::vector<float> v(reinterpret_cast<const float*>(t.data), reinterpret_cast<const float*>(t.data) + t.numel());
     for (float& x : v) x += noise(rng);
     t = Tensor::FromFloats(name, t.shape, v);
   }
+  return noisy;
+}
+
+TEST(Compare, PerturbedWeightsDiverge) {
+  ModelConfig c = TinyTestConfig();
+  auto base_model = std::make_shared<Model>(MakeSyntheticModel(c, 14));
   auto a = Runtime(base_model);
-  auto b = Runtime(std::make_shared<Model>(std::move(noisy)));
+  auto b = Runtime(NoisyCopy(c, 14, 5));
   const auto tokens = Stream(100, c.vocab_size, 6);
   auto r = CompareModels(*a, *b, tokens, 50);
   ASSERT_TRUE(r.ok()) << r.status();
@@ -163,16 +169,7 @@ TEST(Compare, PerturbedWeightsDiverge) {
 TEST(Compare, SharesOfTheWindowsMergeToTheWholeExactly) {
   ModelConfig c = TinyTestConfig();
   auto base_model = std::make_shared<Model>(MakeSyntheticModel(c, 21));
-  Model noisy = MakeSyntheticModel(c, 21);
-  std::mt19937 rng(8);
-  std::normal_distribution<float> noise(0.0f, 0.05f);
-  for (const std::string& name : LinearWeightNames(c)) {
-    Tensor& t = noisy.tensors.at(name);
-    std::vector<float> v(reinterpret_cast<const float*>(t.data), reinterpret_cast<const float*>(t.data) + t.numel());
-    for (float& x : v) x += noise(rng);
-    t = Tensor::FromFloats(name, t.shape, v);
-  }
-  auto quant_model = std::make_shared<Model>(std::move(noisy));
+  std::shared_ptr<const Model> quant_model = NoisyCopy(c, 21, 8);
   std::vector<int> tokens = Stream(700, c.vocab_size, 9);
   KeepFirstWindows(tokens, 9, 70, 128);
   ASSERT_EQ(tokens.size(), 630u);
