@@ -218,7 +218,7 @@ TEST(EvaluationTest, JobQualityEqualsQforgeEvalExactly) {
   const auto metrics = testing::HttpRequest(cluster.scheduler_metrics_port(), "GET", "/metrics");
   ASSERT_EQ(metrics.status, 200);
   const auto samples = testing::ParseSamples(metrics.body);
-  const std::string job = absl::StrCat("{job=\"", id1, "\"");
+  const std::string job = absl::StrCat("{job_id=\"", id1, "\"");
   EXPECT_EQ(samples.at("qforge_job_quality_kl" + job + "}"), want1.mean_kl);
   EXPECT_EQ(samples.at("qforge_job_quality_top1" + job + "}"), want1.top1_agreement);
   EXPECT_EQ(samples.at("qforge_job_quality_perplexity" + job + ",model=\"source\"}"), want1.base.perplexity);

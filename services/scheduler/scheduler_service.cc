@@ -961,7 +961,7 @@ class SchedulerServer::Impl {
   // A succeeded job's Job.quality, labelled by job id (and by model for the two perplexities).
   static void CollectQuality(metrics::Registry& r, const v1::Job& job) {
     const v1::QualityReport& q = job.quality();
-    const metrics::Labels labels = {{"job", job.job_id()}};
+    const metrics::Labels labels = {{"job_id", job.job_id()}};
     auto gauge = [&r](const char* name, const char* help, double v, const metrics::Labels& l) {
       if (auto g = r.GetGauge(name, help, l); g.ok()) (*g)->Set(v);
     };
@@ -972,7 +972,7 @@ class SchedulerServer::Impl {
     for (const auto& [model, ppl] : {std::pair<const char*, double>{"source", q.perplexity_base()},
                                      {"version", q.perplexity_quantized()}}) {
       gauge("qforge_job_quality_perplexity", "Perplexity of a job's evaluation text under the source and the version",
-            ppl, {{"job", job.job_id()}, {"model", model}});
+            ppl, {{"job_id", job.job_id()}, {"model", model}});
     }
   }
 
