@@ -300,7 +300,8 @@ TEST(EvaluationTest, BadEvaluationFieldsGetClearErrors) {
   std::filesystem::create_directories(root);
   std::filesystem::create_directories(outside);
   std::filesystem::copy_file(kStories, root + "/stories.bin");
-  std::filesystem::copy_file(kTok512, root + "/tok512.model");
+  // Not beside the checkpoint under a name the llama2.c reader picks up (tok512.model is one): no vocabulary.
+  std::filesystem::copy_file(kTok512, root + "/spm.model");
   std::filesystem::copy_file(kEvalText, root + "/eval.txt");
   std::filesystem::copy_file(kEvalText, outside + "/eval.txt");
   Cluster cluster(dir + "/cluster", {.allowed_roots = {root}});
@@ -315,7 +316,7 @@ TEST(EvaluationTest, BadEvaluationFieldsGetClearErrors) {
   auto good = [&] {
     v1::SubmitJobRequest req = EvalRequest("q8_0", "stories", {});
     req.set_source_uri(root + "/stories.bin");
-    req.set_tokenizer_uri(root + "/tok512.model");
+    req.set_tokenizer_uri(root + "/spm.model");
     req.mutable_recipe()->set_evaluation_text_uri(root + "/eval.txt");
     return req;
   };
@@ -329,7 +330,7 @@ TEST(EvaluationTest, BadEvaluationFieldsGetClearErrors) {
   cases.push_back({"a URI", good(), grpc::StatusCode::INVALID_ARGUMENT, "recipe.evaluation_text_uri"});
   cases.back().req.mutable_recipe()->set_evaluation_text_uri("s3://bucket/eval.txt");
   cases.push_back({"no vocabulary", good(), grpc::StatusCode::INVALID_ARGUMENT,
-                   "stories.bin is a llama2.c checkpoint, which carries no vocabulary"});
+                   "stories.bin carries no vocabulary to tokenize the text with; give the job a tokenizer_uri"});
   cases.back().req.clear_tokenizer_uri();
   cases.push_back({"window past the context", good(), grpc::StatusCode::INVALID_ARGUMENT,
                    "recipe.evaluation_window: 513 is more than the model's context length 512"});

@@ -9,7 +9,6 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
 #include "core/eval/eval.h"
-#include "core/formats/formats.h"
 #include "services/rpc/rpc_util.h"
 
 namespace qforge::services {
@@ -48,10 +47,10 @@ absl::Status ResolveEvaluation(const std::vector<std::string>& roots, const sche
     return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_text_uri: '", recipe->evaluation_text_uri,
                                                    "' is not a regular file"));
   }
-  if (tokenizer.empty() && model.file_format == formats::FileFormatName(formats::FileFormat::kLlama2c)) {
+  if (tokenizer.empty() && !model.has_vocab) {
     return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_text_uri: ", model.source_uri,
-                                                   " is a llama2.c checkpoint, which carries no vocabulary to "
-                                                   "tokenize the text with; give the job a tokenizer_uri"));
+                                                   " carries no vocabulary to tokenize the text with; give the job "
+                                                   "a tokenizer_uri"));
   }
   const int context = model.config.seq_len;
   if (recipe->evaluation_window > context) {

@@ -25,7 +25,7 @@ inline constexpr int kDefaultMaxEvaluationTasks = 16;
 // SubmitJob's check of `recipe`'s evaluation fields (recipe.evaluation_text_uri non-empty): the text resolves
 // under `roots` to a regular file (missing: INVALID_ARGUMENT, outside the roots: PERMISSION_DENIED, both naming
 // recipe.evaluation_text_uri), there is a vocabulary to tokenize it (the job's tokenizer_uri, `tokenizer`, or
-// the source's own: a llama2.c checkpoint has none) and the window fits the model's context
+// the source's own, ModelDescription::has_vocab) and the window fits the model's context
 // (recipe.evaluation_window). Fills in the
 // text's realpath and, when the request left it unset, the task count: about four windows per task estimated
 // from the text's size, at most kDefaultMaxEvaluationTasks. `stored` (the request the job records) gets both.
