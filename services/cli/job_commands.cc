@@ -278,7 +278,6 @@ absl::Status Jobs(const std::vector<std::string>& args, std::ostream& out) {
                              absl::StrCat(j.progress().tasks_done(), "/", j.progress().tasks_total()), result, quality,
                              j.request().source_uri());
       if (!j.error().empty()) out << "       error: " << j.error() << "\n";
-
     }
     req.set_page_token(resp.next_page_token());
   } while (!req.page_token().empty());
