@@ -64,14 +64,19 @@ v1::CompleteTaskRequest Share(const std::vector<eval::WindowSums>& all, int part
   return req;
 }
 
+// The committed results in `committed`, as the scheduler's ResultRef answers (NOT_FOUND when absent).
+CommittedResult Lookup(const std::map<uint32_t, std::string>& committed) {
+  return [&committed](uint32_t t) -> absl::StatusOr<std::string> {
+    if (auto it = committed.find(t); it != committed.end()) return it->second;
+    return absl::NotFoundError("not committed");
+  };
+}
+
 TEST(EvaluationTest, SharesAreCheckedAndMergeInWindowOrderExactly) {
   const scheduler::Plan plan = ThreeShares();
   const std::vector<eval::WindowSums> all = TenWindows();
   std::map<uint32_t, std::string> committed;
-  const CommittedResult lookup = [&](uint32_t t) -> absl::StatusOr<std::string> {
-    if (auto it = committed.find(t); it != committed.end()) return it->second;
-    return absl::NotFoundError("not committed");
-  };
+  const CommittedResult lookup = Lookup(committed);
   // Committed in another order than the windows', as workers finish.
   for (int part : {2, 0, 1}) {
     auto r = CheckEvaluation(plan, 1 + part, Share(all, part), lookup, "share");
@@ -106,10 +111,7 @@ TEST(EvaluationTest, ImpossibleSharesAreRefusedNamingTheTask) {
   const scheduler::Plan plan = ThreeShares();
   const std::vector<eval::WindowSums> all = TenWindows();
   std::map<uint32_t, std::string> committed;
-  const CommittedResult lookup = [&](uint32_t t) -> absl::StatusOr<std::string> {
-    if (auto it = committed.find(t); it != committed.end()) return it->second;
-    return absl::NotFoundError("not committed");
-  };
+  const CommittedResult lookup = Lookup(committed);
   auto refused = [&](const v1::CompleteTaskRequest& req, uint32_t task, const std::string& has) {
     auto r = CheckEvaluation(plan, task, req, lookup, "task 1/7 (evaluate share 1 of 3)");
     ASSERT_FALSE(r.ok()) << has;
