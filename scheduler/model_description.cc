@@ -74,6 +74,7 @@ absl::StatusOr<ModelDescription> DescribeModel(const std::string& path) {
   ModelDescription d;
   d.source_uri = path;
   d.file_format = formats::FileFormatName(ff);
+  d.has_vocab = m.vocab.has_value();
   d.config = m.config;
   d.tensors.reserve(m.tensors.size());
   for (const auto& [name, t] : m.tensors) {

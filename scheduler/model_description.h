@@ -28,7 +28,9 @@ struct TensorDesc {
 
 struct ModelDescription {
   std::string source_uri;   // empty for described-only models
-  std::string file_format;  // "gguf", "safetensors", "llama2c" or "described"
+  std::string file_format;  // "gguf", "safetensors", "llama2.c" or "described"
+  // The file carries a vocabulary (known at DescribeModel time only: not part of a serialized plan).
+  bool has_vocab = false;
   ModelConfig config;
   int n_experts = 0;          // experts per MoE layer, 0 = dense
   int expert_hidden_dim = 0;  // FFN width of one expert

@@ -62,6 +62,7 @@ std::string Plan::Describe(uint32_t t) const {
       return absl::StrCat("quantize ", std::string(model.name(p.tensor)), " rows [", p.row_begin, ", ", p.row_end,
                           ")");
     case TaskKind::kCalibrate: return p.layer < 0 ? std::string("calibrate") : absl::StrCat("calibrate block ", p.layer);
+    case TaskKind::kEvaluate: return absl::StrCat("evaluate share ", p.row_begin, " of ", p.row_end);
     default: return TaskKindName(p.kind);
   }
 }
@@ -233,10 +234,18 @@ absl::StatusOr<Plan> PlanJob(ModelDescription model, const JobRecipe& recipe, co
   for (uint32_t q : quantize_tasks) add_dep(q);
   if (quantize_tasks.empty() && prev_calibrate >= 0) add_dep(static_cast<uint32_t>(prev_calibrate));
   if (!recipe.evaluation_text_uri.empty()) {
-    PlanTask e;
-    e.kind = TaskKind::kEvaluate;
-    add_task(e);
-    add_dep(a);
+    if (recipe.evaluation_tasks < 1 || recipe.evaluation_tasks > kMaxEvaluationTasks) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_tasks: must be 1..", kMaxEvaluationTasks,
+                                                     ", got ", recipe.evaluation_tasks));
+    }
+    for (int part = 0; part < recipe.evaluation_tasks; ++part) {
+      PlanTask e;
+      e.kind = TaskKind::kEvaluate;
+      e.row_begin = static_cast<uint32_t>(part);
+      e.row_end = static_cast<uint32_t>(recipe.evaluation_tasks);
+      add_task(e);
+      add_dep(a);
+    }
   }
   return plan;
 }
@@ -254,6 +263,9 @@ absl::Status ValidatePlan(const Plan& p) {
     const PlanTask& k = p.tasks[t];
     if (k.kind < TaskKind::kCalibrate || k.kind > TaskKind::kEvaluate) {
       return absl::DataLossError(absl::StrCat("plan: task ", t, " has an unknown kind"));
+    }
+    if (k.kind == TaskKind::kEvaluate && k.row_begin >= k.row_end) {
+      return absl::DataLossError(absl::StrCat("plan: evaluate task ", t, " is share ", k.row_begin, " of ", k.row_end));
     }
     if (k.kind == TaskKind::kQuantize) {
       if (k.tensor >= p.model.tensors.size() || k.config >= p.configs.size()) {

@@ -36,7 +36,13 @@ struct JobRecipe {
   int calibration_samples = 64;
   int calibration_length = 256;
   uint64_t calibration_seed = 1000;
-  std::string evaluation_text_uri;   // non-empty: an evaluate task after assemble
+  // Non-empty: `evaluation_tasks` evaluate tasks after assemble, each comparing the version with the source on
+  // one share of the text's windows (window tokens per window, 0: the context; the first `evaluation_chunks`
+  // windows, 0: all).
+  std::string evaluation_text_uri;
+  int evaluation_window = 0;
+  int evaluation_chunks = 0;
+  int evaluation_tasks = 1;
 };
 
 // The index into recipe.layers of the first rule whose pattern matches `tensor_name`; -1: the recipe's default.
@@ -49,6 +55,9 @@ struct PlanOptions {
   // whole job (layer -1), first in the plan, which every quantize task depends on: what workers run today.
   bool calibrate_per_block = false;
 };
+
+// At most this many evaluate tasks per job (recipe.evaluation_tasks).
+inline constexpr int kMaxEvaluationTasks = 1024;
 
 enum class TaskKind : uint8_t { kCalibrate = 1, kQuantize = 2, kAssemble = 3, kEvaluate = 4 };
 const char* TaskKindName(TaskKind k);
@@ -65,7 +74,7 @@ inline constexpr uint32_t kNoTensor = ~uint32_t{0};
 struct PlanTask {
   uint64_t input_bytes = 0;      // source bytes read (quantize), 0 otherwise
   uint32_t tensor = kNoTensor;   // quantize: index into ModelDescription::tensors
-  uint32_t row_begin = 0, row_end = 0;
+  uint32_t row_begin = 0, row_end = 0;  // evaluate: share row_begin of row_end (EvaluationSpec.part / parts)
   int32_t layer = -1;            // calibrate: the block (-1: every block, one task per job)
   uint16_t config = 0;           // quantize: index into Plan::configs
   TaskKind kind = TaskKind::kQuantize;

@@ -3,6 +3,7 @@
 #include <random>
 #include <set>
 
+#include "absl/strings/str_cat.h"
 #include "core/formats/formats.h"
 #include "core/model/synthetic.h"
 #include "gmock/gmock.h"
@@ -142,6 +143,38 @@ TEST(PlanTest, CalibratedMethodChainsCalibrateTasks) {
   }
   EXPECT_EQ(calib.size(), static_cast<size_t>(TinyTestConfig().n_layers));
   EXPECT_EQ(plan->tasks.back().kind, TaskKind::kEvaluate);
+}
+
+// Evaluation text: recipe.evaluation_tasks evaluate tasks after assemble, share i of n each, none before the
+// version exists; the count is checked and survives serialization.
+TEST(PlanTest, EvaluationIsSharedOverTasksAfterAssemble) {
+  JobRecipe r;
+  r.method = "q8_0";
+  r.evaluation_text_uri = "eval.txt";
+  r.evaluation_tasks = 3;
+  auto plan = PlanJob(TinyDescription(), r);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  const uint32_t n = static_cast<uint32_t>(plan->tasks.size());
+  ASSERT_GE(n, 4u);
+  const uint32_t assemble = n - 4;
+  EXPECT_EQ(plan->tasks[assemble].kind, TaskKind::kAssemble);
+  for (uint32_t part = 0; part < 3; ++part) {
+    const PlanTask& e = plan->tasks[assemble + 1 + part];
+    EXPECT_EQ(e.kind, TaskKind::kEvaluate);
+    EXPECT_EQ(e.row_begin, part);
+    EXPECT_EQ(e.row_end, 3u);
+    EXPECT_THAT(plan->DepsOf(assemble + 1 + part), ::testing::ElementsAre(assemble));
+    EXPECT_EQ(plan->Describe(assemble + 1 + part), absl::StrCat("evaluate share ", part, " of 3"));
+  }
+  auto back = DeserializePlan(SerializePlan(*plan));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->tasks.back().row_begin, 2u);
+  EXPECT_EQ(back->tasks.back().row_end, 3u);
+
+  r.evaluation_tasks = 0;
+  auto bad = PlanJob(TinyDescription(), r);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(bad.status().message(), ::testing::HasSubstr("recipe.evaluation_tasks"));
 }
 
 // What the service plans today: one calibrate task for the whole job (sampled streams need no text), first,

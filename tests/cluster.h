@@ -243,4 +243,17 @@ class Cluster {
   std::unique_ptr<qforge::v1::ArtifactService::Stub> artifacts_;
 };
 
+// Waits until `pred` holds for the cluster's task log, or fails after `timeout_s`; returns the events it saw.
+template <typename Pred>
+std::vector<TaskEvent> WaitForLog(Cluster& cluster, Pred pred, int timeout_s = 120) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  while (std::chrono::steady_clock::now() < deadline) {
+    auto events = ParseTaskLog(ReadFile(cluster.task_log()));
+    if (pred(events)) return events;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  ADD_FAILURE() << "the task log never reached the expected state";
+  return {};
+}
+
 }  // namespace qforge::testing

@@ -27,6 +27,7 @@ namespace {
 
 namespace v1 = qforge::v1;
 using testing::Cluster;
+using testing::WaitForLog;
 
 using testing::TempDir;
 const std::string kStories = testing::Stories260KPath();
@@ -130,18 +131,6 @@ std::vector<std::string> ListModelNames(Cluster& cluster) {
   return names;
 }
 
-// Waits until `pred` holds for the task log, or fails after `timeout_s`.
-template <typename Pred>
-std::vector<testing::TaskEvent> WaitForLog(Cluster& cluster, Pred pred, int timeout_s = 120) {
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-  while (std::chrono::steady_clock::now() < deadline) {
-    auto events = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
-    if (pred(events)) return events;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-  ADD_FAILURE() << "the task log never reached the expected state";
-  return {};
-}
 
 int Count(const std::vector<testing::TaskEvent>& events, const std::string& what) {
   return static_cast<int>(std::count_if(events.begin(), events.end(), [&](const auto& e) { return e.what == what; }));

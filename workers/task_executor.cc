@@ -19,6 +19,7 @@
 #include "storage/chunk_codec.h"
 #include "storage/model_store.h"
 #include "workers/calibrate_task.h"
+#include "workers/evaluate_task.h"
 
 namespace qforge::workers {
 namespace {
@@ -49,7 +50,12 @@ void SetShape(const std::vector<int64_t>& shape, google::protobuf::RepeatedField
 }  // namespace
 
 TaskExecutor::TaskExecutor(ExecutorOptions options)
-    : options_(std::move(options)), roots_(rpc::ResolveRoots(options_.allowed_roots)), pool_(options_.threads) {}
+    : options_(std::move(options)),
+      roots_(rpc::ResolveRoots(options_.allowed_roots)),
+      pool_(options_.threads),
+      evaluator_(std::make_unique<EvaluateTaskRunner>(options_.threads)) {}
+
+TaskExecutor::~TaskExecutor() = default;
 
 absl::StatusOr<std::shared_ptr<const Model>> TaskExecutor::OpenSource(const std::string& uri) {
   QF_RETURN_IF_ERROR(roots_.status());
@@ -84,6 +90,7 @@ absl::Status TaskExecutor::Execute(const qforge::v1::Task& task, ChunkSink& sink
   // Per-block calibrate tasks (layer >= 0, chained through stored hidden states) are the planned next step.
   const bool reads_source = task.kind() == qforge::v1::TASK_KIND_QUANTIZE ||
                             task.kind() == qforge::v1::TASK_KIND_ASSEMBLE ||
+                            task.kind() == qforge::v1::TASK_KIND_EVALUATE ||
                             (task.kind() == qforge::v1::TASK_KIND_CALIBRATE && task.layer() < 0);
   if (!reads_source) {
     return absl::UnimplementedError(absl::StrCat("task ", task.task_id(), ": ",
@@ -93,6 +100,7 @@ absl::Status TaskExecutor::Execute(const qforge::v1::Task& task, ChunkSink& sink
   QF_ASSIGN_OR_RETURN(const std::shared_ptr<const Model> source, OpenSource(task.source_uri()));
   if (task.kind() == qforge::v1::TASK_KIND_QUANTIZE) return Quantize(task, *source, sink, out, artifacts);
   if (task.kind() == qforge::v1::TASK_KIND_CALIBRATE) return Calibrate(task, *source, sink, out);
+  if (task.kind() == qforge::v1::TASK_KIND_EVALUATE) return evaluator_->Run(task, source, *roots_, artifacts, out);
   return Assemble(task, *source, sink, out);
 }
 

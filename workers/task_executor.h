@@ -45,17 +45,21 @@ struct ExecutorOptions {
   int cached_models = 2;
 };
 
+class EvaluateTaskRunner;  // evaluate_task.h
+
 class TaskExecutor {
  public:
   explicit TaskExecutor(ExecutorOptions options);
+  ~TaskExecutor();
 
   // Runs `task`, putting its bytes through `sink`, and fills the outputs / config_json / vocab_chunk_id /
   // tensors fields of `out` (not worker_id / task_id). Not safe for concurrent calls.
   // PERMISSION_DENIED for a source outside the allowed roots, NOT_FOUND for a missing source or tensor,
   // INVALID_ARGUMENT for a malformed task, FAILED_PRECONDITION when the task's encoding is not what its method
-  // produces or the method needs calibration and the task carries no statistics, UNIMPLEMENTED for evaluate tasks
-  // and per-block calibrate tasks. `artifacts` reads what a quantize task of a calibrated job names (its
-  // statistics and transformed weights); may be null for jobs without calibration.
+  // produces or the method needs calibration and the task carries no statistics, UNIMPLEMENTED for per-block
+  // calibrate tasks. `artifacts` reads what a quantize task of a calibrated job names (its statistics and
+  // transformed weights) and the version an evaluate task compares (evaluate_task.h); may be null for jobs
+  // without either.
   absl::Status Execute(const qforge::v1::Task& task, ChunkSink& sink, qforge::v1::CompleteTaskRequest* out,
                        ChunkSource* artifacts = nullptr);
 
@@ -87,6 +91,7 @@ class TaskExecutor {
   const absl::StatusOr<std::vector<std::string>> roots_;
   ThreadPool pool_;
   std::list<CachedModel> cache_;  // most recently used first
+  std::unique_ptr<EvaluateTaskRunner> evaluator_;
 };
 
 }  // namespace qforge::workers

@@ -19,34 +19,6 @@ constexpr int kChunk = 64;
 
 using Streams = std::vector<std::span<const int>>;
 
-absl::StatusOr<std::vector<std::span<const int>>> MakeWindows(const Streams& streams, int window, int max_seq_len,
-                                                              int vocab) {
-  if (window <= 0) window = max_seq_len;
-  if (window < 2) return absl::InvalidArgumentError(absl::StrCat("window of ", window, " tokens predicts nothing"));
-  if (window > max_seq_len) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("window of ", window, " tokens exceeds the model context ", max_seq_len));
-  }
-  std::vector<std::span<const int>> windows;
-  int64_t predictions = 0;
-  for (std::span<const int> s : streams) {
-    // Checked here because a window's last token is only ever a target, never a Forward input.
-    for (int id : s) {
-      if (id < 0 || id >= vocab) {
-        return absl::InvalidArgumentError(absl::StrCat("token id ", id, " outside [0, ", vocab, ")"));
-      }
-    }
-    for (size_t begin = 0; begin < s.size(); begin += window) {
-      const auto w = s.subspan(begin, std::min<size_t>(window, s.size() - begin));
-      if (w.size() < 2) continue;  // a lone trailing token has nothing to predict
-      windows.push_back(w);
-      predictions += static_cast<int64_t>(w.size()) - 1;
-    }
-  }
-  if (predictions == 0) return absl::InvalidArgumentError("evaluation needs at least two tokens in a window");
-  return windows;
-}
-
 // Feeds window w (all but its last token, which is only a target) through `model` from an empty cache,
 // kChunk tokens at a time, and calls fn(first position, count, logits [count, vocab]) after each chunk.
 absl::Status ForEachChunk(Transformer& model, std::span<const int> w, std::vector<float>& buf,
@@ -99,47 +71,8 @@ absl::StatusOr<CompareResult> CompareImpl(Transformer& base, Transformer& quant,
   }
   QF_ASSIGN_OR_RETURN(auto windows,
                       MakeWindows(streams, window, std::min(base.max_seq_len(), quant.max_seq_len()), base.vocab_size()));
-  const int vocab = base.vocab_size();
-  std::vector<float> base_buf, quant_buf;
-  std::vector<double> lp, lq;
-  double nll_base = 0.0, nll_quant = 0.0, kl_sum = 0.0, kl_max = 0.0;
-  int64_t count = 0, agree = 0;
-  base_buf.resize(static_cast<size_t>(kChunk) * vocab);
-  quant_buf.resize(static_cast<size_t>(kChunk) * vocab);
-  for (std::span<const int> w : windows) {
-    // Both models advance through the window chunk by chunk in lockstep, each on its own cache, so only
-    // one chunk of logits per model is held at a time.
-    base.Reset();
-    quant.Reset();
-    const int n_pred = static_cast<int>(w.size()) - 1;
-    for (int begin = 0; begin < n_pred; begin += kChunk) {
-      const int len = std::min(kChunk, n_pred - begin);
-      QF_RETURN_IF_ERROR(base.Forward(w.subspan(begin, len), begin, base_buf.data(), /*all_logits=*/true));
-      QF_RETURN_IF_ERROR(quant.Forward(w.subspan(begin, len), begin, quant_buf.data(), /*all_logits=*/true));
-      for (int i = 0; i < len; ++i) {
-        const std::span<const float> pb(base_buf.data() + static_cast<size_t>(i) * vocab, vocab);
-        const std::span<const float> pq(quant_buf.data() + static_cast<size_t>(i) * vocab, vocab);
-        LogSoftmax(pb, lp);
-        LogSoftmax(pq, lq);
-        const int target = w[begin + i + 1];
-        nll_base += NegLogLikelihood(lp, target);
-        nll_quant += NegLogLikelihood(lq, target);
-        const double kl = KlDivergence(lp, lq);
-        kl_sum += kl;
-        kl_max = std::max(kl_max, kl);
-        agree += ArgMax(pb) == ArgMax(pq);
-        ++count;
-      }
-    }
-  }
-  CompareResult r;
-  r.positions = count;
-  r.mean_kl = kl_sum / static_cast<double>(count);
-  r.max_kl = kl_max;
-  r.top1_agreement = static_cast<double>(agree) / static_cast<double>(count);
-  r.base = Finish(nll_base, count, static_cast<int64_t>(windows.size()));
-  r.quant = Finish(nll_quant, count, static_cast<int64_t>(windows.size()));
-  return r;
+  QF_ASSIGN_OR_RETURN(const std::vector<WindowSums> sums, CompareWindows(base, quant, windows));
+  return MergeWindows(sums);
 }
 
 Streams AsSpans(const std::vector<std::vector<int>>& streams) {
@@ -158,6 +91,107 @@ uint64_t StreamSeed(uint64_t seed, int index) {
 }
 
 }  // namespace
+
+absl::StatusOr<std::vector<std::span<const int>>> MakeWindows(const Streams& streams, int window, int max_seq_len,
+                                                              int vocab) {
+  if (window <= 0) window = max_seq_len;
+  if (window < 2) return absl::InvalidArgumentError(absl::StrCat("window of ", window, " tokens predicts nothing"));
+  if (window > max_seq_len) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("window of ", window, " tokens exceeds the model context ", max_seq_len));
+  }
+  std::vector<std::span<const int>> windows;
+  int64_t predictions = 0;
+  for (std::span<const int> s : streams) {
+    // Checked here because a window's last token is only ever a target, never a Forward input.
+    for (int id : s) {
+      if (id < 0 || id >= vocab) {
+        return absl::InvalidArgumentError(absl::StrCat("token id ", id, " outside [0, ", vocab, ")"));
+      }
+    }
+    for (size_t begin = 0; begin < s.size(); begin += window) {
+      const auto w = s.subspan(begin, std::min<size_t>(window, s.size() - begin));
+      if (w.size() < 2) continue;  // a lone trailing token has nothing to predict
+      windows.push_back(w);
+      predictions += static_cast<int64_t>(w.size()) - 1;
+    }
+  }
+  if (predictions == 0) return absl::InvalidArgumentError("evaluation needs at least two tokens in a window");
+  return windows;
+}
+
+absl::StatusOr<std::vector<std::span<const int>>> CompareWindowsOf(const Transformer& base, const Transformer& quant,
+                                                                   std::span<const int> tokens, int window) {
+  return MakeWindows(Streams{tokens}, window, std::min(base.max_seq_len(), quant.max_seq_len()), base.vocab_size());
+}
+
+void KeepFirstWindows(std::vector<int>& tokens, int chunks, int window, int max_seq_len) {
+  const size_t w = static_cast<size_t>(window > 0 ? window : max_seq_len);
+  if (chunks > 0 && tokens.size() > static_cast<size_t>(chunks) * w) tokens.resize(static_cast<size_t>(chunks) * w);
+}
+
+absl::StatusOr<std::vector<WindowSums>> CompareWindows(Transformer& base, Transformer& quant,
+                                                       std::span<const std::span<const int>> windows) {
+  if (base.vocab_size() != quant.vocab_size()) {
+    return absl::InvalidArgumentError(absl::StrCat("base has vocabulary ", base.vocab_size(), ", quantized model ",
+                                                   quant.vocab_size()));
+  }
+  const int vocab = base.vocab_size();
+  std::vector<float> base_buf(static_cast<size_t>(kChunk) * vocab), quant_buf(static_cast<size_t>(kChunk) * vocab);
+  std::vector<double> lp, lq;
+  std::vector<WindowSums> out;
+  out.reserve(windows.size());
+  for (std::span<const int> w : windows) {
+    // Both models advance through the window chunk by chunk in lockstep, each on its own cache, so only
+    // one chunk of logits per model is held at a time.
+    base.Reset();
+    quant.Reset();
+    WindowSums sums;
+    const int n_pred = static_cast<int>(w.size()) - 1;
+    for (int begin = 0; begin < n_pred; begin += kChunk) {
+      const int len = std::min(kChunk, n_pred - begin);
+      QF_RETURN_IF_ERROR(base.Forward(w.subspan(begin, len), begin, base_buf.data(), /*all_logits=*/true));
+      QF_RETURN_IF_ERROR(quant.Forward(w.subspan(begin, len), begin, quant_buf.data(), /*all_logits=*/true));
+      for (int i = 0; i < len; ++i) {
+        const std::span<const float> pb(base_buf.data() + static_cast<size_t>(i) * vocab, vocab);
+        const std::span<const float> pq(quant_buf.data() + static_cast<size_t>(i) * vocab, vocab);
+        LogSoftmax(pb, lp);
+        LogSoftmax(pq, lq);
+        const int target = w[begin + i + 1];
+        sums.nll_base += NegLogLikelihood(lp, target);
+        sums.nll_quant += NegLogLikelihood(lq, target);
+        const double kl = KlDivergence(lp, lq);
+        sums.kl_sum += kl;
+        sums.kl_max = std::max(sums.kl_max, kl);
+        sums.top1_agree += ArgMax(pb) == ArgMax(pq);
+        ++sums.positions;
+      }
+    }
+    out.push_back(sums);
+  }
+  return out;
+}
+
+CompareResult MergeWindows(std::span<const WindowSums> windows) {
+  double nll_base = 0.0, nll_quant = 0.0, kl_sum = 0.0, kl_max = 0.0;
+  int64_t count = 0, agree = 0;
+  for (const WindowSums& w : windows) {
+    nll_base += w.nll_base;
+    nll_quant += w.nll_quant;
+    kl_sum += w.kl_sum;
+    kl_max = std::max(kl_max, w.kl_max);
+    count += w.positions;
+    agree += w.top1_agree;
+  }
+  CompareResult r;
+  r.positions = count;
+  r.mean_kl = count > 0 ? kl_sum / static_cast<double>(count) : 0.0;
+  r.max_kl = kl_max;
+  r.top1_agreement = count > 0 ? static_cast<double>(agree) / static_cast<double>(count) : 0.0;
+  r.base = Finish(nll_base, count, static_cast<int64_t>(windows.size()));
+  r.quant = Finish(nll_quant, count, static_cast<int64_t>(windows.size()));
+  return r;
+}
 
 absl::StatusOr<PerplexityResult> Perplexity(Transformer& model, std::span<const int> tokens, int window) {
   return PerplexityImpl(model, Streams{tokens}, window);

@@ -35,13 +35,42 @@ struct CompareResult {
   PerplexityResult quant;
 };
 
+// One window's sums over its predicted positions, accumulated in double in position order. Comparisons sum each
+// window on its own and merge the windows in order (MergeWindows), so a comparison split over several processes
+// (the service's evaluate tasks, one share of the windows each) gives the very same doubles as one that ran whole.
+struct WindowSums {
+  double nll_base = 0.0, nll_quant = 0.0;  // sums of -log p(target)
+  double kl_sum = 0.0, kl_max = 0.0;       // KL(P_base || P_quant) summed, and its largest value
+  int64_t positions = 0;
+  int64_t top1_agree = 0;                  // positions where both argmaxes agree
+};
+
+// The windows an evaluation of `streams` visits, in order (see the top of this file; window <= 0 means
+// max_seq_len). INVALID_ARGUMENT for window 1 or above max_seq_len, token ids outside [0, vocab), or nothing
+// to predict.
+absl::StatusOr<std::vector<std::span<const int>>> MakeWindows(const std::vector<std::span<const int>>& streams,
+                                                              int window, int max_seq_len, int vocab);
+// The windows CompareModels(base, quant, tokens, window) visits (the smaller context of the two bounds them).
+absl::StatusOr<std::vector<std::span<const int>>> CompareWindowsOf(const Transformer& base, const Transformer& quant,
+                                                                   std::span<const int> tokens, int window);
+// llama-perplexity's --chunks N (`qforge eval --chunks`, the service's recipe.evaluation_chunks): keeps the
+// first `chunks` windows of a text's tokens; chunks <= 0 keeps everything. window <= 0 means max_seq_len.
+void KeepFirstWindows(std::vector<int>& tokens, int chunks, int window, int max_seq_len);
+
+// Both models over each of `windows`, one WindowSums per window. The models must share a vocabulary size.
+absl::StatusOr<std::vector<WindowSums>> CompareWindows(Transformer& base, Transformer& quant,
+                                                       std::span<const std::span<const int>> windows);
+// The comparison of consecutive windows from their sums, added in the order given.
+CompareResult MergeWindows(std::span<const WindowSums> windows);
+
 // Perplexity of `tokens` (one stream). INVALID_ARGUMENT for fewer than two tokens, window == 1, or bad ids.
 absl::StatusOr<PerplexityResult> Perplexity(Transformer& model, std::span<const int> tokens, int window = 0);
 // Several independent streams (e.g. SampleStreams' output): windows never span two streams.
 absl::StatusOr<PerplexityResult> Perplexity(Transformer& model, const std::vector<std::vector<int>>& streams,
                                             int window = 0);
 
-// Runs both models over the same windows. The models must share a vocabulary size.
+// Runs both models over the same windows (CompareWindows, then MergeWindows). The models must share a
+// vocabulary size.
 absl::StatusOr<CompareResult> CompareModels(Transformer& base, Transformer& quant, std::span<const int> tokens,
                                             int window = 0);
 absl::StatusOr<CompareResult> CompareModels(Transformer& base, Transformer& quant,

@@ -125,20 +125,26 @@ TEST(Compare, ModelAgainstItselfIsIdentical) {
   EXPECT_EQ(r->base.mean_nll, r->quant.mean_nll);
 }
 
-TEST(Compare, PerturbedWeightsDiverge) {
-  ModelConfig c = TinyTestConfig();
-  auto base_model = std::make_shared<Model>(MakeSyntheticModel(c, 14));
-  Model noisy = MakeSyntheticModel(c, 14);
-  std::mt19937 rng(5);
+// The synthetic model of `seed` with N(0, 0.05) noise (from `noise_seed`) added to every linear weight: a stand-in
+// for a quantized copy.
+std::shared_ptr<Model> NoisyCopy(const ModelConfig& c, uint32_t seed, uint32_t noise_seed) {
+  auto noisy = std::make_shared<Model>(MakeSyntheticModel(c, seed));
+  std::mt19937 rng(noise_seed);
   std::normal_distribution<float> noise(0.0f, 0.05f);
   for (const std::string& name : LinearWeightNames(c)) {
-    Tensor& t = noisy.tensors.at(name);
+    Tensor& t = noisy->tensors.at(name);
     std::vector<float> v(reinterpret_cast<const float*>(t.data), reinterpret_cast<const float*>(t.data) + t.numel());
     for (float& x : v) x += noise(rng);
     t = Tensor::FromFloats(name, t.shape, v);
   }
+  return noisy;
+}
+
+TEST(Compare, PerturbedWeightsDiverge) {
+  ModelConfig c = TinyTestConfig();
+  auto base_model = std::make_shared<Model>(MakeSyntheticModel(c, 14));
   auto a = Runtime(base_model);
-  auto b = Runtime(std::make_shared<Model>(std::move(noisy)));
+  auto b = Runtime(NoisyCopy(c, 14, 5));
   const auto tokens = Stream(100, c.vocab_size, 6);
   auto r = CompareModels(*a, *b, tokens, 50);
   ASSERT_TRUE(r.ok()) << r.status();
@@ -156,6 +162,48 @@ TEST(Compare, PerturbedWeightsDiverge) {
   other.vocab_size = 300;
   auto c2 = Runtime(std::make_shared<Model>(MakeSyntheticModel(other, 1)));
   EXPECT_FALSE(CompareModels(*a, *c2, tokens, 50).ok());
+}
+
+// The service's evaluate tasks each compute a share of the windows in their own process (fresh runtimes, other
+// thread counts); merging the shares' per-window sums in window order gives CompareModels' doubles exactly.
+TEST(Compare, SharesOfTheWindowsMergeToTheWholeExactly) {
+  ModelConfig c = TinyTestConfig();
+  auto base_model = std::make_shared<Model>(MakeSyntheticModel(c, 21));
+  std::shared_ptr<const Model> quant_model = NoisyCopy(c, 21, 8);
+  std::vector<int> tokens = Stream(700, c.vocab_size, 9);
+  KeepFirstWindows(tokens, 9, 70, 128);
+  ASSERT_EQ(tokens.size(), 630u);
+  auto a = Runtime(base_model);
+  auto b = Runtime(quant_model);
+  auto whole = CompareModels(*a, *b, tokens, 70);
+  ASSERT_TRUE(whole.ok()) << whole.status();
+  ASSERT_EQ(whole->base.windows, 9);
+
+  for (int parts : {1, 2, 4, 9, 12}) {
+    SCOPED_TRACE(parts);
+    std::vector<WindowSums> merged;
+    for (int part = 0; part < parts; ++part) {
+      auto x = Transformer::Create(base_model, {.threads = 1 + part % 3});
+      auto y = Transformer::Create(quant_model, {.threads = 1 + part % 2});
+      ASSERT_TRUE(x.ok() && y.ok());
+      auto windows = CompareWindowsOf(**x, **y, tokens, 70);
+      ASSERT_TRUE(windows.ok()) << windows.status();
+      const size_t n = windows->size(), begin = part * n / parts, end = (part + 1) * n / parts;
+      auto sums = CompareWindows(**x, **y, std::span(*windows).subspan(begin, end - begin));
+      ASSERT_TRUE(sums.ok()) << sums.status();
+      merged.insert(merged.end(), sums->begin(), sums->end());
+    }
+    const CompareResult r = MergeWindows(merged);
+    EXPECT_EQ(r.positions, whole->positions);
+    EXPECT_EQ(r.mean_kl, whole->mean_kl);
+    EXPECT_EQ(r.max_kl, whole->max_kl);
+    EXPECT_EQ(r.top1_agreement, whole->top1_agreement);
+    EXPECT_EQ(r.base.mean_nll, whole->base.mean_nll);
+    EXPECT_EQ(r.quant.mean_nll, whole->quant.mean_nll);
+    EXPECT_EQ(r.quant.perplexity, whole->quant.perplexity);
+    EXPECT_EQ(r.base.windows, 9);
+  }
+  EXPECT_GT(whole->mean_kl, 0.0);
 }
 
 TEST(SampleStreams, SeededAndIndependentPerStream) {

@@ -35,6 +35,11 @@ inline const std::set<std::string> kMethodBoolFlags = {"asym", "no-double-quant"
 absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodFromFlags(const Flags& f,
                                                                                        const std::string& usage);
 
+// The two lines `qforge eval --base` prints for a comparison of `what` ("text FILE"); `qforge submit --watch` and
+// `qforge watch` print them for a job's Job.quality, which holds the same numbers.
+std::string ComparisonLines(const std::string& what, double perplexity_base, double perplexity_model, int64_t tokens,
+                            double kl_mean, double kl_max, double top1_agreement);
+
 // Commands that run models (model_commands.cc).
 absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Methods(const std::vector<std::string>& args, std::ostream& out);

@@ -152,6 +152,14 @@ absl::Status ReportOutcome(const v1::Job& job, std::ostream& out) {
   out << absl::StrFormat("job %s succeeded: %s@%s (%s -> %s, %.2f s)\n", job.job_id(), job.result().name(),
                          job.result().version(), Mib(job.progress().bytes_in_total()), Mib(job.progress().bytes_out()),
                          (job.finished_unix_ms() - job.created_unix_ms()) / 1000.0);
+  if (job.has_quality()) {
+    const v1::QualityReport& q = job.quality();
+    // `qforge eval VERSION --base SOURCE --text FILE --window W` prints these very lines (same numbers).
+    out << absl::StrFormat("evaluation: %d windows of %d tokens of %s; base = the source, model = %s@%s\n",
+                           q.windows(), q.window(), q.text_source(), job.result().name(), job.result().version());
+    out << ComparisonLines(absl::StrCat("text ", q.text_source()), q.perplexity_base(), q.perplexity_quantized(),
+                           q.tokens(), q.kl_mean(), q.kl_max(), q.top1_agreement());
+  }
   return absl::OkStatus();
 }
 
@@ -167,7 +175,8 @@ absl::StatusOr<v1::Job> GetJob(v1::JobService::Stub& jobs, const std::string& jo
 
 absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
   std::set<std::string> value_flags = {"scheduler", "name", "tenant", "max-task-mib", "idempotency-key", "tokenizer",
-                                       "calib-text", "calib-streams", "calib-len", "calib-seed"};
+                                       "calib-text", "calib-streams", "calib-len", "calib-seed", "eval-text",
+                                       "eval-window", "eval-chunks", "eval-tasks"};
   std::set<std::string> bool_flags = {"watch", "quantize-embeddings"};
   value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
@@ -175,7 +184,8 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
   const std::string usage =
       "qforge submit MODEL --method M [--bits B] [--group G] [--asym] [--no-double-quant] [--quantize-embeddings] "
       "[--name NAME] [--tenant T] [--max-task-mib N] [--idempotency-key K] [--tokenizer TOK] "
-      "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--watch] [--scheduler HOST:PORT]";
+      "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] "
+      "[--eval-text FILE [--eval-window W] [--eval-chunks N] [--eval-tasks N]] [--watch] [--scheduler HOST:PORT]";
   QF_ASSIGN_OR_RETURN(auto method_and_params, MethodFromFlags(f, usage));
   QF_ASSIGN_OR_RETURN(int task_mib, f.GetInt("max-task-mib", 0, 0, 1 << 20));
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, usage));
@@ -210,6 +220,17 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
     QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("calib-seed", 1000));
     req.mutable_recipe()->set_calibration_seed(seed);
   }
+  // Evaluation after assembly (Job.quality): as `qforge eval --text FILE --window W --chunks N`.
+  if (f.Has("eval-text")) req.mutable_recipe()->set_evaluation_text_uri(absolute(f.Get("eval-text")));
+  for (const auto& [flag, set] : {std::pair<const char*, void (v1::Recipe::*)(int32_t)>{
+                                      "eval-window", &v1::Recipe::set_evaluation_window},
+                                  {"eval-chunks", &v1::Recipe::set_evaluation_chunks},
+                                  {"eval-tasks", &v1::Recipe::set_evaluation_tasks}}) {
+    if (!f.Has(flag)) continue;
+    if (!f.Has("eval-text")) return UsageError(absl::StrCat("--", flag, " needs --eval-text; usage: ", usage));
+    QF_ASSIGN_OR_RETURN(int n, f.GetInt(flag, 0, 1, 1 << 24));
+    (req.mutable_recipe()->*set)(n);
+  }
 
   const std::string address = SchedulerAddress(f);
   auto jobs = v1::JobService::NewStub(rpc::MakeChannel(address));
@@ -238,7 +259,8 @@ absl::Status Jobs(const std::vector<std::string>& args, std::ostream& out) {
   QF_RETURN_IF_ERROR(NeedPositional(f, 0, "qforge jobs [--tenant T] [--scheduler HOST:PORT]"));
   const std::string address = SchedulerAddress(f);
   auto jobs = v1::JobService::NewStub(rpc::MakeChannel(address));
-  out << absl::StrFormat("%-6s %-10s %-10s %-13s %-24s %s\n", "JOB", "TENANT", "STATE", "TASKS", "RESULT", "SOURCE");
+  out << absl::StrFormat("%-6s %-10s %-10s %-13s %-24s %-47s %s\n", "JOB", "TENANT", "STATE", "TASKS", "RESULT",
+                         "QUALITY (perplexity source->version, KL, top-1)", "SOURCE");
   v1::ListJobsRequest req;
   req.set_tenant(f.Get("tenant"));
   do {
@@ -246,9 +268,14 @@ absl::Status Jobs(const std::vector<std::string>& args, std::ostream& out) {
     if (grpc::Status s = jobs->ListJobs(CallContext().get(), req, &resp); !s.ok()) return CallError(s, address);
     for (const v1::Job& j : resp.jobs()) {
       const std::string result = j.has_result() ? absl::StrCat(j.result().name(), "@", j.result().version()) : "-";
-      out << absl::StrFormat("%-6s %-10s %-10s %-13s %-24s %s\n", j.job_id(), j.tenant().empty() ? "-" : j.tenant(),
-                             StateName(j.progress().state()),
-                             absl::StrCat(j.progress().tasks_done(), "/", j.progress().tasks_total()), result,
+      const v1::QualityReport& q = j.quality();
+      const std::string quality =
+          j.has_quality() ? absl::StrFormat("ppl %.4f->%.4f KL %.6f top-1 %.2f%%", q.perplexity_base(),
+                                            q.perplexity_quantized(), q.kl_mean(), 100.0 * q.top1_agreement())
+                          : "-";
+      out << absl::StrFormat("%-6s %-10s %-10s %-13s %-24s %-47s %s\n", j.job_id(),
+                             j.tenant().empty() ? "-" : j.tenant(), StateName(j.progress().state()),
+                             absl::StrCat(j.progress().tasks_done(), "/", j.progress().tasks_total()), result, quality,
                              j.request().source_uri());
       if (!j.error().empty()) out << "       error: " << j.error() << "\n";
     }

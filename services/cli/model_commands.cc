@@ -102,6 +102,15 @@ absl::StatusOr<calib::CalibrationStats> Calibrate(const Model& model, const Flag
 
 }  // namespace
 
+std::string ComparisonLines(const std::string& what, double perplexity_base, double perplexity_model, int64_t tokens,
+                            double kl_mean, double kl_max, double top1_agreement) {
+  return absl::StrCat(
+      absl::StrFormat("%s: perplexity base %.4f  model %.4f  (%d tokens)\n", what, perplexity_base, perplexity_model,
+                      tokens),
+      absl::StrFormat("%s: KL(base||model) mean %.6f max %.4f nats   top-1 agreement %.2f%%\n", what, kl_mean, kl_max,
+                      100.0 * top1_agreement));
+}
+
 absl::Status Methods(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {}, {}));
   QF_RETURN_IF_ERROR(NeedPositional(f, 0, "qforge methods"));
@@ -361,19 +370,17 @@ absl::Status Eval(const std::vector<std::string>& args, std::ostream& out) {
   }
 
   auto report = [&](const std::string& what, const eval::CompareResult& r) {
-    out << absl::StrFormat("%s: perplexity base %.4f  model %.4f  (%d tokens)\n", what, r.base.perplexity,
-                           r.quant.perplexity, r.quant.tokens);
-    out << absl::StrFormat("%s: KL(base||model) mean %.6f max %.4f nats   top-1 agreement %.2f%%\n", what,
-                           r.mean_kl, r.max_kl, 100.0 * r.top1_agreement);
+    out << ComparisonLines(what, r.base.perplexity, r.quant.perplexity, r.quant.tokens, r.mean_kl, r.max_kl,
+                           r.top1_agreement);
   };
 
   if (f.Has("text")) {
     if (!tokenizer) return absl::InvalidArgumentError("--text needs a tokenizer: pass --tokenizer");
     QF_ASSIGN_OR_RETURN(std::string text, ReadFileToString(f.Get("text")));
     QF_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text, /*add_bos=*/true));
-    // --chunks N: only the first N windows, as llama-perplexity's --chunks.
-    const size_t w = static_cast<size_t>(window > 0 ? window : subject->max_seq_len());
-    if (chunks > 0 && tokens.size() > static_cast<size_t>(chunks) * w) tokens.resize(static_cast<size_t>(chunks) * w);
+    // --chunks N: only the first N windows, as llama-perplexity's --chunks (and the service's evaluate tasks).
+    eval::KeepFirstWindows(tokens, chunks, window, base ? std::min(base->max_seq_len(), subject->max_seq_len())
+                                                        : subject->max_seq_len());
     const std::string what = absl::StrCat("text ", f.Get("text"));
     if (base) {
       QF_ASSIGN_OR_RETURN(eval::CompareResult r, eval::CompareModels(*base, *subject, tokens, window));

@@ -178,6 +178,40 @@ absl::StatusOr<scheduler::JobRecipe> RecipeFromProto(const qforge::v1::Recipe& r
   r.allow_fallback = !recipe.no_fallback();
   r.calibration_text_uri = recipe.calibration_text_uri();
   r.evaluation_text_uri = recipe.evaluation_text_uri();
+  if (recipe.eval_streams() != 0) {
+    return absl::UnimplementedError(
+        "recipe.eval_streams: evaluation on sampled streams is not run by the service; give evaluation_text_uri "
+        "(or run `qforge eval --streams`)");
+  }
+  // `qforge eval`'s --window / --chunks ranges; the context-length bound needs the model (SubmitJob checks it).
+  const bool windows_given =
+      recipe.has_evaluation_window() || recipe.has_evaluation_chunks() || recipe.has_evaluation_tasks();
+  if (windows_given && r.evaluation_text_uri.empty()) {
+    return absl::InvalidArgumentError(
+        "recipe.evaluation_window / evaluation_chunks / evaluation_tasks: given without evaluation_text_uri");
+  }
+  if (recipe.has_evaluation_window()) {
+    if (recipe.evaluation_window() < 2 || recipe.evaluation_window() > (1 << 24)) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_window: must be 2..", 1 << 24, ", got ",
+                                                     recipe.evaluation_window()));
+    }
+    r.evaluation_window = recipe.evaluation_window();
+  }
+  if (recipe.has_evaluation_chunks()) {
+    if (recipe.evaluation_chunks() < 1 || recipe.evaluation_chunks() > (1 << 24)) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_chunks: must be 1..", 1 << 24, ", got ",
+                                                     recipe.evaluation_chunks()));
+    }
+    r.evaluation_chunks = recipe.evaluation_chunks();
+  }
+  if (recipe.has_evaluation_tasks()) {
+    if (recipe.evaluation_tasks() < 1 || recipe.evaluation_tasks() > scheduler::kMaxEvaluationTasks) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_tasks: must be 1..",
+                                                     scheduler::kMaxEvaluationTasks, ", got ",
+                                                     recipe.evaluation_tasks()));
+    }
+    r.evaluation_tasks = recipe.evaluation_tasks();
+  }
   // The CLI's --calib-streams / --calib-len / --calib-seed ranges; the context length bound needs the model
   // (SubmitJob checks it).
   if (recipe.has_calibration_samples()) {

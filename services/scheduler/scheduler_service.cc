@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <filesystem>
 #include <map>
@@ -12,6 +13,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/base/status_macros.h"
@@ -26,6 +28,7 @@
 #include "services/metrics/process_metrics.h"
 #include "services/metrics/registry.h"
 #include "services/rpc/rpc_util.h"
+#include "services/scheduler/evaluation.h"
 #include "storage/chunk_codec.h"
 #include "storage/model_store.h"
 
@@ -93,15 +96,41 @@ std::string EncodeSliceResult(uint64_t nbytes, const std::vector<SliceChunk>& ch
   return out;
 }
 
+// The slice's reconstruction error as the worker reported it (its TensorReport), kept for Job.tensors: sums of
+// squared errors and of squared weights, so the slices of a tensor add up exactly. Appended as "@<sse>,<ssw>";
+// results committed without it (older ones, or a worker that sent no report) decode with `known = false`.
+struct SliceError {
+  bool known = false;
+  double squared_error = 0.0, squared_weights = 0.0;
+};
+
+std::string SliceErrorSuffix(const v1::TensorReport& report, int64_t elements) {
+  const double sse = report.rmse() * report.rmse() * static_cast<double>(elements);
+  // ||W||^2 = ||E||^2 / rel^2; a slice encoded without error (rel 0) leaves its weights' norm unknown but adds
+  // nothing to the tensor's error, which is what matters.
+  const double ssw = report.relative_error() > 0 ? sse / (report.relative_error() * report.relative_error()) : 0.0;
+  if (!std::isfinite(sse) || !std::isfinite(ssw) || sse < 0) return "";
+  return absl::StrFormat("@%.17g,%.17g", sse, ssw);
+}
+
 absl::Status DecodeSliceResult(const std::string& ref, uint64_t* nbytes, std::vector<SliceChunk>* chunks,
-                               std::string* format = nullptr) {
+                               std::string* format = nullptr, SliceError* error = nullptr) {
   const auto bad = [&] { return absl::DataLossError(absl::StrCat("malformed task result '", ref.substr(0, 80), "'")); };
   const size_t colon = ref.find(':');
   if (colon == std::string::npos) return bad();
   const size_t semi = ref.substr(0, colon).find(';');
   if (!absl::SimpleAtoi(ref.substr(0, std::min(colon, semi)), nbytes)) return bad();
   if (format != nullptr) *format = semi == std::string::npos ? "" : ref.substr(semi + 1, colon - semi - 1);
-  const std::string list = ref.substr(colon + 1);
+  const size_t at = ref.find('@', colon);
+  if (at != std::string::npos && error != nullptr) {
+    const std::vector<std::string> sums = absl::StrSplit(ref.substr(at + 1), ',');
+    if (sums.size() != 2 || !absl::SimpleAtod(sums[0], &error->squared_error) ||
+        !absl::SimpleAtod(sums[1], &error->squared_weights)) {
+      return bad();
+    }
+    error->known = true;
+  }
+  const std::string list = ref.substr(colon + 1, at == std::string::npos ? std::string::npos : at - colon - 1);
   if (list.empty()) return absl::OkStatus();
   for (const std::string& item : std::vector<std::string>(absl::StrSplit(list, ','))) {
     const size_t dot = item.find('.');
@@ -211,6 +240,34 @@ class SchedulerServer::Impl {
     return bytes;
   }
 
+  // Committed task results of job `id`, as evaluation.h reads them.
+  CommittedResult CommittedOf(JobId id) {
+    return [this, id](uint32_t t) { return sched().ResultRef({id, t}); };
+  }
+
+  // The manifest of the version job `id` committed (its assemble task's result), for its evaluate tasks.
+  absl::StatusOr<v1::Manifest> VersionOf(JobId id, const Plan& plan) {
+    for (uint32_t t = 0; t < plan.tasks.size(); ++t) {
+      if (plan.tasks[t].kind != TaskKind::kAssemble) continue;
+      QF_ASSIGN_OR_RETURN(const std::string ref, sched().ResultRef({id, t}));
+      QF_ASSIGN_OR_RETURN(const storage::ModelRef model, storage::ParseModelRef(ref));
+      return store().GetManifest(model);
+    }
+    return absl::FailedPreconditionError(absl::StrCat("job ", id, ": no assemble task"));
+  }
+
+  // Job.quality of a succeeded job, merged from its evaluate tasks once (their results never change again).
+  absl::StatusOr<std::optional<v1::QualityReport>> QualityOf(JobId id, const Plan& plan, const v1::Job& record) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = quality_.find(id); it != quality_.end()) return it->second;
+    }
+    QF_ASSIGN_OR_RETURN(auto q, MergeQuality(plan, record.request().recipe().evaluation_text_uri(), CommittedOf(id)));
+    std::lock_guard<std::mutex> l(mu_);
+    quality_[id] = q;
+    return q;
+  }
+
   // The job's identity (tenant, request, creation time), persisted inside its plan.
   absl::StatusOr<v1::Job> JobRecord(JobId id) {
     {
@@ -229,7 +286,56 @@ class SchedulerServer::Impl {
     return job;
   }
 
-  absl::StatusOr<v1::Job> DescribeJob(JobId id) {
+  // Job.tensors of a succeeded job: every quantized tensor of its version, format, shape, bits per weight and
+  // bytes from the manifest, the reconstruction error added up over the slices the workers reported (left 0 when
+  // a slice's report is missing). Built once: versions and committed results never change.
+  using TensorReports = google::protobuf::RepeatedPtrField<v1::TensorReport>;
+  absl::StatusOr<std::shared_ptr<const TensorReports>> TensorReportsOf(JobId id, const Plan& plan) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (auto it = tensor_reports_.find(id); it != tensor_reports_.end()) return it->second;
+    }
+    std::map<std::string, SliceError> errors;  // by tensor; known only if every slice's is
+    for (uint32_t t = 0; t < plan.tasks.size(); ++t) {
+      const scheduler::PlanTask& pt = plan.tasks[t];
+      if (pt.kind != TaskKind::kQuantize) continue;
+      QF_ASSIGN_OR_RETURN(const std::string ref, sched().ResultRef({id, t}));
+      uint64_t nbytes = 0;
+      std::vector<SliceChunk> chunks;
+      SliceError e;
+      QF_RETURN_IF_ERROR(DecodeSliceResult(ref, &nbytes, &chunks, nullptr, &e));
+      auto [it, first] = errors.try_emplace(std::string(plan.model.name(pt.tensor)), SliceError{.known = true});
+      it->second.known &= e.known;
+      it->second.squared_error += e.squared_error;
+      it->second.squared_weights += e.squared_weights;
+    }
+    QF_ASSIGN_OR_RETURN(const v1::Manifest manifest, VersionOf(id, plan));
+    auto reports = std::make_shared<TensorReports>();
+    for (const v1::ManifestTensor& mt : manifest.tensors()) {
+      auto it = errors.find(mt.name());
+      if (it == errors.end()) continue;  // copied, not quantized
+      int64_t elements = 1;
+      for (int64_t d : mt.shape()) elements *= d;
+      v1::TensorReport* r = reports->Add();
+      r->set_name(mt.name());
+      r->set_format(mt.format());
+      *r->mutable_shape() = mt.shape();
+      r->set_bits_per_weight(elements > 0 ? 8.0 * static_cast<double>(mt.nbytes()) / static_cast<double>(elements) : 0);
+      r->set_bytes_before(static_cast<uint64_t>(elements) * sizeof(float));
+      r->set_bytes_after(mt.nbytes());
+      const SliceError& e = it->second;
+      if (e.known && elements > 0) {
+        r->set_rmse(std::sqrt(e.squared_error / static_cast<double>(elements)));
+        r->set_relative_error(e.squared_weights > 0 ? std::sqrt(e.squared_error / e.squared_weights) : 0.0);
+      }
+    }
+    std::lock_guard<std::mutex> l(mu_);
+    tensor_reports_[id] = reports;
+    return std::shared_ptr<const TensorReports>(reports);
+  }
+
+  // `with_tensors`: also Job.tensors (GetJob; ListJobs and the watchers leave the per-tensor list out).
+  absl::StatusOr<v1::Job> DescribeJob(JobId id, bool with_tensors = false) {
     QF_ASSIGN_OR_RETURN(v1::Job job, JobRecord(id));
     QF_ASSIGN_OR_RETURN(scheduler::JobProgress p, sched().Progress(id, NowMs()));
     job.set_job_id(rpc::FormatJobId(id));
@@ -254,6 +360,12 @@ class SchedulerServer::Impl {
         job.mutable_result()->set_name(model->name);
         job.mutable_result()->set_version(absl::StrCat(model->version.value_or(0)));
         if (auto bytes = VersionBytes(id, *model); bytes.ok()) out->set_bytes_out(static_cast<int64_t>(*bytes));
+      }
+      QF_ASSIGN_OR_RETURN(const std::optional<v1::QualityReport> quality, QualityOf(id, *plan, job));
+      if (quality) *job.mutable_quality() = *quality;
+      if (with_tensors) {
+        QF_ASSIGN_OR_RETURN(const std::shared_ptr<const TensorReports> tensors, TensorReportsOf(id, *plan));
+        *job.mutable_tensors() = *tensors;
       }
     }
     return job;
@@ -280,10 +392,6 @@ class SchedulerServer::Impl {
       }
       calibration_text = *std::move(path);
     }
-    if (!recipe.evaluation_text_uri.empty()) {
-      return absl::UnimplementedError(
-          "recipe.evaluation_text_uri: evaluate tasks are not run by the distributed pipeline yet; use `qforge eval`");
-    }
     if (!req.idempotency_key().empty()) {
       std::lock_guard<std::mutex> l(mu_);
       if (auto it = idempotency_.find({req.tenant(), req.idempotency_key()}); it != idempotency_.end()) return it->second;
@@ -304,6 +412,10 @@ class SchedulerServer::Impl {
             vocab.ok() ? absl::StrCat(" (it has ", vocab->tokens.size(), ")") : absl::StrCat(": ", vocab.status().message())));
       }
     }
+    v1::Recipe stored_recipe = req.recipe();
+    if (!recipe.evaluation_text_uri.empty()) {
+      QF_RETURN_IF_ERROR(ResolveEvaluation(roots_, *description, tokenizer, &recipe, &stored_recipe));
+    }
     scheduler::PlanOptions plan_options;
     plan_options.max_task_input_bytes = req.max_task_bytes() > 0 ? req.max_task_bytes() : options_.max_task_bytes;
     if (calibration_text.empty() && recipe.calibration_length > description->config.seq_len) {
@@ -315,6 +427,7 @@ class SchedulerServer::Impl {
     v1::Job record;
     record.set_tenant(req.tenant());
     *record.mutable_request() = req;
+    *record.mutable_request()->mutable_recipe() = std::move(stored_recipe);
     record.mutable_request()->set_output_name(name);
     record.mutable_request()->set_tokenizer_uri(tokenizer);
     if (!calibration_text.empty()) record.mutable_request()->mutable_recipe()->set_calibration_text_uri(calibration_text);
@@ -392,6 +505,10 @@ class SchedulerServer::Impl {
       QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(leased.ref.job));
       QF_RETURN_IF_ERROR(QuantMetadata(*plan, record.request().recipe(), task->mutable_metadata()));
       task->set_tokenizer_uri(record.request().tokenizer_uri());
+    } else if (spec.kind == TaskKind::kEvaluate) {
+      QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(leased.ref.job));
+      QF_ASSIGN_OR_RETURN(const v1::Manifest version, VersionOf(leased.ref.job, *plan));
+      QF_RETURN_IF_ERROR(FillEvaluateTask(*plan, leased.ref.task, record, version, task));
     }
     return absl::OkStatus();
   }
@@ -625,8 +742,13 @@ class SchedulerServer::Impl {
       QF_ASSIGN_OR_RETURN(const std::vector<SliceChunk> chunks, AssignPlanes(out.chunk_ids(), sizes, planes, what));
       result = EncodeSliceResult(out.nbytes(), chunks,
                                  format == plan->configs[pt.config].format ? "" : FormatName(format));
+      if (req.tensors_size() == 1 && req.tensors(0).name() == out.name()) {
+        absl::StrAppend(&result, SliceErrorSuffix(req.tensors(0), rows * td.cols));
+      }
     } else if (pt.kind == TaskKind::kCalibrate && pt.layer < 0) {
       QF_ASSIGN_OR_RETURN(result, CheckCalibration(*plan, req, what));
+    } else if (pt.kind == TaskKind::kEvaluate) {
+      QF_ASSIGN_OR_RETURN(result, CheckEvaluation(*plan, ref.task, req, CommittedOf(ref.job), what));
     } else if (pt.kind == TaskKind::kAssemble) {
       // One assemble at a time: the check for an existing version and the commit must not interleave.
       std::lock_guard<std::mutex> l(assemble_mu_);
@@ -794,6 +916,7 @@ class SchedulerServer::Impl {
         in_succeeded += static_cast<double>(p->bytes_total);
         out_succeeded += static_cast<double>(job->progress().bytes_out());
       }
+      if (job.ok() && job->has_quality()) CollectQuality(r, *job);
     }
     for (const auto& [state, n] : by_state) {
       gauge("qforge_scheduler_jobs", "Jobs in the store by state", n, {{"state", scheduler::JobStateName(state)}});
@@ -835,6 +958,24 @@ class SchedulerServer::Impl {
     }
   }
 
+  // A succeeded job's Job.quality, labelled by job id (and by model for the two perplexities).
+  static void CollectQuality(metrics::Registry& r, const v1::Job& job) {
+    const v1::QualityReport& q = job.quality();
+    const metrics::Labels labels = {{"job_id", job.job_id()}};
+    auto gauge = [&r](const char* name, const char* help, double v, const metrics::Labels& l) {
+      if (auto g = r.GetGauge(name, help, l); g.ok()) (*g)->Set(v);
+    };
+    gauge("qforge_job_quality_kl", "Mean KL(source || version) per predicted token of a job's evaluation text, nats",
+          q.kl_mean(), labels);
+    gauge("qforge_job_quality_top1", "Fraction of a job's evaluation positions where source and version agree on the "
+          "most likely token", q.top1_agreement(), labels);
+    for (const auto& [model, ppl] : {std::pair<const char*, double>{"source", q.perplexity_base()},
+                                     {"version", q.perplexity_quantized()}}) {
+      gauge("qforge_job_quality_perplexity", "Perplexity of a job's evaluation text under the source and the version",
+            ppl, {{"job_id", job.job_id()}, {"model", model}});
+    }
+  }
+
   void RegisterRoutes(http::HttpServer& s) {
     s.Route("GET", "/metrics", [this](const http::Request&, http::ResponseWriter& w) {
       w.Send(200, metrics::kTextContentType, metrics_.Render());
@@ -855,7 +996,7 @@ class SchedulerServer::Impl {
       return grpc::Status::OK;
     }
     grpc::Status GetJob(grpc::ServerContext*, const v1::GetJobRequest* req, v1::Job* resp) override {
-      return Describe(req->job_id(), resp);
+      return Describe(req->job_id(), resp, /*with_tensors=*/true);
     }
     grpc::Status CancelJob(grpc::ServerContext*, const v1::CancelJobRequest* req, v1::Job* resp) override {
       auto id = rpc::ParseJobId(req->job_id());
@@ -910,10 +1051,10 @@ class SchedulerServer::Impl {
     }
 
    private:
-    grpc::Status Describe(const std::string& job_id, v1::Job* out) {
+    grpc::Status Describe(const std::string& job_id, v1::Job* out, bool with_tensors = false) {
       auto id = rpc::ParseJobId(job_id);
       if (!id.ok()) return rpc::ToGrpc(id.status());
-      auto job = impl_->DescribeJob(*id);
+      auto job = impl_->DescribeJob(*id, with_tensors);
       if (!job.ok()) return rpc::ToGrpc(job.status());
       *out = *std::move(job);
       return grpc::Status::OK;
@@ -1094,6 +1235,8 @@ class SchedulerServer::Impl {
   std::map<std::string, v1::RegisterWorkerRequest> workers_;
   std::map<JobId, uint64_t> output_bytes_;
   std::map<JobId, std::shared_ptr<const CalibrationIndex>> calibrations_;
+  std::map<JobId, std::optional<v1::QualityReport>> quality_;
+  std::map<JobId, std::shared_ptr<const TensorReports>> tensor_reports_;
   std::map<std::string, uint64_t> events_seen_;
   metrics::Registry metrics_;
 
