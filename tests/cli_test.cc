@@ -252,6 +252,24 @@ TEST(Cli, GptqCalibratesFromSampledStreams) {
   ExpectOneLineError(RunQforge("quantize --method gptq --calib-len 100000 " + kStories + " " + out), 2,
                      "--calib-len");
 }
+
+// --calib-sequential: the same streams, block i calibrated on the quantized blocks < i, so the file differs from
+// the one-pass one; without a calibrated method it is a usage error.
+TEST(Cli, SequentialCalibrationChangesTheResult) {
+  if (!HaveStories()) GTEST_SKIP() << kStories << " not present";
+  const std::string one_pass = ::testing::TempDir() + "/s260k-gptq3.safetensors";
+  const std::string sequential = ::testing::TempDir() + "/s260k-gptq3-seq.safetensors";
+  const std::string args = "quantize --method gptq --bits 3 --group 0 --calib-streams 4 --calib-len 64 ";
+  Result a = RunQforge(args + kStories + " " + one_pass);
+  ASSERT_EQ(a.exit_code, 0) << a.err;
+  Result b = RunQforge(args + "--calib-sequential " + kStories + " " + sequential);
+  ASSERT_EQ(b.exit_code, 0) << b.err;
+  EXPECT_TRUE(absl::StrContains(b.out, "calibration: sequential")) << b.out;
+  Result c = RunQforge("compare " + one_pass + " " + sequential);
+  EXPECT_NE(c.exit_code, 0) << c.out;  // some tensor's bytes differ
+  ExpectOneLineError(RunQforge("quantize --method q8_0 --calib-sequential " + kStories + " " + one_pass), 2,
+                     "--calib-sequential");
+}
 }  // namespace
 
 namespace {

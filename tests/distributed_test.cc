@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <set>
 
+#include "core/calib/block_chain.h"
 #include "core/calib/collect.h"
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
@@ -69,8 +70,9 @@ v1::SubmitJobRequest CalibratedRequest(const std::string& source, const std::str
 }
 
 // What `qforge quantize --method M --calib-streams N --calib-len L --calib-seed S` makes: the same streams sampled
-// from the source, CollectCalibration, PrepareModel for a method with a model transform, then QuantizeModel with
-// the statistics. Threads differ from the workers' on purpose: the bytes must not depend on them.
+// from the source, CollectCalibration block by block with the hidden states rounded as the service's calibrate
+// chain stores them, PrepareModel for a method with a model transform, then QuantizeModel with the statistics.
+// Threads differ from the workers' on purpose: the bytes must not depend on them.
 Model QuantizeCalibratedInProcess(const std::string& source, const std::string& method,
                                   const quant::QuantParams& params, Calibration c, Model* transformed = nullptr,
                                   const std::vector<quant::LayerRule>& layers = {}) {
@@ -81,7 +83,8 @@ Model QuantizeCalibratedInProcess(const std::string& source, const std::string& 
   EXPECT_TRUE(runner.ok()) << runner.status();
   auto tokens = eval::SampleStreams(**runner, c.samples, c.length, c.seed, 1.0f, in->vocab ? in->vocab->bos_id : 1);
   EXPECT_TRUE(tokens.ok()) << tokens.status();
-  auto stats = calib::CollectCalibration(*in, *tokens, calib::CalibrationOptions{.threads = 3});
+  auto stats = calib::CollectCalibration(
+      *in, *tokens, calib::CalibrationOptions{.threads = 3, .block_chain = calib::kChainActivationFormat});
   EXPECT_TRUE(stats.ok()) << stats.status();
   const quant::QuantMethod* m = quant::FindMethod(method);
   if (m->HasModelTransform()) {
@@ -134,6 +137,124 @@ std::vector<std::string> ListModelNames(Cluster& cluster) {
 
 int Count(const std::vector<testing::TaskEvent>& events, const std::string& what) {
   return static_cast<int>(std::count_if(events.begin(), events.end(), [&](const auto& e) { return e.what == what; }));
+}
+
+// gptq 4-bit, static groups of 32 in act-order: the calibrated tests' GPTQ recipe.
+quant::QuantParams GptqActOrder4g32() {
+  quant::QuantParams p = quant::FindMethod("gptq")->DefaultParams();
+  p.bits = 4;
+  p.group = 32;
+  p.act_order = true;
+  return p;
+}
+
+// The generated MoE models of these tests: vocabulary 512 (with tokens), top-2 routing; `shape` gives the rest.
+ModelConfig MoeConfig(ModelConfig shape) {
+  shape.vocab_size = 512;
+  shape.n_experts_used = 2;
+  return shape;
+}
+
+// Writes a generated model with a vocabulary under DIR/models (the cluster's allowed root); returns its path.
+std::string WriteMoeModel(const std::string& dir, const ModelConfig& c, uint64_t seed) {
+  std::filesystem::create_directories(dir + "/models");
+  const std::string path = dir + "/models/moe.gguf";
+  const absl::Status s = formats::WriteGguf(MakeSyntheticModel(c, seed, /*with_vocab=*/true), path);
+  EXPECT_TRUE(s.ok()) << s;
+  return path;
+}
+
+// The calibrate tasks of `job_id` in the order they were first leased (the chain's block order), and how often each
+// was leased.
+std::vector<std::pair<std::string, int>> CalibrateLeases(const std::vector<testing::TaskEvent>& events,
+                                                         const std::string& job_id) {
+  std::vector<std::pair<std::string, int>> leases;
+  for (const auto& e : events) {
+    if (e.what != "lease" || e.kind != "calibrate" || e.task.rfind(job_id + "/", 0) != 0) continue;
+    auto it = std::find_if(leases.begin(), leases.end(), [&](const auto& l) { return l.first == e.task; });
+    if (it == leases.end()) {
+      leases.push_back({e.task, 1});
+    } else {
+      ++it->second;
+    }
+  }
+  return leases;
+}
+
+// A calibrated job (CalibratedRequest) through `cluster`: submitted, waited for, its version compared byte for
+// byte with the in-process pipeline. Returns the job.
+v1::Job RunCalibratedJob(Cluster& cluster, const std::string& source, const std::string& method,
+                         const quant::QuantParams& params, const std::string& name, Calibration c,
+                         uint64_t max_task_bytes = 0) {
+  std::string job_id;
+  const grpc::Status submitted = cluster.Submit(CalibratedRequest(source, method, params, name, c, max_task_bytes),
+                                                &job_id);
+  EXPECT_TRUE(submitted.ok()) << submitted.error_message();
+  if (!submitted.ok()) return v1::Job();
+  const v1::Job job = cluster.WaitJob(job_id);
+  ExpectVersionEquals(cluster, job, QuantizeCalibratedInProcess(source, method, params, c));
+  return job;
+}
+
+// The per-block calibrate chain through crashes: the only worker is SIGKILLed as soon as it leased calibrate
+// block `worker_kill_block`; two workers carry on (one calibrates that block again once the lease expired, unless
+// the victim's completion had landed); the scheduler is SIGKILLed as soon as calibrate block n_layers - 1 is
+// leased — calibration still running — and restarted on the same store: no calibrate task committed before the
+// crash is leased again, the chain resumes from the stored hidden states, and the version equals the in-process
+// pipeline byte for byte.
+void ExpectChainSurvivesCrashes(const std::string& dir, const std::vector<std::string>& roots,
+                                const std::string& source, int n_layers, const std::string& method,
+                                const quant::QuantParams& params, Calibration c, uint64_t max_task_bytes,
+                                int worker_kill_block) {
+  SCOPED_TRACE(method);
+  Cluster cluster(dir, {.allowed_roots = roots, .lease_ms = 1500});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("victim");
+  std::string job_id;
+  const grpc::Status submitted =
+      cluster.Submit(CalibratedRequest(source, method, params, method + "-chain", c, max_task_bytes), &job_id);
+  ASSERT_TRUE(submitted.ok()) << submitted.error_message();
+  // The victim is the only worker: every lease so far is its.
+  WaitForLog(cluster, [&](const auto& events) {
+    return static_cast<int>(CalibrateLeases(events, job_id).size()) > worker_kill_block;
+  });
+  cluster.Kill("victim");
+  const auto at_kill = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
+  const std::string victim_block = CalibrateLeases(at_kill, job_id)[worker_kill_block].first;
+  cluster.StartWorker("w2");
+  cluster.StartWorker("w3");
+  WaitForLog(cluster, [&](const auto& events) {
+    return static_cast<int>(CalibrateLeases(events, job_id).size()) == n_layers;
+  });
+  cluster.Kill("scheduler");
+  const auto at_crash = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  const v1::Job job = cluster.WaitJob(job_id);
+  ExpectVersionEquals(cluster, job, QuantizeCalibratedInProcess(source, method, params, c));
+
+  const auto events = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
+  const auto leases = CalibrateLeases(events, job_id);
+  ASSERT_EQ(static_cast<int>(leases.size()), n_layers) << "one calibrate task per block";
+  std::set<std::string> committed_at_crash, committed;
+  for (size_t i = 0; i < events.size(); ++i) {
+    if (events[i].what != "commit") continue;
+    committed.insert(events[i].task);
+    if (i < at_crash.size()) committed_at_crash.insert(events[i].task);
+  }
+  EXPECT_FALSE(committed_at_crash.contains(leases.back().first)) << "the scheduler died after calibration";
+  int calibrations_after_restart = 0;
+  for (size_t i = at_crash.size(); i < events.size(); ++i) {
+    const auto& e = events[i];
+    if (e.what != "lease") continue;
+    EXPECT_FALSE(committed_at_crash.contains(e.task)) << e.task << " was committed before the crash, leased again";
+    if (e.kind == "calibrate") ++calibrations_after_restart;
+  }
+  for (const auto& [task, n] : leases) EXPECT_TRUE(committed.contains(task)) << task;
+  const int victim_block_leases =
+      std::find_if(leases.begin(), leases.end(), [&](const auto& l) { return l.first == victim_block; })->second;
+  std::cout << method << ": calibrate block " << worker_kill_block << " leased " << victim_block_leases
+            << " times (the victim's, then again after its lease expired unless its completion had landed); "
+            << calibrations_after_restart << " calibrate leases after the scheduler restart\n";
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -458,10 +579,7 @@ TEST(DistributedTest, CalibratedJobsMatchQuantizingInOneProcess) {
   cluster.StartWorker("w1", 2);
   cluster.StartWorker("w2");
 
-  quant::QuantParams gptq = quant::FindMethod("gptq")->DefaultParams();
-  gptq.bits = 4;
-  gptq.group = 32;
-  gptq.act_order = true;
+  const quant::QuantParams gptq = GptqActOrder4g32();
   quant::QuantParams awq = quant::FindMethod("awq")->DefaultParams();
   awq.bits = 4;
   awq.group = 32;
@@ -487,12 +605,39 @@ TEST(DistributedTest, CalibratedJobsMatchQuantizingInOneProcess) {
     EXPECT_NE(std::memcmp(before->data, after->data, before->nbytes), 0) << name << " is not changed by the fold";
   }
   EXPECT_GT(g.progress().tasks_total(), a.progress().tasks_total()) << "the 4 KiB budget should slice tensors";
-  // One calibrate task per job, leased once, first.
-  std::map<std::string, int> calibrate_leases;
-  for (const auto& e : testing::ParseTaskLog(testing::ReadFile(cluster.task_log()))) {
-    if (e.what == "lease" && e.kind == "calibrate") ++calibrate_leases[e.task];
+  // One calibrate task per block (stories260K has 5), each leased once, block 0 first in the plan.
+  const auto events = testing::ParseTaskLog(testing::ReadFile(cluster.task_log()));
+  for (const std::string& job : {gptq_job, awq_job}) {
+    const auto leases = CalibrateLeases(events, job);
+    ASSERT_EQ(leases.size(), 5u) << job;
+    EXPECT_EQ(leases.front().first, job + "/0");
+    for (const auto& [task, n] : leases) EXPECT_EQ(n, 1) << task;
   }
-  EXPECT_EQ(calibrate_leases, (std::map<std::string, int>{{gptq_job + "/0", 1}, {awq_job + "/0", 1}}));
+}
+
+// GPTQ and AWQ through the per-block chain with a worker SIGKILLed during calibration and the scheduler SIGKILLed
+// mid-chain (ExpectChainSurvivesCrashes): identical to the in-process pipeline.
+TEST(DistributedTest, CalibrateChainSurvivesWorkerAndSchedulerCrashes) {
+  const quant::QuantParams gptq = GptqActOrder4g32();
+  quant::QuantParams awq = quant::FindMethod("awq")->DefaultParams();
+  awq.bits = 4;
+  awq.group = 0;
+  const Calibration c{.samples = 16, .length = 128, .seed = 7};
+  // 4 KiB slices: hundreds of quantize tasks, which the chain's later blocks wait behind.
+  ExpectChainSurvivesCrashes(TempDir("chain-gptq"), {}, kStories, 5, "gptq", gptq, c, 4096, 1);
+  ExpectChainSurvivesCrashes(TempDir("chain-awq"), {}, kStories, 5, "awq", awq, c, 4096, 2);
+}
+
+// Ternary on a generated MoE through the chain and both crashes: each block's experts get their statistics from
+// the tokens the router sent them (pooled where too few, as in one process), identical to the in-process pipeline.
+TEST(DistributedTest, TernaryMoEChainSurvivesWorkerAndSchedulerCrashes) {
+  const std::string dir = TempDir("chain-moe");
+  const ModelConfig c = MoeConfig({.dim = 128, .hidden_dim = 256, .n_layers = 3, .n_heads = 4, .n_kv_heads = 2,
+                                   .seq_len = 128, .n_experts = 4});
+  const std::string path = WriteMoeModel(dir, c, 5);
+  const quant::QuantParams ternary = quant::FindMethod("ternary")->DefaultParams();
+  ExpectChainSurvivesCrashes(dir + "/cluster", {dir + "/models"}, path, c.n_layers, "ternary", ternary,
+                             Calibration{.samples = 8, .length = 64, .seed = 1000}, 8 << 10, 1);
 }
 
 // The other calibrated methods through scheduler + workers: SmoothQuant (a model transform and the w8a8 encoding)
@@ -715,19 +860,10 @@ TEST(DistributedTest, SpqrJobRecordsEachTensorsOutlierCount) {
 // layers and GB scale (docs/distributed.md).
 TEST(DistributedTest, MoEWithWorkerAndSchedulerKilledMatchesQuantizingInOneProcess) {
   const std::string dir = TempDir("moe");
-  ModelConfig c;
-  c.dim = 256;
-  c.hidden_dim = 512;
-  c.n_layers = 2;
-  c.n_heads = 4;
-  c.n_kv_heads = 4;
-  c.vocab_size = 512;
-  c.seq_len = 256;  // the recipe's default calibration length must fit, whatever the method
-  c.n_experts = 8;
-  c.n_experts_used = 2;
-  std::filesystem::create_directories(dir + "/models");
-  const std::string path = dir + "/models/moe.gguf";
-  ASSERT_TRUE(formats::WriteGguf(MakeSyntheticModel(c, 11, /*with_vocab=*/true), path).ok());
+  // seq_len 256: the recipe's default calibration length must fit, whatever the method.
+  const ModelConfig c = MoeConfig({.dim = 256, .hidden_dim = 512, .n_layers = 2, .n_heads = 4, .n_kv_heads = 4,
+                                   .seq_len = 256, .n_experts = 8});
+  const std::string path = WriteMoeModel(dir, c, 11);
 
   Cluster cluster(dir + "/cluster", {.allowed_roots = {dir + "/models"}, .lease_ms = 1500});
   ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
@@ -803,10 +939,7 @@ TEST(DistributedTest, MoEWithWorkerAndSchedulerKilledMatchesQuantizingInOneProce
   // calibrate task and fetched by every quantize task.
   const quant::QuantParams ternary = quant::FindMethod("ternary")->DefaultParams();
   const Calibration calib{.samples = 4, .length = 32, .seed = 1000};
-  std::string ternary_job;
-  ASSERT_TRUE(cluster.Submit(CalibratedRequest(path, "ternary", ternary, "moe-ternary", calib), &ternary_job).ok());
-  ExpectVersionEquals(cluster, cluster.WaitJob(ternary_job),
-                      QuantizeCalibratedInProcess(path, "ternary", ternary, calib));
+  RunCalibratedJob(cluster, path, "ternary", ternary, "moe-ternary", calib);
 
   // qmoe on the experts (whole-tensor tasks whatever the slice budget: variable-length rows), q8_0 elsewhere, as
   // bench/moe-table.sh quantizes the trained MoE.

@@ -1,6 +1,7 @@
-// The calibrate task and the artifacts it hands to quantize tasks (calibrate_task.h).
-#include "workers/calibrate_task.h"
-
+// The calibrate task (TaskExecutor::Calibrate, task_executor.h; docs/distributed.md, "Calibrated jobs"): one block
+// of the per-block chain — block i's statistics from block i-1's stored output hidden states (block 0: the
+// calibration tokens' embedding), the method's model transform on that block, and block i's output for block i+1 —
+// or, for a task of layer -1 (plans made before the chain), the whole model in one pass.
 #include <cstring>
 #include <map>
 #include <memory>
@@ -10,72 +11,20 @@
 #include "absl/strings/str_cat.h"
 #include "core/base/mapped_file.h"
 #include "core/base/status_macros.h"
+#include "core/calib/block_chain.h"
 #include "core/calib/collect.h"
 #include "core/calib/stats_codec.h"
 #include "core/eval/eval.h"
 #include "core/quant/quant_method.h"
+#include "core/quant/quantize_model.h"
 #include "core/runtime/transformer.h"
 #include "core/tokenizer/tokenizer.h"
 #include "services/rpc/rpc_util.h"
+#include "workers/task_executor.h"
 
 namespace qforge::workers {
-namespace {
 
 namespace v1 = qforge::v1;
-
-// The concatenated chunks `ids`, which must add up to `nbytes`.
-absl::StatusOr<std::vector<uint8_t>> FetchAll(const google::protobuf::RepeatedPtrField<std::string>& ids,
-                                              uint64_t nbytes, ChunkSource& artifacts, const std::string& what) {
-  std::vector<uint8_t> out;
-  out.reserve(nbytes);
-  for (const std::string& id : ids) {
-    QF_ASSIGN_OR_RETURN(std::vector<uint8_t> chunk, artifacts.Get(id));
-    if (out.size() + chunk.size() > nbytes) break;
-    out.insert(out.end(), chunk.begin(), chunk.end());
-  }
-  if (out.size() != nbytes) {
-    return absl::DataLossError(absl::StrCat(what, ": the chunks do not hold the ", nbytes, " bytes the task names"));
-  }
-  return out;
-}
-
-}  // namespace
-
-absl::StatusOr<std::optional<calib::LayerStats>> FetchTaskStats(const v1::Task& task, ChunkSource* artifacts) {
-  if (!task.has_stats()) return std::optional<calib::LayerStats>();
-  const std::string name = task.tensor_names_size() == 1 ? task.tensor_names(0) : std::string("?");
-  const std::string what = absl::StrCat("calibration statistics of '", name, "'");
-  if (artifacts == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(what, ": this executor has no artifact source to read them"));
-  }
-  QF_ASSIGN_OR_RETURN(const std::vector<uint8_t> bytes,
-                      FetchAll(task.stats().chunk_ids(), task.stats().nbytes(), *artifacts, what));
-  QF_ASSIGN_OR_RETURN(calib::LayerStats s, calib::DecodeLayerStats(bytes, what));
-  if (s.cols != task.stats().cols()) {
-    return absl::DataLossError(absl::StrCat(what, ": ", s.cols, " inputs, the task says ", task.stats().cols()));
-  }
-  return std::optional<calib::LayerStats>(std::move(s));
-}
-
-absl::StatusOr<std::optional<Tensor>> FetchTaskWeights(const v1::Task& task, const Tensor& source,
-                                                       ChunkSource* artifacts) {
-  if (!task.has_weights()) return std::optional<Tensor>();
-  const v1::StoredTensor& w = task.weights();
-  const std::string what = absl::StrCat("transformed weights of '", source.name, "'");
-  if (artifacts == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(what, ": this executor has no artifact source to read them"));
-  }
-  if (w.name() != source.name || w.format() != FormatName(WeightFormat::F32()) ||
-      !std::equal(w.shape().begin(), w.shape().end(), source.shape.begin(), source.shape.end()) ||
-      w.nbytes() != static_cast<uint64_t>(source.numel()) * sizeof(float)) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": the task names '", w.name().substr(0, 128), "' ",
-                                                   w.format().substr(0, 32), " of ", w.nbytes(), " bytes"));
-  }
-  QF_ASSIGN_OR_RETURN(const std::vector<uint8_t> bytes, FetchAll(w.chunk_ids(), w.nbytes(), *artifacts, what));
-  std::vector<float> values(static_cast<size_t>(source.numel()));
-  std::memcpy(values.data(), bytes.data(), bytes.size());
-  return std::optional<Tensor>(Tensor::FromFloats(source.name, source.shape, values));
-}
 
 absl::Status TaskExecutor::PutBytes(std::span<const uint8_t> bytes, ChunkSink& sink,
                                     google::protobuf::RepeatedPtrField<std::string>* ids) {
@@ -89,21 +38,17 @@ absl::Status TaskExecutor::PutBytes(std::span<const uint8_t> bytes, ChunkSink& s
   return absl::OkStatus();
 }
 
-// What `qforge quantize` does before QuantizeModel (services/cli/model_commands.cc, Calibrate): the same tokens
-// (the text, or SampleStreams with the same count, length, seed and BOS), CollectCalibration, PrepareModel, so
-// that the version equals the in-process result byte for byte. Deterministic: a re-run after a crash uploads the
-// same chunks.
-absl::Status TaskExecutor::Calibrate(const v1::Task& task, const Model& source, ChunkSink& sink,
-                                     v1::CompleteTaskRequest* out) {
-  Model model = source;  // tensors are views of the mapped file; the transform replaces the ones it changes
+// What `qforge quantize` tokenizes or samples (services/cli/model_commands.cc, Calibrate): the text, or
+// SampleStreams with the same count, length, seed and BOS. Sampling generates from the whole model: of the chain,
+// only block 0 with sampled streams reads every block's weights.
+absl::StatusOr<std::vector<std::vector<int>>> TaskExecutor::CalibrationTokens(const v1::Task& task, Model& model) {
   std::unique_ptr<Tokenizer> tokenizer;
   if (!task.tokenizer_uri().empty()) {
-    QF_RETURN_IF_ERROR(roots_.status());
-    QF_ASSIGN_OR_RETURN(const std::string path, rpc::ResolveUnderRoots(task.tokenizer_uri(), *roots_, "tokenizer"));
-    QF_ASSIGN_OR_RETURN(Vocab vocab, ReadVocabFile(path, source.config.vocab_size));
+    QF_ASSIGN_OR_RETURN(const std::string path, inputs_.Resolve(task.tokenizer_uri(), "tokenizer"));
+    QF_ASSIGN_OR_RETURN(Vocab vocab, ReadVocabFile(path, model.config.vocab_size));
     model.vocab = std::move(vocab);
     if (!task.calibration_text_uri().empty()) {
-      QF_ASSIGN_OR_RETURN(tokenizer, LoadTokenizer(path, source.config.vocab_size));
+      QF_ASSIGN_OR_RETURN(tokenizer, LoadTokenizer(path, model.config.vocab_size));
     }
   } else if (!task.calibration_text_uri().empty() && model.vocab) {
     QF_ASSIGN_OR_RETURN(tokenizer, TokenizerFromVocab(*model.vocab));
@@ -116,26 +61,55 @@ absl::Status TaskExecutor::Calibrate(const v1::Task& task, const Model& source, 
           "calibration text ", task.calibration_text_uri(), ": ", task.source_uri(),
           " has no vocabulary to tokenize it with; the job must name a tokenizer_uri"));
     }
-    QF_RETURN_IF_ERROR(roots_.status());
-    QF_ASSIGN_OR_RETURN(const std::string path,
-                        rpc::ResolveUnderRoots(task.calibration_text_uri(), *roots_, "calibration text"));
+    QF_ASSIGN_OR_RETURN(const std::string path, inputs_.Resolve(task.calibration_text_uri(), "calibration text"));
     QF_ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path));
     QF_ASSIGN_OR_RETURN(std::vector<int> ids, tokenizer->Encode(text, /*add_bos=*/true));
     tokens.push_back(std::move(ids));
-  } else {
-    if (task.calibration_samples() < 1 || task.calibration_length() < 2) {
-      return absl::InvalidArgumentError(absl::StrCat("calibrate task ", task.task_id(), ": ",
-                                                     task.calibration_samples(), " streams of ",
-                                                     task.calibration_length(), " tokens"));
-    }
-    QF_ASSIGN_OR_RETURN(auto runner, Transformer::Create(std::make_shared<const Model>(model),
-                                                         RuntimeOptions{.threads = options_.threads}));
-    const int bos = model.vocab ? model.vocab->bos_id : 1;
-    QF_ASSIGN_OR_RETURN(tokens, eval::SampleStreams(*runner, task.calibration_samples(), task.calibration_length(),
-                                                    task.calibration_seed(), 1.0f, bos));
+    return tokens;
   }
-  QF_ASSIGN_OR_RETURN(calib::CalibrationStats stats,
-                      calib::CollectCalibration(model, tokens, calib::CalibrationOptions{.threads = options_.threads}));
+  if (task.calibration_samples() < 1 || task.calibration_length() < 2) {
+    return absl::InvalidArgumentError(absl::StrCat("calibrate task ", task.task_id(), ": ",
+                                                   task.calibration_samples(), " streams of ",
+                                                   task.calibration_length(), " tokens"));
+  }
+  QF_ASSIGN_OR_RETURN(auto runner, Transformer::Create(std::make_shared<const Model>(model),
+                                                       RuntimeOptions{.threads = options_.threads}));
+  const int bos = model.vocab ? model.vocab->bos_id : 1;
+  return eval::SampleStreams(*runner, task.calibration_samples(), task.calibration_length(), task.calibration_seed(),
+                             1.0f, bos);
+}
+
+// Deterministic: a re-run after a crash uploads the same chunks. The chain stores hidden states in
+// calib::kChainActivationFormat, which `qforge quantize` rounds to as well (CollectCalibration's block_chain), so
+// the version equals the in-process result byte for byte.
+absl::Status TaskExecutor::Calibrate(const v1::Task& task, const Model& source, ChunkSink& sink,
+                                     v1::CompleteTaskRequest* out, ChunkSource* artifacts) {
+  const int n_layers = source.config.n_layers;
+  const int layer = task.layer();
+  if (layer < -1 || layer >= n_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("calibrate task ", task.task_id(), ": block ", layer, " of a model with ", n_layers));
+  }
+  Model model = source;  // tensors are views of the mapped file; the transform replaces the ones it changes
+  // A whole-model task (layer -1) runs the same chain in one process: the same bits as the per-block tasks.
+  const calib::CalibrationOptions options{.threads = options_.threads, .block_chain = calib::kChainActivationFormat};
+  calib::CalibrationStats stats;
+  calib::BlockActivations output;
+  if (layer < 0) {
+    QF_ASSIGN_OR_RETURN(const std::vector<std::vector<int>> tokens, CalibrationTokens(task, model));
+    QF_ASSIGN_OR_RETURN(stats, calib::CollectCalibration(model, tokens, options));
+  } else {
+    calib::BlockActivations input;
+    if (layer == 0) {
+      QF_ASSIGN_OR_RETURN(const std::vector<std::vector<int>> tokens, CalibrationTokens(task, model));
+      // Sampling read the whole model; the block needs only its own pages from here on.
+      if (options_.release_memory_between_tasks) MappedFile::DropResidentPages();
+      QF_ASSIGN_OR_RETURN(input, calib::EmbedCalibrationTokens(model, tokens, options));
+    } else {
+      QF_ASSIGN_OR_RETURN(input, inputs_.Activations(task, source.config.dim, artifacts));
+    }
+    QF_ASSIGN_OR_RETURN(stats, calib::CalibrateBlock(model, layer, input, options, &output));
+  }
 
   if (!task.params().method().empty()) {
     QF_ASSIGN_OR_RETURN(const auto resolved, rpc::ParamsFromProto(task.params(), "task.params"));
@@ -144,7 +118,11 @@ absl::Status TaskExecutor::Calibrate(const v1::Task& task, const Model& source, 
           absl::StrCat("calibrate task ", task.task_id(), ": method ", resolved.first->name(), " has no model transform"));
     }
     QF_RETURN_IF_ERROR(resolved.first->Validate(resolved.second));
-    QF_RETURN_IF_ERROR(resolved.first->PrepareModel(model, stats, resolved.second));
+    if (layer < 0) {
+      QF_RETURN_IF_ERROR(resolved.first->PrepareModel(model, stats, resolved.second));
+    } else {
+      QF_RETURN_IF_ERROR(quant::PrepareBlock(*resolved.first, model, layer, stats, resolved.second));
+    }
   }
 
   // One artifact per accumulator: q/k/v (and gate/up) share their LayerStats object, so they share the bytes.
@@ -180,6 +158,20 @@ absl::Status TaskExecutor::Calibrate(const v1::Task& task, const Model& source, 
     for (int64_t d : t.shape) stored->add_shape(d);
     stored->set_nbytes(t.nbytes);
     QF_RETURN_IF_ERROR(PutBytes(t.bytes(), sink, stored->mutable_chunk_ids()));
+  }
+
+  // The next block's input; the last block's output is read by nobody.
+  if (layer >= 0 && layer + 1 < n_layers) {
+    QF_ASSIGN_OR_RETURN(const std::string bytes, calib::EncodeActivations(output, calib::kChainActivationFormat));
+    v1::ActivationArtifact* a = out->mutable_activations();
+    a->set_layer(layer);
+    a->set_format(calib::ActivationFormatName(calib::kChainActivationFormat));
+    a->set_dim(output.dim);
+    a->set_windows(static_cast<int64_t>(output.windows.size()));
+    a->set_tokens(output.tokens());
+    a->set_nbytes(bytes.size());
+    QF_RETURN_IF_ERROR(
+        PutBytes({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}, sink, a->mutable_chunk_ids()));
   }
   return absl::OkStatus();
 }

@@ -28,7 +28,7 @@ absl::StatusOr<std::unique_ptr<Transformer>> Runner(std::shared_ptr<const Model>
 }  // namespace
 
 absl::Status EvaluateTaskRunner::Run(const v1::Task& task, const std::shared_ptr<const Model>& source,
-                                     const std::vector<std::string>& roots, ChunkSource* artifacts,
+                                     const TaskInputs& inputs, ChunkSource* artifacts,
                                      v1::CompleteTaskRequest* out) {
   const v1::EvaluationSpec& spec = task.evaluation();
   const std::string what = absl::StrCat("evaluate task ", task.task_id());
@@ -66,7 +66,7 @@ absl::Status EvaluateTaskRunner::Run(const v1::Task& task, const std::shared_ptr
   // vocabulary (which is the source's, or the tokenizer_uri's the version was given).
   std::unique_ptr<Tokenizer> tokenizer;
   if (!task.tokenizer_uri().empty()) {
-    QF_ASSIGN_OR_RETURN(const std::string path, rpc::ResolveUnderRoots(task.tokenizer_uri(), roots, "tokenizer"));
+    QF_ASSIGN_OR_RETURN(const std::string path, inputs.Resolve(task.tokenizer_uri(), "tokenizer"));
     QF_ASSIGN_OR_RETURN(tokenizer, LoadTokenizer(path, version.config.vocab_size));
   } else if (version.vocab) {
     QF_ASSIGN_OR_RETURN(tokenizer, TokenizerFromVocab(*version.vocab));
@@ -79,7 +79,7 @@ absl::Status EvaluateTaskRunner::Run(const v1::Task& task, const std::shared_ptr
     return absl::InvalidArgumentError(absl::StrCat(what, ": the tokenizer has ", tokenizer->vocab_size(),
                                                    " tokens, the model ", version.config.vocab_size));
   }
-  QF_ASSIGN_OR_RETURN(const std::string path, rpc::ResolveUnderRoots(spec.text_uri(), roots, "evaluation text"));
+  QF_ASSIGN_OR_RETURN(const std::string path, inputs.Resolve(spec.text_uri(), "evaluation text"));
   QF_ASSIGN_OR_RETURN(const std::string text, ReadFileToString(path));
   QF_ASSIGN_OR_RETURN(std::vector<int> tokens, tokenizer->Encode(text, /*add_bos=*/true));
 

@@ -12,7 +12,7 @@
 #include "absl/status/status.h"
 #include "core/model/model.h"
 #include "qforge/v1/worker.pb.h"
-#include "workers/task_executor.h"
+#include "workers/task_inputs.h"
 
 namespace qforge::workers {
 
@@ -21,11 +21,11 @@ class EvaluateTaskRunner {
   explicit EvaluateTaskRunner(int threads) : threads_(threads) {}
 
   // Runs evaluate task `task` against `source` (the job's source model); the version's chunks come from
-  // `artifacts`, the text and tokenizer must resolve under `roots`. Fills out->evaluation. INVALID_ARGUMENT for a
+  // `artifacts`, the text and tokenizer resolve through `inputs` (under the allowed roots). Fills out->evaluation. INVALID_ARGUMENT for a
   // malformed task, FAILED_PRECONDITION without an artifact source or a tokenizer for the text, the text's
   // NOT_FOUND / PERMISSION_DENIED naming it.
   absl::Status Run(const qforge::v1::Task& task, const std::shared_ptr<const Model>& source,
-                   const std::vector<std::string>& roots, ChunkSource* artifacts,
+                   const TaskInputs& inputs, ChunkSource* artifacts,
                    qforge::v1::CompleteTaskRequest* out);
 
  private:

@@ -1,14 +1,14 @@
 #include "workers/task_executor.h"
 
-#include <sys/stat.h>
+#include <malloc.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <cstring>
 #include <utility>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "core/base/mapped_file.h"
 #include "core/base/status_macros.h"
 #include "core/formats/formats.h"
 #include "core/kernels/kernels.h"
@@ -18,7 +18,6 @@
 #include "services/rpc/rpc_util.h"
 #include "storage/chunk_codec.h"
 #include "storage/model_store.h"
-#include "workers/calibrate_task.h"
 #include "workers/evaluate_task.h"
 
 namespace qforge::workers {
@@ -51,56 +50,41 @@ void SetShape(const std::vector<int64_t>& shape, google::protobuf::RepeatedField
 
 TaskExecutor::TaskExecutor(ExecutorOptions options)
     : options_(std::move(options)),
-      roots_(rpc::ResolveRoots(options_.allowed_roots)),
+      inputs_(TaskInputsOptions{.allowed_roots = options_.allowed_roots,
+                                .cached_models = options_.cached_models,
+                                .stats_cache_entries = options_.stats_cache_entries,
+                                .stats_cache_bytes = options_.stats_cache_bytes}),
       pool_(options_.threads),
       evaluator_(std::make_unique<EvaluateTaskRunner>(options_.threads)) {}
 
 TaskExecutor::~TaskExecutor() = default;
 
-absl::StatusOr<std::shared_ptr<const Model>> TaskExecutor::OpenSource(const std::string& uri) {
-  QF_RETURN_IF_ERROR(roots_.status());
-  QF_ASSIGN_OR_RETURN(const std::string real, rpc::ResolveUnderRoots(uri, *roots_, "source"));
-  struct stat st {};
-  if (::stat(real.c_str(), &st) != 0) {
-    return absl::NotFoundError(absl::StrCat("source '", uri, "': ", std::strerror(errno)));
-  }
-  const std::string key = absl::StrCat(real, "|", st.st_size, "|", st.st_mtim.tv_sec, ".", st.st_mtim.tv_nsec);
-  for (auto it = cache_.begin(); it != cache_.end(); ++it) {
-    if (it->key == key) {
-      cache_.splice(cache_.begin(), cache_, it);
-      return cache_.front().model;
-    }
-  }
-  auto loaded = formats::LoadModel(real);
-  if (!loaded.ok()) {
-    const absl::string_view msg = loaded.status().message();
-    if (absl::StrContains(msg, real)) return loaded.status();
-    return absl::Status(loaded.status().code(), absl::StrCat("source '", uri, "': ", msg));
-  }
-  auto model = std::make_shared<const Model>(*std::move(loaded));
-  if (options_.cached_models > 0) {
-    cache_.push_front({key, model});
-    if (cache_.size() > static_cast<size_t>(options_.cached_models)) cache_.pop_back();
-  }
-  return model;
-}
-
 absl::Status TaskExecutor::Execute(const qforge::v1::Task& task, ChunkSink& sink,
                                    qforge::v1::CompleteTaskRequest* out, ChunkSource* artifacts) {
-  // Per-block calibrate tasks (layer >= 0, chained through stored hidden states) are the planned next step.
+  absl::Status s = Run(task, sink, out, artifacts);
+  // The next task touches other pages (another block): what this one read need not stay resident.
+  if (options_.release_memory_between_tasks) {
+    MappedFile::DropResidentPages();
+    malloc_trim(0);
+  }
+  return s;
+}
+
+absl::Status TaskExecutor::Run(const qforge::v1::Task& task, ChunkSink& sink, qforge::v1::CompleteTaskRequest* out,
+                               ChunkSource* artifacts) {
   const bool reads_source = task.kind() == qforge::v1::TASK_KIND_QUANTIZE ||
                             task.kind() == qforge::v1::TASK_KIND_ASSEMBLE ||
                             task.kind() == qforge::v1::TASK_KIND_EVALUATE ||
-                            (task.kind() == qforge::v1::TASK_KIND_CALIBRATE && task.layer() < 0);
+                            task.kind() == qforge::v1::TASK_KIND_CALIBRATE;
   if (!reads_source) {
     return absl::UnimplementedError(absl::StrCat("task ", task.task_id(), ": ",
                                                  qforge::v1::TaskKind_Name(task.kind()),
                                                  " tasks are not run by workers yet"));
   }
-  QF_ASSIGN_OR_RETURN(const std::shared_ptr<const Model> source, OpenSource(task.source_uri()));
+  QF_ASSIGN_OR_RETURN(const std::shared_ptr<const Model> source, inputs_.Source(task.source_uri()));
   if (task.kind() == qforge::v1::TASK_KIND_QUANTIZE) return Quantize(task, *source, sink, out, artifacts);
-  if (task.kind() == qforge::v1::TASK_KIND_CALIBRATE) return Calibrate(task, *source, sink, out);
-  if (task.kind() == qforge::v1::TASK_KIND_EVALUATE) return evaluator_->Run(task, source, *roots_, artifacts, out);
+  if (task.kind() == qforge::v1::TASK_KIND_CALIBRATE) return Calibrate(task, *source, sink, out, artifacts);
+  if (task.kind() == qforge::v1::TASK_KIND_EVALUATE) return evaluator_->Run(task, source, inputs_, artifacts, out);
   return Assemble(task, *source, sink, out);
 }
 
@@ -142,9 +126,9 @@ absl::Status TaskExecutor::Quantize(const qforge::v1::Task& task, const Model& s
   const quant::QuantMethod& method = *resolved.first;
   const quant::QuantParams& params = resolved.second;
   // A calibrated job's task names its statistics and, where the model transform changed the tensor, its
-  // transformed weights (calibrate_task.h); QuantizeModel likewise passes every tensor's statistics.
-  QF_ASSIGN_OR_RETURN(const std::optional<calib::LayerStats> stats, FetchTaskStats(task, artifacts));
-  QF_ASSIGN_OR_RETURN(const std::optional<Tensor> transformed, FetchTaskWeights(task, *t, artifacts));
+  // transformed weights (task_inputs.h); QuantizeModel likewise passes every tensor's statistics.
+  QF_ASSIGN_OR_RETURN(const std::shared_ptr<const calib::LayerStats> stats, inputs_.Stats(task, artifacts));
+  QF_ASSIGN_OR_RETURN(const std::optional<Tensor> transformed, inputs_.Weights(task, *t, artifacts));
   if (method.NeedsCalibration() && !stats) {
     return absl::FailedPreconditionError(absl::StrCat("method '", method.name(), "' needs calibration statistics; task ",
                                                       task.task_id(), " carries none for '", name, "'"));
@@ -171,7 +155,7 @@ absl::Status TaskExecutor::Quantize(const qforge::v1::Task& task, const Model& s
   QF_ASSIGN_OR_RETURN(const Tensor slice, RowSlice(*t, row_begin, row_end, &scratch));
   quant::TensorQuantReport r;
   QF_ASSIGN_OR_RETURN(const Tensor encoded,
-                      quant::QuantizeTensor(slice, method, params, &pool_, &r, stats ? &*stats : nullptr));
+                      quant::QuantizeTensor(slice, method, params, &pool_, &r, stats.get()));
   // The task's format is the planned one; an spqr tensor's outlier count and a qmoe tensor's codeword count are
   // known only now, and the stored tensor carries them (the scheduler records what the worker reports).
   WeightFormat planned = encoded.format;
@@ -222,8 +206,7 @@ absl::Status TaskExecutor::Assemble(const qforge::v1::Task& task, const Model& s
 
   std::optional<Vocab> vocab_source = source.vocab;
   if (!task.tokenizer_uri().empty()) {
-    QF_RETURN_IF_ERROR(roots_.status());
-    QF_ASSIGN_OR_RETURN(const std::string path, rpc::ResolveUnderRoots(task.tokenizer_uri(), *roots_, "tokenizer"));
+    QF_ASSIGN_OR_RETURN(const std::string path, inputs_.Resolve(task.tokenizer_uri(), "tokenizer"));
     QF_ASSIGN_OR_RETURN(vocab_source, ReadVocabFile(path, source.config.vocab_size));
     if (static_cast<int>(vocab_source->tokens.size()) != source.config.vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat("tokenizer ", path, " has ", vocab_source->tokens.size(),

@@ -1,11 +1,11 @@
-// Runs one scheduler task on this machine: reads the source model, encodes a row slice (quantize) or copies the
-// tensors the job keeps unchanged (assemble), and hands the bytes to a ChunkSink. No gRPC here: the worker loop
-// (worker.h) supplies a sink over UploadChunk, tests an in-memory one.
+// Runs one scheduler task on this machine: calibrates one block of the chain (calibrate_task.cc), encodes a row
+// slice (quantize) or copies the tensors the job keeps unchanged (assemble), reading its inputs through
+// TaskInputs (task_inputs.h), and hands the bytes to a ChunkSink. No gRPC here: the worker loop (worker.h) supplies
+// a sink over UploadChunk and a source over GetChunk, tests in-memory ones.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <list>
 #include <memory>
 #include <span>
 #include <string>
@@ -16,6 +16,7 @@
 #include "core/base/thread_pool.h"
 #include "core/model/model.h"
 #include "qforge/v1/worker.pb.h"
+#include "workers/task_inputs.h"
 
 namespace qforge::workers {
 
@@ -27,14 +28,6 @@ class ChunkSink {
   virtual absl::StatusOr<std::string> Put(std::span<const uint8_t> bytes) = 0;
 };
 
-// Where a task's input artifacts come from (a calibrate task's uploads): GetChunk over ArtifactService in the
-// worker, a map in tests. Returned bytes must be the chunk's (checked against its content hash).
-class ChunkSource {
- public:
-  virtual ~ChunkSource() = default;
-  virtual absl::StatusOr<std::vector<uint8_t>> Get(const std::string& chunk_id) = 0;
-};
-
 struct ExecutorOptions {
   int threads = 1;
   // Source files must resolve (realpath) to a path under one of these; empty means no restriction.
@@ -43,6 +36,13 @@ struct ExecutorOptions {
   size_t chunk_bytes = size_t{16} << 20;
   // Loaded source models kept open between tasks.
   int cached_models = 2;
+  // Decoded calibration statistics kept between tasks (TaskInputsOptions).
+  int stats_cache_entries = 4;
+  size_t stats_cache_bytes = size_t{256} << 20;
+  // After each task, hand the source mappings' resident pages back to the page cache (MappedFile::
+  // DropResidentPages) and the heap's free memory back to the system (malloc_trim), so a worker's resident
+  // memory is one task's, not every block's it ever read.
+  bool release_memory_between_tasks = true;
 };
 
 class EvaluateTaskRunner;  // evaluate_task.h
@@ -56,26 +56,28 @@ class TaskExecutor {
   // tensors fields of `out` (not worker_id / task_id). Not safe for concurrent calls.
   // PERMISSION_DENIED for a source outside the allowed roots, NOT_FOUND for a missing source or tensor,
   // INVALID_ARGUMENT for a malformed task, FAILED_PRECONDITION when the task's encoding is not what its method
-  // produces or the method needs calibration and the task carries no statistics, UNIMPLEMENTED for per-block
-  // calibrate tasks. `artifacts` reads what a quantize task of a calibrated job names (its statistics and
-  // transformed weights) and the version an evaluate task compares (evaluate_task.h); may be null for jobs
-  // without either.
+  // produces or the method needs calibration and the task carries no statistics. `artifacts` reads what a task
+  // names from other tasks (a quantize task's statistics and transformed weights, a calibrate block's input hidden
+  // states, the version an evaluate task compares: evaluate_task.h); may be null for jobs without any.
   absl::Status Execute(const qforge::v1::Task& task, ChunkSink& sink, qforge::v1::CompleteTaskRequest* out,
                        ChunkSource* artifacts = nullptr);
 
- private:
-  struct CachedModel {
-    std::string key;  // realpath, size, mtime: a rewritten file is a different model
-    std::shared_ptr<const Model> model;
-  };
+  // What tasks read (the statistics cache's counters, for tests).
+  const TaskInputs& inputs() const { return inputs_; }
 
-  absl::StatusOr<std::shared_ptr<const Model>> OpenSource(const std::string& uri);
+ private:
+  absl::Status Run(const qforge::v1::Task& task, ChunkSink& sink, qforge::v1::CompleteTaskRequest* out,
+                   ChunkSource* artifacts);
   absl::Status Quantize(const qforge::v1::Task& task, const Model& source, ChunkSink& sink,
                         qforge::v1::CompleteTaskRequest* out, ChunkSource* artifacts);
-  // calibrate_task.cc: statistics of every linear input and the transformed tensors, uploaded through `sink`;
-  // `out` gets the artifacts (calibration) and the transformed tensors (outputs).
+  // calibrate_task.cc: statistics of every linear input of the task's block (layer -1: of the whole model) and
+  // the transformed tensors, uploaded through `sink`; `out` gets the artifacts (calibration), the transformed
+  // tensors (outputs) and, for a block below the last, the block's output hidden states (activations).
   absl::Status Calibrate(const qforge::v1::Task& task, const Model& source, ChunkSink& sink,
-                         qforge::v1::CompleteTaskRequest* out);
+                         qforge::v1::CompleteTaskRequest* out, ChunkSource* artifacts);
+  // The calibration tokens of a calibrate task (its text tokenized, or streams sampled from `model`, whose
+  // vocabulary becomes the task's tokenizer_uri's when it names one).
+  absl::StatusOr<std::vector<std::vector<int>>> CalibrationTokens(const qforge::v1::Task& task, Model& model);
   // Puts `bytes` in chunks of at most options_.chunk_bytes and appends their ids to `ids`.
   absl::Status PutBytes(std::span<const uint8_t> bytes, ChunkSink& sink,
                         google::protobuf::RepeatedPtrField<std::string>* ids);
@@ -87,10 +89,8 @@ class TaskExecutor {
   absl::Status PutChunked(const Tensor& t, ChunkSink& sink, qforge::v1::StoredTensor* stored);
 
   const ExecutorOptions options_;
-  // The allowed roots' realpaths, resolved once (a root that does not exist fails every task with its error).
-  const absl::StatusOr<std::vector<std::string>> roots_;
+  TaskInputs inputs_;
   ThreadPool pool_;
-  std::list<CachedModel> cache_;  // most recently used first
   std::unique_ptr<EvaluateTaskRunner> evaluator_;
 };
 

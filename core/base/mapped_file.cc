@@ -8,6 +8,8 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <mutex>
 #include <sstream>
 
 #include "absl/status/status.h"
@@ -22,7 +24,23 @@ absl::Status ErrnoStatus(const std::string& what, const std::string& path) {
   if (err == EACCES || err == EPERM) return absl::PermissionDeniedError(msg);
   return absl::InternalError(msg);
 }
+// Every live mapping (address -> length), for DropResidentPages.
+std::mutex& MappingsMutex() {
+  static std::mutex mu;
+  return mu;
+}
+std::map<const uint8_t*, size_t>& Mappings() {
+  static auto* m = new std::map<const uint8_t*, size_t>();
+  return *m;
+}
 }  // namespace
+
+void MappedFile::DropResidentPages() {
+  std::lock_guard<std::mutex> l(MappingsMutex());
+  for (const auto& [data, size] : Mappings()) {
+    ::madvise(const_cast<uint8_t*>(data), size, MADV_DONTNEED);  // advisory: nothing to do on failure
+  }
+}
 
 absl::StatusOr<std::shared_ptr<const MappedFile>> MappedFile::Open(const std::string& path) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -47,13 +65,20 @@ absl::StatusOr<std::shared_ptr<const MappedFile>> MappedFile::Open(const std::st
       return s;
     }
     data = static_cast<const uint8_t*>(p);
+    std::lock_guard<std::mutex> l(MappingsMutex());
+    Mappings()[data] = size;
   }
   ::close(fd);
   return std::shared_ptr<const MappedFile>(new MappedFile(path, data, size));
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (data_ == nullptr) return;
+  {
+    std::lock_guard<std::mutex> l(MappingsMutex());
+    Mappings().erase(data_);
+  }
+  ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
 absl::StatusOr<std::string> ReadFileToString(const std::string& path) {

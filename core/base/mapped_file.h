@@ -20,6 +20,12 @@ class MappedFile {
   MappedFile& operator=(const MappedFile&) = delete;
   ~MappedFile();
 
+  // Hands every live mapping's resident pages back to the page cache (madvise MADV_DONTNEED; the bytes are
+  // unchanged, a later read faults them in again from the file). A worker calls it after each task so that its
+  // resident memory holds the pages of the task at hand, not of every block it ever read (docs/distributed.md,
+  // memory bound).
+  static void DropResidentPages();
+
   std::span<const uint8_t> bytes() const { return {data_, size_}; }
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "core/calib/block_chain.h"
 #include "core/calib/collect.h"
 #include "core/calib/stats.h"
 #include "core/kernels/kernels.h"
@@ -320,6 +321,105 @@ TEST(CollectCalibrationTest, SparseExpertsAreCompletedFromTheLayersPool) {
   std::cout << completed << " expert statistics completed from the pool, " << kept << " kept\n";
   EXPECT_GT(completed, 0);
   EXPECT_GT(kept, 0);
+}
+
+// Random calibration streams of the given lengths.
+std::vector<std::vector<int>> RandomStreams(const ModelConfig& c, std::vector<int> lengths, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_int_distribution<int> tok(0, c.vocab_size - 1);
+  std::vector<std::vector<int>> streams;
+  for (int n : lengths) {
+    std::vector<int> st(static_cast<size_t>(n));
+    for (int& t : st) t = tok(rng);
+    streams.push_back(std::move(st));
+  }
+  return streams;
+}
+
+void ExpectSameStats(const CalibrationStats& a, const CalibrationStats& b) {
+  ASSERT_EQ(a.size(), b.size());
+  for (const auto& [name, s] : a) {
+    ASSERT_TRUE(b.count(name)) << name;
+    const LayerStats& t = *b.at(name);
+    EXPECT_EQ(s->tokens, t.tokens) << name;
+    EXPECT_EQ(s->pooled_tokens, t.pooled_tokens) << name;
+    EXPECT_EQ(s->hessian, t.hessian) << name;
+    EXPECT_EQ(s->mean_abs, t.mean_abs) << name;
+    EXPECT_EQ(s->max_abs, t.max_abs) << name;
+  }
+}
+
+// The block chain without rounding is the one pass, bit for bit, dense and MoE (windows longer than the
+// runtime's 64-token chunks included); the sharing of q/k/v and gate/up holds in it too. With fp16 between
+// blocks block 0 still agrees exactly (its input is the embedding either way), later blocks only closely.
+TEST(BlockChainTest, UnroundedChainIsTheOnePassAndFp16IsClose) {
+  for (const ModelConfig& c : {TinyTestConfig(), TinyMoeTestConfig()}) {
+    const Model model = MakeSyntheticModel(c, 11);
+    const auto streams = RandomStreams(c, {150, 37, 64}, 4);
+    CalibrationOptions o;
+    o.window = 100;
+    o.threads = 2;
+    auto one_pass = CollectCalibration(model, streams, o);
+    ASSERT_TRUE(one_pass.ok()) << one_pass.status();
+    CalibrationOptions chained = o;
+    chained.block_chain = ActivationFormat::kF32;
+    auto chain = CollectCalibration(model, streams, chained);
+    ASSERT_TRUE(chain.ok()) << chain.status();
+    ExpectSameStats(*one_pass, *chain);
+    for (int l = 0; l < c.n_layers; ++l) {
+      EXPECT_EQ(chain->at(names::AttnQ(l)).get(), chain->at(names::AttnV(l)).get());
+    }
+
+    chained.block_chain = ActivationFormat::kF16;
+    auto f16 = CollectCalibration(model, streams, chained);
+    ASSERT_TRUE(f16.ok()) << f16.status();
+    ASSERT_EQ(f16->size(), one_pass->size());
+    EXPECT_EQ(f16->at(names::AttnQ(0))->hessian, one_pass->at(names::AttnQ(0))->hessian);
+    const std::string last = names::AttnQ(c.n_layers - 1);
+    const std::vector<double>& h16 = f16->at(last)->hessian;
+    const std::vector<double>& h32 = one_pass->at(last)->hessian;
+    EXPECT_NE(h16, h32);  // rounded inputs
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < h32.size(); ++i) {
+      diff += (h16[i] - h32[i]) * (h16[i] - h32[i]);
+      norm += h32[i] * h32[i];
+    }
+    EXPECT_LT(std::sqrt(diff / norm), 1e-2) << last;
+  }
+}
+
+// Block by block: each step reads only its input and gives the next one's; running one step twice gives the
+// same bits (what a re-run calibrate task must upload); the last step carries the classifier's statistics.
+TEST(BlockChainTest, StepsChainAndRepeatExactly) {
+  const ModelConfig c = TinyTestConfig();
+  const Model model = MakeSyntheticModel(c, 12);
+  const auto streams = RandomStreams(c, {40, 40}, 6);
+  CalibrationOptions o;
+  o.threads = 1;
+  auto x = EmbedCalibrationTokens(model, streams, o);
+  ASSERT_TRUE(x.ok()) << x.status();
+  EXPECT_EQ(x->windows, (std::vector<int32_t>{40, 40}));
+  EXPECT_EQ(x->tokens(), 80);
+  BlockActivations a = *x;
+  for (int l = 0; l < c.n_layers; ++l) {
+    BlockActivations out, again;
+    auto s = CalibrateBlock(model, l, a, o, &out);
+    auto s2 = CalibrateBlock(model, l, a, o, &again);
+    ASSERT_TRUE(s.ok() && s2.ok()) << s.status();
+    ExpectSameStats(*s, *s2);
+    EXPECT_EQ(out.values, again.values);
+    EXPECT_EQ(s->count(names::AttnQ(l)), 1u);
+    EXPECT_EQ(s->count(names::kOutput) + s->count(names::kTokenEmbd), l == c.n_layers - 1 ? 1u : 0u) << l;
+    BlockActivations plain;
+    ASSERT_TRUE(RunBlock(model, l, a, 1, &plain).ok());
+    EXPECT_EQ(plain.values, out.values);
+    ASSERT_TRUE(RoundActivations(out, ActivationFormat::kF16).ok());
+    a = std::move(out);
+  }
+  BlockActivations wrong = *x;
+  wrong.dim = c.dim + 1;
+  EXPECT_EQ(CalibrateBlock(model, 0, wrong, o, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(CalibrateBlock(model, c.n_layers, *x, o, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/base/status_macros.h"
+#include "core/calib/accumulators.h"
+#include "core/calib/block_chain.h"
 #include "core/runtime/transformer.h"
 
 namespace qforge::calib {
@@ -61,53 +63,89 @@ void PoolSparseExperts(const std::vector<std::string>& experts,
 
 }  // namespace
 
-absl::StatusOr<CalibrationStats> CollectCalibration(const Model& model, const std::vector<std::vector<int>>& streams,
-                                                    const CalibrationOptions& options) {
-  const ModelConfig& c = model.config;
-  // Which accumulator each observed weight feeds. Weights reading the same activations as an earlier one
-  // (k, v after q; up after gate) map to nullptr: their input is the very same buffer, counted once.
-  std::map<std::string, std::unique_ptr<StatsAccumulator>> accumulators;
-  std::map<std::string, std::string> source;  // weight name -> the name whose accumulator holds its stats
+LinearAccumulators::LinearAccumulators(const ModelConfig& c, int first, int last, bool classifier)
+    : config_(c), first_(first), last_(last) {
   auto add = [&](const std::string& name, int64_t cols) {
-    accumulators[name] = std::make_unique<StatsAccumulator>(cols);
-    source[name] = name;
+    accumulators_[name] = std::make_unique<StatsAccumulator>(cols);
+    source_[name] = name;
   };
-  for (int l = 0; l < c.n_layers; ++l) {
+  for (int l = first; l < last; ++l) {
     add(names::AttnQ(l), c.dim);
-    source[names::AttnK(l)] = names::AttnQ(l);
-    source[names::AttnV(l)] = names::AttnQ(l);
+    source_[names::AttnK(l)] = names::AttnQ(l);
+    source_[names::AttnV(l)] = names::AttnQ(l);
     add(names::AttnOutput(l), c.dim);
     if (!c.is_moe()) {
       add(names::FfnGate(l), c.dim);
-      source[names::FfnUp(l)] = names::FfnGate(l);
+      source_[names::FfnUp(l)] = names::FfnGate(l);
       add(names::FfnDown(l), c.hidden_dim);
       continue;
     }
     // Each expert sees only the tokens routed to it: its statistics are its own.
     for (int e = 0; e < c.n_experts; ++e) {
       add(names::FfnGateExpert(l, e), c.dim);
-      source[names::FfnUpExpert(l, e)] = names::FfnGateExpert(l, e);
+      source_[names::FfnUpExpert(l, e)] = names::FfnGateExpert(l, e);
       add(names::FfnDownExpert(l, e), c.hidden_dim);
     }
   }
-  const std::string classifier = c.tied_embeddings ? names::kTokenEmbd : names::kOutput;
-  if (options.include_classifier) add(classifier, c.dim);
+  if (classifier) {
+    const std::string name = c.tied_embeddings ? names::kTokenEmbd : names::kOutput;
+    add(name, c.dim);
+    classifier_ = accumulators_.at(name).get();
+  }
+}
 
-  absl::Status observer_error;
-  RuntimeOptions ro;
-  ro.threads = options.threads;
-  ro.linear_observer = [&](const std::string& name, const float* x, int n, int cols) {
-    auto it = accumulators.find(name);
-    if (it == accumulators.end()) return;
+RuntimeOptions::LinearObserver LinearAccumulators::Observer() {
+  return [this](const std::string& name, const float* x, int n, int cols) {
+    auto it = accumulators_.find(name);
+    if (it == accumulators_.end()) return;
     if (cols != it->second->cols()) {
-      if (observer_error.ok()) {
-        observer_error = absl::InternalError(
+      if (error_.ok()) {
+        error_ = absl::InternalError(
             absl::StrCat(name, ": observed ", cols, " input columns, expected ", it->second->cols()));
       }
       return;
     }
     it->second->Add(x, n);
   };
+}
+
+CalibrationStats LinearAccumulators::Finish(bool pool_sparse_experts) {
+  std::map<std::string, std::shared_ptr<const LayerStats>> finished;
+  for (auto& [name, acc] : accumulators_) finished[name] = std::make_shared<const LayerStats>(acc->Finish());
+  if (config_.is_moe() && pool_sparse_experts) {
+    for (int l = first_; l < last_; ++l) {
+      for (auto expert_name : {&names::FfnGateExpert, &names::FfnDownExpert}) {
+        std::vector<std::string> experts;
+        for (int e = 0; e < config_.n_experts; ++e) experts.push_back((*expert_name)(l, e));
+        PoolSparseExperts(experts, finished);
+      }
+    }
+  }
+  CalibrationStats out;
+  for (const auto& [name, from] : source_) out[name] = finished.at(from);
+  return out;
+}
+
+absl::StatusOr<CalibrationStats> CollectCalibration(const Model& model, const std::vector<std::vector<int>>& streams,
+                                                    const CalibrationOptions& options) {
+  if (options.block_chain) {
+    // Block by block, rounding the hidden states between blocks as the distributed chain stores them.
+    QF_ASSIGN_OR_RETURN(BlockActivations x, EmbedCalibrationTokens(model, streams, options));
+    CalibrationStats out;
+    for (int l = 0; l < model.config.n_layers; ++l) {
+      BlockActivations next;
+      QF_ASSIGN_OR_RETURN(CalibrationStats block, CalibrateBlock(model, l, x, options, &next));
+      QF_RETURN_IF_ERROR(RoundActivations(next, *options.block_chain));
+      out.merge(block);
+      x = std::move(next);
+    }
+    return out;
+  }
+  const ModelConfig& c = model.config;
+  LinearAccumulators accumulators(c, 0, c.n_layers, options.include_classifier);
+  RuntimeOptions ro;
+  ro.threads = options.threads;
+  ro.linear_observer = accumulators.Observer();
   QF_ASSIGN_OR_RETURN(std::unique_ptr<Transformer> runtime,
                       Transformer::Create(std::make_shared<const Model>(model), ro));
   const int window = options.window > 0 ? std::min(options.window, runtime->max_seq_len()) : runtime->max_seq_len();
@@ -124,26 +162,12 @@ absl::StatusOr<CalibrationStats> CollectCalibration(const Model& model, const st
       }
       runtime->Reset();
       QF_RETURN_IF_ERROR(runtime->Forward(tokens, 0, out, /*all_logits=*/true));
-      QF_RETURN_IF_ERROR(observer_error);
+      QF_RETURN_IF_ERROR(accumulators.status());
       total += static_cast<int64_t>(len);
     }
   }
   if (total == 0) return absl::InvalidArgumentError("CollectCalibration: no calibration tokens");
-
-  std::map<std::string, std::shared_ptr<const LayerStats>> finished;
-  for (auto& [name, acc] : accumulators) finished[name] = std::make_shared<const LayerStats>(acc->Finish());
-  if (c.is_moe() && options.pool_sparse_experts) {
-    for (int l = 0; l < c.n_layers; ++l) {
-      for (auto expert_name : {&names::FfnGateExpert, &names::FfnDownExpert}) {
-        std::vector<std::string> experts;
-        for (int e = 0; e < c.n_experts; ++e) experts.push_back((*expert_name)(l, e));
-        PoolSparseExperts(experts, finished);
-      }
-    }
-  }
-  CalibrationStats out;
-  for (const auto& [name, from] : source) out[name] = finished.at(from);
-  return out;
+  return accumulators.Finish(options.pool_sparse_experts);
 }
 
 }  // namespace qforge::calib

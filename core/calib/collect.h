@@ -2,14 +2,15 @@
 // accumulates, per linear weight, the statistics of its inputs (stats.h).
 //
 // Every block is calibrated on the activations of the model it is given (normally fp32): the "all blocks
-// from fp32 inputs" variant. Exact sequential GPTQ, where block i is calibrated on the outputs of the
-// already-quantized blocks < i, needs quantization and calibration interleaved per block (a later edge of
-// the job DAG).
+// from fp32 inputs" (one-pass) variant. Sequential calibration, where block i is calibrated on the outputs of the
+// already-quantized blocks < i, interleaves quantization with the block chain (block_chain.h).
 #pragma once
 
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/calib/activations_codec.h"
 #include "core/calib/stats.h"
 #include "core/model/model.h"
 
@@ -29,6 +30,10 @@ struct CalibrationOptions {
   // mean magnitudes; max magnitudes are the larger of the two. tokens becomes cols, pooled_tokens cols - n, so a
   // quantize report can say which experts were completed.
   bool pool_sparse_experts = true;
+  // nullopt: one forward pass of the whole model over each window (the reference). A format: block by block
+  // (block_chain.h), the hidden states rounded to that format between blocks, as the distributed calibrate chain
+  // stores them; kF32 gives the one pass's bits (the chain's test), kF16 what `qforge quantize` and the service use.
+  std::optional<ActivationFormat> block_chain;
 };
 
 // Statistics for every LinearWeightNames matrix (plus the classifier when asked). q/k/v share one

@@ -20,6 +20,8 @@
 #include "core/quant/packing.h"
 #include "core/quant/quant_method.h"
 #include "core/quant/quantize_model.h"
+#include "core/quant/sequential.h"
+#include "core/calib/block_chain.h"
 #include "core/runtime/transformer.h"
 #include "gmock/gmock.h"
 #include "core/quant/test_util.h"
@@ -272,6 +274,104 @@ TEST(AwqModelTest, ScaleModelThenQuantize) {
   o.bits = 4;
   o.group = 128;
   EXPECT_TRUE(AwqScaleModel(m2, *stats2, o).ok());
+}
+
+// The per-block calibrate task's transform: PrepareBlock over every block, each from its own statistics, changes
+// the same tensors and statistics to the same bits as PrepareModel on the whole model (awq and smoothquant).
+TEST(PrepareBlockTest, EveryBlockInTurnEqualsTheWholeModelTransform) {
+  const Model source = MakeSyntheticModel(TinyTestConfig(), 17);
+  std::vector<std::vector<int>> streams(2);
+  std::mt19937 rng(8);
+  for (auto& s : streams) {
+    for (int i = 0; i < 48; ++i) s.push_back(static_cast<int>(rng() % source.config.vocab_size));
+  }
+  auto stats = calib::CollectCalibration(source, streams);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  for (const char* name : {"awq", "smoothquant"}) {
+    const QuantMethod* method = FindMethod(name);
+    ASSERT_NE(method, nullptr);
+    QuantParams p = method->DefaultParams();
+    if (std::string(name) == "awq") p = QuantParams{4, 32, true, false};
+    Model whole = source, blocks = source;
+    calib::CalibrationStats whole_stats = *stats, block_stats = *stats;
+    ASSERT_TRUE(method->PrepareModel(whole, whole_stats, p).ok()) << name;
+    for (int l = 0; l < source.config.n_layers; ++l) {
+      // Each block alone: the other blocks' statistics are not there.
+      calib::CalibrationStats own;
+      const std::string prefix = "blk." + std::to_string(l) + ".";
+      for (const auto& [n, s] : block_stats) {
+        if (n.rfind(prefix, 0) == 0) own[n] = s;
+      }
+      ASSERT_TRUE(PrepareBlock(*method, blocks, l, own, p).ok()) << name << " block " << l;
+      for (const auto& [n, s] : own) block_stats[n] = s;
+    }
+    int changed = 0;
+    for (const auto& [n, t] : whole.tensors) {
+      const Tensor& b = blocks.tensors.at(n);
+      EXPECT_EQ(b.name, n);
+      ASSERT_EQ(t.nbytes, b.nbytes) << n;
+      EXPECT_EQ(std::memcmp(t.data, b.data, t.nbytes), 0) << name << " " << n;
+      if (t.data != source.tensors.at(n).data) ++changed;
+    }
+    EXPECT_GT(changed, 0) << name;
+    for (const auto& [n, s] : whole_stats) {
+      EXPECT_EQ(s->hessian, block_stats.at(n)->hessian) << name << " " << n;
+      EXPECT_EQ(s->max_abs, block_stats.at(n)->max_abs) << name << " " << n;
+    }
+  }
+  Model m = source;
+  calib::CalibrationStats s = *stats;
+  EXPECT_EQ(PrepareBlock(*FindMethod("awq"), m, source.config.n_layers, s, QuantParams{4, 32, true, false}).code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+// Sequential calibration: block 0 sees the embedding either way, so its statistics are the chain's; block 1 is
+// calibrated on what the quantized block 0 produces (equal to running the chain by hand on QuantizeModel's block 0),
+// which differs from the full-precision block 0's output.
+TEST(SequentialCalibrationTest, LaterBlocksReadTheQuantizedBlocksOutput) {
+  const Model source = MakeSyntheticModel(TinyTestConfig(), 19);
+  std::vector<std::vector<int>> streams(2);
+  std::mt19937 rng(9);
+  for (auto& s : streams) {
+    for (int i = 0; i < 40; ++i) s.push_back(static_cast<int>(rng() % source.config.vocab_size));
+  }
+  const calib::CalibrationOptions o{.threads = 1, .block_chain = calib::kChainActivationFormat};
+  QuantRecipe recipe{.method = "gptq", .params = QuantParams{3, 32, true, false}};
+  ThreadPool pool(1);
+  auto sequential = CalibrateSequentially(source, streams, recipe, std::nullopt, o, &pool);
+  ASSERT_TRUE(sequential.ok()) << sequential.status();
+  auto one_pass = calib::CollectCalibration(source, streams, o);
+  ASSERT_TRUE(one_pass.ok());
+  ASSERT_EQ(sequential->stats.size(), one_pass->size());
+  EXPECT_EQ(sequential->stats.at(names::AttnQ(0))->hessian, one_pass->at(names::AttnQ(0))->hessian);
+  EXPECT_NE(sequential->stats.at(names::AttnQ(1))->hessian, one_pass->at(names::AttnQ(1))->hessian);
+
+  // Block 1 by hand: block 0 quantized with its own statistics, run, rounded, then calibrated.
+  auto x = calib::EmbedCalibrationTokens(source, streams, o);
+  ASSERT_TRUE(x.ok());
+  auto block0 = calib::CalibrateBlock(source, 0, *x, o, nullptr);
+  ASSERT_TRUE(block0.ok());
+  QuantRecipe only = recipe;
+  only.calibration = &*block0;
+  only.only_block = 0;
+  auto q0 = QuantizeModel(source, only, &pool);
+  ASSERT_TRUE(q0.ok()) << q0.status();
+  EXPECT_NE(q0->model.tensors.at(names::AttnQ(0)).format, source.tensors.at(names::AttnQ(0)).format);
+  EXPECT_EQ(q0->model.tensors.at(names::AttnQ(1)).data, source.tensors.at(names::AttnQ(1)).data);  // untouched
+  calib::BlockActivations next;
+  ASSERT_TRUE(calib::RunBlock(q0->model, 0, *x, 1, &next).ok());
+  ASSERT_TRUE(calib::RoundActivations(next, calib::kChainActivationFormat).ok());
+  auto block1 = calib::CalibrateBlock(source, 1, next, o, nullptr);
+  ASSERT_TRUE(block1.ok());
+  EXPECT_EQ(sequential->stats.at(names::AttnQ(1))->hessian, block1->at(names::AttnQ(1))->hessian);
+  EXPECT_EQ(sequential->stats.at(names::FfnDown(1))->hessian, block1->at(names::FfnDown(1))->hessian);
+
+  // A transform is applied block by block, as PrepareModel would on these statistics.
+  QuantRecipe awq{.method = "awq", .params = QuantParams{4, 32, true, false}};
+  auto folded = CalibrateSequentially(source, streams, awq,
+                                      std::make_pair(FindMethod("awq"), QuantParams{4, 32, true, false}), o, &pool);
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  EXPECT_NE(folded->model.tensors.at(names::AttnNorm(1)).data, source.tensors.at(names::AttnNorm(1)).data);
 }
 
 // A bf16 checkpoint (how Hugging Face models come) folds like its exact f32 widening: the fold reads the bf16

@@ -7,6 +7,7 @@
 #include <cstring>
 #include <functional>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/ascii.h"
@@ -207,6 +208,42 @@ absl::StatusOr<std::vector<LayerRule>> ParseLayerRules(const std::string& text) 
   return rules;
 }
 
+absl::Status PrepareBlock(const QuantMethod& method, Model& model, int layer, calib::CalibrationStats& stats,
+                          const QuantParams& params) {
+  if (layer < 0 || layer >= model.config.n_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("PrepareBlock: block ", layer, " outside [0, ", model.config.n_layers, ")"));
+  }
+  // The block as a one-block model (blk.<layer>.* named blk.0.*), so the whole-model transform sees only it.
+  const std::string prefix = absl::StrCat("blk.", layer, "."), as_first = "blk.0.";
+  Model block;
+  block.config = model.config;
+  block.config.n_layers = 1;
+  calib::CalibrationStats block_stats;
+  for (const auto& [name, t] : model.tensors) {
+    if (!absl::StartsWith(name, prefix)) continue;
+    Tensor renamed = t;
+    renamed.name = as_first + name.substr(prefix.size());
+    block.tensors.emplace(renamed.name, std::move(renamed));
+  }
+  for (const auto& [name, s] : stats) {
+    if (absl::StartsWith(name, prefix)) block_stats[as_first + name.substr(prefix.size())] = s;
+  }
+  QF_RETURN_IF_ERROR(method.PrepareModel(block, block_stats, params));
+  for (auto& [name, t] : block.tensors) {
+    if (!absl::StartsWith(name, as_first)) {
+      return absl::InternalError(absl::StrCat(method.name(), ": the block transform added ", name));
+    }
+    const std::string real = prefix + name.substr(as_first.size());
+    t.name = real;
+    model.tensors.insert_or_assign(real, std::move(t));
+  }
+  for (auto& [name, s] : block_stats) {
+    if (absl::StartsWith(name, as_first)) stats[prefix + name.substr(as_first.size())] = s;
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::optional<std::pair<const QuantMethod*, QuantParams>>> ModelTransformOf(
     const std::string& method, const std::optional<QuantParams>& params, const std::vector<LayerRule>& layers,
     const std::string& default_field, const std::string& layers_field) {
@@ -326,6 +363,10 @@ absl::StatusOr<QuantizeResult> QuantizeModel(const Model& in, const QuantRecipe&
   if (recipe.quantize_embeddings) {
     targets.push_back(names::kTokenEmbd);
     if (in.Find(names::kOutput) != nullptr) targets.push_back(names::kOutput);
+  }
+  if (recipe.only_block) {
+    const std::string prefix = absl::StrCat("blk.", *recipe.only_block, ".");
+    std::erase_if(targets, [&](const std::string& name) { return !absl::StartsWith(name, prefix); });
   }
 
   QuantizeResult result;

@@ -47,6 +47,9 @@ struct QuantRecipe {
   // Per-tensor overrides, first match wins; unmatched tensors use method/params above. Each rule is validated
   // up front (errors name layers[i]); a matched tensor still follows its own method's fallback chain.
   std::vector<LayerRule> layers = {};
+  // Only the matrices of this block (the sequential calibration chain quantizes block by block); the others are
+  // copied unchanged. nullopt: every target.
+  std::optional<int> only_block = std::nullopt;
 };
 
 // The one model transform (QuantMethod::PrepareModel) a recipe runs after calibration: the default method's if it
@@ -56,6 +59,14 @@ struct QuantRecipe {
 absl::StatusOr<std::optional<std::pair<const QuantMethod*, QuantParams>>> ModelTransformOf(
     const std::string& method, const std::optional<QuantParams>& params, const std::vector<LayerRule>& layers,
     const std::string& default_field, const std::string& layers_field);
+
+// The model transform restricted to block `layer`, from that block's statistics alone: the per-block calibrate
+// task's half of PrepareModel. AWQ's and SmoothQuant's folds work block by block (a block's scales read only its
+// own statistics and change only its norms and matrices), so running this for every block changes the same
+// tensors to the same bits as PrepareModel on the whole model. Rewrites the block's tensors of `model` and its
+// entries of `stats` in place; tensors and statistics of other blocks are neither read nor changed.
+absl::Status PrepareBlock(const QuantMethod& method, Model& model, int layer, calib::CalibrationStats& stats,
+                          const QuantParams& params);
 
 struct TensorQuantReport {
   std::string name;

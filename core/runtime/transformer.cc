@@ -280,17 +280,32 @@ absl::Status Transformer::ForwardBatch(std::span<const BatchToken> tokens, float
 absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float* logits_out) {
   const ModelConfig& c = model_->config;
   const int n = static_cast<int>(tokens.size());
+  const int dim = c.dim;
+  for (int t = 0; t < n; ++t) {
+    QF_RETURN_IF_ERROR(kernels::DequantizeRows(*token_embd_, tokens[t].token, tokens[t].token + 1, &x_[t * dim]));
+  }
+  for (int l = 0; l < c.n_layers; ++l) QF_RETURN_IF_ERROR(BlockChunk(tokens, l));
+
+  // The classifier runs once, over the wanted tokens gathered into consecutive rows.
+  int wanted = 0;
+  for (int t = 0; t < n; ++t) {
+    if (!tokens[t].want_logits) continue;
+    runtime_ops::RmsNorm(&x_[t * dim], output_norm_.data(), dim, c.norm_eps, &xb_[static_cast<size_t>(wanted) * dim]);
+    ++wanted;
+  }
+  if (wanted == 0) return absl::OkStatus();
+  return MatMul(*classifier_, xb_.data(), wanted, logits_out, c.vocab_size);
+}
+
+absl::Status Transformer::BlockChunk(std::span<const BatchToken> tokens, int l) {
+  const ModelConfig& c = model_->config;
+  const int n = static_cast<int>(tokens.size());
   const int dim = c.dim, kv_dim = c.kv_dim(), hd = c.head_dim();
   const int kv_group = c.n_heads / c.n_kv_heads;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   int max_pos = 0;
   for (const BatchToken& b : tokens) max_pos = std::max(max_pos, b.pos);
-
-  for (int t = 0; t < n; ++t) {
-    QF_RETURN_IF_ERROR(kernels::DequantizeRows(*token_embd_, tokens[t].token, tokens[t].token + 1, &x_[t * dim]));
-  }
-
-  for (int l = 0; l < c.n_layers; ++l) {
+  {
     const Layer& L = layers_[l];
 
     for (int t = 0; t < n; ++t) runtime_ops::RmsNorm(&x_[t * dim], L.attn_norm.data(), dim, c.norm_eps, &xb_[t * dim]);
@@ -340,16 +355,55 @@ absl::Status Transformer::ForwardChunk(std::span<const BatchToken> tokens, float
     QF_RETURN_IF_ERROR(c.is_moe() ? MoeFfn(L, n) : DenseFfn(tokens, l, L, n));
     runtime_ops::AddInPlace(x_.data(), xb2_.data(), n * dim);
   }
+  return absl::OkStatus();
+}
 
-  // The classifier runs once, over the wanted tokens gathered into consecutive rows.
-  int wanted = 0;
-  for (int t = 0; t < n; ++t) {
-    if (!tokens[t].want_logits) continue;
-    runtime_ops::RmsNorm(&x_[t * dim], output_norm_.data(), dim, c.norm_eps, &xb_[static_cast<size_t>(wanted) * dim]);
-    ++wanted;
+absl::Status Transformer::ForwardBlock(int layer, float* x, int n) {
+  const ModelConfig& c = model_->config;
+  if (layer < 0 || layer >= c.n_layers) {
+    return absl::InvalidArgumentError(absl::StrCat("ForwardBlock: block ", layer, " outside [0, ", c.n_layers, ")"));
   }
-  if (wanted == 0) return absl::OkStatus();
-  return MatMul(*classifier_, xb_.data(), wanted, logits_out, c.vocab_size);
+  if (n < 1 || n > max_seq_len_) {
+    return absl::OutOfRangeError(absl::StrCat("ForwardBlock: ", n, " positions, the context holds 1..", max_seq_len_));
+  }
+  if (own_cache_ == nullptr) {
+    QF_ASSIGN_OR_RETURN(KvCache cache, NewCache(max_seq_len_));
+    own_cache_ = std::make_unique<KvCache>(std::move(cache));
+  }
+  own_cache_->Reset();
+  const size_t dim = static_cast<size_t>(c.dim);
+  // The chunks Forward cuts a window of n tokens into (ForwardBatch), so each block sees the same batches.
+  for (int done = 0; done < n;) {
+    const int chunk = std::min(options_.max_batch, n - done);
+    forward_tokens_.resize(chunk);
+    for (int i = 0; i < chunk; ++i) forward_tokens_[i] = BatchToken{own_cache_.get(), 0, done + i, false};
+    std::copy_n(x + done * dim, chunk * dim, x_.data());
+    QF_RETURN_IF_ERROR(BlockChunk(forward_tokens_, layer));
+    std::copy_n(x_.data(), chunk * dim, x + done * dim);
+    done += chunk;
+  }
+  own_cache_->Reset();
+  return absl::OkStatus();
+}
+
+absl::Status Transformer::Embed(std::span<const int> tokens, float* x) const {
+  const int vocab = model_->config.vocab_size, dim = model_->config.dim;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i] < 0 || tokens[i] >= vocab) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("Embed: token id ", tokens[i], " at index ", i, " outside [0, ", vocab, ")"));
+    }
+    QF_RETURN_IF_ERROR(kernels::DequantizeRows(*token_embd_, tokens[i], tokens[i] + 1, x + i * dim));
+  }
+  return absl::OkStatus();
+}
+
+void Transformer::FinalNorm(const float* x, int n, float* out) const {
+  const int dim = model_->config.dim;
+  for (int t = 0; t < n; ++t) {
+    runtime_ops::RmsNorm(x + static_cast<size_t>(t) * dim, output_norm_.data(), dim, model_->config.norm_eps,
+                         out + static_cast<size_t>(t) * dim);
+  }
 }
 
 absl::Status Transformer::AddAdapterDeltas(std::span<const BatchToken> tokens, int layer,

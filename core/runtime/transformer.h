@@ -119,6 +119,18 @@ class Transformer {
   // position past cache->positions(); OUT_OF_RANGE for a position at or past cache->capacity().
   absl::Status ForwardBatch(std::span<const BatchToken> tokens, float* logits_out);
 
+  // One block over one window of hidden states: the calibration chain's step (core/calib/block_chain.h). `x` holds
+  // n rows of dim floats entering block `layer` at positions [0, n) and is overwritten with the block's output.
+  // The same arithmetic as Forward on a window from an empty cache (the same chunks of max_batch tokens, the same
+  // kernels, the linear observer called the same way), so Embed, then ForwardBlock over every block, then
+  // FinalNorm gives the bits Forward feeds the classifier. Uses (and resets) Forward's cache. INVALID_ARGUMENT for
+  // a block out of range, OUT_OF_RANGE for n outside [1, max_seq_len()].
+  absl::Status ForwardBlock(int layer, float* x, int n);
+  // The embedding rows of `tokens` into x ([tokens.size(), dim]): block 0's input. INVALID_ARGUMENT for a bad id.
+  absl::Status Embed(std::span<const int> tokens, float* x) const;
+  // The final RMSNorm of n rows of hidden states: the classifier's input.
+  void FinalNorm(const float* x, int n, float* out) const;
+
   // A cache for this Transformer's model; capacity <= 0 means max_seq_len(). INVALID_ARGUMENT past it.
   absl::StatusOr<KvCache> NewCache(int capacity = 0) const;
 
@@ -149,6 +161,8 @@ class Transformer {
   absl::Status ValidateBatch(std::span<const BatchToken> tokens, const float* logits_out) const;
   // At most max_batch tokens, already validated; logits_out gets the rows of tokens with want_logits.
   absl::Status ForwardChunk(std::span<const BatchToken> tokens, float* logits_out);
+  // Block l over the chunk's hidden states in x_ (at most max_batch tokens), in place.
+  absl::Status BlockChunk(std::span<const BatchToken> tokens, int l);
   // y[t * y_stride + r] = W[r, :] · x[t, :] for all rows r, split over the pool. same_input: x is the previous
   // MatMul's input, unchanged since (its quantized form is reused when the formats agree).
   absl::Status MatMul(const Tensor& w, const float* x, int n, float* y, int64_t y_stride, bool same_input = false);

@@ -11,6 +11,7 @@
 #include "core/base/mapped_file.h"
 #include "core/base/status_macros.h"
 #include "core/base/thread_pool.h"
+#include "core/calib/block_chain.h"
 #include "core/calib/collect.h"
 #include "core/eval/eval.h"
 #include "core/formats/formats.h"
@@ -18,6 +19,7 @@
 #include "core/quant/ggml_presets.h"
 #include "core/quant/mixed_precision.h"
 #include "core/quant/quantize_model.h"
+#include "core/quant/sequential.h"
 #include "core/runtime/generate.h"
 #include "core/runtime/transformer.h"
 #include "core/tokenizer/tokenizer.h"
@@ -75,10 +77,11 @@ absl::StatusOr<std::unique_ptr<Transformer>> MakeTransformer(
 }
 
 
-// Input statistics of every linear layer, from --calib-text (tokenized) or from token streams sampled from
-// the source model itself (tokenizer-free).
-absl::StatusOr<calib::CalibrationStats> Calibrate(const Model& model, const Flags& f, int streams, int len,
-                                                  uint64_t seed, int threads, std::ostream& out) {
+// The calibration tokens: --calib-text (tokenized) or token streams sampled from the source model itself
+// (tokenizer-free).
+absl::StatusOr<std::vector<std::vector<int>>> CalibrationTokens(const Model& model, const Flags& f, int streams,
+                                                                int len, uint64_t seed, int threads,
+                                                                std::ostream& out) {
   std::vector<std::vector<int>> tokens;
   if (f.Has("calib-text")) {
     QF_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, ResolveTokenizer(model, f));
@@ -97,7 +100,7 @@ absl::StatusOr<calib::CalibrationStats> Calibrate(const Model& model, const Flag
     out << absl::StrFormat("calibration: %d streams x %d tokens sampled from the source model (seed %d)\n", streams,
                            len, seed);
   }
-  return calib::CollectCalibration(model, tokens, calib::CalibrationOptions{.threads = threads});
+  return tokens;
 }
 
 }  // namespace
@@ -156,15 +159,15 @@ absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodF
 absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   std::set<std::string> value_flags = {"threads",    "tokenizer", "calib-text", "calib-streams",
                                        "calib-len",  "calib-seed", "layers",    "target-bpw"};
-  std::set<std::string> bool_flags = {"quantize-embeddings", "pure"};
+  std::set<std::string> bool_flags = {"quantize-embeddings", "pure", "calib-sequential"};
   value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, bool_flags));
   const std::string usage =
       "qforge quantize (--method M [--bits B] [--group G] [--asym] [--no-double-quant] [--act-order] [--damp D] [--alpha A] [--outlier-threshold T] [--seed S] "
       "[--layers 'GLOB=METHOD[:bits=B,group=G,asym];...'] [--pure] | --target-bpw X) [--quantize-embeddings] "
-      "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--threads N] [--tokenizer TOK] "
-      "IN OUT.{gguf,safetensors}";
+      "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--calib-sequential] [--threads N] "
+      "[--tokenizer TOK] IN OUT.{gguf,safetensors}";
   const bool automatic = f.Has("target-bpw");
   if (automatic && f.Has("layers")) return UsageError("--target-bpw plans every tensor itself: drop --layers");
   // A llama-quantize preset (q4_k_m, ..., and q2_k / q6_k, whose names are also types) picks each tensor's type;
@@ -225,21 +228,37 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   }
   // The automatic plan scores by layer-output error when calibration is asked for, by weight error otherwise.
   if (automatic && (f.Has("calib-text") || f.Has("calib-streams"))) needs_calibration = true;
+  if (f.GetBool("calib-sequential") && (!needs_calibration || automatic)) {
+    return UsageError("--calib-sequential needs a calibrated method (and no --target-bpw)");
+  }
   const auto start = std::chrono::steady_clock::now();
+  ThreadPool pool(threads);
   calib::CalibrationStats calibration;
   if (needs_calibration) {
-    QF_ASSIGN_OR_RETURN(calibration, Calibrate(model, f, calib_streams, calib_len, calib_seed, threads, out));
-    recipe.calibration = &calibration;
+    QF_ASSIGN_OR_RETURN(const std::vector<std::vector<int>> tokens,
+                        CalibrationTokens(model, f, calib_streams, calib_len, calib_seed, threads, out));
     // The same rule as a scheduler job's: the default method's transform, else the first layer rule's.
     QF_ASSIGN_OR_RETURN(const auto transform, quant::ModelTransformOf(recipe.method, recipe.params, recipe.layers,
                                                                       "--method", "--layers"));
+    // Block by block with the hidden states rounded as the service's calibrate chain stores them, so a job
+    // through the scheduler gives these very bytes (core/calib/block_chain.h).
+    const calib::CalibrationOptions options{.threads = threads, .block_chain = calib::kChainActivationFormat};
+    if (f.GetBool("calib-sequential")) {
+      QF_ASSIGN_OR_RETURN(quant::SequentialCalibration sequential,
+                          quant::CalibrateSequentially(model, tokens, recipe, transform, options, &pool));
+      calibration = std::move(sequential.stats);
+      model = std::move(sequential.model);
+      out << "calibration: sequential (block i from the quantized blocks < i)\n";
+    } else {
+      QF_ASSIGN_OR_RETURN(calibration, calib::CollectCalibration(model, tokens, options));
+      if (transform) QF_RETURN_IF_ERROR(transform->first->PrepareModel(model, calibration, transform->second));
+    }
+    recipe.calibration = &calibration;
     if (transform) {
-      const auto& [m, p] = *transform;
-      QF_RETURN_IF_ERROR(m->PrepareModel(model, calibration, p));
-      out << m->name() << ": model transform applied (" << quant::ParamsToString(p) << ")\n";
+      out << transform->first->name() << ": model transform applied (" << quant::ParamsToString(transform->second)
+          << ")\n";
     }
   }
-  ThreadPool pool(threads);
   if (automatic) {
     quant::MixedPrecisionOptions o;
     o.target_bpw = target_bpw;

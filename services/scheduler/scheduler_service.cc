@@ -17,6 +17,7 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/base/status_macros.h"
+#include "core/calib/activations_codec.h"
 #include "core/calib/stats_codec.h"
 #include "core/formats/parsers.h"
 #include "core/quant/quantize_model.h"
@@ -153,9 +154,18 @@ absl::StatusOr<std::optional<std::pair<const quant::QuantMethod*, quant::QuantPa
 // The planner puts a calibrated job's (first) calibrate task at index 0; asked on every lease, so O(1).
 bool IsCalibrated(const Plan& plan) { return !plan.tasks.empty() && plan.tasks[0].kind == TaskKind::kCalibrate; }
 
+// The calibrate task task `t` reads from: a quantize task's (its block's, or the last block's for tensors outside
+// the blocks), and for calibrate block i the one of block i-1, whose output hidden states are its input. -1: none.
+int64_t CalibrateDependencyOf(const Plan& plan, uint32_t t) {
+  for (const uint32_t d : plan.DepsOf(t)) {
+    if (plan.tasks[d].kind == TaskKind::kCalibrate) return d;
+  }
+  return -1;
+}
+
 // A calibrate task's committed result, indexed: the artifacts by tensor name.
 struct CalibrationIndex {
-  v1::CompleteTaskRequest result;  // only `calibration` and `outputs` set
+  v1::CompleteTaskRequest result;  // only `calibration`, `outputs` and `activations` set
   std::map<std::string, int> stats_of, weights_of;
 };
 
@@ -418,6 +428,9 @@ class SchedulerServer::Impl {
     }
     scheduler::PlanOptions plan_options;
     plan_options.max_task_input_bytes = req.max_task_bytes() > 0 ? req.max_task_bytes() : options_.max_task_bytes;
+    // Calibration runs as the per-block chain: one calibrate task per block, each reading its block's weights and
+    // the hidden states the previous one stored (docs/distributed.md).
+    plan_options.calibrate_per_block = true;
     if (calibration_text.empty() && recipe.calibration_length > description->config.seq_len) {
       return absl::InvalidArgumentError(absl::StrCat("recipe.calibration_length: ", recipe.calibration_length,
                                                      " is more than the model's context length ",
@@ -474,7 +487,8 @@ class SchedulerServer::Impl {
       task->set_row_begin(spec.row_begin);
       task->set_row_end(spec.row_end);
       // The committed calibrate task this one waited for names the artifacts of its tensor.
-      QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> calib, CalibrationOf(leased.ref.job, *plan));
+      QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> calib,
+                          CalibrationOf(leased.ref.job, *plan, CalibrateDependencyOf(*plan, leased.ref.task)));
       if (calib != nullptr) {
         if (auto it = calib->stats_of.find(spec.tensor); it != calib->stats_of.end()) {
           *task->mutable_stats() = calib->result.calibration(it->second);
@@ -493,14 +507,31 @@ class SchedulerServer::Impl {
       task->set_calibration_samples(recipe.calibration_samples);
       task->set_calibration_length(recipe.calibration_length);
       task->set_calibration_seed(recipe.calibration_seed);
+      // Block i > 0 of the chain reads what block i-1 produced.
+      const int64_t previous = CalibrateDependencyOf(*plan, leased.ref.task);
+      if (spec.layer > 0) {
+        QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> calib,
+                            CalibrationOf(leased.ref.job, *plan, previous));
+        if (calib == nullptr || !calib->result.has_activations()) {
+          return absl::DataLossError(absl::StrCat("job ", leased.ref.job, ": calibrate block ", spec.layer - 1,
+                                                  " committed no output hidden states"));
+        }
+        *task->mutable_activations() = calib->result.activations();
+      }
     } else if (spec.kind == TaskKind::kAssemble) {
       const std::vector<bool> quantized = QuantizedTensors(*plan);
       // Tensors the model transform changed (the RMSNorm weights) come from the calibrate task's artifacts
       // (CommitVersion), not from the source file.
-      QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> calib, CalibrationOf(leased.ref.job, *plan));
+      QF_ASSIGN_OR_RETURN(const auto calibrations, AllCalibrationsOf(leased.ref.job, *plan));
+      auto transformed = [&](const std::string& n) {
+        for (const auto& c : calibrations) {
+          if (c->weights_of.contains(n)) return true;
+        }
+        return false;
+      };
       for (size_t i = 0; i < plan->model.tensors.size(); ++i) {
         const std::string n(plan->model.name(i));
-        if (!quantized[i] && (calib == nullptr || !calib->weights_of.contains(n))) task->add_tensor_names(n);
+        if (!quantized[i] && !transformed(n)) task->add_tensor_names(n);
       }
       QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(leased.ref.job));
       QF_RETURN_IF_ERROR(QuantMetadata(*plan, record.request().recipe(), task->mutable_metadata()));
@@ -513,31 +544,54 @@ class SchedulerServer::Impl {
     return absl::OkStatus();
   }
 
-  // The committed result of the job's calibrate task, parsed once per job; nullptr for a job without one.
-  // FAILED_PRECONDITION while it is not committed (callers only ask on behalf of tasks that depend on it).
-  absl::StatusOr<std::shared_ptr<const CalibrationIndex>> CalibrationOf(JobId job, const Plan& plan) {
-    if (!IsCalibrated(plan)) return std::shared_ptr<const CalibrationIndex>();
+  // The committed result of calibrate task `task` of the job (CalibrateDependencyOf), parsed once; nullptr for
+  // none (task -1). FAILED_PRECONDITION while it is not committed (callers only ask on behalf of tasks that depend
+  // on it).
+  absl::StatusOr<std::shared_ptr<const CalibrationIndex>> CalibrationOf(JobId job, const Plan& plan, int64_t task) {
+    if (task < 0 || !IsCalibrated(plan)) return std::shared_ptr<const CalibrationIndex>();
+    const std::pair<JobId, uint32_t> key(job, static_cast<uint32_t>(task));
     {
       std::lock_guard<std::mutex> l(mu_);
-      if (auto it = calibrations_.find(job); it != calibrations_.end()) return it->second;
+      if (auto it = calibrations_.find(key); it != calibrations_.end()) return it->second;
     }
-    auto ref = sched().ResultRef({job, 0});
+    auto ref = sched().ResultRef({job, static_cast<uint32_t>(task)});
     if (!ref.ok()) {
-      return absl::FailedPreconditionError(absl::StrCat("job ", job, ": calibration is not committed yet"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("job ", job, ": ", plan.Describe(static_cast<uint32_t>(task)), " is not committed yet"));
     }
     QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> index, ParseCalibrationResult(*ref));
     std::lock_guard<std::mutex> l(mu_);
-    calibrations_.emplace(job, index);
+    calibrations_.emplace(key, index);
     return index;
+  }
+
+  // Every calibrate task's committed result (assemble and the version commit, which run after all of them).
+  absl::StatusOr<std::vector<std::shared_ptr<const CalibrationIndex>>> AllCalibrationsOf(JobId job, const Plan& plan) {
+    std::vector<std::shared_ptr<const CalibrationIndex>> out;
+    for (uint32_t t = 0; t < plan.tasks.size(); ++t) {
+      if (plan.tasks[t].kind != TaskKind::kCalibrate) continue;
+      QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> index, CalibrationOf(job, plan, t));
+      if (index != nullptr) out.push_back(std::move(index));
+    }
+    return out;
   }
 
   // A calibrate completion: statistics for known matrices of the right width, in chunks the store holds intact
   // (read back), covering every tensor a calibrated method quantizes; transformed tensors in fp32 and in their
-  // source shape. Returns the result to commit: only the artifacts.
-  absl::StatusOr<std::string> CheckCalibration(const Plan& plan, const v1::CompleteTaskRequest& req,
+  // source shape. A per-block task (layer >= 0) names only tensors of its block (the last block also those outside
+  // the blocks, the classifier), covers the quantize tasks that wait on it, and, below the last block, hands on its
+  // output hidden states. Returns the result to commit: only the artifacts.
+  absl::StatusOr<std::string> CheckCalibration(const Plan& plan, uint32_t task, const v1::CompleteTaskRequest& req,
                                                const std::string& what) {
+    const int32_t layer = plan.tasks[task].layer;
+    const int32_t n_layers = plan.model.config.n_layers;
     std::map<std::string_view, size_t> index;
-    for (size_t i = 0; i < plan.model.tensors.size(); ++i) index.emplace(plan.model.name(i), i);
+    for (size_t i = 0; i < plan.model.tensors.size(); ++i) {
+      const int32_t l = plan.model.tensors[i].layer;
+      // Per block: the block's own tensors, and for the last block those outside every block (the classifier).
+      if (layer >= 0 && l != layer && !(l < 0 && layer == n_layers - 1)) continue;
+      index.emplace(plan.model.name(i), i);
+    }
     std::set<std::string> with_stats;
     for (const v1::CalibrationArtifact& a : req.calibration()) {
       if (a.tensor_names().empty()) return absl::InvalidArgumentError(absl::StrCat(what, ": statistics name no tensor"));
@@ -562,8 +616,9 @@ class SchedulerServer::Impl {
       }
       QF_RETURN_IF_ERROR(VerifyChunks(a.chunk_ids(), a.nbytes(), where).status());
     }
-    for (const scheduler::PlanTask& t : plan.tasks) {
-      if (t.kind != TaskKind::kQuantize) continue;
+    for (uint32_t i = 0; i < plan.tasks.size(); ++i) {
+      const scheduler::PlanTask& t = plan.tasks[i];
+      if (t.kind != TaskKind::kQuantize || (layer >= 0 && CalibrateDependencyOf(plan, i) != task)) continue;
       const std::string n(plan.model.name(t.tensor));
       if (quant::FindMethod(plan.configs[t.config].method)->NeedsCalibration() && !with_stats.contains(n)) {
         return absl::InvalidArgumentError(absl::StrCat(what, ": no statistics for ", n, ", which ",
@@ -583,9 +638,29 @@ class SchedulerServer::Impl {
       QF_RETURN_IF_ERROR(CheckStoredTensor(st, where, WeightFormat::F32(), shape));
       QF_RETURN_IF_ERROR(VerifyChunks(st.chunk_ids(), st.nbytes(), where).status());
     }
+    const bool hands_on = layer >= 0 && layer + 1 < n_layers;
+    if (hands_on != req.has_activations()) {
+      return absl::InvalidArgumentError(absl::StrCat(what, hands_on ? ": no output hidden states for the next block"
+                                                                    : ": output hidden states nobody reads"));
+    }
+    if (hands_on) {
+      const v1::ActivationArtifact& a = req.activations();
+      const std::string where = absl::StrCat(what, ": output hidden states");
+      auto format = calib::ParseActivationFormat(a.format());
+      if (!format.ok()) return absl::InvalidArgumentError(absl::StrCat(where, ": ", format.status().message()));
+      if (a.layer() != layer || a.dim() != plan.model.config.dim || a.windows() < 1 || a.tokens() < a.windows() ||
+          a.nbytes() != calib::EncodedActivationsBytes(*format, a.dim(), a.windows(), a.tokens())) {
+        return absl::InvalidArgumentError(absl::StrCat(where, ": block ", a.layer(), ", dim ", a.dim(), ", ",
+                                                       a.windows(), " windows of ", a.tokens(), " tokens in ",
+                                                       a.nbytes(), " bytes do not fit block ", layer, " of dim ",
+                                                       plan.model.config.dim));
+      }
+      QF_RETURN_IF_ERROR(VerifyChunks(a.chunk_ids(), a.nbytes(), where).status());
+    }
     v1::CompleteTaskRequest result;
     *result.mutable_calibration() = req.calibration();
     *result.mutable_outputs() = req.outputs();
+    if (hands_on) *result.mutable_activations() = req.activations();
     std::string bytes = result.SerializeAsString();
     if (bytes.size() >= (size_t{1} << 24)) {
       return absl::InvalidArgumentError(absl::StrCat(what, ": the artifact list takes ", bytes.size(),
@@ -745,8 +820,8 @@ class SchedulerServer::Impl {
       if (req.tensors_size() == 1 && req.tensors(0).name() == out.name()) {
         absl::StrAppend(&result, SliceErrorSuffix(req.tensors(0), rows * td.cols));
       }
-    } else if (pt.kind == TaskKind::kCalibrate && pt.layer < 0) {
-      QF_ASSIGN_OR_RETURN(result, CheckCalibration(*plan, req, what));
+    } else if (pt.kind == TaskKind::kCalibrate) {
+      QF_ASSIGN_OR_RETURN(result, CheckCalibration(*plan, ref.task, req, what));
     } else if (pt.kind == TaskKind::kEvaluate) {
       QF_ASSIGN_OR_RETURN(result, CheckEvaluation(*plan, ref.task, req, CommittedOf(ref.job), what));
     } else if (pt.kind == TaskKind::kAssemble) {
@@ -834,8 +909,8 @@ class SchedulerServer::Impl {
     // Copied tensors: exactly the ones the plan does not quantize, in their source shape and encoding, except
     // those the model transform changed, which come from the calibrate task's artifacts (checked at its commit).
     const std::vector<bool> quantized = QuantizedTensors(plan);
-    QF_ASSIGN_OR_RETURN(std::shared_ptr<const CalibrationIndex> calib, CalibrationOf(job, plan));
-    if (calib != nullptr) {
+    QF_ASSIGN_OR_RETURN(const auto calibrations, AllCalibrationsOf(job, plan));
+    for (const std::shared_ptr<const CalibrationIndex>& calib : calibrations) {
       for (const v1::StoredTensor& st : calib->result.outputs()) {
         if (tensors.contains(st.name())) continue;  // quantized: its task read the transformed weights
         v1::ManifestTensor& mt = tensors[st.name()];
@@ -1234,7 +1309,7 @@ class SchedulerServer::Impl {
   std::set<JobId> pins_released_;
   std::map<std::string, v1::RegisterWorkerRequest> workers_;
   std::map<JobId, uint64_t> output_bytes_;
-  std::map<JobId, std::shared_ptr<const CalibrationIndex>> calibrations_;
+  std::map<std::pair<JobId, uint32_t>, std::shared_ptr<const CalibrationIndex>> calibrations_;  // by calibrate task
   std::map<JobId, std::optional<v1::QualityReport>> quality_;
   std::map<JobId, std::shared_ptr<const TensorReports>> tensor_reports_;
   std::map<std::string, uint64_t> events_seen_;
