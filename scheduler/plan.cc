@@ -233,7 +233,7 @@ absl::StatusOr<Plan> PlanJob(ModelDescription model, const JobRecipe& recipe, co
   const uint32_t a = add_task(assemble);
   for (uint32_t q : quantize_tasks) add_dep(q);
   if (quantize_tasks.empty() && prev_calibrate >= 0) add_dep(static_cast<uint32_t>(prev_calibrate));
-  if (!recipe.evaluation_text_uri.empty()) {
+  if (recipe.evaluates()) {
     if (recipe.evaluation_tasks < 1 || recipe.evaluation_tasks > kMaxEvaluationTasks) {
       return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_tasks: must be 1..", kMaxEvaluationTasks,
                                                      ", got ", recipe.evaluation_tasks));

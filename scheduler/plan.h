@@ -43,6 +43,13 @@ struct JobRecipe {
   int evaluation_window = 0;
   int evaluation_chunks = 0;
   int evaluation_tasks = 1;
+  // > 0 (instead of a text): evaluate tasks on this many streams sampled from the source model, `eval_stream_length`
+  // tokens each (0: resolved at submit to the smaller of 256 and the context), seed `eval_seed`.
+  int eval_streams = 0;
+  int eval_stream_length = 0;
+  uint64_t eval_seed = 1;
+
+  bool evaluates() const { return !evaluation_text_uri.empty() || eval_streams > 0; }
 };
 
 // The index into recipe.layers of the first rule whose pattern matches `tensor_name`; -1: the recipe's default.

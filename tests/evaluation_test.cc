@@ -226,6 +226,60 @@ TEST(EvaluationTest, JobQualityEqualsQforgeEvalExactly) {
   EXPECT_TRUE(testing::PromtoolAccepts(metrics.body, dir)) << testing::ReadFile(dir + "/promtool-input.txt.out");
 }
 
+// Tokenizer-free evaluation (recipe.eval_streams): 6 streams of 200 tokens sampled from the source, windows of 64
+// (four per stream, the last of 8 tokens), shared over 5 tasks so that shares begin and end inside streams. The job
+// prints the very lines `qforge eval VERSION --base SOURCE --streams 6 --stream-len 200 --seed 7 --window 64`
+// prints, whose numbers come from sampling all six streams in one process.
+TEST(EvaluationTest, SampledStreamsJobEqualsQforgeEvalStreams) {
+  const std::string dir = TempDir("evaluation-streams");
+  Cluster cluster(dir, {.lease_ms = 5000});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("w1", 1);
+  cluster.StartWorker("w2", 2);
+
+  v1::SubmitJobRequest req = EvalRequest("q4_0", "stories-q4s", {.window = 64, .tasks = 5});
+  req.mutable_recipe()->clear_evaluation_text_uri();
+  req.mutable_recipe()->set_eval_streams(6);
+  req.mutable_recipe()->set_eval_stream_length(200);
+  req.mutable_recipe()->set_eval_seed(7);
+  std::string id;
+  ASSERT_TRUE(cluster.Submit(req, &id).ok());
+  const v1::Job job = cluster.WaitJob(id);
+  ASSERT_EQ(job.progress().state(), v1::JOB_STATE_SUCCEEDED) << job.error();
+  ASSERT_TRUE(job.has_quality()) << job.DebugString();
+  const v1::QualityReport& q = job.quality();
+  EXPECT_EQ(q.windows(), 24);
+  EXPECT_EQ(q.tokens(), 6 * (3 * 63 + 7));
+  EXPECT_EQ(q.window(), 64);
+  const std::string label = "streams (6 x 200 tokens sampled from the base model, seed 7, T=1)";
+  EXPECT_EQ(q.text_source(), label);
+  EXPECT_GT(q.kl_mean(), 0.0);
+  EXPECT_GT(q.top1_agreement(), 0.5);
+  EXPECT_LT(q.top1_agreement(), 1.0);
+
+  const std::string exported = dir + "/stories-q4s.gguf";
+  int rc = 0;
+  RunCli({"export", "stories-q4s@" + job.result().version(), "--format", "gguf", exported, "--scheduler",
+          cluster.address()},
+         dir + "/export.log", &rc);
+  ASSERT_EQ(rc, 0) << testing::ReadFile(dir + "/export.log");
+  const std::string evaluated = RunCli({"eval", exported, "--base", kStories, "--tokenizer", kTok512, "--streams", "6",
+                                        "--stream-len", "200", "--seed", "7", "--window", "64"},
+                                       dir + "/eval.log", &rc);
+  ASSERT_EQ(rc, 0) << evaluated;
+  const std::string watched = RunCli({"watch", id, "--scheduler", cluster.address()}, dir + "/watch.log", &rc);
+  ASSERT_EQ(rc, 0) << watched;
+  const auto eval_lines = LinesStartingWith(evaluated, label);
+  ASSERT_EQ(eval_lines.size(), 2u) << evaluated;
+  EXPECT_EQ(LinesStartingWith(watched, label), eval_lines) << watched;
+  // Five shares, each leased.
+  std::set<std::string> evaluate_tasks;
+  for (const auto& e : testing::ParseTaskLog(testing::ReadFile(cluster.task_log()))) {
+    if (e.what == "lease" && e.kind == "evaluate") evaluate_tasks.insert(e.task);
+  }
+  EXPECT_EQ(evaluate_tasks.size(), 5u);
+}
+
 // The only worker SIGKILLed while it holds an evaluate task: another worker runs that share again after the lease
 // expired. Then the scheduler is SIGKILLed with part of the evaluation committed and restarted on the same store:
 // committed shares are not leased again. Job.quality still equals the in-process comparison exactly.
@@ -344,8 +398,23 @@ TEST(EvaluationTest, BadEvaluationFieldsGetClearErrors) {
   cases.push_back({"window without text", good(), grpc::StatusCode::INVALID_ARGUMENT, "without evaluation_text_uri"});
   cases.back().req.mutable_recipe()->clear_evaluation_text_uri();
   cases.back().req.mutable_recipe()->set_evaluation_window(64);
-  cases.push_back({"sampled streams", good(), grpc::StatusCode::UNIMPLEMENTED, "recipe.eval_streams"});
+  cases.push_back({"streams and a text", good(), grpc::StatusCode::INVALID_ARGUMENT, "recipe.eval_streams"});
   cases.back().req.mutable_recipe()->set_eval_streams(8);
+  cases.push_back({"negative streams", good(), grpc::StatusCode::INVALID_ARGUMENT, "recipe.eval_streams"});
+  cases.back().req.mutable_recipe()->clear_evaluation_text_uri();
+  cases.back().req.mutable_recipe()->set_eval_streams(-1);
+  cases.push_back({"streams past the context", good(), grpc::StatusCode::INVALID_ARGUMENT,
+                   "recipe.eval_stream_length"});
+  cases.back().req.mutable_recipe()->clear_evaluation_text_uri();
+  cases.back().req.mutable_recipe()->set_eval_streams(2);
+  cases.back().req.mutable_recipe()->set_eval_stream_length(100000);
+  cases.push_back({"stream length without streams", good(), grpc::StatusCode::INVALID_ARGUMENT,
+                   "recipe.eval_stream_length"});
+  cases.back().req.mutable_recipe()->set_eval_stream_length(64);
+  cases.push_back({"chunks of streams", good(), grpc::StatusCode::INVALID_ARGUMENT, "recipe.evaluation_chunks"});
+  cases.back().req.mutable_recipe()->clear_evaluation_text_uri();
+  cases.back().req.mutable_recipe()->set_eval_streams(2);
+  cases.back().req.mutable_recipe()->set_evaluation_chunks(4);
   for (const Case& c : cases) {
     std::string id;
     const grpc::Status s = cluster.Submit(c.req, &id);

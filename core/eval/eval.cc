@@ -213,8 +213,9 @@ absl::StatusOr<CompareResult> CompareModels(Transformer& base, Transformer& quan
 }
 
 absl::StatusOr<std::vector<std::vector<int>>> SampleStreams(Transformer& model, int n_streams, int length,
-                                                            uint64_t seed, float temperature, int bos_id) {
-  if (n_streams < 0) return absl::InvalidArgumentError("negative stream count");
+                                                            uint64_t seed, float temperature, int bos_id,
+                                                            int first_stream) {
+  if (n_streams < 0 || first_stream < 0) return absl::InvalidArgumentError("negative stream count or index");
   if (length < 1 || length > model.max_seq_len()) {
     return absl::InvalidArgumentError(
         absl::StrCat("stream length ", length, " outside [1, ", model.max_seq_len(), "]"));
@@ -224,7 +225,7 @@ absl::StatusOr<std::vector<std::vector<int>>> SampleStreams(Transformer& model, 
   }
   std::vector<std::vector<int>> streams;
   std::vector<float> logits(static_cast<size_t>(model.vocab_size()));
-  for (int i = 0; i < n_streams; ++i) {
+  for (int i = first_stream; i < first_stream + n_streams; ++i) {
     Sampler sampler({.temperature = temperature, .top_p = 1.0f, .seed = StreamSeed(seed, i)});
     std::vector<int> s = {bos_id};
     model.Reset();

@@ -79,9 +79,11 @@ absl::StatusOr<CompareResult> CompareModels(Transformer& base, Transformer& quan
 // n_streams token streams of `length` tokens each (including the leading BOS = bos_id), sampled from `model`
 // at `temperature` (no top-p), stream i seeded from (seed, i) so that each stream is reproducible on its
 // own. Sampling never stops early (EOS and BOS are ordinary tokens here). length <= max_seq_len().
+// `first_stream` > 0 samples streams first_stream .. first_stream + n_streams - 1 of that sequence (a share of
+// the service's evaluate tasks samples only its own).
 absl::StatusOr<std::vector<std::vector<int>>> SampleStreams(Transformer& model, int n_streams, int length,
                                                             uint64_t seed, float temperature = 1.0f,
-                                                            int bos_id = 1);
+                                                            int bos_id = 1, int first_stream = 0);
 
 // Reads the text file at `path`, tokenizes it whole (with BOS), and measures perplexity.
 absl::StatusOr<PerplexityResult> EvalText(Transformer& model, const Tokenizer& tokenizer, const std::string& path,

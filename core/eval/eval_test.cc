@@ -226,6 +226,11 @@ TEST(SampleStreams, SeededAndIndependentPerStream) {
   auto one = SampleStreams(*rt, 1, 40, 99);
   ASSERT_TRUE(one.ok());
   EXPECT_EQ((*one)[0], (*s1)[0]);
+  // Streams 1 and 2 drawn on their own (an evaluate task's share) are those of the whole draw.
+  auto tail = SampleStreams(*rt, 2, 40, 99, 1.0f, 1, /*first_stream=*/1);
+  ASSERT_TRUE(tail.ok());
+  EXPECT_EQ(*tail, std::vector<std::vector<int>>(s1->begin() + 1, s1->end()));
+  EXPECT_FALSE(SampleStreams(*rt, 1, 40, 99, 1.0f, 1, -1).ok());
   // Greedy streams (temperature 0) are the argmax continuation, identical for every stream.
   auto greedy = SampleStreams(*rt, 2, 20, 1, 0.0f);
   ASSERT_TRUE(greedy.ok());

@@ -288,9 +288,11 @@ const std::vector<Command>& Commands() {
        Up},
       {"submit",
        "submit MODEL --method M [method flags as for quantize] [--name NAME] [--tenant T] [--max-task-mib N] "
-       "[--eval-text FILE [--eval-window W] [--eval-chunks N] [--eval-tasks N]] [--watch]: submit a quantize job to "
+       "[--eval-text FILE [--eval-chunks N] | --eval-streams N [--eval-stream-len L] [--eval-seed S]] [--eval-window W] "
+       "[--eval-tasks N] [--watch]: submit a quantize job to "
        "the scheduler (--eval-text: perplexity / KL / top-1 of the version against the source in Job.quality, as "
-       "`qforge eval --text FILE --window W --chunks N` computes them; --watch: live progress, then the result)",
+       "`qforge eval --text FILE --window W --chunks N` computes them; --eval-streams: the same on N streams sampled "
+       "from the source, as `qforge eval --streams N --stream-len L --seed S`; --watch: live progress, then the result)",
        Submit},
       {"watch", "watch JOB_ID: follow a job's progress until it ends (reconnects if the scheduler restarts)", Watch},
       {"jobs", "jobs [--tenant T]: list the scheduler's jobs", Jobs},

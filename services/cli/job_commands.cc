@@ -157,7 +157,10 @@ absl::Status ReportOutcome(const v1::Job& job, std::ostream& out) {
     // `qforge eval VERSION --base SOURCE --text FILE --window W` prints these very lines (same numbers).
     out << absl::StrFormat("evaluation: %d windows of %d tokens of %s; base = the source, model = %s@%s\n",
                            q.windows(), q.window(), q.text_source(), job.result().name(), job.result().version());
-    out << ComparisonLines(absl::StrCat("text ", q.text_source()), q.perplexity_base(), q.perplexity_quantized(),
+    // A text is named "text FILE" as `qforge eval --text` names it; sampled streams come in its words already.
+    const bool sampled = job.request().recipe().eval_streams() > 0;
+    out << ComparisonLines(sampled ? q.text_source() : absl::StrCat("text ", q.text_source()),
+                           q.perplexity_base(), q.perplexity_quantized(),
                            q.tokens(), q.kl_mean(), q.kl_max(), q.top1_agreement());
   }
   return absl::OkStatus();
@@ -176,7 +179,8 @@ absl::StatusOr<v1::Job> GetJob(v1::JobService::Stub& jobs, const std::string& jo
 absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
   std::set<std::string> value_flags = {"scheduler", "name", "tenant", "max-task-mib", "idempotency-key", "tokenizer",
                                        "calib-text", "calib-streams", "calib-len", "calib-seed", "eval-text",
-                                       "eval-window", "eval-chunks", "eval-tasks"};
+                                       "eval-window", "eval-chunks", "eval-tasks", "eval-streams",
+                                       "eval-stream-len", "eval-seed"};
   std::set<std::string> bool_flags = {"watch", "quantize-embeddings"};
   value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
@@ -185,7 +189,8 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
       "qforge submit MODEL --method M [--bits B] [--group G] [--asym] [--no-double-quant] [--quantize-embeddings] "
       "[--name NAME] [--tenant T] [--max-task-mib N] [--idempotency-key K] [--tokenizer TOK] "
       "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] "
-      "[--eval-text FILE [--eval-window W] [--eval-chunks N] [--eval-tasks N]] [--watch] [--scheduler HOST:PORT]";
+      "[--eval-text FILE [--eval-chunks N] | --eval-streams N [--eval-stream-len L] [--eval-seed S]] "
+      "[--eval-window W] [--eval-tasks N] [--watch] [--scheduler HOST:PORT]";
   QF_ASSIGN_OR_RETURN(auto method_and_params, MethodFromFlags(f, usage));
   QF_ASSIGN_OR_RETURN(int task_mib, f.GetInt("max-task-mib", 0, 0, 1 << 20));
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, usage));
@@ -222,12 +227,34 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
   }
   // Evaluation after assembly (Job.quality): as `qforge eval --text FILE --window W --chunks N`.
   if (f.Has("eval-text")) req.mutable_recipe()->set_evaluation_text_uri(absolute(f.Get("eval-text")));
-  for (const auto& [flag, set] : {std::pair<const char*, void (v1::Recipe::*)(int32_t)>{
-                                      "eval-window", &v1::Recipe::set_evaluation_window},
-                                  {"eval-chunks", &v1::Recipe::set_evaluation_chunks},
-                                  {"eval-tasks", &v1::Recipe::set_evaluation_tasks}}) {
+  // Or tokenizer-free, on streams sampled from the source: as `qforge eval --streams N --stream-len L --seed S`.
+  if (f.Has("eval-text") && f.Has("eval-streams")) {
+    return UsageError(absl::StrCat("give --eval-text or --eval-streams, not both; usage: ", usage));
+  }
+  const bool evaluates = f.Has("eval-text") || f.Has("eval-streams");
+  if (f.Has("eval-streams")) {
+    QF_ASSIGN_OR_RETURN(int n, f.GetInt("eval-streams", 8, 1, 100000));
+    req.mutable_recipe()->set_eval_streams(n);
+  }
+  if (f.Has("eval-stream-len")) {
+    if (!f.Has("eval-streams")) return UsageError(absl::StrCat("--eval-stream-len needs --eval-streams; usage: ", usage));
+    QF_ASSIGN_OR_RETURN(int n, f.GetInt("eval-stream-len", 256, 2, 1 << 24));
+    req.mutable_recipe()->set_eval_stream_length(n);
+  }
+  if (f.Has("eval-seed")) {
+    if (!f.Has("eval-streams")) return UsageError(absl::StrCat("--eval-seed needs --eval-streams; usage: ", usage));
+    QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("eval-seed", 1));
+    req.mutable_recipe()->set_eval_seed(seed);
+  }
+  for (const auto& [flag, set, needs] : {std::tuple<const char*, void (v1::Recipe::*)(int32_t), bool>{
+                                             "eval-window", &v1::Recipe::set_evaluation_window, evaluates},
+                                         {"eval-chunks", &v1::Recipe::set_evaluation_chunks, f.Has("eval-text")},
+                                         {"eval-tasks", &v1::Recipe::set_evaluation_tasks, evaluates}}) {
     if (!f.Has(flag)) continue;
-    if (!f.Has("eval-text")) return UsageError(absl::StrCat("--", flag, " needs --eval-text; usage: ", usage));
+    if (!needs) {
+      return UsageError(absl::StrCat("--", flag, " needs --eval-text", std::string(flag) == "eval-chunks" ? "" : " or --eval-streams",
+                                     "; usage: ", usage));
+    }
     QF_ASSIGN_OR_RETURN(int n, f.GetInt(flag, 0, 1, 1 << 24));
     (req.mutable_recipe()->*set)(n);
   }

@@ -178,17 +178,38 @@ absl::StatusOr<scheduler::JobRecipe> RecipeFromProto(const qforge::v1::Recipe& r
   r.allow_fallback = !recipe.no_fallback();
   r.calibration_text_uri = recipe.calibration_text_uri();
   r.evaluation_text_uri = recipe.evaluation_text_uri();
+  // Sampled evaluation streams, `qforge eval --streams N --stream-len L --seed S`'s ranges; the length's bound by
+  // the context needs the model (SubmitJob checks it).
   if (recipe.eval_streams() != 0) {
-    return absl::UnimplementedError(
-        "recipe.eval_streams: evaluation on sampled streams is not run by the service; give evaluation_text_uri "
-        "(or run `qforge eval --streams`)");
+    if (recipe.eval_streams() < 1 || recipe.eval_streams() > 100000) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("recipe.eval_streams: must be 1..100000, got ", recipe.eval_streams()));
+    }
+    if (!r.evaluation_text_uri.empty()) {
+      return absl::InvalidArgumentError(
+          "recipe.eval_streams: give either evaluation_text_uri or eval_streams, not both");
+    }
+    r.eval_streams = recipe.eval_streams();
   }
+  if ((recipe.has_eval_stream_length() || recipe.has_eval_seed()) && r.eval_streams == 0) {
+    return absl::InvalidArgumentError("recipe.eval_stream_length / eval_seed: given without eval_streams");
+  }
+  if (recipe.has_eval_stream_length()) {
+    if (recipe.eval_stream_length() < 2 || recipe.eval_stream_length() > (1 << 24)) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.eval_stream_length: must be 2..", 1 << 24, ", got ",
+                                                     recipe.eval_stream_length()));
+    }
+    r.eval_stream_length = recipe.eval_stream_length();
+  }
+  if (recipe.has_eval_seed()) r.eval_seed = recipe.eval_seed();
   // `qforge eval`'s --window / --chunks ranges; the context-length bound needs the model (SubmitJob checks it).
-  const bool windows_given =
-      recipe.has_evaluation_window() || recipe.has_evaluation_chunks() || recipe.has_evaluation_tasks();
-  if (windows_given && r.evaluation_text_uri.empty()) {
+  // Windows and tasks apply to either kind of evaluation; --chunks only cuts a text.
+  if ((recipe.has_evaluation_window() || recipe.has_evaluation_tasks()) && !r.evaluates()) {
     return absl::InvalidArgumentError(
-        "recipe.evaluation_window / evaluation_chunks / evaluation_tasks: given without evaluation_text_uri");
+        "recipe.evaluation_window / evaluation_tasks: given without evaluation_text_uri or eval_streams");
+  }
+  if (recipe.has_evaluation_chunks() && r.evaluation_text_uri.empty()) {
+    return absl::InvalidArgumentError("recipe.evaluation_chunks: given without evaluation_text_uri");
   }
   if (recipe.has_evaluation_window()) {
     if (recipe.evaluation_window() < 2 || recipe.evaluation_window() > (1 << 24)) {

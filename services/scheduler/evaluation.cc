@@ -7,6 +7,7 @@
 #include <system_error>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "core/base/status_macros.h"
 #include "core/eval/eval.h"
 #include "services/rpc/rpc_util.h"
@@ -38,37 +39,59 @@ std::pair<int64_t, int64_t> ShareOf(int64_t total, uint32_t part, uint32_t parts
 
 absl::Status ResolveEvaluation(const std::vector<std::string>& roots, const scheduler::ModelDescription& model,
                                const std::string& tokenizer, scheduler::JobRecipe* recipe, v1::Recipe* stored) {
-  auto path = rpc::ResolveUnderRoots(recipe->evaluation_text_uri, roots, "recipe.evaluation_text_uri");
-  // A missing text is a bad recipe like any other field (the source model's NOT_FOUND is about the job's input).
-  if (absl::IsNotFound(path.status())) return absl::InvalidArgumentError(path.status().message());
-  QF_RETURN_IF_ERROR(path.status());
-  std::error_code ec;
-  if (!std::filesystem::is_regular_file(*path, ec)) {
-    return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_text_uri: '", recipe->evaluation_text_uri,
-                                                   "' is not a regular file"));
-  }
-  if (tokenizer.empty() && !model.has_vocab) {
-    return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_text_uri: ", model.source_uri,
-                                                   " carries no vocabulary to tokenize the text with; give the job "
-                                                   "a tokenizer_uri"));
-  }
   const int context = model.config.seq_len;
   if (recipe->evaluation_window > context) {
     return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_window: ", recipe->evaluation_window,
                                                    " is more than the model's context length ", context));
   }
-  if (!stored->has_evaluation_tasks()) {
-    const uint64_t window = static_cast<uint64_t>(recipe->evaluation_window > 0 ? recipe->evaluation_window
-                                                                               : std::max(context, 2));
-    uint64_t windows = std::max<uint64_t>(1, std::filesystem::file_size(*path, ec) / kBytesPerTokenEstimate / window);
+  const uint64_t window = static_cast<uint64_t>(recipe->evaluation_window > 0 ? recipe->evaluation_window
+                                                                             : std::max(context, 2));
+  uint64_t windows = 0;  // estimated, for the task count only
+  if (recipe->eval_streams > 0) {
+    // `qforge eval --streams`'s default length: the smaller of 256 and the context.
+    if (recipe->eval_stream_length == 0) {
+      recipe->eval_stream_length = std::min(256, context);
+      stored->set_eval_stream_length(recipe->eval_stream_length);
+    }
+    if (recipe->eval_stream_length < 2 || recipe->eval_stream_length > context) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.eval_stream_length: ", recipe->eval_stream_length,
+                                                     " is outside [2, ", context, "], the model's context length"));
+    }
+    windows = static_cast<uint64_t>(recipe->eval_streams) *
+              ((static_cast<uint64_t>(recipe->eval_stream_length) + window - 1) / window);
+  } else {
+    auto path = rpc::ResolveUnderRoots(recipe->evaluation_text_uri, roots, "recipe.evaluation_text_uri");
+    // A missing text is a bad recipe like any other field (the source model's NOT_FOUND is about the job's input).
+    if (absl::IsNotFound(path.status())) return absl::InvalidArgumentError(path.status().message());
+    QF_RETURN_IF_ERROR(path.status());
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(*path, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_text_uri: '", recipe->evaluation_text_uri,
+                                                     "' is not a regular file"));
+    }
+    if (tokenizer.empty() && !model.has_vocab) {
+      return absl::InvalidArgumentError(absl::StrCat("recipe.evaluation_text_uri: ", model.source_uri,
+                                                     " carries no vocabulary to tokenize the text with; give the "
+                                                     "job a tokenizer_uri"));
+    }
+    windows = std::max<uint64_t>(1, std::filesystem::file_size(*path, ec) / kBytesPerTokenEstimate / window);
     if (recipe->evaluation_chunks > 0) windows = std::min<uint64_t>(windows, recipe->evaluation_chunks);
+    recipe->evaluation_text_uri = *path;
+    stored->set_evaluation_text_uri(*path);
+  }
+  if (!stored->has_evaluation_tasks()) {
     const uint64_t tasks = (windows + kWindowsPerTaskEstimate - 1) / kWindowsPerTaskEstimate;
     recipe->evaluation_tasks = static_cast<int>(std::clamp<uint64_t>(tasks, 1, kDefaultMaxEvaluationTasks));
     stored->set_evaluation_tasks(recipe->evaluation_tasks);
   }
-  recipe->evaluation_text_uri = *path;
-  stored->set_evaluation_text_uri(*path);
   return absl::OkStatus();
+}
+
+std::string EvaluationSource(const v1::Recipe& recipe) {
+  if (recipe.eval_streams() == 0) return recipe.evaluation_text_uri();
+  // The words `qforge eval VERSION --base SOURCE --streams N` reports its streams with.
+  return absl::StrFormat("streams (%d x %d tokens sampled from the base model, seed %d, T=%g)", recipe.eval_streams(),
+                         recipe.eval_stream_length(), recipe.has_eval_seed() ? recipe.eval_seed() : 1, 1.0);
 }
 
 absl::Status FillEvaluateTask(const scheduler::Plan& plan, uint32_t task, const v1::Job& record,
@@ -79,6 +102,9 @@ absl::Status FillEvaluateTask(const scheduler::Plan& plan, uint32_t task, const 
   spec->set_text_uri(recipe.evaluation_text_uri());
   spec->set_window(recipe.evaluation_window());
   spec->set_max_windows(recipe.evaluation_chunks());
+  spec->set_streams(recipe.eval_streams());
+  spec->set_stream_length(recipe.eval_stream_length());
+  spec->set_seed(recipe.has_eval_seed() ? recipe.eval_seed() : 1);
   spec->set_part(static_cast<int32_t>(pt.row_begin));
   spec->set_parts(static_cast<int32_t>(pt.row_end));
   out->set_tokenizer_uri(record.request().tokenizer_uri());

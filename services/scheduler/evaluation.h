@@ -22,7 +22,8 @@ namespace qforge::services {
 // The most evaluate tasks the scheduler plans on its own (recipe.evaluation_tasks unset).
 inline constexpr int kDefaultMaxEvaluationTasks = 16;
 
-// SubmitJob's check of `recipe`'s evaluation fields (recipe.evaluation_text_uri non-empty): the text resolves
+// SubmitJob's check of `recipe`'s evaluation fields (JobRecipe::evaluates()). Sampled streams: their length fits
+// the context (unset: the smaller of 256 and the context, filled in). A text: it resolves
 // under `roots` to a regular file (missing: INVALID_ARGUMENT, outside the roots: PERMISSION_DENIED, both naming
 // recipe.evaluation_text_uri), there is a vocabulary to tokenize it (the job's tokenizer_uri, `tokenizer`, or
 // the source's own, ModelDescription::has_vocab) and the window fits the model's context
@@ -32,6 +33,9 @@ inline constexpr int kDefaultMaxEvaluationTasks = 16;
 absl::Status ResolveEvaluation(const std::vector<std::string>& roots, const scheduler::ModelDescription& model,
                                const std::string& tokenizer, scheduler::JobRecipe* recipe,
                                qforge::v1::Recipe* stored);
+
+// What Job.quality's text_source says: the text's path, or the sampled streams in `qforge eval`'s words.
+std::string EvaluationSource(const qforge::v1::Recipe& recipe);
 
 // Task index -> its committed result (NOT_FOUND while it has none).
 using CommittedResult = std::function<absl::StatusOr<std::string>(uint32_t task)>;

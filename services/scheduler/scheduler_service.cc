@@ -272,7 +272,7 @@ class SchedulerServer::Impl {
       std::lock_guard<std::mutex> l(mu_);
       if (auto it = quality_.find(id); it != quality_.end()) return it->second;
     }
-    QF_ASSIGN_OR_RETURN(auto q, MergeQuality(plan, record.request().recipe().evaluation_text_uri(), CommittedOf(id)));
+    QF_ASSIGN_OR_RETURN(auto q, MergeQuality(plan, EvaluationSource(record.request().recipe()), CommittedOf(id)));
     std::lock_guard<std::mutex> l(mu_);
     quality_[id] = q;
     return q;
@@ -423,7 +423,7 @@ class SchedulerServer::Impl {
       }
     }
     v1::Recipe stored_recipe = req.recipe();
-    if (!recipe.evaluation_text_uri.empty()) {
+    if (recipe.evaluates()) {
       QF_RETURN_IF_ERROR(ResolveEvaluation(roots_, *description, tokenizer, &recipe, &stored_recipe));
     }
     scheduler::PlanOptions plan_options;
