@@ -154,6 +154,12 @@ absl::StatusOr<Plan> PlanJob(ModelDescription model, const JobRecipe& recipe, co
   std::vector<uint32_t> prev_block_tasks;
   int64_t prev_calibrate = -1;
   const bool per_block = calibrated && options.calibrate_per_block;
+  if (recipe.sequential_calibration && !per_block) {
+    return absl::InvalidArgumentError(
+        calibrated ? "recipe.sequential_calibration: needs the per-block calibrate chain"
+                   : absl::StrCat("recipe.sequential_calibration: method ", recipe.method,
+                                  " (and every layer rule's) needs no calibration"));
+  }
   if (calibrated && !per_block) {
     PlanTask c;
     c.kind = TaskKind::kCalibrate;
@@ -169,7 +175,7 @@ absl::StatusOr<Plan> PlanJob(ModelDescription model, const JobRecipe& recipe, co
       c.layer = l;
       calibrate = add_task(c);
       if (prev_calibrate >= 0) add_dep(static_cast<uint32_t>(prev_calibrate));
-      if (options.sequential_calibration) {
+      if (recipe.sequential_calibration) {
         for (uint32_t d : prev_block_tasks) add_dep(d);
       }
     }

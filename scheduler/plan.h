@@ -36,6 +36,9 @@ struct JobRecipe {
   int calibration_samples = 64;
   int calibration_length = 256;
   uint64_t calibration_seed = 1000;
+  // Block i calibrated on the output of the quantized blocks < i: calibrate(i) also waits for block i-1's quantize
+  // tasks (needs calibrate_per_block and a calibrated method).
+  bool sequential_calibration = false;
   // Non-empty: `evaluation_tasks` evaluate tasks after assemble, each comparing the version with the source on
   // one share of the text's windows (window tokens per window, 0: the context; the first `evaluation_chunks`
   // windows, 0: all).
@@ -57,7 +60,6 @@ int MatchLayerRule(const JobRecipe& recipe, std::string_view tensor_name);
 
 struct PlanOptions {
   uint64_t max_task_input_bytes = uint64_t{256} << 20;  // row slices keep every quantize task under this
-  bool sequential_calibration = false;  // calibrate(i) also waits for block i-1's quantize tasks (exact GPTQ)
   // One calibrate task per block, chained (docs/distributed.md: the target). false: one calibrate task for the
   // whole job (layer -1), first in the plan, which every quantize task depends on: what workers run today.
   bool calibrate_per_block = false;

@@ -145,6 +145,47 @@ TEST(PlanTest, CalibratedMethodChainsCalibrateTasks) {
   EXPECT_EQ(plan->tasks.back().kind, TaskKind::kEvaluate);
 }
 
+// Sequential calibration: calibrate(i) waits for calibrate(i-1) and for every quantize task of block i-1 (it runs
+// block i-1's quantized weights); a method without calibration, or a plan without the per-block chain, is refused
+// naming the field.
+TEST(PlanTest, SequentialCalibrationWaitsForThePreviousBlocksQuantizeTasks) {
+  JobRecipe r;
+  r.method = "gptq";
+  r.params = quant::QuantParams{4, 32, true, false};
+  r.sequential_calibration = true;
+  auto plan = PlanJob(TinyDescription(), r, PlanOptions{.max_task_input_bytes = 4096, .calibrate_per_block = true});
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  std::vector<uint32_t> calib;
+  std::vector<std::vector<uint32_t>> quantize_of_block(static_cast<size_t>(TinyTestConfig().n_layers));
+  for (uint32_t t = 0; t < plan->tasks.size(); ++t) {
+    const PlanTask& p = plan->tasks[t];
+    if (p.kind == TaskKind::kCalibrate) {
+      std::vector<uint32_t> want;
+      if (!calib.empty()) {
+        want.push_back(calib.back());
+        const auto& previous = quantize_of_block[static_cast<size_t>(p.layer - 1)];
+        want.insert(want.end(), previous.begin(), previous.end());
+        EXPECT_GT(previous.size(), 1u) << "4 KiB slices: several quantize tasks per block";
+      }
+      EXPECT_THAT(plan->DepsOf(t), ::testing::ElementsAreArray(want)) << plan->Describe(t);
+      calib.push_back(t);
+    } else if (p.kind == TaskKind::kQuantize && p.layer >= 0) {
+      quantize_of_block[static_cast<size_t>(p.layer)].push_back(t);
+    }
+  }
+  EXPECT_EQ(calib.size(), static_cast<size_t>(TinyTestConfig().n_layers));
+  auto back = DeserializePlan(SerializePlan(*plan));
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->deps, plan->deps);
+
+  EXPECT_THAT(std::string(PlanJob(TinyDescription(), r).status().message()),
+              HasSubstr("recipe.sequential_calibration: needs the per-block calibrate chain"));
+  r.method = "q8_0";
+  r.params.reset();
+  EXPECT_THAT(std::string(PlanJob(TinyDescription(), r, PlanOptions{.calibrate_per_block = true}).status().message()),
+              HasSubstr("recipe.sequential_calibration: method q8_0 (and every layer rule's) needs no calibration"));
+}
+
 // Evaluation text: recipe.evaluation_tasks evaluate tasks after assemble, share i of n each, none before the
 // version exists; the count is checked and survives serialization.
 TEST(PlanTest, EvaluationIsSharedOverTasksAfterAssemble) {

@@ -199,6 +199,41 @@ absl::StatusOr<uint64_t> PutModel(ArtifactStore& store, const Model& model, cons
   return result;
 }
 
+absl::StatusOr<Tensor> TensorFromManifest(const qforge::v1::ManifestTensor& mt, const ChunkFetcher& get_chunk,
+                                          const std::string& where) {
+  auto format = ParseFormatName(mt.format());
+  if (!format.ok()) {
+    return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': ", format.status().message()));
+  }
+  std::vector<int64_t> shape(mt.shape().begin(), mt.shape().end());
+  // Check shape, format and byte count agree before allocating anything of that size. ValidateTensor also
+  // wants a data pointer; none exists yet, so the probe points at a placeholder it never reads.
+  static const uint8_t kPlaceholder = 0;
+  const Tensor probe = Tensor::View(mt.name(), shape, *format, nullptr, &kPlaceholder, mt.nbytes());
+  if (absl::Status s = ValidateTensor(probe); !s.ok()) {
+    return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': ", s.message()));
+  }
+  // The chunks must add up to exactly nbytes; nothing beyond nbytes is ever appended.
+  std::vector<uint8_t> bytes;
+  bytes.reserve(mt.nbytes());
+  for (const std::string& id : mt.chunk_ids()) {
+    auto chunk = get_chunk(id);
+    if (!chunk.ok()) {
+      return absl::Status(chunk.status().code(),
+                          absl::StrCat(where, " tensor '", mt.name(), "': ", chunk.status().message()));
+    }
+    if (chunk->size() > mt.nbytes() - bytes.size()) {
+      return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': chunks exceed ", mt.nbytes(), " bytes"));
+    }
+    bytes.insert(bytes.end(), chunk->begin(), chunk->end());
+  }
+  if (bytes.size() != mt.nbytes()) {
+    return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': chunks hold ", bytes.size(),
+                                            " bytes, the manifest says ", mt.nbytes()));
+  }
+  return Tensor::FromBytes(mt.name(), std::move(shape), *format, std::move(bytes));
+}
+
 absl::StatusOr<Model> ModelFromManifest(const qforge::v1::Manifest& manifest, const ChunkFetcher& get_chunk) {
   const std::string where = absl::StrCat(manifest.model().name(), "@", manifest.model().version());
   Model m;
@@ -212,37 +247,8 @@ absl::StatusOr<Model> ModelFromManifest(const qforge::v1::Manifest& manifest, co
     }
   }
   for (const auto& mt : manifest.tensors()) {
-    auto format = ParseFormatName(mt.format());
-    if (!format.ok()) {
-      return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': ", format.status().message()));
-    }
-    std::vector<int64_t> shape(mt.shape().begin(), mt.shape().end());
-    // Check shape, format and byte count agree before allocating anything of that size. ValidateTensor also
-    // wants a data pointer; none exists yet, so the probe points at a placeholder it never reads.
-    static const uint8_t kPlaceholder = 0;
-    const Tensor probe = Tensor::View(mt.name(), shape, *format, nullptr, &kPlaceholder, mt.nbytes());
-    if (absl::Status s = ValidateTensor(probe); !s.ok()) {
-      return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': ", s.message()));
-    }
-    // The chunks must add up to exactly nbytes; nothing beyond nbytes is ever appended.
-    std::vector<uint8_t> bytes;
-    bytes.reserve(mt.nbytes());
-    for (const std::string& id : mt.chunk_ids()) {
-      auto chunk = get_chunk(id);
-      if (!chunk.ok()) {
-        return absl::Status(chunk.status().code(),
-                            absl::StrCat(where, " tensor '", mt.name(), "': ", chunk.status().message()));
-      }
-      if (chunk->size() > mt.nbytes() - bytes.size()) {
-        return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': chunks exceed ", mt.nbytes(), " bytes"));
-      }
-      bytes.insert(bytes.end(), chunk->begin(), chunk->end());
-    }
-    if (bytes.size() != mt.nbytes()) {
-      return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': chunks hold ", bytes.size(),
-                                              " bytes, the manifest says ", mt.nbytes()));
-    }
-    m.tensors.emplace(mt.name(), Tensor::FromBytes(mt.name(), std::move(shape), *format, std::move(bytes)));
+    QF_ASSIGN_OR_RETURN(Tensor t, TensorFromManifest(mt, get_chunk, where));
+    m.tensors.emplace(mt.name(), std::move(t));
   }
   if (!manifest.vocab_chunk_id().empty()) {
     QF_ASSIGN_OR_RETURN(std::vector<uint8_t> vocab, get_chunk(manifest.vocab_chunk_id()));

@@ -49,6 +49,9 @@ std::string EncodeVocabChunk(const Vocab& vocab);
 // allocated. LoadModel is this over the local store; a remote client passes a fetch over ArtifactService.
 using ChunkFetcher = std::function<absl::StatusOr<std::vector<uint8_t>>(const std::string& chunk_id)>;
 absl::StatusOr<Model> ModelFromManifest(const qforge::v1::Manifest& manifest, const ChunkFetcher& get_chunk);
+// One tensor of a manifest, owning its bytes, checked the same way; errors name `where` and the tensor.
+absl::StatusOr<Tensor> TensorFromManifest(const qforge::v1::ManifestTensor& tensor, const ChunkFetcher& get_chunk,
+                                          const std::string& where);
 absl::StatusOr<Model> LoadModel(ArtifactStore& store, const std::string& ref_text);
 
 enum class ExportFormat { kGguf, kSafetensors };

@@ -13,6 +13,7 @@
 #include "core/formats/formats.h"
 #include "core/model/synthetic.h"
 #include "core/quant/quantize_model.h"
+#include "core/quant/sequential.h"
 #include "core/runtime/transformer.h"
 #include "core/tokenizer/tokenizer.h"
 #include "gtest/gtest.h"
@@ -57,6 +58,7 @@ Model QuantizeInProcess(const std::string& source, const std::string& method, co
 struct Calibration {
   int samples = 8, length = 64;
   uint64_t seed = 1000;
+  bool sequential = false;  // recipe.sequential_calibration, `qforge quantize --calib-sequential`
 };
 
 v1::SubmitJobRequest CalibratedRequest(const std::string& source, const std::string& method,
@@ -66,12 +68,14 @@ v1::SubmitJobRequest CalibratedRequest(const std::string& source, const std::str
   req.mutable_recipe()->set_calibration_samples(c.samples);
   req.mutable_recipe()->set_calibration_length(c.length);
   req.mutable_recipe()->set_calibration_seed(c.seed);
+  req.mutable_recipe()->set_sequential_calibration(c.sequential);
   return req;
 }
 
 // What `qforge quantize --method M --calib-streams N --calib-len L --calib-seed S` makes: the same streams sampled
 // from the source, CollectCalibration block by block with the hidden states rounded as the service's calibrate
-// chain stores them, PrepareModel for a method with a model transform, then QuantizeModel with the statistics.
+// chain stores them, PrepareModel for a method with a model transform, then QuantizeModel with the statistics;
+// with c.sequential, quant::CalibrateSequentially (`--calib-sequential`) in place of the first two.
 // Threads differ from the workers' on purpose: the bytes must not depend on them.
 Model QuantizeCalibratedInProcess(const std::string& source, const std::string& method,
                                   const quant::QuantParams& params, Calibration c, Model* transformed = nullptr,
@@ -83,16 +87,30 @@ Model QuantizeCalibratedInProcess(const std::string& source, const std::string& 
   EXPECT_TRUE(runner.ok()) << runner.status();
   auto tokens = eval::SampleStreams(**runner, c.samples, c.length, c.seed, 1.0f, in->vocab ? in->vocab->bos_id : 1);
   EXPECT_TRUE(tokens.ok()) << tokens.status();
-  auto stats = calib::CollectCalibration(
-      *in, *tokens, calib::CalibrationOptions{.threads = 3, .block_chain = calib::kChainActivationFormat});
-  EXPECT_TRUE(stats.ok()) << stats.status();
-  const quant::QuantMethod* m = quant::FindMethod(method);
-  if (m->HasModelTransform()) {
-    const absl::Status s = m->PrepareModel(*in, *stats, params);
-    EXPECT_TRUE(s.ok()) << s;
+  const calib::CalibrationOptions options{.threads = 3, .block_chain = calib::kChainActivationFormat};
+  ThreadPool pool(3);
+  absl::StatusOr<calib::CalibrationStats> stats;
+  if (c.sequential) {
+    auto transform = quant::ModelTransformOf(method, params, layers, "method", "layers");
+    EXPECT_TRUE(transform.ok()) << transform.status();
+    if (!transform.ok()) return Model();
+    auto sequential = quant::CalibrateSequentially(
+        *in, *tokens, quant::QuantRecipe{.method = method, .params = params, .layers = layers}, *transform, options,
+        &pool);
+    EXPECT_TRUE(sequential.ok()) << sequential.status();
+    if (!sequential.ok()) return Model();
+    stats = std::move(sequential->stats);
+    *in = std::move(sequential->model);
+  } else {
+    stats = calib::CollectCalibration(*in, *tokens, options);
+    EXPECT_TRUE(stats.ok()) << stats.status();
+    const quant::QuantMethod* m = quant::FindMethod(method);
+    if (m->HasModelTransform()) {
+      const absl::Status s = m->PrepareModel(*in, *stats, params);
+      EXPECT_TRUE(s.ok()) << s;
+    }
   }
   if (transformed != nullptr) *transformed = *in;
-  ThreadPool pool(3);
   auto out = quant::QuantizeModel(
       *in, quant::QuantRecipe{.method = method, .params = params, .calibration = &*stats, .layers = layers}, &pool);
   EXPECT_TRUE(out.ok()) << out.status();
@@ -206,7 +224,7 @@ void ExpectChainSurvivesCrashes(const std::string& dir, const std::vector<std::s
                                 const std::string& source, int n_layers, const std::string& method,
                                 const quant::QuantParams& params, Calibration c, uint64_t max_task_bytes,
                                 int worker_kill_block) {
-  SCOPED_TRACE(method);
+  SCOPED_TRACE(method + (c.sequential ? " (sequential)" : ""));
   Cluster cluster(dir, {.allowed_roots = roots, .lease_ms = 1500});
   ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
   cluster.StartWorker("victim");
@@ -506,6 +524,9 @@ TEST(DistributedTest, BadRequestsGetClearErrorsAndLeaveNoVersion) {
   cases.back().req.set_source_uri(root + "/notes.bin");
   cases.push_back({"bad output name", good(), grpc::StatusCode::INVALID_ARGUMENT, "output_name"});
   cases.back().req.set_output_name("Not A Name!");
+  cases.push_back({"sequential calibration without calibration", good(), grpc::StatusCode::INVALID_ARGUMENT,
+                   "recipe.sequential_calibration: method rtn (and every layer rule's) needs no calibration"});
+  cases.back().req.mutable_recipe()->set_sequential_calibration(true);
   // Calibration fields of gptq / awq jobs.
   auto calibrated = [&](const std::string& method) {
     v1::SubmitJobRequest req = good();
@@ -628,6 +649,32 @@ TEST(DistributedTest, CalibrateChainSurvivesWorkerAndSchedulerCrashes) {
   ExpectChainSurvivesCrashes(TempDir("chain-awq"), {}, kStories, 5, "awq", awq, c, 4096, 2);
 }
 
+// Sequential calibration through the service (recipe.sequential_calibration): calibrate(i) runs block i-1 as its
+// quantize tasks committed it over the hidden states calibrate(i-1) stored, so each block sees the error of the
+// quantized blocks before it. Through both crashes the version equals `qforge quantize --calib-sequential` byte
+// for byte — and differs from the one-pass chain's (the statistics of blocks > 0 come from other inputs).
+TEST(DistributedTest, SequentialCalibrationSurvivesCrashesAndMatchesInProcess) {
+  const quant::QuantParams gptq = GptqActOrder4g32();
+  quant::QuantParams awq = quant::FindMethod("awq")->DefaultParams();
+  awq.bits = 4;
+  awq.group = 0;
+  const Calibration c{.samples = 16, .length = 128, .seed = 7, .sequential = true};
+  ExpectChainSurvivesCrashes(TempDir("sequential-gptq"), {}, kStories, 5, "gptq", gptq, c, 4096, 1);
+  ExpectChainSurvivesCrashes(TempDir("sequential-awq"), {}, kStories, 5, "awq", awq, c, 4096, 2);
+
+  Calibration one_pass = c;
+  one_pass.sequential = false;
+  const Model sequential = QuantizeCalibratedInProcess(kStories, "gptq", gptq, c);
+  const Model chain = QuantizeCalibratedInProcess(kStories, "gptq", gptq, one_pass);
+  for (const std::string name : {"blk.0.attn_q.weight", "blk.3.ffn_down.weight"}) {
+    const Tensor* a = sequential.Find(name);
+    const Tensor* b = chain.Find(name);
+    ASSERT_TRUE(a != nullptr && b != nullptr && a->nbytes == b->nbytes) << name;
+    // Block 0 reads the embedding either way; later blocks read the quantized blocks' output.
+    EXPECT_EQ(std::memcmp(a->data, b->data, a->nbytes) == 0, name.starts_with("blk.0.")) << name;
+  }
+}
+
 // Ternary on a generated MoE through the chain and both crashes: each block's experts get their statistics from
 // the tokens the router sent them (pooled where too few, as in one process), identical to the in-process pipeline.
 TEST(DistributedTest, TernaryMoEChainSurvivesWorkerAndSchedulerCrashes) {
@@ -638,6 +685,9 @@ TEST(DistributedTest, TernaryMoEChainSurvivesWorkerAndSchedulerCrashes) {
   const quant::QuantParams ternary = quant::FindMethod("ternary")->DefaultParams();
   ExpectChainSurvivesCrashes(dir + "/cluster", {dir + "/models"}, path, c.n_layers, "ternary", ternary,
                              Calibration{.samples = 8, .length = 64, .seed = 1000}, 8 << 10, 1);
+  // Sequentially: the experts' routed tokens come from the ternary blocks before them.
+  ExpectChainSurvivesCrashes(dir + "/sequential", {dir + "/models"}, path, c.n_layers, "ternary", ternary,
+                             Calibration{.samples = 8, .length = 64, .seed = 1000, .sequential = true}, 8 << 10, 1);
 }
 
 // The other calibrated methods through scheduler + workers: SmoothQuant (a model transform and the w8a8 encoding)

@@ -1,7 +1,8 @@
 // The calibrate task (TaskExecutor::Calibrate, task_executor.h; docs/distributed.md, "Calibrated jobs"): one block
 // of the per-block chain — block i's statistics from block i-1's stored output hidden states (block 0: the
 // calibration tokens' embedding), the method's model transform on that block, and block i's output for block i+1 —
-// or, for a task of layer -1 (plans made before the chain), the whole model in one pass.
+// or, for a task of layer -1 (plans made before the chain), the whole model in one pass. In a sequential job
+// block i makes its own input from block i-1's quantized weights and stored input, and hands that input on.
 #include <cstring>
 #include <map>
 #include <memory>
@@ -93,8 +94,15 @@ absl::Status TaskExecutor::Calibrate(const v1::Task& task, const Model& source, 
   Model model = source;  // tensors are views of the mapped file; the transform replaces the ones it changes
   // A whole-model task (layer -1) runs the same chain in one process: the same bits as the per-block tasks.
   const calib::CalibrationOptions options{.threads = options_.threads, .block_chain = calib::kChainActivationFormat};
+  const bool sequential = task.sequential_calibration();
+  if (sequential && layer < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("calibrate task ", task.task_id(), ": sequential calibration needs one task per block"));
+  }
   calib::CalibrationStats stats;
-  calib::BlockActivations output;
+  // What the next block reads: this block's output, or (sequential) this block's input, in `handed_on_format`.
+  calib::BlockActivations handed_on;
+  calib::ActivationFormat handed_on_format = calib::kChainActivationFormat;
   if (layer < 0) {
     QF_ASSIGN_OR_RETURN(const std::vector<std::vector<int>> tokens, CalibrationTokens(task, model));
     QF_ASSIGN_OR_RETURN(stats, calib::CollectCalibration(model, tokens, options));
@@ -105,10 +113,25 @@ absl::Status TaskExecutor::Calibrate(const v1::Task& task, const Model& source, 
       // Sampling read the whole model; the block needs only its own pages from here on.
       if (options_.release_memory_between_tasks) MappedFile::DropResidentPages();
       QF_ASSIGN_OR_RETURN(input, calib::EmbedCalibrationTokens(model, tokens, options));
+      // quant::CalibrateSequentially runs block 0 on the embedding unrounded: hand it on exactly.
+      if (sequential) handed_on_format = calib::ActivationFormat::kF32;
+    } else if (sequential) {
+      // Block i's input is block i-1, as quantized, over block i-1's input: the step CalibrateSequentially takes.
+      QF_ASSIGN_OR_RETURN(const calib::BlockActivations previous_input,
+                          inputs_.Activations(task, source.config.dim, artifacts));
+      Model previous = source;
+      QF_RETURN_IF_ERROR(inputs_.OverlayPreviousBlock(task, previous, artifacts));
+      QF_RETURN_IF_ERROR(calib::RunBlock(previous, layer - 1, previous_input, options_.threads, &input));
+      QF_RETURN_IF_ERROR(calib::RoundActivations(input, calib::kChainActivationFormat));
     } else {
       QF_ASSIGN_OR_RETURN(input, inputs_.Activations(task, source.config.dim, artifacts));
     }
-    QF_ASSIGN_OR_RETURN(stats, calib::CalibrateBlock(model, layer, input, options, &output));
+    if (sequential) {
+      QF_ASSIGN_OR_RETURN(stats, calib::CalibrateBlock(model, layer, input, options, nullptr));
+      handed_on = std::move(input);
+    } else {
+      QF_ASSIGN_OR_RETURN(stats, calib::CalibrateBlock(model, layer, input, options, &handed_on));
+    }
   }
 
   if (!task.params().method().empty()) {
@@ -160,15 +183,15 @@ absl::Status TaskExecutor::Calibrate(const v1::Task& task, const Model& source, 
     QF_RETURN_IF_ERROR(PutBytes(t.bytes(), sink, stored->mutable_chunk_ids()));
   }
 
-  // The next block's input; the last block's output is read by nobody.
+  // What the next block reads; the last block hands on nothing (nobody reads it).
   if (layer >= 0 && layer + 1 < n_layers) {
-    QF_ASSIGN_OR_RETURN(const std::string bytes, calib::EncodeActivations(output, calib::kChainActivationFormat));
+    QF_ASSIGN_OR_RETURN(const std::string bytes, calib::EncodeActivations(handed_on, handed_on_format));
     v1::ActivationArtifact* a = out->mutable_activations();
-    a->set_layer(layer);
-    a->set_format(calib::ActivationFormatName(calib::kChainActivationFormat));
-    a->set_dim(output.dim);
-    a->set_windows(static_cast<int64_t>(output.windows.size()));
-    a->set_tokens(output.tokens());
+    a->set_layer(sequential ? layer - 1 : layer);  // whose output they are (-1: the embedding)
+    a->set_format(calib::ActivationFormatName(handed_on_format));
+    a->set_dim(handed_on.dim);
+    a->set_windows(static_cast<int64_t>(handed_on.windows.size()));
+    a->set_tokens(handed_on.tokens());
     a->set_nbytes(bytes.size());
     QF_RETURN_IF_ERROR(
         PutBytes({reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size()}, sink, a->mutable_chunk_ids()));

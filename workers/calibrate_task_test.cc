@@ -8,6 +8,7 @@
 #include <map>
 #include <set>
 
+#include "core/base/thread_pool.h"
 #include "core/calib/block_chain.h"
 #include "core/calib/collect.h"
 #include "core/calib/stats_codec.h"
@@ -15,6 +16,7 @@
 #include "core/formats/formats.h"
 #include "core/model/synthetic.h"
 #include "core/quant/quantize_model.h"
+#include "core/quant/sequential.h"
 #include "core/runtime/transformer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -163,6 +165,19 @@ TEST(CalibrateTaskTest, ArtifactsFeedQuantizeTasksLikeTheOneProcessPipeline) {
   EXPECT_EQ(e.code(), absl::StatusCode::kDataLoss) << e;
 }
 
+// Calibrate block `layer` of the model at `path` on FoldInProcess's streams (3 of 12 tokens, seed 5).
+v1::Task ChainTask(const std::string& path, int layer) {
+  v1::Task task;
+  task.set_task_id("1/" + std::to_string(layer));
+  task.set_kind(v1::TASK_KIND_CALIBRATE);
+  task.set_layer(layer);
+  task.set_source_uri(path);
+  task.set_calibration_samples(3);
+  task.set_calibration_length(12);
+  task.set_calibration_seed(5);
+  return task;
+}
+
 // The chain on executors alone: calibrate block 0 (sampled streams), then each block from the hidden states the
 // previous one uploaded, each on a fresh executor (another worker): together their statistics and fold equal
 // CollectCalibration's chain + PrepareModel in this process, bit for bit; the last block hands nothing on and
@@ -179,15 +194,8 @@ TEST(CalibrateTaskTest, PerBlockChainEqualsTheOneProcessChain) {
   std::map<std::string, std::vector<uint8_t>> stats_bytes, tensor_bytes;
   v1::ActivationArtifact previous;
   for (int l = 0; l < config.n_layers; ++l) {
-    v1::Task task;
-    task.set_task_id("1/" + std::to_string(l));
-    task.set_kind(v1::TASK_KIND_CALIBRATE);
-    task.set_layer(l);
-    task.set_source_uri(path);
+    v1::Task task = ChainTask(path, l);
     *task.mutable_params() = rpc::ParamsToProto("awq", awq);
-    task.set_calibration_samples(3);
-    task.set_calibration_length(12);
-    task.set_calibration_seed(5);
     if (l > 0) *task.mutable_activations() = previous;
     TaskExecutor executor({.threads = 2, .allowed_roots = {dir}, .chunk_bytes = 4096});
     MapSource artifacts(sink);
@@ -247,6 +255,91 @@ TEST(CalibrateTaskTest, PerBlockChainEqualsTheOneProcessChain) {
   EXPECT_THAT(e.message(), HasSubstr("calibrate block 1"));
   bad.set_layer(config.n_layers);
   EXPECT_EQ(executor.Execute(bad, unused, &ignored, &artifacts).code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Sequential calibration on executors alone: block 0 hands on its input (the embedding, unrounded, as block -1's
+// output); block i > 0 runs block i-1 — here quantized by QuantizeModel in this process, standing in for the
+// committed quantize tasks — over that input, and calibrates on the result. Together the statistics equal
+// quant::CalibrateSequentially's bit for bit; a previous block naming a tensor the model lacks is refused.
+TEST(CalibrateTaskTest, SequentialChainEqualsCalibrateSequentially) {
+  const std::string dir = testing::TempDir("calibrate-sequential");
+  const std::string path = dir + "/model.gguf";
+  const ModelConfig config = Q4kTestConfig();
+  testing::WriteTestModel(path, config, 13);
+  quant::QuantParams gptq = quant::FindMethod("gptq")->DefaultParams();
+  gptq.bits = 4;
+  gptq.group = 64;
+  auto source = formats::LoadModel(path);
+  ASSERT_TRUE(source.ok()) << source.status();
+  auto runner = Transformer::Create(std::make_shared<const Model>(*source), RuntimeOptions{.threads = 1});
+  ASSERT_TRUE(runner.ok());
+  auto tokens = eval::SampleStreams(**runner, 3, 12, 5, 1.0f, source->vocab->bos_id);
+  ASSERT_TRUE(tokens.ok());
+  ThreadPool pool(1);
+  const quant::QuantRecipe recipe{.method = "gptq", .params = gptq};
+  auto sequential = quant::CalibrateSequentially(
+      *source, *tokens, recipe, std::nullopt,
+      calib::CalibrationOptions{.threads = 1, .block_chain = calib::kChainActivationFormat}, &pool);
+  ASSERT_TRUE(sequential.ok()) << sequential.status();
+  quant::QuantRecipe all = recipe;
+  all.calibration = &sequential->stats;
+  auto quantized = quant::QuantizeModel(sequential->model, all, &pool);
+  ASSERT_TRUE(quantized.ok()) << quantized.status();
+
+  MapSink sink;
+  std::map<std::string, std::vector<uint8_t>> stats_bytes;
+  v1::ActivationArtifact previous;
+  v1::Task task;
+  for (int l = 0; l < config.n_layers; ++l) {
+    task = ChainTask(path, l);
+    task.set_sequential_calibration(true);
+    if (l > 0) {
+      *task.mutable_activations() = previous;
+      const std::string prefix = "blk." + std::to_string(l - 1) + ".";
+      for (const auto& [name, t] : quantized->model.tensors) {
+        if (name.rfind(prefix, 0) != 0 || t.format == WeightFormat::F32()) continue;  // the quantized ones
+        v1::ManifestTensor* mt = task.add_previous_block();
+        mt->set_name(name);
+        mt->set_format(FormatName(t.format));
+        for (int64_t d : t.shape) mt->add_shape(d);
+        mt->set_nbytes(t.nbytes);
+        auto id = sink.Put(t.bytes());
+        ASSERT_TRUE(id.ok());
+        mt->add_chunk_ids(*id);
+      }
+      ASSERT_GT(task.previous_block_size(), 0);
+    }
+    TaskExecutor executor({.threads = 2, .allowed_roots = {dir}, .chunk_bytes = 4096});
+    MapSource artifacts(sink);
+    v1::CompleteTaskRequest out;
+    const absl::Status s = executor.Execute(task, sink, &out, &artifacts);
+    ASSERT_TRUE(s.ok()) << s;
+    for (const v1::CalibrationArtifact& a : out.calibration()) {
+      for (const std::string& n : a.tensor_names()) stats_bytes[n] = sink.Concat(a.chunk_ids());
+    }
+    EXPECT_EQ(out.has_activations(), l + 1 < config.n_layers) << l;
+    if (out.has_activations()) {
+      EXPECT_EQ(out.activations().layer(), l - 1) << "its input: block l-1's output";
+      EXPECT_EQ(out.activations().format(), l == 0 ? "f32" : "f16");
+      previous = out.activations();
+    }
+  }
+  EXPECT_EQ(stats_bytes.size(), sequential->stats.size());
+  for (const auto& [name, want] : sequential->stats) {
+    auto encoded = calib::EncodeLayerStats(*want);
+    ASSERT_TRUE(encoded.ok());
+    EXPECT_EQ(stats_bytes[name], std::vector<uint8_t>(encoded->begin(), encoded->end())) << name;
+  }
+
+  // The last task again, with a previous block naming a tensor the model lacks.
+  task.mutable_previous_block(0)->set_name("blk.9.attn_q.weight");
+  TaskExecutor executor({.threads = 1, .allowed_roots = {dir}});
+  MapSource artifacts(sink);
+  MapSink unused;
+  v1::CompleteTaskRequest ignored;
+  const absl::Status e = executor.Execute(task, unused, &ignored, &artifacts);
+  EXPECT_EQ(e.code(), absl::StatusCode::kInvalidArgument) << e;
+  EXPECT_THAT(e.message(), HasSubstr("blk.9.attn_q.weight"));
 }
 
 // A chunk source that counts what it serves.

@@ -14,6 +14,7 @@
 #include "core/calib/stats_codec.h"
 #include "core/formats/formats.h"
 #include "services/rpc/rpc_util.h"
+#include "storage/model_store.h"
 
 namespace qforge::workers {
 namespace {
@@ -142,7 +143,8 @@ absl::StatusOr<std::optional<Tensor>> TaskInputs::Weights(const v1::Task& task, 
 absl::StatusOr<calib::BlockActivations> TaskInputs::Activations(const v1::Task& task, int dim,
                                                                  ChunkSource* artifacts) {
   const std::string what = absl::StrCat("input hidden states of calibrate block ", task.layer());
-  if (!task.has_activations() || task.activations().layer() != task.layer() - 1) {
+  const int64_t of_block = task.layer() - (task.sequential_calibration() ? 2 : 1);
+  if (!task.has_activations() || task.activations().layer() != of_block) {
     return absl::InvalidArgumentError(absl::StrCat(what, ": the task names ",
                                                    task.has_activations()
                                                        ? absl::StrCat("block ", task.activations().layer(), "'s output")
@@ -158,6 +160,24 @@ absl::StatusOr<calib::BlockActivations> TaskInputs::Activations(const v1::Task& 
                                             a.tokens(), " x ", dim));
   }
   return x;
+}
+
+absl::Status TaskInputs::OverlayPreviousBlock(const v1::Task& task, Model& model, ChunkSource* artifacts) {
+  const std::string what = absl::StrCat("block ", task.layer() - 1, " of calibrate task ", task.task_id());
+  if (task.previous_block().empty()) return absl::OkStatus();
+  QF_RETURN_IF_ERROR(NeedSource(artifacts, what));
+  const storage::ChunkFetcher fetch = [&](const std::string& id) { return artifacts->Get(id); };
+  for (const v1::ManifestTensor& mt : task.previous_block()) {
+    auto it = model.tensors.find(mt.name());
+    if (it == model.tensors.end() ||
+        !std::equal(mt.shape().begin(), mt.shape().end(), it->second.shape.begin(), it->second.shape.end())) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, ": tensor '", mt.name().substr(0, 128), "' is not one of the model's of that shape"));
+    }
+    QF_ASSIGN_OR_RETURN(Tensor t, storage::TensorFromManifest(mt, fetch, what));
+    it->second = std::move(t);
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace qforge::workers

@@ -58,9 +58,14 @@ class TaskInputs {
   // then reads the source). `source` is the tensor of the same name in the source model: shape must match.
   absl::StatusOr<std::optional<Tensor>> Weights(const qforge::v1::Task& task, const Tensor& source,
                                                 ChunkSource* artifacts);
-  // The input hidden states of calibrate block i > 0: what block i-1 stored. DATA_LOSS when they do not decode,
-  // INVALID_ARGUMENT when the task names none or another block's or dim's.
+  // The hidden states calibrate block i > 0 reads: what block i-1 stored — its output (block i-1's), or in a
+  // sequential job its input (block i-2's output; block 0's input, the embedding, counts as block -1's).
+  // DATA_LOSS when they do not decode, INVALID_ARGUMENT when the task names none or another block's or dim's.
   absl::StatusOr<calib::BlockActivations> Activations(const qforge::v1::Task& task, int dim, ChunkSource* artifacts);
+  // A sequential calibrate task's previous block: `model` with every tensor task.previous_block names (block
+  // i-1's quantized and transformed tensors) replaced by the stored one, which must be a tensor of the model of
+  // the same shape. DATA_LOSS for bytes that do not add up, INVALID_ARGUMENT for a tensor the model lacks.
+  absl::Status OverlayPreviousBlock(const qforge::v1::Task& task, Model& model, ChunkSource* artifacts);
 
   // Chunk reads made for statistics, and statistics served from the cache instead (tests and logs).
   int64_t stats_chunk_fetches() const { return stats_chunk_fetches_; }

@@ -181,14 +181,14 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
                                        "calib-text", "calib-streams", "calib-len", "calib-seed", "eval-text",
                                        "eval-window", "eval-chunks", "eval-tasks", "eval-streams",
                                        "eval-stream-len", "eval-seed"};
-  std::set<std::string> bool_flags = {"watch", "quantize-embeddings"};
+  std::set<std::string> bool_flags = {"watch", "quantize-embeddings", "calib-sequential"};
   value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, bool_flags));
   const std::string usage =
       "qforge submit MODEL --method M [--bits B] [--group G] [--asym] [--no-double-quant] [--quantize-embeddings] "
       "[--name NAME] [--tenant T] [--max-task-mib N] [--idempotency-key K] [--tokenizer TOK] "
-      "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] "
+      "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--calib-sequential] "
       "[--eval-text FILE [--eval-chunks N] | --eval-streams N [--eval-stream-len L] [--eval-seed S]] "
       "[--eval-window W] [--eval-tasks N] [--watch] [--scheduler HOST:PORT]";
   QF_ASSIGN_OR_RETURN(auto method_and_params, MethodFromFlags(f, usage));
@@ -225,6 +225,8 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
     QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("calib-seed", 1000));
     req.mutable_recipe()->set_calibration_seed(seed);
   }
+  // As `qforge quantize --calib-sequential`; the scheduler refuses it for a method without calibration.
+  if (f.GetBool("calib-sequential")) req.mutable_recipe()->set_sequential_calibration(true);
   // Evaluation after assembly (Job.quality): as `qforge eval --text FILE --window W --chunks N`.
   if (f.Has("eval-text")) req.mutable_recipe()->set_evaluation_text_uri(absolute(f.Get("eval-text")));
   // Or tokenizer-free, on streams sampled from the source: as `qforge eval --streams N --stream-len L --seed S`.

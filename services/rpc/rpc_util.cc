@@ -177,6 +177,7 @@ absl::StatusOr<scheduler::JobRecipe> RecipeFromProto(const qforge::v1::Recipe& r
   }
   r.allow_fallback = !recipe.no_fallback();
   r.calibration_text_uri = recipe.calibration_text_uri();
+  r.sequential_calibration = recipe.sequential_calibration();
   r.evaluation_text_uri = recipe.evaluation_text_uri();
   // Sampled evaluation streams, `qforge eval --streams N --stream-len L --seed S`'s ranges; the length's bound by
   // the context needs the model (SubmitJob checks it).

@@ -163,6 +163,9 @@ int64_t CalibrateDependencyOf(const Plan& plan, uint32_t t) {
   return -1;
 }
 
+// Manifest entries by tensor name.
+using ManifestTensors = std::map<std::string, v1::ManifestTensor>;
+
 // A calibrate task's committed result, indexed: the artifacts by tensor name.
 struct CalibrationIndex {
   v1::CompleteTaskRequest result;  // only `calibration`, `outputs` and `activations` set
@@ -517,7 +520,18 @@ class SchedulerServer::Impl {
                                                   " committed no output hidden states"));
         }
         *task->mutable_activations() = calib->result.activations();
+        // Sequential: block i-1 as quantized (its quantize tasks are dependencies, so committed), with the
+        // tensors its calibrate task transformed; the worker runs it over those hidden states.
+        if (recipe.sequential_calibration) {
+          QF_ASSIGN_OR_RETURN(
+              ManifestTensors previous_block,
+              QuantizedTensorsOf(leased.ref.job, *plan, spec.layer - 1,
+                                 absl::StrCat("job ", leased.ref.job, ": calibrate block ", spec.layer)));
+          AddTransformedTensors(*calib, &previous_block);
+          for (auto& [n, mt] : previous_block) *task->add_previous_block() = std::move(mt);
+        }
       }
+      task->set_sequential_calibration(recipe.sequential_calibration);
     } else if (spec.kind == TaskKind::kAssemble) {
       const std::vector<bool> quantized = QuantizedTensors(*plan);
       // Tensors the model transform changed (the RMSNorm weights) come from the calibrate task's artifacts
@@ -580,9 +594,10 @@ class SchedulerServer::Impl {
   // (read back), covering every tensor a calibrated method quantizes; transformed tensors in fp32 and in their
   // source shape. A per-block task (layer >= 0) names only tensors of its block (the last block also those outside
   // the blocks, the classifier), covers the quantize tasks that wait on it, and, below the last block, hands on its
-  // output hidden states. Returns the result to commit: only the artifacts.
-  absl::StatusOr<std::string> CheckCalibration(const Plan& plan, uint32_t task, const v1::CompleteTaskRequest& req,
-                                               const std::string& what) {
+  // output hidden states (`sequential`: its input hidden states, which the next block runs through this block's
+  // quantized weights). Returns the result to commit: only the artifacts.
+  absl::StatusOr<std::string> CheckCalibration(const Plan& plan, uint32_t task, bool sequential,
+                                               const v1::CompleteTaskRequest& req, const std::string& what) {
     const int32_t layer = plan.tasks[task].layer;
     const int32_t n_layers = plan.model.config.n_layers;
     std::map<std::string_view, size_t> index;
@@ -648,11 +663,13 @@ class SchedulerServer::Impl {
       const std::string where = absl::StrCat(what, ": output hidden states");
       auto format = calib::ParseActivationFormat(a.format());
       if (!format.ok()) return absl::InvalidArgumentError(absl::StrCat(where, ": ", format.status().message()));
-      if (a.layer() != layer || a.dim() != plan.model.config.dim || a.windows() < 1 || a.tokens() < a.windows() ||
+      // One-pass: block i's output. Sequential: its input (block 0's: the embedding, "block -1's output").
+      const int32_t of_block = sequential ? layer - 1 : layer;
+      if (a.layer() != of_block || a.dim() != plan.model.config.dim || a.windows() < 1 || a.tokens() < a.windows() ||
           a.nbytes() != calib::EncodedActivationsBytes(*format, a.dim(), a.windows(), a.tokens())) {
         return absl::InvalidArgumentError(absl::StrCat(where, ": block ", a.layer(), ", dim ", a.dim(), ", ",
                                                        a.windows(), " windows of ", a.tokens(), " tokens in ",
-                                                       a.nbytes(), " bytes do not fit block ", layer, " of dim ",
+                                                       a.nbytes(), " bytes do not fit block ", of_block, " of dim ",
                                                        plan.model.config.dim));
       }
       QF_RETURN_IF_ERROR(VerifyChunks(a.chunk_ids(), a.nbytes(), where).status());
@@ -821,7 +838,9 @@ class SchedulerServer::Impl {
         absl::StrAppend(&result, SliceErrorSuffix(req.tensors(0), rows * td.cols));
       }
     } else if (pt.kind == TaskKind::kCalibrate) {
-      QF_ASSIGN_OR_RETURN(result, CheckCalibration(*plan, ref.task, req, what));
+      QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(ref.job));
+      QF_ASSIGN_OR_RETURN(result, CheckCalibration(*plan, ref.task, record.request().recipe().sequential_calibration(),
+                                                   req, what));
     } else if (pt.kind == TaskKind::kEvaluate) {
       QF_ASSIGN_OR_RETURN(result, CheckEvaluation(*plan, ref.task, req, CommittedOf(ref.job), what));
     } else if (pt.kind == TaskKind::kAssemble) {
@@ -840,38 +859,16 @@ class SchedulerServer::Impl {
     return resp;
   }
 
-  // Builds the manifest from the committed slices and the assemble worker's copied tensors, and commits it as
-  // the next version (or finds the version an earlier run of this assemble task already committed).
-  absl::StatusOr<std::string> CommitVersion(JobId job, const Plan& plan, const v1::CompleteTaskRequest& req,
-                                            const std::string& what) {
-    QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(job));
-    const std::string& name = record.request().output_name();
-    const std::string job_id = rpc::FormatJobId(job);
-    if (auto existing = FindVersionOfJob(name, job_id); existing.ok()) {
-      return storage::FormatModelRef(name, *existing);
-    }
-    v1::Manifest manifest;
-    auto config = formats::ParseHfConfig(req.config_json());
-    if (!config.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": config_json: ", config.status().message()));
-    if (!(*config == plan.model.config)) {
-      return absl::InvalidArgumentError(absl::StrCat(what, ": config_json does not describe the planned model"));
-    }
-    manifest.set_config_json(req.config_json());
-    *manifest.mutable_recipe() = record.request().recipe();
-    manifest.set_source_uri(record.request().source_uri());
-    manifest.set_job_id(job_id);
-    if (!req.vocab_chunk_id().empty()) {
-      QF_ASSIGN_OR_RETURN(const bool has, store().HasChunk(req.vocab_chunk_id()));
-      if (!has) return absl::FailedPreconditionError(absl::StrCat(what, ": vocabulary chunk not stored"));
-      manifest.set_vocab_chunk_id(req.vocab_chunk_id());
-    }
-    // Quantized tensors: plane by plane, each slice's chunks of that plane, slices in row order (the plan lists
-    // a tensor's slices in row order).
-    std::map<std::string, v1::ManifestTensor> tensors;
+  // The tensors the committed quantize tasks hold — of block `layer` only, or all for -1 — as manifest entries:
+  // plane by plane, each slice's chunks of that plane, slices in row order (the plan lists a tensor's slices in
+  // row order). Every one of those tasks must be committed.
+  absl::StatusOr<ManifestTensors> QuantizedTensorsOf(JobId job, const Plan& plan,
+                                                                              int32_t layer, const std::string& what) {
+    ManifestTensors tensors;
     std::map<std::string, std::vector<std::vector<std::string>>> plane_chunks;
     for (uint32_t t = 0; t < plan.tasks.size(); ++t) {
       const scheduler::PlanTask& pt = plan.tasks[t];
-      if (pt.kind != TaskKind::kQuantize) continue;
+      if (pt.kind != TaskKind::kQuantize || (layer >= 0 && pt.layer != layer)) continue;
       const std::string name(plan.model.name(pt.tensor));
       const scheduler::TensorDesc& td = plan.model.tensors[pt.tensor];
       v1::ManifestTensor& mt = tensors[name];
@@ -906,21 +903,54 @@ class SchedulerServer::Impl {
         for (std::string& id : ids) tensors[name].add_chunk_ids(std::move(id));
       }
     }
+    return tensors;
+  }
+
+  // The tensors a calibrate task's model transform changed and no quantize task re-encodes (AWQ's RMSNorm
+  // weights), added to `tensors`; the quantized ones are there already (their tasks read the transformed weights).
+  static void AddTransformedTensors(const CalibrationIndex& calib, ManifestTensors* tensors) {
+    for (const v1::StoredTensor& st : calib.result.outputs()) {
+      if (tensors->contains(st.name())) continue;
+      v1::ManifestTensor& mt = (*tensors)[st.name()];
+      mt.set_name(st.name());
+      mt.set_format(st.format());
+      *mt.mutable_shape() = st.shape();
+      mt.set_nbytes(st.nbytes());
+      *mt.mutable_chunk_ids() = st.chunk_ids();
+    }
+  }
+
+  // Builds the manifest from the committed slices and the assemble worker's copied tensors, and commits it as
+  // the next version (or finds the version an earlier run of this assemble task already committed).
+  absl::StatusOr<std::string> CommitVersion(JobId job, const Plan& plan, const v1::CompleteTaskRequest& req,
+                                            const std::string& what) {
+    QF_ASSIGN_OR_RETURN(v1::Job record, JobRecord(job));
+    const std::string& name = record.request().output_name();
+    const std::string job_id = rpc::FormatJobId(job);
+    if (auto existing = FindVersionOfJob(name, job_id); existing.ok()) {
+      return storage::FormatModelRef(name, *existing);
+    }
+    v1::Manifest manifest;
+    auto config = formats::ParseHfConfig(req.config_json());
+    if (!config.ok()) return absl::InvalidArgumentError(absl::StrCat(what, ": config_json: ", config.status().message()));
+    if (!(*config == plan.model.config)) {
+      return absl::InvalidArgumentError(absl::StrCat(what, ": config_json does not describe the planned model"));
+    }
+    manifest.set_config_json(req.config_json());
+    *manifest.mutable_recipe() = record.request().recipe();
+    manifest.set_source_uri(record.request().source_uri());
+    manifest.set_job_id(job_id);
+    if (!req.vocab_chunk_id().empty()) {
+      QF_ASSIGN_OR_RETURN(const bool has, store().HasChunk(req.vocab_chunk_id()));
+      if (!has) return absl::FailedPreconditionError(absl::StrCat(what, ": vocabulary chunk not stored"));
+      manifest.set_vocab_chunk_id(req.vocab_chunk_id());
+    }
+    QF_ASSIGN_OR_RETURN(ManifestTensors tensors, QuantizedTensorsOf(job, plan, -1, what));
     // Copied tensors: exactly the ones the plan does not quantize, in their source shape and encoding, except
     // those the model transform changed, which come from the calibrate task's artifacts (checked at its commit).
     const std::vector<bool> quantized = QuantizedTensors(plan);
     QF_ASSIGN_OR_RETURN(const auto calibrations, AllCalibrationsOf(job, plan));
-    for (const std::shared_ptr<const CalibrationIndex>& calib : calibrations) {
-      for (const v1::StoredTensor& st : calib->result.outputs()) {
-        if (tensors.contains(st.name())) continue;  // quantized: its task read the transformed weights
-        v1::ManifestTensor& mt = tensors[st.name()];
-        mt.set_name(st.name());
-        mt.set_format(st.format());
-        *mt.mutable_shape() = st.shape();
-        mt.set_nbytes(st.nbytes());
-        *mt.mutable_chunk_ids() = st.chunk_ids();
-      }
-    }
+    for (const std::shared_ptr<const CalibrationIndex>& calib : calibrations) AddTransformedTensors(*calib, &tensors);
     std::map<std::string_view, size_t> index;
     for (size_t i = 0; i < plan.model.tensors.size(); ++i) index.emplace(plan.model.name(i), i);
     for (const v1::StoredTensor& st : req.outputs()) {
