@@ -5,6 +5,7 @@
 //
 //   qforge_serve_load --server 127.0.0.1:7701 --model gen@file --streams 1,8,32 --requests 2 --max-tokens 32
 //   qforge_serve_load ... --adapters a1,a2,   (LoRA adapters round-robin over the streams; "" = the base model)
+//   qforge_serve_load ... --prompt "$(cat system.txt)" --unique-suffix   (one shared prefix, then " #s.q" per request)
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -42,7 +43,8 @@ struct RunResult {
 };
 
 RunResult Run(v1::InferenceService::Stub& stub, const std::string& model, const std::vector<std::string>& adapters,
-              int streams, int requests, int max_tokens, const std::string& prompt, int deadline_s) {
+              int streams, int requests, int max_tokens, const std::string& prompt, bool unique_suffix,
+              int deadline_s) {
   RunResult r;
   r.streams = streams;
   std::mutex mu;
@@ -55,7 +57,8 @@ RunResult Run(v1::InferenceService::Stub& stub, const std::string& model, const 
         req.mutable_model()->set_name(model);
         // Stream s uses adapter s mod |adapters| ("" = the base model), so every step mixes them.
         req.set_adapter(adapters[s % adapters.size()]);
-        req.set_prompt(prompt);
+        // A shared prompt prefix, different per request only at its end (the prefix-caching load).
+        req.set_prompt(unique_suffix ? prompt + " #" + std::to_string(s) + "." + std::to_string(q) : prompt);
         req.set_max_tokens(max_tokens);
         req.set_temperature(1.0f);
         req.set_seed(static_cast<uint64_t>(s * 1000 + q));
@@ -104,7 +107,7 @@ int main(int argc, char** argv) {
   auto flags = qforge::cli::Flags::Parse(std::vector<std::string>(argv + 1, argv + argc),
                                          {"server", "model", "streams", "requests", "max-tokens", "prompt",
                                           "deadline-s", "label", "adapters"},
-                                         {});
+                                         {"unique-suffix"});
   if (!flags.ok()) {
     std::cerr << "qforge_serve_load: " << flags.status().message() << "\n";
     return 2;
@@ -141,7 +144,8 @@ int main(int argc, char** argv) {
               "tokens/s", "ttft p50", "ttft p99", "tpot p50", "tpot p99", "failed");
   int failures = 0;
   for (int streams : stream_counts) {
-    const RunResult r = Run(*stub, model, adapters, streams, *requests, *max_tokens, prompt, *deadline);
+    const RunResult r = Run(*stub, model, adapters, streams, *requests, *max_tokens, prompt,
+                            flags->GetBool("unique-suffix"), *deadline);
     failures += r.failures;
     std::printf("%-12s %7d %8d %8lld %10.1f %8.1fms %8.1fms %8.1fms %8.1fms %8d\n", label.c_str(), streams, r.requests,
                 static_cast<long long>(r.tokens), static_cast<double>(r.tokens) / r.seconds,

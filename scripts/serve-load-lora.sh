@@ -8,12 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 streams=${1:-64}
 max_tokens=${2:-32}
-work=${TMPDIR:-/tmp}/qforge-serve-load
+source scripts/serve-load-models.sh
 mkdir -p "$work/adapters"
-q=build/services/qforge
-[ -f "$work/gen-f32.gguf" ] || $q make-synthetic "$work/gen-f32.gguf" --dim 1024 --hidden 2816 --layers 6 --heads 16 \
-  --vocab 4096 --seq-len 512 --seed 7 >/dev/null
-[ -f "$work/gen-q4_k.gguf" ] || $q quantize --method q4_k "$work/gen-f32.gguf" "$work/gen-q4_k.gguf" >/dev/null
 $q make-lora "$work/gen-q4_k.gguf" "$work/adapters/all-r8.gguf" --rank 8 --seed 1 >/dev/null
 $q make-lora "$work/gen-q4_k.gguf" "$work/adapters/qv-r16" --rank 16 --targets q,v --seed 2 >/dev/null
 rm -f "$work/ports"

@@ -6,12 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 requests=${1:-2}
 max_tokens=${2:-32}
-work=${TMPDIR:-/tmp}/qforge-serve-load
-mkdir -p "$work"
-q=build/services/qforge
-[ -f "$work/gen-f32.gguf" ] || $q make-synthetic "$work/gen-f32.gguf" --dim 1024 --hidden 2816 --layers 6 --heads 16 \
-  --vocab 4096 --seq-len 512 --seed 7 >/dev/null
-[ -f "$work/gen-q4_k.gguf" ] || $q quantize --method q4_k "$work/gen-f32.gguf" "$work/gen-q4_k.gguf" >/dev/null
+source scripts/serve-load-models.sh
 rm -f "$work/ports"
 build/services/qforge-server --grpc 127.0.0.1:0 --http 127.0.0.1:0 --port-file "$work/ports" --threads "$(nproc)" \
   --max-running 32 --model "genf32=$work/gen-f32.gguf,genq4k=$work/gen-q4_k.gguf" 2>"$work/server.log" &

@@ -49,7 +49,10 @@ struct Engine::Request {
   std::unique_ptr<KvCache> cache;
   Sampler sampler;
   StreamText text;
-  int prefilled = 0;         // prompt tokens already sent through the model
+  int prefilled = 0;         // prompt tokens already sent through the model (or reused from the prefix cache)
+  int cached_prefix = 0;     // of those, reused from the prefix cache
+  std::vector<int> fed;      // generated tokens fed back, after the prompt: the cache holds prompt[<prefilled] + fed
+  bool failed = false;       // a step failed on this sequence: its cache holds nothing reusable
   int next_pos = 0;          // the cache position the next token goes to
   int pending_token = -1;    // sampled and streamed, to be fed at next_pos by the next step
   int prev_token;            // the token before the next one, for DecodePiece
@@ -223,19 +226,7 @@ void Engine::Step() {
     } else if (start >= r->request.deadline) {
       Finish(*r, FinishReason::kDeadline);
     } else if (r->cache == nullptr) {
-      if (!free_caches_.empty()) {
-        r->cache = std::move(free_caches_.back());
-        free_caches_.pop_back();
-      } else {
-        absl::StatusOr<KvCache> cache = runtime_->NewCache(context_);
-        if (!cache.ok()) {
-          Finish(*r, FinishReason::kError, cache.status());
-          continue;
-        }
-        r->cache = std::make_unique<KvCache>(std::move(*cache));
-        std::lock_guard<std::mutex> lock(mu_);
-        stats_.kv_bytes += r->cache->bytes();
-      }
+      if (absl::Status s = AcquireCache(*r); !s.ok()) Finish(*r, FinishReason::kError, s);
     }
   }
 
@@ -247,6 +238,7 @@ void Engine::Step() {
     if (r->finished || r->pending_token < 0) continue;
     batch_.push_back(BatchToken{r->cache.get(), r->pending_token, r->next_pos, true, r->request.adapter.get()});
     logits_owners_.push_back(r.get());
+    r->fed.push_back(r->pending_token);
     r->pending_token = -1;
     ++r->next_pos;
     ++sequences;
@@ -275,7 +267,10 @@ void Engine::Step() {
     if (!status.ok()) {
       for (const BatchToken& b : batch_) {
         for (auto& r : running_) {
-          if (r->cache.get() == b.cache) Finish(*r, FinishReason::kError, status);
+          if (r->cache.get() == b.cache) {
+            r->failed = true;
+            Finish(*r, FinishReason::kError, status);
+          }
         }
       }
     } else {
@@ -391,6 +386,7 @@ void Engine::Finish(Request& r, FinishReason reason, absl::Status error, std::st
   event.finish = reason;
   event.error = std::move(error);
   event.prompt_tokens = r.prompt_len();
+  event.cached_prompt_tokens = r.cached_prefix;
   event.completion_tokens = r.completion;
   r.on_event(event);
 }
@@ -398,12 +394,60 @@ void Engine::Finish(Request& r, FinishReason reason, absl::Status error, std::st
 void Engine::RetireFinished() {
   auto done = std::stable_partition(running_.begin(), running_.end(), [](const auto& r) { return !r->finished; });
   for (auto it = done; it != running_.end(); ++it) {
-    if ((*it)->cache != nullptr) {
-      (*it)->cache->Reset();
-      free_caches_.push_back(std::move((*it)->cache));
+    Request& r = **it;
+    if (r.cache == nullptr) continue;
+    PooledCache pooled;
+    if (options_.prefix_cache && !r.failed) {
+      pooled.tokens.assign(r.request.prompt.begin(), r.request.prompt.begin() + r.prefilled);
+      pooled.tokens.insert(pooled.tokens.end(), r.fed.begin(), r.fed.end());
+      pooled.with_adapter = r.request.adapter != nullptr;
+      pooled.adapter = r.request.adapter;
     }
+    // What the cache holds must be exactly those tokens' positions; anything else is forgotten.
+    if (static_cast<int>(pooled.tokens.size()) != r.cache->positions()) {
+      pooled.tokens.clear();
+      r.cache->Reset();
+    }
+    pooled.cache = std::move(r.cache);
+    free_caches_.push_back(std::move(pooled));
   }
   running_.erase(done, running_.end());
+}
+
+absl::Status Engine::AcquireCache(Request& r) {
+  const std::vector<int>& prompt = r.request.prompt;
+  // At least the prompt's last token is fed: its logits give the first generated token.
+  const size_t most = prompt.size() - 1;
+  size_t best = 0, best_len = 0;
+  for (size_t i = 0; i < free_caches_.size() && options_.prefix_cache; ++i) {
+    const PooledCache& p = free_caches_[i];
+    const bool same_adapter = r.request.adapter == nullptr
+                                  ? !p.with_adapter
+                                  : p.with_adapter && p.adapter.lock() == r.request.adapter;
+    if (!same_adapter) continue;
+    const size_t limit = std::min(most, p.tokens.size());
+    const size_t len = std::mismatch(prompt.begin(), prompt.begin() + limit, p.tokens.begin()).first - prompt.begin();
+    if (len > best_len) best = i, best_len = len;
+  }
+  if (!free_caches_.empty()) {
+    // No shared prefix: the oldest entry, so the recent prefixes stay.
+    r.cache = std::move(free_caches_[best].cache);
+    free_caches_.erase(free_caches_.begin() + static_cast<std::ptrdiff_t>(best));
+  } else {
+    QF_ASSIGN_OR_RETURN(KvCache cache, runtime_->NewCache(context_));
+    r.cache = std::make_unique<KvCache>(std::move(cache));
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.kv_bytes += r.cache->bytes();
+  }
+  r.prefilled = static_cast<int>(best_len);
+  r.next_pos = r.prefilled;
+  r.cached_prefix = r.prefilled;
+  if (best_len > 0) {
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.prefix_hits;
+    stats_.prefix_reused_tokens += best_len;
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<ScoreResult> Engine::Score(const std::vector<int>& tokens) {

@@ -37,6 +37,11 @@ struct EngineOptions {
   int max_queue = 256;   // waiting requests beyond which Submit is RESOURCE_EXHAUSTED
   int max_prefill_tokens_per_step = 256;  // bounds a step's latency when long prompts arrive
   int context = 0;  // KV capacity per sequence; 0 or more than the model's seq_len = seq_len
+  // Prefix caching: a finished sequence's KV cache goes back to the pool with the tokens it holds, and a new
+  // request on the same adapter (or on none) takes the pooled cache sharing its longest prompt prefix and feeds
+  // only the rest. Exact: a position's keys and values depend only on the tokens up to it and the runtime is batch
+  // invariant, so the request's tokens and log-probabilities are those it gets without the cache.
+  bool prefix_cache = true;
   // Metrics hook, called on the engine thread after every step.
   std::function<void(int batch_sequences, int batch_tokens, double step_seconds)> on_step = nullptr;
 };
@@ -87,6 +92,7 @@ struct StreamEvent {
   FinishReason finish = FinishReason::kLength;  // meaningful when done
   absl::Status error;                           // set with kError
   int prompt_tokens = 0;
+  int cached_prompt_tokens = 0;  // of prompt_tokens, how many came from the prefix cache (not fed again)
   int completion_tokens = 0;  // generated so far, the EOS excluded
 };
 
@@ -121,6 +127,8 @@ struct EngineStats {
   int queued = 0, running = 0;
   size_t kv_bytes = 0;  // KV caches allocated by the pool (in use or idle)
   uint64_t tokens_generated = 0;  // sampled tokens, EOS included
+  uint64_t prefix_hits = 0;           // requests that reused a pooled cache's prefix
+  uint64_t prefix_reused_tokens = 0;  // prompt tokens they did not feed again
   uint64_t steps = 0;       // ForwardBatch calls
   double busy_seconds = 0;  // time spent in steps
 };
@@ -171,8 +179,21 @@ class Engine {
   TokenLogprob Logprobs(const Request& r, std::span<const float> logits, int token, std::string piece);
   // Sends the done event (once) with `text` plus, unless the stream stopped, everything held back.
   void Finish(Request& r, FinishReason reason, absl::Status error = absl::OkStatus(), std::string text = "");
-  // Gives the caches of finished running requests back to the pool and drops the requests.
+  // Gives the caches of finished running requests back to the pool (with the tokens they hold, for prefix caching)
+  // and drops the requests.
   void RetireFinished();
+  // A cache for `r` from the pool — the one sharing the longest prefix with its prompt, else the oldest — or a
+  // new one; sets r.prefilled to the positions it reuses.
+  absl::Status AcquireCache(Request& r);
+
+  // A pooled KV cache and what it holds: the keys and values of `tokens`, computed with `adapter` (its identity:
+  // a weak pointer, so an unloaded adapter's entries match nothing and keep nothing alive).
+  struct PooledCache {
+    std::unique_ptr<KvCache> cache;
+    std::vector<int> tokens;
+    bool with_adapter = false;
+    std::weak_ptr<const lora::LoraAdapter> adapter;
+  };
 
   const std::shared_ptr<const Model> model_;
   const std::shared_ptr<const Tokenizer> tokenizer_;
@@ -183,7 +204,7 @@ class Engine {
   // Engine thread only.
   std::unique_ptr<Transformer> runtime_;
   std::vector<std::unique_ptr<Request>> running_;
-  std::vector<std::unique_ptr<KvCache>> free_caches_;
+  std::vector<PooledCache> free_caches_;  // oldest first
   std::vector<BatchToken> batch_;
   std::vector<Request*> logits_owners_;  // the request of each logits row
   std::vector<float> logits_;

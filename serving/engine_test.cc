@@ -338,6 +338,84 @@ TEST(Engine, RequestsOnDifferentAdaptersShareTheBatchAndEqualThemselvesAlone) {
   EXPECT_GT(max_sequences.load(), 3);
 }
 
+// Prefix caching: requests sharing a 40-token prefix, then a second turn that extends the first request's prompt
+// by its answer, reuse the pooled KV caches — cached_prompt_tokens and the stats say how many positions — and
+// still give exactly the tokens and log-probabilities an engine without the cache gives (and Generate alone). A
+// request on an adapter never reuses the base model's positions.
+TEST(Engine, PrefixCacheReusesSharedPromptsExactly) {
+  const TestModel tm = TinyWithVocab(54, "q8_0");
+  const ModelConfig& c = tm.model->config;
+  const int vocab = c.vocab_size;
+  const std::vector<int> prefix = Prompt(40, 9, vocab);
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 4; ++i) {
+    std::vector<int> prompt = prefix;
+    const std::vector<int> suffix = Prompt(7, 100 + i, vocab);
+    prompt.insert(prompt.end(), suffix.begin() + 1, suffix.end());
+    requests.push_back({.prompt = prompt, .max_tokens = 12,
+                        .sampler = SamplerOptions{.temperature = 0.8f, .seed = 40u + i}, .stop_at_eos = false,
+                        .logprobs = 3});
+  }
+  auto adapter = lora::MakeRandomAdapter(c, {lora::LoraTarget::kAttnK, lora::LoraTarget::kAttnV}, 4, 8, 3, 0.1f);
+  ASSERT_TRUE(adapter.ok());
+  GenerationRequest on_adapter = requests[1];
+  on_adapter.adapter = std::make_shared<const lora::LoraAdapter>(*std::move(adapter));
+
+  auto run = [](Engine& engine, const GenerationRequest& r) {
+    auto s = std::make_unique<Stream>();
+    EXPECT_TRUE(engine.Submit(r, s->Callback()).ok());
+    s->WaitDone();
+    return s;
+  };
+  auto expect_same = [](const Stream& got, const Stream& want, const std::string& what) {
+    EXPECT_EQ(got.tokens(), want.tokens()) << what;
+    const std::vector<TokenLogprob> a = got.logprobs(), b = want.logprobs();
+    ASSERT_EQ(a.size(), b.size()) << what;
+    for (size_t k = 0; k < a.size(); ++k) {
+      EXPECT_EQ(a[k].logprob, b[k].logprob) << what << " token " << k;  // bit for bit
+      ASSERT_EQ(a[k].top.size(), b[k].top.size());
+      for (size_t j = 0; j < a[k].top.size(); ++j) EXPECT_EQ(a[k].top[j].logprob, b[k].top[j].logprob);
+    }
+  };
+  auto plain = MakeEngine(tm, {.threads = 2, .max_prefill_tokens_per_step = 16, .prefix_cache = false});
+  auto cached = MakeEngine(tm, {.threads = 2, .max_prefill_tokens_per_step = 16});
+  ASSERT_TRUE(plain != nullptr && cached != nullptr);
+
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const auto want = run(*plain, requests[i]);
+    const auto got = run(*cached, requests[i]);
+    EXPECT_EQ(want->last().cached_prompt_tokens, 0);
+    if (i == 0) {
+      EXPECT_EQ(got->last().cached_prompt_tokens, 0);
+      ExpectMatchesAlone(tm, requests[i], *got, c.seq_len);
+    } else {
+      EXPECT_GE(got->last().cached_prompt_tokens, 40) << "the shared prefix, request " << i;
+    }
+    expect_same(*got, *want, "request " + std::to_string(i));
+  }
+  // A second turn: request 3's prompt, its answer, three more tokens. The cache holds the prompt and every
+  // generated token but the last (sampled, never fed).
+  const auto first_turn = run(*cached, requests[3]);
+  GenerationRequest second_turn = requests[3];
+  const std::vector<int> answer = first_turn->tokens();
+  second_turn.prompt.insert(second_turn.prompt.end(), answer.begin(), answer.end());
+  for (int t : {5, 6, 7}) second_turn.prompt.push_back(t);
+  second_turn.sampler.seed = 99;
+  const auto got = run(*cached, second_turn);
+  EXPECT_EQ(got->last().cached_prompt_tokens, static_cast<int>(requests[3].prompt.size() + answer.size()) - 1);
+  expect_same(*got, *run(*plain, second_turn), "second turn");
+
+  const auto adapted = run(*cached, on_adapter);
+  EXPECT_EQ(adapted->last().cached_prompt_tokens, 0) << "no cached positions were computed with the adapter";
+  expect_same(*adapted, *run(*plain, on_adapter), "adapter");
+  EXPECT_GE(run(*cached, on_adapter)->last().cached_prompt_tokens, 40) << "now they are";
+
+  const EngineStats st = cached->Stats();
+  EXPECT_EQ(st.prefix_hits, 6u);  // requests 1..3, the repeat of request 3, the second turn, the adapter's repeat
+  EXPECT_GE(st.prefix_reused_tokens, 6u * 40u);
+  EXPECT_EQ(plain->Stats().prefix_hits, 0u);
+}
+
 TEST(Engine, RejectsAdapterOfAnotherModel) {
   const TestModel tm = TinyWithVocab();
   ModelConfig other = tm.model->config;

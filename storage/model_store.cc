@@ -173,10 +173,42 @@ absl::StatusOr<uint64_t> PutAndCommit(ArtifactStore& store, const Model& model, 
 }
 
 // A holder name no other PutModel call (in this or another process) uses.
-std::string UniqueHolder(const std::string& name) {
+std::string UniqueHolder(const std::string& name, const char* what = "put-model") {
   static std::atomic<uint64_t> counter{0};
   static const uint64_t process_salt = std::random_device()() ^ (uint64_t{std::random_device()()} << 32);
-  return absl::StrCat("put-model/", name, "/", absl::Hex(process_salt), "/", counter.fetch_add(1));
+  return absl::StrCat(what, "/", name, "/", absl::Hex(process_salt), "/", counter.fetch_add(1));
+}
+
+// The bytes of a manifest tensor: its chunks, which must add up to exactly `nbytes` (nothing beyond it is ever
+// appended). Errors name `where` and the tensor.
+absl::StatusOr<std::vector<uint8_t>> GatherChunks(const qforge::v1::ManifestTensor& mt, const ChunkFetcher& get_chunk,
+                                                  const std::string& where) {
+  std::vector<uint8_t> bytes;
+  bytes.reserve(mt.nbytes());
+  for (const std::string& id : mt.chunk_ids()) {
+    auto chunk = get_chunk(id);
+    if (!chunk.ok()) {
+      return absl::Status(chunk.status().code(),
+                          absl::StrCat(where, " tensor '", mt.name(), "': ", chunk.status().message()));
+    }
+    if (chunk->size() > mt.nbytes() - bytes.size()) {
+      return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': chunks exceed ", mt.nbytes(), " bytes"));
+    }
+    bytes.insert(bytes.end(), chunk->begin(), chunk->end());
+  }
+  if (bytes.size() != mt.nbytes()) {
+    return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': chunks hold ", bytes.size(),
+                                            " bytes, the manifest says ", mt.nbytes()));
+  }
+  return bytes;
+}
+
+std::string RefText(const qforge::v1::ModelRef& ref) { return absl::StrCat(ref.name(), "@", ref.version()); }
+
+constexpr char kAdapterTensor[] = "adapter";
+// The manifest tensor format of an adapter's weights file, by lora::AdapterFiles::format.
+const char* AdapterTensorFormat(const std::string& format) {
+  return format == "gguf" ? "gguf-lora" : format == "peft" ? "peft-safetensors" : nullptr;
 }
 
 }  // namespace
@@ -213,29 +245,17 @@ absl::StatusOr<Tensor> TensorFromManifest(const qforge::v1::ManifestTensor& mt, 
   if (absl::Status s = ValidateTensor(probe); !s.ok()) {
     return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': ", s.message()));
   }
-  // The chunks must add up to exactly nbytes; nothing beyond nbytes is ever appended.
-  std::vector<uint8_t> bytes;
-  bytes.reserve(mt.nbytes());
-  for (const std::string& id : mt.chunk_ids()) {
-    auto chunk = get_chunk(id);
-    if (!chunk.ok()) {
-      return absl::Status(chunk.status().code(),
-                          absl::StrCat(where, " tensor '", mt.name(), "': ", chunk.status().message()));
-    }
-    if (chunk->size() > mt.nbytes() - bytes.size()) {
-      return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': chunks exceed ", mt.nbytes(), " bytes"));
-    }
-    bytes.insert(bytes.end(), chunk->begin(), chunk->end());
-  }
-  if (bytes.size() != mt.nbytes()) {
-    return absl::DataLossError(absl::StrCat(where, " tensor '", mt.name(), "': chunks hold ", bytes.size(),
-                                            " bytes, the manifest says ", mt.nbytes()));
-  }
+  QF_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, GatherChunks(mt, get_chunk, where));
   return Tensor::FromBytes(mt.name(), std::move(shape), *format, std::move(bytes));
 }
 
 absl::StatusOr<Model> ModelFromManifest(const qforge::v1::Manifest& manifest, const ChunkFetcher& get_chunk) {
-  const std::string where = absl::StrCat(manifest.model().name(), "@", manifest.model().version());
+  const std::string where = RefText(manifest.model());
+  if (manifest.has_adapter_of()) {
+    return absl::FailedPreconditionError(absl::StrCat(where, " is a LoRA adapter of ", RefText(manifest.adapter_of()),
+                                                      ", not a model: serve ", RefText(manifest.adapter_of()),
+                                                      " and load the adapter onto it (POST /v1/adapters)"));
+  }
   Model m;
   auto config = formats::ParseHfConfig(manifest.config_json());
   if (!config.ok()) return absl::DataLossError(absl::StrCat("config of ", where, ": ", config.status().message()));
@@ -279,6 +299,97 @@ absl::Status ExportModel(ArtifactStore& store, const ModelRef& ref, const std::s
       return formats::WriteSafetensors(m, path);
   }
   return absl::InvalidArgumentError("unknown export format");
+}
+
+// --- LoRA adapters -------------------------------------------------------------------------------------------
+
+absl::StatusOr<ModelConfig> ConfigFromManifest(const qforge::v1::Manifest& manifest) {
+  auto config = formats::ParseHfConfig(manifest.config_json());
+  if (!config.ok()) {
+    return absl::DataLossError(absl::StrCat("config of ", RefText(manifest.model()), ": ", config.status().message()));
+  }
+  return *config;
+}
+
+absl::StatusOr<StoredAdapter> PutAdapter(ArtifactStore& store, const std::string& name, const ModelRef& base,
+                                         const lora::AdapterFiles& files, const std::string& source_uri) {
+  QF_RETURN_IF_ERROR(ValidateModelName(name));
+  if (name == base.name) return absl::InvalidArgumentError("name: must differ from the base model's name");
+  const char* tensor_format = AdapterTensorFormat(files.format);
+  if (tensor_format == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("adapter format '", files.format, "': must be gguf or peft"));
+  }
+  QF_ASSIGN_OR_RETURN(const qforge::v1::Manifest base_manifest, store.GetManifest(base));
+  if (base_manifest.has_adapter_of()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("base: ", RefText(base_manifest.model()), " is itself a LoRA adapter"));
+  }
+  // One name holds one kind of artifact, so that name@latest is always an adapter (or always a model).
+  if (auto latest = store.GetManifest(ModelRef{name, std::nullopt}); latest.ok() && !latest->has_adapter_of()) {
+    return absl::FailedPreconditionError(absl::StrCat("name: ", name, " holds models, not adapters"));
+  } else if (!latest.ok() && !absl::IsNotFound(latest.status())) {
+    return latest.status();
+  }
+  QF_ASSIGN_OR_RETURN(const ModelConfig config, ConfigFromManifest(base_manifest));
+  StoredAdapter stored;
+  stored.base = base_manifest.model();
+  {
+    lora::AdapterFiles named = files;
+    named.where = source_uri;
+    auto parsed = lora::ParseAdapterFiles(named, config);
+    if (!parsed.ok()) {
+      return absl::Status(parsed.status().code(), absl::StrCat("not an adapter of ", RefText(stored.base), ": ",
+                                                               parsed.status().message()));
+    }
+    stored.adapter = *std::move(parsed);
+  }
+  const std::string holder = UniqueHolder(name, "put-adapter");
+  auto commit = [&]() -> absl::StatusOr<uint64_t> {
+    qforge::v1::Manifest manifest;
+    *manifest.mutable_adapter_of() = stored.base;
+    manifest.set_config_json(files.config_json);
+    manifest.set_source_uri(source_uri);
+    qforge::v1::ManifestTensor* t = manifest.add_tensors();
+    t->set_name(kAdapterTensor);
+    t->set_format(tensor_format);
+    t->add_shape(static_cast<int64_t>(files.weights.size()));
+    t->set_nbytes(files.weights.size());
+    QF_ASSIGN_OR_RETURN(std::vector<std::string> ids, store.PutBlob(files.weights, holder));
+    for (std::string& id : ids) t->add_chunk_ids(std::move(id));
+    StateBatch release;
+    release.ReleasePins(holder);
+    return store.CommitVersion(name, std::move(manifest), &release);
+  };
+  auto version = commit();
+  if (!version.ok()) {
+    StateBatch release;
+    release.ReleasePins(holder);
+    store.Write(release).IgnoreError();  // best effort; CollectGarbage recovers what a failure here leaves
+    return version.status();
+  }
+  stored.version = *version;
+  return stored;
+}
+
+absl::StatusOr<lora::AdapterFiles> AdapterFilesFromManifest(const qforge::v1::Manifest& manifest,
+                                                            const ChunkFetcher& get_chunk) {
+  const std::string where = RefText(manifest.model());
+  if (!manifest.has_adapter_of()) return absl::FailedPreconditionError(absl::StrCat(where, " is not a LoRA adapter"));
+  if (manifest.tensors_size() != 1 || manifest.tensors(0).name() != kAdapterTensor) {
+    return absl::DataLossError(absl::StrCat(where, ": an adapter's manifest holds one tensor, '", kAdapterTensor, "'"));
+  }
+  const qforge::v1::ManifestTensor& mt = manifest.tensors(0);
+  lora::AdapterFiles files;
+  for (const char* format : {"gguf", "peft"}) {
+    if (mt.format() == AdapterTensorFormat(format)) files.format = format;
+  }
+  if (files.format.empty()) {
+    return absl::DataLossError(absl::StrCat(where, ": adapter tensor format '", mt.format(), "'"));
+  }
+  QF_ASSIGN_OR_RETURN(files.weights, GatherChunks(mt, get_chunk, where));
+  files.config_json = manifest.config_json();
+  files.where = where;
+  return files;
 }
 
 }  // namespace qforge::storage

@@ -15,6 +15,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "core/lora/lora.h"
 #include "core/model/model.h"
 #include "qforge/v1/artifacts.pb.h"
 #include "qforge/v1/common.pb.h"
@@ -57,5 +58,30 @@ absl::StatusOr<Model> LoadModel(ArtifactStore& store, const std::string& ref_tex
 enum class ExportFormat { kGguf, kSafetensors };
 // Loads `ref` and writes it with core/formats (GGUF v3, or .safetensors + config.json beside it).
 absl::Status ExportModel(ArtifactStore& store, const ModelRef& ref, const std::string& path, ExportFormat format);
+
+// --- LoRA adapters, stored as versions of their base ------------------------------------------------------------
+// An adapter is a version of its own name whose manifest names the base version it adapts (Manifest.adapter_of)
+// and holds the adapter's files byte for byte (lora::AdapterFiles: one tensor "adapter" of format "gguf-lora" or
+// "peft-safetensors", PEFT's adapter_config.json as config_json), so that loading it gives exactly what loading
+// the files gives. ModelFromManifest refuses such a manifest (FAILED_PRECONDITION naming its base).
+
+// The base model's configuration, without its tensors. DATA_LOSS when config_json does not parse.
+absl::StatusOr<ModelConfig> ConfigFromManifest(const qforge::v1::Manifest& manifest);
+
+struct StoredAdapter {
+  uint64_t version = 0;
+  qforge::v1::ModelRef base;  // the concrete base version
+  lora::LoraAdapter adapter;  // as parsed against the base, when it was stored
+};
+// Parses `files` against `base`'s configuration (resolving `latest`) and commits them as the next version of
+// `name`; the chunks are pinned until the commit, as PutModel's. INVALID_ARGUMENT naming the field for a bad name
+// (or one equal to the base's) and for files that are not an adapter of the base (the parser's message);
+// NOT_FOUND for a missing base; FAILED_PRECONDITION when the base is itself an adapter or `name` holds models.
+absl::StatusOr<StoredAdapter> PutAdapter(ArtifactStore& store, const std::string& name, const ModelRef& base,
+                                         const lora::AdapterFiles& files, const std::string& source_uri);
+// The files an adapter version holds, verified chunk by chunk (`where` = its name@version). FAILED_PRECONDITION
+// for a manifest that is not an adapter's, DATA_LOSS for a malformed one.
+absl::StatusOr<lora::AdapterFiles> AdapterFilesFromManifest(const qforge::v1::Manifest& manifest,
+                                                            const ChunkFetcher& get_chunk);
 
 }  // namespace qforge::storage

@@ -4,6 +4,7 @@
 #include <filesystem>
 
 #include "core/formats/formats.h"
+#include "core/lora/lora.h"
 #include "core/model/synthetic.h"
 #include "gtest/gtest.h"
 #include "storage/test_util.h"
@@ -185,6 +186,133 @@ TEST_F(ModelStoreTest, LoadingACorruptChunkFailsNamingTensorAndChunk) {
   EXPECT_EQ(loaded.status().code(), absl::StatusCode::kDataLoss);
   EXPECT_NE(loaded.status().message().find(id), std::string::npos) << loaded.status();
   EXPECT_NE(loaded.status().message().find(tensor), std::string::npos) << loaded.status();
+}
+
+// A random adapter of `config`'s shape, as the files `format` ("gguf" or "peft") would hold it.
+lora::AdapterFiles AdapterFilesFor(const ModelConfig& config, const std::string& format, uint64_t seed) {
+  auto adapter = lora::MakeRandomAdapter(config, {lora::LoraTarget::kAttnQ, lora::LoraTarget::kFfnDown}, 4, 8, seed);
+  EXPECT_TRUE(adapter.ok()) << adapter.status();
+  lora::AdapterFiles files;
+  files.format = format;
+  if (format == "gguf") {
+    auto bytes = lora::SerializeGgufAdapter(*adapter);
+    EXPECT_TRUE(bytes.ok());
+    files.weights = *bytes;
+  } else {
+    auto peft = lora::SerializePeftAdapter(*adapter, config);
+    EXPECT_TRUE(peft.ok());
+    files.weights = peft->safetensors;
+    files.config_json = peft->config_json;
+  }
+  return files;
+}
+
+TEST_F(ModelStoreTest, AdaptersAreVersionsOfTheirBaseHoldingTheFilesByteForByte) {
+  StoreOptions options;
+  options.chunk_bytes = 1024;  // several chunks per adapter
+  auto store = OpenStore(options);
+  ASSERT_NE(store, nullptr);
+  const Model base = TestModel();
+  ASSERT_EQ(*PutModel(*store, base, "tiny"), 1u);
+  ASSERT_EQ(*PutModel(*store, base, "tiny"), 2u);
+  for (const char* format : {"gguf", "peft"}) {
+    SCOPED_TRACE(format);
+    const std::string name = std::string("tiny-lora-") + format;
+    const lora::AdapterFiles files = AdapterFilesFor(base.config, format, 5);
+    // `latest` is resolved when the adapter is stored: the adapter names the concrete version it was checked on.
+    auto stored = PutAdapter(*store, name, ModelRef{"tiny", std::nullopt}, files, "/adapters/x");
+    ASSERT_TRUE(stored.ok()) << stored.status();
+    EXPECT_EQ(stored->version, 1u);
+    EXPECT_EQ(stored->base.name(), "tiny");
+    EXPECT_EQ(stored->base.version(), "2");
+    EXPECT_EQ(stored->adapter.matrices.size(), 2u * base.config.n_layers);
+    auto again = PutAdapter(*store, name, ModelRef{"tiny", 1}, AdapterFilesFor(base.config, format, 6), "");
+    ASSERT_TRUE(again.ok()) << again.status();
+    EXPECT_EQ(again->version, 2u);
+    EXPECT_EQ(again->base.version(), "1");
+
+    auto manifest = store->GetManifest(name + "@1");
+    ASSERT_TRUE(manifest.ok()) << manifest.status();
+    EXPECT_EQ(manifest->adapter_of().name(), "tiny");
+    EXPECT_EQ(manifest->adapter_of().version(), "2");
+    EXPECT_EQ(manifest->source_uri(), "/adapters/x");
+    ASSERT_EQ(manifest->tensors_size(), 1);
+    EXPECT_GT(manifest->tensors(0).chunk_ids_size(), 1);
+    auto back = AdapterFilesFromManifest(*manifest, [&](const std::string& id) { return store->GetChunk(id); });
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(back->format, format);
+    EXPECT_EQ(back->weights, files.weights);
+    EXPECT_EQ(back->config_json, files.config_json);
+    EXPECT_EQ(back->where, name + "@1");
+    // What the store gives back parses to the adapter that was stored.
+    auto parsed = lora::ParseAdapterFiles(*back, base.config);
+    ASSERT_TRUE(parsed.ok()) << parsed.status();
+    ASSERT_EQ(parsed->matrices.size(), stored->adapter.matrices.size());
+    for (size_t i = 0; i < parsed->matrices.size(); ++i) {
+      EXPECT_EQ(parsed->matrices[i].a, stored->adapter.matrices[i].a);
+      EXPECT_EQ(parsed->matrices[i].b, stored->adapter.matrices[i].b);
+      EXPECT_EQ(parsed->matrices[i].scale, stored->adapter.matrices[i].scale);
+    }
+    // An adapter is not a model.
+    auto as_model = LoadModel(*store, name + "@1");
+    EXPECT_EQ(as_model.status().code(), absl::StatusCode::kFailedPrecondition);
+    EXPECT_NE(as_model.status().message().find("LoRA adapter of tiny@2"), std::string::npos) << as_model.status();
+    // Deleting a version drops its chunks and leaves the other.
+    ASSERT_TRUE(store->DeleteVersion(name, 2).ok());
+    EXPECT_TRUE(LoadModel(*store, "tiny@1").ok());
+  }
+  auto gc = store->CollectGarbage();
+  ASSERT_TRUE(gc.ok());
+  EXPECT_EQ(gc->chunks_deleted, 0u);  // every upload pin was released with its commit
+  EXPECT_EQ(gc->refcounts_repaired, 0u);
+}
+
+TEST_F(ModelStoreTest, PutAdapterRefusesWhatIsNotAnAdapterOfTheBase) {
+  auto store = OpenStore();
+  ASSERT_NE(store, nullptr);
+  const Model base = TestModel();
+  ASSERT_EQ(*PutModel(*store, base, "tiny"), 1u);
+  const lora::AdapterFiles good = AdapterFilesFor(base.config, "gguf", 1);
+  ASSERT_TRUE(PutAdapter(*store, "lora", ModelRef{"tiny", 1}, good, "").ok());
+  struct Case {
+    std::string name;
+    ModelRef base;
+    lora::AdapterFiles files;
+    absl::StatusCode code;
+    std::string message;
+  };
+  ModelConfig other = base.config;
+  other.dim *= 2;
+  lora::AdapterFiles wrong_shape = AdapterFilesFor(other, "gguf", 1);
+  lora::AdapterFiles truncated = good;
+  truncated.weights.resize(truncated.weights.size() / 2);
+  lora::AdapterFiles unknown_format = good;
+  unknown_format.format = "onnx";
+  for (const Case& c : std::vector<Case>{
+           {"bad name!", {"tiny", 1}, good, absl::StatusCode::kInvalidArgument, "name"},
+           {"tiny", {"tiny", 1}, good, absl::StatusCode::kInvalidArgument, "name: must differ"},
+           {"lora2", {"tiny", 7}, good, absl::StatusCode::kNotFound, "tiny@7"},
+           {"lora2", {"lora", 1}, good, absl::StatusCode::kFailedPrecondition, "base: lora@1 is itself a LoRA adapter"},
+           {"tiny2", {"tiny", 1}, wrong_shape, absl::StatusCode::kInvalidArgument, "not an adapter of tiny@1"},
+           {"tiny2", {"tiny", 1}, truncated, absl::StatusCode::kInvalidArgument, "not an adapter of tiny@1"},
+           {"tiny2", {"tiny", 1}, unknown_format, absl::StatusCode::kInvalidArgument, "onnx"},
+       }) {
+    auto s = PutAdapter(*store, c.name, c.base, c.files, "");
+    EXPECT_EQ(s.status().code(), c.code) << c.name << ": " << s.status();
+    EXPECT_NE(s.status().message().find(c.message), std::string::npos) << s.status();
+  }
+  // A name holds one kind of artifact.
+  ASSERT_EQ(*PutModel(*store, base, "model2"), 1u);
+  auto onto_model = PutAdapter(*store, "model2", ModelRef{"tiny", 1}, good, "");
+  EXPECT_EQ(onto_model.status().code(), absl::StatusCode::kFailedPrecondition) << onto_model.status();
+  EXPECT_NE(onto_model.status().message().find("holds models"), std::string::npos);
+  // Nothing refused left a version or an unreferenced chunk behind.
+  auto models = store->ListModels();
+  ASSERT_TRUE(models.ok());
+  EXPECT_EQ(models->size(), 3u);  // tiny, lora, model2
+  auto gc = store->CollectGarbage();
+  ASSERT_TRUE(gc.ok());
+  EXPECT_EQ(gc->chunks_deleted, 0u);
 }
 
 }  // namespace

@@ -88,6 +88,17 @@ inline std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
+// Runs `program` to completion with its output in `log`; returns what it printed (stdout and stderr).
+inline std::string RunToCompletion(const std::vector<std::string>& argv, const std::string& log,
+                                   int* exit_code = nullptr) {
+  std::filesystem::remove(log);
+  const pid_t pid = Spawn(argv, log);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  if (exit_code != nullptr) *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return ReadFile(log);
+}
+
 // One line of the workers' task log: "lease <task> <kind> <pid>", "commit <task> <pid>", "duplicate <task> <pid>".
 struct TaskEvent {
   std::string what, task, kind;
@@ -231,6 +242,21 @@ class Cluster {
     }
     ADD_FAILURE() << "job " << job_id << " did not finish in " << timeout_s << " s; last: " << job.DebugString();
     return job;
+  }
+
+  // Submits a plain (uncalibrated) quantize job of `source` with `method` as `output_name` and waits for it; the
+  // job as it ended (its failure is reported).
+  qforge::v1::Job QuantizeAndWait(const std::string& source, const std::string& output_name, const std::string& method) {
+    qforge::v1::SubmitJobRequest submit;
+    submit.set_source_uri(source);
+    submit.set_output_name(output_name);
+    submit.mutable_recipe()->mutable_defaults()->set_method(method);
+    std::string job_id;
+    if (const grpc::Status s = Submit(submit, &job_id); !s.ok()) {
+      ADD_FAILURE() << "submit " << source << ": " << s.error_message();
+      return {};
+    }
+    return WaitJob(job_id);
   }
 
  private:

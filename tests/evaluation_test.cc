@@ -100,14 +100,9 @@ void ExpectQualityEquals(const v1::Job& job, const eval::CompareResult& want, Ev
 
 // Runs the qforge CLI to completion; returns what it printed (stdout and stderr).
 std::string RunCli(const std::vector<std::string>& args, const std::string& log, int* exit_code = nullptr) {
-  std::filesystem::remove(log);
   std::vector<std::string> argv = {QFORGE_CLI_PATH};
   argv.insert(argv.end(), args.begin(), args.end());
-  const pid_t pid = testing::Spawn(argv, log);
-  int status = 0;
-  waitpid(pid, &status, 0);
-  if (exit_code != nullptr) *exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return testing::ReadFile(log);
+  return testing::RunToCompletion(argv, log, exit_code);
 }
 
 // The lines of `text` that start with `prefix`.

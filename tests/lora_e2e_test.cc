@@ -1,6 +1,8 @@
 // End-to-end LoRA serving: a real qforge-server on stories260K with --adapter-root; a GGUF and a PEFT adapter
 // (written by core/lora's writers) loaded, listed, used per request over HTTP and gRPC, batched with each other and
-// with the base model, and unloaded at run time; then 64 concurrent gRPC streams over mixed adapters.
+// with the base model, and unloaded at run time; then 64 concurrent gRPC streams over mixed adapters; then adapters
+// stored in the artifact store as versions of a quantized base (qforge put-adapter, ArtifactService.PutAdapter) and
+// loaded from there by a server that reads the store.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -128,7 +130,7 @@ TEST_F(LoraServingTest, LoadListServeBatchAndUnload) {
            {R"({"name": "x", "path": "bad.gguf"})", 400, "path: bad.gguf"},
            {R"({"name": "a b", "path": "story.gguf"})", 400, "name: 1 to 64"},
            {R"({"path": "story.gguf"})", 400, "name: required"},
-           {R"({"name": "x"})", 400, "path: required"},
+           {R"({"name": "x"})", 400, "path, artifact: give exactly one"},
            {R"({"name": "x", "path": "story.gguf", "model": "nope@file"})", 404, "nope"},
        }) {
     const auto r = Post("/v1/adapters", b.body);
@@ -266,6 +268,151 @@ TEST_F(LoraServingTest, SixtyFourConcurrentStreamsOverMixedAdapters) {
   }
   EXPECT_GT(all, 0) << metrics.body.substr(0, 2000);
   EXPECT_LT(over_eight, all) << "no step batched more than 8 sequences";
+}
+
+// Adapters as versions of their base in the store: stories260K quantized (q8_0) by a scheduler and a worker, a GGUF
+// adapter stored by `qforge put-adapter` and a PEFT one over gRPC; a server reading the store loads them by
+// name@version and generates exactly what it generates with the same files loaded from its adapter root; stored
+// adapters go only onto the version they adapt, and bad requests are refused naming the field.
+TEST(StoredLoraTest, StoredAdaptersServeExactlyAsTheirFilesOnTheirBaseVersionOnly) {
+  if (!std::filesystem::exists(kStories)) GTEST_SKIP() << kStories << " not present";
+  const std::string dir = testing::TempDir("lora-stored");
+  const std::filesystem::path root = std::filesystem::path(dir) / "adapters";
+  std::filesystem::create_directories(root / "story-peft");
+  {
+    auto base = formats::LoadModel(kStories);
+    ASSERT_TRUE(base.ok()) << base.status();
+    using lora::LoraTarget;
+    auto gguf_adapter = lora::MakeRandomAdapter(base->config, {LoraTarget::kAttnQ, LoraTarget::kAttnV,
+                                                               LoraTarget::kFfnUp, LoraTarget::kFfnDown},
+                                                8, 16, 3, 0.1f);
+    auto peft_adapter =
+        lora::MakeRandomAdapter(base->config, {LoraTarget::kAttnK, LoraTarget::kAttnOutput}, 4, 8, 4, 0.2f);
+    ASSERT_TRUE(gguf_adapter.ok() && peft_adapter.ok());
+    auto gguf = lora::SerializeGgufAdapter(*gguf_adapter);
+    auto peft = lora::SerializePeftAdapter(*peft_adapter, base->config);
+    ASSERT_TRUE(gguf.ok() && peft.ok());
+    WriteFile(root / "story.gguf", gguf->data(), gguf->size());
+    WriteFile(root / "story-peft" / "adapter_model.safetensors", peft->safetensors.data(), peft->safetensors.size());
+    WriteFile(root / "story-peft" / "adapter_config.json", peft->config_json.data(), peft->config_json.size());
+    const std::string bad = "GGUF\x03\0\0\0garbage";
+    WriteFile(root / "bad.gguf", bad.data(), bad.size());
+  }
+  testing::Cluster cluster(dir + "/cluster", {.allowed_roots = {dir, std::filesystem::path(kStories).parent_path()}});
+  ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
+  cluster.StartWorker("w1");
+  ASSERT_EQ(cluster.QuantizeAndWait(kStories, "stories", "q8_0").progress().state(), v1::JOB_STATE_SUCCEEDED);
+
+  // The CLI stores the GGUF adapter against `latest`, which it resolves to version 1.
+  int exit_code = -1;
+  const std::string printed = testing::RunToCompletion(
+      {QFORGE_CLI_PATH, "put-adapter", "story-lora", (root / "story.gguf").string(), "--base", "stories",
+       "--scheduler", cluster.address()},
+      dir + "/put-adapter.log", &exit_code);
+  ASSERT_EQ(exit_code, 0) << printed;
+  EXPECT_THAT(printed, HasSubstr("stored story-lora@1: LoRA adapter of stories@1 (gguf, 20 matrices, rank 8)"));
+  auto put = [&](const std::string& name, const std::string& base, const std::string& path, v1::PutAdapterResponse* r) {
+    grpc::ClientContext ctx;
+    v1::PutAdapterRequest req;
+    req.set_name(name);
+    req.mutable_base()->set_name(base);
+    req.set_source_uri(path);
+    return cluster.artifacts().PutAdapter(&ctx, req, r);
+  };
+  v1::PutAdapterResponse peft_put;
+  const grpc::Status peft_status = put("story-peft", "stories@1", (root / "story-peft").string(), &peft_put);
+  ASSERT_TRUE(peft_status.ok()) << peft_status.error_message();
+  EXPECT_EQ(peft_put.adapter().version(), "1");
+  EXPECT_EQ(peft_put.format(), "peft");
+  EXPECT_EQ(peft_put.rank(), 4u);
+  struct BadPut {
+    std::string name, base, path;
+    grpc::StatusCode code;
+    std::string message;
+  };
+  for (const BadPut& b : std::vector<BadPut>{
+           {"", "stories", (root / "story.gguf").string(), grpc::StatusCode::INVALID_ARGUMENT, "name"},
+           {"x", "", (root / "story.gguf").string(), grpc::StatusCode::INVALID_ARGUMENT, "base.name: required"},
+           {"x", "stories@0", (root / "story.gguf").string(), grpc::StatusCode::INVALID_ARGUMENT, "base:"},
+           {"x", "stories@9", (root / "story.gguf").string(), grpc::StatusCode::NOT_FOUND, "stories@9"},
+           {"x", "story-lora@1", (root / "story.gguf").string(), grpc::StatusCode::FAILED_PRECONDITION,
+            "itself a LoRA adapter"},
+           {"x", "stories", "/etc/passwd", grpc::StatusCode::PERMISSION_DENIED, "source_uri"},
+           {"x", "stories", (root / "missing.gguf").string(), grpc::StatusCode::NOT_FOUND, "source_uri"},
+           {"x", "stories", (root / "bad.gguf").string(), grpc::StatusCode::INVALID_ARGUMENT, "not an adapter of stories@1"},
+           {"stories", "stories", (root / "story.gguf").string(), grpc::StatusCode::INVALID_ARGUMENT, "name: must differ"},
+       }) {
+    v1::PutAdapterResponse r;
+    const grpc::Status st = put(b.name, b.base, b.path, &r);
+    EXPECT_EQ(st.error_code(), b.code) << b.name << " " << b.base << " " << b.path << ": " << st.error_message();
+    EXPECT_THAT(st.error_message(), HasSubstr(b.message));
+  }
+  {
+    const std::string models = testing::RunToCompletion(
+        {QFORGE_CLI_PATH, "models", "--scheduler", cluster.address()}, dir + "/models.log", &exit_code);
+    EXPECT_EQ(exit_code, 0) << models;
+    EXPECT_THAT(models, HasSubstr("story-lora: versions 1 (LoRA adapter; latest adapts stories@1)"));
+    EXPECT_THAT(models, HasSubstr("stories: versions 1\n"));
+  }
+
+  // One server reads the store and has the same files under its adapter root, plus a model from a file.
+  ServerProcess server(dir, {"--scheduler", cluster.address(), "--adapter-root", root.string(), "--model",
+                             "s260k=" + kStories, "--tokenizer", kTok512});
+  {
+    grpc::ClientContext ctx;
+    v1::LoadModelRequest load;
+    load.mutable_model()->set_name("stories");
+    load.mutable_model()->set_version("1");
+    load.set_tokenizer_path(kTok512);
+    v1::LoadModelResponse loaded;
+    const grpc::Status st = server.stub().LoadModel(&ctx, load, &loaded);
+    ASSERT_TRUE(st.ok()) << st.error_message() << "\n" << server.log();
+  }
+  const int port = server.http_port();
+  auto post = [&](const std::string& body) { return HttpRequest(port, "POST", "/v1/adapters", body); };
+  const auto stored = post(R"({"name": "stored", "artifact": "story-lora@1", "model": "stories@1"})");
+  ASSERT_EQ(stored.status, 200) << stored.body;
+  EXPECT_EQ(Parse(stored.body).Find("artifact")->string_value(), "story-lora@1");
+  EXPECT_EQ(Parse(stored.body).Find("format")->string_value(), "gguf");
+  ASSERT_EQ(post(R"({"name": "file", "path": "story.gguf", "model": "stories@1"})").status, 200);
+  // `latest` resolves in the store.
+  ASSERT_EQ(post(R"({"name": "stored-peft", "artifact": "story-peft", "model": "stories@1"})").status, 200);
+  ASSERT_EQ(post(R"({"name": "file-peft", "path": "story-peft", "model": "stories@1"})").status, 200);
+  struct Bad {
+    std::string body;
+    int status;
+    std::string message;
+  };
+  for (const Bad& b : std::vector<Bad>{
+           {R"({"name": "x", "artifact": "stories@1", "model": "stories@1"})", 400,
+            "artifact: stories@1 is a model, not a LoRA adapter"},
+           {R"({"name": "x", "artifact": "story-lora@1", "model": "s260k@file"})", 400,
+            "artifact: story-lora@1 is an adapter of stories@1, not of s260k@file"},
+           {R"({"name": "x", "artifact": "nope@1", "model": "stories@1"})", 404, "artifact: "},
+           {R"({"name": "x", "artifact": "bad@@1", "model": "stories@1"})", 400, "artifact: "},
+           {R"({"name": "x", "artifact": "story-lora@1", "path": "story.gguf", "model": "stories@1"})", 400,
+            "path, artifact: give exactly one"},
+           {R"({"name": "stored", "artifact": "story-lora@1", "model": "stories@1"})", 409, "already loaded"},
+       }) {
+    const auto r = post(b.body);
+    EXPECT_EQ(r.status, b.status) << b.body << " -> " << r.body;
+    EXPECT_THAT(r.body, HasSubstr(b.message)) << b.body;
+  }
+  auto complete = [&](const std::string& adapter) {
+    std::string req = R"({"model": "stories@1", "prompt": "Once upon a time", "max_tokens": 24, "temperature": 0)";
+    if (!adapter.empty()) req += ", \"adapter\": " + Json::String(adapter).Dump();
+    const auto r = HttpRequest(port, "POST", "/v1/completions", req + "}");
+    EXPECT_EQ(r.status, 200) << r.body;
+    return r.status == 200 ? Parse(r.body).Find("choices")->array()[0].Find("text")->string_value() : "";
+  };
+  const std::string plain = complete("");
+  const std::string from_store = complete("stored"), from_file = complete("file");
+  EXPECT_EQ(from_store, from_file);
+  EXPECT_NE(from_store, plain);
+  const std::string peft_store = complete("stored-peft"), peft_file = complete("file-peft");
+  EXPECT_EQ(peft_store, peft_file);
+  EXPECT_NE(peft_store, plain);
+  EXPECT_EQ(server.Stop(), 0);
 }
 
 }  // namespace

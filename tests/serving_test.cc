@@ -77,13 +77,7 @@ TEST(ServingTest, QuantizedThroughTheSchedulerThenServedAndScraped) {
   Cluster cluster(dir + "/cluster", {});
   ASSERT_NO_FATAL_FAILURE(cluster.StartScheduler());
   cluster.StartWorker("w1");
-  v1::SubmitJobRequest submit;
-  submit.set_source_uri(kStories);
-  submit.set_output_name("stories");
-  submit.mutable_recipe()->mutable_defaults()->set_method("q8_0");
-  std::string job_id;
-  ASSERT_TRUE(cluster.Submit(submit, &job_id).ok());
-  ASSERT_EQ(cluster.WaitJob(job_id).progress().state(), v1::JOB_STATE_SUCCEEDED);
+  ASSERT_EQ(cluster.QuantizeAndWait(kStories, "stories", "q8_0").progress().state(), v1::JOB_STATE_SUCCEEDED);
 
   ServerProcess server(dir, {"--scheduler", cluster.address()});
   {
@@ -117,6 +111,12 @@ TEST(ServingTest, QuantizedThroughTheSchedulerThenServedAndScraped) {
   ASSERT_TRUE(json.ok()) << whole.body;
   EXPECT_EQ(json->Find("choices")->array()[0].Find("text")->string_value(), stream.text);
   EXPECT_EQ(json->Find("usage")->Find("completion_tokens")->int_value(), static_cast<int64_t>(stream.tokens.size()));
+  // The gRPC stream's cache went back to the pool holding this prompt: all of it but the last token (whose logits
+  // give the first new token) was reused, and the text is still the same.
+  const int64_t prompt_tokens = json->Find("usage")->Find("prompt_tokens")->int_value();
+  EXPECT_EQ(prompt_tokens, stream.messages.back().prompt_tokens());
+  EXPECT_EQ(stream.messages.back().cached_prompt_tokens(), 0);  // the first request
+  EXPECT_EQ(json->Find("usage")->Find("prompt_tokens_details")->Find("cached_tokens")->int_value(), prompt_tokens - 1);
   const auto sse = testing::HttpRequest(server.http_port(), "POST", "/v1/completions",
                                         CompletionBody("stories@1", prompt, 40, true));
   ASSERT_EQ(sse.status, 200);
@@ -167,6 +167,9 @@ TEST(ServingTest, QuantizedThroughTheSchedulerThenServedAndScraped) {
     ASSERT_GT(bytes, 0);
     EXPECT_NEAR(served / fp16, bytes / fp16_bytes, 1e-9);
     EXPECT_GT(samples["qforge_tokens_total{kind=\"completion\",model=\"stories@1\"}"], 100);
+    // The HTTP requests after the first gRPC stream reused its prompt (the streamed one and the scored text may too).
+    EXPECT_GE(samples["qforge_prefix_cache_hits_total{model=\"stories@1\"}"], 2);
+    EXPECT_GE(samples["qforge_prefix_cache_tokens_total{model=\"stories@1\"}"], 2 * (prompt_tokens - 1));
   }
   EXPECT_TRUE(testing::PromtoolAccepts(scrape.body, dir)) << testing::ReadFile(dir + "/promtool-input.txt.out");
   const int prom_port = testing::PickFreePort();

@@ -330,10 +330,6 @@ absl::StatusOr<std::string> ReadWholeFile(const std::string& path) {
   return s;
 }
 
-std::span<const uint8_t> AsBytes(const std::string& s) {
-  return {reinterpret_cast<const uint8_t*>(s.data()), s.size()};
-}
-
 }  // namespace
 
 const char* PeftModuleName(LoraTarget t) {
@@ -640,30 +636,52 @@ absl::StatusOr<LoraAdapter> ParseGgufAdapter(std::span<const uint8_t> gguf, cons
   return adapter;
 }
 
-absl::StatusOr<LoraAdapter> LoadAdapter(const std::string& path, const ModelConfig& base) {
+absl::StatusOr<AdapterFiles> ReadAdapterFiles(const std::string& path) {
   namespace fs = std::filesystem;
   std::error_code ec;
+  AdapterFiles files;
+  files.where = path;
+  std::string weights, config;
   if (fs::is_directory(path, ec)) {
     const fs::path dir(path);
-    QF_ASSIGN_OR_RETURN(std::string weights, ReadWholeFile((dir / "adapter_model.safetensors").string()));
-    QF_ASSIGN_OR_RETURN(std::string config, ReadWholeFile((dir / "adapter_config.json").string()));
-    return ParsePeftAdapter(AsBytes(weights), config, base);
+    QF_ASSIGN_OR_RETURN(weights, ReadWholeFile((dir / "adapter_model.safetensors").string()));
+    QF_ASSIGN_OR_RETURN(config, ReadWholeFile((dir / "adapter_config.json").string()));
+    files.format = "peft";
+  } else {
+    QF_ASSIGN_OR_RETURN(weights, ReadWholeFile(path));
+    if (weights.size() >= 4 && std::memcmp(weights.data(), "GGUF", 4) == 0) {
+      files.format = "gguf";
+    } else if (absl::EndsWith(path, ".safetensors")) {
+      QF_ASSIGN_OR_RETURN(config, ReadWholeFile((fs::path(path).parent_path() / "adapter_config.json").string()));
+      files.format = "peft";
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path, ": not a GGUF LoRA, a PEFT directory or an adapter_model.safetensors"));
+    }
   }
-  QF_ASSIGN_OR_RETURN(std::string bytes, ReadWholeFile(path));
-  if (bytes.size() >= 4 && std::memcmp(bytes.data(), "GGUF", 4) == 0) {
-    auto a = ParseGgufAdapter(AsBytes(bytes), base);
-    if (!a.ok()) return absl::Status(a.status().code(), absl::StrCat(path, ": ", a.status().message()));
-    return a;
+  files.weights.assign(weights.begin(), weights.end());
+  files.config_json = std::move(config);
+  return files;
+}
+
+absl::StatusOr<LoraAdapter> ParseAdapterFiles(const AdapterFiles& files, const ModelConfig& base) {
+  absl::StatusOr<LoraAdapter> a;
+  if (files.format == "gguf") {
+    a = ParseGgufAdapter(files.weights, base);
+  } else if (files.format == "peft") {
+    a = ParsePeftAdapter(files.weights, files.config_json, base);
+  } else {
+    a = absl::InvalidArgumentError(absl::StrCat("adapter format '", files.format, "': must be gguf or peft"));
   }
-  if (absl::EndsWith(path, ".safetensors")) {
-    const std::string config_path = (fs::path(path).parent_path() / "adapter_config.json").string();
-    QF_ASSIGN_OR_RETURN(std::string config, ReadWholeFile(config_path));
-    auto a = ParsePeftAdapter(AsBytes(bytes), config, base);
-    if (!a.ok()) return absl::Status(a.status().code(), absl::StrCat(path, ": ", a.status().message()));
-    return a;
+  if (!a.ok() && !files.where.empty()) {
+    return absl::Status(a.status().code(), absl::StrCat(files.where, ": ", a.status().message()));
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat(path, ": not a GGUF LoRA, a PEFT directory or an adapter_model.safetensors"));
+  return a;
+}
+
+absl::StatusOr<LoraAdapter> LoadAdapter(const std::string& path, const ModelConfig& base) {
+  QF_ASSIGN_OR_RETURN(const AdapterFiles files, ReadAdapterFiles(path));
+  return ParseAdapterFiles(files, base);
 }
 
 absl::StatusOr<LoraAdapter> MakeRandomAdapter(const ModelConfig& base, const std::vector<LoraTarget>& targets,

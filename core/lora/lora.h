@@ -89,8 +89,20 @@ absl::StatusOr<LoraAdapter> ParsePeftAdapter(std::span<const uint8_t> safetensor
 // GGUF v2/v3 LoRA. Errors name the key or the tensor as above.
 absl::StatusOr<LoraAdapter> ParseGgufAdapter(std::span<const uint8_t> gguf, const ModelConfig& base);
 
-// From a path: a .gguf file, a PEFT directory (adapter_config.json + adapter_model.safetensors), or an
+// An adapter's files as read, before parsing: what the artifact store keeps of a stored adapter (byte for byte,
+// so a stored adapter parses exactly as its files do).
+struct AdapterFiles {
+  std::string format;            // "gguf" (a GGUF LoRA file) or "peft"
+  std::vector<uint8_t> weights;  // the .gguf file, or adapter_model.safetensors
+  std::string config_json;       // PEFT's adapter_config.json; empty for GGUF
+  std::string where;             // named in parse errors (a path, or the store version); may be empty
+};
+// Reads a .gguf file, a PEFT directory (adapter_config.json + adapter_model.safetensors), or an
 // adapter_model.safetensors with adapter_config.json beside it.
+absl::StatusOr<AdapterFiles> ReadAdapterFiles(const std::string& path);
+// ParseGgufAdapter or ParsePeftAdapter by `files.format`; errors are prefixed with `files.where`.
+absl::StatusOr<LoraAdapter> ParseAdapterFiles(const AdapterFiles& files, const ModelConfig& base);
+// ParseAdapterFiles(ReadAdapterFiles(path)).
 absl::StatusOr<LoraAdapter> LoadAdapter(const std::string& path, const ModelConfig& base);
 
 // A random adapter for tests and fuzz seeds: every listed target in every layer, A and B uniform in

@@ -298,6 +298,11 @@ const std::vector<Command>& Commands() {
       {"jobs", "jobs [--tenant T]: list the scheduler's jobs", Jobs},
       {"models", "models: list the models and versions in the store", Models},
       {"export", "export NAME@VERSION --format gguf|safetensors OUT: write a stored version to a file", Export},
+      {"put-adapter",
+       "put-adapter NAME PATH --base BASE@VERSION: store a LoRA adapter (a GGUF LoRA file or a PEFT directory, read "
+       "by the scheduler) as the next version of NAME, an adapter of that base version; servers load it with POST "
+       "/v1/adapters {\"artifact\": \"NAME@V\"}",
+       PutAdapter},
   };
   return *commands;
 }
@@ -307,7 +312,7 @@ const std::vector<Command>& Commands() {
 std::string HelpText() {
   std::string s = "qforge: make large language models small and serve them\n\nusage: qforge COMMAND [ARGS]\n\n";
   for (const Command& c : Commands()) absl::StrAppend(&s, "  ", c.summary, "\n");
-  absl::StrAppend(&s, "  help: this text\n\nClient commands (submit, jobs, models, export) reach the scheduler at "
+  absl::StrAppend(&s, "  help: this text\n\nClient commands (submit, jobs, models, export, put-adapter) reach the scheduler at "
                      "--scheduler HOST:PORT, else $QFORGE_SCHEDULER, else 127.0.0.1:7700.\n"
                      "Exit codes: 0 ok, 1 the operation failed, 2 bad usage.\n");
   return s;

@@ -55,5 +55,6 @@ absl::Status Watch(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Jobs(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Models(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Export(const std::vector<std::string>& args, std::ostream& out);
+absl::Status PutAdapter(const std::vector<std::string>& args, std::ostream& out);
 
 }  // namespace qforge::cli

@@ -32,6 +32,13 @@ namespace {
 
 namespace v1 = qforge::v1;
 
+// `path` made absolute against the working directory, for requests whose files the scheduler opens itself.
+std::string AbsolutePath(const std::string& path) {
+  char cwd[4096];
+  if (path.empty() || path[0] == '/' || getcwd(cwd, sizeof(cwd)) == nullptr) return path;
+  return absl::StrCat(cwd, "/", path);
+}
+
 constexpr char kDefaultAddress[] = "127.0.0.1:7700";
 
 // --scheduler, else $QFORGE_SCHEDULER, else the embedded default.
@@ -194,15 +201,9 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(auto method_and_params, MethodFromFlags(f, usage));
   QF_ASSIGN_OR_RETURN(int task_mib, f.GetInt("max-task-mib", 0, 0, 1 << 20));
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, usage));
-  // The scheduler opens the files itself, perhaps from another directory: send absolute paths.
-  auto absolute = [](const std::string& path) {
-    char cwd[4096];
-    if (path.empty() || path[0] == '/' || getcwd(cwd, sizeof(cwd)) == nullptr) return path;
-    return absl::StrCat(cwd, "/", path);
-  };
   v1::SubmitJobRequest req;
-  req.set_source_uri(absolute(f.positional()[0]));
-  if (f.Has("tokenizer")) req.set_tokenizer_uri(absolute(f.Get("tokenizer")));
+  req.set_source_uri(AbsolutePath(f.positional()[0]));
+  if (f.Has("tokenizer")) req.set_tokenizer_uri(AbsolutePath(f.Get("tokenizer")));
   req.set_output_name(f.Get("name"));
   req.set_tenant(f.Get("tenant"));
   req.set_idempotency_key(f.Get("idempotency-key"));
@@ -212,7 +213,7 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
   req.mutable_recipe()->mutable_defaults()->set_quantize_embeddings(f.GetBool("quantize-embeddings"));
   // Calibration (gptq, awq): only what is given is sent, so the scheduler's defaults (the quantize command's) apply
   // and it checks the ranges (against the model's context length too).
-  if (f.Has("calib-text")) req.mutable_recipe()->set_calibration_text_uri(absolute(f.Get("calib-text")));
+  if (f.Has("calib-text")) req.mutable_recipe()->set_calibration_text_uri(AbsolutePath(f.Get("calib-text")));
   if (f.Has("calib-streams")) {
     QF_ASSIGN_OR_RETURN(int n, f.GetInt("calib-streams", 64, 1, 1 << 20));
     req.mutable_recipe()->set_calibration_samples(n);
@@ -228,7 +229,7 @@ absl::Status Submit(const std::vector<std::string>& args, std::ostream& out) {
   // As `qforge quantize --calib-sequential`; the scheduler refuses it for a method without calibration.
   if (f.GetBool("calib-sequential")) req.mutable_recipe()->set_sequential_calibration(true);
   // Evaluation after assembly (Job.quality): as `qforge eval --text FILE --window W --chunks N`.
-  if (f.Has("eval-text")) req.mutable_recipe()->set_evaluation_text_uri(absolute(f.Get("eval-text")));
+  if (f.Has("eval-text")) req.mutable_recipe()->set_evaluation_text_uri(AbsolutePath(f.Get("eval-text")));
   // Or tokenizer-free, on streams sampled from the source: as `qforge eval --streams N --stream-len L --seed S`.
   if (f.Has("eval-text") && f.Has("eval-streams")) {
     return UsageError(absl::StrCat("give --eval-text or --eval-streams, not both; usage: ", usage));
@@ -321,9 +322,39 @@ absl::Status Models(const std::vector<std::string>& args, std::ostream& out) {
   v1::ListModelsResponse resp;
   if (grpc::Status s = artifacts->ListModels(CallContext().get(), {}, &resp); !s.ok()) return CallError(s, address);
   for (const v1::ModelVersions& m : resp.models()) {
-    out << m.name() << ": versions " << absl::StrJoin(m.versions(), ", ") << "\n";
+    out << m.name() << ": versions " << absl::StrJoin(m.versions(), ", ");
+    // A name holds models or adapters, never both (storage::PutAdapter): the latest version tells which.
+    v1::GetManifestRequest req;
+    req.mutable_model()->set_name(m.name());
+    v1::Manifest manifest;
+    if (artifacts->GetManifest(CallContext().get(), req, &manifest).ok() && manifest.has_adapter_of()) {
+      out << " (LoRA adapter; latest adapts " << manifest.adapter_of().name() << "@" << manifest.adapter_of().version()
+          << ")";
+    }
+    out << "\n";
   }
   if (resp.models().empty()) out << "no models\n";
+  return absl::OkStatus();
+}
+
+absl::Status PutAdapter(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"scheduler", "base"}, {}));
+  const std::string usage = "qforge put-adapter NAME PATH --base BASE@VERSION [--scheduler HOST:PORT]";
+  QF_RETURN_IF_ERROR(NeedPositional(f, 2, usage));
+  if (!f.Has("base")) return UsageError(absl::StrCat("--base is required; usage: ", usage));
+  QF_ASSIGN_OR_RETURN(const storage::ModelRef base, storage::ParseModelRef(f.Get("base")));
+  v1::PutAdapterRequest req;
+  req.set_name(f.positional()[0]);
+  req.mutable_base()->set_name(base.name);
+  if (base.version.has_value()) req.mutable_base()->set_version(absl::StrCat(*base.version));
+  req.set_source_uri(AbsolutePath(f.positional()[1]));  // the scheduler reads the files, perhaps elsewhere
+  const std::string address = SchedulerAddress(f);
+  auto artifacts = v1::ArtifactService::NewStub(rpc::MakeChannel(address));
+  v1::PutAdapterResponse resp;
+  if (grpc::Status s = artifacts->PutAdapter(CallContext().get(), req, &resp); !s.ok()) return CallError(s, address);
+  out << "stored " << resp.adapter().name() << "@" << resp.adapter().version() << ": LoRA adapter of "
+      << resp.base().name() << "@" << resp.base().version() << " (" << resp.format() << ", " << resp.matrices()
+      << " matrices, rank " << resp.rank() << ")\n";
   return absl::OkStatus();
 }
 

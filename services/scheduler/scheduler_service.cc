@@ -19,6 +19,7 @@
 #include "core/base/status_macros.h"
 #include "core/calib/activations_codec.h"
 #include "core/calib/stats_codec.h"
+#include "core/lora/lora.h"
 #include "core/formats/parsers.h"
 #include "core/quant/quantize_model.h"
 #include "core/tokenizer/tokenizer.h"
@@ -1320,10 +1321,40 @@ class SchedulerServer::Impl {
       resp->set_chunks_collected(*n);
       return grpc::Status::OK;
     }
+    grpc::Status PutAdapter(grpc::ServerContext*, const v1::PutAdapterRequest* req,
+                            v1::PutAdapterResponse* resp) override {
+      auto stored = impl_->PutAdapter(*req);
+      if (!stored.ok()) return rpc::ToGrpc(stored.status());
+      resp->mutable_adapter()->set_name(req->name());
+      resp->mutable_adapter()->set_version(absl::StrCat(stored->version));
+      *resp->mutable_base() = stored->base;
+      resp->set_format(stored->adapter.format);
+      resp->set_matrices(static_cast<uint32_t>(stored->adapter.matrices.size()));
+      resp->set_rank(static_cast<uint32_t>(stored->adapter.max_rank()));
+      return grpc::Status::OK;
+    }
 
    private:
     Impl* impl_;
   };
+
+  // ArtifactService.PutAdapter: the files are read where the scheduler runs, under its allowed roots, as a job's
+  // source is; errors name the request's fields.
+  absl::StatusOr<storage::StoredAdapter> PutAdapter(const v1::PutAdapterRequest& req) {
+    if (stopping_) return absl::UnavailableError("scheduler shutting down");
+    if (absl::Status s = storage::ValidateModelName(req.name()); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("name: ", s.message()));
+    }
+    if (req.base().name().empty()) return absl::InvalidArgumentError("base.name: required");
+    auto base = RefFromProto(req.base());
+    if (!base.ok()) return absl::InvalidArgumentError(absl::StrCat("base: ", base.status().message()));
+    QF_ASSIGN_OR_RETURN(const std::string path, rpc::ResolveUnderRoots(req.source_uri(), roots_, "source_uri"));
+    auto files = lora::ReadAdapterFiles(path);
+    if (!files.ok()) return absl::Status(files.status().code(), absl::StrCat("source_uri: ", files.status().message()));
+    // Serialised with the version commits so that `name`'s kind check and its commit see the same latest version.
+    std::lock_guard<std::mutex> lock(assemble_mu_);
+    return storage::PutAdapter(store(), req.name(), *base, *files, path);
+  }
 
   SchedulerServer* server_;
   SchedulerServiceOptions options_;

@@ -18,7 +18,7 @@ namespace {
 constexpr char kUsage[] =
     "usage: qforge-server [--grpc HOST:PORT] [--http HOST:PORT] [--scheduler HOST:PORT]\n"
     "                     [--model NAME=PATH[,NAME=PATH...]] [--tokenizer FILE] [--memory-budget-mib N]\n"
-    "                     [--threads N] [--max-running N] [--max-queue N] [--context N]\n"
+    "                     [--threads N] [--max-running N] [--max-queue N] [--context N] [--no-prefix-cache]\n"
     "                     [--estimate-watts W] [--price-per-gib-hour P] [--port-file FILE] [--adapter-root DIR]\n"
     "  --grpc             InferenceService, grpc.health.v1 and reflection (default 127.0.0.1:7701)\n"
     "  --http             /v1/completions and /v1/chat/completions (OpenAI), /v1/models, /tokenize,\n"
@@ -28,6 +28,8 @@ constexpr char kUsage[] =
     "  --memory-budget-mib  weights of all loaded models together; least recently used unload first\n"
     "  --max-running      sequences batched together per model; --max-queue: waiting requests before\n"
     "                     RESOURCE_EXHAUSTED\n"
+    "  --no-prefix-cache  feed every prompt whole (by default a request reuses the KV cache of a finished\n"
+    "                     request on the same model and adapter sharing its longest prompt prefix)\n"
     "  --estimate-watts   power assumed while computing where RAPL / NVML cannot be read\n"
     "  --price-per-gib-hour  memory price for the cost metrics\n"
     "  --adapter-root     POST /v1/adapters reads LoRA adapters (GGUF, PEFT directories) only under DIR\n"
@@ -47,7 +49,7 @@ int main(int argc, char** argv) {
                                          {"grpc", "http", "scheduler", "model", "tokenizer", "memory-budget-mib",
                                           "threads", "max-running", "max-queue", "context", "estimate-watts",
                                           "price-per-gib-hour", "port-file", "adapter-root"},
-                                         {});
+                                         {"no-prefix-cache"});
   if (!flags.ok()) return Fail(flags.status().message(), 2);
   if (!flags->positional().empty()) return Fail("unexpected argument '" + flags->positional()[0] + "'", 2);
   qforge::server::ServerOptions options;
@@ -72,6 +74,7 @@ int main(int argc, char** argv) {
   options.registry.engine.max_running = *running;
   options.registry.engine.max_queue = *queue;
   options.registry.engine.context = *context;
+  options.registry.engine.prefix_cache = !flags->GetBool("no-prefix-cache");
   options.registry.adapter_root = flags->Get("adapter-root");
   options.estimate_watts = *watts;
   options.price_per_gib_hour = *price;

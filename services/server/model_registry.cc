@@ -61,8 +61,8 @@ std::string LoadedModel::ref() const {
   return version == kFileVersion ? absl::StrCat(name, "@file") : storage::FormatModelRef(name, version);
 }
 
-ModelRegistry::ModelRegistry(RegistryOptions options, StoreFetcher fetch)
-    : options_(std::move(options)), fetch_(std::move(fetch)) {}
+ModelRegistry::ModelRegistry(RegistryOptions options, StoreFetcher fetch, AdapterFetcher fetch_adapter)
+    : options_(std::move(options)), fetch_(std::move(fetch)), fetch_adapter_(std::move(fetch_adapter)) {}
 
 absl::StatusOr<std::pair<storage::ModelRef, bool>> ModelRegistry::Parse(const std::string& name,
                                                                         const std::string& version) const {
@@ -229,15 +229,34 @@ absl::Status ModelRegistry::Unload(const std::string& name, const std::string& v
   return absl::OkStatus();
 }
 
-absl::StatusOr<LoadedAdapter> ModelRegistry::LoadAdapter(const std::string& model_ref, const std::string& adapter_name,
-                                                        const std::string& path) {
-  namespace fs = std::filesystem;
+absl::StatusOr<std::shared_ptr<LoadedModel>> ModelRegistry::ModelForNewAdapter(const std::string& model_ref,
+                                                                               const std::string& adapter_name) {
   if (adapter_name.empty() || adapter_name.size() > 64 ||
       !std::all_of(adapter_name.begin(), adapter_name.end(), [](char ch) {
         return absl::ascii_isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '_' || ch == '-';
       })) {
     return absl::InvalidArgumentError("name: 1 to 64 characters of [A-Za-z0-9._-]");
   }
+  QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> m, Get(model_ref, ""));
+  std::lock_guard<std::mutex> l(m->adapters_mu);
+  if (m->adapters.contains(adapter_name)) {
+    return absl::AlreadyExistsError(absl::StrCat("adapter ", adapter_name, " is already loaded for ", m->ref()));
+  }
+  return m;
+}
+
+absl::StatusOr<LoadedAdapter> ModelRegistry::Attach(LoadedModel& m, LoadedAdapter a) {
+  std::lock_guard<std::mutex> l(m.adapters_mu);
+  // Checked again: another load of the same name may have finished while this one parsed.
+  if (!m.adapters.emplace(a.name, a).second) {
+    return absl::AlreadyExistsError(absl::StrCat("adapter ", a.name, " is already loaded for ", m.ref()));
+  }
+  return a;
+}
+
+absl::StatusOr<LoadedAdapter> ModelRegistry::LoadAdapter(const std::string& model_ref, const std::string& adapter_name,
+                                                        const std::string& path) {
+  namespace fs = std::filesystem;
   if (options_.adapter_root.empty()) {
     return absl::FailedPreconditionError("adapters: this server was started without --adapter-root");
   }
@@ -251,13 +270,7 @@ absl::StatusOr<LoadedAdapter> ModelRegistry::LoadAdapter(const std::string& mode
   if (ec || root_end != root.end()) {
     return absl::PermissionDeniedError(absl::StrCat("path: ", path, " is outside the adapter root"));
   }
-  QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> m, Get(model_ref, ""));
-  {
-    std::lock_guard<std::mutex> l(m->adapters_mu);
-    if (m->adapters.contains(adapter_name)) {
-      return absl::AlreadyExistsError(absl::StrCat("adapter ", adapter_name, " is already loaded for ", m->ref()));
-    }
-  }
+  QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> m, ModelForNewAdapter(model_ref, adapter_name));
   auto parsed = lora::LoadAdapter(full.string(), m->model->config);
   if (!parsed.ok()) {
     // Name the request's path, not the resolved one: the client need not learn the server's layout.
@@ -265,12 +278,31 @@ absl::StatusOr<LoadedAdapter> ModelRegistry::LoadAdapter(const std::string& mode
     if (absl::StartsWith(message, full.string())) message = path + message.substr(full.string().size());
     return absl::Status(parsed.status().code(), absl::StrCat("path: ", message));
   }
-  LoadedAdapter a{adapter_name, path, std::make_shared<const lora::LoraAdapter>(*std::move(parsed))};
-  std::lock_guard<std::mutex> l(m->adapters_mu);
-  if (!m->adapters.emplace(adapter_name, a).second) {
-    return absl::AlreadyExistsError(absl::StrCat("adapter ", adapter_name, " is already loaded for ", m->ref()));
+  return Attach(*m, LoadedAdapter{adapter_name, path, "", std::make_shared<const lora::LoraAdapter>(*std::move(parsed))});
+}
+
+absl::StatusOr<LoadedAdapter> ModelRegistry::LoadStoredAdapter(const std::string& model_ref,
+                                                              const std::string& adapter_name,
+                                                              const std::string& artifact) {
+  auto ref = storage::ParseModelRef(artifact);
+  if (!ref.ok()) return absl::InvalidArgumentError(absl::StrCat("artifact: ", ref.status().message()));
+  if (fetch_adapter_ == nullptr) {
+    return absl::FailedPreconditionError("artifact: this server has no artifact store (start it with --scheduler)");
   }
-  return a;
+  QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> m, ModelForNewAdapter(model_ref, adapter_name));
+  auto stored = fetch_adapter_(*ref);
+  if (!stored.ok()) return absl::Status(stored.status().code(), absl::StrCat("artifact: ", stored.status().message()));
+  const std::string stored_ref = absl::StrCat(ref->name, "@", stored->version);
+  const std::string base_ref = storage::FormatModelRef(stored->base);
+  // An adapter is trained against one set of weights: another version of the base (or a file) is another model.
+  if (m->version == kFileVersion || stored->base.name != m->name || stored->base.version != m->version) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("artifact: ", stored_ref, " is an adapter of ", base_ref, ", not of ", m->ref()));
+  }
+  auto parsed = lora::ParseAdapterFiles(stored->files, m->model->config);
+  if (!parsed.ok()) return absl::Status(parsed.status().code(), absl::StrCat("artifact: ", parsed.status().message()));
+  return Attach(*m, LoadedAdapter{adapter_name, "", stored_ref,
+                                  std::make_shared<const lora::LoraAdapter>(*std::move(parsed))});
 }
 
 absl::Status ModelRegistry::UnloadAdapter(const std::string& model_ref, const std::string& adapter_name) {

@@ -30,7 +30,8 @@ inline constexpr uint64_t kFileVersion = 0;
 // A LoRA adapter loaded beside a model (POST /v1/adapters): requests on that model name it in `adapter`.
 struct LoadedAdapter {
   std::string name;
-  std::string path;  // as resolved under RegistryOptions::adapter_root
+  std::string path;      // as the request gave it (under RegistryOptions::adapter_root); "" for a stored adapter
+  std::string artifact;  // the stored adapter version it was read from ("pirate@2"); "" for a file
   std::shared_ptr<const lora::LoraAdapter> adapter;
 };
 
@@ -75,10 +76,19 @@ struct RegistryOptions {
 // Fetches a stored version (resolving `latest`); the registry calls it without holding its lock.
 using StoreFetcher = std::function<absl::StatusOr<std::pair<uint64_t, Model>>(const storage::ModelRef& ref)>;
 
+// A stored LoRA adapter version (storage/model_store.h): its concrete version, the base version it adapts, and its
+// files as stored.
+struct StoredAdapterFiles {
+  uint64_t version = 0;
+  storage::ModelRef base;
+  lora::AdapterFiles files;
+};
+using AdapterFetcher = std::function<absl::StatusOr<StoredAdapterFiles>(const storage::ModelRef& ref)>;
+
 class ModelRegistry {
  public:
-  // `fetch` may be null: then only files can be loaded.
-  ModelRegistry(RegistryOptions options, StoreFetcher fetch);
+  // `fetch` (and `fetch_adapter`) may be null: then only files can be loaded.
+  ModelRegistry(RegistryOptions options, StoreFetcher fetch, AdapterFetcher fetch_adapter = nullptr);
 
   // Loads `name` from `path` (as version "file") when a path is given, else `name@version` from the store;
   // returns the loaded model (the one already loaded, if it is). `tokenizer_path` (optional) gives a tokenizer
@@ -97,6 +107,11 @@ class ModelRegistry {
   // PERMISSION_DENIED for a path outside it; the parser's errors otherwise.
   absl::StatusOr<LoadedAdapter> LoadAdapter(const std::string& model_ref, const std::string& adapter_name,
                                             const std::string& path);
+  // The same from the artifact store: `artifact` (name@version, or latest) must be a LoRA adapter version whose
+  // base is exactly the model's store version. FAILED_PRECONDITION naming `artifact` when it adapts another version
+  // (or the model was read from a file), when it is a model, or when the server has no store; NOT_FOUND when absent.
+  absl::StatusOr<LoadedAdapter> LoadStoredAdapter(const std::string& model_ref, const std::string& adapter_name,
+                                                  const std::string& artifact);
   // Detaches `adapter_name` from `model_ref`, or, when model_ref is "", from the one loaded model that has it
   // (INVALID_ARGUMENT when several have). NOT_FOUND when none has.
   absl::Status UnloadAdapter(const std::string& model_ref, const std::string& adapter_name);
@@ -109,9 +124,14 @@ class ModelRegistry {
   // The version a (name, version text) pair names among the loaded ones; 0 with OK when none is loaded.
   absl::StatusOr<std::pair<storage::ModelRef, bool>> Parse(const std::string& name, const std::string& version) const;
   absl::StatusOr<std::shared_ptr<LoadedModel>> Install(std::shared_ptr<LoadedModel> m);
+  // `m` after checking that it has no adapter named `adapter_name` (ALREADY_EXISTS); the name is checked too.
+  absl::StatusOr<std::shared_ptr<LoadedModel>> ModelForNewAdapter(const std::string& model_ref,
+                                                                  const std::string& adapter_name);
+  static absl::StatusOr<LoadedAdapter> Attach(LoadedModel& m, LoadedAdapter a);
 
   RegistryOptions options_;
   StoreFetcher fetch_;
+  AdapterFetcher fetch_adapter_;
   mutable std::mutex mu_;
   std::map<std::string, std::map<uint64_t, std::shared_ptr<LoadedModel>>> models_;  // name -> version -> model
   std::mutex load_mu_;  // one load at a time: loads are memory-heavy and the budget check must see them in order

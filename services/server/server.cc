@@ -51,6 +51,7 @@ struct GenerationParams {
 struct GenerationOutcome {
   serving::FinishReason finish = serving::FinishReason::kLength;
   int prompt_tokens = 0, completion_tokens = 0;
+  int cached_prompt_tokens = 0;  // of prompt_tokens, reused from the engine's prefix cache
 };
 
 constexpr int kMaxStopStrings = 16;
@@ -250,6 +251,7 @@ class InferenceServer::Impl {
           done = true;
           out.finish = e.finish;
           out.prompt_tokens = e.prompt_tokens;
+          out.cached_prompt_tokens = e.cached_prompt_tokens;
           out.completion_tokens = e.completion_tokens;
         }
         if (!box->abandoned && !write(e)) {
@@ -277,6 +279,19 @@ class InferenceServer::Impl {
       if (auto c = m().GetCounter("qforge_tokens_total", "Tokens processed by model and kind", {{"model", ref}, {"kind", kind}});
           c.ok()) {
         (*c)->Inc(n);
+      }
+    }
+    if (out.cached_prompt_tokens > 0) {
+      if (auto c = m().GetCounter("qforge_prefix_cache_hits_total",
+                                  "Requests that reused a finished request's KV cache for a shared prompt prefix",
+                                  {{"model", ref}});
+          c.ok()) {
+        (*c)->Inc(1);
+      }
+      if (auto c = m().GetCounter("qforge_prefix_cache_tokens_total",
+                                  "Prompt tokens taken from the prefix cache instead of being fed again", {{"model", ref}});
+          c.ok()) {
+        (*c)->Inc(out.cached_prompt_tokens);
       }
     }
     outcome_counter(serving::FinishReasonName(out.finish));
@@ -319,6 +334,7 @@ class InferenceServer::Impl {
             if (e.done) {
               r.set_finish_reason(serving::FinishReasonName(e.finish));
               r.set_prompt_tokens(e.prompt_tokens);
+              r.set_cached_prompt_tokens(e.cached_prompt_tokens);
               r.set_completion_tokens(e.completion_tokens);
             }
             return writer->Write(r);
@@ -499,6 +515,10 @@ class InferenceServer::Impl {
     usage.Set("prompt_tokens", Json::Int(o.prompt_tokens));
     usage.Set("completion_tokens", Json::Int(o.completion_tokens));
     usage.Set("total_tokens", Json::Int(o.prompt_tokens + o.completion_tokens));
+    // OpenAI's field for prompt tokens served from a cache.
+    Json details = Json::MakeObject();
+    details.Set("cached_tokens", Json::Int(o.cached_prompt_tokens));
+    usage.Set("prompt_tokens_details", std::move(details));
     return usage;
   }
 
@@ -897,7 +917,7 @@ class InferenceServer::Impl {
     Json entry = Json::MakeObject();
     entry.Set("name", Json::String(a.name));
     entry.Set("model", Json::String(lm.ref()));
-    entry.Set("path", Json::String(a.path));
+    entry.Set(a.artifact.empty() ? "path" : "artifact", Json::String(a.artifact.empty() ? a.path : a.artifact));
     entry.Set("format", Json::String(a.adapter->format));
     entry.Set("rank", Json::Int(a.adapter->max_rank()));
     entry.Set("alpha", Json::Double(a.adapter->alpha));
@@ -906,22 +926,26 @@ class InferenceServer::Impl {
     return entry;
   }
 
-  // {"name", "path", "model"?}: without `model`, the only loaded model.
+  // {"name", "path" | "artifact", "model"?}: a file under --adapter-root, or a stored adapter version
+  // (name@version); without `model`, the only loaded model.
   absl::StatusOr<Json> LoadAdapterRequest(const std::string& body) {
     QF_ASSIGN_OR_RETURN(const Json json, ParseBody(body));
-    std::string fields[3];
-    const char* names[3] = {"name", "path", "model"};
-    for (int i = 0; i < 3; ++i) {
+    std::string fields[4];
+    const char* names[4] = {"name", "path", "artifact", "model"};
+    for (int i = 0; i < 4; ++i) {
       const Json* v = json.Find(names[i]);
       if (v == nullptr || v->is_null()) {
-        if (i < 2) return absl::InvalidArgumentError(absl::StrCat(names[i], ": required string"));
+        if (i == 0) return absl::InvalidArgumentError("name: required string");
         continue;
       }
       if (!v->is_string()) return absl::InvalidArgumentError(absl::StrCat(names[i], ": must be a string"));
       fields[i] = v->string_value();
     }
-    QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> lm, ModelFor(fields[2]));
-    QF_ASSIGN_OR_RETURN(LoadedAdapter a, models().LoadAdapter(lm->ref(), fields[0], fields[1]));
+    const std::string &name = fields[0], &path = fields[1], &artifact = fields[2];
+    if (path.empty() == artifact.empty()) return absl::InvalidArgumentError("path, artifact: give exactly one");
+    QF_ASSIGN_OR_RETURN(std::shared_ptr<LoadedModel> lm, ModelFor(fields[3]));
+    QF_ASSIGN_OR_RETURN(LoadedAdapter a, path.empty() ? models().LoadStoredAdapter(lm->ref(), name, artifact)
+                                                      : models().LoadAdapter(lm->ref(), name, path));
     return AdapterJson(*lm, a);
   }
 
@@ -1042,6 +1066,7 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(ServerOp
   std::shared_ptr<grpc::Channel> store = options.store_channel;
   if (store == nullptr && !options.store_address.empty()) store = rpc::MakeChannel(options.store_address);
   StoreFetcher fetch;
+  AdapterFetcher fetch_adapter;
   if (store != nullptr) {
     auto stub = std::shared_ptr<v1::ArtifactService::Stub>(v1::ArtifactService::NewStub(store));
     fetch = [stub](const storage::ModelRef& ref) -> absl::StatusOr<std::pair<uint64_t, Model>> {
@@ -1056,13 +1081,31 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(ServerOp
                           }));
       return std::make_pair(version, std::move(model));
     };
+    fetch_adapter = [stub](const storage::ModelRef& ref) -> absl::StatusOr<StoredAdapterFiles> {
+      QF_ASSIGN_OR_RETURN(const v1::Manifest manifest, rpc::FetchManifest(*stub, ref));
+      const std::string where = absl::StrCat(manifest.model().name(), "@", manifest.model().version());
+      if (!manifest.has_adapter_of()) {
+        return absl::FailedPreconditionError(absl::StrCat(where, " is a model, not a LoRA adapter"));
+      }
+      StoredAdapterFiles stored;
+      auto base = storage::ParseModelRef(absl::StrCat(manifest.adapter_of().name(), "@", manifest.adapter_of().version()));
+      if (!absl::SimpleAtoi(manifest.model().version(), &stored.version) || stored.version == 0 || !base.ok() ||
+          base->is_latest()) {
+        return absl::DataLossError(absl::StrCat("manifest of ", ref.name, ": malformed version or adapter_of"));
+      }
+      stored.base = *base;
+      QF_ASSIGN_OR_RETURN(stored.files, storage::AdapterFilesFromManifest(manifest, [&stub](const std::string& id) {
+                            return rpc::FetchChunk(*stub, id);
+                          }));
+      return stored;
+    };
   }
   RegistryOptions registry_options = options.registry;
   s->impl_ = std::make_unique<Impl>(s.get(), options);
   registry_options.on_step = [impl = s->impl_.get()](const std::string& model, int seqs, int tokens, double secs) {
     impl->OnStep(model, seqs, tokens, secs);
   };
-  s->registry_ = std::make_unique<ModelRegistry>(std::move(registry_options), std::move(fetch));
+  s->registry_ = std::make_unique<ModelRegistry>(std::move(registry_options), std::move(fetch), std::move(fetch_adapter));
   s->impl_->RegisterMetrics();
 
   grpc::EnableDefaultHealthCheckService(true);

@@ -61,7 +61,13 @@ check(role === 'assistant', 'the stream names the assistant role');
 check(streamed === choice.message.content, `streamed text ${JSON.stringify(streamed)} equals the whole one`);
 check(finish === choice.finish_reason, `streamed finish_reason ${finish}`);
 check(streamedUsage !== null, 'stream_options.include_usage gives a usage chunk');
-check(JSON.stringify(streamedUsage) === JSON.stringify(usage), 'streamed usage equals the whole answer\'s');
+for (const field of ['prompt_tokens', 'completion_tokens', 'total_tokens']) {
+  check(streamedUsage[field] === usage[field], `streamed usage.${field} equals the whole answer's`);
+}
+// The same conversation again: the server's prefix cache holds all of its prompt but the last token.
+check(usage.prompt_tokens_details.cached_tokens === 0, 'the first request found nothing cached');
+check(streamedUsage.prompt_tokens_details.cached_tokens === usage.prompt_tokens - 1,
+      `the second reused the prompt's prefix (cached_tokens ${streamedUsage.prompt_tokens_details.cached_tokens})`);
 
 const withLogprobs = await client.chat.completions.create({ ...request, max_tokens: 8, logprobs: true, top_logprobs: 3 });
 const entries = withLogprobs.choices[0].logprobs.content;
