@@ -359,13 +359,8 @@ TEST(StoredLoraTest, StoredAdaptersServeExactlyAsTheirFilesOnTheirBaseVersionOnl
   ServerProcess server(dir, {"--scheduler", cluster.address(), "--adapter-root", root.string(), "--model",
                              "s260k=" + kStories, "--tokenizer", kTok512});
   {
-    grpc::ClientContext ctx;
-    v1::LoadModelRequest load;
-    load.mutable_model()->set_name("stories");
-    load.mutable_model()->set_version("1");
-    load.set_tokenizer_path(kTok512);
     v1::LoadModelResponse loaded;
-    const grpc::Status st = server.stub().LoadModel(&ctx, load, &loaded);
+    const grpc::Status st = server.LoadStored("stories", "1", kTok512, &loaded);
     ASSERT_TRUE(st.ok()) << st.error_message() << "\n" << server.log();
   }
   const int port = server.http_port();

@@ -61,6 +61,17 @@ class ServerProcess {
   int http_port() const { return http_port_; }
   std::string log() const { return ReadFile(dir_ + "/server.log"); }
 
+  // LoadModel of a stored version (`name`, `version`) with a tokenizer file.
+  grpc::Status LoadStored(const std::string& name, const std::string& version, const std::string& tokenizer_path,
+                          v1::LoadModelResponse* loaded) {
+    grpc::ClientContext ctx;
+    v1::LoadModelRequest load;
+    load.mutable_model()->set_name(name);
+    load.mutable_model()->set_version(version);
+    load.set_tokenizer_path(tokenizer_path);
+    return stub_->LoadModel(&ctx, load, loaded);
+  }
+
   grpc::health::v1::HealthCheckResponse::ServingStatus Health() {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));

@@ -81,13 +81,8 @@ TEST(ServingTest, QuantizedThroughTheSchedulerThenServedAndScraped) {
 
   ServerProcess server(dir, {"--scheduler", cluster.address()});
   {
-    grpc::ClientContext ctx;
-    v1::LoadModelRequest load;
-    load.mutable_model()->set_name("stories");
-    load.mutable_model()->set_version("1");
-    load.set_tokenizer_path(kTok512);
     v1::LoadModelResponse loaded;
-    const grpc::Status s = server.stub().LoadModel(&ctx, load, &loaded);
+    const grpc::Status s = server.LoadStored("stories", "1", kTok512, &loaded);
     ASSERT_TRUE(s.ok()) << s.error_message() << "\n" << server.log();
     EXPECT_GT(loaded.resident_bytes(), 0u);
   }
