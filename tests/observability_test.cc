@@ -274,13 +274,8 @@ TEST(ObservabilityTest, EveryDashboardPanelAndRecordingRuleHasDataFromARealClust
   ASSERT_TRUE(cluster.Submit(submit, &job_id).ok());
   ASSERT_EQ(cluster.WaitJob(job_id, 60).progress().state(), v1::JOB_STATE_SUCCEEDED);
   {
-    grpc::ClientContext ctx;
-    v1::LoadModelRequest load;
-    load.mutable_model()->set_name("stories");
-    load.mutable_model()->set_version("1");
-    load.set_tokenizer_path(testing::Tok512Path());
     v1::LoadModelResponse loaded;
-    const grpc::Status s = server.stub().LoadModel(&ctx, load, &loaded);
+    const grpc::Status s = server.LoadStored("stories", "1", testing::Tok512Path(), &loaded);
     ASSERT_TRUE(s.ok()) << s.error_message() << "\n" << server.log();
   }
   // Completions go on while the queries are evaluated, so rate() windows always hold fresh increases.
