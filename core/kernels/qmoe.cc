@@ -155,24 +155,41 @@ absl::Status ForEachWord(const View& v, int64_t r, int64_t first, F&& f) {
   return absl::OkStatus();
 }
 
-// Calls f(r, first word of r) for rows [r0, r1), with the rows' counts checked against the group starts.
+// Calls f(first row, rows, first word of the first row) for the groups of rows [r0, r1) that end on multiples
+// of kTileRows (so a row's group does not depend on the range asked for), with the rows' counts checked against
+// the group starts.
 template <class F>
-absl::Status ForEachRow(const View& v, int64_t r0, int64_t r1, F&& f) {
+absl::Status ForEachRowGroup(const View& v, int64_t r0, int64_t r1, F&& f) {
   constexpr int64_t G = QmoeLayout::kRowGroup;
+  static_assert(G % kTileRows == 0, "a group start is a tile start");
   int64_t next = v.GroupStart(r0 / G);
   for (int64_t r = r0 / G * G; r < r0; ++r) next += v.Count(r);
-  for (int64_t r = r0; r < r1; ++r) {
-    if (r % G == 0 && next != v.GroupStart(r / G)) {
-      return DataLoss(*v.w, absl::StrCat("rows before row ", r, " hold ", next, " codewords, its group starts at ",
-                                         v.GroupStart(r / G)));
+  for (int64_t g0 = r0; g0 < r1;) {
+    const int64_t g1 = std::min(r1, (g0 / kTileRows + 1) * kTileRows);
+    if (g0 % G == 0 && next != v.GroupStart(g0 / G)) {
+      return DataLoss(*v.w, absl::StrCat("rows before row ", g0, " hold ", next, " codewords, its group starts at ",
+                                         v.GroupStart(g0 / G)));
     }
-    QF_RETURN_IF_ERROR(f(r, next));
-    next += v.Count(r);
+    QF_RETURN_IF_ERROR(f(g0, g1 - g0, next));
+    for (int64_t r = g0; r < g1; ++r) next += v.Count(r);
+    g0 = g1;
   }
   if (r1 == v.rows && r1 > r0 && next != v.words) {
     return DataLoss(*v.w, absl::StrCat("the rows hold ", next, " codewords, the format says ", v.words));
   }
   return absl::OkStatus();
+}
+
+// Calls f(r, first word of r) for rows [r0, r1), with ForEachRowGroup's checks.
+template <class F>
+absl::Status ForEachRow(const View& v, int64_t r0, int64_t r1, F&& f) {
+  return ForEachRowGroup(v, r0, r1, [&](int64_t g0, int64_t rows, int64_t first) -> absl::Status {
+    for (int64_t r = g0; r < g0 + rows; ++r) {
+      QF_RETURN_IF_ERROR(f(r, first));
+      first += v.Count(r);
+    }
+    return absl::OkStatus();
+  });
 }
 
 absl::Status CheckRange(const Tensor& w, int64_t r0, int64_t r1) {
@@ -313,32 +330,90 @@ absl::Status DecodeRowBitwise(const View& v, int64_t r, int64_t first, int8_t* t
   });
 }
 
-#define QF_QMOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")))
+#define QF_QMOE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")))
 
-// Row r's trits into trits[0, cols) at 64 per store: a word's store is zero past its length in its masks, and
-// the next word's store, which starts where this word ends, overwrites that, so stores in word order leave
-// each position its own trit. The last word's store may reach 64 bytes past cols (slack the caller provides;
-// a following row in the same buffer overwrites it the same way). false where the row is inconsistent: the
-// caller asks the reference decoder for the message.
-QF_QMOE_AVX512 bool DecodeRowAvx512(const View& v, int64_t r, int64_t first, int8_t* trits) {
-  const int64_t count = v.Count(r), cols = v.cols;
-  if (first + count > v.words) return false;
+// Up to kTileRows consecutive rows decoded at once: row i's trits are trits[start[i], start[i] + cols), and
+// at least 64 readable bytes follow the last row's (the dot loads 64 bytes where one block is left).
+struct RowGroup {
+  std::vector<int8_t> trits;
+  int64_t start[kTileRows] = {};
+};
+
+// The reference decoder for a group: rows at a stride of cols; DATA_LOSS naming the first inconsistent row.
+absl::Status DecodeGroupBitwise(const View& v, int64_t r0, int64_t rows, int64_t first, RowGroup& g) {
+  g.trits.resize(static_cast<size_t>(rows * v.cols + 64));
+  for (int64_t i = 0; i < rows; ++i) {
+    g.start[i] = i * v.cols;
+    QF_RETURN_IF_ERROR(DecodeRowBitwise(v, r0 + i, first, g.trits.data() + g.start[i]));
+    first += v.Count(r0 + i);
+  }
+  return absl::OkStatus();
+}
+
+// The group's words in one pass, 64 trits per store: a word's store is zero past its length in its masks, and
+// the next word's store, which starts where this word ends, overwrites that, so stores in word order leave each
+// position its own trit; a row starts where the previous row's last word ended. Every condition the reference
+// decoder checks is checked here (a codeword outside the dictionary, a row with too few trits or a word past its
+// columns); false where one fails, and the caller asks the reference decoder for the message. Lookups land at
+// random in the 1 MiB dictionary: the loop's speed is that of its loads from L2 (prefetching did not help).
+QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, int64_t first, RowGroup& g) {
+  const int64_t cols = v.cols;
+  int64_t counts[kTileRows], total = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    counts[i] = v.Count(r0 + i);
+    if (counts[i] < 1 || counts[i] > cols) return false;
+    total += counts[i];
+  }
+  if (first + total > v.words) return false;
   const uint8_t* words = v.base + v.layout.words_offset + 2 * first;
-  const Dictionary::Entry* entries = v.dict->entries.data();
-  const int dictionary_words = v.dict->words;
+  // Codes are 16-bit and the dictionary has at most 65,535 words, so its count fits an unsigned 16-bit compare.
+  const __m512i dictionary_words = _mm512_set1_epi16(static_cast<int16_t>(v.dict->words));
+  __mmask32 outside = 0;
+  int64_t k = 0;
+  for (; k + 32 <= total; k += 32) {
+    outside |= _mm512_cmpge_epu16_mask(_mm512_loadu_si512(words + 2 * k), dictionary_words);
+  }
+  if (k < total) {
+    const __mmask32 tail = (uint32_t{1} << (total - k)) - 1;
+    outside |= _mm512_mask_cmpge_epu16_mask(tail, _mm512_maskz_loadu_epi16(tail, words + 2 * k), dictionary_words);
+  }
+  if (outside != 0) return false;
+  // Row i starts before i * (cols + kMaxWordTrits) when the rows before it are valid (each ends before its
+  // last word, which starts before cols, passes), and its own words reach at most counts[i] * kMaxWordTrits
+  // further, plus the 64-byte store: room for that, so no store needs a bound of its own.
+  int64_t size = 0;
+  for (int64_t i = 0; i < rows; ++i) size = std::max(size, i * (cols + kMaxWordTrits) + counts[i] * kMaxWordTrits);
+  size += 64;
+  if (static_cast<int64_t>(g.trits.size()) < size) g.trits.resize(static_cast<size_t>(size));
+  int8_t* out = g.trits.data();
+  const uint8_t* entries = reinterpret_cast<const uint8_t*>(v.dict->entries.data());
+  static_assert(sizeof(Dictionary::Entry) == 16);
   const __m512i one = _mm512_set1_epi8(1), minus_one = _mm512_set1_epi8(-1);
   int64_t c = 0;
-  for (int64_t i = 0; i < count; ++i) {
-    const uint16_t code = LoadU16(words + 2 * i);
-    if (code >= dictionary_words || c >= cols) return false;
-    // The length bits in the top byte of the +1 mask write +1 to trits c + 56.. c + 63: past this word's end,
-    // so the next store or the slack takes them.
-    const Dictionary::Entry e = entries[code];
-    const __m512i plus = _mm512_maskz_mov_epi8(e.plus_and_length, one);
-    _mm512_storeu_si512(trits + c, _mm512_mask_mov_epi8(plus, e.minus, minus_one));
-    c += static_cast<int64_t>(e.plus_and_length >> 56);
+  k = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t row_start = c;
+    int64_t length = 0;
+    for (const int64_t row_end = k + counts[i]; k < row_end; ++k) {
+      // An entry is two 64-bit masks (+1 positions with the length in its top byte, -1 positions), loaded into
+      // mask registers as they are. The length bits write +1 to trits c + 56.. c + 63: past this word's end, so
+      // the next store or the room after the row takes them.
+      auto* e = reinterpret_cast<__mmask64*>(const_cast<uint8_t*>(entries + 16 * size_t{LoadU16(words + 2 * k)}));
+      const __m512i plus = _mm512_maskz_mov_epi8(_load_mask64(e), one);
+      _mm512_storeu_si512(out + c, _mm512_mask_mov_epi8(plus, _load_mask64(e + 1), minus_one));
+      length = reinterpret_cast<const uint8_t*>(e)[7];
+      c += length;
+    }
+    if (c - length - row_start >= cols || c - row_start < cols) return false;  // the last word starts past cols
+    g.start[i] = row_start;
   }
-  return c >= cols;
+  return true;
+}
+
+// A group's rows decoded by the AVX-512 decoder where simd, else (or to name a fault) by the reference.
+absl::Status DecodeGroup(const View& v, int64_t r0, int64_t rows, int64_t first, bool simd, RowGroup& g) {
+  if (simd && DecodeGroupAvx512(v, r0, rows, first, g)) return absl::OkStatus();
+  return DecodeGroupBitwise(v, r0, rows, first, g);
 }
 
 // One row of trits times one token's Q8_0 activations with int_dot.h's Q8_0 numerics: per 32-column block the
@@ -353,41 +428,65 @@ float DotRowQ8_0Scalar(const int8_t* trits, const int8_t* codes, const float* dx
   return acc;
 }
 
-// The same integers by vpdpbusd, whose first operand is unsigned: sum (t + 1) * a = sum t * a + sum a, and the
-// activations carry each block's exact code sum. Eight blocks' lanes are summed together (integers: any order),
-// then added to acc one block after another as the reference does.
-QF_QMOE_AVX512 float DotRowQ8_0Avx512(const int8_t* trits, const int8_t* codes, const float* dx,
-                                      const int32_t* code_sums, float dw, int64_t blocks) {
-  const __m256i one = _mm256_set1_epi8(1), zero = _mm256_setzero_si256();
-  float acc = 0;
-  int64_t b = 0;
-  for (; b + 8 <= blocks; b += 8) {
-    __m256i v[8];
-    for (int j = 0; j < 8; ++j) {
-      const int64_t at = 32 * (b + j);
-      const __m256i t1 = _mm256_add_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(trits + at)), one);
-      v[j] = _mm256_dpbusd_epi32(zero, t1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + at)));
-    }
-    // hadd pairs lanes within 128-bit halves: after two rounds lane k of half h holds half h of block k's sum
-    // (k = 0..3 from q03, 4..7 from q47); adding the halves finishes each block.
-    const __m256i q03 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
-    const __m256i q47 = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
-    const __m128i s03 = _mm_add_epi32(_mm256_castsi256_si128(q03), _mm256_extracti128_si256(q03, 1));
-    const __m128i s47 = _mm_add_epi32(_mm256_castsi256_si128(q47), _mm256_extracti128_si256(q47, 1));
-    const __m256i sums = _mm256_sub_epi32(_mm256_set_m128i(s47, s03),
-                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(code_sums + b)));
-    alignas(32) float scale[8], sum[8];
-    _mm256_store_ps(scale, _mm256_mul_ps(_mm256_set1_ps(dw), _mm256_loadu_ps(dx + b)));
-    _mm256_store_ps(sum, _mm256_cvtepi32_ps(sums));
-    for (int j = 0; j < 8; ++j) acc = __builtin_fmaf(scale[j], sum[j], acc);
-  }
-  for (; b < blocks; ++b) {
-    int32_t sum = 0;
-    for (int j = 0; j < 32; ++j) sum += int32_t{trits[32 * b + j]} * codes[32 * b + j];
-    acc = __builtin_fmaf(dw * dx[b], static_cast<float>(sum), acc);
-  }
-  return acc;
+// A group's rows times one token's Q8_0 activations, y[i] for row i with the f16 scale f16_scales[i] (rows <=
+// kTileRows; row[i] for i >= rows may be any readable row, its lane is not stored), the same integers by
+// vpdpbusd, whose first operand is unsigned: sum (t + 1) * a = sum t * a + sum a, and the activations carry each block's exact code sum. Two blocks of all
+// 16 rows per step; the rows' lanes are transposed into one vector of block sums per block (integers: any order),
+// then added to each row's acc one block after another as DotRowQ8_0Scalar does, 16 rows in the lanes.
+// GCC 12 reports the _mm512_undefined_* placeholders inside its own AVX-512 intrinsics as maybe uninitialised
+// when they are inlined into a function with a target attribute (a false positive).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// acc + dw * dx[b] * (sums - code sum of block b), as DotRowQ8_0Scalar rounds it.
+QF_QMOE_AVX512 __attribute__((always_inline)) inline __m512 AddBlock(__m512 acc, __m512 dw, __m512i sums,
+                                                                     const Q8_0Activations& a, int64_t b) {
+  const __m512i s = _mm512_sub_epi32(sums, _mm512_set1_epi32(a.code_sums[b]));
+  return _mm512_fmadd_ps(_mm512_mul_ps(dw, _mm512_set1_ps(a.scales[b])), _mm512_cvtepi32_ps(s), acc);
 }
+
+QF_QMOE_AVX512 void DotGroupQ8_0Avx512(const int8_t* const* row, int64_t rows, const Q8_0Activations& a,
+                                       const uint8_t* f16_scales, int64_t blocks, float* y) {
+  const auto row_mask = static_cast<__mmask16>((uint32_t{1} << rows) - 1);
+  const __m512i one = _mm512_set1_epi8(1);
+  const __m512i even_chunks = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i odd_chunks = _mm512_add_epi32(even_chunks, _mm512_set1_epi32(4));
+  const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(row_mask, f16_scales));  // exact, as HalfToFloat
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t b = 0; b < blocks; b += 2) {
+    const bool pair = b + 1 < blocks;
+    // A lone last block: the activations' upper half is zero, so whatever the rows hold there adds nothing.
+    const __m512i act = pair ? _mm512_loadu_si512(a.codes + 32 * b)
+                             : _mm512_zextsi256_si512(_mm256_loadu_si256(
+                                   reinterpret_cast<const __m256i*>(a.codes + 32 * b)));
+    __m512i v[kTileRows];
+    for (int r = 0; r < kTileRows; ++r) {
+      const __m512i t1 = _mm512_add_epi8(_mm512_loadu_si512(row[r] + 32 * b), one);
+      v[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t1, act);
+    }
+    // Lanes 0-7 of v[r] hold row r's block b, lanes 8-15 its block b + 1, four lanes per 128-bit chunk. Pairs of
+    // rows: chunk lanes (r, r+1, r, r+1) of two partial sums each; then four rows per chunk; then q[j] chunk k
+    // holds rows 4j..4j+3's sums over chunk k.
+    __m512i p[8], q[4];
+    for (int j = 0; j < 8; ++j) {
+      p[j] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * j], v[2 * j + 1]),
+                              _mm512_unpackhi_epi32(v[2 * j], v[2 * j + 1]));
+    }
+    for (int j = 0; j < 4; ++j) {
+      q[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(p[2 * j], p[2 * j + 1]),
+                              _mm512_unpackhi_epi64(p[2 * j], p[2 * j + 1]));
+    }
+    // Chunks 0 + 1 are block b, 2 + 3 block b + 1: e01 = (rows 0-3 b, rows 0-3 b+1, rows 4-7 b, rows 4-7 b+1).
+    const __m512i e01 = _mm512_add_epi32(_mm512_shuffle_i32x4(q[0], q[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                         _mm512_shuffle_i32x4(q[0], q[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512i e23 = _mm512_add_epi32(_mm512_shuffle_i32x4(q[2], q[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                         _mm512_shuffle_i32x4(q[2], q[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    acc = AddBlock(acc, dw, _mm512_permutex2var_epi32(e01, even_chunks, e23), a, b);
+    if (pair) acc = AddBlock(acc, dw, _mm512_permutex2var_epi32(e01, odd_chunks, e23), a, b + 1);
+  }
+  _mm512_mask_storeu_ps(y, row_mask, acc);
+}
+#pragma GCC diagnostic pop
 
 // The AVX-512 decoder and dot run where the kernels run AVX-512 (an ISA pinned lower by SetIsa or QFORGE_ISA keeps
 // them off) and the CPU has BW and VNNI.
@@ -411,35 +510,24 @@ absl::Status ForEachQ8_0Tile(const Tensor& w, int64_t row_begin, int64_t row_end
   QF_RETURN_IF_ERROR(CheckQ8_0Columns(v));
   const int64_t cols = v.cols, blocks = cols / kQ8_0TileColumns;
   const bool simd = !bitwise && UseAvx512Decoder();
-  std::vector<int8_t> trits(static_cast<size_t>(kTileRows * cols + 64));
+  RowGroup g;
   std::vector<block_q8_0> tile(static_cast<size_t>(kTileRows * blocks));
-  int64_t tile_first = row_begin;
-  // Hands the rows decoded so far, [tile_first, end), to f as one Q8_0 tensor.
-  auto flush = [&](int64_t end) -> absl::Status {
-    const int64_t rows = end - tile_first;
-    if (rows == 0) return absl::OkStatus();
+  return ForEachRowGroup(v, row_begin, row_end, [&](int64_t r0, int64_t rows, int64_t first) -> absl::Status {
+    QF_RETURN_IF_ERROR(DecodeGroup(v, r0, rows, first, simd, g));
+    for (int64_t i = 0; i < rows; ++i) {
+      const int8_t* row = g.trits.data() + g.start[i];
+      const uint16_t scale = LoadU16(v.base + v.layout.scales_offset + 2 * (r0 + i));
+      for (int64_t b = 0; b < blocks; ++b) {
+        block_q8_0& q = tile[i * blocks + b];
+        q.d = scale;
+        std::memcpy(q.qs, row + b * kQ8_0TileColumns, kQ8_0TileColumns);
+      }
+    }
     const Tensor t = Tensor::View(w.name, {rows, cols}, WeightFormat::Of(WeightType::kQ8_0), nullptr,
                                   reinterpret_cast<const uint8_t*>(tile.data()),
                                   static_cast<size_t>(rows * blocks) * sizeof(block_q8_0));
-    QF_RETURN_IF_ERROR(f(t, tile_first));
-    tile_first = end;
-    return absl::OkStatus();
-  };
-  QF_RETURN_IF_ERROR(ForEachRow(v, row_begin, row_end, [&](int64_t r, int64_t first) {
-    // Tiles end on multiples of kTileRows, so a row's tile does not depend on the range asked for.
-    if (r > tile_first && r % kTileRows == 0) QF_RETURN_IF_ERROR(flush(r));
-    const int64_t i = r - tile_first;
-    int8_t* row = trits.data() + i * cols;
-    if (!simd || !DecodeRowAvx512(v, r, first, row)) QF_RETURN_IF_ERROR(DecodeRowBitwise(v, r, first, row));
-    const uint16_t scale = LoadU16(v.base + v.layout.scales_offset + 2 * r);
-    for (int64_t b = 0; b < blocks; ++b) {
-      block_q8_0& q = tile[i * blocks + b];
-      q.d = scale;
-      std::memcpy(q.qs, row + b * kQ8_0TileColumns, kQ8_0TileColumns);
-    }
-    return absl::OkStatus();
-  }));
-  return flush(row_end);
+    return f(t, r0);
+  });
 }
 
 absl::Status DotRowsQ8_0(const Tensor& w, int64_t row_begin, int64_t row_end, const Q8_0Activations& a, float* y,
@@ -456,25 +544,16 @@ absl::Status DotRowsQ8_0(const Tensor& w, int64_t row_begin, int64_t row_end, co
       return absl::OkStatus();
     });
   }
-  // kTileRows rows are decoded before any is read back: a load that spans several recent overlapping stores
-  // cannot be forwarded from the store buffer and stalls until they reach the cache.
-  std::vector<int8_t> trits(static_cast<size_t>(kTileRows * cols + 64));
-  int64_t pending_first = row_begin;
-  auto dot_pending = [&](int64_t end) {
-    for (int64_t r = pending_first; r < end; ++r) {
-      y[r] = DotRowQ8_0Avx512(trits.data() + (r - pending_first) * cols, a.codes, a.scales, a.code_sums,
-                              v.Scale(r), blocks);
-    }
-    pending_first = end;
-  };
-  QF_RETURN_IF_ERROR(ForEachRow(v, row_begin, row_end, [&](int64_t r, int64_t first) {
-    if (r - pending_first == kTileRows) dot_pending(r);
-    int8_t* row = trits.data() + (r - pending_first) * cols;
-    if (!DecodeRowAvx512(v, r, first, row)) return DecodeRowBitwise(v, r, first, row);  // names the fault
+  // A whole group is decoded before any row is read back: a load that spans several recent overlapping stores
+  // cannot be forwarded from the store buffer and waits until they reach the cache.
+  RowGroup g;
+  return ForEachRowGroup(v, row_begin, row_end, [&](int64_t r0, int64_t rows, int64_t first) -> absl::Status {
+    QF_RETURN_IF_ERROR(DecodeGroup(v, r0, rows, first, /*simd=*/true, g));
+    const int8_t* row[kTileRows];
+    for (int64_t i = 0; i < kTileRows; ++i) row[i] = g.trits.data() + g.start[i < rows ? i : 0];
+    DotGroupQ8_0Avx512(row, rows, a, v.base + v.layout.scales_offset + 2 * r0, blocks, y + r0);
     return absl::OkStatus();
-  }));
-  dot_pending(row_end);
-  return absl::OkStatus();
+  });
 }
 
 absl::Status Prepare(const Tensor& w) { return Open(w).status(); }

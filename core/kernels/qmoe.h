@@ -12,8 +12,9 @@
 // The matmul never materialises a matrix: it decodes 16 rows at a time into ggml Q8_0 blocks (d = the row's f16
 // scale, q = its trits as int8, so w = d * q exactly), a few KiB that stay in L1, and runs the Q8_0 kernels on
 // them, with fp32 activations or int8 ones as the runtime asks (kernels.h ActivationMode); a single token's
-// int8 product decodes and dots each row at once (DotRowsQ8_0) to the same bits. Decoding a word is one 16-byte
-// dictionary entry (its masks of non-zero and negative positions) and, on AVX-512, one 64-byte masked store.
+// int8 product decodes 16 rows into trits and dots them together (DotRowsQ8_0) to the same bits. Decoding a word
+// is one 16-byte dictionary entry (its masks of non-zero and negative positions) and, on AVX-512, one 64-byte
+// masked store; a group of 16 rows is one pass over its words, checked once per row rather than per word.
 #pragma once
 
 #include <cstdint>
@@ -111,8 +112,8 @@ struct Q8_0Activations {
   const float* scales;
   const int32_t* code_sums;
 };
-// Decode (one token): y[r] for rows [row_begin, row_end), each row decoded into a row of trits and dotted with
-// a at once, with no tile. The bits of the Q8_0 kernels on the same rows (int_dot.h numerics), so a token's
+// Decode (one token): y[r] for rows [row_begin, row_end), 16 rows at a time decoded into trits and dotted with
+// a, with no Q8_0 tile. The bits of the Q8_0 kernels on the same rows (int_dot.h numerics), so a token's
 // result is the same alone and batched through ForEachQ8_0Tile. bitwise: the reference decoder and dot;
 // otherwise AVX-512 (BW, VNNI) where the active ISA is AVX-512 and the CPU has them. INVALID_ARGUMENT when cols is
 // not a multiple of 32.

@@ -215,7 +215,33 @@ TEST(QmoeTest, CorruptBytesAreDataLoss) {
     return Tensor::FromBytes("experts.w", {rows, cols}, good.format, std::move(b));
   };
   std::vector<float> out(rows * cols);
-  auto code_of = [&](const Tensor& t) { return DequantizeRows(t, 0, rows, out.data()).code(); };
+  // One token's int8 activations for the fused decode-and-dot paths.
+  std::vector<int8_t> codes(cols);
+  std::vector<float> scales(cols / 32, 0.01f);
+  std::vector<int32_t> code_sums(cols / 32, 0);
+  for (int64_t c = 0; c < cols; ++c) {
+    codes[c] = static_cast<int8_t>((c * 37) % 255 - 127);
+    code_sums[c / 32] += codes[c];
+  }
+  const qmoe::Q8_0Activations a{codes.data(), scales.data(), code_sums.data()};
+  // The code every path gives; the AVX-512 decoders must refuse exactly what the bitwise ones refuse, and
+  // agree on the bits of what they accept.
+  auto code_of = [&](const Tensor& t) {
+    const absl::StatusCode dequantized = DequantizeRows(t, 0, rows, out.data()).code();
+    for (bool bitwise : {true, false}) {
+      std::vector<float> y(rows), y_bitwise(rows);
+      const absl::StatusCode dotted = qmoe::DotRowsQ8_0(t, 0, rows, a, y.data(), bitwise).code();
+      EXPECT_EQ(dotted, dequantized) << "DotRowsQ8_0, bitwise " << bitwise;
+      if (dotted == absl::StatusCode::kOk && !bitwise) {
+        EXPECT_TRUE(qmoe::DotRowsQ8_0(t, 0, rows, a, y_bitwise.data(), true).ok());
+        EXPECT_EQ(y, y_bitwise);
+      }
+      const absl::StatusCode tiled =
+          qmoe::ForEachQ8_0Tile(t, 0, rows, bitwise, [](const Tensor&, int64_t) { return absl::OkStatus(); }).code();
+      EXPECT_EQ(tiled, dequantized) << "ForEachQ8_0Tile, bitwise " << bitwise;
+    }
+    return dequantized;
+  };
   EXPECT_EQ(code_of(with([](std::vector<uint8_t>& b) { b[0] ^= 1; })), absl::StatusCode::kDataLoss);  // magic
   EXPECT_EQ(code_of(with([](std::vector<uint8_t>& b) { b[4] = 9; })), absl::StatusCode::kDataLoss);   // version
   EXPECT_EQ(code_of(with([&](std::vector<uint8_t>& b) { b[l.counts_offset] += 1; })), absl::StatusCode::kDataLoss);
