@@ -94,6 +94,116 @@ float FitScaleMin(int n, int nmax, const float* x, const float* weights, uint8_t
   return scale;
 }
 
+// FitScaleMin8Avx2's per-element steps: the code clamp(NearestInt(iscale * (x - min)), 0, nmax) as a float
+// (NearestInt's rounding is the hardware's, half to even, for every value a fit produces), and w * |diff| or
+// w * diff².
+__attribute__((target("avx2"), always_inline)) inline __m256 FitCode8(__m256 iscale, __m256 x, __m256 min,
+                                                                      __m256i code_max) {
+  const __m256i l = _mm256_cvtps_epi32(_mm256_mul_ps(iscale, _mm256_sub_ps(x, min)));
+  return _mm256_cvtepi32_ps(_mm256_min_epi32(_mm256_max_epi32(l, _mm256_setzero_si256()), code_max));
+}
+__attribute__((target("avx2"), always_inline)) inline __m256 FitWeighted8(__m256 diff, __m256 w, bool use_mad) {
+  return _mm256_mul_ps(w, use_mad ? _mm256_andnot_ps(_mm256_set1_ps(-0.0f), diff) : _mm256_mul_ps(diff, diff));
+}
+
+// Eight FitScaleMin fits at once, fit k in lane k of AVX2 vectors: xs[k] and ws[k] are its n <= 32 values and
+// weights, and it returns scale[k], neg_min[k] and L[k][0, n). Each lane runs the scalar function's float operations
+// in its order (no FMA: the library is built without contraction), so every fit's bytes are the scalar ones; the
+// candidates' sums cost one pass for eight sub-blocks instead of eight. Lanes past `count` repeat fit 0 and are
+// dropped.
+__attribute__((target("avx2"))) void FitScaleMin8Avx2(int count, int n, int nmax, const float* const* xs,
+                                                       const float* const* ws, uint8_t* const* L, float* scale_out,
+                                                       float* neg_min_out, float rmin, float rdelta, int nstep,
+                                                       bool use_mad) {
+  __m256 x[32], w[32];
+  for (int i = 0; i < n; ++i) {
+    alignas(32) float tx[8], tw[8];
+    for (int k = 0; k < 8; ++k) {
+      tx[k] = xs[k < count ? k : 0][i];
+      tw[k] = ws[k < count ? k : 0][i];
+    }
+    x[i] = _mm256_load_ps(tx);
+    w[i] = _mm256_load_ps(tw);
+  }
+  // std::min(a, b) is (b < a ? b : a), which minps(b, a) is; the same for max.
+  __m256 min = x[0], max = x[0], sum_w = w[0], sum_x = _mm256_mul_ps(w[0], x[0]);
+  for (int i = 1; i < n; ++i) {
+    min = _mm256_min_ps(x[i], min);
+    max = _mm256_max_ps(x[i], max);
+    sum_w = _mm256_add_ps(sum_w, w[i]);
+    sum_x = _mm256_add_ps(sum_x, _mm256_mul_ps(w[i], x[i]));
+  }
+  const __m256 zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+  min = _mm256_blendv_ps(min, zero, _mm256_cmp_ps(min, zero, _CMP_GT_OQ));
+  const __m256 flat = _mm256_cmp_ps(max, min, _CMP_EQ_OQ);
+  const __m256i code_max = _mm256_set1_epi32(nmax);
+  __m256 iscale = _mm256_div_ps(_mm256_set1_ps(static_cast<float>(nmax)), _mm256_sub_ps(max, min));
+  __m256 scale = _mm256_div_ps(_mm256_set1_ps(1.0f), iscale);
+  __m256 best[32], aux[32];
+  __m256 best_error = zero;
+  for (int i = 0; i < n; ++i) {
+    best[i] = FitCode8(iscale, x[i], min, code_max);
+    const __m256 diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(scale, best[i]), min), x[i]);
+    best_error = _mm256_add_ps(best_error, FitWeighted8(diff, w[i], use_mad));
+  }
+  for (int step = 0; step <= nstep; ++step) {
+    // The scalar function's candidate, (rmin + rdelta * step + nmax) / (max - min), with min as updated so far.
+    const float numerator = rmin + rdelta * static_cast<float>(step) + static_cast<float>(nmax);
+    iscale = _mm256_div_ps(_mm256_set1_ps(numerator), _mm256_sub_ps(max, min));
+    __m256 sum_l = zero, sum_l2 = zero, sum_xl = zero;
+    for (int i = 0; i < n; ++i) {
+      aux[i] = FitCode8(iscale, x[i], min, code_max);
+      const __m256 wl = _mm256_mul_ps(w[i], aux[i]);
+      sum_l = _mm256_add_ps(sum_l, wl);
+      sum_l2 = _mm256_add_ps(sum_l2, _mm256_mul_ps(wl, aux[i]));
+      sum_xl = _mm256_add_ps(sum_xl, _mm256_mul_ps(wl, x[i]));
+    }
+    const __m256 D = _mm256_sub_ps(_mm256_mul_ps(sum_w, sum_l2), _mm256_mul_ps(sum_l, sum_l));
+    const __m256 solvable = _mm256_andnot_ps(flat, _mm256_cmp_ps(D, zero, _CMP_GT_OQ));
+    if (_mm256_movemask_ps(solvable) == 0) continue;
+    __m256 this_scale = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sum_w, sum_xl), _mm256_mul_ps(sum_x, sum_l)), D);
+    __m256 this_min = _mm256_div_ps(_mm256_sub_ps(_mm256_mul_ps(sum_l2, sum_x), _mm256_mul_ps(sum_l, sum_xl)), D);
+    const __m256 positive_min = _mm256_cmp_ps(this_min, zero, _CMP_GT_OQ);
+    this_min = _mm256_blendv_ps(this_min, zero, positive_min);
+    this_scale = _mm256_blendv_ps(this_scale, _mm256_div_ps(sum_xl, sum_l2), positive_min);
+    __m256 error = zero;
+    for (int i = 0; i < n; ++i) {
+      const __m256 diff = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(this_scale, aux[i]), this_min), x[i]);
+      error = _mm256_add_ps(error, FitWeighted8(diff, w[i], use_mad));
+    }
+    const __m256 better = _mm256_and_ps(solvable, _mm256_cmp_ps(error, best_error, _CMP_LT_OQ));
+    if (_mm256_movemask_ps(better) == 0) continue;
+    best_error = _mm256_blendv_ps(best_error, error, better);
+    scale = _mm256_blendv_ps(scale, this_scale, better);
+    min = _mm256_blendv_ps(min, this_min, better);
+    for (int i = 0; i < n; ++i) best[i] = _mm256_blendv_ps(best[i], aux[i], better);
+  }
+  // A flat fit (max == min) has all codes 0 and scale 0; -min flips the sign bit, as the scalar negation does.
+  scale = _mm256_andnot_ps(flat, scale);
+  alignas(32) float scales[8], neg_mins[8], codes[32][8];
+  _mm256_store_ps(scales, scale);
+  _mm256_store_ps(neg_mins, _mm256_xor_ps(min, sign));
+  for (int i = 0; i < n; ++i) _mm256_store_ps(codes[i], _mm256_andnot_ps(flat, best[i]));
+  for (int k = 0; k < count; ++k) {
+    scale_out[k] = scales[k];
+    neg_min_out[k] = neg_mins[k];
+    for (int i = 0; i < n; ++i) L[k][i] = static_cast<uint8_t>(codes[i][k]);
+  }
+}
+
+// `count` FitScaleMin fits (count <= 8): with AVX2 where the kernels run it, else one by one; the same bytes.
+void FitScaleMinMany(int count, int n, int nmax, const float* const* xs, const float* const* ws, uint8_t* const* L,
+                     float* scale, float* neg_min, float rmin, float rdelta, int nstep, bool use_mad = false) {
+  if (ActiveIsa() >= Isa::kAvx2 && n <= 32) {
+    FitScaleMin8Avx2(count, n, nmax, xs, ws, L, scale, neg_min, rmin, rdelta, nstep, use_mad);
+    return;
+  }
+  uint8_t aux[32];
+  for (int k = 0; k < count; ++k) {
+    scale[k] = FitScaleMin(n, nmax, xs[k], ws[k], L[k], &neg_min[k], aux, rmin, rdelta, nstep, use_mad);
+  }
+}
+
 }  // namespace
 
 void PackScaleMinK4(int j, uint8_t ls, uint8_t lm, uint8_t* scales) {
@@ -205,16 +315,22 @@ namespace {
 // (0..nmax) requantized against the scales actually stored. Fills blk->d, blk->dmin, blk->scales and L[256].
 template <typename Block>
 void FitSuperBlockK4(const float* x, int nmax, float rmin, int nstep, Block* blk, uint8_t* L) {
-  uint8_t Laux[32];
-  float weights[32], mins[8], scales[8];
+  float weights[8][32], mins[8], scales[8];
+  const float* xs[8];
+  const float* ws[8];
+  uint8_t* Ls[8];
+  for (int j = 0; j < 8; ++j) {
+    xs[j] = x + 32 * j;
+    float sum_x2 = 0;
+    for (int l = 0; l < 32; ++l) sum_x2 += xs[j][l] * xs[j][l];
+    const float av_x = std::sqrt(sum_x2 / 32);
+    for (int l = 0; l < 32; ++l) weights[j][l] = av_x + std::fabs(xs[j][l]);
+    ws[j] = weights[j];
+    Ls[j] = L + 32 * j;
+  }
+  FitScaleMinMany(8, 32, nmax, xs, ws, Ls, scales, mins, rmin, 0.1f, nstep);
   float max_scale = 0, max_min = 0;
   for (int j = 0; j < 8; ++j) {
-    const float* xs = x + 32 * j;
-    float sum_x2 = 0;
-    for (int l = 0; l < 32; ++l) sum_x2 += xs[l] * xs[l];
-    const float av_x = std::sqrt(sum_x2 / 32);
-    for (int l = 0; l < 32; ++l) weights[l] = av_x + std::fabs(xs[l]);
-    scales[j] = FitScaleMin(32, nmax, xs, weights, L + 32 * j, &mins[j], Laux, rmin, 0.1f, nstep);
     max_scale = std::max(max_scale, scales[j]);
     max_min = std::max(max_min, mins[j]);
   }
@@ -559,14 +675,24 @@ void QuantizeRowQ5_1(const float* x, int64_t n, uint8_t* out) {
 
 void QuantizeRowQ2_K(const float* x, int64_t n, uint8_t* out) {
   constexpr float kQ4Scale = 15.0f;
-  uint8_t L[kQK_K], Laux[16];
-  float weights[16], mins[16], scales[16];
+  uint8_t L[kQK_K];
+  float weights[16][16], mins[16], scales[16];
   for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
     block_q2_K blk;
+    const float* xs[16];
+    const float* ws[16];
+    uint8_t* Ls[16];
+    for (int j = 0; j < 16; ++j) {
+      for (int l = 0; l < 16; ++l) weights[j][l] = std::fabs(x[16 * j + l]);
+      xs[j] = x + 16 * j;
+      ws[j] = weights[j];
+      Ls[j] = L + 16 * j;
+    }
+    for (int j = 0; j < 16; j += 8) {
+      FitScaleMinMany(8, 16, 3, xs + j, ws + j, Ls + j, scales + j, mins + j, -0.5f, 0.1f, 15, true);
+    }
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < 16; ++j) {
-      for (int l = 0; l < 16; ++l) weights[l] = std::fabs(x[16 * j + l]);
-      scales[j] = FitScaleMin(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, true);
       max_scale = std::max(max_scale, scales[j]);
       max_min = std::max(max_min, mins[j]);
     }

@@ -218,6 +218,62 @@ TEST(GgmlTest, Q8_0Avx2EqualsScalar) {
   EXPECT_EQ(a, b);
 }
 
+// The K-quant scale/min fits (Q2_K, Q4_K, Q5_K) run eight sub-blocks per AVX2 pass where the kernels run AVX2 or
+// better; their bytes must be the one-at-a-time scalar fits', on ordinary and awkward blocks alike.
+TEST(GgmlTest, KQuantFitsOnEveryIsaEqualScalar) {
+  std::mt19937 rng(12);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::cauchy_distribution<float> heavy(0.0f, 0.01f);
+  std::uniform_int_distribution<int> lattice(-15, 15);
+  constexpr int kSuperBlocks = 96;
+  std::vector<float> x(256 * kSuperBlocks);
+  for (int b = 0; b < kSuperBlocks; ++b) {
+    float* s = x.data() + 256 * b;
+    for (int j = 0; j < 256; ++j) {
+      const int sub = j / 16;  // awkward cases by 16-wide sub-block, so 32-wide ones mix two of them
+      switch ((b + sub) % 8) {
+        case 0: s[j] = normal(rng); break;
+        case 1: s[j] = std::fabs(normal(rng)) + 2.0f; break;   // all positive: min clamps to 0
+        case 2: s[j] = -std::fabs(normal(rng)) - 1.0f; break;  // all negative
+        case 3: s[j] = sub % 2 ? 0.0f : 0.25f; break;          // constant (flat) and zero sub-blocks
+        case 4: s[j] = heavy(rng); break;                       // a few huge values
+        case 5: s[j] = static_cast<float>(lattice(rng)) / 15.0f; break;  // ties on the code grid
+        case 6: s[j] = normal(rng) * 1e-30f; break;            // subnormal products
+        default: s[j] = j % 16 == 3 ? 100.0f : normal(rng) * 0.01f; break;  // one outlier
+      }
+    }
+  }
+  struct Encoder {
+    const char* name;
+    size_t block_bytes;
+    void (*quantize)(const float*, int64_t, uint8_t*);
+  };
+  const Encoder encoders[] = {{"q2_k", sizeof(kernels::block_q2_K), kernels::QuantizeRowQ2_K},
+                              {"q4_k", sizeof(kernels::block_q4_K), kernels::QuantizeRowQ4_K},
+                              {"q5_k", sizeof(kernels::block_q5_K), kernels::QuantizeRowQ5_K}};
+  const kernels::Isa before = kernels::ActiveIsa();
+  for (const Encoder& e : encoders) {
+    SCOPED_TRACE(e.name);
+    auto encode = [&](kernels::Isa isa) {
+      std::vector<uint8_t> out(e.block_bytes * kSuperBlocks);
+      kernels::SetIsa(isa);
+      e.quantize(x.data(), static_cast<int64_t>(x.size()), out.data());
+      return out;
+    };
+    const std::vector<uint8_t> scalar = encode(kernels::Isa::kScalar);
+    for (kernels::Isa isa : {kernels::Isa::kAvx2, kernels::Isa::kAvx512}) {
+      if (kernels::SetIsa(isa) != isa) continue;  // not on this CPU
+      const std::vector<uint8_t> simd = encode(isa);
+      for (int b = 0; b < kSuperBlocks; ++b) {
+        ASSERT_TRUE(std::equal(scalar.begin() + b * e.block_bytes, scalar.begin() + (b + 1) * e.block_bytes,
+                               simd.begin() + b * e.block_bytes))
+            << kernels::IsaName(isa) << " super-block " << b;
+      }
+    }
+  }
+  kernels::SetIsa(before);
+}
+
 TEST(GgmlTest, Q4_0HandComputedBlocks) {
   std::vector<float> x(64, 0.0f);
   // Block 0 linear: the largest magnitude is -16, so d = -16 / -8 = 2 and q = trunc((j-16)/2 + 8.5) = (j+1)/2.
