@@ -94,6 +94,14 @@ float FitScaleMin(int n, int nmax, const float* x, const float* weights, uint8_t
   return scale;
 }
 
+// Q4_K / Q5_K's importance of each weight in its sub-block's fit: the sub-block's RMS plus |x|.
+void RmsPlusAbsWeights(const float* x, int n, float* weights) {
+  float sum_x2 = 0;
+  for (int l = 0; l < n; ++l) sum_x2 += x[l] * x[l];
+  const float rms = std::sqrt(sum_x2 / static_cast<float>(n));
+  for (int l = 0; l < n; ++l) weights[l] = rms + std::fabs(x[l]);
+}
+
 // FitScaleMin8Avx2's per-element steps: the code clamp(NearestInt(iscale * (x - min)), 0, nmax) as a float
 // (NearestInt's rounding is the hardware's, half to even, for every value a fit produces), and w * |diff| or
 // w * diff².
@@ -107,23 +115,29 @@ __attribute__((target("avx2"), always_inline)) inline __m256 FitWeighted8(__m256
 }
 
 // Eight FitScaleMin fits at once, fit k in lane k of AVX2 vectors: xs[k] and ws[k] are its n <= 32 values and
-// weights, and it returns scale[k], neg_min[k] and L[k][0, n). Each lane runs the scalar function's float operations
-// in its order (no FMA: the library is built without contraction), so every fit's bytes are the scalar ones; the
-// candidates' sums cost one pass for eight sub-blocks instead of eight. Lanes past `count` repeat fit 0 and are
-// dropped.
+// weights (ws == nullptr: RmsPlusAbsWeights of its values), and it returns scale[k], neg_min[k] and L[k][0, n).
+// Each lane runs the scalar function's float operations in its order (no FMA: the library is built without
+// contraction), so every fit's bytes are the scalar ones; the candidates' sums cost one pass for eight sub-blocks
+// instead of eight. Lanes past `count` repeat fit 0 and are dropped.
 __attribute__((target("avx2"))) void FitScaleMin8Avx2(int count, int n, int nmax, const float* const* xs,
                                                        const float* const* ws, uint8_t* const* L, float* scale_out,
                                                        float* neg_min_out, float rmin, float rdelta, int nstep,
                                                        bool use_mad) {
   __m256 x[32], w[32];
   for (int i = 0; i < n; ++i) {
-    alignas(32) float tx[8], tw[8];
-    for (int k = 0; k < 8; ++k) {
-      tx[k] = xs[k < count ? k : 0][i];
-      tw[k] = ws[k < count ? k : 0][i];
+    alignas(32) float t[8];
+    for (int k = 0; k < 8; ++k) t[k] = xs[k < count ? k : 0][i];
+    x[i] = _mm256_load_ps(t);
+    if (ws != nullptr) {
+      for (int k = 0; k < 8; ++k) t[k] = ws[k < count ? k : 0][i];
+      w[i] = _mm256_load_ps(t);
     }
-    x[i] = _mm256_load_ps(tx);
-    w[i] = _mm256_load_ps(tw);
+  }
+  if (ws == nullptr) {  // RmsPlusAbsWeights, lane by lane
+    __m256 sum_x2 = _mm256_mul_ps(x[0], x[0]);
+    for (int i = 1; i < n; ++i) sum_x2 = _mm256_add_ps(sum_x2, _mm256_mul_ps(x[i], x[i]));
+    const __m256 rms = _mm256_sqrt_ps(_mm256_div_ps(sum_x2, _mm256_set1_ps(static_cast<float>(n))));
+    for (int i = 0; i < n; ++i) w[i] = _mm256_add_ps(rms, _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x[i]));
   }
   // std::min(a, b) is (b < a ? b : a), which minps(b, a) is; the same for max.
   __m256 min = x[0], max = x[0], sum_w = w[0], sum_x = _mm256_mul_ps(w[0], x[0]);
@@ -191,17 +205,39 @@ __attribute__((target("avx2"))) void FitScaleMin8Avx2(int count, int n, int nmax
   }
 }
 
-// `count` FitScaleMin fits (count <= 8): with AVX2 where the kernels run it, else one by one; the same bytes.
+// `count` FitScaleMin fits (count <= 8, n <= 32): with AVX2 where the kernels run it, else one by one; the same
+// bytes. ws == nullptr: each fit's weights are RmsPlusAbsWeights of its values.
 void FitScaleMinMany(int count, int n, int nmax, const float* const* xs, const float* const* ws, uint8_t* const* L,
                      float* scale, float* neg_min, float rmin, float rdelta, int nstep, bool use_mad = false) {
-  if (ActiveIsa() >= Isa::kAvx2 && n <= 32) {
+  if (ActiveIsa() >= Isa::kAvx2) {
     FitScaleMin8Avx2(count, n, nmax, xs, ws, L, scale, neg_min, rmin, rdelta, nstep, use_mad);
     return;
   }
   uint8_t aux[32];
+  float weights[32];
   for (int k = 0; k < count; ++k) {
-    scale[k] = FitScaleMin(n, nmax, xs[k], ws[k], L[k], &neg_min[k], aux, rmin, rdelta, nstep, use_mad);
+    const float* w = ws != nullptr ? ws[k] : weights;
+    if (ws == nullptr) RmsPlusAbsWeights(xs[k], n, weights);
+    scale[k] = FitScaleMin(n, nmax, xs[k], w, L[k], &neg_min[k], aux, rmin, rdelta, nstep, use_mad);
   }
+}
+
+// clamp(NearestInt((x[i] + dm) / d), 0, nmax) for i < 32: a sub-block's codes against its stored scale and min.
+void RequantizeSubBlock(const float* x, float d, float dm, int nmax, uint8_t* L) {
+  for (int l = 0; l < 32; ++l) L[l] = static_cast<uint8_t>(std::clamp(NearestInt((x[l] + dm) / d), 0, nmax));
+}
+
+// RequantizeSubBlock with AVX2: the same sums and one correctly rounded division per element.
+__attribute__((target("avx2"))) void RequantizeSubBlockAvx2(const float* x, float d, float dm, int nmax, uint8_t* L) {
+  const __m256 dv = _mm256_set1_ps(d), dmv = _mm256_set1_ps(dm);
+  const __m256i code_max = _mm256_set1_epi32(nmax);
+  alignas(32) int32_t codes[32];
+  for (int l = 0; l < 32; l += 8) {
+    const __m256i c = _mm256_cvtps_epi32(_mm256_div_ps(_mm256_add_ps(_mm256_loadu_ps(x + l), dmv), dv));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(codes + l),
+                       _mm256_min_epi32(_mm256_max_epi32(c, _mm256_setzero_si256()), code_max));
+  }
+  for (int l = 0; l < 32; ++l) L[l] = static_cast<uint8_t>(codes[l]);
 }
 
 }  // namespace
@@ -315,20 +351,14 @@ namespace {
 // (0..nmax) requantized against the scales actually stored. Fills blk->d, blk->dmin, blk->scales and L[256].
 template <typename Block>
 void FitSuperBlockK4(const float* x, int nmax, float rmin, int nstep, Block* blk, uint8_t* L) {
-  float weights[8][32], mins[8], scales[8];
+  float mins[8], scales[8];
   const float* xs[8];
-  const float* ws[8];
   uint8_t* Ls[8];
   for (int j = 0; j < 8; ++j) {
     xs[j] = x + 32 * j;
-    float sum_x2 = 0;
-    for (int l = 0; l < 32; ++l) sum_x2 += xs[j][l] * xs[j][l];
-    const float av_x = std::sqrt(sum_x2 / 32);
-    for (int l = 0; l < 32; ++l) weights[j][l] = av_x + std::fabs(xs[j][l]);
-    ws[j] = weights[j];
     Ls[j] = L + 32 * j;
   }
-  FitScaleMinMany(8, 32, nmax, xs, ws, Ls, scales, mins, rmin, 0.1f, nstep);
+  FitScaleMinMany(8, 32, nmax, xs, /*ws=*/nullptr, Ls, scales, mins, rmin, 0.1f, nstep);
   float max_scale = 0, max_min = 0;
   for (int j = 0; j < 8; ++j) {
     max_scale = std::max(max_scale, scales[j]);
@@ -350,8 +380,10 @@ void FitSuperBlockK4(const float* x, int nmax, float rmin, int nstep, Block* blk
     const float d = d_stored * sc;
     if (d == 0) continue;
     const float dm = dmin_stored * m;
-    for (int l = 0; l < 32; ++l) {
-      L[32 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt((x[32 * j + l] + dm) / d), 0, nmax));
+    if (ActiveIsa() >= Isa::kAvx2) {
+      RequantizeSubBlockAvx2(x + 32 * j, d, dm, nmax, L + 32 * j);
+    } else {
+      RequantizeSubBlock(x + 32 * j, d, dm, nmax, L + 32 * j);
     }
   }
 }

@@ -403,4 +403,42 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
   return absl::OkStatus();
 }
 
+namespace {
+
+// RowErrorSums past the lanes: columns [c, cols) (fewer than eight) into lanes 0.., then the lanes combined.
+void FinishRowErrorSums(const float* ref, const float* row, int64_t c, int64_t cols, double* e, double* n,
+                        double* err, double* norm) {
+  for (int l = 0; c < cols; ++c, ++l) {
+    const double w = ref[c];
+    const double d = w - row[c];
+    e[l] += d * d;
+    n[l] += w * w;
+  }
+  *err = ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]));
+  *norm = ((n[0] + n[1]) + (n[2] + n[3])) + ((n[4] + n[5]) + (n[6] + n[7]));
+}
+
+}  // namespace
+
+void RowErrorSumsScalar(const float* ref, const float* row, int64_t cols, double* err, double* norm) {
+  double e[8] = {}, n[8] = {};
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const double w = ref[c + l];
+      const double d = w - static_cast<double>(row[c + l]);
+      e[l] += d * d;
+      n[l] += w * w;
+    }
+  }
+  FinishRowErrorSums(ref, row, c, cols, e, n, err, norm);
+}
+
+void RowErrorSums(const float* ref, const float* row, int64_t cols, double* err, double* norm) {
+  if (ActiveIsa() < Isa::kAvx2) return RowErrorSumsScalar(ref, row, cols, err, norm);
+  double e[8], n[8];
+  internal::RowErrorLanesAvx2(ref, row, cols / 8, e, n);
+  FinishRowErrorSums(ref, row, cols / 8 * 8, cols, e, n, err, norm);
+}
+
 }  // namespace qforge::kernels

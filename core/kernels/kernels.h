@@ -83,4 +83,10 @@ absl::Status PrepareInput(const Tensor& w, const float* x, int64_t n, Activation
 absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, const MatMulInput& in, float* y,
                         int64_t y_stride);
 
+// The quantize report's reconstruction error of one row: *err = sum (ref - row)², *norm = sum ref², in double with
+// eight partial sums (column c into lane c % 8) combined in one fixed order, so the result is the same on every
+// ISA (AVX2 where the kernels run it) and for any split of the rows between threads.
+void RowErrorSums(const float* ref, const float* row, int64_t cols, double* err, double* norm);
+void RowErrorSumsScalar(const float* ref, const float* row, int64_t cols, double* err, double* norm);
+
 }  // namespace qforge::kernels

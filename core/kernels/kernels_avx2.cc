@@ -529,4 +529,23 @@ QF_AVX2 void MatMulAvx2(const WeightView& v, int64_t r0, int64_t r1, const float
   }
 }
 
+QF_AVX2 void RowErrorLanesAvx2(const float* ref, const float* row, int64_t blocks, double* e, double* n) {
+  __m256d e_lo = _mm256_setzero_pd(), e_hi = e_lo, n_lo = e_lo, n_hi = e_lo;
+  for (int64_t b = 0; b < blocks; ++b, ref += 8, row += 8) {
+    const __m256 w = _mm256_loadu_ps(ref), r = _mm256_loadu_ps(row);
+    const __m256d w_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(w));
+    const __m256d w_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(w, 1));
+    const __m256d d_lo = _mm256_sub_pd(w_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(r)));
+    const __m256d d_hi = _mm256_sub_pd(w_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(r, 1)));
+    e_lo = _mm256_add_pd(e_lo, _mm256_mul_pd(d_lo, d_lo));
+    e_hi = _mm256_add_pd(e_hi, _mm256_mul_pd(d_hi, d_hi));
+    n_lo = _mm256_add_pd(n_lo, _mm256_mul_pd(w_lo, w_lo));
+    n_hi = _mm256_add_pd(n_hi, _mm256_mul_pd(w_hi, w_hi));
+  }
+  _mm256_storeu_pd(e, e_lo);
+  _mm256_storeu_pd(e + 4, e_hi);
+  _mm256_storeu_pd(n, n_lo);
+  _mm256_storeu_pd(n + 4, n_hi);
+}
+
 }  // namespace qforge::kernels::internal

@@ -79,6 +79,9 @@ void MatMulAvx512(const WeightView& v, int64_t r0, int64_t r1, const float* x, i
 void DequantizeF16Avx2(const uint8_t* b, int64_t n, float* out);
 void DequantizeBF16Avx2(const uint8_t* b, int64_t n, float* out);
 void DequantizeQ8_0Avx2(const uint8_t* b, int64_t nblocks, float* out);
+// RowErrorSums's eight lanes in two vectors of four doubles: the scalar reference's operations lane by lane, so its
+// lane sums; the tail and the final combination are left to the caller.
+void RowErrorLanesAvx2(const float* ref, const float* row, int64_t blocks, double* e, double* n);
 void DequantizeQ4_0Avx2(const uint8_t* b, int64_t nblocks, float* out);
 void DequantizeQ4_KAvx2(const uint8_t* b, int64_t nblocks, float* out);
 void DequantizeQ8_0Avx512(const uint8_t* b, int64_t nblocks, float* out);

@@ -1318,5 +1318,37 @@ TEST(IntDotTest, FloatModeAndOtherFormatsKeepFloats) {
 
 }  // namespace int_dot
 
+// The quantize report's row error: the same doubles on every ISA, for every length (full groups of eight and
+// tails).
+TEST(KernelsTest, RowErrorSumsEqualScalarOnEveryIsa) {
+  std::mt19937 rng(21);
+  std::normal_distribution<float> g(0, 1);
+  const Isa before = ActiveIsa();
+  for (int64_t cols : {0, 1, 7, 8, 9, 31, 256, 4099}) {
+    std::vector<float> ref(static_cast<size_t>(cols)), row(static_cast<size_t>(cols));
+    for (int64_t c = 0; c < cols; ++c) {
+      ref[c] = g(rng) * 1e3f;
+      row[c] = ref[c] + g(rng);
+    }
+    double err = -1, norm = -1;
+    RowErrorSumsScalar(ref.data(), row.data(), cols, &err, &norm);
+    double want_err = 0, want_norm = 0;  // the same sums in plain order: near, not equal
+    for (int64_t c = 0; c < cols; ++c) {
+      want_err += (double{ref[c]} - row[c]) * (double{ref[c]} - row[c]);
+      want_norm += double{ref[c]} * ref[c];
+    }
+    EXPECT_NEAR(err, want_err, 1e-12 * want_err + 1e-300) << cols;
+    EXPECT_NEAR(norm, want_norm, 1e-12 * want_norm) << cols;
+    for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+      if (SetIsa(isa) != isa) continue;
+      double e = -1, n = -1;
+      RowErrorSums(ref.data(), row.data(), cols, &e, &n);
+      EXPECT_EQ(e, err) << IsaName(isa) << " " << cols;
+      EXPECT_EQ(n, norm) << IsaName(isa) << " " << cols;
+    }
+  }
+  SetIsa(before);
+}
+
 }  // namespace
 }  // namespace qforge::kernels

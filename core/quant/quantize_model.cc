@@ -46,28 +46,6 @@ struct ErrorSums {
   double err2 = 0, ref2 = 0;
 };
 
-// sum (w - w_hat)² and sum w² of one row in double: eight partial sums, column c into lane c % 8 (explicit
-// lanes, so it vectorizes), combined in one fixed order.
-void RowErrorSums(const float* ref, const float* row, int64_t cols, double* err, double* norm) {
-  double e[8] = {}, n[8] = {};
-  int64_t c = 0;
-  for (; c + 8 <= cols; c += 8) {
-    double w[8], d[8];
-    for (int l = 0; l < 8; ++l) w[l] = ref[c + l];
-    for (int l = 0; l < 8; ++l) d[l] = w[l] - static_cast<double>(row[c + l]);
-    for (int l = 0; l < 8; ++l) e[l] += d[l] * d[l];
-    for (int l = 0; l < 8; ++l) n[l] += w[l] * w[l];
-  }
-  for (int l = 0; c < cols; ++c, ++l) {
-    const double w = ref[c];
-    const double d = w - row[c];
-    e[l] += d * d;
-    n[l] += w * w;
-  }
-  *err = ((e[0] + e[1]) + (e[2] + e[3])) + ((e[4] + e[5]) + (e[6] + e[7]));
-  *norm = ((n[0] + n[1]) + (n[2] + n[3])) + ((n[4] + n[5]) + (n[6] + n[7]));
-}
-
 // Squared reconstruction error, per row then summed in row order so the result is thread-count independent.
 absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const float* ref, ThreadPool* pool) {
   const int64_t rows = q.rows(), cols = q.cols();
@@ -92,7 +70,7 @@ absl::StatusOr<ErrorSums> ReconstructionError(const Tensor& q, const float* ref,
         std::copy_n(&all[p0 * cols], (p1 - p0) * cols, panel.data());
       }
       for (int64_t r = p0; r < p1; ++r) {
-        RowErrorSums(ref + r * cols, panel.data() + (r - p0) * cols, cols, &err[r], &norm[r]);
+        kernels::RowErrorSums(ref + r * cols, panel.data() + (r - p0) * cols, cols, &err[r], &norm[r]);
       }
     }
   });
