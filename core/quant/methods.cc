@@ -92,7 +92,7 @@ class GgmlBlockMethod : public QuantMethod {
     QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
     if (encode_ == nullptr) return absl::InternalError(absl::StrCat(name_, ": the type table has no encoder"));
     QF_ASSIGN_OR_RETURN(const size_t nbytes, EncodedBytes(f, rows, cols));
-    std::vector<uint8_t> out = LargeZeroedVector<uint8_t>(nbytes);
+    std::vector<uint8_t> out = LargeZeroedVector<uint8_t>(nbytes, pool);
     const size_t row_bytes = nbytes / static_cast<size_t>(rows);
     ParallelForOrInline(pool, rows, 4, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) encode_(w + r * cols, cols, out.data() + static_cast<size_t>(r) * row_bytes);
@@ -126,7 +126,7 @@ class F16Method : public QuantMethod {
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
                                                 ThreadPool* pool, const calib::LayerStats*) const override {
     QF_RETURN_IF_ERROR(CheckShape(rows, cols));
-    std::vector<uint8_t> out = LargeZeroedVector<uint8_t>(2 * static_cast<size_t>(rows * cols));
+    std::vector<uint8_t> out = LargeZeroedVector<uint8_t>(2 * static_cast<size_t>(rows * cols), pool);
     ParallelForOrInline(pool, rows, 16, [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0 * cols; i < r1 * cols; ++i) {
         const uint16_t h = FloatToHalf(w[i]);
