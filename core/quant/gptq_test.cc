@@ -337,6 +337,46 @@ TEST(GptqTest, BeatsRtnOnCorrelatedInputs) {
   }
 }
 
+// gptq_q4_0 writes ggml Q4_0 blocks: each block's scale is its own grid's (the signed largest of the updated
+// weights / -8), so with no correlation to exploit (H diagonal: no feedback) it decodes within one step of
+// ggml's Q4_0 of the same weights, and on correlated inputs its error feedback beats ggml's Q4_0 encoder.
+TEST(GptqTest, GptqQ4_0IsAQ4_0FileThatBeatsQ4_0) {
+  const int64_t rows = 64, cols = 256, n = 2048;
+  const std::vector<float> w = GaussianF(rows * cols, 5, 1.0 / 16);
+  const QuantParams p = FindMethod("gptq_q4_0")->DefaultParams();
+  const Quantized plain = QuantizeWith("q4_0", FindMethod("q4_0")->DefaultParams(), w, rows, cols, nullptr);
+  ASSERT_EQ(plain.tensor.format.type, WeightType::kQ4_0);
+  {
+    calib::LayerStats diagonal;
+    diagonal.cols = cols;
+    diagonal.tokens = n;
+    diagonal.hessian.assign(static_cast<size_t>(cols * cols), 0.0);
+    for (int64_t i = 0; i < cols; ++i) diagonal.hessian[i * cols + i] = 2.0;
+    const Quantized g = QuantizeWith("gptq_q4_0", p, w, rows, cols, &diagonal);
+    ASSERT_EQ(g.tensor.format.type, WeightType::kQ4_0);
+    ASSERT_EQ(g.tensor.nbytes, plain.tensor.nbytes);
+    int64_t differ = 0;
+    for (int64_t i = 0; i < rows * cols; ++i) {
+      float amax = 0;  // the block's grid step is its largest magnitude / 8
+      for (int64_t j = i / 32 * 32; j < i / 32 * 32 + 32; ++j) amax = std::max(amax, std::fabs(w[j]));
+      ASSERT_LE(std::fabs(g.decoded[i] - plain.decoded[i]), 1.01f * amax / 8) << i;
+      differ += g.decoded[i] != plain.decoded[i];
+    }
+    // Only weights on a rounding boundary may differ (ggml rounds with the unrounded scale and half up).
+    EXPECT_LT(differ, rows * cols / 50) << differ;
+  }
+  const std::vector<float> x = CorrelatedInputs(n, cols, 6);
+  const std::vector<float> x_test = CorrelatedInputs(512, cols, 6 + 77);
+  const calib::LayerStats stats = StatsOf(x, n, cols);
+  const Quantized g = QuantizeWith("gptq_q4_0", p, w, rows, cols, &stats);
+  const double e_plain = OutputError(w, plain.decoded, rows, cols, x_test, 512);
+  const double e_gptq = OutputError(w, g.decoded, rows, cols, x_test, 512);
+  EXPECT_LE(e_gptq, 0.75 * e_plain) << "gptq_q4_0 " << e_gptq << " q4_0 " << e_plain;
+  QuantParams wrong = p;
+  wrong.group = 64;
+  EXPECT_EQ(FindMethod("gptq_q4_0")->Validate(wrong).code(), absl::StatusCode::kInvalidArgument);
+}
+
 // Act-order with static groups: the output is an ordinary kQInt tensor (contiguous groups), and on inputs
 // where a few channels carry most of the energy it is at least as good as the natural order.
 TEST(GptqTest, ActOrderWithStaticGroupsIsValidAndHelps) {

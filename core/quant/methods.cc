@@ -9,6 +9,7 @@
 #include "core/base/half.h"
 #include "core/base/large_buffer.h"
 #include "core/base/status_macros.h"
+#include "core/kernels/blocks.h"
 #include "core/kernels/ggml_kernels.h"
 #include "core/model/ggml_types.h"
 #include "core/quant/awq.h"
@@ -291,6 +292,93 @@ class GptqMethod : public QuantMethod {
   }
 };
 
+// GPTQ's error feedback onto ggml's Q4_0 grid, so the file is a plain Q4_0 GGUF that llama.cpp runs: each
+// 32-column block's grid is Q4_0's own, d = (its signed largest weight) / -8 stored as f16, codes 0..15 for
+// d * (q - 8), chosen from the block's weights as the feedback has updated them when its first column comes
+// up; the feedback then spreads each column's rounding error over the columns after it (docs/calibrated.md).
+class GptqQ4_0Method : public QuantMethod {
+ public:
+  std::string name() const override { return "gptq_q4_0"; }
+  std::string description() const override {
+    return "GPTQ's Hessian error feedback onto ggml's Q4_0 grid (needs calibration; a Q4_0 GGUF llama.cpp runs)";
+  }
+  QuantParams DefaultParams() const override { return {4, 32, false, false}; }
+  bool NeedsCalibration() const override { return true; }
+  absl::Status Validate(const QuantParams& p) const override {
+    if (p.bits != 4 || p.group != 32) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gptq_q4_0: Q4_0 is 4 bits per 32-weight block, got bits ", p.bits, " group ", p.group));
+    }
+    if (!(p.damp >= 0)) return absl::InvalidArgumentError(absl::StrCat("gptq_q4_0: damp must be >= 0, got ", p.damp));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
+    QF_RETURN_IF_ERROR(Validate(p));
+    QF_RETURN_IF_ERROR(CheckShape(rows, cols));
+    if (cols % kernels::kQK4_0 != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("gptq_q4_0: row length ", cols, " is not a multiple of the block size ", kernels::kQK4_0));
+    }
+    return WeightFormat::Of(WeightType::kQ4_0);
+  }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool* pool, const calib::LayerStats* calib) const override {
+    QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
+    if (calib == nullptr) {
+      return absl::FailedPreconditionError("gptq_q4_0: needs calibration statistics (the layer's input Hessian)");
+    }
+    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
+      return absl::InvalidArgumentError(absl::StrCat("gptq_q4_0: calibration statistics are for ", calib->cols,
+                                                     " inputs, the matrix has ", cols));
+    }
+    GptqOptions o;
+    o.bits = 4;
+    o.group = kernels::kQK4_0;
+    o.act_order = p.act_order;
+    o.static_groups = p.static_groups;
+    o.percdamp = p.damp;
+    o.pool = pool;
+    o.choose_grid = [](const float* x, int64_t n) { return Q4_0Grid(x, n); };
+    QF_ASSIGN_OR_RETURN(const GptqResult r, GptqQuantize(w, rows, cols, calib->hessian.data(), o));
+    const int64_t blocks = cols / kernels::kQK4_0;
+    std::vector<uint8_t> out(static_cast<size_t>(rows * blocks) * sizeof(kernels::block_q4_0));
+    auto* q = reinterpret_cast<kernels::block_q4_0*>(out.data());
+    for (int64_t r0 = 0; r0 < rows; ++r0) {
+      for (int64_t b = 0; b < blocks; ++b) {
+        kernels::block_q4_0& blk = q[r0 * blocks + b];
+        blk.d = r.scales[r0 * blocks + b];
+        const uint8_t* c = &r.codes[r0 * cols + b * kernels::kQK4_0];
+        for (int j = 0; j < kernels::kQK4_0 / 2; ++j) {
+          blk.qs[j] = static_cast<uint8_t>(c[j] | (c[j + kernels::kQK4_0 / 2] << 4));
+        }
+      }
+    }
+    return out;
+  }
+  std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams&) const override {
+    return std::make_pair(std::string("q8_0"), FindMethod("q8_0")->DefaultParams());  // as q4_0 falls back
+  }
+
+ private:
+  // Q4_0's grid of one block: d = the signed value of largest magnitude (the first on ties) / -8, as f16, so
+  // that value takes code 0 and the codes 0..15 span d * [-8, 7].
+  static QIntGrid Q4_0Grid(const float* x, int64_t n) {
+    float amax = 0, max = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      if (amax < std::fabs(x[j])) {
+        amax = std::fabs(x[j]);
+        max = x[j];
+      }
+    }
+    QIntGrid g;
+    g.scale_half = FloatToHalf(max / -8.0f);
+    g.scale = HalfToFloat(g.scale_half);
+    g.zero = 8;
+    g.max_code = 15;
+    return g;
+  }
+};
+
 // AWQ into the same kQInt grid as rtn. The per-channel scaling half changes the model (1/s folded into the
 // RMSNorm weights), so it is the model transform (PrepareModel = AwqScaleModel), run once before QuantizeModel;
 // Quantize is the per-layer half, the activation-aware clipping search (awq.h) on the folded weights.
@@ -378,6 +466,7 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
     ggml("iq4_xs", "ggml IQ4_XS: 256-weight super-blocks, 6-bit scales per 32, IQ4_NL's grid", WeightType::kIQ4_XS, 4,
          "iq4_nl");
     r->push_back(std::make_unique<GptqMethod>());
+    r->push_back(std::make_unique<GptqQ4_0Method>());
     r->push_back(std::make_unique<AwqMethod>());
     r->push_back(MakeSpqrMethod());
     r->push_back(MakeSmoothQuantMethod());

@@ -51,8 +51,9 @@ struct QIntGrid {
 };
 QIntGrid ChooseQIntGrid(const float* x, int64_t n, int bits, bool symmetric);
 // The code nearest to w on the grid (round half to even), clamped to [0, max_code].
+// A negative scale is a mirrored grid (ggml's Q4_0 stores d = signed max / -8).
 inline int QIntCode(double w, const QIntGrid& g) {
-  if (!(g.scale > 0)) return g.zero;
+  if (!(std::fabs(g.scale) > 0)) return g.zero;
   if (g.deadzone > 0) return std::fabs(w) <= g.deadzone ? 1 : (w > 0 ? 2 : 0);
   const double q = std::nearbyint(w / static_cast<double>(g.scale)) + g.zero;
   return static_cast<int>(std::clamp(q, 0.0, static_cast<double>(g.max_code)));

@@ -73,8 +73,9 @@ TEST(RegistryTest, ListsEveryMethodOnce) {
     EXPECT_TRUE(m->Validate(m->DefaultParams()).ok()) << m->name();
   }
   EXPECT_THAT(names, ::testing::UnorderedElementsAre("rtn", "nf4", "q8_0", "q4_0", "q4_k", "q4_1", "q5_0", "q5_1",
-                                                    "q2_k", "q3_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "gptq", "awq", "smoothquant",
-                                                    "quip", "spqr", "ternary", "bitnet", "qmoe", "billm", "f16"));
+                                                    "q2_k", "q3_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "gptq",
+                                                    "gptq_q4_0", "awq", "smoothquant", "quip", "spqr", "ternary",
+                                                    "bitnet", "qmoe", "billm", "f16"));
   EXPECT_EQ(FindMethod("gptq-not-yet"), nullptr);
 }
 
