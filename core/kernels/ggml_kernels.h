@@ -56,6 +56,8 @@ void QuantizeRowQ5_K(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowQ6_K(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowIQ4_NL(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowIQ4_XS(const float* x, int64_t n, uint8_t* out);
+// The signed value of largest magnitude among n (the first one on ties); 0 when all are 0. Q4_0's d is it / -8.
+float SignedAbsMax(const float* x, int n);
 // The 6-bit scale / min packing of Q4_K and Q5_K (12 bytes for 8 sub-blocks), the inverse of GetScaleMinK4
 // (blocks.h). Sub-blocks must be packed in order j = 0..7 (4..7 OR into bytes 0..7 that 0..3 wrote).
 void PackScaleMinK4(int j, uint8_t ls, uint8_t lm, uint8_t* scales);

@@ -323,14 +323,7 @@ void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out) {
   constexpr int kHalf = kQK4_0 / 2;
   for (int64_t b = 0; b < n / kQK4_0; ++b, x += kQK4_0) {
     // The signed value of largest magnitude maps to code 0 (q = -8), so its sign picks d's sign.
-    float amax = 0, max = 0;
-    for (int j = 0; j < kQK4_0; ++j) {
-      if (amax < std::fabs(x[j])) {
-        amax = std::fabs(x[j]);
-        max = x[j];
-      }
-    }
-    const float d = max / -8;
+    const float d = SignedAbsMax(x, kQK4_0) / -8;
     const float id = d != 0 ? 1.0f / d : 0.0f;
     block_q4_0 blk;
     StoreHalf(&blk.d, d);
@@ -421,8 +414,9 @@ void BlockMinMax(const float* x, int n, float* min, float* max) {
   }
 }
 
-// The signed value of largest magnitude (the first one on ties): Q5_0 and the symmetric K-quant fits map it to the
-// most negative code, so its sign picks the scale's sign.
+}  // namespace
+
+// Q5_0 and the symmetric K-quant fits map it to the most negative code, so its sign picks the scale's sign.
 float SignedAbsMax(const float* x, int n) {
   float amax = 0, max = 0;
   for (int j = 0; j < n; ++j) {
@@ -433,6 +427,8 @@ float SignedAbsMax(const float* x, int n) {
   }
   return max;
 }
+
+namespace {
 
 // ggml's make_qx_quants with qw = NULL: a symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax). rmse_type 1
 // weights each element by x^2 and tries 18 scales around nmax / max, keeping the one of least weighted squared

@@ -363,15 +363,8 @@ class GptqQ4_0Method : public QuantMethod {
   // Q4_0's grid of one block: d = the signed value of largest magnitude (the first on ties) / -8, as f16, so
   // that value takes code 0 and the codes 0..15 span d * [-8, 7].
   static QIntGrid Q4_0Grid(const float* x, int64_t n) {
-    float amax = 0, max = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      if (amax < std::fabs(x[j])) {
-        amax = std::fabs(x[j]);
-        max = x[j];
-      }
-    }
     QIntGrid g;
-    g.scale_half = FloatToHalf(max / -8.0f);
+    g.scale_half = FloatToHalf(kernels::SignedAbsMax(x, static_cast<int>(n)) / -8.0f);
     g.scale = HalfToFloat(g.scale_half);
     g.zero = 8;
     g.max_code = 15;
