@@ -416,7 +416,7 @@ void BlockMinMax(const float* x, int n, float* min, float* max) {
 
 }  // namespace
 
-// Q5_0 and the symmetric K-quant fits map it to the most negative code, so its sign picks the scale's sign.
+// Q4_0, Q5_0 and the symmetric K-quant fits map it to the most negative code, so its sign picks the scale's sign.
 float SignedAbsMax(const float* x, int n) {
   float amax = 0, max = 0;
   for (int j = 0; j < n; ++j) {
@@ -434,15 +434,8 @@ namespace {
 // weights each element by x^2 and tries 18 scales around nmax / max, keeping the one of least weighted squared
 // error (largest sumlx^2 / suml2) with its least-squares scale. Only rmse_type 1 is used (Q6_K).
 float FitSymmetricScale(int n, int nmax, const float* x, uint8_t* L) {
-  float max = 0, amax = 0;
-  for (int i = 0; i < n; ++i) {
-    const float ax = std::fabs(x[i]);
-    if (ax > amax) {
-      amax = ax;
-      max = x[i];
-    }
-  }
-  if (amax < kGroupMaxEps) {
+  const float max = SignedAbsMax(x, n);
+  if (std::fabs(max) < kGroupMaxEps) {
     std::fill(L, L + n, 0);
     return 0.0f;
   }

@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "core/base/half.h"
+#include "core/kernels/ggml_kernels.h"
 #include "core/kernels/int_dot.h"
 #include "core/kernels/kernels_internal.h"
 
@@ -24,15 +25,8 @@ void QuantizeQ8_0Block(const float* x, int8_t* q, float* d) {
 }
 
 void QuantizeQ8_KBlock(const float* x, int8_t* q, float* d) {
-  float amax = 0.0f, vmax = 0.0f;
-  for (int j = 0; j < kQK_K; ++j) {
-    const float ax = std::fabs(x[j]);
-    if (ax > amax) {
-      amax = ax;
-      vmax = x[j];
-    }
-  }
-  if (amax == 0.0f) {
+  const float vmax = SignedAbsMax(x, kQK_K);
+  if (vmax == 0.0f) {
     std::memset(q, 0, kQK_K);
     *d = 0.0f;
     return;
