@@ -23,6 +23,22 @@ using DequantizeBlocksFn = void (*)(const uint8_t* blocks, int64_t nblocks, floa
 // Encodes n floats (a multiple of the block) into n / block blocks.
 using QuantizeBlocksFn = void (*)(const float* x, int64_t n, uint8_t* out);
 
+// One sub-block's grid as a K-quant super-block header stores it: weight = scale * (code - zero) - offset, codes
+// 0..max_code (Q4_K: d * sc * q - dmin * m; Q3_K: d * (sc - 32) * (q - 4)).
+struct SubBlockGrid {
+  float scale = 0;
+  float offset = 0;
+  int zero = 0;
+  int max_code = 0;
+};
+// The importance-weighted encoding of one 256-weight K-quant super-block, in two halves so that error feedback
+// (GPTQ) can choose the codes between them. FitHeaderFn fits the header (d, dmin, sub-block scales) to x[256] with
+// a non-negative importance per weight (llama.cpp's imatrix idea: how much that weight's squared error costs, e.g.
+// its input column's mean square over calibration tokens), writes it into `block` and returns the grids it stores,
+// grids[256 / sub_block]. SetCodesFn writes 256 codes (0..max_code, element order) into the block's code bytes.
+using FitHeaderFn = void (*)(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids);
+using SetCodesFn = void (*)(const uint8_t* codes, uint8_t* block);
+
 struct GgmlKernelTraits {
   WeightType type;
   DequantizeBlocksFn dequantize;         // scalar reference, never null
@@ -32,6 +48,12 @@ struct GgmlKernelTraits {
   // writes without an importance matrix. nullptr where qforge writes the type some other way (tq1_0 / tq2_0: the
   // ternary methods' own grids) or not at all. core/quant's GgmlBlockMethod takes it from here.
   QuantizeBlocksFn quantize;
+  // Importance-weighted encoding (the K-quants; 0 / nullptr elsewhere): weights per sub-block grid and the two
+  // halves above. QuantizeRowWeighted is llama-quantize --imatrix's job; core/quant's gptq_<type> methods put
+  // GPTQ's error feedback between fit_header and set_codes.
+  int sub_block = 0;
+  FitHeaderFn fit_header = nullptr;
+  SetCodesFn set_codes = nullptr;
 };
 
 // Every row, in the order of GgmlTypes().
@@ -56,6 +78,24 @@ void QuantizeRowQ5_K(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowQ6_K(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowIQ4_NL(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowIQ4_XS(const float* x, int64_t n, uint8_t* out);
+// The importance-weighted halves of the K-quants (GgmlKernelTraits::fit_header / set_codes), ggml_quantize.cc.
+// The fits follow llama.cpp's quantize_row_*_impl with quant_weights in its float order (not checked bit-exact).
+void FitHeaderQ2_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids);
+void FitHeaderQ3_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids);
+void FitHeaderQ4_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids);
+void FitHeaderQ5_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids);
+void FitHeaderQ6_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids);
+void SetCodesQ2_K(const uint8_t* codes, uint8_t* block);
+void SetCodesQ3_K(const uint8_t* codes, uint8_t* block);
+void SetCodesQ4_K(const uint8_t* codes, uint8_t* block);
+void SetCodesQ5_K(const uint8_t* codes, uint8_t* block);
+void SetCodesQ6_K(const uint8_t* codes, uint8_t* block);
+// The code of x nearest its grid, clamp(round_half_even((x + offset) / scale) + zero, 0, max_code); zero when the
+// grid's scale is 0 (every code decodes to -offset then).
+int SubBlockGridCode(float x, const SubBlockGrid& g);
+// One row of n weights (a multiple of 256) with importance[n] into n / 256 blocks of k's type (k.fit_header set):
+// each super-block's header fit, then every weight's nearest code on its sub-block's grid.
+void QuantizeRowWeighted(const GgmlKernelTraits& k, const float* x, const float* importance, int64_t n, uint8_t* out);
 // The signed value of largest magnitude among n (the first one on ties); 0 when all are 0. Q4_0's d is it / -8.
 float SignedAbsMax(const float* x, int n);
 // The 6-bit scale / min packing of Q4_K and Q5_K (12 bytes for 8 sub-blocks), the inverse of GetScaleMinK4

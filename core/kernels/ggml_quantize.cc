@@ -12,6 +12,7 @@
 #include "core/kernels/blocks.h"
 #include "core/kernels/iq_grids.h"
 #include "core/kernels/kernels.h"
+#include "core/model/ggml_types.h"
 
 namespace qforge::kernels {
 namespace {
@@ -339,6 +340,85 @@ void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out) {
 
 namespace {
 
+// The K-quant code layout shared by Q2_K and Q3_K (2 bits of each element): element j + 32 k of each 128-element
+// half lands in bits [2k, 2k+2) of qs[32 * half + j].
+void PackTwoBitK(const uint8_t* L, uint8_t* qs) {
+  for (int h = 0; h < kQK_K; h += 128) {
+    for (int l = 0; l < 32; ++l) {
+      qs[h / 4 + l] = static_cast<uint8_t>(L[h + l] | (L[h + l + 32] << 2) | (L[h + l + 64] << 4) | (L[h + l + 96] << 6));
+    }
+  }
+}
+
+}  // namespace
+
+// The code layouts of the K-quants: 256 codes (0..2^bits - 1, element order) into a block whose header is already
+// written. Shared by the reference encoders and the importance-weighted ones (GgmlKernelTraits::set_codes).
+void SetCodesQ2_K(const uint8_t* L, uint8_t* block) { PackTwoBitK(L, reinterpret_cast<block_q2_K*>(block)->qs); }
+// The high bit of element e is bit e / 32 of hmask[e % 32]; the low two bits go as Q2_K's.
+void SetCodesQ3_K(const uint8_t* L, uint8_t* block) {
+  auto* blk = reinterpret_cast<block_q3_K*>(block);
+  uint8_t low[kQK_K];
+  std::fill(blk->hmask, blk->hmask + 32, 0);
+  for (int e = 0; e < kQK_K; ++e) {
+    low[e] = L[e] & 3;
+    if (L[e] > 3) blk->hmask[e % 32] |= static_cast<uint8_t>(1 << (e / 32));
+  }
+  PackTwoBitK(low, blk->qs);
+}
+// Each 64-element chunk c: elements j and j + 32 share qs[32 c + j], low nibble first.
+void SetCodesQ4_K(const uint8_t* L, uint8_t* block) {
+  auto* blk = reinterpret_cast<block_q4_K*>(block);
+  for (int c = 0; c < 4; ++c) {
+    for (int l = 0; l < 32; ++l) blk->qs[32 * c + l] = static_cast<uint8_t>(L[64 * c + l] | (L[64 * c + 32 + l] << 4));
+  }
+}
+// Q4_K's nibbles, and the fifth bits of elements j and j + 32 of chunk c as bits 2c and 2c + 1 of qh[j].
+void SetCodesQ5_K(const uint8_t* L, uint8_t* block) {
+  auto* blk = reinterpret_cast<block_q5_K*>(block);
+  std::fill(blk->qh, blk->qh + 32, 0);
+  for (int c = 0; c < 4; ++c) {
+    for (int j = 0; j < 32; ++j) {
+      const int l1 = L[64 * c + j], l2 = L[64 * c + 32 + j];
+      blk->qh[j] |= static_cast<uint8_t>(((l1 >> 4) << (2 * c)) | ((l2 >> 4) << (2 * c + 1)));
+      blk->qs[32 * c + j] = static_cast<uint8_t>((l1 & 0xF) | ((l2 & 0xF) << 4));
+    }
+  }
+}
+// Each 128-element half: elements l, l+32, l+64, l+96 share ql[l] / ql[l+32] (low nibbles: l and l+64 in ql[l],
+// l+32 and l+96 in ql[l+32]) and qh[l] (their top two bits at 0, 2, 4, 6).
+void SetCodesQ6_K(const uint8_t* L, uint8_t* block) {
+  auto* blk = reinterpret_cast<block_q6_K*>(block);
+  for (int h = 0; h < 2; ++h) {
+    const uint8_t* Lh = L + 128 * h;
+    uint8_t* ql = blk->ql + 64 * h;
+    uint8_t* qh = blk->qh + 32 * h;
+    for (int l = 0; l < 32; ++l) {
+      ql[l] = static_cast<uint8_t>((Lh[l] & 0xF) | ((Lh[l + 64] & 0xF) << 4));
+      ql[l + 32] = static_cast<uint8_t>((Lh[l + 32] & 0xF) | ((Lh[l + 96] & 0xF) << 4));
+      qh[l] = static_cast<uint8_t>((Lh[l] >> 4) | ((Lh[l + 32] >> 4) << 2) | ((Lh[l + 64] >> 4) << 4) |
+                                   ((Lh[l + 96] >> 4) << 6));
+    }
+  }
+}
+
+namespace {
+
+// Q3_K's 6-bit sub-block scales, biased by 32: low 4 bits in byte j % 8 (low nibble for j < 8), high 2 bits at
+// bit 2 (j / 4) of byte 8 + j % 4. Packed in order j = 0..15 into zeroed bytes; ScaleQ3_K reads one back unbiased.
+void PackScaleQ3_K(int j, uint8_t l, uint8_t* scales) {
+  if (j < 8) {
+    scales[j] = static_cast<uint8_t>(l & 0xF);
+  } else {
+    scales[j - 8] |= static_cast<uint8_t>((l & 0xF) << 4);
+  }
+  scales[j % 4 + 8] |= static_cast<uint8_t>((l >> 4) << (2 * (j / 4)));
+}
+int ScaleQ3_K(int j, const uint8_t* scales) {
+  const int low = j < 8 ? (scales[j] & 0xF) : (scales[j - 8] >> 4);
+  return (low | (((scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
+}
+
 // The super-block fit Q4_K and Q5_K share (ggml's make_qkx2_quants per 32 weights, weighted by the sub-block's RMS
 // + |x|): eight scales and mins packed as 6-bit values relative to d and dmin, then every weight's code
 // (0..nmax) requantized against the scales actually stored. Fills blk->d, blk->dmin, blk->scales and L[256].
@@ -389,11 +469,7 @@ void QuantizeRowQ4_K(const float* x, int64_t n, uint8_t* out) {
   for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
     block_q4_K blk;
     FitSuperBlockK4(x, 15, -1.0f, 20, &blk, L);
-    for (int chunk = 0; chunk < 4; ++chunk) {
-      for (int l = 0; l < 32; ++l) {
-        blk.qs[32 * chunk + l] = static_cast<uint8_t>(L[64 * chunk + l] | (L[64 * chunk + 32 + l] << 4));
-      }
-    }
+    SetCodesQ4_K(L, reinterpret_cast<uint8_t*>(&blk));
     std::memcpy(&blocks[b], &blk, sizeof(blk));
   }
 }
@@ -430,10 +506,10 @@ float SignedAbsMax(const float* x, int n) {
 
 namespace {
 
-// ggml's make_qx_quants with qw = NULL: a symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax). rmse_type 1
-// weights each element by x^2 and tries 18 scales around nmax / max, keeping the one of least weighted squared
-// error (largest sumlx^2 / suml2) with its least-squares scale. Only rmse_type 1 is used (Q6_K).
-float FitSymmetricScale(int n, int nmax, const float* x, uint8_t* L) {
+// ggml's make_qx_quants (rmse_type 1): a symmetric fit x ~ scale * (L - nmax), L in [0, 2 nmax), each element
+// weighted by qw (nullptr: by x^2), trying 18 scales around nmax / max and keeping the one of least weighted
+// squared error (largest sumlx^2 / suml2) with its least-squares scale.
+float FitSymmetricScale(int n, int nmax, const float* x, uint8_t* L, const float* qw = nullptr) {
   const float max = SignedAbsMax(x, n);
   if (std::fabs(max) < kGroupMaxEps) {
     std::fill(L, L + n, 0);
@@ -445,7 +521,7 @@ float FitSymmetricScale(int n, int nmax, const float* x, uint8_t* L) {
   for (int i = 0; i < n; ++i) {
     const int l = code(iscale * x[i]);
     L[i] = static_cast<uint8_t>(l + nmax);
-    const float w = x[i] * x[i];
+    const float w = qw != nullptr ? qw[i] : x[i] * x[i];
     sumlx += w * x[i] * static_cast<float>(l);
     suml2 += w * static_cast<float>(l) * static_cast<float>(l);
   }
@@ -457,7 +533,7 @@ float FitSymmetricScale(int n, int nmax, const float* x, uint8_t* L) {
     sumlx = suml2 = 0;
     for (int i = 0; i < n; ++i) {
       const int l = code(iscale * x[i]);
-      const float w = x[i] * x[i];
+      const float w = qw != nullptr ? qw[i] : x[i] * x[i];
       sumlx += w * x[i] * static_cast<float>(l);
       suml2 += w * static_cast<float>(l) * static_cast<float>(l);
     }
@@ -512,16 +588,6 @@ float FitQ3Scale(int n, int nmax, const float* x, uint8_t* L) {
   }
   for (int i = 0; i < n; ++i) L[i] = static_cast<uint8_t>(l_signed[i] + nmax);
   return sumlx / suml2;
-}
-
-// The K-quant code layout shared by Q2_K and Q3_K (2 bits of each element): element j + 32 k of each 128-element
-// half lands in bits [2k, 2k+2) of qs[32 * half + j].
-void PackTwoBitK(const uint8_t* L, uint8_t* qs) {
-  for (int h = 0; h < kQK_K; h += 128) {
-    for (int l = 0; l < 32; ++l) {
-      qs[h / 4 + l] = static_cast<uint8_t>(L[h + l] | (L[h + l + 32] << 2) | (L[h + l + 64] << 4) | (L[h + l + 96] << 6));
-    }
-  }
 }
 
 // The Q5_0 / Q5_1 split of 32 five-bit codes: low nibbles as Q4_0 (element j low, j + 16 high), bit 4 of element j
@@ -761,19 +827,11 @@ void QuantizeRowQ3_K(const float* x, int64_t n, uint8_t* out) {
         max_scale = scales[j];
       }
     }
-    // 6-bit scales biased by 32: low 4 bits in byte j % 8 (low nibble for j < 8), high 2 bits at bit 2 (j / 4)
-    // of byte 8 + j % 4.
     std::fill(blk.scales, blk.scales + 12, 0);
     if (max_scale != 0) {
       const float iscale = -32.0f / max_scale;
       for (int j = 0; j < 16; ++j) {
-        const int l = std::clamp(NearestInt(iscale * scales[j]), -32, 31) + 32;
-        if (j < 8) {
-          blk.scales[j] = static_cast<uint8_t>(l & 0xF);
-        } else {
-          blk.scales[j - 8] |= static_cast<uint8_t>((l & 0xF) << 4);
-        }
-        blk.scales[j % 4 + 8] |= static_cast<uint8_t>((l >> 4) << (2 * (j / 4)));
+        PackScaleQ3_K(j, static_cast<uint8_t>(std::clamp(NearestInt(iscale * scales[j]), -32, 31) + 32), blk.scales);
       }
       StoreHalf(&blk.d, 1 / iscale);
     } else {
@@ -781,23 +839,13 @@ void QuantizeRowQ3_K(const float* x, int64_t n, uint8_t* out) {
     }
     const float d_stored = HalfToFloat(blk.d);
     for (int j = 0; j < 16; ++j) {
-      const int low = j < 8 ? (blk.scales[j] & 0xF) : (blk.scales[j - 8] >> 4);
-      const int sc = (low | (((blk.scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
-      const float d = d_stored * static_cast<float>(sc);
+      const float d = d_stored * static_cast<float>(ScaleQ3_K(j, blk.scales));
       if (d == 0) continue;
       for (int l = 0; l < 16; ++l) {
         L[16 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt(x[16 * j + l] / d), -4, 3) + 4);
       }
     }
-    // The high bit of element e is bit e / 32 of hmask[e % 32]; the low two bits go as Q2_K's.
-    std::fill(blk.hmask, blk.hmask + 32, 0);
-    for (int e = 0; e < kQK_K; ++e) {
-      if (L[e] > 3) {
-        blk.hmask[e % 32] |= static_cast<uint8_t>(1 << (e / 32));
-        L[e] -= 4;
-      }
-    }
-    PackTwoBitK(L, blk.qs);
+    SetCodesQ3_K(L, reinterpret_cast<uint8_t*>(&blk));
     std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
   }
 }
@@ -807,42 +855,46 @@ void QuantizeRowQ5_K(const float* x, int64_t n, uint8_t* out) {
   for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
     block_q5_K blk;
     FitSuperBlockK4(x, 31, -0.5f, 15, &blk, L);
-    // Each 64-element chunk c: low nibbles of elements j and j + 32 share qs[32 c + j]; their fifth bits are bits
-    // 2c and 2c + 1 of qh[j].
-    std::fill(blk.qh, blk.qh + 32, 0);
-    for (int c = 0; c < 4; ++c) {
-      for (int j = 0; j < 32; ++j) {
-        const int l1 = L[64 * c + j], l2 = L[64 * c + 32 + j];
-        blk.qh[j] |= static_cast<uint8_t>(((l1 >> 4) << (2 * c)) | ((l2 >> 4) << (2 * c + 1)));
-        blk.qs[32 * c + j] = static_cast<uint8_t>((l1 & 0xF) | ((l2 & 0xF) << 4));
-      }
-    }
+    SetCodesQ5_K(L, reinterpret_cast<uint8_t*>(&blk));
     std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
   }
 }
 
+namespace {
+
+// Q6_K's header: a symmetric fit per 16 weights (each weight's error weighted by qw, nullptr: by x^2), then int8
+// sub-block scales against d = (the scale of largest magnitude) / -128, which takes -128. Fills L with the fits'
+// codes; false (and a zeroed block) when every scale is below GROUP_MAX_EPS.
+bool FitHeaderQ6_KInto(const float* x, const float* qw, block_q6_K* blk, uint8_t* L) {
+  float scales[16];
+  float max_scale = 0, max_abs_scale = 0;
+  for (int ib = 0; ib < 16; ++ib) {
+    scales[ib] = FitSymmetricScale(16, 32, x + 16 * ib, L + 16 * ib, qw != nullptr ? qw + 16 * ib : nullptr);
+    if (std::fabs(scales[ib]) > max_abs_scale) {
+      max_abs_scale = std::fabs(scales[ib]);
+      max_scale = scales[ib];
+    }
+  }
+  if (max_abs_scale < kGroupMaxEps) {
+    std::memset(blk, 0, sizeof(*blk));
+    return false;
+  }
+  const float iscale = -128.0f / max_scale;
+  StoreHalf(&blk->d, 1 / iscale);
+  for (int ib = 0; ib < 16; ++ib) blk->scales[ib] = static_cast<int8_t>(std::min(127, NearestInt(iscale * scales[ib])));
+  return true;
+}
+
+}  // namespace
+
 void QuantizeRowQ6_K(const float* x, int64_t n, uint8_t* out) {
   uint8_t L[kQK_K];
-  float scales[16];
   for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
     block_q6_K blk;
-    float max_scale = 0, max_abs_scale = 0;
-    for (int ib = 0; ib < 16; ++ib) {
-      scales[ib] = FitSymmetricScale(16, 32, x + 16 * ib, L + 16 * ib);
-      if (std::fabs(scales[ib]) > max_abs_scale) {
-        max_abs_scale = std::fabs(scales[ib]);
-        max_scale = scales[ib];
-      }
-    }
-    if (max_abs_scale < kGroupMaxEps) {
-      std::memset(&blk, 0, sizeof(blk));
+    if (!FitHeaderQ6_KInto(x, nullptr, &blk, L)) {
       std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
       continue;
     }
-    // int8 sub-block scales against d = max_scale / -128 (the largest maps to -128).
-    const float iscale = -128.0f / max_scale;
-    StoreHalf(&blk.d, 1 / iscale);
-    for (int ib = 0; ib < 16; ++ib) blk.scales[ib] = static_cast<int8_t>(std::min(127, NearestInt(iscale * scales[ib])));
     const float d_stored = HalfToFloat(blk.d);
     for (int j = 0; j < 16; ++j) {
       const float d = d_stored * static_cast<float>(blk.scales[j]);
@@ -851,19 +903,7 @@ void QuantizeRowQ6_K(const float* x, int64_t n, uint8_t* out) {
         L[16 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt(x[16 * j + l] / d), -32, 31) + 32);
       }
     }
-    // Each 128-element half: elements l, l+32, l+64, l+96 share ql[l] / ql[l+32] (low nibbles: l and l+64 in
-    // ql[l], l+32 and l+96 in ql[l+32]) and qh[l] (their top two bits at 0, 2, 4, 6).
-    for (int h = 0; h < 2; ++h) {
-      const uint8_t* Lh = L + 128 * h;
-      uint8_t* ql = blk.ql + 64 * h;
-      uint8_t* qh = blk.qh + 32 * h;
-      for (int l = 0; l < 32; ++l) {
-        ql[l] = static_cast<uint8_t>((Lh[l] & 0xF) | ((Lh[l + 64] & 0xF) << 4));
-        ql[l + 32] = static_cast<uint8_t>((Lh[l + 32] & 0xF) | ((Lh[l + 96] & 0xF) << 4));
-        qh[l] = static_cast<uint8_t>((Lh[l] >> 4) | ((Lh[l + 32] >> 4) << 2) | ((Lh[l + 64] >> 4) << 4) |
-                                     ((Lh[l + 96] >> 4) << 6));
-      }
-    }
+    SetCodesQ6_K(L, reinterpret_cast<uint8_t*>(&blk));
     std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
   }
 }
@@ -883,6 +923,200 @@ void QuantizeRowIQ4_XS(const float* x, int64_t n, uint8_t* out) {
     QuantizeIq4Blocks(x, kQK_K, &blk.d, blk.qs, &scales_h, blk.scales_l);
     std::memcpy(&blk.scales_h, &scales_h, sizeof(scales_h));
     std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+// ---- Importance-weighted K-quant encoding (llama.cpp's imatrix path, quantize_row_*_impl with quant_weights) ----
+// The differences from the reference encoders above: each weight's squared error in a sub-block fit counts
+// importance * sqrt(sigma2 + x^2) (Q6_K: importance alone), sigma2 being the super-block's mean square (twice it for
+// Q3_K / Q4_K / Q5_K); the min-and-scale fits search more candidates (ggml's make_qkx3_quants: 37 steps of 0.05 from
+// -0.9); and the sub-block scales (and mins) are themselves fit to their 4- or 6-bit codes weighted by each
+// sub-block's summed importance, instead of taken against the largest.
+
+namespace {
+
+// ggml's make_qp_quants: x[n] >= 0 ~ scale * L, L in [0, nmax], each element's squared error weighted by w. Tries
+// nine scales around nmax / max, then up to five passes move single codes where the least-squares scale of the
+// others asks, and returns that least-squares scale. All codes 0 and scale 0 when max < GROUP_MAX_EPS; with no
+// weight anywhere, the plain max / nmax.
+float FitPositiveScale(int n, int nmax, const float* x, uint8_t* L, const float* w) {
+  float max = 0;
+  for (int i = 0; i < n; ++i) max = std::max(max, x[i]);
+  if (max < kGroupMaxEps) {
+    std::fill(L, L + n, 0);
+    return 0.0f;
+  }
+  auto code = [nmax](float v) { return std::min(nmax, NearestInt(v)); };
+  auto error = [&](float iscale) {
+    const float scale = 1 / iscale;
+    float e = 0;
+    for (int i = 0; i < n; ++i) {
+      const float diff = x[i] - scale * static_cast<float>(code(iscale * x[i]));
+      e += w[i] * diff * diff;
+    }
+    return e;
+  };
+  float iscale = static_cast<float>(nmax) / max;
+  float best = error(iscale);
+  for (int is = -4; is <= 4; ++is) {
+    if (is == 0) continue;
+    const float candidate = (0.1f * static_cast<float>(is) + static_cast<float>(nmax)) / max;
+    const float e = error(candidate);
+    if (e < best) {
+      best = e;
+      iscale = candidate;
+    }
+  }
+  float sumlx = 0, suml2 = 0;
+  for (int i = 0; i < n; ++i) {
+    const int l = code(iscale * x[i]);
+    L[i] = static_cast<uint8_t>(l);
+    sumlx += w[i] * x[i] * static_cast<float>(l);
+    suml2 += w[i] * static_cast<float>(l) * static_cast<float>(l);
+  }
+  if (!(suml2 > 0)) return 1 / iscale;
+  for (int pass = 0; pass < 5; ++pass) {
+    int changed = 0;
+    for (int i = 0; i < n; ++i) {
+      const float li = static_cast<float>(L[i]);
+      float slx = sumlx - w[i] * x[i] * li;
+      float sl2 = suml2 - w[i] * li * li;
+      if (!(slx > 0 && sl2 > 0)) continue;
+      const int new_l = code(x[i] * sl2 / slx);
+      if (new_l == L[i]) continue;
+      slx += w[i] * x[i] * static_cast<float>(new_l);
+      sl2 += w[i] * static_cast<float>(new_l) * static_cast<float>(new_l);
+      if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+        L[i] = static_cast<uint8_t>(new_l);
+        sumlx = slx;
+        suml2 = sl2;
+        ++changed;
+      }
+    }
+    if (changed == 0) break;
+  }
+  return sumlx / suml2;
+}
+
+float MeanSquare(const float* x, int n) {
+  float sum = 0;
+  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
+  return sum / static_cast<float>(n);
+}
+
+// The fit weights of a sub-block of n: importance * sqrt(sigma2 + x^2), and their sum.
+float ImportanceWeights(const float* x, const float* importance, int n, float sigma2, float* w) {
+  float sum = 0;
+  for (int l = 0; l < n; ++l) {
+    w[l] = importance[l] * std::sqrt(sigma2 + x[l] * x[l]);
+    sum += w[l];
+  }
+  return sum;
+}
+
+// Q4_K / Q5_K: eight min-and-scale fits of 32, their scales and mins fit to 6 bits.
+template <typename Block>
+void FitHeaderK4Weighted(const float* x, const float* importance, int nmax, Block* blk, SubBlockGrid* grids) {
+  const float sigma2 = 2 * MeanSquare(x, kQK_K);
+  float w[8][32], sw[8], scales[8], mins[8];
+  uint8_t L[kQK_K];
+  const float* xs[8];
+  const float* ws[8];
+  uint8_t* Ls[8];
+  for (int j = 0; j < 8; ++j) {
+    sw[j] = ImportanceWeights(x + 32 * j, importance + 32 * j, 32, sigma2, w[j]);
+    xs[j] = x + 32 * j;
+    ws[j] = w[j];
+    Ls[j] = L + 32 * j;
+  }
+  FitScaleMinMany(8, 32, nmax, xs, ws, Ls, scales, mins, -0.9f, 0.05f, 36);
+  uint8_t ls[8], lm[8];
+  StoreHalf(&blk->d, FitPositiveScale(8, 63, scales, ls, sw));
+  StoreHalf(&blk->dmin, FitPositiveScale(8, 63, mins, lm, sw));
+  std::fill(blk->scales, blk->scales + kKScaleSize, 0);
+  for (int j = 0; j < 8; ++j) PackScaleMinK4(j, ls[j], lm[j], blk->scales);
+  const float d = HalfToFloat(blk->d), dmin = HalfToFloat(blk->dmin);
+  for (int j = 0; j < 8; ++j) {
+    grids[j] = {d * static_cast<float>(ls[j]), dmin * static_cast<float>(lm[j]), 0, nmax};
+  }
+}
+
+}  // namespace
+
+void FitHeaderQ4_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids) {
+  FitHeaderK4Weighted(x, importance, 15, reinterpret_cast<block_q4_K*>(block), grids);
+}
+void FitHeaderQ5_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids) {
+  FitHeaderK4Weighted(x, importance, 31, reinterpret_cast<block_q5_K*>(block), grids);
+}
+
+// Q2_K: sixteen min-and-scale fits of 16 (codes 0..3), their scales and mins fit to 4 bits.
+void FitHeaderQ2_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids) {
+  auto* blk = reinterpret_cast<block_q2_K*>(block);
+  const float sigma2 = MeanSquare(x, kQK_K);
+  float w[16][16], sw[16], scales[16], mins[16];
+  uint8_t L[kQK_K];
+  const float* xs[16];
+  const float* ws[16];
+  uint8_t* Ls[16];
+  for (int j = 0; j < 16; ++j) {
+    sw[j] = ImportanceWeights(x + 16 * j, importance + 16 * j, 16, sigma2, w[j]);
+    xs[j] = x + 16 * j;
+    ws[j] = w[j];
+    Ls[j] = L + 16 * j;
+  }
+  for (int j = 0; j < 16; j += 8) {
+    FitScaleMinMany(8, 16, 3, xs + j, ws + j, Ls + j, scales + j, mins + j, -0.9f, 0.05f, 36);
+  }
+  uint8_t ls[16], lm[16];
+  StoreHalf(&blk->d, FitPositiveScale(16, 15, scales, ls, sw));
+  StoreHalf(&blk->dmin, FitPositiveScale(16, 15, mins, lm, sw));
+  const float d = HalfToFloat(blk->d), dmin = HalfToFloat(blk->dmin);
+  for (int j = 0; j < 16; ++j) {
+    blk->scales[j] = static_cast<uint8_t>(ls[j] | (lm[j] << 4));
+    grids[j] = {d * static_cast<float>(ls[j]), dmin * static_cast<float>(lm[j]), 0, 3};
+  }
+}
+
+// Q3_K: sixteen symmetric fits of 16 (codes -4..3), their scales fit symmetrically to 6 bits.
+void FitHeaderQ3_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids) {
+  auto* blk = reinterpret_cast<block_q3_K*>(block);
+  const float sigma2 = 2 * MeanSquare(x, kQK_K);
+  float w[16], sw[16], scales[16];
+  uint8_t L[16], ls[16];
+  for (int j = 0; j < 16; ++j) {
+    sw[j] = ImportanceWeights(x + 16 * j, importance + 16 * j, 16, sigma2, w);
+    scales[j] = FitSymmetricScale(16, 4, x + 16 * j, L, w);
+  }
+  StoreHalf(&blk->d, FitSymmetricScale(16, 32, scales, ls, sw));
+  std::fill(blk->scales, blk->scales + 12, 0);
+  for (int j = 0; j < 16; ++j) PackScaleQ3_K(j, ls[j], blk->scales);
+  const float d = HalfToFloat(blk->d);
+  for (int j = 0; j < 16; ++j) grids[j] = {d * static_cast<float>(ScaleQ3_K(j, blk->scales)), 0.0f, 4, 7};
+}
+
+// Q6_K: the reference header with each sub-block fit weighted by the importance alone.
+void FitHeaderQ6_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids) {
+  auto* blk = reinterpret_cast<block_q6_K*>(block);
+  uint8_t L[kQK_K];
+  const bool nonzero = FitHeaderQ6_KInto(x, importance, blk, L);
+  const float d = nonzero ? HalfToFloat(blk->d) : 0.0f;
+  for (int j = 0; j < 16; ++j) grids[j] = {d * static_cast<float>(blk->scales[j]), 0.0f, 32, 63};
+}
+
+int SubBlockGridCode(float x, const SubBlockGrid& g) {
+  if (g.scale == 0) return g.zero;
+  return std::clamp(NearestInt((x + g.offset) / g.scale) + g.zero, 0, g.max_code);
+}
+
+void QuantizeRowWeighted(const GgmlKernelTraits& k, const float* x, const float* importance, int64_t n, uint8_t* out) {
+  SubBlockGrid grids[kQK_K / 16];
+  uint8_t codes[kQK_K];
+  const int64_t block_bytes = FindGgmlType(k.type)->block_bytes;
+  for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K, importance += kQK_K, out += block_bytes) {
+    k.fit_header(x, importance, out, grids);
+    for (int e = 0; e < kQK_K; ++e) codes[e] = static_cast<uint8_t>(SubBlockGridCode(x[e], grids[e / k.sub_block]));
+    k.set_codes(codes, out);
   }
 }
 

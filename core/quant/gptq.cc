@@ -63,6 +63,13 @@ absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t co
   if (o.percdamp < 0 || o.block_size <= 0) return absl::InvalidArgumentError("gptq: percdamp < 0 or block_size <= 0");
   const int64_t groups = cols / g;
   const bool static_groups = o.group > 0 && (o.static_groups || o.act_order);
+  const bool subgroups = static_cast<bool>(o.choose_subgroup_grids);
+  const int64_t sub = subgroups ? o.subgroup : g;  // columns per grid
+  if (subgroups && (o.group <= 0 || o.subgroup <= 0 || g % o.subgroup != 0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("gptq: subgroup ", o.subgroup, " does not divide the group ", o.group));
+  }
+  const int64_t grids_per_group = g / sub;
 
   std::vector<double> W(static_cast<size_t>(rows * cols));
   for (int64_t i = 0; i < rows * cols; ++i) W[i] = w[i];
@@ -80,13 +87,24 @@ absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t co
   res.codes.assign(static_cast<size_t>(rows * cols), 0);
   res.scales.assign(static_cast<size_t>(rows * groups), 0);
   res.zeros.assign(static_cast<size_t>(rows * groups), 0);
-  std::vector<QIntGrid> grid(static_cast<size_t>(rows * groups));
+  // grid[(r * groups + k) * grids_per_group + c / sub]: the grid of column c of group k in row r.
+  std::vector<QIntGrid> grid(static_cast<size_t>(rows * groups * grids_per_group));
+  // What choose_subgroup_grids weighs each column by (the header comment says why); filled before it is called.
+  std::vector<float> importance(subgroups ? static_cast<size_t>(cols) : 0);
+  if (subgroups && static_groups) {
+    for (int64_t i = 0; i < cols; ++i) importance[i] = static_cast<float>(H[i * cols + i]);
+  }
   // Called for distinct rows from several threads: each call has its own scratch.
   auto choose_grid = [&](int64_t r, int64_t group, const double* values) {
     std::vector<float> seg(static_cast<size_t>(g));
     for (int64_t i = 0; i < g; ++i) seg[i] = static_cast<float>(values[i]);
+    QIntGrid* grids = &grid[(r * groups + group) * grids_per_group];
+    if (subgroups) {
+      o.choose_subgroup_grids(r, group, seg.data(), &importance[group * g], g, grids);
+      return;
+    }
     const QIntGrid q = o.choose_grid ? o.choose_grid(seg.data(), g) : ChooseQIntGrid(seg.data(), g, o.bits, o.symmetric);
-    grid[r * groups + group] = q;
+    grids[0] = q;
     res.scales[r * groups + group] = q.scale_half;
     res.zeros[r * groups + group] = static_cast<uint8_t>(q.zero);
   };
@@ -119,6 +137,10 @@ absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t co
   for (int64_t i = 0; i < cols; ++i) H[i * cols + i] += damp;
   if (auto s = UpperCholeskyOfInverse(H, cols, "gptq"); !s.ok()) return s;
   const std::vector<double>& U = H;
+  // Without act order the columns keep their places, so U_jj is column j's: [H_F⁻¹]_jj = U_jj².
+  if (subgroups && !static_groups) {
+    for (int64_t j = 0; j < cols; ++j) importance[j] = static_cast<float>(1.0 / (U[j * cols + j] * U[j * cols + j]));
+  }
 
   // Lazy batches: a block's columns update each other immediately, the columns after the block once, with a
   // GEMM. Without static groups a group's grid is chosen from its fully updated weights when its first
@@ -141,7 +163,7 @@ absl::StatusOr<GptqResult> GptqQuantize(const float* w, int64_t rows, int64_t co
         for (int64_t r = r0; r < r1; ++r) {
           double* wr = &W[r * cols];
           if (group_start) choose_grid(r, k, wr + j);
-          const QIntGrid& q = grid[r * groups + k];
+          const QIntGrid& q = grid[(r * groups + k) * grids_per_group + (orig % g) / sub];
           const int code = QIntCode(wr[j], q);
           res.codes[r * cols + orig] = static_cast<uint8_t>(code);
           const double e = (wr[j] - static_cast<double>(QIntValue(code, q))) / d;

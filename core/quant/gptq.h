@@ -31,12 +31,22 @@ struct GptqOptions {
   // The grid of one group (or row) from its current weights; nullptr: ChooseQIntGrid, the kQInt grid of `bits`
   // and `symmetric`. The ternary method passes its {-s, 0, +s} grid (ternary.h).
   std::function<QIntGrid(const float* x, int64_t n)> choose_grid;
+  // Grids finer than the group, fit together (ggml's K-quants: a group is a 256-column super-block whose one
+  // header stores a grid per 16 or 32 columns). When set it replaces choose_grid: called with the row, the group's
+  // index, its current weights x[n] and each of its columns' importance, it fills grids[n / subgroup], the grid of
+  // column c being grids[c / subgroup]. The importance of column j is 1 / [H_F⁻¹]_jj over the columns F not yet
+  // quantized when the group comes up, the weight of that column's squared rounding error in the layer-output loss
+  // once the feedback has spread it (with static groups, before any feedback: H_jj). Calls for distinct rows may
+  // run at once on several threads.
+  int subgroup = 0;
+  std::function<void(int64_t row, int64_t group, const float* x, const float* importance, int64_t n, QIntGrid* grids)>
+      choose_subgroup_grids;
 };
 
 // The result in kQInt terms, columns in their original order.
 struct GptqResult {
   std::vector<uint8_t> codes;    // [rows, cols], one code per byte
-  std::vector<uint16_t> scales;  // [rows, groups] f16
+  std::vector<uint16_t> scales;  // [rows, groups] f16 (0 with choose_subgroup_grids: the caller keeps its headers)
   std::vector<uint8_t> zeros;    // [rows, groups]
 };
 

@@ -4,6 +4,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "core/base/half.h"
@@ -372,6 +373,95 @@ class GptqQ4_0Method : public QuantMethod {
   }
 };
 
+// GPTQ onto a ggml K-quant's grid (gptq_q2_k ... gptq_q6_k), written as that type so llama.cpp runs it. A group is
+// a 256-column super-block: when its first column comes up, its header (d, dmin, the sub-block scales) is fit to
+// the weights as the feedback has updated them, with the importance-weighted fit llama-quantize runs with an
+// imatrix (each column weighted by what its rounding error costs, GptqOptions::choose_subgroup_grids); then every
+// column is rounded onto its 16- or 32-column sub-block's grid and its error spread over the columns after it.
+class GptqKQuantMethod : public QuantMethod {
+ public:
+  GptqKQuantMethod(WeightType type, int bits, std::string plain)
+      : type_(type), bits_(bits), plain_(std::move(plain)), name_(absl::StrCat("gptq_", plain_)),
+        kernels_(kernels::FindGgmlKernels(type)) {}
+
+  std::string name() const override { return name_; }
+  std::string description() const override {
+    return absl::StrCat("GPTQ's Hessian error feedback onto ggml's ", plain_,
+                        " grid, headers fit with Hessian importance (needs calibration; a ", plain_,
+                        " GGUF llama.cpp runs)");
+  }
+  QuantParams DefaultParams() const override { return {bits_, kernels::kQK_K, false, false}; }
+  bool NeedsCalibration() const override { return true; }
+  absl::Status Validate(const QuantParams& p) const override {
+    if (p.bits != bits_ || p.group != kernels::kQK_K) {
+      return absl::InvalidArgumentError(absl::StrCat(name_, ": ", plain_, " is ", bits_, " bits per ", kernels::kQK_K,
+                                                     "-weight super-block, got bits ", p.bits, " group ", p.group));
+    }
+    if (!(p.damp >= 0)) return absl::InvalidArgumentError(absl::StrCat(name_, ": damp must be >= 0, got ", p.damp));
+    return absl::OkStatus();
+  }
+  absl::StatusOr<WeightFormat> OutputFormat(const QuantParams& p, int64_t rows, int64_t cols) const override {
+    QF_RETURN_IF_ERROR(Validate(p));
+    QF_RETURN_IF_ERROR(CheckShape(rows, cols));
+    if (cols % kernels::kQK_K != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name_, ": row length ", cols, " is not a multiple of the block size ", kernels::kQK_K));
+    }
+    return WeightFormat::Of(type_);
+  }
+  absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
+                                                ThreadPool* pool, const calib::LayerStats* calib) const override {
+    QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
+    if (calib == nullptr) {
+      return absl::FailedPreconditionError(absl::StrCat(name_, ": needs calibration statistics (the layer's input Hessian)"));
+    }
+    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
+      return absl::InvalidArgumentError(absl::StrCat(name_, ": calibration statistics are for ", calib->cols,
+                                                     " inputs, the matrix has ", cols));
+    }
+    const int64_t blocks = cols / kernels::kQK_K;
+    const size_t block_bytes = static_cast<size_t>(FindGgmlType(type_)->block_bytes);
+    std::vector<uint8_t> out = LargeZeroedVector<uint8_t>(static_cast<size_t>(rows * blocks) * block_bytes, pool);
+    auto block_at = [&](int64_t row, int64_t b) { return out.data() + static_cast<size_t>(row * blocks + b) * block_bytes; };
+    GptqOptions o;
+    o.bits = bits_;
+    o.group = kernels::kQK_K;
+    o.subgroup = kernels_->sub_block;
+    o.act_order = p.act_order;
+    o.static_groups = p.static_groups;
+    o.percdamp = p.damp;
+    o.pool = pool;
+    o.choose_subgroup_grids = [&](int64_t row, int64_t b, const float* x, const float* importance, int64_t,
+                                  QIntGrid* grids) {
+      kernels::SubBlockGrid fitted[kernels::kQK_K / 16];
+      kernels_->fit_header(x, importance, block_at(row, b), fitted);
+      for (int j = 0; j < kernels::kQK_K / kernels_->sub_block; ++j) {
+        grids[j].scale = fitted[j].scale;
+        grids[j].offset = fitted[j].offset;
+        grids[j].zero = fitted[j].zero;
+        grids[j].max_code = fitted[j].max_code;
+      }
+    };
+    QF_ASSIGN_OR_RETURN(const GptqResult r, GptqQuantize(w, rows, cols, calib->hessian.data(), o));
+    ParallelForOrInline(pool, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t row = r0; row < r1; ++row) {
+        for (int64_t b = 0; b < blocks; ++b) kernels_->set_codes(&r.codes[row * cols + b * kernels::kQK_K], block_at(row, b));
+      }
+    });
+    return out;
+  }
+  // Where the type cannot hold a shape, what the plain type falls back to (llama-quantize's chain).
+  std::optional<std::pair<std::string, QuantParams>> Fallback(const QuantParams& p) const override {
+    return FindMethod(plain_)->Fallback(p);
+  }
+
+ private:
+  WeightType type_;
+  int bits_;
+  std::string plain_, name_;
+  const kernels::GgmlKernelTraits* kernels_;
+};
+
 // AWQ into the same kQInt grid as rtn. The per-channel scaling half changes the model (1/s folded into the
 // RMSNorm weights), so it is the model transform (PrepareModel = AwqScaleModel), run once before QuantizeModel;
 // Quantize is the per-layer half, the activation-aware clipping search (awq.h) on the folded weights.
@@ -460,6 +550,12 @@ const std::vector<std::unique_ptr<QuantMethod>>& Registry() {
          "iq4_nl");
     r->push_back(std::make_unique<GptqMethod>());
     r->push_back(std::make_unique<GptqQ4_0Method>());
+    // One line per K-quant GPTQ can target: type, bits, the plain method of that type.
+    for (const auto& [type, bits, plain] : {std::tuple{WeightType::kQ2_K, 2, "q2_k"}, std::tuple{WeightType::kQ3_K, 3, "q3_k"},
+                                            std::tuple{WeightType::kQ4_K, 4, "q4_k"}, std::tuple{WeightType::kQ5_K, 5, "q5_k"},
+                                            std::tuple{WeightType::kQ6_K, 6, "q6_k"}}) {
+      r->push_back(std::make_unique<GptqKQuantMethod>(type, bits, plain));
+    }
     r->push_back(std::make_unique<AwqMethod>());
     r->push_back(MakeSpqrMethod());
     r->push_back(MakeSmoothQuantMethod());

@@ -48,18 +48,22 @@ struct QIntGrid {
   // Ternary grids only (max_code 2, zero 1): when positive, |w| <= deadzone codes to 0 and anything larger to
   // +-scale, a dead zone wider than nearest rounding's scale / 2 (the qmoe method's sparse grid, ternary.h).
   float deadzone = 0;
+  // Subtracted from every level (ggml's K-quants with a min, d * sc * q - dmin * m); 0 for the kQInt grids.
+  float offset = 0;
 };
 QIntGrid ChooseQIntGrid(const float* x, int64_t n, int bits, bool symmetric);
-// The code nearest to w on the grid (round half to even), clamped to [0, max_code].
+// The code nearest to w on the grid (round half to even), clamped to [0, max_code]; `zero` when the scale is 0.
 // A negative scale is a mirrored grid (ggml's Q4_0 stores d = signed max / -8).
 inline int QIntCode(double w, const QIntGrid& g) {
   if (!(std::fabs(g.scale) > 0)) return g.zero;
   if (g.deadzone > 0) return std::fabs(w) <= g.deadzone ? 1 : (w > 0 ? 2 : 0);
-  const double q = std::nearbyint(w / static_cast<double>(g.scale)) + g.zero;
+  const double q = std::nearbyint((w + static_cast<double>(g.offset)) / static_cast<double>(g.scale)) + g.zero;
   return static_cast<int>(std::clamp(q, 0.0, static_cast<double>(g.max_code)));
 }
-// What the kernels decode for `code`: scale * (code - zero).
-inline float QIntValue(int code, const QIntGrid& g) { return g.scale * static_cast<float>(code - g.zero); }
+// What the kernels decode for `code`: scale * (code - zero) - offset.
+inline float QIntValue(int code, const QIntGrid& g) {
+  return g.scale * static_cast<float>(code - g.zero) - g.offset;
+}
 
 // Writes a whole kQInt tensor from unpacked codes [rows, cols] (one per byte), f16 scales and zeros
 // [rows, groups_per_row] (zeros ignored when symmetric). `tensor_bytes` must be zero-filled, l.total_bytes long.
