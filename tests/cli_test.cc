@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <cstring>
 #include <fstream>
 #include <string>
 
@@ -192,6 +193,39 @@ TEST(Cli, QuantizeWithLlamaPreset) {
   Result list = RunQforge("methods");
   EXPECT_TRUE(absl::StrContains(list.out, "q4_k_m")) << list.out;
   EXPECT_TRUE(absl::StrContains(list.out, "q6_k")) << list.out;
+}
+
+// --method gptq --ggml-type: GPTQ onto a ggml type, or onto a preset's per-tensor types. The Q4_K_M file has the
+// preset's types tensor for tensor (the same as the plain preset's file), its linear weights differ from the plain
+// encoder's (the feedback moved codes), the untied token embeddings are the plain q4_k bytes (no calibration sees a
+// lookup), and the report names the gptq_ methods. A wrong pairing is a usage error naming the flag.
+TEST(Cli, QuantizeGptqOntoGgmlTypes) {
+  const std::string dir = ::testing::TempDir();
+  const std::string in = dir + "/gptq-ggml-in.gguf", plain = dir + "/gptq-ggml-plain.gguf",
+                    out = dir + "/gptq-ggml-q4_k_m.gguf";
+  Result m = RunQforge("make-synthetic " + in + " --dim 256 --hidden 512 --layers 2 --heads 4 --kv-heads 2 --vocab 512");
+  ASSERT_EQ(m.exit_code, 0) << m.err;
+  ASSERT_EQ(RunQforge("quantize --method q4_k_m " + in + " " + plain).exit_code, 0);
+  Result q = RunQforge("quantize --method gptq --ggml-type q4_k_m --calib-streams 4 --calib-len 32 " + in + " " + out);
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  EXPECT_TRUE(absl::StrContains(q.out, "gptq_q4_k")) << q.out;
+  EXPECT_TRUE(absl::StrContains(q.out, "gptq_q6_k")) << q.out;
+  auto a = qforge::formats::LoadModel(plain);
+  auto b = qforge::formats::LoadModel(out);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (const auto& [name, t] : a->tensors) {
+    const qforge::Tensor* g = b->Find(name);
+    ASSERT_NE(g, nullptr) << name;
+    EXPECT_EQ(g->format.type, t.format.type) << name;
+    const bool same = t.nbytes == g->nbytes && std::memcmp(t.data, g->data, t.nbytes) == 0;
+    if (name == "token_embd.weight" || t.format.type == qforge::WeightType::kF32) {
+      EXPECT_TRUE(same) << name;
+    } else {
+      EXPECT_FALSE(same) << name;
+    }
+  }
+  ExpectOneLineError(RunQforge("quantize --method rtn --ggml-type q4_k " + in + " " + out), 2, "--ggml-type");
+  ExpectOneLineError(RunQforge("quantize --method gptq --ggml-type q8_0 " + in + " " + out), 2, "--ggml-type");
 }
 
 // compare decodes both files' tensors to fp32: a model against itself in another container is bit-identical;

@@ -1,7 +1,9 @@
 #include "core/quant/ggml_presets.h"
 
+#include <algorithm>
 #include <array>
 #include <cstdio>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "core/model/ggml_types.h"
@@ -128,6 +130,36 @@ absl::StatusOr<QuantRecipe> GgmlPresetRecipe(const GgmlPreset& preset, const Mod
     const std::string m = GgmlPresetTensorMethod(preset, model.config, name, t->cols(), has_output);
     // Tensor names hold no glob characters, so each rule matches exactly its tensor.
     if (m != recipe.method) recipe.layers.push_back(LayerRule{name, m, std::nullopt});
+  }
+  return recipe;
+}
+
+QuantRecipe GptqOfGgmlRecipe(QuantRecipe recipe, const Model& model, const QuantParams& gptq) {
+  auto variant = [&](const std::string& method) -> std::optional<std::pair<std::string, QuantParams>> {
+    const QuantMethod* g = FindMethod("gptq_" + method);
+    if (g == nullptr) return std::nullopt;
+    QuantParams p = g->DefaultParams();
+    p.damp = gptq.damp;
+    p.act_order = gptq.act_order;
+    p.static_groups = gptq.static_groups;
+    return std::make_pair(g->name(), p);
+  };
+  const bool untied = model.Find(names::kOutput) != nullptr;
+  for (LayerRule& r : recipe.layers) {
+    if (untied && r.pattern == names::kTokenEmbd) continue;
+    if (auto v = variant(r.method)) {
+      r.method = v->first;
+      r.params = v->second;
+    }
+  }
+  if (auto v = variant(recipe.method)) {
+    const bool embd_rule = std::any_of(recipe.layers.begin(), recipe.layers.end(),
+                                       [](const LayerRule& r) { return r.pattern == names::kTokenEmbd; });
+    if (untied && recipe.quantize_embeddings && !embd_rule) {
+      recipe.layers.insert(recipe.layers.begin(), LayerRule{names::kTokenEmbd, recipe.method, recipe.params});
+    }
+    recipe.method = v->first;
+    recipe.params = v->second;
   }
   return recipe;
 }

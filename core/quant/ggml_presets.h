@@ -39,4 +39,10 @@ std::string GgmlPresetTensorMethod(const GgmlPreset& preset, const ModelConfig& 
 // weight except MoE routers), one exact-name rule per tensor whose method differs from the base.
 absl::StatusOr<QuantRecipe> GgmlPresetRecipe(const GgmlPreset& preset, const Model& model);
 
+// The GPTQ form of a ggml recipe (qforge quantize --method gptq --ggml-type q4_k_m): the default method and every
+// rule's whose type has a GPTQ method (gptq_<type>) become it, with that method's bits and group and `gptq`'s
+// damping and act order; other types (q8_0, f16, fallbacks) stay. The token embeddings of a model with its own
+// output tensor keep the plain type: they are a lookup, which calibration never sees (llama.cpp's imatrix neither).
+QuantRecipe GptqOfGgmlRecipe(QuantRecipe recipe, const Model& model, const QuantParams& gptq);
+
 }  // namespace qforge::quant

@@ -32,8 +32,9 @@ std::string MethodNames();
 inline const std::set<std::string> kMethodValueFlags = {"method", "bits", "group", "damp", "alpha",
                                                         "outlier-threshold", "seed"};
 inline const std::set<std::string> kMethodBoolFlags = {"asym", "no-double-quant", "act-order"};
-absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodFromFlags(const Flags& f,
-                                                                                       const std::string& usage);
+// `method_name` non-empty: that method instead of --method's (the other flags still apply).
+absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodFromFlags(
+    const Flags& f, const std::string& usage, const std::string& method_name = "");
 
 // The two lines `qforge eval --base` prints for a comparison of `what` ("text FILE"); `qforge submit --watch` and
 // `qforge watch` print them for a job's Job.quality, which holds the same numbers.

@@ -129,12 +129,13 @@ absl::Status Methods(const std::vector<std::string>& args, std::ostream& out) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodFromFlags(const Flags& f,
-                                                                                       const std::string& usage) {
+absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodFromFlags(
+    const Flags& f, const std::string& usage, const std::string& method_name) {
   if (!f.Has("method")) return UsageError(absl::StrCat("--method is required (", MethodNames(), "); usage: ", usage));
-  const quant::QuantMethod* method = quant::FindMethod(f.Get("method"));
+  const std::string name = method_name.empty() ? f.Get("method") : method_name;
+  const quant::QuantMethod* method = quant::FindMethod(name);
   if (method == nullptr) {
-    return UsageError(absl::StrCat("unknown method '", f.Get("method"), "' (known: ", MethodNames(), ")"));
+    return UsageError(absl::StrCat("unknown method '", name, "' (known: ", MethodNames(), ")"));
   }
   quant::QuantParams params = method->DefaultParams();
   QF_ASSIGN_OR_RETURN(params.bits, f.GetInt("bits", params.bits, 1, 64));
@@ -157,29 +158,47 @@ absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodF
 }
 
 absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
-  std::set<std::string> value_flags = {"threads",    "tokenizer", "calib-text", "calib-streams",
-                                       "calib-len",  "calib-seed", "layers",    "target-bpw"};
+  std::set<std::string> value_flags = {"threads",    "tokenizer", "calib-text", "calib-streams", "calib-len",
+                                       "calib-seed", "layers",    "target-bpw", "ggml-type"};
   std::set<std::string> bool_flags = {"quantize-embeddings", "pure", "calib-sequential"};
   value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, value_flags, bool_flags));
   const std::string usage =
-      "qforge quantize (--method M [--bits B] [--group G] [--asym] [--no-double-quant] [--act-order] [--damp D] [--alpha A] [--outlier-threshold T] [--seed S] "
+      "qforge quantize (--method M [--ggml-type T (with gptq)] [--bits B] [--group G] [--asym] [--no-double-quant] [--act-order] [--damp D] [--alpha A] [--outlier-threshold T] [--seed S] "
       "[--layers 'GLOB=METHOD[:bits=B,group=G,asym];...'] [--pure] | --target-bpw X) [--quantize-embeddings] "
       "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--calib-sequential] [--threads N] "
       "[--tokenizer TOK] IN OUT.{gguf,safetensors}";
   const bool automatic = f.Has("target-bpw");
   if (automatic && f.Has("layers")) return UsageError("--target-bpw plans every tensor itself: drop --layers");
+  // --method gptq --ggml-type T: GPTQ's error feedback onto ggml type T (the method gptq_T), or onto every tensor
+  // of llama-quantize preset T whose type has a gptq_ method.
+  std::string ggml_type;
+  if (f.Has("ggml-type")) {
+    ggml_type = f.Get("ggml-type");
+    if (f.Get("method") != "gptq") return UsageError("--ggml-type goes with --method gptq (GPTQ onto that ggml type)");
+    if (automatic) return UsageError("--target-bpw plans every tensor itself: drop --ggml-type");
+    if (quant::FindGgmlPreset(ggml_type) == nullptr && quant::FindMethod("gptq_" + ggml_type) == nullptr) {
+      return UsageError(absl::StrCat("--ggml-type ", ggml_type, ": GPTQ writes q4_0, q2_k, q3_k, q4_k, q5_k, q6_k and "
+                                     "the presets (qforge methods lists them)"));
+    }
+  }
   // A llama-quantize preset (q4_k_m, ..., and q2_k / q6_k, whose names are also types) picks each tensor's type;
   // --pure keeps the method of that name alone, as llama-quantize's --pure does.
+  const std::string preset_name = ggml_type.empty() ? f.Get("method") : ggml_type;
   const quant::GgmlPreset* preset =
-      f.Has("method") && !f.GetBool("pure") ? quant::FindGgmlPreset(f.Get("method")) : nullptr;
+      f.Has("method") && !f.GetBool("pure") ? quant::FindGgmlPreset(preset_name) : nullptr;
   if (preset != nullptr && automatic) return UsageError("--target-bpw plans every tensor itself: drop the preset");
   // In automatic mode every target tensor gets an explicit rule, so the default method only fills the metadata.
   std::pair<const quant::QuantMethod*, quant::QuantParams> method_and_params = {
       quant::FindMethod("q8_0"), quant::FindMethod("q8_0")->DefaultParams()};
   if (preset != nullptr) {
     method_and_params = {quant::FindMethod(preset->base_method), quant::FindMethod(preset->base_method)->DefaultParams()};
+  } else if (!ggml_type.empty()) {
+    // --pure with a preset's name: its base type alone.
+    const quant::GgmlPreset* named = quant::FindGgmlPreset(ggml_type);
+    QF_ASSIGN_OR_RETURN(method_and_params,
+                        MethodFromFlags(f, usage, absl::StrCat("gptq_", named ? named->base_method : ggml_type)));
   } else if (!automatic || f.Has("method")) {
     QF_ASSIGN_OR_RETURN(method_and_params, MethodFromFlags(f, usage));
   }
@@ -220,9 +239,14 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
     recipe.quantize_embeddings = expanded.quantize_embeddings;
     out << absl::StrFormat("preset %s: base %s, %d tensors raised or lowered\n", preset->name, preset->base_method,
                            expanded.layers.size());
+    if (!ggml_type.empty()) {
+      QF_ASSIGN_OR_RETURN(const auto gptq, MethodFromFlags(f, usage));
+      recipe = quant::GptqOfGgmlRecipe(std::move(recipe), model, gptq.second);
+      out << "gptq: every tensor whose type has a gptq_ method gets it\n";
+    }
   }
-  bool needs_calibration = method->NeedsCalibration() || method->HasModelTransform();
-  for (const quant::LayerRule& r : rules) {
+  bool needs_calibration = quant::FindMethod(recipe.method)->NeedsCalibration() || method->HasModelTransform();
+  for (const quant::LayerRule& r : recipe.layers) {
     const quant::QuantMethod* m = quant::FindMethod(r.method);
     needs_calibration |= m != nullptr && (m->NeedsCalibration() || m->HasModelTransform());
   }
