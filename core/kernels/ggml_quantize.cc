@@ -1014,22 +1014,32 @@ float ImportanceWeights(const float* x, const float* importance, int n, float si
   return sum;
 }
 
+// The min-and-scale fits of a super-block's 256 / sub sub-blocks (sub 16 or 32, codes 0..nmax) with importance
+// weights, eight per FitScaleMinMany pass: each sub-block's scale and -min, and its summed weight in sw.
+void WeightedMinScaleFits(const float* x, const float* importance, int sub, int nmax, float sigma2, float* scales,
+                          float* neg_mins, float* sw) {
+  const int count = kQK_K / sub;
+  float w[kQK_K];
+  uint8_t L[kQK_K];
+  const float* xs[16];
+  const float* ws[16];
+  uint8_t* Ls[16];
+  for (int j = 0; j < count; ++j) {
+    sw[j] = ImportanceWeights(x + sub * j, importance + sub * j, sub, sigma2, w + sub * j);
+    xs[j] = x + sub * j;
+    ws[j] = w + sub * j;
+    Ls[j] = L + sub * j;
+  }
+  for (int j = 0; j < count; j += 8) {
+    FitScaleMinMany(8, sub, nmax, xs + j, ws + j, Ls + j, scales + j, neg_mins + j, -0.9f, 0.05f, 36);
+  }
+}
+
 // Q4_K / Q5_K: eight min-and-scale fits of 32, their scales and mins fit to 6 bits.
 template <typename Block>
 void FitHeaderK4Weighted(const float* x, const float* importance, int nmax, Block* blk, SubBlockGrid* grids) {
-  const float sigma2 = 2 * MeanSquare(x, kQK_K);
-  float w[8][32], sw[8], scales[8], mins[8];
-  uint8_t L[kQK_K];
-  const float* xs[8];
-  const float* ws[8];
-  uint8_t* Ls[8];
-  for (int j = 0; j < 8; ++j) {
-    sw[j] = ImportanceWeights(x + 32 * j, importance + 32 * j, 32, sigma2, w[j]);
-    xs[j] = x + 32 * j;
-    ws[j] = w[j];
-    Ls[j] = L + 32 * j;
-  }
-  FitScaleMinMany(8, 32, nmax, xs, ws, Ls, scales, mins, -0.9f, 0.05f, 36);
+  float sw[8], scales[8], mins[8];
+  WeightedMinScaleFits(x, importance, 32, nmax, 2 * MeanSquare(x, kQK_K), scales, mins, sw);
   uint8_t ls[8], lm[8];
   StoreHalf(&blk->d, FitPositiveScale(8, 63, scales, ls, sw));
   StoreHalf(&blk->dmin, FitPositiveScale(8, 63, mins, lm, sw));
@@ -1053,21 +1063,8 @@ void FitHeaderQ5_K(const float* x, const float* importance, uint8_t* block, SubB
 // Q2_K: sixteen min-and-scale fits of 16 (codes 0..3), their scales and mins fit to 4 bits.
 void FitHeaderQ2_K(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids) {
   auto* blk = reinterpret_cast<block_q2_K*>(block);
-  const float sigma2 = MeanSquare(x, kQK_K);
-  float w[16][16], sw[16], scales[16], mins[16];
-  uint8_t L[kQK_K];
-  const float* xs[16];
-  const float* ws[16];
-  uint8_t* Ls[16];
-  for (int j = 0; j < 16; ++j) {
-    sw[j] = ImportanceWeights(x + 16 * j, importance + 16 * j, 16, sigma2, w[j]);
-    xs[j] = x + 16 * j;
-    ws[j] = w[j];
-    Ls[j] = L + 16 * j;
-  }
-  for (int j = 0; j < 16; j += 8) {
-    FitScaleMinMany(8, 16, 3, xs + j, ws + j, Ls + j, scales + j, mins + j, -0.9f, 0.05f, 36);
-  }
+  float sw[16], scales[16], mins[16];
+  WeightedMinScaleFits(x, importance, 16, 3, MeanSquare(x, kQK_K), scales, mins, sw);
   uint8_t ls[16], lm[16];
   StoreHalf(&blk->d, FitPositiveScale(16, 15, scales, ls, sw));
   StoreHalf(&blk->dmin, FitPositiveScale(16, 15, mins, lm, sw));
