@@ -8,6 +8,7 @@
 
 #include "core/model/ggml_types.h"
 #include "core/model/synthetic.h"
+#include "core/quant/quant_method.h"
 #include "core/quant/quantize_model.h"
 #include "gtest/gtest.h"
 
@@ -125,6 +126,50 @@ TEST(GgmlPresetsTest, FallbacksOnRowsOf64) {
   EXPECT_EQ(q3.at("blk.0.attn_q.weight"), "q4_0");
   EXPECT_EQ(q4.at("output.weight"), "q8_0");
   EXPECT_EQ(q3.at("blk.0.attn_v.weight"), "q5_1");  // q5_k (first two layers) -> q5_1
+}
+
+// GptqOfGgmlRecipe: every method with a gptq_ variant becomes it, with that variant's bits and group and the given
+// damping; q8_0 and the untied token embeddings stay plain; a tied token_embd (it is the classifier, which
+// calibration sees) gets GPTQ too.
+TEST(GgmlPresetsTest, GptqOfGgmlRecipe) {
+  QuantParams gptq = FindMethod("gptq")->DefaultParams();
+  gptq.damp = 0.05f;
+  const Model untied = MakeSyntheticModel(Layers(2), 3);
+  ASSERT_NE(untied.Find("output.weight"), nullptr);
+  auto plain = GgmlPresetRecipe(*FindGgmlPreset("q4_k_m"), untied);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  plain->layers.push_back(LayerRule{"blk.1.attn_k.weight", "q8_0", std::nullopt});
+  const QuantRecipe r = GptqOfGgmlRecipe(*plain, untied, gptq);
+  EXPECT_EQ(r.method, "gptq_q4_k");
+  ASSERT_TRUE(r.params.has_value());
+  EXPECT_EQ(r.params->group, 256);
+  EXPECT_EQ(r.params->damp, 0.05f);
+  std::map<std::string, std::string> rule;
+  for (const LayerRule& l : r.layers) rule.emplace(l.pattern, l.method);  // the first rule per name applies
+  EXPECT_EQ(rule.at("token_embd.weight"), "q4_k");
+  EXPECT_EQ(rule.at("output.weight"), "gptq_q6_k");
+  EXPECT_EQ(rule.at("blk.1.attn_v.weight"), "gptq_q6_k");
+  EXPECT_EQ(rule.at("blk.1.attn_k.weight"), "q8_0");
+  for (const LayerRule& l : r.layers) {
+    if (l.method.rfind("gptq_", 0) == 0) {
+      ASSERT_TRUE(l.params.has_value()) << l.pattern;
+      EXPECT_EQ(l.params->damp, 0.05f) << l.pattern;
+    }
+  }
+  ModelConfig tied_config = Layers(2);
+  tied_config.tied_embeddings = true;
+  const Model tied = MakeSyntheticModel(tied_config, 3);
+  ASSERT_EQ(tied.Find("output.weight"), nullptr);
+  auto tied_plain = GgmlPresetRecipe(*FindGgmlPreset("q4_k_m"), tied);
+  ASSERT_TRUE(tied_plain.ok()) << tied_plain.status();
+  const QuantRecipe t = GptqOfGgmlRecipe(*tied_plain, tied, gptq);
+  int embd_rules = 0;
+  for (const LayerRule& l : t.layers) {
+    if (l.pattern != "token_embd.weight") continue;
+    ++embd_rules;
+    EXPECT_EQ(l.method, "gptq_q6_k");
+  }
+  EXPECT_EQ(embd_rules, 1);
 }
 
 TEST(GgmlPresetsTest, EveryPresetHasAWritableBase) {
