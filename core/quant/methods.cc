@@ -47,6 +47,19 @@ absl::Status CheckShape(int64_t rows, int64_t cols) {
   return absl::OkStatus();
 }
 
+// The layer's input Hessian is there and fits a [rows, cols] matrix: what every Hessian-driven method here needs.
+absl::Status RequireLayerHessian(const std::string& method, int64_t cols, const calib::LayerStats* calib) {
+  if (calib == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(method, ": needs calibration statistics (the layer's input Hessian)"));
+  }
+  if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(method, ": calibration statistics are for ", calib->cols, " inputs, the matrix has ", cols));
+  }
+  return absl::OkStatus();
+}
+
 // Bits and group checks shared by every method that writes the qint encoding (rtn, gptq).
 absl::Status ValidateQIntParams(const char* method, const QuantParams& p) {
   if (p.bits < 2 || p.bits > 8) {
@@ -262,13 +275,7 @@ class GptqMethod : public QuantMethod {
                                                 ThreadPool* pool, const calib::LayerStats* calib) const override {
     QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
     QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
-    if (calib == nullptr) {
-      return absl::FailedPreconditionError("gptq: needs calibration statistics (the layer's input Hessian)");
-    }
-    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("gptq: calibration statistics are for ", calib->cols, " inputs, the matrix has ", cols));
-    }
+    QF_RETURN_IF_ERROR(RequireLayerHessian("gptq", cols, calib));
     GptqOptions o;
     o.bits = p.bits;
     o.group = p.group;
@@ -325,13 +332,7 @@ class GptqQ4_0Method : public QuantMethod {
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
                                                 ThreadPool* pool, const calib::LayerStats* calib) const override {
     QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
-    if (calib == nullptr) {
-      return absl::FailedPreconditionError("gptq_q4_0: needs calibration statistics (the layer's input Hessian)");
-    }
-    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
-      return absl::InvalidArgumentError(absl::StrCat("gptq_q4_0: calibration statistics are for ", calib->cols,
-                                                     " inputs, the matrix has ", cols));
-    }
+    QF_RETURN_IF_ERROR(RequireLayerHessian("gptq_q4_0", cols, calib));
     GptqOptions o;
     o.bits = 4;
     o.group = kernels::kQK4_0;
@@ -412,13 +413,7 @@ class GptqKQuantMethod : public QuantMethod {
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
                                                 ThreadPool* pool, const calib::LayerStats* calib) const override {
     QF_RETURN_IF_ERROR(OutputFormat(p, rows, cols).status());
-    if (calib == nullptr) {
-      return absl::FailedPreconditionError(absl::StrCat(name_, ": needs calibration statistics (the layer's input Hessian)"));
-    }
-    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
-      return absl::InvalidArgumentError(absl::StrCat(name_, ": calibration statistics are for ", calib->cols,
-                                                     " inputs, the matrix has ", cols));
-    }
+    QF_RETURN_IF_ERROR(RequireLayerHessian(name_, cols, calib));
     const int64_t blocks = cols / kernels::kQK_K;
     const size_t block_bytes = static_cast<size_t>(FindGgmlType(type_)->block_bytes);
     std::vector<uint8_t> out = LargeZeroedVector<uint8_t>(static_cast<size_t>(rows * blocks) * block_bytes, pool);
@@ -489,13 +484,7 @@ class AwqMethod : public QuantMethod {
                                                 ThreadPool*, const calib::LayerStats* calib) const override {
     QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
     QF_ASSIGN_OR_RETURN(const QIntLayout l, GetQIntLayout(f, rows, cols));
-    if (calib == nullptr) {
-      return absl::FailedPreconditionError("awq: needs calibration statistics (the layer's input Hessian)");
-    }
-    if (calib->cols != cols || calib->hessian.size() != static_cast<size_t>(cols * cols)) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("awq: calibration statistics are for ", calib->cols, " inputs, the matrix has ", cols));
-    }
+    QF_RETURN_IF_ERROR(RequireLayerHessian("awq", cols, calib));
     AwqOptions o;
     o.bits = p.bits;
     o.group = p.group;
