@@ -186,6 +186,14 @@ static_assert(sizeof(block_iq2_xxs) == 66 && sizeof(block_iq2_xs) == 74 && sizeo
                   sizeof(block_iq1_m) == 56,
               "ggml i-quants");
 
+// Scale k (0..15) of a Q3_K block, unbiased: low 4 bits from byte k % 8 (low nibble for k < 8, high nibble
+// after), high 2 bits from byte 8 + k % 4 at bit 2 * (k / 4).
+inline int Q3KScale(const uint8_t* s, int k) {
+  const int low = k < 8 ? (s[k] & 0xF) : (s[k - 8] >> 4);
+  const int high = (s[8 + k % 4] >> (2 * (k / 4))) & 3;
+  return (low | high << 4) - 32;
+}
+
 // Sub-block j (0..7) of a Q4_K super-block: 6-bit scale and min. The first four pairs sit in the low
 // six bits of bytes 0..7; the last four are split into a low nibble (bytes 8..11) and two high bits
 // borrowed from the top of bytes 0..7.

@@ -137,14 +137,6 @@ void DequantizeQ2_K(const uint8_t* bytes, int64_t nblocks, float* out) {
   }
 }
 
-// Scale k (0..15) of a Q3_K block, unbiased: low 4 bits from byte k % 8 (low nibble for k < 8, high nibble
-// after), high 2 bits from byte 8 + k % 4 at bit 2 * (k / 4).
-inline int Q3KScale(const uint8_t* s, int k) {
-  const int low = k < 8 ? (s[k] & 0xF) : (s[k - 8] >> 4);
-  const int high = (s[8 + k % 4] >> (2 * (k / 4))) & 3;
-  return (low | high << 4) - 32;
-}
-
 void DequantizeQ3_K(const uint8_t* bytes, int64_t nblocks, float* out) {
   const block_q3_K* b = Blocks<block_q3_K>(bytes);
   for (int64_t i = 0; i < nblocks; ++i, ++b) {

@@ -405,7 +405,8 @@ void SetCodesQ6_K(const uint8_t* L, uint8_t* block) {
 namespace {
 
 // Q3_K's 6-bit sub-block scales, biased by 32: low 4 bits in byte j % 8 (low nibble for j < 8), high 2 bits at
-// bit 2 (j / 4) of byte 8 + j % 4. Packed in order j = 0..15 into zeroed bytes; ScaleQ3_K reads one back unbiased.
+// bit 2 (j / 4) of byte 8 + j % 4. Packed in order j = 0..15 into zeroed bytes; Q3KScale (blocks.h) reads one back
+// unbiased.
 void PackScaleQ3_K(int j, uint8_t l, uint8_t* scales) {
   if (j < 8) {
     scales[j] = static_cast<uint8_t>(l & 0xF);
@@ -413,10 +414,6 @@ void PackScaleQ3_K(int j, uint8_t l, uint8_t* scales) {
     scales[j - 8] |= static_cast<uint8_t>((l & 0xF) << 4);
   }
   scales[j % 4 + 8] |= static_cast<uint8_t>((l >> 4) << (2 * (j / 4)));
-}
-int ScaleQ3_K(int j, const uint8_t* scales) {
-  const int low = j < 8 ? (scales[j] & 0xF) : (scales[j - 8] >> 4);
-  return (low | (((scales[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) - 32;
 }
 
 // The super-block fit Q4_K and Q5_K share (ggml's make_qkx2_quants per 32 weights, weighted by the sub-block's RMS
@@ -839,7 +836,7 @@ void QuantizeRowQ3_K(const float* x, int64_t n, uint8_t* out) {
     }
     const float d_stored = HalfToFloat(blk.d);
     for (int j = 0; j < 16; ++j) {
-      const float d = d_stored * static_cast<float>(ScaleQ3_K(j, blk.scales));
+      const float d = d_stored * static_cast<float>(Q3KScale(blk.scales, j));
       if (d == 0) continue;
       for (int l = 0; l < 16; ++l) {
         L[16 * j + l] = static_cast<uint8_t>(std::clamp(NearestInt(x[16 * j + l] / d), -4, 3) + 4);
@@ -1089,7 +1086,7 @@ void FitHeaderQ3_K(const float* x, const float* importance, uint8_t* block, SubB
   std::fill(blk->scales, blk->scales + 12, 0);
   for (int j = 0; j < 16; ++j) PackScaleQ3_K(j, ls[j], blk->scales);
   const float d = HalfToFloat(blk->d);
-  for (int j = 0; j < 16; ++j) grids[j] = {d * static_cast<float>(ScaleQ3_K(j, blk->scales)), 0.0f, 4, 7};
+  for (int j = 0; j < 16; ++j) grids[j] = {d * static_cast<float>(Q3KScale(blk->scales, j)), 0.0f, 4, 7};
 }
 
 // Q6_K: the reference header with each sub-block fit weighted by the importance alone.
