@@ -109,6 +109,18 @@ int main(int argc, char** argv) {
     }
     WriteText(out / "json" / (t + "_config.json"), formats::HfConfigJson(c));
   }
+  {
+    // An importance matrix as llama-imatrix writes it: a plain weight and a stacked expert tensor.
+    formats::ImportanceMatrix imatrix;
+    imatrix.datasets = {"calib.txt"};
+    imatrix.chunk_count = 2;
+    imatrix.chunk_size = 64;
+    imatrix.entries["blk.0.attn_q.weight"] = {.cols = 32, .experts = 1, .sum_squares = std::vector<float>(32, 2.0f),
+                                              .tokens = {128}};
+    imatrix.entries["blk.0.ffn_up_exps.weight"] = {.cols = 32, .experts = 2,
+                                                   .sum_squares = std::vector<float>(64, 0.5f), .tokens = {64, 0}};
+    if (auto g = formats::SerializeImatrixGguf(imatrix); check(g, "imatrix")) Write(out / "gguf" / "imatrix.gguf", *g);
+  }
   Model base = MakeSyntheticModel(fuzz::SeedConfig(), 3);
   // The 32-element ggml blocks fit the seed's 32-wide rows (the 256-element types would need 256).
   for (const WeightFormat& f : {WeightFormat::F16(), WeightFormat::BF16(), WeightFormat::Of(WeightType::kQ8_0),

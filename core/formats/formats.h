@@ -4,7 +4,9 @@
 // Readers memory-map and return tensors that view the mapping (no copies).
 #pragma once
 
+#include <map>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "core/model/model.h"
@@ -39,6 +41,32 @@ absl::StatusOr<Model> ReadGguf(const std::string& path);
 // Writes GGUF v3 that llama.cpp loads: general.architecture=llama, llama.* hyper-parameters,
 // tokenizer.ggml.* (when m.vocab is set), 32-byte alignment. Fails for encodings GGUF has no type for.
 absl::Status WriteGguf(const Model& m, const std::string& path);
+
+// An importance matrix as llama.cpp's llama-imatrix writes it (GGUF, general.type "imatrix"): for each weight
+// tensor (by its GGUF name, blk.0.attn_q.weight), the mean square of each input column over the calibration
+// tokens, per expert where the weight is a stacked expert tensor. llama-quantize --imatrix weighs each weight's
+// rounding error by it; so does `qforge quantize --imatrix`.
+struct ImportanceMatrix {
+  struct Entry {
+    int64_t cols = 0;
+    int64_t experts = 1;
+    std::vector<float> sum_squares;  // [experts, cols]: in_sum2, each column's sum of x² over the tokens
+    std::vector<float> tokens;       // [experts]: the counts
+    // sum_squares / tokens (llama-quantize's weights), 0 for an expert that saw no token.
+    float MeanSquare(int64_t expert, int64_t col) const {
+      const float n = tokens[static_cast<size_t>(expert)];
+      return n > 0 ? sum_squares[static_cast<size_t>(expert * cols + col)] / n : 0.0f;
+    }
+  };
+  std::map<std::string, Entry> entries;
+  std::vector<std::string> datasets;  // imatrix.datasets: the calibration files
+  int chunk_count = 0, chunk_size = 0;
+};
+// INVALID_ARGUMENT naming the key or tensor for anything else, a count or sum that is negative or not finite.
+absl::StatusOr<ImportanceMatrix> ReadImatrixGguf(const std::string& path);
+// The same file, as llama-imatrix writes it (llama-quantize --imatrix reads it); INVALID_ARGUMENT for an entry whose
+// sizes do not fit.
+absl::Status WriteImatrixGguf(const ImportanceMatrix& m, const std::string& path);
 
 // --- safetensors ----------------------------------------------------------------------------------------
 // Reads a single .safetensors file, a sharded model via model.safetensors.index.json, or a directory.

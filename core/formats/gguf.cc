@@ -2,10 +2,12 @@
 // pairs, the tensor infos, padding to general.alignment, then the tensor data. v2 and v3 share this
 // layout (v3 only added big-endian files, which we do not read).
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -180,6 +182,76 @@ class GgufParser {
   }
 
   absl::StatusOr<Model> Parse(std::shared_ptr<const void> owner) {
+    QF_ASSIGN_OR_RETURN(Model m, ParseTensors(std::move(owner)));
+    QF_RETURN_IF_ERROR(FillConfig(&m));
+    QF_RETURN_IF_ERROR(SplitExperts(&m));
+    QF_RETURN_IF_ERROR(FillVocab(&m));
+    if (const Value* v = Find("general.name"); v != nullptr && v->type == kString) m.metadata["general.name"] = v->s;
+    if (const Value* v = Find("general.file_type"); v != nullptr && v->type == kU32) {
+      m.metadata["general.file_type"] = absl::StrCat(v->u);
+    }
+    if (const Value* v = Find(kChatTemplateKey); v != nullptr && v->type == kString) m.metadata[kChatTemplateKey] = v->s;
+    m.metadata["source.format"] = "gguf";
+    QF_RETURN_IF_ERROR(ValidateModel(m));
+    return m;
+  }
+
+  // llama-imatrix's output: general.type "imatrix", and per weight W the f32 tensors W.in_sum2 [experts, cols]
+  // (the sums of each input column's squares) and W.counts [experts, 1] (the tokens each sum is over).
+  absl::StatusOr<ImportanceMatrix> ParseImatrix() {
+    QF_ASSIGN_OR_RETURN(const Model m, ParseTensors(nullptr));
+    const Value* type = Find("general.type");
+    if (type == nullptr || type->type != kString || type->s != "imatrix") {
+      return Bad("general.type is not \"imatrix\": not an importance matrix (llama-imatrix writes one)");
+    }
+    ImportanceMatrix out;
+    if (const Value* d = Find("imatrix.datasets"); d != nullptr && d->type == kArray) out.datasets = d->strings;
+    QF_RETURN_IF_ERROR(GetInt("imatrix.chunk_count", &out.chunk_count, false));
+    QF_RETURN_IF_ERROR(GetInt("imatrix.chunk_size", &out.chunk_size, false));
+    const std::string kSums = ".in_sum2", kCounts = ".counts";
+    for (const auto& [name, t] : m.tensors) {
+      if (!name.ends_with(kSums)) {
+        if (name.ends_with(kCounts) && m.Find(name.substr(0, name.size() - kCounts.size()) + kSums)) {
+          continue;
+        }
+        return Bad(absl::StrCat("tensor '", name, "' is neither a W.in_sum2 nor a W.counts"));
+      }
+      const std::string weight = name.substr(0, name.size() - kSums.size());
+      const Tensor* counts = m.Find(weight + kCounts);
+      if (counts == nullptr) return Bad(absl::StrCat("tensor '", name, "' has no '", weight, kCounts, "'"));
+      if (t.format.type != WeightType::kF32 || counts->format.type != WeightType::kF32) {
+        return Bad(absl::StrCat("'", weight, "': in_sum2 and counts must be f32"));
+      }
+      const int64_t experts = t.shape.size() == 1 ? 1 : t.rows(), cols = t.cols();
+      if (t.shape.size() > 2 || counts->numel() != experts || cols == 0 || experts == 0) {
+        return Bad(absl::StrCat("'", weight, "': in_sum2 [", absl::StrJoin(t.shape, ", "), "] and counts [",
+                                absl::StrJoin(counts->shape, ", "), "] do not match (want [experts, cols], [experts, 1])"));
+      }
+      ImportanceMatrix::Entry e;
+      e.cols = cols;
+      e.experts = experts;
+      e.tokens.resize(static_cast<size_t>(experts));
+      e.sum_squares.resize(static_cast<size_t>(experts * cols));
+      std::memcpy(e.tokens.data(), counts->data, sizeof(float) * e.tokens.size());
+      std::memcpy(e.sum_squares.data(), t.data, sizeof(float) * e.sum_squares.size());
+      for (const float n : e.tokens) {
+        if (!(n >= 0) || !std::isfinite(n)) return Bad(absl::StrCat("'", weight, "': count ", n, " is not a count"));
+      }
+      for (size_t k = 0; k < e.sum_squares.size(); ++k) {
+        const float v = e.sum_squares[k];
+        if (!(v >= 0) || !std::isfinite(v)) {
+          return Bad(absl::StrCat("'", weight, "': sum of squares ", v, " at column ", k % cols, " is not >= 0"));
+        }
+      }
+      out.entries.emplace(weight, std::move(e));
+    }
+    return out;
+  }
+
+ private:
+  // The header, key/value pairs and tensor infos, checked, and every tensor as a view of the bytes; no
+  // configuration is read.
+  absl::StatusOr<Model> ParseTensors(std::shared_ptr<const void> owner) {
     uint32_t magic = 0, version = 0;
     uint64_t n_tensors = 0, n_kv = 0;
     QF_RETURN_IF_ERROR(r_.Read(&magic, "magic"));
@@ -274,20 +346,9 @@ class GgufParser {
       m.tensors.emplace(info.name, Tensor::View(info.name, info.shape, info.format, owner, data, info.nbytes));
     }
     QF_RETURN_IF_ERROR(CheckNoOverlap(m));
-    QF_RETURN_IF_ERROR(FillConfig(&m));
-    QF_RETURN_IF_ERROR(SplitExperts(&m));
-    QF_RETURN_IF_ERROR(FillVocab(&m));
-    if (const Value* v = Find("general.name"); v != nullptr && v->type == kString) m.metadata["general.name"] = v->s;
-    if (const Value* v = Find("general.file_type"); v != nullptr && v->type == kU32) {
-      m.metadata["general.file_type"] = absl::StrCat(v->u);
-    }
-    if (const Value* v = Find(kChatTemplateKey); v != nullptr && v->type == kString) m.metadata[kChatTemplateKey] = v->s;
-    m.metadata["source.format"] = "gguf";
-    QF_RETURN_IF_ERROR(ValidateModel(m));
     return m;
   }
 
- private:
   absl::Status Bad(const std::string& what) const { return absl::InvalidArgumentError(absl::StrCat("gguf: ", what)); }
 
   const Value* Find(const std::string& key) const {
@@ -513,6 +574,17 @@ absl::StatusOr<Model> ParseGguf(std::span<const uint8_t> bytes, std::shared_ptr<
   return GgufParser(bytes).Parse(std::move(owner));
 }
 
+absl::StatusOr<ImportanceMatrix> ParseImatrixGguf(std::span<const uint8_t> bytes) {
+  return GgufParser(bytes).ParseImatrix();
+}
+
+absl::StatusOr<ImportanceMatrix> ReadImatrixGguf(const std::string& path) {
+  QF_ASSIGN_OR_RETURN(std::shared_ptr<const MappedFile> file, MappedFile::Open(path));
+  auto m = ParseImatrixGguf(file->bytes());
+  if (!m.ok()) return absl::Status(m.status().code(), absl::StrCat(path, ": ", m.status().message()));
+  return m;
+}
+
 absl::StatusOr<Model> ReadGguf(const std::string& path) {
   QF_ASSIGN_OR_RETURN(std::shared_ptr<const MappedFile> file, MappedFile::Open(path));
   auto m = ParseGguf(file->bytes(), file);
@@ -662,6 +734,65 @@ absl::StatusOr<std::vector<uint8_t>> SerializeGguf(const Model& m) {
 absl::Status WriteGguf(const Model& m, const std::string& path) {
   QF_ASSIGN_OR_RETURN(GgufParts g, MakeGgufParts(m));
   return WriteFileAtomically(path, g.parts);
+}
+
+absl::StatusOr<std::vector<uint8_t>> SerializeImatrixGguf(const ImportanceMatrix& m) {
+  Writer kv;
+  kv.KeyString("general.type", "imatrix");
+  kv.Key("imatrix.datasets", kArray);
+  kv.Put<uint32_t>(kString);
+  kv.Put<uint64_t>(m.datasets.size());
+  for (const std::string& d : m.datasets) kv.PutString(d);
+  kv.KeyU32("imatrix.chunk_count", static_cast<uint32_t>(m.chunk_count));
+  kv.KeyU32("imatrix.chunk_size", static_cast<uint32_t>(m.chunk_size));
+  // llama-imatrix's layout: per weight, in sorted name order, W.in_sum2 (ne = [cols, experts]) and W.counts
+  // (ne = [1, experts]), f32.
+  struct Out {
+    std::string name;
+    uint64_t ne0, ne1;
+    std::vector<float> values;
+  };
+  std::vector<Out> tensors;
+  for (const auto& [name, e] : m.entries) {
+    if (e.cols <= 0 || e.experts <= 0 || e.sum_squares.size() != static_cast<size_t>(e.cols * e.experts) ||
+        e.tokens.size() != static_cast<size_t>(e.experts)) {
+      return absl::InvalidArgumentError(absl::StrCat("imatrix entry '", name, "': ", e.sum_squares.size(),
+                                                     " values and ", e.tokens.size(), " counts do not fit ",
+                                                     e.experts, " experts x ", e.cols, " columns"));
+    }
+    tensors.push_back({name + ".in_sum2", static_cast<uint64_t>(e.cols), static_cast<uint64_t>(e.experts),
+                       e.sum_squares});
+    tensors.push_back({name + ".counts", 1, static_cast<uint64_t>(e.experts), e.tokens});
+  }
+  Writer w;
+  w.Put<uint32_t>(kMagic);
+  w.Put<uint32_t>(3);
+  w.Put<uint64_t>(tensors.size());
+  w.Put<uint64_t>(kv.kv_count());
+  w.out().insert(w.out().end(), kv.out().begin(), kv.out().end());
+  uint64_t offset = 0;
+  for (const Out& t : tensors) {
+    w.PutString(t.name);
+    // ggml's count of dimensions: trailing dimensions of 1 are not written.
+    w.Put<uint32_t>(t.ne1 > 1 ? 2 : 1);
+    w.Put<uint64_t>(t.ne0);
+    if (t.ne1 > 1) w.Put<uint64_t>(t.ne1);
+    w.Put<uint32_t>(0);  // GGML_TYPE_F32
+    w.Put<uint64_t>(offset);
+    offset = (offset + 4 * t.values.size() + kDefaultAlignment - 1) / kDefaultAlignment * kDefaultAlignment;
+  }
+  for (const Out& t : tensors) {
+    w.Pad(kDefaultAlignment);
+    const auto* p = reinterpret_cast<const uint8_t*>(t.values.data());
+    w.out().insert(w.out().end(), p, p + 4 * t.values.size());
+  }
+  w.Pad(kDefaultAlignment);  // as gguf_write_to_file ends the last tensor
+  return std::move(w.out());
+}
+
+absl::Status WriteImatrixGguf(const ImportanceMatrix& m, const std::string& path) {
+  QF_ASSIGN_OR_RETURN(const std::vector<uint8_t> bytes, SerializeImatrixGguf(m));
+  return WriteFileAtomically(path, {std::span<const uint8_t>(bytes)});
 }
 
 }  // namespace qforge::formats

@@ -1,7 +1,10 @@
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "core/base/half.h"
 #include "core/formats/formats.h"
@@ -460,6 +463,93 @@ TEST(GgufTest, RejectsBadMetadata) {
   bytes = SerializeGguf(m);
   ASSERT_TRUE(bytes.ok());
   EXPECT_THAT(ParseError(*bytes), HasSubstr("token 5 has unknown token type 9"));
+}
+
+// llama-imatrix's file: what SerializeImatrixGguf writes parses back to the same entries and bytes (one plain
+// weight, and a stacked expert tensor with an expert that saw no token), and llama.cpp's layout holds: n_dims 1
+// where there is one matrix. Anything else is refused, naming what is wrong.
+ImportanceMatrix TestImatrix() {
+  ImportanceMatrix m;
+  m.datasets = {"calib.txt"};
+  m.chunk_count = 4;
+  m.chunk_size = 128;
+  ImportanceMatrix::Entry q{.cols = 64, .experts = 1, .sum_squares = {}, .tokens = {512}};
+  for (int c = 0; c < 64; ++c) q.sum_squares.push_back(0.25f * static_cast<float>(c * c + 1));
+  ImportanceMatrix::Entry up{.cols = 32, .experts = 3, .sum_squares = {}, .tokens = {16, 0, 8}};
+  for (int k = 0; k < 96; ++k) up.sum_squares.push_back(k % 32 == 5 || k / 32 == 1 ? 0.0f : 1.5f * k);
+  m.entries.emplace("blk.0.attn_q.weight", std::move(q));
+  m.entries.emplace("blk.0.ffn_up_exps.weight", std::move(up));
+  return m;
+}
+
+TEST(GgufTest, ImatrixRoundTripsInLlamaCppsLayout) {
+  const ImportanceMatrix m = TestImatrix();
+  auto bytes = SerializeImatrixGguf(m);
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  auto r = ParseImatrixGguf(*bytes);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->datasets, m.datasets);
+  EXPECT_EQ(r->chunk_count, 4);
+  EXPECT_EQ(r->chunk_size, 128);
+  ASSERT_EQ(r->entries.size(), 2u);
+  for (const auto& [name, e] : m.entries) {
+    const ImportanceMatrix::Entry& g = r->entries.at(name);
+    EXPECT_EQ(g.cols, e.cols) << name;
+    EXPECT_EQ(g.experts, e.experts) << name;
+    EXPECT_EQ(g.sum_squares, e.sum_squares) << name;
+    EXPECT_EQ(g.tokens, e.tokens) << name;
+  }
+  const ImportanceMatrix::Entry& q = r->entries.at("blk.0.attn_q.weight");
+  EXPECT_EQ(q.MeanSquare(0, 3), 0.25f * 10 / 512);
+  EXPECT_EQ(r->entries.at("blk.0.ffn_up_exps.weight").MeanSquare(1, 7), 0.0f) << "an expert with no token";
+  auto again = SerializeImatrixGguf(*r);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(*again, *bytes);
+  // The plain weight's in_sum2 info: name, n_dims 1, ne0 = 64, type f32.
+  const std::string info = "blk.0.attn_q.weight.in_sum2";
+  const auto at = std::search(bytes->begin(), bytes->end(), info.begin(), info.end());
+  ASSERT_NE(at, bytes->end());
+  uint32_t n_dims = 0;
+  uint64_t ne0 = 0;
+  std::memcpy(&n_dims, &*(at + info.size()), 4);
+  std::memcpy(&ne0, &*(at + info.size() + 4), 8);
+  EXPECT_EQ(n_dims, 1u);
+  EXPECT_EQ(ne0, 64u);
+}
+
+TEST(GgufTest, ImatrixRefusesWhatIsNotOne) {
+  auto expect_error = [](std::vector<uint8_t> bytes, const std::string& what) {
+    auto r = ParseImatrixGguf(bytes);
+    ASSERT_FALSE(r.ok()) << what;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StrContains(r.status().message(), what)) << r.status();
+  };
+  auto model = SerializeGguf(MakeSyntheticModel(TinyTestConfig(), 3));
+  ASSERT_TRUE(model.ok());
+  expect_error(*model, "general.type");
+  auto good = SerializeImatrixGguf(TestImatrix());
+  ASSERT_TRUE(good.ok());
+  auto replace = [&](const std::string& from, const std::string& to) {
+    std::vector<uint8_t> b = *good;
+    const auto at = std::search(b.begin(), b.end(), from.begin(), from.end());
+    EXPECT_NE(at, b.end()) << from;
+    if (at != b.end()) std::copy(to.begin(), to.end(), at);
+    return b;
+  };
+  expect_error(replace("imatrix", "imatrax"), "general.type");
+  expect_error(replace("attn_q.weight.counts", "attn_q.weight.countz"), "countz' is neither a W.in_sum2 nor a W.counts");
+  ImportanceMatrix negative = TestImatrix();
+  negative.entries.at("blk.0.attn_q.weight").sum_squares[9] = -1;
+  expect_error(*SerializeImatrixGguf(negative), "sum of squares -1 at column 9");
+  ImportanceMatrix no_count = TestImatrix();
+  no_count.entries.at("blk.0.attn_q.weight").tokens[0] = std::nanf("");
+  expect_error(*SerializeImatrixGguf(no_count), "is not a count");
+  ImportanceMatrix short_sums = TestImatrix();
+  short_sums.entries.at("blk.0.attn_q.weight").sum_squares.pop_back();
+  EXPECT_FALSE(SerializeImatrixGguf(short_sums).ok());
+  for (size_t cut : {size_t{0}, size_t{10}, good->size() / 2, good->size() - 24}) {  // the last 20 bytes: padding
+    EXPECT_FALSE(ParseImatrixGguf(std::span<const uint8_t>(good->data(), cut)).ok()) << cut;
+  }
 }
 
 }  // namespace

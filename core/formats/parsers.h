@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/formats/formats.h"
 #include "core/model/model.h"
 
 namespace qforge::formats {
@@ -26,6 +27,9 @@ absl::StatusOr<Vocab> ParseLlama2cTokenizer(std::span<const uint8_t> bytes, int 
 void AttachSiblingTokenizer(const std::string& model_path, const std::vector<std::string>& names, Model* m);
 
 absl::StatusOr<Model> ParseGguf(std::span<const uint8_t> bytes, std::shared_ptr<const void> owner);
+// llama-imatrix's GGUF file (formats.h ReadImatrixGguf); the result owns its numbers.
+absl::StatusOr<ImportanceMatrix> ParseImatrixGguf(std::span<const uint8_t> bytes);
+absl::StatusOr<std::vector<uint8_t>> SerializeImatrixGguf(const ImportanceMatrix& m);
 // Serialises `m` to GGUF v3 bytes (what WriteGguf writes).
 absl::StatusOr<std::vector<uint8_t>> SerializeGguf(const Model& m);
 
