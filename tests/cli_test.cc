@@ -228,6 +228,51 @@ TEST(Cli, QuantizeGptqOntoGgmlTypes) {
   ExpectOneLineError(RunQforge("quantize --method gptq --ggml-type q8_0 " + in + " " + out), 2, "--ggml-type");
 }
 
+// --imatrix: llama-imatrix's file (here written by qforge's writer, byte for byte its layout) weights the K-quants'
+// fits: every matrix it names differs from the plain encoding, the rest (token embeddings, norms) are the plain
+// bytes, and the report says how many it weighted. Misuse is one line naming the flag or the file's fault.
+TEST(Cli, QuantizeWithImatrix) {
+  const std::string dir = ::testing::TempDir();
+  const std::string in = dir + "/imatrix-in.gguf", plain = dir + "/imatrix-plain.gguf",
+                    out = dir + "/imatrix-q4_k.gguf", imatrix = dir + "/imatrix.gguf";
+  Result m = RunQforge("make-synthetic " + in + " --dim 256 --hidden 512 --layers 2 --heads 4 --kv-heads 2 --vocab 512");
+  ASSERT_EQ(m.exit_code, 0) << m.err;
+  auto model = qforge::formats::LoadModel(in);
+  ASSERT_TRUE(model.ok()) << model.status();
+  qforge::formats::ImportanceMatrix im;
+  im.chunk_count = 1;
+  im.chunk_size = 64;
+  int weighted = 0;
+  for (const auto& [name, t] : model->tensors) {
+    if (!absl::StartsWith(name, "blk.") || t.shape.size() != 2) continue;
+    qforge::formats::ImportanceMatrix::Entry e{.cols = t.cols(), .experts = 1, .sum_squares = {}, .tokens = {64}};
+    for (int64_t c = 0; c < t.cols(); ++c) e.sum_squares.push_back(static_cast<float>(1 + (c * 7919) % 97));
+    im.entries.emplace(name, std::move(e));
+    ++weighted;
+  }
+  ASSERT_GT(weighted, 0);
+  ASSERT_TRUE(qforge::formats::WriteImatrixGguf(im, imatrix).ok());
+  ASSERT_EQ(RunQforge("quantize --method q4_k " + in + " " + plain).exit_code, 0);
+  Result q = RunQforge("quantize --method q4_k --imatrix " + imatrix + " " + in + " " + out);
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  EXPECT_TRUE(absl::StrContains(q.out, absl::StrCat("imatrix: ", weighted, " of ", weighted))) << q.out;
+  auto a = qforge::formats::LoadModel(plain);
+  auto b = qforge::formats::LoadModel(out);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (const auto& [name, t] : a->tensors) {
+    const qforge::Tensor* g = b->Find(name);
+    ASSERT_NE(g, nullptr) << name;
+    EXPECT_EQ(g->format.type, t.format.type) << name;
+    const bool same = t.nbytes == g->nbytes && std::memcmp(t.data, g->data, t.nbytes) == 0;
+    EXPECT_EQ(same, im.entries.count(name) == 0) << name;
+  }
+  ExpectOneLineError(RunQforge("quantize --method gptq_q4_k --imatrix " + imatrix + " " + in + " " + out), 2,
+                     "--imatrix");
+  ExpectOneLineError(RunQforge("quantize --method q4_k --imatrix " + in + " " + in + " " + out), 1, "general.type");
+  ExpectOneLineError(RunQforge("quantize --method q4_0 --imatrix " + imatrix + " " + in + " " + out), 1,
+                     "no importance-weighted encoder");
+}
+
 // compare decodes both files' tensors to fp32: a model against itself in another container is bit-identical;
 // against its Q8_0 quantization every linear weight differs (exit 1, one DIFFER line each).
 TEST(Cli, CompareDecodedTensors) {

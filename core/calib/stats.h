@@ -20,6 +20,9 @@ struct LayerStats {
   std::vector<double> hessian;   // [cols, cols] row-major, symmetric: 2/n * sum_t x_t x_tᵀ
   std::vector<double> mean_abs;  // [cols]: 1/n * sum_t |x_t|
   std::vector<double> max_abs;   // [cols]: max_t |x_t|
+  // [cols] or empty: an importance per input column brought from outside (llama.cpp's imatrix: 1/n sum_t x_tj²,
+  // `qforge quantize --imatrix`), with no Hessian; the plain K-quant methods weigh rounding errors by it.
+  std::vector<double> importance;
 };
 
 // Weight tensor name -> statistics of its input. Layers fed by the same activations (q/k/v; gate/up) share

@@ -9,6 +9,7 @@
 
 #include "core/base/half.h"
 #include "core/base/thread_pool.h"
+#include "core/calib/stats.h"
 #include "core/kernels/blocks.h"
 #include "core/kernels/ggml_kernels.h"
 #include "core/model/ggml_types.h"
@@ -305,6 +306,60 @@ TEST(GgmlWritersTest, FallbacksFollowLlamaQuantize) {
   // A row of 288 fits the 32-blocks but not the 256-blocks.
   EXPECT_FALSE(FindMethod("q6_k")->OutputFormat({}, 4, 288).ok());
   EXPECT_TRUE(FindMethod("q5_0")->OutputFormat({}, 4, 288).ok());
+}
+
+// An imported importance (LayerStats::importance, `qforge quantize --imatrix`): the K-quant methods encode each row
+// with the weighted fit, row for row QuantizeRowWeighted's bytes, which are not the plain encoder's and have less
+// importance-weighted error than it; without importance the bytes are the plain ones. A type with no weighted fit
+// refuses it (FAILED_PRECONDITION), an importance of the wrong length is INVALID_ARGUMENT.
+TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
+  constexpr int64_t kRows = 8, kCols = 512;
+  const std::vector<float> w = Gaussian(kRows * kCols, 11);
+  calib::LayerStats stats;
+  stats.cols = kCols;
+  stats.tokens = 100;
+  std::mt19937 rng(5);
+  std::exponential_distribution<double> e(1.0);
+  for (int64_t c = 0; c < kCols; ++c) stats.importance.push_back(e(rng) * (c % 7 == 0 ? 20.0 : 1.0));
+  const std::vector<float> importance(stats.importance.begin(), stats.importance.end());
+  for (const char* method : {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}) {
+    const QuantMethod* m = FindMethod(method);
+    ASSERT_NE(m, nullptr);
+    auto weighted = m->Quantize(w.data(), kRows, kCols, m->DefaultParams(), nullptr, &stats);
+    ASSERT_TRUE(weighted.ok()) << method << ": " << weighted.status();
+    const std::vector<uint8_t> plain = QuantizeWith(method, w, kRows, kCols);
+    ASSERT_EQ(weighted->size(), plain.size());
+    EXPECT_NE(*weighted, plain) << method;
+    const kernels::GgmlKernelTraits* k = kernels::FindGgmlKernels(m->OutputFormat(m->DefaultParams(), kRows, kCols)->type);
+    ASSERT_NE(k, nullptr);
+    const size_t row_bytes = plain.size() / kRows;
+    std::vector<uint8_t> row(row_bytes);
+    for (int64_t r = 0; r < kRows; ++r) {
+      kernels::QuantizeRowWeighted(*k, w.data() + r * kCols, importance.data(), kCols, row.data());
+      EXPECT_EQ(0, std::memcmp(row.data(), weighted->data() + r * row_bytes, row_bytes)) << method << " row " << r;
+    }
+    const WeightType t = m->OutputFormat(m->DefaultParams(), kRows, kCols)->type;
+    auto weighted_error = [&](const std::vector<uint8_t>& bytes) {
+      const std::vector<float> d = Decode(t, bytes, kRows * kCols);
+      double err = 0;
+      for (int64_t i = 0; i < kRows * kCols; ++i) err += importance[i % kCols] * (d[i] - w[i]) * (d[i] - w[i]);
+      return err;
+    };
+    EXPECT_LT(weighted_error(*weighted), weighted_error(plain)) << method;
+  }
+  const QuantMethod* q4_0 = FindMethod("q4_0");
+  EXPECT_EQ(q4_0->Quantize(w.data(), kRows, kCols, q4_0->DefaultParams(), nullptr, &stats).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  calib::LayerStats short_stats = stats;
+  short_stats.importance.pop_back();
+  const QuantMethod* q4_k = FindMethod("q4_k");
+  EXPECT_EQ(q4_k->Quantize(w.data(), kRows, kCols, q4_k->DefaultParams(), nullptr, &short_stats).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  calib::LayerStats no_importance = stats;
+  no_importance.importance.clear();
+  auto plain = q4_k->Quantize(w.data(), kRows, kCols, q4_k->DefaultParams(), nullptr, &no_importance);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(*plain, QuantizeWith("q4_k", w, kRows, kCols));
 }
 
 }  // namespace

@@ -103,12 +103,32 @@ class GgmlBlockMethod : public QuantMethod {
     return WeightFormat::Of(type_);
   }
   absl::StatusOr<std::vector<uint8_t>> Quantize(const float* w, int64_t rows, int64_t cols, const QuantParams& p,
-                                                ThreadPool* pool, const calib::LayerStats*) const override {
+                                                ThreadPool* pool, const calib::LayerStats* calib) const override {
     QF_ASSIGN_OR_RETURN(const WeightFormat f, OutputFormat(p, rows, cols));
     if (encode_ == nullptr) return absl::InternalError(absl::StrCat(name_, ": the type table has no encoder"));
     QF_ASSIGN_OR_RETURN(const size_t nbytes, EncodedBytes(f, rows, cols));
     std::vector<uint8_t> out = LargeZeroedVector<uint8_t>(nbytes, pool);
     const size_t row_bytes = nbytes / static_cast<size_t>(rows);
+    // An imported importance matrix (llama-quantize --imatrix's job): the weighted fit of the K-quants.
+    if (calib != nullptr && !calib->importance.empty()) {
+      const kernels::GgmlKernelTraits* k = kernels::FindGgmlKernels(type_);
+      if (k == nullptr || k->fit_header == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            name_, ": no importance-weighted encoder for this type yet (--imatrix: q2_k, q3_k, q4_k, q5_k, q6_k)"));
+      }
+      if (static_cast<int64_t>(calib->importance.size()) != cols) {
+        return absl::InvalidArgumentError(absl::StrCat(name_, ": the importance has ", calib->importance.size(),
+                                                       " columns, the matrix ", cols));
+      }
+      const std::vector<float> importance(calib->importance.begin(), calib->importance.end());
+      ParallelForOrInline(pool, rows, 4, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          kernels::QuantizeRowWeighted(*k, w + r * cols, importance.data(), cols,
+                                       out.data() + static_cast<size_t>(r) * row_bytes);
+        }
+      });
+      return out;
+    }
     ParallelForOrInline(pool, rows, 4, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) encode_(w + r * cols, cols, out.data() + static_cast<size_t>(r) * row_bytes);
     });

@@ -296,7 +296,7 @@ absl::StatusOr<Tensor> QuantizeTensor(const Tensor& in, const QuantMethod& metho
       report->calib_tokens = calib->tokens;
       report->calib_pooled_tokens = calib->pooled_tokens;
     }
-    if (calib != nullptr && calib->cols == cols && calib->tokens > 0) {
+    if (calib != nullptr && calib->cols == cols && calib->tokens > 0 && !calib->hessian.empty()) {
       std::vector<float> w_hat(static_cast<size_t>(rows * cols));
       QF_RETURN_IF_ERROR(kernels::DequantizeRows(out, 0, rows, w_hat.data()));
       double oe = 0, on = 0;

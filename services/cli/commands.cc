@@ -251,7 +251,7 @@ const std::vector<Command>& Commands() {
       {"inspect", "inspect FILE [--tensors]: format, configuration, tensors and bits/weight", Inspect},
       {"quantize",
        "quantize --method M [--bits B] [--group G] [--asym] [--no-double-quant] [--quantize-embeddings] "
-       "[--act-order] [--damp D] [--alpha A] [--outlier-threshold T] [--seed S] [--calib-text FILE | --calib-streams N] [--calib-sequential] [--threads N] IN OUT.{gguf,safetensors}: "
+       "[--act-order] [--damp D] [--alpha A] [--outlier-threshold T] [--seed S] [--calib-text FILE | --calib-streams N] [--calib-sequential] [--imatrix FILE] [--threads N] IN OUT.{gguf,safetensors}: "
        "quantize a model (methods: see `qforge methods`; gptq calibrates first)",
        Quantize},
       {"methods", "methods: list the quantization methods", Methods},

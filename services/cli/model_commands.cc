@@ -77,6 +77,43 @@ absl::StatusOr<std::unique_ptr<Transformer>> MakeTransformer(
 }
 
 
+// --imatrix FILE: llama-imatrix's per-column mean squares as the statistics of the weights they name (GGUF
+// names, so a GGUF source); experts' stacked entries are not split yet, and weights without an entry (or with no
+// tokens) are encoded plainly. Says how many matrices it weights; an error when it weights none.
+absl::StatusOr<calib::CalibrationStats> ImportanceOfImatrix(const Model& model, const std::string& path,
+                                                            std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(const formats::ImportanceMatrix imatrix, formats::ReadImatrixGguf(path));
+  calib::CalibrationStats stats;
+  int skipped_experts = 0;
+  for (const auto& [name, e] : imatrix.entries) {
+    if (e.experts != 1) {
+      ++skipped_experts;
+      continue;
+    }
+    const Tensor* t = model.Find(name);
+    if (t == nullptr || e.tokens[0] <= 0) continue;
+    if (t->cols() != e.cols) {
+      return absl::InvalidArgumentError(absl::StrCat("--imatrix ", path, ": '", name, "' has ", e.cols,
+                                                     " columns, the model's tensor ", t->cols()));
+    }
+    auto s = std::make_shared<calib::LayerStats>();
+    s->cols = e.cols;
+    s->tokens = static_cast<int64_t>(e.tokens[0]);
+    s->importance.resize(static_cast<size_t>(e.cols));
+    for (int64_t c = 0; c < e.cols; ++c) s->importance[static_cast<size_t>(c)] = e.MeanSquare(0, c);
+    stats.emplace(name, std::move(s));
+  }
+  if (stats.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--imatrix ", path, ": none of its ", imatrix.entries.size(),
+                                                   " entries names a tensor of the model (GGUF names)"));
+  }
+  out << "imatrix: " << stats.size() << " of " << imatrix.entries.size() << " entries weight the model's matrices ("
+      << path << ", " << imatrix.chunk_count << " chunks of " << imatrix.chunk_size << " tokens";
+  if (skipped_experts > 0) out << "; " << skipped_experts << " stacked expert entries not applied";
+  out << ")\n";
+  return stats;
+}
+
 // The calibration tokens: --calib-text (tokenized) or token streams sampled from the source model itself
 // (tokenizer-free).
 absl::StatusOr<std::vector<std::vector<int>>> CalibrationTokens(const Model& model, const Flags& f, int streams,
@@ -159,7 +196,7 @@ absl::StatusOr<std::pair<const quant::QuantMethod*, quant::QuantParams>> MethodF
 
 absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   std::set<std::string> value_flags = {"threads",    "tokenizer", "calib-text", "calib-streams", "calib-len",
-                                       "calib-seed", "layers",    "target-bpw", "ggml-type"};
+                                       "calib-seed", "layers",    "target-bpw", "ggml-type",     "imatrix"};
   std::set<std::string> bool_flags = {"quantize-embeddings", "pure", "calib-sequential"};
   value_flags.insert(kMethodValueFlags.begin(), kMethodValueFlags.end());
   bool_flags.insert(kMethodBoolFlags.begin(), kMethodBoolFlags.end());
@@ -167,7 +204,8 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   const std::string usage =
       "qforge quantize (--method M [--ggml-type T (with gptq)] [--bits B] [--group G] [--asym] [--no-double-quant] [--act-order] [--damp D] [--alpha A] [--outlier-threshold T] [--seed S] "
       "[--layers 'GLOB=METHOD[:bits=B,group=G,asym];...'] [--pure] | --target-bpw X) [--quantize-embeddings] "
-      "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--calib-sequential] [--threads N] "
+      "[--calib-text FILE | --calib-streams N --calib-len L --calib-seed S] [--calib-sequential] [--imatrix FILE] "
+      "[--threads N] "
       "[--tokenizer TOK] IN OUT.{gguf,safetensors}";
   const bool automatic = f.Has("target-bpw");
   if (automatic && f.Has("layers")) return UsageError("--target-bpw plans every tensor itself: drop --layers");
@@ -258,7 +296,14 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   const auto start = std::chrono::steady_clock::now();
   ThreadPool pool(threads);
   calib::CalibrationStats calibration;
-  if (needs_calibration) {
+  if (f.Has("imatrix")) {
+    if (needs_calibration || automatic || f.Has("calib-text") || f.Has("calib-streams")) {
+      return UsageError("--imatrix is for the plain ggml methods (q2_k .. q6_k, presets): not with a calibrated "
+                        "method, --calib-text / --calib-streams or --target-bpw");
+    }
+    QF_ASSIGN_OR_RETURN(calibration, ImportanceOfImatrix(model, f.Get("imatrix"), out));
+    recipe.calibration = &calibration;
+  } else if (needs_calibration) {
     QF_ASSIGN_OR_RETURN(const std::vector<std::vector<int>> tokens,
                         CalibrationTokens(model, f, calib_streams, calib_len, calib_seed, threads, out));
     // The same rule as a scheduler job's: the default method's transform, else the first layer rule's.
