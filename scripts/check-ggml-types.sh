@@ -7,7 +7,12 @@
 #   types  the ggml types qforge reads in the file (qforge inspect);
 #   deq    every tensor decodes to the same fp32 bits as llama.cpp's own dequantization of the file
 #          (llama-quantize --allow-requantize FILE F32, compared by `qforge compare`);
-#   eval   qforge eval FILE --base F32.gguf --streams 4 --stream-len 64 runs (its KL and top-1 are reported);
+#   KL     the mean KL divergence of FILE's next-token distribution from F32.gguf's on the same text (the first
+#          40 KB of tinystories-eval.txt, 16 windows of 128 tokens), by qforge (`qforge eval FILE --base F32.gguf
+#          --text T --window 128 --chunks 16`: every token of each window) and by llama.cpp (`llama-perplexity
+#          --kl-divergence -c 128 --chunks 16`: the second half of each window, as it scores them), then qforge's
+#          top-1 agreement. The two programs' numbers differ by their token sets and their activation rounding;
+#          a type is in line when they are of one size;
 #   greedy how many of the first 16 greedy tokens of `qforge generate FILE` equal llama-simple's on FILE (16, 8,
 #          4, 2, 1: the longest run that gives the same text). The two do not compute the same logits: llama.cpp
 #          multiplies these types with 8-bit activations (Q8_K / Q8_0 / Q8_1), qforge in fp32 for all but Q8_0 /
@@ -26,7 +31,7 @@ cd "$(dirname "$0")/.."
 bin=${1:-$HOME/.cache/qforge/peer-llama.cpp/src/build/bin}
 qforge=${QFORGE:-build/services/qforge}
 shared=${QFORGE_SHARED:-../shared}
-for tool in llama-quantize llama-simple llama-imatrix; do
+for tool in llama-quantize llama-simple llama-imatrix llama-perplexity; do
   [ -x "$bin/$tool" ] || { echo "no $bin/$tool" >&2; exit 2; }
 done
 [ -x "$qforge" ] || { echo "no $qforge (build services/qforge first)" >&2; exit 2; }
@@ -42,6 +47,7 @@ status=0
 "$qforge" convert "$work/synthetic-moe.gguf" "$work/F32-moe.gguf" \
   --tokenizer "$shared/models/llama2-tokenizer/tokenizer.model" >/dev/null || exit 1
 head -c 40000 "$shared/data/tinystories-calib.txt" >"$work/calib.txt"
+head -c 40000 "$shared/data/tinystories-eval.txt" >"$work/eval.txt"
 "$bin/llama-imatrix" -m "$work/F32.gguf" -f "$work/calib.txt" -o "$work/imatrix.gguf" -c 128 --chunks 16 \
   >"$work/imatrix.log" 2>&1 || { echo "llama-imatrix failed: $(tail -3 "$work/imatrix.log")" >&2; exit 1; }
 
@@ -62,8 +68,8 @@ same_tokens() {
   echo 0
 }
 
-printf '%-16s %-38s %-10s %-26s %-7s %-7s %-6s %s\n' file "types (qforge inspect)" deq "eval KL mean / top-1" greedy \
-  g-deq write result
+printf '%-16s %-38s %-10s %-34s %-7s %-7s %-6s %s\n' file "types (qforge inspect)" deq \
+  "KL qforge / llama.cpp, top-1" greedy g-deq write result
 # check LABEL TYPE [llama-quantize flags...]: quantizes $src (the F32 model) and checks the file.
 src=$work/F32.gguf
 check() {
@@ -91,13 +97,19 @@ check() {
     result=FAIL
     echo "$cmp" | grep -E '^DIFFER|^missing' | head -3 | sed "s/^/  $label: /" >&2
   fi
-  local ev
-  if ev=$("$qforge" eval "$file" --base "$src" --streams 4 --stream-len 64 2>&1); then
-    eval_result=$(echo "$ev" | sed -n 's/.*KL(base||model) mean \([0-9.e-]*\).*top-1 agreement \([0-9.]*%\).*/\1 \/ \2/p')
+  local ev llama_kl
+  if ev=$("$qforge" eval "$file" --base "$src" --text "$work/eval.txt" --window 128 --chunks 16 --streams 0 2>&1); then
+    eval_result=$(echo "$ev" | sed -n 's/.*KL(base||model) mean \([0-9.e-]*\).*top-1 agreement \([0-9.]*%\).*/\1 TOP1 \2/p')
   else
     eval_result="FAILED"
     result=FAIL
   fi
+  # llama.cpp's KL on the same text against the source's logits (saved once per source).
+  [ -f "$src.kld" ] || "$bin/llama-perplexity" -m "$src" -f "$work/eval.txt" -c 128 --chunks 16 \
+    --kl-divergence-base "$src.kld" >"$work/base-kld.log" 2>&1
+  llama_kl=$("$bin/llama-perplexity" -m "$file" -f "$work/eval.txt" -c 128 --chunks 16 --kl-divergence-base "$src.kld" \
+    --kl-divergence 2>&1 | awk '/Mean +KLD/ {print $3}')
+  eval_result=${eval_result/ TOP1 / / ${llama_kl:-?}, }
   greedy=$(same_tokens "$file" "$file")
   greedy_deq=$(same_tokens "$file" "$deq")
   [ "$greedy" -ge 4 ] || [ "$greedy_deq" -ge 4 ] || result=FAIL
@@ -110,13 +122,13 @@ check() {
     result=FAIL
   fi
   [ "$result" == PASS ] || status=1
-  printf '%-16s %-38s %-10s %-26s %-7s %-7s %-6s %s\n' "$label" "$types" "$deq_result" "$eval_result" "$greedy/16" \
+  printf '%-16s %-38s %-10s %-34s %-7s %-7s %-6s %s\n' "$label" "$types" "$deq_result" "$eval_result" "$greedy/16" \
     "$greedy_deq/16" "$write" "$result"
   rm -f "$deq" "$work/$label-qforge.gguf"
 }
 
 # The source itself: qforge and llama.cpp on the same F32 file.
-printf '%-16s %-38s %-10s %-26s %-7s %-7s %-6s %s\n' F32 f32 - - "$(same_tokens "$work/F32.gguf" "$work/F32.gguf")/16" \
+printf '%-16s %-38s %-10s %-34s %-7s %-7s %-6s %s\n' F32 f32 - - "$(same_tokens "$work/F32.gguf" "$work/F32.gguf")/16" \
   - - -
 
 # llama.cpp's presets (its per-tensor mixes; Q4_0's default preset writes output.weight as q6_k).
