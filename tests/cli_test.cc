@@ -273,6 +273,54 @@ TEST(Cli, QuantizeWithImatrix) {
                      "no importance-weighted encoder");
 }
 
+// qforge imatrix: llama-imatrix's file from qforge's calibration, one entry per matrix with every calibration
+// token counted, which quantize --imatrix then weighs with (llama-quantize reads it too: docs/calibrated.md).
+TEST(Cli, ImatrixFromCalibration) {
+  const std::string dir = ::testing::TempDir();
+  const std::string in = dir + "/imatrix-cal-in.gguf", imatrix = dir + "/imatrix-cal.gguf",
+                    out = dir + "/imatrix-cal-q4_k.gguf", moe = dir + "/imatrix-cal-moe.gguf";
+  ASSERT_EQ(RunQforge("make-synthetic " + in + " --dim 256 --hidden 512 --layers 2 --heads 4 --kv-heads 2 --vocab 512")
+                .exit_code,
+            0);
+  Result r = RunQforge("imatrix " + in + " " + imatrix + " --calib-streams 4 --calib-len 32 --window 32");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  auto im = qforge::formats::ReadImatrixGguf(imatrix);
+  ASSERT_TRUE(im.ok()) << im.status();
+  auto model = qforge::formats::LoadModel(in);
+  ASSERT_TRUE(model.ok());
+  int matrices = 0;
+  for (const auto& [name, t] : model->tensors) {
+    if (!absl::StartsWith(name, "blk.") || t.shape.size() != 2) continue;
+    ++matrices;
+    ASSERT_TRUE(im->entries.count(name)) << name;
+    const auto& e = im->entries.at(name);
+    EXPECT_EQ(e.cols, t.cols()) << name;
+    EXPECT_EQ(e.tokens, std::vector<float>{128}) << name;
+    double sum = 0;
+    for (float v : e.sum_squares) {
+      EXPECT_GE(v, 0) << name;
+      sum += v;
+    }
+    EXPECT_GT(sum, 0) << name;
+  }
+  EXPECT_EQ(im->chunk_size, 32);
+  EXPECT_EQ(im->chunk_count, 4);
+  // The q/k/v matrices read the same activations: the same entry values.
+  EXPECT_EQ(im->entries.at("blk.0.attn_q.weight").sum_squares, im->entries.at("blk.0.attn_v.weight").sum_squares);
+  Result q = RunQforge("quantize --method q4_k --imatrix " + imatrix + " " + in + " " + out);
+  ASSERT_EQ(q.exit_code, 0) << q.err;
+  EXPECT_TRUE(absl::StrContains(q.out, absl::StrCat("imatrix: ", im->entries.size(), " of ", im->entries.size())))
+      << q.out;
+  EXPECT_GE(static_cast<int>(im->entries.size()), matrices);
+  ASSERT_EQ(RunQforge("make-synthetic " + moe + " --dim 64 --hidden 128 --layers 1 --vocab 512 --experts 4 "
+                      "--experts-used 2")
+                .exit_code,
+            0);
+  ExpectOneLineError(RunQforge("imatrix " + moe + " " + imatrix + " --calib-streams 2 --calib-len 8"), 1,
+                     "Mixture-of-Experts");
+  ExpectOneLineError(RunQforge("imatrix " + in + " " + dir + "/imatrix.dat"), 2, "must end in .gguf");
+}
+
 // compare decodes both files' tensors to fp32: a model against itself in another container is bit-identical;
 // against its Q8_0 quantization every linear weight differs (exit 1, one DIFFER line each).
 TEST(Cli, CompareDecodedTensors) {

@@ -259,6 +259,11 @@ const std::vector<Command>& Commands() {
        "generate MODEL --prompt TEXT [--tokenizer TOK] [--max-tokens N] [--temperature T] [--top-p P] [--seed S] "
        "[--threads N] [--activations int8|float]: generate text (streamed)",
        Generate},
+      {"imatrix",
+       "imatrix MODEL OUT.gguf (--calib-text FILE [--chunks N] | --calib-streams N --calib-len L --calib-seed S) "
+       "[--window W] [--threads N] [--tokenizer TOK]: write llama-imatrix's importance-matrix file from qforge's "
+       "calibration (for llama-quantize --imatrix and qforge quantize --imatrix)",
+       Imatrix},
       {"eval",
        "eval MODEL [--base MODEL] [--text FILE [--chunks N]] [--tokenizer TOK] [--streams N] [--stream-len L] [--seed S] "
        "[--window W] [--threads N] [--activations int8|float]: perplexity, and KL / top-1 agreement against --base "

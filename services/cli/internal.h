@@ -46,6 +46,7 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Methods(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Generate(const std::vector<std::string>& args, std::ostream& out);
 absl::Status Eval(const std::vector<std::string>& args, std::ostream& out);
+absl::Status Imatrix(const std::vector<std::string>& args, std::ostream& out);
 // Prompt and decode throughput, llama-bench style (bench_command.cc).
 absl::Status Bench(const std::vector<std::string>& args, std::ostream& out);
 

@@ -426,6 +426,68 @@ absl::Status Generate(const std::vector<std::string>& args, std::ostream& out) {
   return absl::OkStatus();
 }
 
+// qforge imatrix MODEL OUT.gguf: llama-imatrix's file from qforge's calibration, for llama-quantize --imatrix (and
+// qforge quantize --imatrix). Each matrix's entry is its input's mean square per column (half the Hessian's
+// diagonal) over every calibration token, with the token count, under the tensor's GGUF name.
+absl::Status Imatrix(const std::vector<std::string>& args, std::ostream& out) {
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"calib-text", "calib-streams", "calib-len", "calib-seed", "window",
+                                                  "chunks", "threads", "tokenizer"},
+                                            {}));
+  const std::string usage =
+      "qforge imatrix MODEL OUT.gguf (--calib-text FILE [--chunks N] | --calib-streams N --calib-len L --calib-seed S) "
+      "[--window W] [--threads N] [--tokenizer TOK]";
+  QF_RETURN_IF_ERROR(NeedPositional(f, 2, usage));
+  QF_ASSIGN_OR_RETURN(int calib_streams, f.GetInt("calib-streams", 64, 1, 1 << 20));
+  QF_ASSIGN_OR_RETURN(int calib_len, f.GetInt("calib-len", 256, 2, 1 << 24));
+  QF_ASSIGN_OR_RETURN(uint64_t calib_seed, f.GetSeed("calib-seed", 1000));
+  QF_ASSIGN_OR_RETURN(int window, f.GetInt("window", 512, 2, 1 << 24));
+  QF_ASSIGN_OR_RETURN(int chunks, f.GetInt("chunks", 0, 0, 1 << 30));
+  QF_ASSIGN_OR_RETURN(int threads, f.GetInt("threads", 0, 0, 1024));
+  const std::string& out_path = f.positional()[1];
+  if (!absl::EndsWith(out_path, ".gguf")) return UsageError(absl::StrCat("output '", out_path, "' must end in .gguf"));
+  QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0]));
+  if (f.Has("tokenizer")) {
+    QF_ASSIGN_OR_RETURN(Vocab v, LoadVocab(f.Get("tokenizer"), model.config.vocab_size));
+    model.vocab = std::move(v);
+  }
+  if (model.config.n_experts > 0) {
+    return absl::UnimplementedError("imatrix: Mixture-of-Experts models are not written yet (llama.cpp keeps one "
+                                    "stacked entry per expert tensor)");
+  }
+  window = std::min(window, model.config.seq_len);
+  QF_ASSIGN_OR_RETURN(std::vector<std::vector<int>> tokens,
+                      CalibrationTokens(model, f, calib_streams, calib_len, calib_seed, threads, out));
+  // --chunks N: the first N windows, as llama-imatrix's --chunks.
+  if (chunks > 0) {
+    for (auto& stream : tokens) eval::KeepFirstWindows(stream, chunks, window, model.config.seq_len);
+  }
+  const calib::CalibrationOptions options{.window = window, .threads = threads};
+  QF_ASSIGN_OR_RETURN(const calib::CalibrationStats stats, calib::CollectCalibration(model, tokens, options));
+  formats::ImportanceMatrix imatrix;
+  if (f.Has("calib-text")) imatrix.datasets = {f.Get("calib-text")};
+  int64_t n_tokens = 0;
+  for (const auto& stream : tokens) n_tokens += static_cast<int64_t>(stream.size());
+  imatrix.chunk_size = window;
+  imatrix.chunk_count = static_cast<int>((n_tokens + window - 1) / window);
+  for (const auto& [name, st] : stats) {
+    if (st->tokens <= 0 || st->hessian.size() != static_cast<size_t>(st->cols * st->cols)) continue;
+    formats::ImportanceMatrix::Entry e;
+    e.cols = st->cols;
+    e.tokens = {static_cast<float>(st->tokens)};
+    e.sum_squares.resize(static_cast<size_t>(st->cols));
+    // H = 2/n XᵀX: its diagonal is twice the mean square; llama-imatrix stores the sum.
+    for (int64_t c = 0; c < st->cols; ++c) {
+      e.sum_squares[static_cast<size_t>(c)] =
+          static_cast<float>(st->hessian[static_cast<size_t>(c * st->cols + c)] / 2 * static_cast<double>(st->tokens));
+    }
+    imatrix.entries.emplace(name, std::move(e));
+  }
+  QF_RETURN_IF_ERROR(formats::WriteImatrixGguf(imatrix, out_path));
+  out << "imatrix: " << imatrix.entries.size() << " matrices, " << n_tokens << " tokens in windows of " << window
+      << " -> " << out_path << "\n";
+  return absl::OkStatus();
+}
+
 absl::Status Eval(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"base", "text", "tokenizer", "streams", "stream-len", "seed",
                                                  "window", "chunks", "threads", "temperature", "activations"},
