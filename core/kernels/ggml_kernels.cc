@@ -22,7 +22,8 @@ constexpr std::array<GgmlKernelTraits, 25> kKernels = {{
     //   (K-quants:) sub_block, fit_header, set_codes
     {WeightType::kF32,     &DequantizeF32,     nullptr,             nullptr,              nullptr},
     {WeightType::kF16,     &DequantizeF16,     &DequantizeF16Avx2,  nullptr,              nullptr},
-    {WeightType::kQ4_0,    &DequantizeQ4_0,    &DequantizeQ4_0Avx2, &DequantizeQ4_0Avx512, &QuantizeRowQ4_0},
+    {WeightType::kQ4_0,    &DequantizeQ4_0,    &DequantizeQ4_0Avx2, &DequantizeQ4_0Avx512, &QuantizeRowQ4_0, 0, nullptr,
+     nullptr, &QuantizeRowWeightedQ4_0},
     {WeightType::kQ4_1,    &DequantizeQ4_1,    nullptr,             nullptr,              &QuantizeRowQ4_1},
     {WeightType::kQ5_0,    &DequantizeQ5_0,    nullptr,             nullptr,              &QuantizeRowQ5_0},
     {WeightType::kQ5_1,    &DequantizeQ5_1,    nullptr,             nullptr,              &QuantizeRowQ5_1},

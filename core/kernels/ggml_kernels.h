@@ -37,6 +37,9 @@ struct SubBlockGrid {
 // its input column's mean square over calibration tokens), writes it into `block` and returns the grids it stores,
 // grids[256 / sub_block]. SetCodesFn writes 256 codes (0..max_code, element order) into the block's code bytes.
 using FitHeaderFn = void (*)(const float* x, const float* importance, uint8_t* block, SubBlockGrid* grids);
+// The importance-weighted encoding of a whole row of n weights (a multiple of the block), for the types whose fit
+// looks at the row (Q4_0: the weights' sigma² is the row's mean square).
+using QuantizeRowWeightedFn = void (*)(const float* x, const float* importance, int64_t n, uint8_t* out);
 using SetCodesFn = void (*)(const uint8_t* codes, uint8_t* block);
 
 struct GgmlKernelTraits {
@@ -54,6 +57,8 @@ struct GgmlKernelTraits {
   int sub_block = 0;
   FitHeaderFn fit_header = nullptr;
   SetCodesFn set_codes = nullptr;
+  // Importance-weighted encoding of the 32-wide types, as llama-quantize --imatrix writes them (nullptr: none yet).
+  QuantizeRowWeightedFn quantize_weighted = nullptr;
 };
 
 // Every row, in the order of GgmlTypes().
@@ -68,6 +73,9 @@ const GgmlKernelTraits* FindGgmlKernels(WeightType t);
 void QuantizeRowQ8_0(const float* x, int64_t n, uint8_t* out);        // AVX2 where the CPU has it
 void QuantizeRowQ8_0Scalar(const float* x, int64_t n, uint8_t* out);  // the reference it equals
 void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out);
+// Q4_0 with importance[n] (ggml's quantize_row_q4_0_impl): each block's symmetric 16-level fit weighted by
+// importance * sqrt(sigma² + x²), sigma² the row's mean square.
+void QuantizeRowWeightedQ4_0(const float* x, const float* importance, int64_t n, uint8_t* out);
 void QuantizeRowQ4_1(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowQ5_0(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowQ5_1(const float* x, int64_t n, uint8_t* out);

@@ -1103,6 +1103,19 @@ int SubBlockGridCode(float x, const SubBlockGrid& g) {
   return std::clamp(NearestInt((x + g.offset) / g.scale) + g.zero, 0, g.max_code);
 }
 
+void QuantizeRowWeightedQ4_0(const float* x, const float* importance, int64_t n, uint8_t* out) {
+  const float sigma2 = MeanSquare(x, static_cast<int>(n));
+  auto* blocks = reinterpret_cast<block_q4_0*>(out);
+  float w[kQK4_0];
+  uint8_t L[kQK4_0];
+  for (int64_t b = 0; b < n / kQK4_0; ++b) {
+    const float* xb = x + b * kQK4_0;
+    ImportanceWeights(xb, importance + b * kQK4_0, kQK4_0, sigma2, w);
+    StoreHalf(&blocks[b].d, FitSymmetricScale(kQK4_0, 8, xb, L, w));
+    for (int j = 0; j < kQK4_0 / 2; ++j) blocks[b].qs[j] = static_cast<uint8_t>(L[j] | (L[j + kQK4_0 / 2] << 4));
+  }
+}
+
 void QuantizeRowWeighted(const GgmlKernelTraits& k, const float* x, const float* importance, int64_t n, uint8_t* out) {
   SubBlockGrid grids[kQK_K / 16];
   uint8_t codes[kQK_K];

@@ -308,8 +308,8 @@ TEST(GgmlWritersTest, FallbacksFollowLlamaQuantize) {
   EXPECT_TRUE(FindMethod("q5_0")->OutputFormat({}, 4, 288).ok());
 }
 
-// An imported importance (LayerStats::importance, `qforge quantize --imatrix`): the K-quant methods encode each row
-// with the weighted fit, row for row QuantizeRowWeighted's bytes, which are not the plain encoder's and have less
+// An imported importance (LayerStats::importance, `qforge quantize --imatrix`): q4_0 and the K-quants encode each
+// row with the weighted fit, row for row the type table's weighted encoder's bytes, which are not the plain encoder's and have less
 // importance-weighted error than it; without importance the bytes are the plain ones. A type with no weighted fit
 // refuses it (FAILED_PRECONDITION), an importance of the wrong length is INVALID_ARGUMENT.
 TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
@@ -322,7 +322,7 @@ TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
   std::exponential_distribution<double> e(1.0);
   for (int64_t c = 0; c < kCols; ++c) stats.importance.push_back(e(rng) * (c % 7 == 0 ? 20.0 : 1.0));
   const std::vector<float> importance(stats.importance.begin(), stats.importance.end());
-  for (const char* method : {"q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}) {
+  for (const char* method : {"q4_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}) {
     const QuantMethod* m = FindMethod(method);
     ASSERT_NE(m, nullptr);
     auto weighted = m->Quantize(w.data(), kRows, kCols, m->DefaultParams(), nullptr, &stats);
@@ -335,7 +335,11 @@ TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
     const size_t row_bytes = plain.size() / kRows;
     std::vector<uint8_t> row(row_bytes);
     for (int64_t r = 0; r < kRows; ++r) {
-      kernels::QuantizeRowWeighted(*k, w.data() + r * kCols, importance.data(), kCols, row.data());
+      if (k->quantize_weighted != nullptr) {
+        k->quantize_weighted(w.data() + r * kCols, importance.data(), kCols, row.data());
+      } else {
+        kernels::QuantizeRowWeighted(*k, w.data() + r * kCols, importance.data(), kCols, row.data());
+      }
       EXPECT_EQ(0, std::memcmp(row.data(), weighted->data() + r * row_bytes, row_bytes)) << method << " row " << r;
     }
     const WeightType t = m->OutputFormat(m->DefaultParams(), kRows, kCols)->type;
@@ -347,8 +351,8 @@ TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
     };
     EXPECT_LT(weighted_error(*weighted), weighted_error(plain)) << method;
   }
-  const QuantMethod* q4_0 = FindMethod("q4_0");
-  EXPECT_EQ(q4_0->Quantize(w.data(), kRows, kCols, q4_0->DefaultParams(), nullptr, &stats).status().code(),
+  const QuantMethod* q5_0 = FindMethod("q5_0");
+  EXPECT_EQ(q5_0->Quantize(w.data(), kRows, kCols, q5_0->DefaultParams(), nullptr, &stats).status().code(),
             absl::StatusCode::kFailedPrecondition);
   calib::LayerStats short_stats = stats;
   short_stats.importance.pop_back();

@@ -109,12 +109,12 @@ class GgmlBlockMethod : public QuantMethod {
     QF_ASSIGN_OR_RETURN(const size_t nbytes, EncodedBytes(f, rows, cols));
     std::vector<uint8_t> out = LargeZeroedVector<uint8_t>(nbytes, pool);
     const size_t row_bytes = nbytes / static_cast<size_t>(rows);
-    // An imported importance matrix (llama-quantize --imatrix's job): the weighted fit of the K-quants.
+    // An imported importance matrix (llama-quantize --imatrix's job): the type's weighted fit.
     if (calib != nullptr && !calib->importance.empty()) {
       const kernels::GgmlKernelTraits* k = kernels::FindGgmlKernels(type_);
-      if (k == nullptr || k->fit_header == nullptr) {
+      if (k == nullptr || (k->fit_header == nullptr && k->quantize_weighted == nullptr)) {
         return absl::FailedPreconditionError(absl::StrCat(
-            name_, ": no importance-weighted encoder for this type yet (--imatrix: q2_k, q3_k, q4_k, q5_k, q6_k)"));
+            name_, ": no importance-weighted encoder for this type yet (--imatrix: q4_0, q2_k, q3_k, q4_k, q5_k, q6_k)"));
       }
       if (static_cast<int64_t>(calib->importance.size()) != cols) {
         return absl::InvalidArgumentError(absl::StrCat(name_, ": the importance has ", calib->importance.size(),
@@ -123,8 +123,12 @@ class GgmlBlockMethod : public QuantMethod {
       const std::vector<float> importance(calib->importance.begin(), calib->importance.end());
       ParallelForOrInline(pool, rows, 4, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          kernels::QuantizeRowWeighted(*k, w + r * cols, importance.data(), cols,
-                                       out.data() + static_cast<size_t>(r) * row_bytes);
+          uint8_t* row = out.data() + static_cast<size_t>(r) * row_bytes;
+          if (k->quantize_weighted != nullptr) {
+            k->quantize_weighted(w + r * cols, importance.data(), cols, row);
+          } else {
+            kernels::QuantizeRowWeighted(*k, w + r * cols, importance.data(), cols, row);
+          }
         }
       });
       return out;
