@@ -269,7 +269,7 @@ TEST(Cli, QuantizeWithImatrix) {
   ExpectOneLineError(RunQforge("quantize --method gptq_q4_k --imatrix " + imatrix + " " + in + " " + out), 2,
                      "--imatrix");
   ExpectOneLineError(RunQforge("quantize --method q4_k --imatrix " + in + " " + in + " " + out), 1, "general.type");
-  ExpectOneLineError(RunQforge("quantize --method q5_0 --imatrix " + imatrix + " " + in + " " + out), 1,
+  ExpectOneLineError(RunQforge("quantize --method q4_1 --imatrix " + imatrix + " " + in + " " + out), 1,
                      "no importance-weighted encoder");
 }
 

@@ -57,7 +57,8 @@ struct GgmlKernelTraits {
   int sub_block = 0;
   FitHeaderFn fit_header = nullptr;
   SetCodesFn set_codes = nullptr;
-  // Importance-weighted encoding of the 32-wide types, as llama-quantize --imatrix writes them (nullptr: none yet).
+  // Importance-weighted encoding of the 32-wide types, as llama-quantize --imatrix writes them (q4_0, q5_0;
+  // nullptr: none yet).
   QuantizeRowWeightedFn quantize_weighted = nullptr;
 };
 
@@ -73,9 +74,10 @@ const GgmlKernelTraits* FindGgmlKernels(WeightType t);
 void QuantizeRowQ8_0(const float* x, int64_t n, uint8_t* out);        // AVX2 where the CPU has it
 void QuantizeRowQ8_0Scalar(const float* x, int64_t n, uint8_t* out);  // the reference it equals
 void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out);
-// Q4_0 with importance[n] (ggml's quantize_row_q4_0_impl): each block's symmetric 16-level fit weighted by
-// importance * sqrt(sigma² + x²), sigma² the row's mean square.
+// Q4_0 / Q5_0 with importance[n] (ggml's quantize_row_q4_0_impl / q5_0_impl): each block's symmetric 16- / 32-level
+// fit weighted by importance * sqrt(sigma² + x²), sigma² the row's mean square.
 void QuantizeRowWeightedQ4_0(const float* x, const float* importance, int64_t n, uint8_t* out);
+void QuantizeRowWeightedQ5_0(const float* x, const float* importance, int64_t n, uint8_t* out);
 void QuantizeRowQ4_1(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowQ5_0(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowQ5_1(const float* x, int64_t n, uint8_t* out);

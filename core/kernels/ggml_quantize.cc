@@ -1103,17 +1103,38 @@ int SubBlockGridCode(float x, const SubBlockGrid& g) {
   return std::clamp(NearestInt((x + g.offset) / g.scale) + g.zero, 0, g.max_code);
 }
 
-void QuantizeRowWeightedQ4_0(const float* x, const float* importance, int64_t n, uint8_t* out) {
+namespace {
+
+// ggml's quantize_row_q{4,5}_0_impl: per 32-weight block the symmetric fit x ~ d * (L - nmax) weighted by
+// importance * sqrt(sigma² + x²), sigma² the whole row's mean square; pack(block, d, L) stores it.
+template <class Pack>
+void QuantizeRowWeightedSymmetric(const float* x, const float* importance, int64_t n, int nmax, Pack pack) {
   const float sigma2 = MeanSquare(x, static_cast<int>(n));
-  auto* blocks = reinterpret_cast<block_q4_0*>(out);
-  float w[kQK4_0];
-  uint8_t L[kQK4_0];
-  for (int64_t b = 0; b < n / kQK4_0; ++b) {
-    const float* xb = x + b * kQK4_0;
-    ImportanceWeights(xb, importance + b * kQK4_0, kQK4_0, sigma2, w);
-    StoreHalf(&blocks[b].d, FitSymmetricScale(kQK4_0, 8, xb, L, w));
-    for (int j = 0; j < kQK4_0 / 2; ++j) blocks[b].qs[j] = static_cast<uint8_t>(L[j] | (L[j + kQK4_0 / 2] << 4));
+  float w[32];
+  uint8_t L[32];
+  for (int64_t b = 0; b < n / 32; ++b) {
+    ImportanceWeights(x + b * 32, importance + b * 32, 32, sigma2, w);
+    pack(b, FitSymmetricScale(32, nmax, x + b * 32, L, w), L);
   }
+}
+
+}  // namespace
+
+void QuantizeRowWeightedQ4_0(const float* x, const float* importance, int64_t n, uint8_t* out) {
+  auto* blocks = reinterpret_cast<block_q4_0*>(out);
+  QuantizeRowWeightedSymmetric(x, importance, n, 8, [&](int64_t b, float d, const uint8_t* L) {
+    StoreHalf(&blocks[b].d, d);
+    for (int j = 0; j < kQK4_0 / 2; ++j) blocks[b].qs[j] = static_cast<uint8_t>(L[j] | (L[j + kQK4_0 / 2] << 4));
+  });
+}
+
+void QuantizeRowWeightedQ5_0(const float* x, const float* importance, int64_t n, uint8_t* out) {
+  QuantizeRowWeightedSymmetric(x, importance, n, 16, [&](int64_t b, float d, const uint8_t* L) {
+    block_q5_0 blk;
+    StoreHalf(&blk.d, d);
+    PackFiveBit(L, blk.qs, blk.qh);
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  });
 }
 
 void QuantizeRowWeighted(const GgmlKernelTraits& k, const float* x, const float* importance, int64_t n, uint8_t* out) {

@@ -308,7 +308,7 @@ TEST(GgmlWritersTest, FallbacksFollowLlamaQuantize) {
   EXPECT_TRUE(FindMethod("q5_0")->OutputFormat({}, 4, 288).ok());
 }
 
-// An imported importance (LayerStats::importance, `qforge quantize --imatrix`): q4_0 and the K-quants encode each
+// An imported importance (LayerStats::importance, `qforge quantize --imatrix`): q4_0, q5_0 and the K-quants encode each
 // row with the weighted fit, row for row the type table's weighted encoder's bytes, which are not the plain encoder's and have less
 // importance-weighted error than it; without importance the bytes are the plain ones. A type with no weighted fit
 // refuses it (FAILED_PRECONDITION), an importance of the wrong length is INVALID_ARGUMENT.
@@ -322,7 +322,7 @@ TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
   std::exponential_distribution<double> e(1.0);
   for (int64_t c = 0; c < kCols; ++c) stats.importance.push_back(e(rng) * (c % 7 == 0 ? 20.0 : 1.0));
   const std::vector<float> importance(stats.importance.begin(), stats.importance.end());
-  for (const char* method : {"q4_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}) {
+  for (const char* method : {"q4_0", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}) {
     const QuantMethod* m = FindMethod(method);
     ASSERT_NE(m, nullptr);
     auto weighted = m->Quantize(w.data(), kRows, kCols, m->DefaultParams(), nullptr, &stats);
@@ -351,8 +351,8 @@ TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
     };
     EXPECT_LT(weighted_error(*weighted), weighted_error(plain)) << method;
   }
-  const QuantMethod* q5_0 = FindMethod("q5_0");
-  EXPECT_EQ(q5_0->Quantize(w.data(), kRows, kCols, q5_0->DefaultParams(), nullptr, &stats).status().code(),
+  const QuantMethod* q4_1 = FindMethod("q4_1");
+  EXPECT_EQ(q4_1->Quantize(w.data(), kRows, kCols, q4_1->DefaultParams(), nullptr, &stats).status().code(),
             absl::StatusCode::kFailedPrecondition);
   calib::LayerStats short_stats = stats;
   short_stats.importance.pop_back();

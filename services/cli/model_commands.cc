@@ -298,7 +298,7 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   calib::CalibrationStats calibration;
   if (f.Has("imatrix")) {
     if (needs_calibration || automatic || f.Has("calib-text") || f.Has("calib-streams")) {
-      return UsageError("--imatrix is for the plain ggml methods (q4_0, q2_k .. q6_k, presets): not with a calibrated "
+      return UsageError("--imatrix is for the plain ggml methods (q4_0, q5_0, q2_k .. q6_k, presets): not with a calibrated "
                         "method, --calib-text / --calib-streams or --target-bpw");
     }
     QF_ASSIGN_OR_RETURN(calibration, ImportanceOfImatrix(model, f.Get("imatrix"), out));
