@@ -553,6 +553,17 @@ class Writer {
   uint64_t kv_count_ = 0;
 };
 
+// A GGUF v3 file's start: magic, version, the counts, then the key/value pairs of kv; the tensor infos follow.
+Writer GgufHeader(uint64_t n_tensors, Writer& kv) {
+  Writer w;
+  w.Put<uint32_t>(kMagic);
+  w.Put<uint32_t>(3);
+  w.Put<uint64_t>(n_tensors);
+  w.Put<uint64_t>(kv.kv_count());
+  w.out().insert(w.out().end(), kv.out().begin(), kv.out().end());
+  return w;
+}
+
 // general.file_type (llama_ftype) describing the dominant encoding of the weight matrices.
 uint32_t FileType(const Model& m) {
   std::map<WeightType, size_t> count;
@@ -694,12 +705,7 @@ absl::StatusOr<GgufParts> MakeGgufParts(const Model& m) {
   }
   if (auto t = m.metadata.find(kChatTemplateKey); t != m.metadata.end()) kv.KeyString(kChatTemplateKey, t->second);
 
-  Writer w;
-  w.Put<uint32_t>(kMagic);
-  w.Put<uint32_t>(3);
-  w.Put<uint64_t>(tensors.size());
-  w.Put<uint64_t>(kv.kv_count());
-  w.out().insert(w.out().end(), kv.out().begin(), kv.out().end());
+  Writer w = GgufHeader(tensors.size(), kv);
   uint64_t offset = 0;
   for (const auto& [t, type] : tensors) {
     w.PutString(t->name);
@@ -764,12 +770,7 @@ absl::StatusOr<std::vector<uint8_t>> SerializeImatrixGguf(const ImportanceMatrix
                        e.sum_squares});
     tensors.push_back({name + ".counts", 1, static_cast<uint64_t>(e.experts), e.tokens});
   }
-  Writer w;
-  w.Put<uint32_t>(kMagic);
-  w.Put<uint32_t>(3);
-  w.Put<uint64_t>(tensors.size());
-  w.Put<uint64_t>(kv.kv_count());
-  w.out().insert(w.out().end(), kv.out().begin(), kv.out().end());
+  Writer w = GgufHeader(tensors.size(), kv);
   uint64_t offset = 0;
   for (const Out& t : tensors) {
     w.PutString(t.name);
