@@ -21,7 +21,8 @@ struct LayerStats {
   std::vector<double> mean_abs;  // [cols]: 1/n * sum_t |x_t|
   std::vector<double> max_abs;   // [cols]: max_t |x_t|
   // [cols] or empty: an importance per input column brought from outside (llama.cpp's imatrix: 1/n sum_t x_tj²,
-  // `qforge quantize --imatrix`), with no Hessian; the plain K-quant methods weigh rounding errors by it.
+  // `qforge quantize --imatrix`), with no Hessian; the plain ggml methods with a weighted fit weigh rounding errors
+  // by it (kernels::HasWeightedEncoding).
   std::vector<double> importance;
 };
 

@@ -103,8 +103,13 @@ void SetCodesQ6_K(const uint8_t* codes, uint8_t* block);
 // The code of x nearest its grid, clamp(round_half_even((x + offset) / scale) + zero, 0, max_code); zero when the
 // grid's scale is 0 (every code decodes to -offset then).
 int SubBlockGridCode(float x, const SubBlockGrid& g);
-// One row of n weights (a multiple of 256) with importance[n] into n / 256 blocks of k's type (k.fit_header set):
-// each super-block's header fit, then every weight's nearest code on its sub-block's grid.
+// Whether k's type has an importance-weighted encoding (a quantize_weighted row, or the K-quants' header fit).
+inline bool HasWeightedEncoding(const GgmlKernelTraits& k) {
+  return k.quantize_weighted != nullptr || k.fit_header != nullptr;
+}
+// One row of n weights with importance[n] into k's blocks (HasWeightedEncoding(k)): k.quantize_weighted where the
+// type has one; else, the K-quants (n a multiple of 256), each super-block's header fit, then every weight's nearest
+// code on its sub-block's grid.
 void QuantizeRowWeighted(const GgmlKernelTraits& k, const float* x, const float* importance, int64_t n, uint8_t* out);
 // The signed value of largest magnitude among n (the first one on ties); 0 when all are 0. Q4_0's d is it / -8.
 float SignedAbsMax(const float* x, int n);

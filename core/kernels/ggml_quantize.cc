@@ -1138,6 +1138,10 @@ void QuantizeRowWeightedQ5_0(const float* x, const float* importance, int64_t n,
 }
 
 void QuantizeRowWeighted(const GgmlKernelTraits& k, const float* x, const float* importance, int64_t n, uint8_t* out) {
+  if (k.quantize_weighted != nullptr) {
+    k.quantize_weighted(x, importance, n, out);
+    return;
+  }
   SubBlockGrid grids[kQK_K / 16];
   uint8_t codes[kQK_K];
   const int64_t block_bytes = FindGgmlType(k.type)->block_bytes;

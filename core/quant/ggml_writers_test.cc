@@ -308,10 +308,10 @@ TEST(GgmlWritersTest, FallbacksFollowLlamaQuantize) {
   EXPECT_TRUE(FindMethod("q5_0")->OutputFormat({}, 4, 288).ok());
 }
 
-// An imported importance (LayerStats::importance, `qforge quantize --imatrix`): q4_0, q5_0 and the K-quants encode each
-// row with the weighted fit, row for row the type table's weighted encoder's bytes, which are not the plain encoder's and have less
-// importance-weighted error than it; without importance the bytes are the plain ones. A type with no weighted fit
-// refuses it (FAILED_PRECONDITION), an importance of the wrong length is INVALID_ARGUMENT.
+// An imported importance (LayerStats::importance, `qforge quantize --imatrix`): q4_0, q5_0 and the K-quants encode
+// each row with the weighted fit, row for row QuantizeRowWeighted's bytes, which are not the plain encoder's and
+// have less importance-weighted error than it; without importance the bytes are the plain ones. A type with no
+// weighted fit refuses it (FAILED_PRECONDITION), an importance of the wrong length is INVALID_ARGUMENT.
 TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
   constexpr int64_t kRows = 8, kCols = 512;
   const std::vector<float> w = Gaussian(kRows * kCols, 11);
@@ -335,11 +335,7 @@ TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
     const size_t row_bytes = plain.size() / kRows;
     std::vector<uint8_t> row(row_bytes);
     for (int64_t r = 0; r < kRows; ++r) {
-      if (k->quantize_weighted != nullptr) {
-        k->quantize_weighted(w.data() + r * kCols, importance.data(), kCols, row.data());
-      } else {
-        kernels::QuantizeRowWeighted(*k, w.data() + r * kCols, importance.data(), kCols, row.data());
-      }
+      kernels::QuantizeRowWeighted(*k, w.data() + r * kCols, importance.data(), kCols, row.data());
       EXPECT_EQ(0, std::memcmp(row.data(), weighted->data() + r * row_bytes, row_bytes)) << method << " row " << r;
     }
     const WeightType t = m->OutputFormat(m->DefaultParams(), kRows, kCols)->type;

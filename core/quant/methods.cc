@@ -112,7 +112,7 @@ class GgmlBlockMethod : public QuantMethod {
     // An imported importance matrix (llama-quantize --imatrix's job): the type's weighted fit.
     if (calib != nullptr && !calib->importance.empty()) {
       const kernels::GgmlKernelTraits* k = kernels::FindGgmlKernels(type_);
-      if (k == nullptr || (k->fit_header == nullptr && k->quantize_weighted == nullptr)) {
+      if (k == nullptr || !kernels::HasWeightedEncoding(*k)) {
         return absl::FailedPreconditionError(absl::StrCat(
             name_, ": no importance-weighted encoder for this type yet (--imatrix: q4_0, q5_0, q2_k, q3_k, q4_k, q5_k, q6_k)"));
       }
@@ -123,12 +123,8 @@ class GgmlBlockMethod : public QuantMethod {
       const std::vector<float> importance(calib->importance.begin(), calib->importance.end());
       ParallelForOrInline(pool, rows, 4, [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          uint8_t* row = out.data() + static_cast<size_t>(r) * row_bytes;
-          if (k->quantize_weighted != nullptr) {
-            k->quantize_weighted(w + r * cols, importance.data(), cols, row);
-          } else {
-            kernels::QuantizeRowWeighted(*k, w + r * cols, importance.data(), cols, row);
-          }
+          kernels::QuantizeRowWeighted(*k, w + r * cols, importance.data(), cols,
+                                       out.data() + static_cast<size_t>(r) * row_bytes);
         }
       });
       return out;
