@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <string>
 
 #include "absl/strings/match.h"
@@ -49,6 +50,21 @@ void ExpectOneLineError(const Result& r, int code, const std::string& needle) {
   EXPECT_TRUE(absl::StartsWith(r.err, "qforge: error: ")) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_TRUE(absl::StrContains(r.err, needle)) << "expected '" << needle << "' in: " << r.err;
+}
+
+// Two files of one model tensor for tensor: every tensor of `plain` is in `other` with the same type, and its bytes
+// are the same exactly where same(name, tensor) says they should be.
+void ExpectSameBytesWhere(const std::string& plain, const std::string& other,
+                          const std::function<bool(const std::string&, const qforge::Tensor&)>& same) {
+  auto a = qforge::formats::LoadModel(plain);
+  auto b = qforge::formats::LoadModel(other);
+  ASSERT_TRUE(a.ok() && b.ok());
+  for (const auto& [name, t] : a->tensors) {
+    const qforge::Tensor* g = b->Find(name);
+    ASSERT_NE(g, nullptr) << name;
+    EXPECT_EQ(g->format.type, t.format.type) << name;
+    EXPECT_EQ(t.nbytes == g->nbytes && std::memcmp(t.data, g->data, t.nbytes) == 0, same(name, t)) << name;
+  }
 }
 
 TEST(Cli, UsageErrorsExitTwoWithOneLine) {
@@ -210,20 +226,9 @@ TEST(Cli, QuantizeGptqOntoGgmlTypes) {
   ASSERT_EQ(q.exit_code, 0) << q.err;
   EXPECT_TRUE(absl::StrContains(q.out, "gptq_q4_k")) << q.out;
   EXPECT_TRUE(absl::StrContains(q.out, "gptq_q6_k")) << q.out;
-  auto a = qforge::formats::LoadModel(plain);
-  auto b = qforge::formats::LoadModel(out);
-  ASSERT_TRUE(a.ok() && b.ok());
-  for (const auto& [name, t] : a->tensors) {
-    const qforge::Tensor* g = b->Find(name);
-    ASSERT_NE(g, nullptr) << name;
-    EXPECT_EQ(g->format.type, t.format.type) << name;
-    const bool same = t.nbytes == g->nbytes && std::memcmp(t.data, g->data, t.nbytes) == 0;
-    if (name == "token_embd.weight" || t.format.type == qforge::WeightType::kF32) {
-      EXPECT_TRUE(same) << name;
-    } else {
-      EXPECT_FALSE(same) << name;
-    }
-  }
+  ExpectSameBytesWhere(plain, out, [](const std::string& name, const qforge::Tensor& t) {
+    return name == "token_embd.weight" || t.format.type == qforge::WeightType::kF32;
+  });
   ExpectOneLineError(RunQforge("quantize --method rtn --ggml-type q4_k " + in + " " + out), 2, "--ggml-type");
   ExpectOneLineError(RunQforge("quantize --method gptq --ggml-type q8_0 " + in + " " + out), 2, "--ggml-type");
 }
@@ -256,16 +261,8 @@ TEST(Cli, QuantizeWithImatrix) {
   Result q = RunQforge("quantize --method q4_k --imatrix " + imatrix + " " + in + " " + out);
   ASSERT_EQ(q.exit_code, 0) << q.err;
   EXPECT_TRUE(absl::StrContains(q.out, absl::StrCat("imatrix: ", weighted, " of ", weighted))) << q.out;
-  auto a = qforge::formats::LoadModel(plain);
-  auto b = qforge::formats::LoadModel(out);
-  ASSERT_TRUE(a.ok() && b.ok());
-  for (const auto& [name, t] : a->tensors) {
-    const qforge::Tensor* g = b->Find(name);
-    ASSERT_NE(g, nullptr) << name;
-    EXPECT_EQ(g->format.type, t.format.type) << name;
-    const bool same = t.nbytes == g->nbytes && std::memcmp(t.data, g->data, t.nbytes) == 0;
-    EXPECT_EQ(same, im.entries.count(name) == 0) << name;
-  }
+  ExpectSameBytesWhere(plain, out,
+                       [&](const std::string& name, const qforge::Tensor&) { return im.entries.count(name) == 0; });
   ExpectOneLineError(RunQforge("quantize --method gptq_q4_k --imatrix " + imatrix + " " + in + " " + out), 2,
                      "--imatrix");
   ExpectOneLineError(RunQforge("quantize --method q4_k --imatrix " + in + " " + in + " " + out), 1, "general.type");
