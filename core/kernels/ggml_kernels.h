@@ -57,8 +57,8 @@ struct GgmlKernelTraits {
   int sub_block = 0;
   FitHeaderFn fit_header = nullptr;
   SetCodesFn set_codes = nullptr;
-  // Importance-weighted encoding of the 32-wide types, as llama-quantize --imatrix writes them (q4_0, q5_0;
-  // nullptr: none yet).
+  // Importance-weighted encoding of the other types, as llama-quantize --imatrix writes them (q4_0, q4_1, q5_0,
+  // q5_1, q8_0, iq4_nl, iq4_xs; nullptr: no encoder).
   QuantizeRowWeightedFn quantize_weighted = nullptr;
 };
 
@@ -78,6 +78,15 @@ void QuantizeRowQ4_0(const float* x, int64_t n, uint8_t* out);
 // fit weighted by importance * sqrt(sigma² + x²), sigma² the row's mean square.
 void QuantizeRowWeightedQ4_0(const float* x, const float* importance, int64_t n, uint8_t* out);
 void QuantizeRowWeightedQ5_0(const float* x, const float* importance, int64_t n, uint8_t* out);
+// Q8_0: the plain bytes (ggml's Q8_0 encoder takes no importance, so llama-quantize --imatrix writes those too).
+void QuantizeRowWeightedQ8_0(const float* x, const float* importance, int64_t n, uint8_t* out);
+// Q4_1 / Q5_1 (quantize_row_q4_1_impl / q5_1_impl): each block's min-and-scale fit with the same weights.
+void QuantizeRowWeightedQ4_1(const float* x, const float* importance, int64_t n, uint8_t* out);
+void QuantizeRowWeightedQ5_1(const float* x, const float* importance, int64_t n, uint8_t* out);
+// IQ4_NL / IQ4_XS (quantize_iq4_nl / _xs with quant_weights): QuantizeRowIQ4_NL / _XS's fit weighted by
+// importance * sqrt(sigma² + x²), sigma² twice the (super-)block's mean square.
+void QuantizeRowWeightedIQ4_NL(const float* x, const float* importance, int64_t n, uint8_t* out);
+void QuantizeRowWeightedIQ4_XS(const float* x, const float* importance, int64_t n, uint8_t* out);
 void QuantizeRowQ4_1(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowQ5_0(const float* x, int64_t n, uint8_t* out);
 void QuantizeRowQ5_1(const float* x, int64_t n, uint8_t* out);

@@ -599,6 +599,23 @@ void PackFiveBit(const uint8_t* q, uint8_t* qs, uint8_t* qh_bytes) {
   for (int k = 0; k < 4; ++k) qh_bytes[k] = static_cast<uint8_t>(qh >> (8 * k));
 }
 
+// The mean of x² over n: sigma² of the importance-weighted fits.
+float MeanSquare(const float* x, int n) {
+  float sum = 0;
+  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
+  return sum / static_cast<float>(n);
+}
+
+// The fit weights of a sub-block of n: importance * sqrt(sigma2 + x^2), and their sum.
+float ImportanceWeights(const float* x, const float* importance, int n, float sigma2, float* w) {
+  float sum = 0;
+  for (int l = 0; l < n; ++l) {
+    w[l] = importance[l] * std::sqrt(sigma2 + x[l] * x[l]);
+    sum += w[l];
+  }
+  return sum;
+}
+
 // ggml's best_index_int8: the index of the IQ4_NL level nearest to v (the lower one on ties), by bisection.
 int NearestIq4nlIndex(float v) {
   const int8_t* values = kIq4nlValues;
@@ -616,13 +633,14 @@ int NearestIq4nlIndex(float v) {
   return v - values[hi - 1] < values[hi] - v ? hi - 1 : hi;
 }
 
-// ggml's quantize_row_iq4_nl_impl without importance weights (ntry 7): each 32-weight sub-block gets the scale,
-// among 15 candidates around max / values[0], of least x^2-weighted squared error; with several sub-blocks
+// ggml's quantize_row_iq4_nl_impl (ntry 7): each 32-weight sub-block gets the scale, among 15 candidates around
+// max / values[0], of least weighted squared error (weights x^2, or with importance[super_block] importance *
+// sqrt(sigma² + x²), sigma² twice the super-block's mean square); with several sub-blocks
 // (IQ4_XS) those scales become 6-bit multiples of a super-block d = -max_scale / 32 and every index is chosen
 // again against the stored scale. Writes *d_out (f16), the 4-bit indices as Q4_0 packs them, and for IQ4_XS the
 // 6-bit scales (biased by 32: low nibbles in scales_l, high 2 bits in scales_h).
-void QuantizeIq4Blocks(const float* x, int super_block, uint16_t* d_out, uint8_t* qs, uint16_t* scales_h,
-                       uint8_t* scales_l) {
+void QuantizeIq4Blocks(const float* x, const float* importance, int super_block, uint16_t* d_out, uint8_t* qs,
+                       uint16_t* scales_h, uint8_t* scales_l) {
   constexpr int kNtry = 7;
   const int8_t* values = kIq4nlValues;
   const int nsub = super_block / 32;
@@ -631,11 +649,21 @@ void QuantizeIq4Blocks(const float* x, int super_block, uint16_t* d_out, uint8_t
   float weight[32];
   std::fill(qs, qs + super_block / 2, 0);
   *d_out = FloatToHalf(0.0f);
+  // With importance, sigma² is twice the super-block's mean square (not the row's, as for Q4_0).
+  float sigma2 = 0;
+  if (importance != nullptr) {
+    for (int j = 0; j < super_block; ++j) sigma2 += x[j] * x[j];
+    sigma2 *= 2.0f / static_cast<float>(super_block);
+  }
   float max_scale = 0, amax_scale = 0;
   for (int ib = 0; ib < nsub; ++ib) {
     const float* xb = x + 32 * ib;
     uint8_t* Lb = L + 32 * ib;
-    for (int j = 0; j < 32; ++j) weight[j] = xb[j] * xb[j];
+    if (importance != nullptr) {
+      ImportanceWeights(xb, importance + 32 * ib, 32, sigma2, weight);
+    } else {
+      for (int j = 0; j < 32; ++j) weight[j] = xb[j] * xb[j];
+    }
     float amax = 0, max = 0;
     for (int j = 0; j < 32; ++j) {
       if (std::fabs(xb[j]) > amax) {
@@ -657,7 +685,7 @@ void QuantizeIq4Blocks(const float* x, int super_block, uint16_t* d_out, uint8_t
       sumqx += weight[j] * q * xb[j];
       sumq2 += weight[j] * q * q;
     }
-    d = sumqx / sumq2;
+    d = sumq2 > 0 ? sumqx / sumq2 : 0.0f;  // an importance of zero over the whole sub-block
     float best = d * sumqx;
     for (int itry = -kNtry; itry <= kNtry; ++itry) {
       id = static_cast<float>(itry + values[0]) / max;
@@ -908,7 +936,7 @@ void QuantizeRowQ6_K(const float* x, int64_t n, uint8_t* out) {
 void QuantizeRowIQ4_NL(const float* x, int64_t n, uint8_t* out) {
   for (int64_t b = 0; b < n / 32; ++b, x += 32) {
     block_iq4_nl blk;
-    QuantizeIq4Blocks(x, 32, &blk.d, blk.qs, nullptr, nullptr);
+    QuantizeIq4Blocks(x, nullptr, 32, &blk.d, blk.qs, nullptr, nullptr);
     std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
   }
 }
@@ -917,7 +945,7 @@ void QuantizeRowIQ4_XS(const float* x, int64_t n, uint8_t* out) {
   for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
     block_iq4_xs blk;
     uint16_t scales_h = 0;
-    QuantizeIq4Blocks(x, kQK_K, &blk.d, blk.qs, &scales_h, blk.scales_l);
+    QuantizeIq4Blocks(x, nullptr, kQK_K, &blk.d, blk.qs, &scales_h, blk.scales_l);
     std::memcpy(&blk.scales_h, &scales_h, sizeof(scales_h));
     std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
   }
@@ -993,22 +1021,6 @@ float FitPositiveScale(int n, int nmax, const float* x, uint8_t* L, const float*
     if (changed == 0) break;
   }
   return sumlx / suml2;
-}
-
-float MeanSquare(const float* x, int n) {
-  float sum = 0;
-  for (int i = 0; i < n; ++i) sum += x[i] * x[i];
-  return sum / static_cast<float>(n);
-}
-
-// The fit weights of a sub-block of n: importance * sqrt(sigma2 + x^2), and their sum.
-float ImportanceWeights(const float* x, const float* importance, int n, float sigma2, float* w) {
-  float sum = 0;
-  for (int l = 0; l < n; ++l) {
-    w[l] = importance[l] * std::sqrt(sigma2 + x[l] * x[l]);
-    sum += w[l];
-  }
-  return sum;
 }
 
 // The min-and-scale fits of a super-block's 256 / sub sub-blocks (sub 16 or 32, codes 0..nmax) with importance
@@ -1135,6 +1147,70 @@ void QuantizeRowWeightedQ5_0(const float* x, const float* importance, int64_t n,
     PackFiveBit(L, blk.qs, blk.qh);
     std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
   });
+}
+
+// ggml's Q8_0 takes no importance (quantize_q8_0 ignores its quant_weights; 8 bits leave nothing to weigh), so
+// with an imatrix llama-quantize writes the plain bytes, and so does this.
+void QuantizeRowWeightedQ8_0(const float* x, const float* /*importance*/, int64_t n, uint8_t* out) {
+  QuantizeRowQ8_0(x, n, out);
+}
+
+namespace {
+
+// ggml's quantize_row_q{4,5}_1_impl: per 32-weight block the min-and-scale fit (make_qkx3_quants: 37 candidate
+// scales, the least-squares refit of each) weighted by importance * sqrt(sigma² + x²), sigma² the row's mean
+// square.
+template <class Pack>
+void QuantizeRowWeightedMinScale(const float* x, const float* importance, int64_t n, int nmax, Pack pack) {
+  const float sigma2 = MeanSquare(x, static_cast<int>(n));
+  float w[32];
+  uint8_t L[32], Laux[32];
+  for (int64_t b = 0; b < n / 32; ++b) {
+    ImportanceWeights(x + b * 32, importance + b * 32, 32, sigma2, w);
+    float neg_min = 0;
+    const float d = FitScaleMin(32, nmax, x + b * 32, w, L, &neg_min, Laux, -0.9f, 0.05f, 36);
+    pack(b, d, -neg_min, L);
+  }
+}
+
+}  // namespace
+
+void QuantizeRowWeightedQ4_1(const float* x, const float* importance, int64_t n, uint8_t* out) {
+  QuantizeRowWeightedMinScale(x, importance, n, 15, [&](int64_t b, float d, float m, const uint8_t* L) {
+    block_q4_1 blk;
+    StoreHalf(&blk.d, d);
+    StoreHalf(&blk.m, m);
+    for (int j = 0; j < 16; ++j) blk.qs[j] = static_cast<uint8_t>(L[j] | (L[j + 16] << 4));
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  });
+}
+
+void QuantizeRowWeightedQ5_1(const float* x, const float* importance, int64_t n, uint8_t* out) {
+  QuantizeRowWeightedMinScale(x, importance, n, 31, [&](int64_t b, float d, float m, const uint8_t* L) {
+    block_q5_1 blk;
+    StoreHalf(&blk.d, d);
+    StoreHalf(&blk.m, m);
+    PackFiveBit(L, blk.qs, blk.qh);
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  });
+}
+
+void QuantizeRowWeightedIQ4_NL(const float* x, const float* importance, int64_t n, uint8_t* out) {
+  for (int64_t b = 0; b < n / 32; ++b) {
+    block_iq4_nl blk;
+    QuantizeIq4Blocks(x + b * 32, importance + b * 32, 32, &blk.d, blk.qs, nullptr, nullptr);
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
+}
+
+void QuantizeRowWeightedIQ4_XS(const float* x, const float* importance, int64_t n, uint8_t* out) {
+  for (int64_t b = 0; b < n / kQK_K; ++b) {
+    block_iq4_xs blk;
+    uint16_t scales_h = 0;
+    QuantizeIq4Blocks(x + b * kQK_K, importance + b * kQK_K, kQK_K, &blk.d, blk.qs, &scales_h, blk.scales_l);
+    std::memcpy(&blk.scales_h, &scales_h, sizeof(scales_h));
+    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+  }
 }
 
 void QuantizeRowWeighted(const GgmlKernelTraits& k, const float* x, const float* importance, int64_t n, uint8_t* out) {

@@ -308,10 +308,11 @@ TEST(GgmlWritersTest, FallbacksFollowLlamaQuantize) {
   EXPECT_TRUE(FindMethod("q5_0")->OutputFormat({}, 4, 288).ok());
 }
 
-// An imported importance (LayerStats::importance, `qforge quantize --imatrix`): q4_0, q5_0 and the K-quants encode
-// each row with the weighted fit, row for row QuantizeRowWeighted's bytes, which are not the plain encoder's and
-// have less importance-weighted error than it; without importance the bytes are the plain ones. A type with no
-// weighted fit refuses it (FAILED_PRECONDITION), an importance of the wrong length is INVALID_ARGUMENT.
+// An imported importance (LayerStats::importance, `qforge quantize --imatrix`): every writable ggml type but q8_0
+// encodes each row with the weighted fit, row for row QuantizeRowWeighted's bytes, which are not the plain
+// encoder's and have less importance-weighted error than it; q8_0 (ggml's encoder takes no importance) and no
+// importance give the plain bytes. Every row of the type table with an encoder has a weighted one; an importance
+// of the wrong length is INVALID_ARGUMENT.
 TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
   constexpr int64_t kRows = 8, kCols = 512;
   const std::vector<float> w = Gaussian(kRows * kCols, 11);
@@ -322,7 +323,7 @@ TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
   std::exponential_distribution<double> e(1.0);
   for (int64_t c = 0; c < kCols; ++c) stats.importance.push_back(e(rng) * (c % 7 == 0 ? 20.0 : 1.0));
   const std::vector<float> importance(stats.importance.begin(), stats.importance.end());
-  for (const char* method : {"q4_0", "q5_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"}) {
+  for (const char* method : {"q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"}) {
     const QuantMethod* m = FindMethod(method);
     ASSERT_NE(m, nullptr);
     auto weighted = m->Quantize(w.data(), kRows, kCols, m->DefaultParams(), nullptr, &stats);
@@ -347,9 +348,15 @@ TEST(GgmlWritersTest, ImportanceGivesTheWeightedFit) {
     };
     EXPECT_LT(weighted_error(*weighted), weighted_error(plain)) << method;
   }
-  const QuantMethod* q4_1 = FindMethod("q4_1");
-  EXPECT_EQ(q4_1->Quantize(w.data(), kRows, kCols, q4_1->DefaultParams(), nullptr, &stats).status().code(),
-            absl::StatusCode::kFailedPrecondition);
+  const QuantMethod* q8_0 = FindMethod("q8_0");
+  auto q8_0_weighted = q8_0->Quantize(w.data(), kRows, kCols, q8_0->DefaultParams(), nullptr, &stats);
+  ASSERT_TRUE(q8_0_weighted.ok()) << q8_0_weighted.status();
+  EXPECT_EQ(*q8_0_weighted, QuantizeWith("q8_0", w, kRows, kCols));
+  for (const kernels::GgmlKernelTraits& k : kernels::GgmlKernelTable()) {
+    if (k.quantize != nullptr) {
+      EXPECT_TRUE(kernels::HasWeightedEncoding(k)) << FindGgmlType(k.type)->name;
+    }
+  }
   calib::LayerStats short_stats = stats;
   short_stats.importance.pop_back();
   const QuantMethod* q4_k = FindMethod("q4_k");

@@ -114,7 +114,7 @@ class GgmlBlockMethod : public QuantMethod {
       const kernels::GgmlKernelTraits* k = kernels::FindGgmlKernels(type_);
       if (k == nullptr || !kernels::HasWeightedEncoding(*k)) {
         return absl::FailedPreconditionError(absl::StrCat(
-            name_, ": no importance-weighted encoder for this type yet (--imatrix: q4_0, q5_0, q2_k, q3_k, q4_k, q5_k, q6_k)"));
+            name_, ": no importance-weighted encoder for this type"));
       }
       if (static_cast<int64_t>(calib->importance.size()) != cols) {
         return absl::InvalidArgumentError(absl::StrCat(name_, ": the importance has ", calib->importance.size(),

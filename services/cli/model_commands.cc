@@ -298,7 +298,7 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   calib::CalibrationStats calibration;
   if (f.Has("imatrix")) {
     if (needs_calibration || automatic || f.Has("calib-text") || f.Has("calib-streams")) {
-      return UsageError("--imatrix is for the plain ggml methods (q4_0, q5_0, q2_k .. q6_k, presets): not with a calibrated "
+      return UsageError("--imatrix is for the plain ggml methods (q4_0 .. q8_0, q2_k .. q6_k, iq4_nl, iq4_xs, presets): not with a calibrated "
                         "method, --calib-text / --calib-streams or --target-bpw");
     }
     QF_ASSIGN_OR_RETURN(calibration, ImportanceOfImatrix(model, f.Get("imatrix"), out));
@@ -461,7 +461,9 @@ absl::Status Imatrix(const std::vector<std::string>& args, std::ostream& out) {
   if (chunks > 0) {
     for (auto& stream : tokens) eval::KeepFirstWindows(stream, chunks, window, model.config.seq_len);
   }
-  const calib::CalibrationOptions options{.window = window, .threads = threads};
+  calib::CalibrationOptions options;
+  options.window = window;
+  options.threads = threads;
   QF_ASSIGN_OR_RETURN(const calib::CalibrationStats stats, calib::CollectCalibration(model, tokens, options));
   formats::ImportanceMatrix imatrix;
   if (f.Has("calib-text")) imatrix.datasets = {f.Get("calib-text")};
