@@ -25,13 +25,13 @@ calib=(--calib-text "$shared/tinystories-calib.txt")
 
 # name | quantize arguments | output extension
 configs=(
-  "q8_0|--method q8_0|gguf"
+  "q8_0|--method q8_0 --pure|gguf"
   "q4_k|--method q4_k|gguf"
-  "q4_k experts|--method q8_0 --layers $experts=q4_k|gguf"
-  "ternary (TQ2_0)|--method q8_0 --layers $experts=ternary ${calib[*]}|gguf"
-  "qmoe|--method q8_0 --layers $experts=qmoe ${calib[*]}|safetensors"
-  "bitnet (TQ2_0)|--method q8_0 --layers $experts=bitnet|gguf"
-  "billm|--method q8_0 --layers $experts=billm ${calib[*]}|safetensors"
+  "q4_k experts|--method q8_0 --pure --layers $experts=q4_k|gguf"
+  "ternary (TQ2_0)|--method q8_0 --pure --layers $experts=ternary ${calib[*]}|gguf"
+  "qmoe|--method q8_0 --pure --layers $experts=qmoe ${calib[*]}|safetensors"
+  "bitnet (TQ2_0)|--method q8_0 --pure --layers $experts=bitnet|gguf"
+  "billm|--method q8_0 --pure --layers $experts=billm ${calib[*]}|safetensors"
 )
 
 params=$("$qforge" inspect "$model" | grep -o '[0-9]* parameters' | head -1 | awk '{print $1}')

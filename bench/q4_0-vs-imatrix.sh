@@ -32,7 +32,7 @@ run "$bin/llama-quantize" --pure --token-embedding-type f32 "$work/F32.gguf" "$w
 run "$bin/llama-quantize" --imatrix "$work/imatrix.gguf" --pure --token-embedding-type f32 "$work/F32.gguf" \
   "$work/lc-imatrix-q4_0.gguf" Q4_0
 narrow='blk.*.ffn_down.weight=f16'  # the 172-wide rows of stories260K; harmless where rows are wider
-run "$qforge" quantize --method q4_0 --layers "$narrow" "$work/F32.gguf" "$work/qf-q4_0.gguf"
+run "$qforge" quantize --method q4_0 --pure --layers "$narrow" "$work/F32.gguf" "$work/qf-q4_0.gguf"
 run "$qforge" quantize --method gptq_q4_0 --layers "$narrow" --calib-text "$calib" "$work/F32.gguf" \
   "$work/qf-gptq_q4_0.gguf"
 run "$bin/llama-perplexity" -m "$work/F32.gguf" -f "$eval_text" -c "$ctx" --chunks "$chunks" \

@@ -39,7 +39,7 @@ for type in ${types//,/ }; do
   a=() b=()
   for _ in $(seq "$rounds"); do
     rm -f "$work/qf.gguf" "$work/lc.gguf"
-    a+=("$(seconds "$qforge" quantize --method "$type" --quantize-embeddings --threads "$threads" "$model" "$work/qf.gguf")")
+    a+=("$(seconds "$qforge" quantize --method "$type" --pure --quantize-embeddings --threads "$threads" "$model" "$work/qf.gguf")")
     b+=("$(seconds "$LLAMA_BIN/llama-quantize" --pure "$model" "$work/lc.gguf" "$upper" "$threads")")
   done
   same=$("$qforge" compare "$work/qf.gguf" "$work/lc.gguf" | tail -1 | grep -q ' 0 differ, 0 missing' && echo same || echo DIFFER)

@@ -31,7 +31,7 @@ configs=(
   "qforge-tinystories-dense|gptq 4-bit g32|--method gptq --bits 4 --group 32"
   "qforge-tinystories-dense|awq 3-bit g32|--method awq --bits 3 --group 32"
   "qforge-tinystories-moe|gptq 3-bit g32|--method gptq --bits 3 --group 32"
-  "qforge-tinystories-moe|ternary experts, q8_0 elsewhere|--method q8_0 --layers $experts=ternary"
+  "qforge-tinystories-moe|ternary experts, q8_0 elsewhere|--method q8_0 --pure --layers $experts=ternary"
 )
 
 echo "| model | recipe | calibration | perplexity | KL mean (nats) | top-1 | quantize s |"

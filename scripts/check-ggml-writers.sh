@@ -8,7 +8,9 @@
 # scales, up to encodings of equal values such as a -0 scale):
 #   pure types  llama-quantize --pure F32 L.gguf TYPE   vs   qforge quantize --method type --pure --quantize-embeddings
 #   presets     llama-quantize F32 L.gguf PRESET         vs   qforge quantize --method preset
-# No importance matrix on either side (llama-quantize then runs ggml's quantize_row_*_ref, qforge's targets).
+#   imatrix-*   llama-quantize --imatrix I F32 L PRESET  vs   qforge quantize --method preset --imatrix I
+# (I: qforge imatrix's file for the model; the first two rows use no importance matrix, so llama-quantize runs
+# ggml's quantize_row_*_ref there, qforge's targets.)
 # Usage:
 #   scripts/check-ggml-writers.sh [LLAMA_BIN_DIR]   (default ~/.cache/qforge/peer-llama.cpp/src/build/bin)
 # Environment: QFORGE (default build/services/qforge), QFORGE_SHARED (default ../shared), KEEP=DIR keeps the
@@ -28,7 +30,7 @@ status=0
   >/dev/null || exit 1
 src=$work/F32.gguf
 
-printf '%-12s %-10s %s\n' file result "differing tensors (first 3)"
+printf '%-16s %-10s %s\n' file result "differing tensors (first 3)"
 # compare LABEL LLAMA_TYPE QFORGE_ARGS...: one file from each tool, compared decoded.
 compare() {
   local label=$1 type=$2
@@ -36,21 +38,22 @@ compare() {
   local ours="$work/$label-qforge.gguf" theirs="$work/$label-llama.gguf"
   local -a llama_flags=()
   [[ $label == pure-* ]] && llama_flags=(--pure)
+  [[ $label == imatrix-* ]] && llama_flags=(--imatrix "$imatrix")
   if ! "$bin/llama-quantize" "${llama_flags[@]}" "$src" "$theirs" "$type" >"$work/$label-llama.log" 2>&1; then
-    printf '%-12s %-10s %s\n' "$label" REFUSED "llama-quantize: $(grep -m1 -iE 'error|failed|invalid' "$work/$label-llama.log")"
+    printf '%-16s %-10s %s\n' "$label" REFUSED "llama-quantize: $(grep -m1 -iE 'error|failed|invalid' "$work/$label-llama.log")"
     status=1
     return
   fi
   if ! "$qforge" quantize "$@" "$src" "$ours" >"$work/$label-qforge.log" 2>&1; then
-    printf '%-12s %-10s %s\n' "$label" FAILED "qforge: $(tail -1 "$work/$label-qforge.log")"
+    printf '%-16s %-10s %s\n' "$label" FAILED "qforge: $(tail -1 "$work/$label-qforge.log")"
     status=1
     return
   fi
   local cmp
   if cmp=$("$qforge" compare "$theirs" "$ours" --quiet 2>&1); then
-    printf '%-12s %-10s\n' "$label" same
+    printf '%-16s %-10s\n' "$label" same
   else
-    printf '%-12s %-10s %s\n' "$label" DIFFER "$(echo "$cmp" | grep -E '^DIFFER|^missing' | head -3 | tr '\n' ';')"
+    printf '%-16s %-10s %s\n' "$label" DIFFER "$(echo "$cmp" | grep -E '^DIFFER|^missing' | head -3 | tr '\n' ';')"
     status=1
   fi
   [ -n "${KEEP:-}" ] || rm -f "$ours" "$theirs"
@@ -61,8 +64,17 @@ for type in Q8_0 Q4_0 Q4_K Q4_1 Q5_0 Q5_1 Q2_K Q3_K Q5_K Q6_K IQ4_NL IQ4_XS; do
   lower=$(echo "$type" | tr 'A-Z' 'a-z')
   compare "pure-$type" "$type" --method "$lower" --pure --quantize-embeddings
 done
-for preset in Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K; do
+presets="Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K IQ4_NL IQ4_XS"
+for preset in $presets; do
   lower=$(echo "$preset" | tr 'A-Z' 'a-z')
   compare "$preset" "$preset" --method "$lower"
+done
+# With an importance matrix (qforge's, from random token streams: any values do): every type's weighted fit, and
+# the presets' imatrix-dependent choices (Q4_0 / Q5_0 raise the first eighth of ffn_down, IQ4_* stop raising it).
+imatrix=$work/imatrix.gguf
+"$qforge" imatrix "$src" "$imatrix" --calib-streams 8 --calib-len 64 --calib-seed 5 >/dev/null || exit 1
+for preset in $presets; do
+  lower=$(echo "$preset" | tr 'A-Z' 'a-z')
+  compare "imatrix-$preset" "$preset" --method "$lower" --imatrix "$imatrix"
 done
 exit $status

@@ -39,7 +39,7 @@ stories=$shared/models/stories260K/stories260K.bin
 check "$work/s-f32.gguf" "stories260K f32"
 "$qforge" quantize --method q8_0 --quantize-embeddings "$stories" "$work/s-q8_0.gguf" >/dev/null
 check "$work/s-q8_0.gguf" "stories260K q8_0 (embeddings too)"
-"$qforge" quantize --method q4_0 "$stories" "$work/s-q4_0.gguf" >/dev/null
+"$qforge" quantize --method q4_0 --pure "$stories" "$work/s-q4_0.gguf" >/dev/null
 check "$work/s-q4_0.gguf" "stories260K q4_0 (172-wide ffn_down in f16)"
 for dir in models/*/; do
   [ -f "$dir/config.json" ] || continue

@@ -13,7 +13,14 @@ namespace {
 
 using P = GgmlPresetId;
 
-constexpr std::array<GgmlPreset, 9> kPresets = {{
+constexpr std::array<GgmlPreset, 16> kPresets = {{
+    {P::kQ4_0, "q4_0", "q4_0", "llama-quantize Q4_0: q4_0, output q6_k; with --imatrix ffn_down of the first 1/8 of "
+                               "layers q4_1"},
+    {P::kQ4_1, "q4_1", "q4_1", "llama-quantize Q4_1: q4_1, output q6_k"},
+    {P::kQ5_0, "q5_0", "q5_0", "llama-quantize Q5_0: q5_0, output q6_k; with --imatrix ffn_down of the first 1/8 of "
+                               "layers q5_1"},
+    {P::kQ5_1, "q5_1", "q5_1", "llama-quantize Q5_1: q5_1, output q6_k"},
+    {P::kQ8_0, "q8_0", "q8_0", "llama-quantize Q8_0: q8_0 everywhere, embeddings included"},
     {P::kQ2_K, "q2_k", "q2_k", "llama-quantize Q2_K: q2_k; attn_v q3_k (q4_k with >= 4 query heads per kv head), "
                                "ffn_down and attn_output q3_k, output q6_k"},
     {P::kQ3_K_S, "q3_k_s", "q3_k", "llama-quantize Q3_K_S: q3_k, output q6_k"},
@@ -28,6 +35,10 @@ constexpr std::array<GgmlPreset, 9> kPresets = {{
     {P::kQ5_K_M, "q5_k_m", "q5_k", "llama-quantize Q5_K_M: q5_k; attn_v and ffn_down q6_k where use_more_bits, "
                                    "output q6_k"},
     {P::kQ6_K, "q6_k", "q6_k", "llama-quantize Q6_K: q6_k everywhere, embeddings included"},
+    {P::kIQ4_NL, "iq4_nl", "iq4_nl", "llama-quantize IQ4_NL: iq4_nl; attn_v q5_k with >= 4 query heads per kv head, "
+                                     "without --imatrix ffn_down of the first 1/8 of layers q5_k; output q6_k"},
+    {P::kIQ4_XS, "iq4_xs", "iq4_xs", "llama-quantize IQ4_XS: iq4_xs; attn_v q5_k with >= 4 query heads per kv head, "
+                                     "without --imatrix ffn_down of the first 1/8 of layers q5_k; output q6_k"},
 }};
 
 // llama.cpp's use_more_bits: the first and last eighth of the layers and every third layer between.
@@ -56,7 +67,7 @@ const GgmlPreset* FindGgmlPreset(std::string_view name) {
 }
 
 std::string GgmlPresetTensorMethod(const GgmlPreset& preset, const ModelConfig& c, std::string_view name,
-                                   int64_t cols, bool has_output) {
+                                   int64_t cols, bool has_output, bool has_imatrix) {
   const P id = preset.id;
   const std::string base = preset.base_method;
   const int n_layers = c.n_layers;
@@ -65,12 +76,15 @@ std::string GgmlPresetTensorMethod(const GgmlPreset& preset, const ModelConfig& 
   // llama.cpp's LLM_TYPE_70B for the llama architecture: 80 layers with grouped-query attention (65B has none).
   const bool is_70b = c.arch == "llama" && n_layers == 80 && c.n_heads != c.n_kv_heads;
 
-  // The output matrix (or the token embedding that doubles as it): q6_k, q8_0 when its rows do not fit.
+  const bool iq4 = id == P::kIQ4_NL || id == P::kIQ4_XS;
+
+  // The output matrix (or the token embedding that doubles as it): q6_k (Q8_0 keeps q8_0), q8_0 when its rows do
+  // not fit the base type's block.
   if (name == names::kOutput || (!has_output && name == names::kTokenEmbd)) {
-    if (cols % FindGgmlTypeByName(base)->block != 0) return "q8_0";
+    if (cols % FindGgmlTypeByName(base)->block != 0 || id == P::kQ8_0) return "q8_0";
     return "q6_k";
   }
-  if (name == names::kTokenEmbd) return base;  // no K-quant preset changes token_embd
+  if (name == names::kTokenEmbd) return base;  // none of these presets changes token_embd
   const int layer = LayerOf(name);
   if (Contains(name, "attn_v.weight")) {
     std::string m = base;
@@ -83,6 +97,8 @@ std::string GgmlPresetTensorMethod(const GgmlPreset& preset, const ModelConfig& 
     } else if ((id == P::kQ4_K_M || id == P::kQ5_K_M) && UseMoreBits(layer, n_layers)) {
       m = "q6_k";
     } else if (id == P::kQ4_K_S && layer < 4) {
+      m = "q5_k";
+    } else if (iq4 && n_gqa >= 4) {
       m = "q5_k";
     }
     if (is_70b && (m == "q3_k" || m == "q4_k")) m = "q5_k";
@@ -99,13 +115,19 @@ std::string GgmlPresetTensorMethod(const GgmlPreset& preset, const ModelConfig& 
       case P::kQ4_K_M: return UseMoreBits(layer, n_layers) ? "q6_k" : base;
       case P::kQ5_K_M: return UseMoreBits(layer, n_layers) ? "q6_k" : base;
       case P::kQ4_K_S: return layer < n_layers / 8 ? "q5_k" : base;
+      case P::kIQ4_NL:
+      case P::kIQ4_XS: return layer < n_layers / 8 && !has_imatrix ? "q5_k" : base;
+      // llama.cpp guards the first ffn_down layers of Q4_0 / Q5_0 only when an imatrix is given, so that a file
+      // made without one stays what it always was.
+      case P::kQ4_0: return layer < n_layers / 8 && has_imatrix ? "q4_1" : base;
+      case P::kQ5_0: return layer < n_layers / 8 && has_imatrix ? "q5_1" : base;
       default: return base;
     }
   }
   if (Contains(name, "attn_output.weight")) {
     if (eight_experts) {
       const bool raised = id == P::kQ2_K || id == P::kQ3_K_S || id == P::kQ3_K_M || id == P::kQ4_K_S ||
-                          id == P::kQ4_K_M;
+                          id == P::kQ4_K_M || iq4;
       return raised ? "q5_k" : base;
     }
     if (id == P::kQ2_K) return "q3_k";
@@ -113,10 +135,10 @@ std::string GgmlPresetTensorMethod(const GgmlPreset& preset, const ModelConfig& 
     if (id == P::kQ3_K_L) return "q5_k";
     return base;
   }
-  return base;  // attn_q, ffn_gate, ffn_up: the base type in every K-quant preset
+  return base;  // attn_q, ffn_gate, ffn_up: the base type in every preset here
 }
 
-absl::StatusOr<QuantRecipe> GgmlPresetRecipe(const GgmlPreset& preset, const Model& model) {
+absl::StatusOr<QuantRecipe> GgmlPresetRecipe(const GgmlPreset& preset, const Model& model, bool has_imatrix) {
   QuantRecipe recipe;
   recipe.method = preset.base_method;
   recipe.quantize_embeddings = true;
@@ -127,7 +149,7 @@ absl::StatusOr<QuantRecipe> GgmlPresetRecipe(const GgmlPreset& preset, const Mod
   for (const std::string& name : targets) {
     const Tensor* t = model.Find(name);
     if (t == nullptr) return absl::NotFoundError(absl::StrCat(preset.name, ": the model has no tensor ", name));
-    const std::string m = GgmlPresetTensorMethod(preset, model.config, name, t->cols(), has_output);
+    const std::string m = GgmlPresetTensorMethod(preset, model.config, name, t->cols(), has_output, has_imatrix);
     // Tensor names hold no glob characters, so each rule matches exactly its tensor.
     if (m != recipe.method) recipe.layers.push_back(LayerRule{name, m, std::nullopt});
   }

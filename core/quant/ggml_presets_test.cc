@@ -89,21 +89,74 @@ TEST(GgmlPresetsTest, RulesOnThirtyTwoLayers) {
       {"q2_k", "blk.0.ffn_gate.weight", "q2_k"},      {"q2_k", "token_embd.weight", "q2_k"},
       {"q2_k", "output.weight", "q6_k"},              {"q6_k", "blk.0.attn_v.weight", "q6_k"},
       {"q6_k", "token_embd.weight", "q6_k"},          {"q6_k", "output.weight", "q6_k"},
+      {"q4_0", "blk.0.ffn_down.weight", "q4_0"},      {"q4_0", "blk.0.attn_v.weight", "q4_0"},
+      {"q4_0", "token_embd.weight", "q4_0"},          {"q4_0", "output.weight", "q6_k"},
+      {"q4_1", "blk.0.ffn_down.weight", "q4_1"},      {"q5_1", "output.weight", "q6_k"},
+      {"q5_0", "blk.0.ffn_down.weight", "q5_0"},      {"q8_0", "output.weight", "q8_0"},
+      {"q8_0", "token_embd.weight", "q8_0"},          {"q8_0", "blk.0.ffn_down.weight", "q8_0"},
+      {"iq4_xs", "blk.3.ffn_down.weight", "q5_k"},    {"iq4_xs", "blk.4.ffn_down.weight", "iq4_xs"},
+      {"iq4_xs", "blk.0.attn_v.weight", "iq4_xs"},    {"iq4_xs", "output.weight", "q6_k"},
+      {"iq4_nl", "blk.0.ffn_down.weight", "q5_k"},    {"iq4_nl", "token_embd.weight", "iq4_nl"},
   };
   for (const Expect& e : kExpect) {
     const GgmlPreset* p = FindGgmlPreset(e.preset);
     ASSERT_NE(p, nullptr) << e.preset;
     EXPECT_EQ(GgmlPresetTensorMethod(*p, c, e.tensor, 256, true), e.type) << e.preset << " " << e.tensor;
   }
-  // Q2_K's attn_v takes q4_k with at least four query heads per kv head.
+  // With an importance matrix, the first eighth of ffn_down: Q4_0 / Q5_0 raised to q4_1 / q5_1 (llama.cpp's guard),
+  // IQ4_NL / IQ4_XS no longer raised to q5_k; the K-quant presets do not change.
+  struct ImatrixExpect {
+    const char* preset;
+    int layer;
+    const char* type;
+  };
+  const ImatrixExpect kWithImatrix[] = {{"q4_0", 3, "q4_1"},   {"q4_0", 4, "q4_0"},     {"q5_0", 0, "q5_1"},
+                                        {"q5_0", 4, "q5_0"},   {"iq4_xs", 3, "iq4_xs"}, {"iq4_nl", 0, "iq4_nl"},
+                                        {"q4_1", 0, "q4_1"},   {"q4_k_m", 3, "q6_k"},   {"q4_k_s", 3, "q5_k"}};
+  for (const ImatrixExpect& e : kWithImatrix) {
+    const std::string tensor = "blk." + std::to_string(e.layer) + ".ffn_down.weight";
+    EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset(e.preset), c, tensor, 256, true, /*has_imatrix=*/true), e.type)
+        << e.preset << " " << tensor;
+  }
+  // Q2_K's attn_v takes q4_k with at least four query heads per kv head, IQ4_NL's and IQ4_XS's q5_k.
   c.n_kv_heads = 1;
   EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q2_k"), c, "blk.0.attn_v.weight", 256, true), "q4_k");
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("iq4_xs"), c, "blk.9.attn_v.weight", 256, true), "q5_k");
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("iq4_nl"), c, "blk.9.attn_v.weight", 256, true), "q5_k");
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q4_0"), c, "blk.9.attn_v.weight", 256, true), "q4_0");
   // Eight experts: attn_v and attn_k q8_0, attn_output q5_k for the presets llama.cpp lists.
   c.n_experts = 8;
   EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q4_k_m"), c, "blk.5.attn_v.weight", 256, true), "q8_0");
   EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q4_k_m"), c, "blk.5.attn_k.weight", 256, true), "q8_0");
   EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q4_k_m"), c, "blk.5.attn_output.weight", 256, true), "q5_k");
   EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q5_k_m"), c, "blk.5.attn_output.weight", 256, true), "q5_k");
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("iq4_xs"), c, "blk.5.attn_output.weight", 256, true), "q5_k");
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q4_0"), c, "blk.5.attn_output.weight", 256, true), "q4_0");
+  EXPECT_EQ(GgmlPresetTensorMethod(*FindGgmlPreset("q4_0"), c, "blk.5.attn_k.weight", 256, true), "q8_0");
+}
+
+// GgmlPresetRecipe passes "an importance matrix is given" to the rules: Q4_0's first eighth of ffn_down (layer 0
+// of 8) gets a q4_1 rule with one and none without; the files QuantizeModel writes then hold that type.
+TEST(GgmlPresetsTest, ImatrixChangesTheQ4_0Recipe) {
+  const Model m = MakeSyntheticModel(Layers(8), 3);
+  const GgmlPreset& p = *FindGgmlPreset("q4_0");
+  auto rule_for = [](const QuantRecipe& r, const std::string& name) -> std::string {
+    for (const LayerRule& rule : r.layers) {
+      if (rule.pattern == name) return rule.method;
+    }
+    return "";
+  };
+  auto plain = GgmlPresetRecipe(p, m);
+  auto weighted = GgmlPresetRecipe(p, m, /*has_imatrix=*/true);
+  ASSERT_TRUE(plain.ok() && weighted.ok());
+  EXPECT_EQ(rule_for(*plain, "blk.0.ffn_down.weight"), "");
+  EXPECT_EQ(rule_for(*weighted, "blk.0.ffn_down.weight"), "q4_1");
+  EXPECT_EQ(rule_for(*weighted, "blk.1.ffn_down.weight"), "");
+  EXPECT_EQ(rule_for(*plain, "output.weight"), "q6_k");
+  const auto types = TypesAfter("q4_0", m);
+  EXPECT_EQ(types.at("output.weight"), "q6_k");
+  EXPECT_EQ(types.at("token_embd.weight"), "q4_0");
+  EXPECT_EQ(types.at("blk.0.ffn_down.weight"), "q4_0");
 }
 
 TEST(GgmlPresetsTest, TiedEmbeddingIsTheOutput) {

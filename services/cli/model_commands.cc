@@ -216,7 +216,9 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
     ggml_type = f.Get("ggml-type");
     if (f.Get("method") != "gptq") return UsageError("--ggml-type goes with --method gptq (GPTQ onto that ggml type)");
     if (automatic) return UsageError("--target-bpw plans every tensor itself: drop --ggml-type");
-    if (quant::FindGgmlPreset(ggml_type) == nullptr && quant::FindMethod("gptq_" + ggml_type) == nullptr) {
+    // A preset by its base type: q8_0 is a preset too, but GPTQ has no q8_0 grid.
+    const quant::GgmlPreset* named = quant::FindGgmlPreset(ggml_type);
+    if (quant::FindMethod(absl::StrCat("gptq_", named != nullptr ? named->base_method : ggml_type)) == nullptr) {
       return UsageError(absl::StrCat("--ggml-type ", ggml_type, ": GPTQ writes q4_0, q2_k, q3_k, q4_k, q5_k, q6_k and "
                                      "the presets (qforge methods lists them)"));
     }
@@ -271,7 +273,7 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   recipe.quantize_embeddings = f.GetBool("quantize-embeddings");
   recipe.layers = rules;
   if (preset != nullptr) {
-    QF_ASSIGN_OR_RETURN(quant::QuantRecipe expanded, quant::GgmlPresetRecipe(*preset, model));
+    QF_ASSIGN_OR_RETURN(quant::QuantRecipe expanded, quant::GgmlPresetRecipe(*preset, model, f.Has("imatrix")));
     // --layers rules come first, so they override the preset's choice for the tensors they match.
     recipe.layers.insert(recipe.layers.end(), expanded.layers.begin(), expanded.layers.end());
     recipe.quantize_embeddings = expanded.quantize_embeddings;
