@@ -312,12 +312,33 @@ TEST(Cli, ImatrixFromCalibration) {
   EXPECT_TRUE(absl::StrContains(q.out, absl::StrCat("imatrix: ", im->entries.size(), " of ", im->entries.size())))
       << q.out;
   EXPECT_GE(static_cast<int>(im->entries.size()), matrices);
+  // A Mixture of Experts: each layer's expert matrices stacked into llama.cpp's ffn_*_exps entry, one row and one
+  // count per expert (the tokens routed to it: every token goes to 2 of the 4), which quantize --imatrix splits
+  // back onto the experts' matrices.
   ASSERT_EQ(RunQforge("make-synthetic " + moe + " --dim 64 --hidden 128 --layers 1 --vocab 512 --experts 4 "
                       "--experts-used 2")
                 .exit_code,
             0);
-  ExpectOneLineError(RunQforge("imatrix " + moe + " " + imatrix + " --calib-streams 2 --calib-len 8"), 1,
-                     "Mixture-of-Experts");
+  const std::string moe_imatrix = dir + "/imatrix-cal-moe-im.gguf";
+  Result rm = RunQforge("imatrix " + moe + " " + moe_imatrix + " --calib-streams 2 --calib-len 8 --window 8");
+  ASSERT_EQ(rm.exit_code, 0) << rm.err;
+  auto moe_im = qforge::formats::ReadImatrixGguf(moe_imatrix);
+  ASSERT_TRUE(moe_im.ok()) << moe_im.status();
+  for (const char* stacked : {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight", "blk.0.ffn_down_exps.weight"}) {
+    ASSERT_TRUE(moe_im->entries.count(stacked)) << stacked;
+    const auto& e = moe_im->entries.at(stacked);
+    EXPECT_EQ(e.experts, 4) << stacked;
+    EXPECT_EQ(e.cols, std::string(stacked).find("down") != std::string::npos ? 128 : 64) << stacked;
+    float routed = 0;
+    for (float n : e.tokens) routed += n;
+    EXPECT_EQ(routed, 2 * 16) << stacked;
+    EXPECT_EQ(e.sum_squares.size(), static_cast<size_t>(4 * e.cols)) << stacked;
+  }
+  EXPECT_FALSE(moe_im->entries.count("blk.0.ffn_down.0.weight")) << "experts are stacked, not one entry each";
+  Result qm = RunQforge("quantize --method q4_0 --imatrix " + moe_imatrix + " " + moe + " " + dir + "/imatrix-moe-q4_0.gguf");
+  ASSERT_EQ(qm.exit_code, 0) << qm.err;
+  // 8 entries: 4 attention matrices, the router, 3 stacked; 17 matrices: the stacks split into 3 x 4 experts.
+  EXPECT_TRUE(absl::StrContains(qm.out, "imatrix: 8 of 8 entries weight 17 of the model's matrices")) << qm.out;
   ExpectOneLineError(RunQforge("imatrix " + in + " " + dir + "/imatrix.dat"), 2, "must end in .gguf");
 }
 

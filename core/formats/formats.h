@@ -52,11 +52,14 @@ struct ImportanceMatrix {
     int64_t experts = 1;
     std::vector<float> sum_squares;  // [experts, cols]: in_sum2, each column's sum of x² over the tokens
     std::vector<float> tokens;       // [experts]: the counts
-    // sum_squares / tokens (llama-quantize's weights), 0 for an expert that saw no token.
+    // sum_squares / tokens, 0 for an expert that saw no token.
     float MeanSquare(int64_t expert, int64_t col) const {
       const float n = tokens[static_cast<size_t>(expert)];
       return n > 0 ? sum_squares[static_cast<size_t>(expert * cols + col)] / n : 0.0f;
     }
+    // llama-quantize's fit weights for one expert's (or the matrix's) columns: MeanSquare, or all 1 for an expert
+    // that saw no token (uniform weights, not the unweighted encoder).
+    std::vector<float> Importance(int64_t expert) const;
   };
   std::map<std::string, Entry> entries;
   std::vector<std::string> datasets;  // imatrix.datasets: the calibration files
@@ -67,6 +70,10 @@ absl::StatusOr<ImportanceMatrix> ReadImatrixGguf(const std::string& path);
 // The same file, as llama-imatrix writes it (llama-quantize --imatrix reads it); INVALID_ARGUMENT for an entry whose
 // sizes do not fit.
 absl::Status WriteImatrixGguf(const ImportanceMatrix& m, const std::string& path);
+// llama.cpp's stacked expert tensors of layer l (blk.l.ffn_gate_exps.weight, _up_, _down_), each with the function
+// that names one expert's matrix in qforge (names::FfnGateExpert ...: blk.l.ffn_gate.E.weight). GGUF models and
+// importance matrices stack a layer's experts under these names; qforge keeps one matrix per expert.
+std::vector<std::pair<std::string, std::string (*)(int, int)>> StackedExpertNames(int layer);
 
 // --- safetensors ----------------------------------------------------------------------------------------
 // Reads a single .safetensors file, a sharded model via model.safetensors.index.json, or a directory.

@@ -87,13 +87,6 @@ absl::StatusOr<uint32_t> GgmlOfFormat(const WeightFormat& f, const std::string& 
                                                  ", which GGUF has no type for (write safetensors instead)"));
 }
 
-// llama.cpp's stacked expert tensors of layer l, each with the qforge name of its expert matrices.
-std::vector<std::pair<std::string, std::string (*)(int, int)>> StackedExpertNames(int l) {
-  return {{absl::StrCat("blk.", l, ".ffn_gate_exps.weight"), names::FfnGateExpert},
-          {absl::StrCat("blk.", l, ".ffn_up_exps.weight"), names::FfnUpExpert},
-          {absl::StrCat("blk.", l, ".ffn_down_exps.weight"), names::FfnDownExpert}};
-}
-
 // One metadata value. Scalars are decoded; numeric arrays are kept as a view of the file bytes.
 struct Value {
   uint32_t type = 0;
@@ -583,6 +576,19 @@ uint32_t FileType(const Model& m) {
 
 absl::StatusOr<Model> ParseGguf(std::span<const uint8_t> bytes, std::shared_ptr<const void> owner) {
   return GgufParser(bytes).Parse(std::move(owner));
+}
+
+std::vector<std::pair<std::string, std::string (*)(int, int)>> StackedExpertNames(int l) {
+  return {{absl::StrCat("blk.", l, ".ffn_gate_exps.weight"), names::FfnGateExpert},
+          {absl::StrCat("blk.", l, ".ffn_up_exps.weight"), names::FfnUpExpert},
+          {absl::StrCat("blk.", l, ".ffn_down_exps.weight"), names::FfnDownExpert}};
+}
+
+std::vector<float> ImportanceMatrix::Entry::Importance(int64_t expert) const {
+  if (tokens[static_cast<size_t>(expert)] <= 0) return std::vector<float>(static_cast<size_t>(cols), 1.0f);
+  std::vector<float> w(static_cast<size_t>(cols));
+  for (int64_t c = 0; c < cols; ++c) w[static_cast<size_t>(c)] = MeanSquare(expert, c);
+  return w;
 }
 
 absl::StatusOr<ImportanceMatrix> ParseImatrixGguf(std::span<const uint8_t> bytes) {

@@ -502,6 +502,10 @@ TEST(GgufTest, ImatrixRoundTripsInLlamaCppsLayout) {
   const ImportanceMatrix::Entry& q = r->entries.at("blk.0.attn_q.weight");
   EXPECT_EQ(q.MeanSquare(0, 3), 0.25f * 10 / 512);
   EXPECT_EQ(r->entries.at("blk.0.ffn_up_exps.weight").MeanSquare(1, 7), 0.0f) << "an expert with no token";
+  // llama-quantize's weights: the mean squares, and for an expert with no token uniform ones.
+  const ImportanceMatrix::Entry& up = r->entries.at("blk.0.ffn_up_exps.weight");
+  EXPECT_EQ(up.Importance(1), std::vector<float>(static_cast<size_t>(up.cols), 1.0f));
+  EXPECT_EQ(q.Importance(0)[3], q.MeanSquare(0, 3));
   auto again = SerializeImatrixGguf(*r);
   ASSERT_TRUE(again.ok());
   EXPECT_EQ(*again, *bytes);

@@ -1,7 +1,9 @@
 // CLI commands that quantize, run and evaluate models.
 #include <chrono>
+#include <cstdio>
 #include <iostream>
 #include <memory>
+#include <set>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -77,39 +79,59 @@ absl::StatusOr<std::unique_ptr<Transformer>> MakeTransformer(
 }
 
 
-// --imatrix FILE: llama-imatrix's per-column mean squares as the statistics of the weights they name (GGUF
-// names, so a GGUF source); experts' stacked entries are not split yet, and weights without an entry (or with no
-// tokens) are encoded plainly. Says how many matrices it weights; an error when it weights none.
+// The matrices an imatrix entry weights, with the expert row of each: the tensor it names, or for a stacked expert
+// entry (blk.N.ffn_*_exps.weight, one row per expert) each expert's matrix of the model (blk.N.ffn_*.E.weight).
+std::vector<std::pair<std::string, int64_t>> MatricesOfImatrixEntry(const std::string& name,
+                                                                   const formats::ImportanceMatrix::Entry& e) {
+  if (e.experts == 1) return {{name, 0}};
+  int layer = -1;
+  if (std::sscanf(name.c_str(), "blk.%d.", &layer) != 1 || layer < 0) return {};
+  for (const auto& [stacked, expert_name] : formats::StackedExpertNames(layer)) {
+    if (stacked != name) continue;
+    std::vector<std::pair<std::string, int64_t>> matrices;
+    for (int64_t x = 0; x < e.experts; ++x) matrices.emplace_back(expert_name(layer, static_cast<int>(x)), x);
+    return matrices;
+  }
+  return {};
+}
+
+// --imatrix FILE: llama-imatrix's per-column mean squares as the statistics of the weights they name (GGUF names,
+// so a GGUF source; a stacked expert entry weights each expert's matrix with its row), as llama-quantize weighs
+// with them: an expert (or matrix) that saw no token gets uniform weights. Weights without an entry are encoded
+// plainly. Says how many matrices it weights; an error when it weights none.
 absl::StatusOr<calib::CalibrationStats> ImportanceOfImatrix(const Model& model, const std::string& path,
                                                             std::ostream& out) {
   QF_ASSIGN_OR_RETURN(const formats::ImportanceMatrix imatrix, formats::ReadImatrixGguf(path));
   calib::CalibrationStats stats;
-  int skipped_experts = 0;
+  int entries_used = 0, unseen = 0;
   for (const auto& [name, e] : imatrix.entries) {
-    if (e.experts != 1) {
-      ++skipped_experts;
-      continue;
+    bool used = false;
+    for (const auto& [matrix, expert] : MatricesOfImatrixEntry(name, e)) {
+      const Tensor* t = model.Find(matrix);
+      if (t == nullptr) continue;
+      if (t->cols() != e.cols) {
+        return absl::InvalidArgumentError(absl::StrCat("--imatrix ", path, ": '", name, "' has ", e.cols,
+                                                       " columns, the model's tensor ", matrix, " ", t->cols()));
+      }
+      auto s = std::make_shared<calib::LayerStats>();
+      s->cols = e.cols;
+      s->tokens = static_cast<int64_t>(e.tokens[static_cast<size_t>(expert)]);
+      unseen += s->tokens <= 0;
+      const std::vector<float> w = e.Importance(expert);
+      s->importance.assign(w.begin(), w.end());
+      stats.emplace(matrix, std::move(s));
+      used = true;
     }
-    const Tensor* t = model.Find(name);
-    if (t == nullptr || e.tokens[0] <= 0) continue;
-    if (t->cols() != e.cols) {
-      return absl::InvalidArgumentError(absl::StrCat("--imatrix ", path, ": '", name, "' has ", e.cols,
-                                                     " columns, the model's tensor ", t->cols()));
-    }
-    auto s = std::make_shared<calib::LayerStats>();
-    s->cols = e.cols;
-    s->tokens = static_cast<int64_t>(e.tokens[0]);
-    s->importance.resize(static_cast<size_t>(e.cols));
-    for (int64_t c = 0; c < e.cols; ++c) s->importance[static_cast<size_t>(c)] = e.MeanSquare(0, c);
-    stats.emplace(name, std::move(s));
+    entries_used += used;
   }
   if (stats.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("--imatrix ", path, ": none of its ", imatrix.entries.size(),
                                                    " entries names a tensor of the model (GGUF names)"));
   }
-  out << "imatrix: " << stats.size() << " of " << imatrix.entries.size() << " entries weight the model's matrices ("
-      << path << ", " << imatrix.chunk_count << " chunks of " << imatrix.chunk_size << " tokens";
-  if (skipped_experts > 0) out << "; " << skipped_experts << " stacked expert entries not applied";
+  out << "imatrix: " << entries_used << " of " << imatrix.entries.size() << " entries weight " << stats.size()
+      << " of the model's matrices (" << path << ", " << imatrix.chunk_count << " chunks of " << imatrix.chunk_size
+      << " tokens";
+  if (unseen > 0) out << "; " << unseen << " saw no token: uniform weights, as llama-quantize";
   out << ")\n";
   return stats;
 }
@@ -452,10 +474,6 @@ absl::Status Imatrix(const std::vector<std::string>& args, std::ostream& out) {
     QF_ASSIGN_OR_RETURN(Vocab v, LoadVocab(f.Get("tokenizer"), model.config.vocab_size));
     model.vocab = std::move(v);
   }
-  if (model.config.n_experts > 0) {
-    return absl::UnimplementedError("imatrix: Mixture-of-Experts models are not written yet (llama.cpp keeps one "
-                                    "stacked entry per expert tensor)");
-  }
   window = std::min(window, model.config.seq_len);
   QF_ASSIGN_OR_RETURN(std::vector<std::vector<int>> tokens,
                       CalibrationTokens(model, f, calib_streams, calib_len, calib_seed, threads, out));
@@ -466,6 +484,7 @@ absl::Status Imatrix(const std::vector<std::string>& args, std::ostream& out) {
   calib::CalibrationOptions options;
   options.window = window;
   options.threads = threads;
+  options.pool_sparse_experts = false;  // each expert's own tokens, as llama-imatrix counts them
   QF_ASSIGN_OR_RETURN(const calib::CalibrationStats stats, calib::CollectCalibration(model, tokens, options));
   formats::ImportanceMatrix imatrix;
   if (f.Has("calib-text")) imatrix.datasets = {f.Get("calib-text")};
@@ -473,22 +492,44 @@ absl::Status Imatrix(const std::vector<std::string>& args, std::ostream& out) {
   for (const auto& stream : tokens) n_tokens += static_cast<int64_t>(stream.size());
   imatrix.chunk_size = window;
   imatrix.chunk_count = static_cast<int>((n_tokens + window - 1) / window);
+  // One matrix's row of an entry: H = 2/n XᵀX, so its diagonal is twice the mean square; llama-imatrix stores the
+  // sum over the n tokens, and the count (an expert that saw no token: zeros).
+  int64_t matrices = 0;
+  auto add_row = [&matrices](const calib::LayerStats& st, formats::ImportanceMatrix::Entry& e) {
+    ++matrices;
+    const bool seen = st.tokens > 0 && st.hessian.size() == static_cast<size_t>(st.cols * st.cols);
+    e.tokens.push_back(seen ? static_cast<float>(st.tokens) : 0.0f);
+    for (int64_t c = 0; c < st.cols; ++c) {
+      e.sum_squares.push_back(seen ? static_cast<float>(st.hessian[static_cast<size_t>(c * st.cols + c)] / 2 *
+                                                        static_cast<double>(st.tokens))
+                                   : 0.0f);
+    }
+  };
+  std::set<std::string> stacked_matrices;
+  for (int l = 0; l < model.config.n_layers && model.config.n_experts > 0; ++l) {
+    for (const auto& [stacked, expert_name] : formats::StackedExpertNames(l)) {
+      formats::ImportanceMatrix::Entry e;
+      e.experts = model.config.n_experts;
+      for (int x = 0; x < model.config.n_experts; ++x) {
+        auto it = stats.find(expert_name(l, x));
+        if (it == stats.end()) return absl::InternalError(absl::StrCat("imatrix: no statistics for ", expert_name(l, x)));
+        e.cols = it->second->cols;
+        add_row(*it->second, e);
+        stacked_matrices.insert(it->first);
+      }
+      imatrix.entries.emplace(stacked, std::move(e));
+    }
+  }
   for (const auto& [name, st] : stats) {
-    if (st->tokens <= 0 || st->hessian.size() != static_cast<size_t>(st->cols * st->cols)) continue;
+    if (stacked_matrices.count(name) || st->tokens <= 0) continue;
     formats::ImportanceMatrix::Entry e;
     e.cols = st->cols;
-    e.tokens = {static_cast<float>(st->tokens)};
-    e.sum_squares.resize(static_cast<size_t>(st->cols));
-    // H = 2/n XᵀX: its diagonal is twice the mean square; llama-imatrix stores the sum.
-    for (int64_t c = 0; c < st->cols; ++c) {
-      e.sum_squares[static_cast<size_t>(c)] =
-          static_cast<float>(st->hessian[static_cast<size_t>(c * st->cols + c)] / 2 * static_cast<double>(st->tokens));
-    }
+    add_row(*st, e);
     imatrix.entries.emplace(name, std::move(e));
   }
   QF_RETURN_IF_ERROR(formats::WriteImatrixGguf(imatrix, out_path));
-  out << "imatrix: " << imatrix.entries.size() << " matrices, " << n_tokens << " tokens in windows of " << window
-      << " -> " << out_path << "\n";
+  out << "imatrix: " << imatrix.entries.size() << " entries (" << matrices << " matrices), " << n_tokens
+      << " tokens in windows of " << window << " -> " << out_path << "\n";
   return absl::OkStatus();
 }
 
