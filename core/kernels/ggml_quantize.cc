@@ -933,23 +933,30 @@ void QuantizeRowQ6_K(const float* x, int64_t n, uint8_t* out) {
   }
 }
 
-void QuantizeRowIQ4_NL(const float* x, int64_t n, uint8_t* out) {
-  for (int64_t b = 0; b < n / 32; ++b, x += 32) {
-    block_iq4_nl blk;
-    QuantizeIq4Blocks(x, nullptr, 32, &blk.d, blk.qs, nullptr, nullptr);
-    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+namespace {
+
+// A row of IQ4_NL (super_block 32) or IQ4_XS (256) blocks; importance nullptr: the unweighted fit.
+void QuantizeRowIq4(const float* x, const float* importance, int64_t n, int super_block, uint8_t* out) {
+  for (int64_t b = 0; b < n / super_block; ++b) {
+    const float* w = importance != nullptr ? importance + b * super_block : nullptr;
+    if (super_block == 32) {
+      block_iq4_nl blk;
+      QuantizeIq4Blocks(x + b * 32, w, 32, &blk.d, blk.qs, nullptr, nullptr);
+      std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+    } else {
+      block_iq4_xs blk;
+      uint16_t scales_h = 0;
+      QuantizeIq4Blocks(x + b * kQK_K, w, kQK_K, &blk.d, blk.qs, &scales_h, blk.scales_l);
+      std::memcpy(&blk.scales_h, &scales_h, sizeof(scales_h));
+      std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
+    }
   }
 }
 
-void QuantizeRowIQ4_XS(const float* x, int64_t n, uint8_t* out) {
-  for (int64_t b = 0; b < n / kQK_K; ++b, x += kQK_K) {
-    block_iq4_xs blk;
-    uint16_t scales_h = 0;
-    QuantizeIq4Blocks(x, nullptr, kQK_K, &blk.d, blk.qs, &scales_h, blk.scales_l);
-    std::memcpy(&blk.scales_h, &scales_h, sizeof(scales_h));
-    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
-  }
-}
+}  // namespace
+
+void QuantizeRowIQ4_NL(const float* x, int64_t n, uint8_t* out) { QuantizeRowIq4(x, nullptr, n, 32, out); }
+void QuantizeRowIQ4_XS(const float* x, int64_t n, uint8_t* out) { QuantizeRowIq4(x, nullptr, n, kQK_K, out); }
 
 // ---- Importance-weighted K-quant encoding (llama.cpp's imatrix path, quantize_row_*_impl with quant_weights) ----
 // The differences from the reference encoders above: each weight's squared error in a sub-block fit counts
@@ -1196,21 +1203,10 @@ void QuantizeRowWeightedQ5_1(const float* x, const float* importance, int64_t n,
 }
 
 void QuantizeRowWeightedIQ4_NL(const float* x, const float* importance, int64_t n, uint8_t* out) {
-  for (int64_t b = 0; b < n / 32; ++b) {
-    block_iq4_nl blk;
-    QuantizeIq4Blocks(x + b * 32, importance + b * 32, 32, &blk.d, blk.qs, nullptr, nullptr);
-    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
-  }
+  QuantizeRowIq4(x, importance, n, 32, out);
 }
-
 void QuantizeRowWeightedIQ4_XS(const float* x, const float* importance, int64_t n, uint8_t* out) {
-  for (int64_t b = 0; b < n / kQK_K; ++b) {
-    block_iq4_xs blk;
-    uint16_t scales_h = 0;
-    QuantizeIq4Blocks(x + b * kQK_K, importance + b * kQK_K, kQK_K, &blk.d, blk.qs, &scales_h, blk.scales_l);
-    std::memcpy(&blk.scales_h, &scales_h, sizeof(scales_h));
-    std::memcpy(out + b * sizeof(blk), &blk, sizeof(blk));
-  }
+  QuantizeRowIq4(x, importance, n, kQK_K, out);
 }
 
 void QuantizeRowWeighted(const GgmlKernelTraits& k, const float* x, const float* importance, int64_t n, uint8_t* out) {
