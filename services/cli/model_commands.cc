@@ -322,8 +322,8 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
   calib::CalibrationStats calibration;
   if (f.Has("imatrix")) {
     if (needs_calibration || automatic || f.Has("calib-text") || f.Has("calib-streams")) {
-      return UsageError("--imatrix is for the plain ggml methods (q4_0 .. q8_0, q2_k .. q6_k, iq4_nl, iq4_xs, presets): not with a calibrated "
-                        "method, --calib-text / --calib-streams or --target-bpw");
+      return UsageError("--imatrix is for the plain ggml methods (q4_0 .. q8_0, q2_k .. q6_k, iq4_nl, iq4_xs, "
+                        "presets): not with a calibrated method, --calib-text / --calib-streams or --target-bpw");
     }
     QF_ASSIGN_OR_RETURN(calibration, ImportanceOfImatrix(model, f.Get("imatrix"), out));
     recipe.calibration = &calibration;
@@ -512,7 +512,9 @@ absl::Status Imatrix(const std::vector<std::string>& args, std::ostream& out) {
       e.experts = model.config.n_experts;
       for (int x = 0; x < model.config.n_experts; ++x) {
         auto it = stats.find(expert_name(l, x));
-        if (it == stats.end()) return absl::InternalError(absl::StrCat("imatrix: no statistics for ", expert_name(l, x)));
+        if (it == stats.end()) {
+          return absl::InternalError(absl::StrCat("imatrix: no statistics for ", expert_name(l, x)));
+        }
         e.cols = it->second->cols;
         add_row(*it->second, e);
         stacked_matrices.insert(it->first);
