@@ -10,7 +10,8 @@
 #   presets     llama-quantize F32 L.gguf PRESET         vs   qforge quantize --method preset
 #   imatrix-*   llama-quantize --imatrix I F32 L PRESET  vs   qforge quantize --method preset --imatrix I
 # (I: qforge imatrix's file for the model; the first two rows use no importance matrix, so llama-quantize runs
-# ggml's quantize_row_*_ref there, qforge's targets.)
+# ggml's quantize_row_*_ref there, qforge's targets), and the same on a 4-expert MoE with llama-imatrix's and
+# qforge's importance matrices of tinystories-calib.txt (stacked expert entries).
 # Usage:
 #   scripts/check-ggml-writers.sh [LLAMA_BIN_DIR]   (default ~/.cache/qforge/peer-llama.cpp/src/build/bin)
 # Environment: QFORGE (default build/services/qforge), QFORGE_SHARED (default ../shared), KEEP=DIR keeps the
@@ -30,7 +31,7 @@ status=0
   >/dev/null || exit 1
 src=$work/F32.gguf
 
-printf '%-16s %-10s %s\n' file result "differing tensors (first 3)"
+printf '%-26s %-10s %s\n' file result "differing tensors (first 3)"
 # compare LABEL LLAMA_TYPE QFORGE_ARGS...: one file from each tool, compared decoded.
 compare() {
   local label=$1 type=$2
@@ -40,20 +41,20 @@ compare() {
   [[ $label == pure-* ]] && llama_flags=(--pure)
   [[ $label == imatrix-* ]] && llama_flags=(--imatrix "$imatrix")
   if ! "$bin/llama-quantize" "${llama_flags[@]}" "$src" "$theirs" "$type" >"$work/$label-llama.log" 2>&1; then
-    printf '%-16s %-10s %s\n' "$label" REFUSED "llama-quantize: $(grep -m1 -iE 'error|failed|invalid' "$work/$label-llama.log")"
+    printf '%-26s %-10s %s\n' "$label" REFUSED "llama-quantize: $(grep -m1 -iE 'error|failed|invalid' "$work/$label-llama.log")"
     status=1
     return
   fi
   if ! "$qforge" quantize "$@" "$src" "$ours" >"$work/$label-qforge.log" 2>&1; then
-    printf '%-16s %-10s %s\n' "$label" FAILED "qforge: $(tail -1 "$work/$label-qforge.log")"
+    printf '%-26s %-10s %s\n' "$label" FAILED "qforge: $(tail -1 "$work/$label-qforge.log")"
     status=1
     return
   fi
   local cmp
   if cmp=$("$qforge" compare "$theirs" "$ours" --quiet 2>&1); then
-    printf '%-16s %-10s\n' "$label" same
+    printf '%-26s %-10s\n' "$label" same
   else
-    printf '%-16s %-10s %s\n' "$label" DIFFER "$(echo "$cmp" | grep -E '^DIFFER|^missing' | head -3 | tr '\n' ';')"
+    printf '%-26s %-10s %s\n' "$label" DIFFER "$(echo "$cmp" | grep -E '^DIFFER|^missing' | head -3 | tr '\n' ';')"
     status=1
   fi
   [ -n "${KEEP:-}" ] || rm -f "$ours" "$theirs"
@@ -76,5 +77,25 @@ imatrix=$work/imatrix.gguf
 for preset in $presets; do
   lower=$(echo "$preset" | tr 'A-Z' 'a-z')
   compare "imatrix-$preset" "$preset" --method "$lower" --imatrix "$imatrix"
+done
+# A Mixture of Experts (4 experts, 2 used per token), where importance matrices stack a layer's experts in one
+# entry (blk.N.ffn_*_exps.weight, a row per expert): llama-imatrix's own file on real text, then qforge's of the
+# same text, each given to both tools.
+"$qforge" make-synthetic "$work/moe.gguf" --dim 256 --hidden 512 --layers 2 --vocab 32000 --experts 4 \
+  --experts-used 2 >/dev/null || exit 1
+"$qforge" convert "$work/moe.gguf" "$work/moe-F32.gguf" --tokenizer "$shared/models/llama2-tokenizer/tokenizer.model" \
+  >/dev/null || exit 1
+src=$work/moe-F32.gguf
+calib=$shared/data/tinystories-calib.txt
+"$bin/llama-imatrix" -m "$src" -f "$calib" -o "$work/moe-llama-imatrix.gguf" -c 128 --chunks 8 \
+  >"$work/moe-llama-imatrix.log" 2>&1 || { echo "llama-imatrix failed on the MoE" >&2; exit 1; }
+"$qforge" imatrix "$src" "$work/moe-qforge-imatrix.gguf" --calib-text "$calib" --window 128 --chunks 8 >/dev/null ||
+  exit 1
+for who in llama qforge; do
+  imatrix=$work/moe-$who-imatrix.gguf
+  for preset in Q4_K_M Q4_0 IQ4_XS; do
+    lower=$(echo "$preset" | tr 'A-Z' 'a-z')
+    compare "imatrix-moe-$who-$preset" "$preset" --method "$lower" --imatrix "$imatrix"
+  done
 done
 exit $status
