@@ -339,6 +339,15 @@ TEST(Cli, ImatrixFromCalibration) {
   ASSERT_EQ(qm.exit_code, 0) << qm.err;
   // 8 entries: 4 attention matrices, the router, 3 stacked; 17 matrices: the stacks split into 3 x 4 experts.
   EXPECT_TRUE(absl::StrContains(qm.out, "imatrix: 8 of 8 entries weight 17 of the model's matrices")) << qm.out;
+  // Another model's experts (the same shapes, 8 of them) are refused, not applied to the first four.
+  const std::string moe8 = dir + "/imatrix-cal-moe8.gguf";
+  ASSERT_EQ(RunQforge("make-synthetic " + moe8 + " --dim 64 --hidden 128 --layers 1 --vocab 512 --experts 8 "
+                      "--experts-used 2")
+                .exit_code,
+            0);
+  ExpectOneLineError(RunQforge("quantize --method q4_0 --imatrix " + moe_imatrix + " " + moe8 + " " + dir +
+                               "/imatrix-moe8.gguf"),
+                     1, "stacks 4 experts, the model has 8");
   ExpectOneLineError(RunQforge("imatrix " + in + " " + dir + "/imatrix.dat"), 2, "must end in .gguf");
 }
 

@@ -106,6 +106,10 @@ absl::StatusOr<calib::CalibrationStats> ImportanceOfImatrix(const Model& model, 
   int entries_used = 0, unseen = 0;
   for (const auto& [name, e] : imatrix.entries) {
     bool used = false;
+    if (e.experts > 1 && e.experts != model.config.n_experts) {
+      return absl::InvalidArgumentError(absl::StrCat("--imatrix ", path, ": '", name, "' stacks ", e.experts,
+                                                     " experts, the model has ", model.config.n_experts));
+    }
     for (const auto& [matrix, expert] : MatricesOfImatrixEntry(name, e)) {
       const Tensor* t = model.Find(matrix);
       if (t == nullptr) continue;
