@@ -6,6 +6,7 @@
 #include <cstring>
 #include <map>
 #include <set>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -762,7 +763,7 @@ absl::StatusOr<std::vector<uint8_t>> SerializeImatrixGguf(const ImportanceMatrix
   struct Out {
     std::string name;
     uint64_t ne0, ne1;
-    std::vector<float> values;
+    std::span<const float> values;  // the entry's own, written as they are
   };
   std::vector<Out> tensors;
   for (const auto& [name, e] : m.entries) {
