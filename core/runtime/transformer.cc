@@ -17,6 +17,10 @@
 namespace qforge {
 namespace {
 
+// How many units each thread's rows of a matmul are cut into (ThreadPool::ParallelFor): a thread done with its
+// own takes the others' last units, so no thread waits at the end for one slowed by its neighbours.
+constexpr int kMatMulUnitsPerChunk = 8;
+
 // Norm weights are tiny and touched once per token, so they are decoded to fp32 once up front whatever
 // their stored encoding.
 absl::StatusOr<std::vector<float>> DecodeVector(const Model& m, const std::string& name, int n) {
@@ -163,7 +167,7 @@ absl::Status Transformer::MatMul(const Tensor& w, const float* x, int n, float* 
       std::lock_guard<std::mutex> lock(mu);
       first_error = s;
     }
-  }, /*align=*/16);
+  }, /*align=*/16, kMatMulUnitsPerChunk);
   if (failed.load()) {
     std::lock_guard<std::mutex> lock(mu);
     return absl::Status(first_error.code(), absl::StrCat(w.name, ": ", first_error.message()));
