@@ -5,7 +5,19 @@
 #include <random>
 #include <vector>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+
 #include "core/base/half.h"
+#include "core/base/mapped_file.h"
 #include "core/base/thread_pool.h"
 #include "gtest/gtest.h"
 
@@ -92,6 +104,93 @@ TEST(ThreadPool, RespectsMinimumChunk) {
     calls++;
   });
   EXPECT_EQ(calls.load(), 1);
+}
+
+// Units: every index once, every boundary but n a multiple of align, and each thread's own units in order,
+// across sizes that leave a short last unit and chunks with no unit at all.
+TEST(ThreadPool, UnitsCoverEveryIndexOnceOnAlignedBoundaries) {
+  ThreadPool pool(3);
+  for (int64_t n : {1, 15, 16, 17, 100, 1001, 4096}) {
+    for (int units : {2, 3, 8}) {
+      std::vector<std::atomic<int>> hits(n);
+      std::mutex mu;
+      std::vector<std::pair<int64_t, int64_t>> calls;
+      pool.ParallelFor(n, 16, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) hits[i].fetch_add(1);
+        std::lock_guard<std::mutex> lock(mu);
+        calls.emplace_back(b, e);
+      }, /*align=*/16, units);
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(), 1) << "n=" << n << " units=" << units << " i=" << i;
+      for (const auto& [b, e] : calls) {
+        EXPECT_LT(b, e);
+        EXPECT_EQ(b % 16, 0) << "n=" << n << " units=" << units;
+        EXPECT_TRUE(e == n || e % 16 == 0) << "n=" << n << " units=" << units << " end " << e;
+      }
+    }
+  }
+}
+
+// A thread held up in its first unit (here: the calling thread, waiting) has its other units taken by the others.
+TEST(ThreadPool, UnitsOfASlowThreadAreTakenByTheOthers) {
+  ThreadPool pool(2);
+  const std::thread::id caller = std::this_thread::get_id();
+  std::atomic<int> units_by_worker{0}, units_by_caller{0};
+  pool.ParallelFor(64, 1, [&](int64_t b, int64_t) {
+    if (std::this_thread::get_id() != caller) {
+      units_by_worker++;
+      return;
+    }
+    // The caller's first unit is [0, 4): it waits there (10 s at most) while the worker runs its own eight
+    // units and then the caller's seven others, from the back.
+    if (b == 0) {
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+      while (units_by_worker.load() < 15 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+    }
+    units_by_caller++;
+  }, /*align=*/1, /*units_per_chunk=*/8);
+  EXPECT_EQ(units_by_worker.load(), 15);
+  EXPECT_EQ(units_by_caller.load(), 1);
+}
+
+class MappedFileTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    path_ = ::testing::TempDir() + "/mapped_file_test_" + std::to_string(::getpid()) + ".bin";
+    std::mt19937 rng(5);
+    bytes_.resize((size_t{5} << 20) + 12345);  // more than two huge pages, not a multiple of any page
+    for (auto& b : bytes_) b = static_cast<uint8_t>(rng());
+    std::ofstream(path_, std::ios::binary).write(reinterpret_cast<const char*>(bytes_.data()), bytes_.size());
+  }
+  void TearDown() override { std::remove(path_.c_str()); }
+  std::string path_;
+  std::vector<uint8_t> bytes_;
+};
+
+TEST_F(MappedFileTest, HugePageCopyHoldsTheFileAt2MiBAndSurvivesDropResidentPages) {
+  auto copy = MappedFile::Open(path_, MappedFile::Residency::kHugePages);
+  ASSERT_TRUE(copy.ok()) << copy.status();
+  EXPECT_EQ((*copy)->residency(), MappedFile::Residency::kHugePages);
+  ASSERT_EQ((*copy)->size(), bytes_.size());
+  EXPECT_EQ(reinterpret_cast<uintptr_t>((*copy)->data()) % (uintptr_t{2} << 20), 0u);
+  EXPECT_TRUE(std::equal(bytes_.begin(), bytes_.end(), (*copy)->data()));
+  // A worker hands mapped pages back after each task; doing that to the anonymous copy would zero it.
+  MappedFile::DropResidentPages();
+  EXPECT_TRUE(std::equal(bytes_.begin(), bytes_.end(), (*copy)->data()));
+  auto mapped = MappedFile::Open(path_);
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  EXPECT_EQ((*mapped)->residency(), MappedFile::Residency::kMapped);
+  EXPECT_TRUE(std::equal(bytes_.begin(), bytes_.end(), (*mapped)->data()));
+}
+
+TEST_F(MappedFileTest, HugePageCopyOfAMissingOrEmptyFile) {
+  auto missing = MappedFile::Open(path_ + ".missing", MappedFile::Residency::kHugePages);
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(missing.status().message().find(".missing"), std::string::npos);
+  std::ofstream(path_, std::ios::binary | std::ios::trunc).flush();
+  auto empty = MappedFile::Open(path_, MappedFile::Residency::kHugePages);
+  ASSERT_TRUE(empty.ok()) << empty.status();
+  EXPECT_EQ((*empty)->size(), 0u);
+  EXPECT_TRUE((*empty)->bytes().empty());
 }
 
 }  // namespace

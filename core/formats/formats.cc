@@ -75,13 +75,13 @@ void AttachSiblingTokenizer(const std::string& model_path, const std::vector<std
   if (!skipped.empty()) m->metadata["tokenizer.skipped"] = absl::StrJoin(skipped, "; ");
 }
 
-absl::StatusOr<Model> LoadModel(const std::string& path) {
+absl::StatusOr<Model> LoadModel(const std::string& path, MappedFile::Residency residency) {
   QF_ASSIGN_OR_RETURN(FileFormat f, DetectFormat(path));
   absl::StatusOr<Model> m;
   switch (f) {
-    case FileFormat::kSafetensors: m = ReadSafetensors(path); break;
-    case FileFormat::kGguf: m = ReadGguf(path); break;
-    case FileFormat::kLlama2c: m = ReadLlama2c(path); break;
+    case FileFormat::kSafetensors: m = ReadSafetensors(path, residency); break;
+    case FileFormat::kGguf: m = ReadGguf(path, residency); break;
+    case FileFormat::kLlama2c: m = ReadLlama2c(path, residency); break;
     case FileFormat::kUnknown: return absl::InvalidArgumentError(absl::StrCat("unknown format: ", path));
   }
   if (!m.ok()) return m.status();

@@ -1,7 +1,8 @@
 // Model file formats: HF safetensors (+config.json), GGUF v3, llama2.c checkpoints.
 // Every reader treats its file as hostile: lengths, offsets, counts and shapes are checked before use;
 // a bad file yields an absl::Status naming the problem, never a crash or a huge allocation.
-// Readers memory-map and return tensors that view the mapping (no copies).
+// Readers memory-map and return tensors that view the mapping (no copies), or, given Residency::kHugePages,
+// view one copy of each file on huge pages (the runtime's choice: MappedFile says why).
 #pragma once
 
 #include <map>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/base/mapped_file.h"
 #include "core/model/model.h"
 
 namespace qforge::formats {
@@ -25,19 +27,22 @@ const char* FileFormatName(FileFormat f);
 absl::StatusOr<FileFormat> DetectFormat(const std::string& path);
 
 // Loads any supported model file (or a directory holding config.json + *.safetensors).
-absl::StatusOr<Model> LoadModel(const std::string& path);
+absl::StatusOr<Model> LoadModel(const std::string& path,
+                                MappedFile::Residency residency = MappedFile::Residency::kMapped);
 
 // --- llama2.c -----------------------------------------------------------------------------------------
 // Legacy llama2.c checkpoint: int32 header {dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
 // seq_len} (vocab_size < 0 means an unshared classifier follows), then fp32 weights in run.c's order.
-absl::StatusOr<Model> ReadLlama2c(const std::string& path);
+absl::StatusOr<Model> ReadLlama2c(const std::string& path,
+                                  MappedFile::Residency residency = MappedFile::Residency::kMapped);
 // llama2.c's tokenizer.bin: int32 max_token_length, then per token: f32 score, int32 len, bytes.
 absl::StatusOr<Vocab> ReadLlama2cTokenizer(const std::string& path, int vocab_size);
 
 // --- GGUF -----------------------------------------------------------------------------------------------
 // Reads GGUF v2/v3 with llama architecture metadata, the tokenizer.ggml.* vocabulary when present, and
 // tensors of type F32, F16, BF16, Q8_0, Q4_0, Q4_K.
-absl::StatusOr<Model> ReadGguf(const std::string& path);
+absl::StatusOr<Model> ReadGguf(const std::string& path,
+                               MappedFile::Residency residency = MappedFile::Residency::kMapped);
 // Writes GGUF v3 that llama.cpp loads: general.architecture=llama, llama.* hyper-parameters,
 // tokenizer.ggml.* (when m.vocab is set), 32-byte alignment. Fails for encodings GGUF has no type for.
 absl::Status WriteGguf(const Model& m, const std::string& path);
@@ -80,7 +85,8 @@ std::vector<std::pair<std::string, std::string (*)(int, int)>> StackedExpertName
 // config.json (beside the file) supplies the ModelConfig. HF Llama names are mapped to canonical names,
 // and q/k projections are permuted from HF's rotate-half order back to interleaved-pair order.
 // Tensors written by WriteSafetensors in qforge encodings are read back in those encodings.
-absl::StatusOr<Model> ReadSafetensors(const std::string& path);
+absl::StatusOr<Model> ReadSafetensors(const std::string& path,
+                                      MappedFile::Residency residency = MappedFile::Residency::kMapped);
 // Writes `path` (a .safetensors file) and config.json beside it, with HF Llama names and HF q/k order.
 // Quantized tensors are stored as U8 byte tensors; __metadata__ records each one's encoding and shape.
 absl::Status WriteSafetensors(const Model& m, const std::string& path);

@@ -603,8 +603,8 @@ absl::StatusOr<ImportanceMatrix> ReadImatrixGguf(const std::string& path) {
   return m;
 }
 
-absl::StatusOr<Model> ReadGguf(const std::string& path) {
-  QF_ASSIGN_OR_RETURN(std::shared_ptr<const MappedFile> file, MappedFile::Open(path));
+absl::StatusOr<Model> ReadGguf(const std::string& path, MappedFile::Residency residency) {
+  QF_ASSIGN_OR_RETURN(std::shared_ptr<const MappedFile> file, MappedFile::Open(path, residency));
   auto m = ParseGguf(file->bytes(), file);
   if (!m.ok()) return absl::Status(m.status().code(), absl::StrCat(path, ": ", m.status().message()));
   m->metadata["source.path"] = path;

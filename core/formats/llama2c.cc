@@ -136,8 +136,8 @@ absl::StatusOr<Model> ParseLlama2c(std::span<const uint8_t> bytes, std::shared_p
   return m;
 }
 
-absl::StatusOr<Model> ReadLlama2c(const std::string& path) {
-  QF_ASSIGN_OR_RETURN(std::shared_ptr<const MappedFile> file, MappedFile::Open(path));
+absl::StatusOr<Model> ReadLlama2c(const std::string& path, MappedFile::Residency residency) {
+  QF_ASSIGN_OR_RETURN(std::shared_ptr<const MappedFile> file, MappedFile::Open(path, residency));
   auto m = ParseLlama2c(file->bytes(), file);
   if (!m.ok()) return absl::Status(m.status().code(), absl::StrCat(path, ": ", m.status().message()));
   m->metadata["source.path"] = path;

@@ -546,12 +546,13 @@ absl::Status WithPath(const absl::Status& s, const std::string& path) {
 }
 
 struct Loaded {
+  MappedFile::Residency residency = MappedFile::Residency::kMapped;
   std::vector<SafetensorsFile> files;
   std::vector<std::shared_ptr<const void>> owners;
 };
 
 absl::Status LoadOne(const std::string& path, Loaded* out) {
-  QF_ASSIGN_OR_RETURN(std::shared_ptr<const MappedFile> file, MappedFile::Open(path));
+  QF_ASSIGN_OR_RETURN(std::shared_ptr<const MappedFile> file, MappedFile::Open(path, out->residency));
   auto parsed = ParseSafetensorsFile(file->bytes());
   if (!parsed.ok()) return WithPath(parsed.status(), path);
   out->files.push_back(*std::move(parsed));
@@ -640,9 +641,10 @@ void AttachChatTemplate(const fs::path& dir, Model* m) {
 
 }  // namespace
 
-absl::StatusOr<Model> ReadSafetensors(const std::string& path) {
+absl::StatusOr<Model> ReadSafetensors(const std::string& path, MappedFile::Residency residency) {
   std::error_code ec;
   Loaded loaded;
+  loaded.residency = residency;
   fs::path dir;
   if (fs::is_directory(path, ec)) {
     dir = path;

@@ -56,9 +56,9 @@ absl::Status Bench(const std::vector<std::string>& raw_args, std::ostream& out) 
     else if (a == "-t") args.push_back("--threads");
     else args.push_back(a);
   }
-  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"threads", "p", "n", "r", "activations"}, {}));
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"threads", "p", "n", "r", "activations"}, {"mmap"}));
   const std::string usage =
-      "qforge bench MODEL [--threads 1,2] [-p 512] [-n 128] [-r 3] [--activations int8|float]";
+      "qforge bench MODEL [--threads 1,2] [-p 512] [-n 128] [-r 3] [--activations int8|float] [--mmap]";
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, usage));
   QF_ASSIGN_OR_RETURN(std::vector<int> threads, ParseIntList("threads", f.Get("threads", "1,2"), 1, 1024));
   QF_ASSIGN_OR_RETURN(std::vector<int> prompts, ParseIntList("p", f.Get("p", "512"), 0, 1 << 20));
@@ -66,7 +66,7 @@ absl::Status Bench(const std::vector<std::string>& raw_args, std::ostream& out) 
   QF_ASSIGN_OR_RETURN(int reps, f.GetInt("r", 3, 1, 1000));
   QF_ASSIGN_OR_RETURN(const kernels::ActivationMode activations, ActivationsFlag(f));
 
-  QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0]));
+  QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0], WeightResidency(f)));
   int64_t params = 0;
   size_t bytes = 0;
   std::map<std::string, int64_t> by_format;

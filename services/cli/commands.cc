@@ -257,7 +257,7 @@ const std::vector<Command>& Commands() {
       {"methods", "methods: list the quantization methods", Methods},
       {"generate",
        "generate MODEL --prompt TEXT [--tokenizer TOK] [--max-tokens N] [--temperature T] [--top-p P] [--seed S] "
-       "[--threads N] [--activations int8|float]: generate text (streamed)",
+       "[--threads N] [--activations int8|float] [--mmap]: generate text (streamed)",
        Generate},
       {"imatrix",
        "imatrix MODEL OUT.gguf (--calib-text FILE [--chunks N] | --calib-streams N --calib-len L --calib-seed S) "
@@ -266,12 +266,12 @@ const std::vector<Command>& Commands() {
        Imatrix},
       {"eval",
        "eval MODEL [--base MODEL] [--text FILE [--chunks N]] [--tokenizer TOK] [--streams N] [--stream-len L] [--seed S] "
-       "[--window W] [--threads N] [--activations int8|float]: perplexity, and KL / top-1 agreement against --base "
-       "(the base runs with the same activations)",
+       "[--window W] [--threads N] [--activations int8|float] [--mmap]: perplexity, and KL / top-1 agreement against "
+       "--base (the base runs with the same activations)",
        Eval},
       {"bench",
-       "bench MODEL [--threads 1,2] [-p 512] [-n 128] [-r 3] [--activations int8|float]: prompt (ppN) and decode "
-       "(tgN) tokens/s, as llama-bench reports them",
+       "bench MODEL [--threads 1,2] [-p 512] [-n 128] [-r 3] [--activations int8|float] [--mmap]: prompt (ppN) and "
+       "decode (tgN) tokens/s, as llama-bench reports them",
        Bench},
       {"convert", "convert IN OUT.{gguf,safetensors} [--tokenizer TOK]: rewrite a model in another format", Convert},
       {"compare",
@@ -317,7 +317,10 @@ const std::vector<Command>& Commands() {
 std::string HelpText() {
   std::string s = "qforge: make large language models small and serve them\n\nusage: qforge COMMAND [ARGS]\n\n";
   for (const Command& c : Commands()) absl::StrAppend(&s, "  ", c.summary, "\n");
-  absl::StrAppend(&s, "  help: this text\n\nClient commands (submit, jobs, models, export, put-adapter) reach the scheduler at "
+  absl::StrAppend(&s, "  help: this text\n\n"
+                     "Commands that run a model (generate, eval, bench) read its weights into memory on huge pages "
+                     "(faster decoding); --mmap maps the file instead.\n"
+                     "Client commands (submit, jobs, models, export, put-adapter) reach the scheduler at "
                      "--scheduler HOST:PORT, else $QFORGE_SCHEDULER, else 127.0.0.1:7700.\n"
                      "Exit codes: 0 ok, 1 the operation failed, 2 bad usage.\n");
   return s;

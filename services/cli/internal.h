@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "core/base/mapped_file.h"
 #include "core/kernels/kernels.h"
 #include "core/model/model.h"
 #include "core/quant/quant_method.h"
@@ -24,6 +25,10 @@ absl::StatusOr<Vocab> LoadVocab(const std::string& path, int vocab_size);
 // --activations int8 (the default: 8-bit activation blocks for the formats with integer kernels, as llama.cpp)
 // or float (fp32 activations everywhere, the reference); anything else is a usage error.
 absl::StatusOr<kernels::ActivationMode> ActivationsFlag(const Flags& f);
+
+// Where the commands that run a model keep its weights: a copy on huge pages (MappedFile::Residency, the
+// default: decoding streams every weight each token), or with --mmap the file's mapping.
+MappedFile::Residency WeightResidency(const Flags& f);
 
 // "rtn, nf4, ...": every registered method.
 std::string MethodNames();

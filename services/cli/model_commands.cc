@@ -43,6 +43,10 @@ namespace {
 
 }  // namespace
 
+MappedFile::Residency WeightResidency(const Flags& f) {
+  return f.Has("mmap") ? MappedFile::Residency::kMapped : MappedFile::Residency::kHugePages;
+}
+
 absl::StatusOr<kernels::ActivationMode> ActivationsFlag(const Flags& f) {
   const std::string v = f.Get("activations", "int8");
   if (v == "int8") return kernels::ActivationMode::kInt8;
@@ -387,7 +391,7 @@ absl::Status Quantize(const std::vector<std::string>& args, std::ostream& out) {
 absl::Status Generate(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"prompt", "tokenizer", "max-tokens", "temperature", "top-p", "seed",
                                                  "threads", "activations"},
-                                          {}));
+                                          {"mmap"}));
   QF_ASSIGN_OR_RETURN(const kernels::ActivationMode activations, ActivationsFlag(f));
   QF_ASSIGN_OR_RETURN(int max_tokens, f.GetInt("max-tokens", 128, 1, 1 << 20));
   QF_ASSIGN_OR_RETURN(double temperature, f.GetDouble("temperature", 0.8, 0.0, 100.0));
@@ -395,8 +399,8 @@ absl::Status Generate(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(uint64_t seed, f.GetSeed("seed", 42));
   QF_ASSIGN_OR_RETURN(int threads, f.GetInt("threads", 0, 0, 1024));
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge generate MODEL [--prompt TEXT] [--tokenizer TOK] [--max-tokens N] "
-                                          "[--temperature T] [--top-p P] [--seed S] [--threads N] [--activations int8|float]"));
-  QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0]));
+                                          "[--temperature T] [--top-p P] [--seed S] [--threads N] [--activations int8|float] [--mmap]"));
+  QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0], WeightResidency(f)));
   QF_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, ResolveTokenizer(model, f));
   const int bos = tokenizer ? tokenizer->bos_id() : (model.vocab ? model.vocab->bos_id : 1);
   const int eos = tokenizer ? tokenizer->eos_id() : (model.vocab ? model.vocab->eos_id : 2);
@@ -542,7 +546,7 @@ absl::Status Imatrix(const std::vector<std::string>& args, std::ostream& out) {
 absl::Status Eval(const std::vector<std::string>& args, std::ostream& out) {
   QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"base", "text", "tokenizer", "streams", "stream-len", "seed",
                                                  "window", "chunks", "threads", "temperature", "activations"},
-                                          {}));
+                                          {"mmap"}));
   QF_ASSIGN_OR_RETURN(const kernels::ActivationMode activations, ActivationsFlag(f));
   QF_ASSIGN_OR_RETURN(int streams, f.GetInt("streams", 8, 0, 100000));
   QF_ASSIGN_OR_RETURN(int stream_len, f.GetInt("stream-len", 0, 0, 1 << 24));
@@ -554,15 +558,15 @@ absl::Status Eval(const std::vector<std::string>& args, std::ostream& out) {
   if (window == 1) return UsageError("--window must be at least 2");
   QF_RETURN_IF_ERROR(NeedPositional(f, 1, "qforge eval MODEL [--base MODEL] [--text FILE [--chunks N]] "
                                           "[--tokenizer TOK] [--streams N] [--stream-len L] [--seed S] [--window W] "
-                                          "[--threads N] [--activations int8|float]"));
+                                          "[--threads N] [--activations int8|float] [--mmap]"));
   if (streams == 0 && !f.Has("text")) return UsageError("nothing to evaluate: --streams 0 and no --text");
 
-  QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0]));
+  QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(f.positional()[0], WeightResidency(f)));
   QF_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, ResolveTokenizer(model, f));
   QF_ASSIGN_OR_RETURN(auto subject, MakeTransformer(std::move(model), threads, activations));
   std::unique_ptr<Transformer> base;
   if (f.Has("base")) {
-    QF_ASSIGN_OR_RETURN(Model base_model, formats::LoadModel(f.Get("base")));
+    QF_ASSIGN_OR_RETURN(Model base_model, formats::LoadModel(f.Get("base"), WeightResidency(f)));
     if (base_model.config.vocab_size != subject->vocab_size()) {
       return absl::InvalidArgumentError(absl::StrCat("--base has vocabulary ", base_model.config.vocab_size,
                                                      ", the model has ", subject->vocab_size()));

@@ -133,7 +133,8 @@ absl::StatusOr<std::shared_ptr<LoadedModel>> ModelRegistry::Load(const std::stri
       return absl::InvalidArgumentError("model.version: a model loaded from a file has no store version");
     }
     QF_RETURN_IF_ERROR(storage::ValidateModelName(name));
-    QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(path));
+    // A copy on huge pages: a server decodes from these weights all day (MappedFile::Residency says why).
+    QF_ASSIGN_OR_RETURN(Model model, formats::LoadModel(path, MappedFile::Residency::kHugePages));
     m->model = std::make_shared<const Model>(std::move(model));
     m->name = name;
     m->version = kFileVersion;
