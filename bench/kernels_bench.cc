@@ -3,6 +3,7 @@
 // BM_ExpertMatMul, BM_ExpertMatMulStreamed: qmoe against q4_k on expert-sized matrices (docs/moe.md).
 #include <benchmark/benchmark.h>
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <random>
@@ -165,6 +166,9 @@ const std::vector<Tensor>& Experts(const ExpertSet& set, bool qmoe) {
 void RunExperts(benchmark::State& state, const ExpertSet& set) {
   const bool qmoe = state.range(0) != 0;
   const int64_t n = state.range(1);
+  // Each matrix's rows split over the threads as the runtime splits them (Transformer::MatMul), in whole
+  // 16-row groups (the qmoe decoder's tile).
+  ThreadPool pool(static_cast<int>(state.range(2)));
   const std::vector<Tensor>& experts = Experts(set, qmoe);
   std::vector<float> x(static_cast<size_t>(n * set.cols)), y(static_cast<size_t>(n * set.rows));
   std::mt19937 rng(3);
@@ -175,10 +179,14 @@ void RunExperts(benchmark::State& state, const ExpertSet& set) {
   for (const Tensor& w : experts) bytes += w.nbytes;
   for (auto _ : state) {
     for (const Tensor& w : experts) {
-      if (!kernels::PrepareInput(w, x.data(), n, kernels::ActivationMode::kInt8, &in).ok() ||
-          !kernels::MatMulRows(w, 0, set.rows, in, y.data(), set.rows).ok()) {
-        state.SkipWithError("MatMulRows failed");
-      }
+      std::atomic<bool> ok{kernels::PrepareInput(w, x.data(), n, kernels::ActivationMode::kInt8, &in).ok()};
+      pool.ParallelFor(
+          set.rows, 16,
+          [&](int64_t begin, int64_t end) {
+            if (!kernels::MatMulRows(w, begin, end, in, y.data(), set.rows).ok()) ok = false;
+          },
+          16);
+      if (!ok) state.SkipWithError("MatMulRows failed");
     }
     benchmark::DoNotOptimize(y.data());
   }
@@ -193,13 +201,13 @@ void BM_ExpertMatMul(benchmark::State& state) { RunExperts(state, kCachedExperts
 void BM_ExpertMatMulStreamed(benchmark::State& state) { RunExperts(state, kStreamedExperts); }
 
 BENCHMARK(BM_ExpertMatMul)
-    ->ArgsProduct({{0, 1}, {1, 128}})
-    ->ArgNames({"qmoe", "n"})
+    ->ArgsProduct({{0, 1}, {1, 128}, {1, 2}})
+    ->ArgNames({"qmoe", "n", "threads"})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_ExpertMatMulStreamed)
-    ->ArgsProduct({{0, 1}, {1}})
-    ->ArgNames({"qmoe", "n"})
+    ->ArgsProduct({{0, 1}, {1}, {1, 2}})
+    ->ArgNames({"qmoe", "n", "threads"})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
