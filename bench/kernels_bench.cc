@@ -166,8 +166,8 @@ const std::vector<Tensor>& Experts(const ExpertSet& set, bool qmoe) {
 void RunExperts(benchmark::State& state, const ExpertSet& set) {
   const bool qmoe = state.range(0) != 0;
   const int64_t n = state.range(1);
-  // Each matrix's rows split over the threads as the runtime splits them (Transformer::MatMul), in whole
-  // 16-row groups (the qmoe decoder's tile).
+  // Each matrix's rows split over the threads, one contiguous range each in whole 16-row groups (the qmoe
+  // decoder's tile).
   ThreadPool pool(static_cast<int>(state.range(2)));
   const std::vector<Tensor>& experts = Experts(set, qmoe);
   std::vector<float> x(static_cast<size_t>(n * set.cols)), y(static_cast<size_t>(n * set.rows));

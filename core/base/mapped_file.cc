@@ -93,27 +93,25 @@ absl::StatusOr<std::shared_ptr<const MappedFile>> MappedFile::Open(const std::st
   const uint8_t* data = nullptr;
   void* region = nullptr;
   size_t region_size = 0;
+  absl::Status status;
   if (size > 0 && residency == Residency::kHugePages) {
     absl::StatusOr<const uint8_t*> copy = ReadIntoHugePages(fd, path, size, &region, &region_size);
-    ::close(fd);
-    if (!copy.ok()) return copy.status();
-    data = *copy;
+    if (copy.ok()) data = *copy;
+    status = copy.status();
   } else if (size > 0) {
     void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED) {
-      auto s = ErrnoStatus("cannot mmap", path);
-      ::close(fd);
-      return s;
+      status = ErrnoStatus("cannot mmap", path);
+    } else {
+      data = static_cast<const uint8_t*>(p);
+      region = p;
+      region_size = size;
+      std::lock_guard<std::mutex> l(MappingsMutex());
+      Mappings()[data] = size;
     }
-    ::close(fd);
-    data = static_cast<const uint8_t*>(p);
-    region = p;
-    region_size = size;
-    std::lock_guard<std::mutex> l(MappingsMutex());
-    Mappings()[data] = size;
-  } else {
-    ::close(fd);
   }
+  ::close(fd);
+  if (!status.ok()) return status;
   return std::shared_ptr<const MappedFile>(new MappedFile(path, data, size, residency, region, region_size));
 }
 
