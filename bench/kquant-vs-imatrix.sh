@@ -31,7 +31,7 @@ calib=$here/../shared/data/tinystories-calib.txt eval_text=$here/../shared/data/
 embd="--quantize-embeddings --layers token_embd.weight=f16"
 run() { "$@" >"$work/log" 2>&1 || { echo "failed: $* ($(tail -3 "$work/log"))" >&2; exit 1; }; }
 
-[ -f "$work/F32.gguf" ] || run "$qforge" convert "$model" "$work/F32.gguf"
+[ -f "$work/F32.gguf" ] || run "$qforge" convert "$model" "$work/F32.gguf" --type f32
 [ -f "$work/imatrix.gguf" ] || run "$bin/llama-imatrix" -m "$work/F32.gguf" -f "$calib" -o "$work/imatrix.gguf" \
   -c 128 --chunks 200 --process-output
 [ -f "$work/base.kld" ] || run "$bin/llama-perplexity" -m "$work/F32.gguf" -f "$eval_text" -c "$ctx" \

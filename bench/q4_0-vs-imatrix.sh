@@ -26,7 +26,7 @@ qforge=$here/build/services/qforge
 calib=$here/../shared/data/tinystories-calib.txt eval_text=$here/../shared/data/tinystories-eval.txt
 run() { "$@" >"$work/log" 2>&1 || { echo "failed: $* ($(tail -3 "$work/log"))" >&2; exit 1; }; }
 
-run "$qforge" convert "$model" "$work/F32.gguf"
+run "$qforge" convert "$model" "$work/F32.gguf" --type f32
 run "$bin/llama-imatrix" -m "$work/F32.gguf" -f "$calib" -o "$work/imatrix.gguf" -c 128 --chunks 200
 run "$bin/llama-quantize" --pure --token-embedding-type f32 "$work/F32.gguf" "$work/lc-q4_0.gguf" Q4_0
 run "$bin/llama-quantize" --imatrix "$work/imatrix.gguf" --pure --token-embedding-type f32 "$work/F32.gguf" \

@@ -369,6 +369,23 @@ TEST(Cli, CompareDecodedTensors) {
   ExpectOneLineError(RunQforge("compare " + f32), 2, "usage: qforge compare");
 }
 
+// convert --type: bf16 matrices with f32 norms, then back to f32 with the bf16 values exactly (compare decodes both).
+TEST(Cli, ConvertChangesTheFloatType) {
+  if (!HaveStories()) GTEST_SKIP() << kStories << " not present";
+  const std::string bf16 = ::testing::TempDir() + "/s260k-type-bf16.gguf";
+  const std::string f32 = ::testing::TempDir() + "/s260k-type-f32.gguf";
+  ASSERT_EQ(RunQforge("convert " + kStories + " " + bf16 + " --type bf16").exit_code, 0);
+  ASSERT_EQ(RunQforge("convert " + bf16 + " " + f32 + " --type f32").exit_code, 0);
+  Result r = RunQforge("compare " + bf16 + " " + f32);
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "same     blk.0.attn_q.weight (bf16 / f32)")) << r.out;
+  EXPECT_TRUE(absl::StrContains(r.out, "same     blk.0.attn_norm.weight (f32 / f32)")) << r.out;
+  Result lossy = RunQforge("compare " + kStories + " " + bf16);
+  EXPECT_EQ(lossy.exit_code, 1) << lossy.out;
+  EXPECT_TRUE(absl::StrContains(lossy.out, "DIFFER   blk.0.attn_q.weight (f32 / bf16)")) << lossy.out;
+  ExpectOneLineError(RunQforge("convert " + kStories + " " + f32 + " --type q4"), 2, "--type 'q4'");
+}
+
 // Every file qforge writes carries the vocabulary: safetensors as tokenizer.model beside it, GGUF inside. A
 // source without one cannot become a GGUF (llama.cpp would refuse it) until --tokenizer gives it one.
 TEST(Cli, OutputsCarryTheTokenizer) {

@@ -9,6 +9,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/base/half.h"
 #include "core/base/status_macros.h"
 #include "core/formats/parsers.h"
 #include "core/formats/sentencepiece_model.h"
@@ -73,6 +74,38 @@ void AttachSiblingTokenizer(const std::string& model_path, const std::vector<std
     break;
   }
   if (!skipped.empty()) m->metadata["tokenizer.skipped"] = absl::StrJoin(skipped, "; ");
+}
+
+absl::Status CastFloatTensors(Model& m, WeightType to) {
+  if (to != WeightType::kF32 && to != WeightType::kF16 && to != WeightType::kBF16) {
+    return absl::InvalidArgumentError("float tensors can be cast to f32, f16 or bf16 only");
+  }
+  for (auto& [name, t] : m.tensors) {
+    const WeightType from = t.format.type;
+    if (from != WeightType::kF32 && from != WeightType::kF16 && from != WeightType::kBF16) continue;
+    const WeightType want = t.shape.size() < 2 ? WeightType::kF32 : to;
+    if (from == want) continue;
+    const auto n = static_cast<size_t>(t.numel());
+    std::vector<uint8_t> bytes(n * (want == WeightType::kF32 ? 4 : 2));
+    for (size_t i = 0; i < n; ++i) {
+      float v;
+      uint16_t h;
+      if (from == WeightType::kF32) {
+        std::memcpy(&v, t.data + 4 * i, 4);
+      } else {
+        std::memcpy(&h, t.data + 2 * i, 2);
+        v = from == WeightType::kF16 ? HalfToFloat(h) : Bf16ToFloat(h);
+      }
+      if (want == WeightType::kF32) {
+        std::memcpy(bytes.data() + 4 * i, &v, 4);
+      } else {
+        h = want == WeightType::kF16 ? FloatToHalf(v) : FloatToBf16(v);
+        std::memcpy(bytes.data() + 2 * i, &h, 2);
+      }
+    }
+    t = Tensor::FromBytes(name, t.shape, WeightFormat::Of(want), std::move(bytes));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<Model> LoadModel(const std::string& path, MappedFile::Residency residency) {

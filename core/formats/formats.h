@@ -30,6 +30,13 @@ absl::StatusOr<FileFormat> DetectFormat(const std::string& path);
 absl::StatusOr<Model> LoadModel(const std::string& path,
                                 MappedFile::Residency residency = MappedFile::Residency::kMapped);
 
+// Rewrites the model's float tensors (f32, f16, bf16) in `to`, as llama.cpp's converter --outtype does: to f32,
+// every one of them (exact from f16 / bf16); to f16 or bf16, every matrix (round to nearest even), while vectors
+// (norms) become f32. Quantized tensors are kept as they are. Why f32 matters for checking numerics: llama.cpp
+// rounds a matmul's activations to the weight's type when that is f16 or bf16, so a bf16 file does not run the
+// fp32 arithmetic qforge runs on it. INVALID_ARGUMENT when `to` is not one of the three.
+absl::Status CastFloatTensors(Model& m, WeightType to);
+
 // --- llama2.c -----------------------------------------------------------------------------------------
 // Legacy llama2.c checkpoint: int32 header {dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
 // seq_len} (vocab_size < 0 means an unshared classifier follows), then fp32 weights in run.c's order.

@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -100,9 +101,19 @@ absl::Status Inspect(const std::vector<std::string>& args, std::ostream& out) {
 }
 
 absl::Status Convert(const std::vector<std::string>& args, std::ostream& out) {
-  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"tokenizer"}, {}));
-  QF_RETURN_IF_ERROR(NeedPositional(f, 2, "qforge convert IN OUT.{gguf,safetensors} [--tokenizer TOK]"));
+  QF_ASSIGN_OR_RETURN(Flags f, Flags::Parse(args, {"tokenizer", "type"}, {}));
+  QF_RETURN_IF_ERROR(
+      NeedPositional(f, 2, "qforge convert IN OUT.{gguf,safetensors} [--tokenizer TOK] [--type f32|f16|bf16]"));
+  std::optional<WeightType> type;
+  if (f.Has("type")) {
+    const std::string& t = f.Get("type");
+    if (t == "f32") type = WeightType::kF32;
+    else if (t == "f16") type = WeightType::kF16;
+    else if (t == "bf16") type = WeightType::kBF16;
+    else return UsageError(absl::StrCat("--type '", t, "': expected f32, f16 or bf16"));
+  }
   QF_ASSIGN_OR_RETURN(Model m, formats::LoadModel(f.positional()[0]));
+  if (type) QF_RETURN_IF_ERROR(formats::CastFloatTensors(m, *type));
   if (f.Has("tokenizer")) {
     QF_ASSIGN_OR_RETURN(Vocab v, LoadVocab(f.Get("tokenizer"), m.config.vocab_size));
     m.vocab = std::move(v);
@@ -273,7 +284,10 @@ const std::vector<Command>& Commands() {
        "bench MODEL [--threads 1,2] [-p 512] [-n 128] [-r 3] [--activations int8|float] [--mmap]: prompt (ppN) and "
        "decode (tgN) tokens/s, as llama-bench reports them",
        Bench},
-      {"convert", "convert IN OUT.{gguf,safetensors} [--tokenizer TOK]: rewrite a model in another format", Convert},
+      {"convert",
+       "convert IN OUT.{gguf,safetensors} [--tokenizer TOK] [--type f32|f16|bf16]: rewrite a model in another format "
+       "(--type: its float matrices in that type, vectors in f32, quantized tensors as they are)",
+       Convert},
       {"compare",
        "compare A B [--quiet]: decode every tensor of two models to fp32 and report which are bit-identical "
        "(exit 1 if any differ)",
