@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Interop check against llama.cpp (not part of CI: building llama.cpp takes ~25 min on 2 cores). Writes GGUF files
-# with qforge, runs each in llama.cpp's llama-simple and in `qforge generate` (greedy, same prompt, same number
-# of tokens) and reports whether the texts are equal. Usage:
-#   scripts/check-llama-cpp.sh [LLAMA_BIN_DIR]     (default: what ../shared/tools/peer-llama-cpp.sh builds)
-# Needs build/services/qforge and ../shared beside the checkout. Exit status 1 if any file differs.
+# with qforge and compares, greedy, same prompt, same number of tokens, `qforge generate` with two llama.cpp runs:
+# llama-simple (llama.cpp's defaults: on the CPU Flash Attention over an f16 K/V cache) and scripts/llama-greedy.cc
+# --full-precision (no Flash Attention, f32 K/V: the fp32 attention qforge runs), compiled here against the same
+# libllama. Usage:
+#   scripts/check-llama-cpp.sh [LLAMA_BIN_DIR]     (default: what ../shared/tools/peer-llama-cpp.sh builds; its
+#                                                   source tree, two levels up, must hold include/llama.h)
+# Needs build/services/qforge and ../shared beside the checkout. Exit status 1 if any text differs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-$(bash ../shared/tools/peer-llama-cpp.sh)}
+src=$bin/../..
 qforge=build/services/qforge
 shared=${QFORGE_SHARED:-../shared}
 work=$(mktemp -d)
@@ -14,24 +18,35 @@ trap 'rm -rf "$work"' EXIT
 prompt="Once upon a time"
 tokens=${TOKENS:-100}
 status=0
+g++ -std=c++17 -O2 -I"$src/include" -I"$src/ggml/include" scripts/llama-greedy.cc -L"$bin" -lllama -lggml \
+  -lggml-base -Wl,-rpath,"$bin" -o "$work/llama-greedy" || { echo "cannot build scripts/llama-greedy.cc"; exit 1; }
 
-# One file: llama.cpp's text (its "<s> " echo of BOS removed) against qforge's (its timing line removed).
-check() {
-  local file=$1 label=$2
-  local want got
-  want=$("$bin/llama-simple" -m "$file" -n "$tokens" "$prompt" 2>/dev/null | sed '1s/^<s> //')
-  got=$("$qforge" generate "$file" --prompt "$prompt" --max-tokens "$tokens" --temperature 0 | sed '/^-- [0-9]* prompt/d')
+# One text against qforge's: "same" or how far they agree.
+compare() {
+  local want=$1 got=$2 label=$3
   if [ "$want" == "$got" ]; then
     echo "same   $label"
-  else
-    # How far the two agree: a near-tie late in a long greedy run flips on any rounding difference.
-    local common=0
-    while [ "$common" -lt ${#want} ] && [ "${want:$common:1}" == "${got:$common:1}" ]; do common=$((common + 1)); done
-    echo "DIFFER $label (the first $common characters agree)"
-    echo "  llama.cpp: $(echo "$want" | tr '\n' '|' | head -c 300)"
-    echo "  qforge:    $(echo "$got" | tr '\n' '|' | head -c 300)"
-    status=1
+    return
   fi
+  # How far the two agree: a near-tie late in a long greedy run flips on any rounding difference.
+  local common=0
+  while [ "$common" -lt ${#want} ] && [ "${want:$common:1}" == "${got:$common:1}" ]; do common=$((common + 1)); done
+  echo "DIFFER $label (the first $common characters agree)"
+  echo "  llama.cpp: $(echo "$want" | tr '\n' '|' | head -c 300)"
+  echo "  qforge:    $(echo "$got" | tr '\n' '|' | head -c 300)"
+  status=1
+}
+
+# One file: qforge's text (its timing line removed) against llama-simple's (its "<s> " echo of BOS removed) and
+# llama-greedy's.
+check() {
+  local file=$1 label=$2
+  local got
+  got=$("$qforge" generate "$file" --prompt "$prompt" --max-tokens "$tokens" --temperature 0 | sed '/^-- [0-9]* prompt/d')
+  compare "$("$bin/llama-simple" -m "$file" -n "$tokens" "$prompt" 2>/dev/null | sed '1s/^<s> //')" "$got" \
+    "$label, llama.cpp defaults"
+  compare "$("$work/llama-greedy" "$file" "$tokens" "$prompt" --full-precision)" "$got" \
+    "$label, llama.cpp f32 attention"
 }
 
 stories=$shared/models/stories260K/stories260K.bin

@@ -8,9 +8,12 @@
 namespace qforge::runtime_ops {
 
 void RmsNorm(const float* x, const float* w, int n, float eps, float* out) {
-  float ss = 0.0f;
-  for (int i = 0; i < n; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
+  // The sum of squares in double, as ggml's rms_norm: a float sum over 2048 or more elements loses ~1e-7 of the
+  // scale, which in int8 mode moves activations across rounding boundaries of the next matmul's quantization.
+  double ss = 0.0;
+  for (int i = 0; i < n; ++i) ss += static_cast<double>(x[i] * x[i]);
+  const float mean = static_cast<float>(ss / n);
+  const float inv = 1.0f / std::sqrt(mean + eps);
   for (int i = 0; i < n; ++i) out[i] = w[i] * (inv * x[i]);
 }
 

@@ -422,3 +422,33 @@ TEST(Generate, SeededSamplingIsReproducibleAndStopsAtContext) {
 
 }  // namespace
 }  // namespace qforge
+
+namespace qforge {
+namespace {
+
+// RmsNorm sums the squares in double, as ggml's rms_norm does: the scale is the same float bit for bit, so int8
+// activations quantized from it land on the same codes as llama.cpp's (docs/moe.md, llama.cpp interop).
+TEST(RuntimeOps, RmsNormSumsSquaresInDouble) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const int n = 4096;
+  std::vector<float> x(n), w(n), out(n);
+  for (int i = 0; i < n; ++i) {
+    x[i] = normal(rng) * (i % 97 == 0 ? 30.0f : 1.0f);
+    w[i] = 1.0f + 0.1f * normal(rng);
+  }
+  runtime_ops::RmsNorm(x.data(), w.data(), n, 1e-5f, out.data());
+  double ss = 0.0;
+  float ss_float = 0.0f;
+  for (int i = 0; i < n; ++i) {
+    ss += static_cast<double>(x[i] * x[i]);
+    ss_float += x[i] * x[i];
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(ss / n) + 1e-5f);
+  const float scale_float = 1.0f / std::sqrt(ss_float / static_cast<float>(n) + 1e-5f);
+  ASSERT_NE(scale, scale_float);  // the input is one where the two sums differ
+  for (int i = 0; i < n; ++i) ASSERT_EQ(out[i], w[i] * (scale * x[i])) << i;
+}
+
+}  // namespace
+}  // namespace qforge
