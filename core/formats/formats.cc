@@ -76,34 +76,38 @@ void AttachSiblingTokenizer(const std::string& model_path, const std::vector<std
   if (!skipped.empty()) m->metadata["tokenizer.skipped"] = absl::StrJoin(skipped, "; ");
 }
 
-absl::Status CastFloatTensors(Model& m, WeightType to) {
-  if (to != WeightType::kF32 && to != WeightType::kF16 && to != WeightType::kBF16) {
-    return absl::InvalidArgumentError("float tensors can be cast to f32, f16 or bf16 only");
-  }
-  for (auto& [name, t] : m.tensors) {
-    const WeightType from = t.format.type;
-    if (from != WeightType::kF32 && from != WeightType::kF16 && from != WeightType::kBF16) continue;
-    const WeightType want = t.shape.size() < 2 ? WeightType::kF32 : to;
-    if (from == want) continue;
-    const auto n = static_cast<size_t>(t.numel());
-    std::vector<uint8_t> bytes(n * (want == WeightType::kF32 ? 4 : 2));
-    for (size_t i = 0; i < n; ++i) {
-      float v;
-      uint16_t h;
-      if (from == WeightType::kF32) {
-        std::memcpy(&v, t.data + 4 * i, 4);
-      } else {
-        std::memcpy(&h, t.data + 2 * i, 2);
-        v = from == WeightType::kF16 ? HalfToFloat(h) : Bf16ToFloat(h);
-      }
-      if (want == WeightType::kF32) {
-        std::memcpy(bytes.data() + 4 * i, &v, 4);
-      } else {
-        h = want == WeightType::kF16 ? FloatToHalf(v) : FloatToBf16(v);
-        std::memcpy(bytes.data() + 2 * i, &h, 2);
-      }
+Tensor CastFloatTensor(const Tensor& t, WeightType to) {
+  const WeightType from = t.format.type;
+  const auto n = static_cast<size_t>(t.numel());
+  std::vector<uint8_t> bytes(n * (to == WeightType::kF32 ? 4 : 2));
+  for (size_t i = 0; i < n; ++i) {
+    float v;
+    uint16_t h;
+    if (from == WeightType::kF32) {
+      std::memcpy(&v, t.data + 4 * i, 4);
+    } else {
+      std::memcpy(&h, t.data + 2 * i, 2);
+      v = from == WeightType::kF16 ? HalfToFloat(h) : Bf16ToFloat(h);
     }
-    t = Tensor::FromBytes(name, t.shape, WeightFormat::Of(want), std::move(bytes));
+    if (to == WeightType::kF32) {
+      std::memcpy(bytes.data() + 4 * i, &v, 4);
+    } else {
+      h = to == WeightType::kF16 ? FloatToHalf(v) : FloatToBf16(v);
+      std::memcpy(bytes.data() + 2 * i, &h, 2);
+    }
+  }
+  return Tensor::FromBytes(t.name, t.shape, WeightFormat::Of(to), std::move(bytes));
+}
+
+absl::Status CastFloatTensors(Model& m, WeightType to) {
+  auto is_float = [](WeightType t) {
+    return t == WeightType::kF32 || t == WeightType::kF16 || t == WeightType::kBF16;
+  };
+  if (!is_float(to)) return absl::InvalidArgumentError("float tensors can be cast to f32, f16 or bf16 only");
+  for (auto& [name, t] : m.tensors) {
+    if (!is_float(t.format.type)) continue;
+    const WeightType want = t.shape.size() < 2 ? WeightType::kF32 : to;
+    if (t.format.type != want) t = CastFloatTensor(t, want);
   }
   return absl::OkStatus();
 }

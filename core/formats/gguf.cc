@@ -649,14 +649,8 @@ absl::StatusOr<GgufParts> MakeGgufParts(const Model& m) {
   // llama.cpp keeps every 1-D tensor (the norms) in f32 and multiplies activations by them only in f32, so norms
   // stored in f16 or bf16 (a bf16 checkpoint's) are written widened, exactly.
   for (const auto& [name, t] : m.tensors) {
-    if (t.shape.size() != 1 || t.format.type == WeightType::kF32) continue;
-    std::vector<float> wide(static_cast<size_t>(t.numel()));
-    for (size_t i = 0; i < wide.size(); ++i) {
-      uint16_t h;
-      std::memcpy(&h, t.data + 2 * i, 2);
-      wide[i] = t.format.type == WeightType::kBF16 ? Bf16ToFloat(h) : HalfToFloat(h);
-    }
-    stacked.push_back(Tensor::FromFloats(name, t.shape, wide));
+    if (t.shape.size() != 1 || (t.format.type != WeightType::kF16 && t.format.type != WeightType::kBF16)) continue;
+    stacked.push_back(CastFloatTensor(t, WeightType::kF32));
     in_stacks.insert(name);
   }
   std::vector<std::pair<const Tensor*, uint32_t>> tensors;

@@ -26,6 +26,10 @@ absl::StatusOr<Vocab> ParseLlama2cTokenizer(std::span<const uint8_t> bytes, int 
 // so a stray file never blocks loading the weights.
 void AttachSiblingTokenizer(const std::string& model_path, const std::vector<std::string>& names, Model* m);
 
+// A float tensor (f32, f16 or bf16) rewritten in float type `to` (exact to f32, round to nearest even to f16 /
+// bf16): CastFloatTensors' step, and the GGUF writer's widening of 1-D tensors.
+Tensor CastFloatTensor(const Tensor& t, WeightType to);
+
 absl::StatusOr<Model> ParseGguf(std::span<const uint8_t> bytes, std::shared_ptr<const void> owner);
 // llama-imatrix's GGUF file (formats.h ReadImatrixGguf); the result owns its numbers.
 absl::StatusOr<ImportanceMatrix> ParseImatrixGguf(std::span<const uint8_t> bytes);

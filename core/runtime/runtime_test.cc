@@ -420,12 +420,6 @@ TEST(Generate, SeededSamplingIsReproducibleAndStopsAtContext) {
   EXPECT_EQ(cb->tokens.size(), 3u);
 }
 
-}  // namespace
-}  // namespace qforge
-
-namespace qforge {
-namespace {
-
 // RmsNorm sums the squares in double, as ggml's rms_norm does: the scale is the same float bit for bit, so int8
 // activations quantized from it land on the same codes as llama.cpp's (docs/moe.md, llama.cpp interop).
 TEST(RuntimeOps, RmsNormSumsSquaresInDouble) {

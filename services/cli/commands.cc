@@ -106,11 +106,12 @@ absl::Status Convert(const std::vector<std::string>& args, std::ostream& out) {
       NeedPositional(f, 2, "qforge convert IN OUT.{gguf,safetensors} [--tokenizer TOK] [--type f32|f16|bf16]"));
   std::optional<WeightType> type;
   if (f.Has("type")) {
-    const std::string& t = f.Get("type");
-    if (t == "f32") type = WeightType::kF32;
-    else if (t == "f16") type = WeightType::kF16;
-    else if (t == "bf16") type = WeightType::kBF16;
-    else return UsageError(absl::StrCat("--type '", t, "': expected f32, f16 or bf16"));
+    const absl::StatusOr<WeightFormat> parsed = ParseFormatName(f.Get("type"));
+    if (!parsed.ok() || (parsed->type != WeightType::kF32 && parsed->type != WeightType::kF16 &&
+                         parsed->type != WeightType::kBF16)) {
+      return UsageError(absl::StrCat("--type '", f.Get("type"), "': expected f32, f16 or bf16"));
+    }
+    type = parsed->type;
   }
   QF_ASSIGN_OR_RETURN(Model m, formats::LoadModel(f.positional()[0]));
   if (type) QF_RETURN_IF_ERROR(formats::CastFloatTensors(m, *type));
