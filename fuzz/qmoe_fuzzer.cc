@@ -1,10 +1,12 @@
-// The QMoE codec's reader on arbitrary bytes. The first 4 bytes give the shape (byte 0: rows 1..128, byte 1:
-// cols 1..256; bytes 2-3 spare), the rest is the tensor. Oracles: whatever decodes, decodes to {-s, 0, +s} per
-// row and agrees with the fused matmul on x = 1 (both read the same words); anything else is DATA_LOSS or
-// INVALID_ARGUMENT, never a crash.
+// The QMoE codec's reader on arbitrary bytes. The first 4 bytes give the shape (byte 0: rows 1..128, bytes 1-2:
+// cols 1 + byte 1 + 256 * (byte 2 % 4), so 1..1024; byte 3 spare), the rest is the tensor. Oracles: whatever
+// decodes, decodes to {-s, 0, +s} per row and agrees with the fused matmul on x = 1 (both read the same words),
+// and on rows of a multiple of 256 columns the single-token int8 dot gives the bits of its reference (any NaN for
+// a NaN); anything else is DATA_LOSS or INVALID_ARGUMENT, the same from every reader, never a crash.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "core/kernels/kernels.h"
@@ -12,7 +14,7 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size < 4) return 0;
-  const int64_t rows = 1 + data[0] % 128, cols = 1 + data[1];
+  const int64_t rows = 1 + data[0] % 128, cols = 1 + data[1] + 256 * (data[2] % 4);
   const std::vector<uint8_t> bytes(data + 4, data + size);
   const qforge::QmoeLayout l = qforge::GetQmoeLayout(qforge::WeightFormat::QMoE(0), rows, cols).value();
   if (bytes.size() < l.words_offset || (bytes.size() - l.words_offset) % 2 != 0) return 0;
@@ -23,6 +25,24 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::vector<float> w(static_cast<size_t>(rows * cols));
   const absl::Status s = qforge::kernels::qmoe::DequantizeRows(t, 0, rows, w.data());
   if (s.ok() != qforge::kernels::qmoe::Validate(t).ok()) std::abort();
+  if (cols % qforge::kernels::qmoe::kQ8_KBlockColumns == 0) {
+    std::vector<int8_t> codes(static_cast<size_t>(cols));
+    std::vector<float> scales(static_cast<size_t>(cols / 256), 0.5f);
+    std::vector<int32_t> sums(static_cast<size_t>(cols / 32), 0);
+    for (int64_t c = 0; c < cols; ++c) {
+      codes[c] = static_cast<int8_t>(c % 255 - 127);
+      sums[c / 32] += codes[c];
+    }
+    const qforge::kernels::qmoe::Q8_KActivations a{codes.data(), scales.data(), sums.data()};
+    std::vector<float> y_simd(static_cast<size_t>(rows)), y_ref(static_cast<size_t>(rows));
+    const absl::Status simd = qforge::kernels::qmoe::DotRowsQ8_K(t, 0, rows, a, y_simd.data(), false);
+    const absl::Status ref = qforge::kernels::qmoe::DotRowsQ8_K(t, 0, rows, a, y_ref.data(), true);
+    if (simd.code() != s.code() || ref.code() != s.code()) std::abort();
+    for (int64_t r = 0; s.ok() && r < rows; ++r) {  // the same bits, but a NaN scale's payload may differ
+      if (std::isnan(y_simd[r]) && std::isnan(y_ref[r])) continue;
+      if (std::memcmp(&y_simd[r], &y_ref[r], sizeof(float)) != 0) std::abort();
+    }
+  }
   if (!s.ok()) {
     if (s.code() != absl::StatusCode::kDataLoss && s.code() != absl::StatusCode::kInvalidArgument) std::abort();
     return 0;

@@ -195,13 +195,14 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
   }
   if (w.format.type == WeightType::kQMoE) {
     if (n == 0) return ValidateTensor(w);
-    if (ActiveIsa() == Isa::kScalar || w.cols() % qmoe::kQ8_0TileColumns != 0) {
+    if (ActiveIsa() == Isa::kScalar || w.cols() % kQK8_0 != 0) {
       return qmoe::MatMulRowsReference(w, row_begin, row_end, x, n, y, y_stride);
     }
     // Decoded rows run the Q8_0 kernels (qmoe.h): w = d * q exactly, so this is the format's own product.
-    return qmoe::ForEachQ8_0Tile(w, row_begin, row_end, /*bitwise=*/false, [&](const Tensor& tile, int64_t first) {
-      return MatMulRows(tile, 0, tile.rows(), x, n, y + first, y_stride);
-    });
+    return qmoe::ForEachTile(w, row_begin, row_end, WeightType::kQ8_0, /*bitwise=*/false,
+                             [&](const Tensor& tile, int64_t first) {
+                               return MatMulRows(tile, 0, tile.rows(), x, n, y + first, y_stride);
+                             });
   }
   QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
   if (n == 0 || row_begin == row_end) return absl::OkStatus();
@@ -227,9 +228,9 @@ namespace {
 internal::ActType ActTypeOf(WeightType t) {
   switch (t) {
     case WeightType::kQ8_0:
-    case WeightType::kQ4_0:
-    case WeightType::kQMoE: return internal::ActType::kQ8_0;  // qmoe runs on Q8_0 tiles (qmoe.h)
-    case WeightType::kQ4_K: return internal::ActType::kQ8_K;
+    case WeightType::kQ4_0: return internal::ActType::kQ8_0;
+    case WeightType::kQ4_K:
+    case WeightType::kQMoE: return internal::ActType::kQ8_K;  // as llama.cpp's ternary types (qmoe.h)
     default: return internal::ActType::kNone;
   }
 }
@@ -241,9 +242,9 @@ bool HasIntegerKernel(WeightType t) { return ActTypeOf(t) != internal::ActType::
 namespace {
 
 // The activation blocks a matmul with w takes in ActivationMode::kInt8: its type's, except that qmoe rows of no
-// multiple of 32 columns have no Q8_0 tiles and take the float reference.
+// multiple of 256 columns have no Q8_K blocks and take fp32 activations.
 internal::ActType ActTypeFor(const Tensor& w) {
-  if (w.format.type == WeightType::kQMoE && w.cols() % qmoe::kQ8_0TileColumns != 0) return internal::ActType::kNone;
+  if (w.format.type == WeightType::kQMoE && w.cols() % qmoe::kQ8_KBlockColumns != 0) return internal::ActType::kNone;
   return ActTypeOf(w.format.type);
 }
 
@@ -374,17 +375,18 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
     if (in.n() == 0) return ValidateTensor(w);
     const bool bitwise = ActiveIsa() == Isa::kScalar;
     if (in.n() == 1) {
-      const internal::ActRowLayout l = internal::GetActRowLayout(internal::ActType::kQ8_0, w.cols());
+      const internal::ActRowLayout l = internal::GetActRowLayout(internal::ActType::kQ8_K, w.cols());
       const uint8_t* row = in.buffer_.data();
-      const qmoe::Q8_0Activations a{reinterpret_cast<const int8_t*>(row + l.codes),
+      const qmoe::Q8_KActivations a{reinterpret_cast<const int8_t*>(row + l.codes),
                                     reinterpret_cast<const float*>(row + l.scales),
                                     reinterpret_cast<const int32_t*>(row + l.sums)};
-      return qmoe::DotRowsQ8_0(w, row_begin, row_end, a, y, bitwise);
+      return qmoe::DotRowsQ8_K(w, row_begin, row_end, a, y, bitwise);
     }
-    // The same Q8_0 tiles as the float path, each multiplied with the activations quantized once for all.
-    return qmoe::ForEachQ8_0Tile(w, row_begin, row_end, bitwise, [&](const Tensor& tile, int64_t first) {
-      return MatMulRows(tile, 0, tile.rows(), in, y + first, y_stride);
-    });
+    // Q4_K tiles (qmoe.h), each multiplied with the activations quantized once for all by the Q4_K GEMM.
+    return qmoe::ForEachTile(w, row_begin, row_end, WeightType::kQ4_K, bitwise,
+                             [&](const Tensor& tile, int64_t first) {
+                               return MatMulRows(tile, 0, tile.rows(), in, y + first, y_stride);
+                             });
   }
   QF_ASSIGN_OR_RETURN(const internal::WeightView v, internal::MakeView(w));
   if (in.n() == 0 || row_begin == row_end) return absl::OkStatus();

@@ -44,8 +44,8 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
 
 // How a matmul treats its activations. kInt8 (llama.cpp's way, the default) quantizes each token's x once per
 // matmul into 8-bit blocks for the weight formats with an integer kernel (HasIntegerKernel: Q8_0, Q4_0 with
-// 32-column Q8_0 blocks; Q4_K with 256-column Q8_K blocks; qmoe, whose rows run as Q8_0 tiles, qmoe.h) and sums
-// the products in integers (int_dot.h has the exact numerics); every other format, and kFloat for all of them,
+// 32-column Q8_0 blocks; Q4_K, and qmoe rows of a multiple of 256 columns, with 256-column Q8_K blocks, qmoe.h) and
+// sums the products in integers (int_dot.h has the exact numerics); every other format, and kFloat for all of them,
 // multiplies fp32 activations (the reference mode: no activation error).
 enum class ActivationMode { kFloat, kInt8 };
 

@@ -9,12 +9,15 @@
 // stop at 56 trits. Its 65,535 leaves are the codewords, numbered in the order they were made. Any trit
 // sequence parses into leaves; a row's last word is completed with zeros, which the decoder cuts at cols.
 //
-// The matmul never materialises a matrix: it decodes 16 rows at a time into ggml Q8_0 blocks (d = the row's f16
-// scale, q = its trits as int8, so w = d * q exactly), a few KiB that stay in L1, and runs the Q8_0 kernels on
-// them, with fp32 activations or int8 ones as the runtime asks (kernels.h ActivationMode); a single token's
-// int8 product decodes 16 rows into trits and dots them together (DotRowsQ8_0) to the same bits. Decoding a word
-// is one 16-byte dictionary entry (its masks of non-zero and negative positions) and, on AVX-512, one 64-byte
-// masked store; a group of 16 rows is one pass over its words, checked once per row rather than per word.
+// The matmul never materialises a matrix: it decodes 16 rows at a time into tiles of a ggml type that holds
+// them exactly, a few KiB that stay in L1, and runs that type's kernels on them. With fp32 activations the tiles
+// are Q8_0 (d = the row's f16 scale, q = its trits as int8, so w = d * q). With int8 activations (kernels.h
+// ActivationMode) they are Q4_K (q = trit + 1, every sub-block's scale and min 1, d = dmin = the row's scale, so
+// w = d * q - dmin = d * trit), which takes ggml's Q8_K activations, one scale per 256 columns, as llama.cpp's
+// ternary types do; several tokens run the Q4_K integer GEMM on them. A single token (decode) computes the same
+// integers without tiles (DotRowsQ8_K): on rows of several blocks each word's masks select and negate its
+// activations where it stands (one masked load, one masked subtract, a vpdpbusd), so no trit is written; on
+// rows of one block the group is decoded into trits + 1 and dotted 16 rows at a time.
 #pragma once
 
 #include <cstdint>
@@ -43,10 +46,11 @@ struct Dictionary {
   std::vector<uint64_t> nonzero;  // [words] bit i: trit i of the word is +1 or -1
   std::vector<uint64_t> negative; // [words] bit i: trit i is -1
   // What the kernels read, one 16-byte entry per word (one cache line fetch per codeword, not three): the mask
-  // of +1 positions with the length in its top byte, and the mask of -1 positions.
+  // of non-zero positions, and the mask of -1 positions with the length in its top byte (where a mask of a
+  // word's positions selects nothing: a kernel that picks activations by the first mask reads none there).
   struct Entry {
-    uint64_t plus_and_length;
-    uint64_t minus;
+    uint64_t nonzero;
+    uint64_t minus_and_length;
   };
   // Lookups land at random in this 1 MiB table: on 4 KiB pages nearly each one would miss the TLB as well.
   template <class T>
@@ -95,29 +99,30 @@ absl::Status DequantizeRows(const Tensor& w, int64_t row_begin, int64_t row_end,
 absl::Status MatMulRowsReference(const Tensor& w, int64_t row_begin, int64_t row_end, const float* x, int64_t n,
                                  float* y, int64_t y_stride);
 
-// Rows [row_begin, row_end) decoded into Q8_0 tiles: f(tile, first_row) for each, tile a [rows, cols] Q8_0
-// tensor (valid only during the call) holding rows first_row.. of w exactly. Tiles end at multiples of
-// kTileRows, whatever the range, so a row's products do not depend on how the caller cut the rows.
-// bitwise: the reference decoder (trit by trit); otherwise AVX-512 stores where the active ISA is AVX-512 and the
-// CPU has BW and VNNI (the same bytes, qmoe_test). INVALID_ARGUMENT when cols is not a multiple of 32.
+// Rows [row_begin, row_end) decoded into tiles of tile_type: f(tile, first_row) for each, tile a [rows, cols]
+// tensor (valid only during the call) holding rows first_row.. of w exactly: kQ8_0 (cols a multiple of 32) or
+// kQ4_K (a multiple of 256), as the header comment says. Tiles end at multiples of kTileRows, whatever the range,
+// so a row's products do not depend on how the caller cut the rows. bitwise: the reference decoder (trit by
+// trit); otherwise AVX-512 stores where the active ISA is AVX-512 and the CPU has BW, VNNI and BMI2 (the same
+// bytes, qmoe_test). INVALID_ARGUMENT for another tile_type or cols of no multiple of its block.
 inline constexpr int64_t kTileRows = 16;
-inline constexpr int64_t kQ8_0TileColumns = 32;
-absl::Status ForEachQ8_0Tile(const Tensor& w, int64_t row_begin, int64_t row_end, bool bitwise,
-                             const std::function<absl::Status(const Tensor& tile, int64_t first_row)>& f);
+absl::Status ForEachTile(const Tensor& w, int64_t row_begin, int64_t row_end, WeightType tile_type, bool bitwise,
+                         const std::function<absl::Status(const Tensor& tile, int64_t first_row)>& f);
 
-// One token's int8 activations in the kQ8_0 layout of int_dot.h: cols codes, and per 32 columns a scale and the
-// exact sum of the codes.
-struct Q8_0Activations {
+// One token's int8 activations in the kQ8_K layout of int_dot.h: cols codes, a scale per 256 columns and the
+// exact sum of the codes of every 32.
+struct Q8_KActivations {
   const int8_t* codes;
   const float* scales;
   const int32_t* code_sums;
 };
-// Decode (one token): y[r] for rows [row_begin, row_end), 16 rows at a time decoded into trits and dotted with
-// a, with no Q8_0 tile. The bits of the Q8_0 kernels on the same rows (int_dot.h numerics), so a token's
-// result is the same alone and batched through ForEachQ8_0Tile. bitwise: the reference decoder and dot;
-// otherwise AVX-512 (BW, VNNI) where the active ISA is AVX-512 and the CPU has them. INVALID_ARGUMENT when cols is
-// not a multiple of 32.
-absl::Status DotRowsQ8_0(const Tensor& w, int64_t row_begin, int64_t row_end, const Q8_0Activations& a, float* y,
+// Decode, one token: y[r] for rows [row_begin, row_end), the bits of the Q4_K tiles' integer product (int_dot.h
+// Q4_K with sc = m = 1): per 256-column block, with dw the row's scale, D = dw * dx, T2 the block's code sum and
+// T1 = T2 + sum_c trit[c] * code[c], acc = fma(-D, float(T2), fma(D, float(T1), acc)). So a token's result is the
+// same alone and batched through ForEachTile. bitwise: the reference decoder and dot; otherwise AVX-512 where
+// ForEachTile's are. INVALID_ARGUMENT when cols is not a multiple of 256.
+inline constexpr int64_t kQ8_KBlockColumns = 256;
+absl::Status DotRowsQ8_K(const Tensor& w, int64_t row_begin, int64_t row_end, const Q8_KActivations& a, float* y,
                          bool bitwise);
 
 // Builds (once per process) the dictionary w's header names, so that the first matmul does not pay for it

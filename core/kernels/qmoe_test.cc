@@ -1,6 +1,6 @@
 // The QMoE codec: the Tunstall dictionary, exact round trips of ternary rows, its size against the trits'
-// entropy, the Q8_0 tiles the matmul runs on (every decoder, fp32 and int8 activations, batch invariance), and
-// corrupt bytes refused with DATA_LOSS.
+// entropy, the Q8_0 and Q4_K tiles the matmul runs on and the single-token dots (every decoder, fp32 and int8
+// activations, batch invariance), and corrupt bytes refused with DATA_LOSS.
 #include "core/kernels/qmoe.h"
 
 #include <cmath>
@@ -114,97 +114,144 @@ Tensor AsQ8_0(const Rows& r, int64_t rows, int64_t cols) {
   return Tensor::FromBytes("experts.w.q8_0", {rows, cols}, WeightFormat::Of(WeightType::kQ8_0), std::move(bytes));
 }
 
-TEST(QmoeTest, Q8_0TilesHoldTheRowsExactlyOnEveryDecoder) {
-  const int64_t rows = 70, cols = 288;  // 4 full tiles and a part; words cross the 32-column blocks
-  const Rows r = RandomRows(rows, cols, 0.88, 9);
-  const Tensor t = EncodeTensor(r, rows, cols);
-  const Tensor q = AsQ8_0(r, rows, cols);
-  for (bool bitwise : {true, false}) {
-    SCOPED_TRACE(bitwise);
-    for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, rows}, {7, 67}, {33, 34}}) {
-      int64_t next = begin;
-      ASSERT_TRUE(qmoe::ForEachQ8_0Tile(t, begin, end, bitwise, [&](const Tensor& tile, int64_t first) {
-                    EXPECT_EQ(first, next);
-                    next = first + tile.rows();
-                    // Tiles end on multiples of 16 rows (or at the range's end).
-                    EXPECT_TRUE(next == end || next % qmoe::kTileRows == 0) << next;
-                    const size_t row_bytes = static_cast<size_t>(cols / 32) * sizeof(block_q8_0);
-                    EXPECT_EQ(tile.nbytes, row_bytes * static_cast<size_t>(tile.rows()));
-                    EXPECT_EQ(std::memcmp(tile.data, q.data + row_bytes * static_cast<size_t>(first), tile.nbytes), 0)
-                        << "rows from " << first;
-                    return absl::OkStatus();
-                  }).ok());
-      EXPECT_EQ(next, end);
-    }
-  }
-  // No Q8_0 form for rows of no multiple of 32.
-  const Rows odd = RandomRows(3, 300, 0.88, 10);
-  EXPECT_EQ(qmoe::ForEachQ8_0Tile(EncodeTensor(odd, 3, 300), 0, 3, false,
-                                  [](const Tensor&, int64_t) { return absl::OkStatus(); })
-                .code(),
-            absl::StatusCode::kInvalidArgument);
-}
-
-TEST(QmoeTest, MatMulIsTheQ8_0ProductAndBatchInvariant) {
-  const int64_t rows = 80, cols = 256, n = 5;
-  const Rows r = RandomRows(rows, cols, 0.85, 5);
-  const Tensor t = EncodeTensor(r, rows, cols);
-  const Tensor q = AsQ8_0(r, rows, cols);
-  std::mt19937 rng(6);
-  std::normal_distribution<float> g(0, 1);
-  std::vector<float> x(static_cast<size_t>(n * cols));
-  for (float& v : x) v = g(rng);
-  std::vector<float> w(rows * cols);
-  ASSERT_TRUE(DequantizeRows(t, 0, rows, w.data()).ok());
-  const Isa before = ActiveIsa();
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
-    if (SetIsa(isa) != isa) continue;  // not on this CPU
-    SCOPED_TRACE(IsaName(isa));
-    // fp32 activations: the reference on the scalar ISA, Q8_0 tiles otherwise; both near the exact product.
-    std::vector<float> y(n * rows);
-    ASSERT_TRUE(MatMulRows(t, 0, rows, x.data(), n, y.data(), rows).ok());
-    for (int64_t i = 0; i < n * rows; ++i) {
-      const int64_t tok = i / rows, row = i % rows;
-      double exact = 0, mag = 0;
-      for (int64_t c = 0; c < cols; ++c) {
-        exact += double{w[row * cols + c]} * x[tok * cols + c];
-        mag += std::fabs(double{w[row * cols + c]} * x[tok * cols + c]);
-      }
-      ASSERT_NEAR(y[i], exact, (isa == Isa::kScalar ? 1e-6 : 1e-5) * mag + 1e-12) << i;
-    }
-    if (isa != Isa::kScalar) {
-      std::vector<float> yq(n * rows);
-      ASSERT_TRUE(MatMulRows(q, 0, rows, x.data(), n, yq.data(), rows).ok());
-      EXPECT_EQ(y, yq) << "the Q8_0 product of the same weights";
-    }
-    // int8 activations: bit for bit the Q8_0 tensor's integer product, alone or batched, rows cut anywhere.
-    MatMulInput in, in_q;
-    ASSERT_TRUE(PrepareInput(t, x.data(), n, ActivationMode::kInt8, &in).ok());
-    ASSERT_TRUE(in.quantized());
-    ASSERT_TRUE(PrepareInput(q, x.data(), n, ActivationMode::kInt8, &in_q).ok());
-    std::vector<float> yi(n * rows), yiq(n * rows);
-    ASSERT_TRUE(MatMulRows(t, 0, rows, in, yi.data(), rows).ok());
-    ASSERT_TRUE(MatMulRows(q, 0, rows, in_q, yiq.data(), rows).ok());
-    EXPECT_EQ(yi, yiq);
-    for (int64_t tok = 0; tok < n; ++tok) {
-      std::vector<float> alone(rows), alone_i(rows);
-      ASSERT_TRUE(MatMulRows(t, 0, 17, x.data() + tok * cols, 1, alone.data(), rows).ok());
-      ASSERT_TRUE(MatMulRows(t, 17, rows, x.data() + tok * cols, 1, alone.data(), rows).ok());
-      MatMulInput one;
-      ASSERT_TRUE(PrepareInput(t, x.data() + tok * cols, 1, ActivationMode::kInt8, &one).ok());
-      ASSERT_TRUE(MatMulRows(t, 0, 23, one, alone_i.data(), rows).ok());
-      ASSERT_TRUE(MatMulRows(t, 23, rows, one, alone_i.data(), rows).ok());
-      for (int64_t row = 0; row < rows; ++row) {
-        ASSERT_EQ(alone[row], y[tok * rows + row]) << tok << " " << row;
-        ASSERT_EQ(alone_i[row], yi[tok * rows + row]) << tok << " " << row;
+// The rows as an independent Q4_K tensor: d = dmin = the row's scale, every sub-block's 6-bit scale and min 1
+// (ggml's packing: bytes 0-3 the scales of sub-blocks 0-3, 4-7 their mins, 8-11 sub-blocks 4-7's low nibbles),
+// q = code (trit + 1), columns 64p.. in the low nibbles of qs[32p..] and 64p + 32.. in the high ones.
+Tensor AsQ4_K(const Rows& r, int64_t rows, int64_t cols) {
+  std::vector<uint8_t> bytes(static_cast<size_t>(rows * cols / 256) * sizeof(block_q4_K));
+  auto* blocks = reinterpret_cast<block_q4_K*>(bytes.data());
+  for (int64_t i = 0; i < rows * cols / 256; ++i) {
+    block_q4_K& b = blocks[i];
+    b.d = b.dmin = r.scales[i / (cols / 256)];
+    const uint8_t unit[12] = {1, 1, 1, 1, 1, 1, 1, 1, 0x11, 0x11, 0x11, 0x11};
+    std::memcpy(b.scales, unit, 12);
+    const uint8_t* code = r.codes.data() + 256 * i;
+    for (int p = 0; p < 4; ++p) {
+      for (int l = 0; l < 32; ++l) {
+        b.qs[32 * p + l] = static_cast<uint8_t>(code[64 * p + l] | code[64 * p + 32 + l] << 4);
       }
     }
   }
-  SetIsa(before);
+  return Tensor::FromBytes("experts.w.q4_k", {rows, cols}, WeightFormat::Of(WeightType::kQ4_K), std::move(bytes));
 }
 
-TEST(QmoeTest, CorruptBytesAreDataLoss) {
-  const int64_t rows = 66, cols = 64;
+TEST(QmoeTest, TilesHoldTheRowsExactlyOnEveryDecoder) {
+  // Q8_0: 4 full tiles and a part, words crossing the 32-column blocks; Q4_K: rows of three 256-column blocks.
+  for (auto [type, cols] : {std::pair<WeightType, int64_t>{WeightType::kQ8_0, 288}, {WeightType::kQ4_K, 768}}) {
+    const int64_t rows = 70;
+    const Rows r = RandomRows(rows, cols, 0.88, 9);
+    const Tensor t = EncodeTensor(r, rows, cols);
+    const Tensor q = type == WeightType::kQ8_0 ? AsQ8_0(r, rows, cols) : AsQ4_K(r, rows, cols);
+    const size_t row_bytes = q.nbytes / rows;
+    for (bool bitwise : {true, false}) {
+      SCOPED_TRACE(testing::Message() << FormatName(q.format) << " bitwise " << bitwise);
+      for (auto [begin, end] : {std::pair<int64_t, int64_t>{0, rows}, {7, 67}, {33, 34}}) {
+        int64_t next = begin;
+        ASSERT_TRUE(qmoe::ForEachTile(t, begin, end, type, bitwise, [&](const Tensor& tile, int64_t first) {
+                      EXPECT_EQ(first, next);
+                      next = first + tile.rows();
+                      EXPECT_TRUE(next == end || next % qmoe::kTileRows == 0) << next;
+                      EXPECT_EQ(tile.format.type, type);
+                      EXPECT_EQ(tile.nbytes, row_bytes * static_cast<size_t>(tile.rows()));
+                      EXPECT_EQ(std::memcmp(tile.data, q.data + row_bytes * static_cast<size_t>(first), tile.nbytes), 0)
+                          << "rows from " << first;
+                      return absl::OkStatus();
+                    }).ok());
+        EXPECT_EQ(next, end);
+      }
+    }
+  }
+  // No tile for rows of no multiple of the tile's block, nor of another type.
+  const Tensor odd = EncodeTensor(RandomRows(3, 300, 0.88, 10), 3, 300);
+  const Tensor q8_0_only = EncodeTensor(RandomRows(3, 288, 0.88, 10), 3, 288);
+  auto tiles = [](const Tensor& t, WeightType type) {
+    return qmoe::ForEachTile(t, 0, 3, type, false, [](const Tensor&, int64_t) { return absl::OkStatus(); }).code();
+  };
+  EXPECT_EQ(tiles(odd, WeightType::kQ8_0), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(tiles(q8_0_only, WeightType::kQ4_K), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(tiles(q8_0_only, WeightType::kQ4_0), absl::StatusCode::kInvalidArgument);
+}
+
+// fp32 activations: the Q8_0 tiles' product (near the exact one). int8 activations: bit for bit the integer
+// product of the same rows as a Q4_K tensor, on every ISA, for a token alone (rows of one block are decoded and
+// dotted, rows of three selected by the words' masks, words crossing the blocks) or batched (Q4_K tiles), the rows
+// cut anywhere.
+TEST(QmoeTest, MatMulIsTheTilesProductAndBatchInvariant) {
+  for (const int64_t cols : {256, 768}) {
+    SCOPED_TRACE(cols);
+    const int64_t rows = 80, n = 5;
+    const Rows r = RandomRows(rows, cols, 0.85, 5);
+    const Tensor t = EncodeTensor(r, rows, cols);
+    const Tensor q = AsQ8_0(r, rows, cols), q4 = AsQ4_K(r, rows, cols);
+    std::mt19937 rng(6);
+    std::normal_distribution<float> g(0, 1);
+    std::vector<float> x(static_cast<size_t>(n * cols));
+    for (float& v : x) v = g(rng);
+    std::vector<float> w(rows * cols);
+    ASSERT_TRUE(DequantizeRows(t, 0, rows, w.data()).ok());
+    const Isa before = ActiveIsa();
+    for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+      if (SetIsa(isa) != isa) continue;  // not on this CPU
+      SCOPED_TRACE(IsaName(isa));
+      // fp32 activations: the reference on the scalar ISA, Q8_0 tiles otherwise; both near the exact product.
+      std::vector<float> y(n * rows);
+      ASSERT_TRUE(MatMulRows(t, 0, rows, x.data(), n, y.data(), rows).ok());
+      for (int64_t i = 0; i < n * rows; ++i) {
+        const int64_t tok = i / rows, row = i % rows;
+        double exact = 0, mag = 0;
+        for (int64_t c = 0; c < cols; ++c) {
+          exact += double{w[row * cols + c]} * x[tok * cols + c];
+          mag += std::fabs(double{w[row * cols + c]} * x[tok * cols + c]);
+        }
+        ASSERT_NEAR(y[i], exact, (isa == Isa::kScalar ? 1e-6 : 1e-5) * mag + 1e-12) << i;
+      }
+      if (isa != Isa::kScalar) {
+        std::vector<float> yq(n * rows);
+        ASSERT_TRUE(MatMulRows(q, 0, rows, x.data(), n, yq.data(), rows).ok());
+        EXPECT_EQ(y, yq) << "the Q8_0 product of the same weights";
+      }
+      // int8 activations: the Q4_K tensor's integer product of the same quantized activations, and near the
+      // exact product (Q8_K's error: ~1 % of a row's magnitude at most).
+      MatMulInput in, in_q;
+      ASSERT_TRUE(PrepareInput(t, x.data(), n, ActivationMode::kInt8, &in).ok());
+      ASSERT_TRUE(in.quantized());
+      ASSERT_TRUE(PrepareInput(q4, x.data(), n, ActivationMode::kInt8, &in_q).ok());
+      std::vector<float> yi(n * rows), yiq(n * rows);
+      ASSERT_TRUE(MatMulRows(t, 0, rows, in, yi.data(), rows).ok());
+      ASSERT_TRUE(MatMulRows(q4, 0, rows, in_q, yiq.data(), rows).ok());
+      EXPECT_EQ(yi, yiq);
+      for (int64_t i = 0; i < n * rows; ++i) {
+        double mag = 0;
+        for (int64_t c = 0; c < cols; ++c) mag += std::fabs(double{w[i % rows * cols + c]} * x[i / rows * cols + c]);
+        ASSERT_NEAR(yi[i], y[i], 0.02 * mag + 1e-9) << i;
+      }
+      for (int64_t tok = 0; tok < n; ++tok) {
+        std::vector<float> alone(rows), alone_i(rows), alone_q(rows);
+        ASSERT_TRUE(MatMulRows(t, 0, 17, x.data() + tok * cols, 1, alone.data(), rows).ok());
+        ASSERT_TRUE(MatMulRows(t, 17, rows, x.data() + tok * cols, 1, alone.data(), rows).ok());
+        MatMulInput one, one_q;
+        ASSERT_TRUE(PrepareInput(t, x.data() + tok * cols, 1, ActivationMode::kInt8, &one).ok());
+        ASSERT_TRUE(MatMulRows(t, 0, 23, one, alone_i.data(), rows).ok());
+        ASSERT_TRUE(MatMulRows(t, 23, rows, one, alone_i.data(), rows).ok());
+        ASSERT_TRUE(PrepareInput(q4, x.data() + tok * cols, 1, ActivationMode::kInt8, &one_q).ok());
+        ASSERT_TRUE(MatMulRows(q4, 0, rows, one_q, alone_q.data(), rows).ok());
+        for (int64_t row = 0; row < rows; ++row) {
+          ASSERT_EQ(alone[row], y[tok * rows + row]) << tok << " " << row;
+          ASSERT_EQ(alone_i[row], yi[tok * rows + row]) << tok << " " << row;
+          ASSERT_EQ(alone_i[row], alone_q[row]) << tok << " " << row;
+        }
+      }
+    }
+    SetIsa(before);
+  }
+}
+
+// Every reader of the bytes (dequantization, both tile types, the single-token dots) refuses exactly the same
+// corruptions with DATA_LOSS; rows of one and of two 256-column blocks (the decode and the select dots).
+class QmoeCorruptTest : public testing::TestWithParam<int64_t> {};
+
+TEST_P(QmoeCorruptTest, CorruptBytesAreDataLoss) {
+  const int64_t rows = 66, cols = GetParam();
   const Rows r = RandomRows(rows, cols, 0.8, 7);
   const Tensor good = EncodeTensor(r, rows, cols);
   const std::vector<uint8_t> bytes(good.data, good.data + good.nbytes);
@@ -215,30 +262,33 @@ TEST(QmoeTest, CorruptBytesAreDataLoss) {
     return Tensor::FromBytes("experts.w", {rows, cols}, good.format, std::move(b));
   };
   std::vector<float> out(rows * cols);
-  // One token's int8 activations for the fused decode-and-dot paths.
+  // One token's Q8_K activations for the single-token dots.
   std::vector<int8_t> codes(cols);
-  std::vector<float> scales(cols / 32, 0.01f);
+  std::vector<float> scales(cols / 256, 0.01f);
   std::vector<int32_t> code_sums(cols / 32, 0);
   for (int64_t c = 0; c < cols; ++c) {
     codes[c] = static_cast<int8_t>((c * 37) % 255 - 127);
     code_sums[c / 32] += codes[c];
   }
-  const qmoe::Q8_0Activations a{codes.data(), scales.data(), code_sums.data()};
+  const qmoe::Q8_KActivations a{codes.data(), scales.data(), code_sums.data()};
   // The code every path gives; the AVX-512 decoders must refuse exactly what the bitwise ones refuse, and
   // agree on the bits of what they accept.
   auto code_of = [&](const Tensor& t) {
     const absl::StatusCode dequantized = DequantizeRows(t, 0, rows, out.data()).code();
     for (bool bitwise : {true, false}) {
       std::vector<float> y(rows), y_bitwise(rows);
-      const absl::StatusCode dotted = qmoe::DotRowsQ8_0(t, 0, rows, a, y.data(), bitwise).code();
-      EXPECT_EQ(dotted, dequantized) << "DotRowsQ8_0, bitwise " << bitwise;
+      const absl::StatusCode dotted = qmoe::DotRowsQ8_K(t, 0, rows, a, y.data(), bitwise).code();
+      EXPECT_EQ(dotted, dequantized) << "DotRowsQ8_K, bitwise " << bitwise;
       if (dotted == absl::StatusCode::kOk && !bitwise) {
-        EXPECT_TRUE(qmoe::DotRowsQ8_0(t, 0, rows, a, y_bitwise.data(), true).ok());
+        EXPECT_TRUE(qmoe::DotRowsQ8_K(t, 0, rows, a, y_bitwise.data(), true).ok());
         EXPECT_EQ(y, y_bitwise);
       }
-      const absl::StatusCode tiled =
-          qmoe::ForEachQ8_0Tile(t, 0, rows, bitwise, [](const Tensor&, int64_t) { return absl::OkStatus(); }).code();
-      EXPECT_EQ(tiled, dequantized) << "ForEachQ8_0Tile, bitwise " << bitwise;
+      for (WeightType type : {WeightType::kQ8_0, WeightType::kQ4_K}) {
+        const absl::StatusCode tiled =
+            qmoe::ForEachTile(t, 0, rows, type, bitwise, [](const Tensor&, int64_t) { return absl::OkStatus(); })
+                .code();
+        EXPECT_EQ(tiled, dequantized) << "ForEachTile " << static_cast<int>(type) << ", bitwise " << bitwise;
+      }
     }
     return dequantized;
   };
@@ -261,6 +311,8 @@ TEST(QmoeTest, CorruptBytesAreDataLoss) {
   }
   EXPECT_FALSE(qmoe::Encode(r.codes.data(), r.scales.data(), 1, kQmoeMaxCols + 1).ok());
 }
+
+INSTANTIATE_TEST_SUITE_P(Columns, QmoeCorruptTest, testing::Values(256, 512));
 
 }  // namespace
 }  // namespace qforge::kernels
