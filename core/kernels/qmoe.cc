@@ -539,9 +539,10 @@ QF_QMOE_AVX512 __attribute__((always_inline)) inline __m512i AddSelected(__m512i
 // the non-zero positions, so nothing past a row's columns is read and no trit is written), negate the -1 ones and
 // add them; a word that reaches the end of its 256-column block is split there. The checks of
 // DecodeGroupAvx512 (the row must decode to at least cols trits, its last word start before cols); false where
-// one fails. Each row's vector of partial sums per block goes to lanes[16 * (b * kTileRows + i)] (rows past `rows` keep
-// what they hold: their lanes are not stored), and the group's are summed by SumLanes16, a few instructions a row
-// where a reduction per row took 20 % of the time. sums: room for kTileRows * blocks.
+// one fails. Each row's vector of partial sums per block goes to lanes[16 * (b * kTileRows + i)] (rows past
+// `rows` keep what they hold: their lanes are not stored), and the group's are summed by SumLanes16, a few
+// instructions a row instead of a reduction per row (no change measured either way). sums: room for
+// kTileRows * blocks.
 QF_QMOE_AVX512 bool SelectGroupQ8_KAvx512(const View& v, int64_t r0, int64_t rows, int64_t first,
                                           const Q8_KActivations& a, int32_t* lanes, int32_t* sums, float* y) {
   const int64_t cols = v.cols, blocks = cols / kQ8_KBlockColumns;
@@ -577,8 +578,7 @@ QF_QMOE_AVX512 bool SelectGroupQ8_KAvx512(const View& v, int64_t r0, int64_t row
     ++k;
     const int64_t length = e[15];
     if (c >= cols || c + length < cols || block_end != cols) return false;
-    const __mmask64 nonzero = _bzhi_u64(LoadMask(e),
-                                        static_cast<unsigned>(cols - c));
+    const __mmask64 nonzero = _bzhi_u64(LoadMask(e), static_cast<unsigned>(cols - c));
     acc = AddSelected(acc, nonzero, LoadMask(e + 8), a.codes + c);
     _mm512_storeu_si512(lanes + 16 * (b * kTileRows + i), acc);
   }
