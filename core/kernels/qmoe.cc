@@ -410,11 +410,7 @@ QF_QMOE_AVX512 __attribute__((always_inline)) inline const uint8_t* EntryOf(cons
 // cache line, a 32-byte one half the time, and seven words in ten are 32 trits or shorter (88 % zeros). Every
 // condition the reference decoder checks is checked here (a codeword outside the dictionary, a row with too few
 // trits or a word past its columns); false where one fails, and the caller asks the reference decoder for the
-// message. What a position holds: its trit (kTrits), or its trit + 1 (kTritsPlusOne, for vpdpbusd's unsigned
-// operand; written by the same two masked moves, so it costs nothing, where a pass over the rows after them
-// cost 10 % of a decode: its loads span the decoder's overlapping stores and wait for them to reach the cache).
-enum class Decoded { kTrits, kTritsPlusOne };
-template <Decoded kDecoded>
+// message.
 QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, int64_t first, RowGroup& g) {
   const int64_t cols = v.cols;
   int64_t counts[kTileRows], total = 0;
@@ -430,9 +426,7 @@ QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, i
   int8_t* out = g.trits.data();
   const uint8_t* entries = reinterpret_cast<const uint8_t*>(v.dict->entries.data());
   static_assert(sizeof(Dictionary::Entry) == 16);
-  constexpr bool kPlusOne = kDecoded == Decoded::kTritsPlusOne;
-  const __m512i zero_trit = _mm512_set1_epi8(kPlusOne ? 1 : 0), plus_trit = _mm512_set1_epi8(kPlusOne ? 2 : 1),
-                minus_trit = _mm512_set1_epi8(kPlusOne ? 0 : -1);
+  const __m512i plus_trit = _mm512_set1_epi8(1), minus_trit = _mm512_set1_epi8(-1);
   int64_t c = 0, k = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t row_start = c;
@@ -442,7 +436,7 @@ QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, i
       // c + 56.. c + 63 of a word longer than 32: past its end, so the next word's first store or the room
       // after the row takes them.
       const uint8_t* e = EntryOf(entries, words, k, total);
-      const __m512i nonzero = _mm512_mask_mov_epi8(zero_trit, LoadMask(e), plus_trit);
+      const __m512i nonzero = _mm512_maskz_mov_epi8(LoadMask(e), plus_trit);
       const __m512i trits = _mm512_mask_mov_epi8(nonzero, LoadMask(e + 8), minus_trit);
       length = e[15];
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm512_castsi512_si256(trits));
@@ -459,7 +453,7 @@ QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, i
 
 // A group's rows decoded by the AVX-512 decoder where simd, else (or to name a fault) by the reference.
 absl::Status DecodeGroup(const View& v, int64_t r0, int64_t rows, int64_t first, bool simd, RowGroup& g) {
-  if (simd && DecodeGroupAvx512<Decoded::kTrits>(v, r0, rows, first, g)) return absl::OkStatus();
+  if (simd && DecodeGroupAvx512(v, r0, rows, first, g)) return absl::OkStatus();
   return DecodeGroupBitwise(v, r0, rows, first, g);
 }
 
@@ -591,25 +585,6 @@ QF_QMOE_AVX512 bool SelectGroupQ8_KAvx512(const View& v, int64_t r0, int64_t row
   return true;
 }
 
-// Several tokens: a group's rows as unsigned trits + 1 (row[i] for i >= rows may be any readable row, its lane
-// is not stored) times one token's activations, the same integers by vpdpbusd, whose first operand is unsigned:
-// sum (t + 1) * a = sum t * a + sum a, and the activations carry their exact code sums. Per block all 16 rows'
-// products in 16 vectors, transposed into one vector of the rows' block sums (integers: any order).
-QF_QMOE_AVX512 void DotGroupQ8_KAvx512(const uint8_t* const* row, int64_t rows, const Q8_KActivations& a,
-                                       const uint8_t* f16_scales, int64_t blocks, int32_t* sums, float* y) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m512i v[kTileRows];
-    for (int r = 0; r < kTileRows; ++r) v[r] = _mm512_setzero_si512();
-    for (int64_t j = kQ8_KBlockColumns * b; j < kQ8_KBlockColumns * (b + 1); j += 64) {
-      const __m512i act = _mm512_loadu_si512(a.codes + j);
-      for (int r = 0; r < kTileRows; ++r) v[r] = _mm512_dpbusd_epi32(v[r], _mm512_loadu_si512(row[r] + j), act);
-    }
-    const __m512i s = SumLanes16(v);
-    _mm512_storeu_si512(sums + b * kTileRows, _mm512_sub_epi32(s, _mm512_set1_epi32(BlockCodeSum(a, b))));
-  }
-  AddBlockSumsAvx512(sums, rows, a, f16_scales, blocks, y);
-}
-
 #pragma GCC diagnostic pop
 
 // The AVX-512 decoder and dot run where the kernels run AVX-512 (an ISA pinned lower by SetIsa or QFORGE_ISA keeps
@@ -703,29 +678,14 @@ absl::Status DotRowsQ8_K(const Tensor& w, int64_t row_begin, int64_t row_end, co
     return absl::OkStatus();
   };
   std::vector<int32_t> sums(static_cast<size_t>(kTileRows * blocks));
-  // Rows of several blocks: the words' masks select the activations. Rows of one block: the group decoded into
-  // trits + 1 and dotted. On the 24 expert matmuls of docs/moe.md (256 columns, ~11 words a row) the selection
-  // was 5-10 % slower than decoding (its per-row work, probably a mispredicted loop exit and the last word's cut,
-  // spread over few words); on 2048-column rows (~85 words) 1.5x faster, as no 32 KiB of trits is written and
-  // read back per group (docs/moe.md).
-  if (blocks > 1) {
-    std::vector<int32_t> lanes(static_cast<size_t>(16 * kTileRows * blocks));
-    return ForEachRowGroup(v, row_begin, row_end, [&](int64_t r0, int64_t rows, int64_t first) -> absl::Status {
-      if (SelectGroupQ8_KAvx512(v, r0, rows, first, a, lanes.data(), sums.data(), y + r0)) return absl::OkStatus();
-      return reference_group(r0, rows, first);
-    });
-  }
-  RowGroup g;
+  // Every row's words select their activations by their masks; no trit is written. Until 2026-12-08 rows of one
+  // block were decoded into trits + 1 and dotted instead: 5-10 % faster on the Zen 4 hosts of docs/moe.md, but
+  // 2.1x slower on a Zen 5 one, whose profile put a third of the decoder's time after its branch on a word's
+  // length (docs/moe.md).
+  std::vector<int32_t> lanes(static_cast<size_t>(16 * kTileRows * blocks));
   return ForEachRowGroup(v, row_begin, row_end, [&](int64_t r0, int64_t rows, int64_t first) -> absl::Status {
-    if (!DecodeGroupAvx512<Decoded::kTritsPlusOne>(v, r0, rows, first, g)) return reference_group(r0, rows, first);
-    // The whole group is decoded before any row is read back: a load that spans several recent overlapping
-    // stores cannot be forwarded from the store buffer and waits until they reach the cache.
-    const uint8_t* row[kTileRows];
-    for (int64_t i = 0; i < kTileRows; ++i) {
-      row[i] = reinterpret_cast<const uint8_t*>(g.trits.data()) + g.start[i < rows ? i : 0];
-    }
-    DotGroupQ8_KAvx512(row, rows, a, v.base + v.layout.scales_offset + 2 * r0, blocks, sums.data(), y + r0);
-    return absl::OkStatus();
+    if (SelectGroupQ8_KAvx512(v, r0, rows, first, a, lanes.data(), sums.data(), y + r0)) return absl::OkStatus();
+    return reference_group(r0, rows, first);
   });
 }
 

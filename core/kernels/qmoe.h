@@ -15,9 +15,8 @@
 // ActivationMode) they are Q4_K (q = trit + 1, every sub-block's scale and min 1, d = dmin = the row's scale, so
 // w = d * q - dmin = d * trit), which takes ggml's Q8_K activations, one scale per 256 columns, as llama.cpp's
 // ternary types do; several tokens run the Q4_K integer GEMM on them. A single token (decode) computes the same
-// integers without tiles (DotRowsQ8_K): on rows of several blocks each word's masks select and negate its
-// activations where it stands (one masked load, one masked subtract, a vpdpbusd), so no trit is written; on
-// rows of one block the group is decoded into trits + 1 and dotted 16 rows at a time.
+// integers without tiles (DotRowsQ8_K): each word's masks select and negate its activations where it stands (one
+// masked load, one masked subtract, a vpdpbusd), so no trit is written.
 #pragma once
 
 #include <cstdint>

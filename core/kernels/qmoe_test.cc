@@ -173,9 +173,8 @@ TEST(QmoeTest, TilesHoldTheRowsExactlyOnEveryDecoder) {
 }
 
 // fp32 activations: the Q8_0 tiles' product (near the exact one). int8 activations: bit for bit the integer
-// product of the same rows as a Q4_K tensor, on every ISA, for a token alone (rows of one block are decoded and
-// dotted, rows of three selected by the words' masks, words crossing the blocks) or batched (Q4_K tiles), the rows
-// cut anywhere.
+// product of the same rows as a Q4_K tensor, on every ISA, for a token alone (the words' masks select the
+// activations; at 768 columns words cross the blocks) or batched (Q4_K tiles), the rows cut anywhere.
 TEST(QmoeTest, MatMulIsTheTilesProductAndBatchInvariant) {
   for (const int64_t cols : {256, 768}) {
     SCOPED_TRACE(cols);
