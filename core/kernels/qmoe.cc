@@ -520,61 +520,93 @@ QF_QMOE_AVX512 void AddBlockSumsAvx512(const int32_t* sums, int64_t rows, const 
 }
 
 // acc + the codes at p that `select` picks, negated where `minus` says (codes are -127..127, so no negation
-// overflows), four bytes to a lane by vpdpbusd against ones. The vpdpbusd starts from zero and a vpaddd adds
-// it, so that the row's chain through its words is one-cycle adds, not vpdpbusd latencies.
+// overflows), four bytes to a lane by vpdpbusd against ones, into acc itself (a vpdpbusd from zero and a vpaddd
+// into acc, a chain of one-cycle adds, was slower on Zen 5: SelectGroupQ8_KAvx512).
 QF_QMOE_AVX512 __attribute__((always_inline)) inline __m512i AddSelected(__m512i acc, __mmask64 select,
                                                                          __mmask64 minus, const int8_t* p) {
   const __m512i picked = _mm512_maskz_loadu_epi8(select, p);
   const __m512i signed_codes = _mm512_mask_sub_epi8(picked, minus, _mm512_setzero_si512(), picked);
-  return _mm512_add_epi32(acc, _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(1), signed_codes));
+  return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), signed_codes);
 }
 
-// One token, a group's rows: each word's masks select its activations where it stands (a masked load reads only
-// the non-zero positions, so nothing past a row's columns is read and no trit is written), negate the -1 ones and
-// add them; a word that reaches the end of its 256-column block is split there. The checks of
-// DecodeGroupAvx512 (the row must decode to at least cols trits, its last word start before cols); false where
-// one fails. Each row's vector of partial sums per block goes to lanes[16 * (b * kTileRows + i)] (rows past
-// `rows` keep what they hold: their lanes are not stored), and the group's are summed by SumLanes16, a few
-// instructions a row instead of a reduction per row (no change measured either way). sums: room for
-// kTileRows * blocks.
+// The byte offsets in the dictionary of the words [0, total) at `words`, 16 at a time, and kPrefetchWords zeros
+// after them (entry 0, so a prefetch ahead of the last word needs no bound). offsets: room for total + 16 +
+// kPrefetchWords.
+QF_QMOE_AVX512 void EntryOffsets(const uint8_t* words, int64_t total, uint32_t* offsets) {
+  static_assert(sizeof(Dictionary::Entry) == 16 && kPrefetchWords <= 16);
+  for (int64_t k = 0; k < total; k += 16) {
+    const auto lanes = static_cast<__mmask16>(total - k >= 16 ? 0xFFFF : (1u << (total - k)) - 1);
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, words + 2 * k));
+    _mm512_storeu_si512(offsets + k, _mm512_slli_epi32(w, 4));  // lanes past total: 0
+  }
+  _mm512_storeu_si512(offsets + total, _mm512_setzero_si512());
+}
+
+// One token, a group's rows: each word's masks select its activations where it stands (a masked load reads only the
+// non-zero positions, so nothing past a row's columns is read and no trit is written), negate the -1 ones and add
+// them; a word that reaches the end of its 256-column block is split there. The checks of DecodeGroupAvx512 (the row
+// must decode to at least cols trits, its last word start before cols); false where one fails. Each row's vector of
+// partial sums per block goes to lanes[16 * (b * kTileRows + i)] (rows past `rows` keep what they hold: their lanes
+// are not stored), and the group's are summed by SumLanes16, a few instructions a row instead of a reduction per row
+// (no change measured either way). sums: room for kTileRows * blocks; offset_room grows to hold the group's
+// dictionary offsets, computed before the loop, 16 at a time (the loop then has no address arithmetic and its
+// prefetch no bound), and a row's even and odd words add into two vpdpbusd chains. On Zen 5 these took the 24 expert
+// matmuls of docs/moe.md from ~130 to ~100 us (the offsets ~10 %, vpdpbusd into the chain instead of a vpaddd ~8 %,
+// two chains instead of one ~12 %; four were no better).
 QF_QMOE_AVX512 bool SelectGroupQ8_KAvx512(const View& v, int64_t r0, int64_t rows, int64_t first,
-                                          const Q8_KActivations& a, int32_t* lanes, int32_t* sums, float* y) {
+                                          const Q8_KActivations& a, std::vector<uint32_t>& offset_room,
+                                          int32_t* lanes, int32_t* sums, float* y) {
   const int64_t cols = v.cols, blocks = cols / kQ8_KBlockColumns;
   int64_t counts[kTileRows], total = 0;
   if (!CheckGroupWordsAvx512(v, r0, rows, first, counts, &total)) return false;
-  const uint8_t* words = v.base + v.layout.words_offset + 2 * first;
+  const size_t room = static_cast<size_t>(total + 16 + kPrefetchWords);
+  if (offset_room.size() < room) offset_room.resize(room);
+  EntryOffsets(v.base + v.layout.words_offset + 2 * first, total, offset_room.data());
+  const uint32_t* offset = offset_room.data();
   const uint8_t* entries = reinterpret_cast<const uint8_t*>(v.dict->entries.data());
+  const int8_t* codes = a.codes;
   int64_t k = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t last = k + counts[i] - 1;
     int64_t c = 0, block_end = kQ8_KBlockColumns, b = 0;
-    __m512i acc = _mm512_setzero_si512();
-    for (; k < last; ++k) {
-      const uint8_t* e = EntryOf(entries, words, k, total);
+    __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+    // Word w of the group into acc (even or odd); false where a word before the last reaches the row's end.
+    auto add_word = [&](int64_t w, __m512i& acc) QF_QMOE_AVX512 __attribute__((always_inline)) {
+      _mm_prefetch(reinterpret_cast<const char*>(entries + offset[w + kPrefetchWords]), _MM_HINT_T0);
+      const uint8_t* e = entries + offset[w];
       __mmask64 nonzero = LoadMask(e);
       const __mmask64 minus = LoadMask(e + 8);
       const int64_t length = e[15];
       if (c + length >= block_end) {  // the word reaches its block's end (1 word in ~10 at 88 % zeros)
         if (block_end == cols) return false;  // a word before the last reaches the row's end
         const __mmask64 low = _bzhi_u64(nonzero, static_cast<unsigned>(block_end - c));
-        _mm512_storeu_si512(lanes + 16 * (b * kTileRows + i), AddSelected(acc, low, minus, a.codes + c));
-        acc = _mm512_setzero_si512();
+        _mm512_storeu_si512(lanes + 16 * (b * kTileRows + i),
+                            AddSelected(_mm512_add_epi32(even, odd), low, minus, codes + c));
+        even = odd = _mm512_setzero_si512();
         ++b;
         block_end += kQ8_KBlockColumns;
         nonzero ^= low;
       }
-      acc = AddSelected(acc, nonzero, minus, a.codes + c);
+      acc = AddSelected(acc, nonzero, minus, codes + c);
       c += length;
+      return true;
+    };
+    for (; k + 1 < last; k += 2) {
+      if (!add_word(k, even) || !add_word(k + 1, odd)) return false;
+    }
+    if (k < last) {
+      if (!add_word(k, even)) return false;
+      ++k;
     }
     // The last word, cut at cols: it must start before cols and reach it, so in the last block (a word before
     // it ended inside that block or at its start).
-    const uint8_t* e = EntryOf(entries, words, k, total);
+    const uint8_t* e = entries + offset[k];
     ++k;
     const int64_t length = e[15];
     if (c >= cols || c + length < cols || block_end != cols) return false;
     const __mmask64 nonzero = _bzhi_u64(LoadMask(e), static_cast<unsigned>(cols - c));
-    acc = AddSelected(acc, nonzero, LoadMask(e + 8), a.codes + c);
-    _mm512_storeu_si512(lanes + 16 * (b * kTileRows + i), acc);
+    _mm512_storeu_si512(lanes + 16 * (b * kTileRows + i),
+                        AddSelected(_mm512_add_epi32(even, odd), nonzero, LoadMask(e + 8), codes + c));
   }
   for (int64_t b = 0; b < blocks; ++b) {
     __m512i rows_lanes[kTileRows];
@@ -683,8 +715,11 @@ absl::Status DotRowsQ8_K(const Tensor& w, int64_t row_begin, int64_t row_end, co
   // 2.1x slower on a Zen 5 one, whose profile put a third of the decoder's time after its branch on a word's
   // length (docs/moe.md).
   std::vector<int32_t> lanes(static_cast<size_t>(16 * kTileRows * blocks));
+  std::vector<uint32_t> offset_room;
   return ForEachRowGroup(v, row_begin, row_end, [&](int64_t r0, int64_t rows, int64_t first) -> absl::Status {
-    if (SelectGroupQ8_KAvx512(v, r0, rows, first, a, lanes.data(), sums.data(), y + r0)) return absl::OkStatus();
+    if (SelectGroupQ8_KAvx512(v, r0, rows, first, a, offset_room, lanes.data(), sums.data(), y + r0)) {
+      return absl::OkStatus();
+    }
     return reference_group(r0, rows, first);
   });
 }
