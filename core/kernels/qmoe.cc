@@ -344,6 +344,7 @@ absl::Status DecodeRowBitwise(const View& v, int64_t r, int64_t first, int8_t* t
 struct RowGroup {
   std::vector<int8_t> trits;
   int64_t start[kTileRows] = {};
+  std::vector<uint32_t> offset_room;  // GroupEntryOffsets' (AVX-512 decoder)
 };
 
 // The reference decoder for a group: rows at a stride of cols; DATA_LOSS naming the first inconsistent row.
@@ -394,12 +395,25 @@ QF_QMOE_AVX512 __attribute__((always_inline)) inline __mmask64 LoadMask(const ui
 // a microbenchmark). A prefetch retires at once, where a load that misses L1 holds back everything after it, so
 // more lookups overlap.
 constexpr int64_t kPrefetchWords = 16;
-QF_QMOE_AVX512 __attribute__((always_inline)) inline const uint8_t* EntryOf(const uint8_t* entries,
-                                                                           const uint8_t* words, int64_t k,
-                                                                           int64_t total) {
-  const int64_t ahead = std::min(k + kPrefetchWords, total - 1);
-  _mm_prefetch(reinterpret_cast<const char*>(entries + 16 * size_t{LoadU16(words + 2 * ahead)}), _MM_HINT_T0);
-  return entries + 16 * size_t{LoadU16(words + 2 * k)};
+
+// The byte offsets in the dictionary of a group's `total` words (from word `first`), 16 at a time, and
+// kPrefetchWords zeros after them (entry 0, so a prefetch ahead of the last word needs no bound); room grows to
+// hold them. The loops over the words then have no address arithmetic (on Zen 5 the selection ~10 % faster).
+QF_QMOE_AVX512 const uint32_t* GroupEntryOffsets(const View& v, int64_t first, int64_t total,
+                                                 std::vector<uint32_t>& room) {
+  static_assert(sizeof(Dictionary::Entry) == 16 && kPrefetchWords <= 16);
+  if (room.size() < static_cast<size_t>(total + 16 + kPrefetchWords)) {
+    room.resize(static_cast<size_t>(total + 16 + kPrefetchWords));
+  }
+  const uint8_t* words = v.base + v.layout.words_offset + 2 * first;
+  uint32_t* offsets = room.data();
+  for (int64_t k = 0; k < total; k += 16) {
+    const auto lanes = static_cast<__mmask16>(total - k >= 16 ? 0xFFFF : (1u << (total - k)) - 1);
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, words + 2 * k));
+    _mm512_storeu_si512(offsets + k, _mm512_slli_epi32(w, 4));  // lanes past total: 0
+  }
+  _mm512_storeu_si512(offsets + total, _mm512_setzero_si512());
+  return offsets;
 }
 
 // The group's words in one pass, 32 trits per store and a second 32 for a word longer than that: a word's stores
@@ -415,7 +429,7 @@ QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, i
   const int64_t cols = v.cols;
   int64_t counts[kTileRows], total = 0;
   if (!CheckGroupWordsAvx512(v, r0, rows, first, counts, &total)) return false;
-  const uint8_t* words = v.base + v.layout.words_offset + 2 * first;
+  const uint32_t* offset = GroupEntryOffsets(v, first, total, g.offset_room);
   // Row i starts before i * (cols + kMaxWordTrits) when the rows before it are valid (each ends before its
   // last word, which starts before cols, passes), and its own words reach at most counts[i] * kMaxWordTrits
   // further, plus the 64-byte store: room for that, so no store needs a bound of its own.
@@ -435,7 +449,8 @@ QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, i
       // An entry's two masks loaded into mask registers as they are. The length bits write -1 to trits
       // c + 56.. c + 63 of a word longer than 32: past its end, so the next word's first store or the room
       // after the row takes them.
-      const uint8_t* e = EntryOf(entries, words, k, total);
+      _mm_prefetch(reinterpret_cast<const char*>(entries + offset[k + kPrefetchWords]), _MM_HINT_T0);
+      const uint8_t* e = entries + offset[k];
       const __m512i nonzero = _mm512_maskz_mov_epi8(LoadMask(e), plus_trit);
       const __m512i trits = _mm512_mask_mov_epi8(nonzero, LoadMask(e + 8), minus_trit);
       length = e[15];
@@ -529,40 +544,23 @@ QF_QMOE_AVX512 __attribute__((always_inline)) inline __m512i AddSelected(__m512i
   return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), signed_codes);
 }
 
-// The byte offsets in the dictionary of the words [0, total) at `words`, 16 at a time, and kPrefetchWords zeros
-// after them (entry 0, so a prefetch ahead of the last word needs no bound). offsets: room for total + 16 +
-// kPrefetchWords.
-QF_QMOE_AVX512 void EntryOffsets(const uint8_t* words, int64_t total, uint32_t* offsets) {
-  static_assert(sizeof(Dictionary::Entry) == 16 && kPrefetchWords <= 16);
-  for (int64_t k = 0; k < total; k += 16) {
-    const auto lanes = static_cast<__mmask16>(total - k >= 16 ? 0xFFFF : (1u << (total - k)) - 1);
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, words + 2 * k));
-    _mm512_storeu_si512(offsets + k, _mm512_slli_epi32(w, 4));  // lanes past total: 0
-  }
-  _mm512_storeu_si512(offsets + total, _mm512_setzero_si512());
-}
-
 // One token, a group's rows: each word's masks select its activations where it stands (a masked load reads only the
 // non-zero positions, so nothing past a row's columns is read and no trit is written), negate the -1 ones and add
 // them; a word that reaches the end of its 256-column block is split there. The checks of DecodeGroupAvx512 (the row
 // must decode to at least cols trits, its last word start before cols); false where one fails. Each row's vector of
 // partial sums per block goes to lanes[16 * (b * kTileRows + i)] (rows past `rows` keep what they hold: their lanes
 // are not stored), and the group's are summed by SumLanes16, a few instructions a row instead of a reduction per row
-// (no change measured either way). sums: room for kTileRows * blocks; offset_room grows to hold the group's
-// dictionary offsets, computed before the loop, 16 at a time (the loop then has no address arithmetic and its
-// prefetch no bound), and a row's even and odd words add into two vpdpbusd chains. On Zen 5 these took the 24 expert
-// matmuls of docs/moe.md from ~130 to ~100 us (the offsets ~10 %, vpdpbusd into the chain instead of a vpaddd ~8 %,
-// two chains instead of one ~12 %; four were no better).
+// (no change measured either way). sums: room for kTileRows * blocks; offset_room: GroupEntryOffsets'. A row's even
+// and odd words add into two vpdpbusd chains. On Zen 5 these took the 24 expert matmuls of docs/moe.md from ~130 to
+// ~100 us (the offsets ~10 %, vpdpbusd into the chain instead of a vpaddd ~8 %, two chains instead of one ~12 %;
+// four were no better).
 QF_QMOE_AVX512 bool SelectGroupQ8_KAvx512(const View& v, int64_t r0, int64_t rows, int64_t first,
                                           const Q8_KActivations& a, std::vector<uint32_t>& offset_room,
                                           int32_t* lanes, int32_t* sums, float* y) {
   const int64_t cols = v.cols, blocks = cols / kQ8_KBlockColumns;
   int64_t counts[kTileRows], total = 0;
   if (!CheckGroupWordsAvx512(v, r0, rows, first, counts, &total)) return false;
-  const size_t room = static_cast<size_t>(total + 16 + kPrefetchWords);
-  if (offset_room.size() < room) offset_room.resize(room);
-  EntryOffsets(v.base + v.layout.words_offset + 2 * first, total, offset_room.data());
-  const uint32_t* offset = offset_room.data();
+  const uint32_t* offset = GroupEntryOffsets(v, first, total, offset_room);
   const uint8_t* entries = reinterpret_cast<const uint8_t*>(v.dict->entries.data());
   const int8_t* codes = a.codes;
   int64_t k = 0;
