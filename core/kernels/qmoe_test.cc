@@ -246,7 +246,7 @@ TEST(QmoeTest, MatMulIsTheTilesProductAndBatchInvariant) {
 }
 
 // Every reader of the bytes (dequantization, both tile types, the single-token dots) refuses exactly the same
-// corruptions with DATA_LOSS; rows of one and of two 256-column blocks (the decode and the select dots).
+// corruptions with DATA_LOSS; rows of one 256-column block and of two (words that cross a block's end).
 class QmoeCorruptTest : public testing::TestWithParam<int64_t> {};
 
 TEST_P(QmoeCorruptTest, CorruptBytesAreDataLoss) {
