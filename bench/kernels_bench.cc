@@ -112,7 +112,8 @@ BENCHMARK(BM_MatMulRows)->Apply(Args)->ArgNames({"fmt", "n", "isa"})->Unit(bench
 // Expert matmuls, one token's worth, with int8 activations (the runtime's default). qmoe: random trits with 88 %
 // zeros on the qmoe method's dictionary; q4_k: Gaussian weights.
 // BM_ExpertMatMul: 24 matrices of 256 x 256 (the trained MoE's: 4 layers x 2 routed experts x gate, up, down),
-// which stay in cache, so the time is the kernels' arithmetic.
+// which stay in cache, so the time is the kernels' arithmetic; n tokens: 1 (decode), 2 and 4 (a few sequences
+// served at once, which qmoe's selection walks the words once for), 8 and 128 (qmoe's Q4_K tiles).
 // BM_ExpertMatMulStreamed: 32 matrices of 6144 x 2048 (the up projection of the 1.6 T SwitchTransformer-c2048
 // description, scheduler/model_description.h), 400 M weights: 226 MB as q4_k, far past the last-level cache, so
 // each token streams its experts from memory, QMoE's case. One matrix is encoded and its bytes copied (the memory
@@ -201,7 +202,7 @@ void BM_ExpertMatMul(benchmark::State& state) { RunExperts(state, kCachedExperts
 void BM_ExpertMatMulStreamed(benchmark::State& state) { RunExperts(state, kStreamedExperts); }
 
 BENCHMARK(BM_ExpertMatMul)
-    ->ArgsProduct({{0, 1}, {1, 128}, {1, 2}})
+    ->ArgsProduct({{0, 1}, {1, 2, 4, 8, 128}, {1, 2}})
     ->ArgNames({"qmoe", "n", "threads"})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();

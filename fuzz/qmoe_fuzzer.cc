@@ -1,8 +1,8 @@
 // The QMoE codec's reader on arbitrary bytes. The first 4 bytes give the shape (byte 0: rows 1..128, bytes 1-2:
 // cols 1 + byte 1 + 256 * (byte 2 % 4), so 1..1024; byte 3 spare), the rest is the tensor. Oracles: whatever
 // decodes, decodes to {-s, 0, +s} per row and agrees with the fused matmul on x = 1 (both read the same words),
-// and on rows of a multiple of 256 columns the single-token int8 dot gives the bits of its reference (any NaN for
-// a NaN); anything else is DATA_LOSS or INVALID_ARGUMENT, the same from every reader, never a crash.
+// and on rows of a multiple of 256 columns the few-token int8 dot (three tokens) gives the bits of its reference
+// (any NaN for a NaN); anything else is DATA_LOSS or INVALID_ARGUMENT, the same from every reader, never a crash.
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -26,19 +26,31 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const absl::Status s = qforge::kernels::qmoe::DequantizeRows(t, 0, rows, w.data());
   if (s.ok() != qforge::kernels::qmoe::Validate(t).ok()) std::abort();
   if (cols % qforge::kernels::qmoe::kQ8_KBlockColumns == 0) {
-    std::vector<int8_t> codes(static_cast<size_t>(cols));
-    std::vector<float> scales(static_cast<size_t>(cols / 256), 0.5f);
-    std::vector<int32_t> sums(static_cast<size_t>(cols / 32), 0);
-    for (int64_t c = 0; c < cols; ++c) {
-      codes[c] = static_cast<int8_t>(c % 255 - 127);
-      sums[c / 32] += codes[c];
+    // Three tokens (a pass of two and one of one through the AVX-512 selection), each row laid out as
+    // PrepareInput lays them out: codes, block scales, code sums.
+    constexpr int64_t kTokens = 3;
+    const int64_t blocks = cols / 256, stride = cols + 4 * blocks + 4 * (cols / 32);
+    std::vector<uint8_t> act(static_cast<size_t>(kTokens * stride));
+    for (int64_t t = 0; t < kTokens; ++t) {
+      uint8_t* row = act.data() + t * stride;
+      auto* codes = reinterpret_cast<int8_t*>(row);
+      auto* scales = reinterpret_cast<float*>(row + cols);
+      auto* sums = reinterpret_cast<int32_t*>(row + cols + 4 * blocks);
+      for (int64_t b = 0; b < blocks; ++b) scales[b] = 0.5f + 0.25f * static_cast<float>(t);
+      for (int64_t c = 0; c < cols / 32; ++c) sums[c] = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        codes[c] = static_cast<int8_t>((c + 41 * t) % 255 - 127);
+        sums[c / 32] += codes[c];
+      }
     }
-    const qforge::kernels::qmoe::Q8_KActivations a{codes.data(), scales.data(), sums.data()};
-    std::vector<float> y_simd(static_cast<size_t>(rows)), y_ref(static_cast<size_t>(rows));
-    const absl::Status simd = qforge::kernels::qmoe::DotRowsQ8_K(t, 0, rows, a, y_simd.data(), false);
-    const absl::Status ref = qforge::kernels::qmoe::DotRowsQ8_K(t, 0, rows, a, y_ref.data(), true);
+    const qforge::kernels::qmoe::Q8_KActivations a{
+        reinterpret_cast<const int8_t*>(act.data()), reinterpret_cast<const float*>(act.data() + cols),
+        reinterpret_cast<const int32_t*>(act.data() + cols + 4 * blocks), kTokens, stride};
+    std::vector<float> y_simd(static_cast<size_t>(kTokens * rows)), y_ref(static_cast<size_t>(kTokens * rows));
+    const absl::Status simd = qforge::kernels::qmoe::DotRowsQ8_K(t, 0, rows, a, y_simd.data(), rows, false);
+    const absl::Status ref = qforge::kernels::qmoe::DotRowsQ8_K(t, 0, rows, a, y_ref.data(), rows, true);
     if (simd.code() != s.code() || ref.code() != s.code()) std::abort();
-    for (int64_t r = 0; s.ok() && r < rows; ++r) {  // the same bits, but a NaN scale's payload may differ
+    for (int64_t r = 0; s.ok() && r < kTokens * rows; ++r) {  // the same bits, but a NaN scale's payload may differ
       if (std::isnan(y_simd[r]) && std::isnan(y_ref[r])) continue;
       if (std::memcmp(&y_simd[r], &y_ref[r], sizeof(float)) != 0) std::abort();
     }

@@ -374,13 +374,14 @@ absl::Status MatMulRows(const Tensor& w, int64_t row_begin, int64_t row_end, con
   if (w.format.type == WeightType::kQMoE) {
     if (in.n() == 0) return ValidateTensor(w);
     const bool bitwise = ActiveIsa() == Isa::kScalar;
-    if (in.n() == 1) {
+    if (in.n() <= qmoe::kSelectTokens) {
       const internal::ActRowLayout l = internal::GetActRowLayout(internal::ActType::kQ8_K, w.cols());
       const uint8_t* row = in.buffer_.data();
       const qmoe::Q8_KActivations a{reinterpret_cast<const int8_t*>(row + l.codes),
                                     reinterpret_cast<const float*>(row + l.scales),
-                                    reinterpret_cast<const int32_t*>(row + l.sums)};
-      return qmoe::DotRowsQ8_K(w, row_begin, row_end, a, y, bitwise);
+                                    reinterpret_cast<const int32_t*>(row + l.sums), in.n(),
+                                    static_cast<int64_t>(in.row_bytes_)};
+      return qmoe::DotRowsQ8_K(w, row_begin, row_end, a, y, y_stride, bitwise);
     }
     // Q4_K tiles (qmoe.h), each multiplied with the activations quantized once for all by the Q4_K GEMM.
     return qmoe::ForEachTile(w, row_begin, row_end, WeightType::kQ4_K, bitwise,

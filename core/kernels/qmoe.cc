@@ -472,6 +472,14 @@ absl::Status DecodeGroup(const View& v, int64_t r0, int64_t rows, int64_t first,
   return DecodeGroupBitwise(v, r0, rows, first, g);
 }
 
+// count of a's tokens from token t, as a view of its own.
+Q8_KActivations TokensOf(const Q8_KActivations& a, int64_t t, int64_t count = 1) {
+  const int64_t offset = t * a.stride;
+  return {reinterpret_cast<const int8_t*>(reinterpret_cast<const uint8_t*>(a.codes) + offset),
+          reinterpret_cast<const float*>(reinterpret_cast<const uint8_t*>(a.scales) + offset),
+          reinterpret_cast<const int32_t*>(reinterpret_cast<const uint8_t*>(a.code_sums) + offset), count, a.stride};
+}
+
 // The code sum of block b of one token's Q8_K activations (T2 of DotRowsQ8_K).
 int32_t BlockCodeSum(const Q8_KActivations& a, int64_t b) {
   int32_t sum = 0;
@@ -544,32 +552,39 @@ QF_QMOE_AVX512 __attribute__((always_inline)) inline __m512i AddSelected(__m512i
   return _mm512_dpbusd_epi32(acc, _mm512_set1_epi8(1), signed_codes);
 }
 
-// One token, a group's rows: each word's masks select its activations where it stands (a masked load reads only the
-// non-zero positions, so nothing past a row's columns is read and no trit is written), negate the -1 ones and add
-// them; a word that reaches the end of its 256-column block is split there. The checks of DecodeGroupAvx512 (the row
-// must decode to at least cols trits, its last word start before cols); false where one fails. Each row's vector of
-// partial sums per block goes to lanes[16 * (b * kTileRows + i)] (rows past `rows` keep what they hold: their lanes
-// are not stored), and the group's are summed by SumLanes16, a few instructions a row instead of a reduction per row
-// (no change measured either way). sums: room for kTileRows * blocks; offset_room: GroupEntryOffsets'. A row's even
-// and odd words add into two vpdpbusd chains. On Zen 5 these took the 24 expert matmuls of docs/moe.md from ~130 to
-// ~100 us (the offsets ~10 %, vpdpbusd into the chain instead of a vpaddd ~8 %, two chains instead of one ~12 %;
-// four were no better).
+// kTokens tokens (a's first), a group's rows: each word's masks select and negate each token's activations where
+// the word stands (a masked load reads only the non-zero positions, so nothing past a row's columns is read and no
+// trit is written) and add them; a word that reaches the end of its 256-column block is split there. The checks
+// of DecodeGroupAvx512 (the row must decode to at least cols trits, its last word start before cols); false where
+// one fails. Each token's row's vector of partial sums per block goes to lanes[16 * ((t * blocks + b) * kTileRows
+// + i)] (rows past `rows` keep what they hold: their lanes are not stored), and the group's are summed by
+// SumLanes16, a few instructions a row instead of a reduction per row (no change measured either way). sums: room
+// for kTokens * kTileRows * blocks; offset_room: GroupEntryOffsets'. One token's row adds its even and odd words
+// into two vpdpbusd chains; with more tokens each token is a chain. On Zen 5 these took the 24 expert matmuls of
+// docs/moe.md from ~130 to ~100 us (the offsets ~10 %, vpdpbusd into the chain instead of a vpaddd ~8 %, two
+// chains instead of one ~12 %; four were no better). The walk (offsets, entries, columns, branches) is most of one
+// token's time and the same for every token, so the tokens share it: on the Intel host of docs/moe.md two take
+// ~1.5x one token's time, three ~2x, four ~2.5x (there the vector work bounds a pass of four).
+template <int kTokens>
 QF_QMOE_AVX512 bool SelectGroupQ8_KAvx512(const View& v, int64_t r0, int64_t rows, int64_t first,
                                           const Q8_KActivations& a, std::vector<uint32_t>& offset_room,
-                                          int32_t* lanes, int32_t* sums, float* y) {
+                                          int32_t* lanes, int32_t* sums, float* y, int64_t y_stride) {
   const int64_t cols = v.cols, blocks = cols / kQ8_KBlockColumns;
   int64_t counts[kTileRows], total = 0;
   if (!CheckGroupWordsAvx512(v, r0, rows, first, counts, &total)) return false;
   const uint32_t* offset = GroupEntryOffsets(v, first, total, offset_room);
   const uint8_t* entries = reinterpret_cast<const uint8_t*>(v.dict->entries.data());
-  const int8_t* codes = a.codes;
+  const int8_t* codes[kTokens];
+  for (int t = 0; t < kTokens; ++t) codes[t] = TokensOf(a, t).codes;
+  auto lanes_of = [&](int t, int64_t b, int64_t i) { return lanes + 16 * ((t * blocks + b) * kTileRows + i); };
   int64_t k = 0;
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t last = k + counts[i] - 1;
     int64_t c = 0, block_end = kQ8_KBlockColumns, b = 0;
-    __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+    __m512i even[kTokens], odd[kTokens];
+    for (int t = 0; t < kTokens; ++t) even[t] = odd[t] = _mm512_setzero_si512();
     // Word w of the group into acc (even or odd); false where a word before the last reaches the row's end.
-    auto add_word = [&](int64_t w, __m512i& acc) QF_QMOE_AVX512 __attribute__((always_inline)) {
+    auto add_word = [&](int64_t w, __m512i* acc) QF_QMOE_AVX512 __attribute__((always_inline)) {
       _mm_prefetch(reinterpret_cast<const char*>(entries + offset[w + kPrefetchWords]), _MM_HINT_T0);
       const uint8_t* e = entries + offset[w];
       __mmask64 nonzero = LoadMask(e);
@@ -578,23 +593,31 @@ QF_QMOE_AVX512 bool SelectGroupQ8_KAvx512(const View& v, int64_t r0, int64_t row
       if (c + length >= block_end) {  // the word reaches its block's end (1 word in ~10 at 88 % zeros)
         if (block_end == cols) return false;  // a word before the last reaches the row's end
         const __mmask64 low = _bzhi_u64(nonzero, static_cast<unsigned>(block_end - c));
-        _mm512_storeu_si512(lanes + 16 * (b * kTileRows + i),
-                            AddSelected(_mm512_add_epi32(even, odd), low, minus, codes + c));
-        even = odd = _mm512_setzero_si512();
+        for (int t = 0; t < kTokens; ++t) {
+          _mm512_storeu_si512(lanes_of(t, b, i),
+                              AddSelected(_mm512_add_epi32(even[t], odd[t]), low, minus, codes[t] + c));
+          even[t] = odd[t] = _mm512_setzero_si512();
+        }
         ++b;
         block_end += kQ8_KBlockColumns;
         nonzero ^= low;
       }
-      acc = AddSelected(acc, nonzero, minus, codes + c);
+      for (int t = 0; t < kTokens; ++t) acc[t] = AddSelected(acc[t], nonzero, minus, codes[t] + c);
       c += length;
       return true;
     };
-    for (; k + 1 < last; k += 2) {
-      if (!add_word(k, even) || !add_word(k + 1, odd)) return false;
-    }
-    if (k < last) {
-      if (!add_word(k, even)) return false;
-      ++k;
+    if constexpr (kTokens == 1) {
+      for (; k + 1 < last; k += 2) {
+        if (!add_word(k, even) || !add_word(k + 1, odd)) return false;
+      }
+      if (k < last) {
+        if (!add_word(k, even)) return false;
+        ++k;
+      }
+    } else {  // the tokens' chains are independent already
+      for (; k < last; ++k) {
+        if (!add_word(k, even)) return false;
+      }
     }
     // The last word, cut at cols: it must start before cols and reach it, so in the last block (a word before
     // it ended inside that block or at its start).
@@ -603,16 +626,33 @@ QF_QMOE_AVX512 bool SelectGroupQ8_KAvx512(const View& v, int64_t r0, int64_t row
     const int64_t length = e[15];
     if (c >= cols || c + length < cols || block_end != cols) return false;
     const __mmask64 nonzero = _bzhi_u64(LoadMask(e), static_cast<unsigned>(cols - c));
-    _mm512_storeu_si512(lanes + 16 * (b * kTileRows + i),
-                        AddSelected(_mm512_add_epi32(even, odd), nonzero, LoadMask(e + 8), codes + c));
+    for (int t = 0; t < kTokens; ++t) {
+      _mm512_storeu_si512(lanes_of(t, b, i),
+                          AddSelected(_mm512_add_epi32(even[t], odd[t]), nonzero, LoadMask(e + 8), codes[t] + c));
+    }
   }
-  for (int64_t b = 0; b < blocks; ++b) {
-    __m512i rows_lanes[kTileRows];
-    for (int i = 0; i < kTileRows; ++i) rows_lanes[i] = _mm512_loadu_si512(lanes + 16 * (b * kTileRows + i));
-    _mm512_storeu_si512(sums + b * kTileRows, SumLanes16(rows_lanes));
+  for (int t = 0; t < kTokens; ++t) {
+    int32_t* token_sums = sums + t * kTileRows * blocks;
+    for (int64_t b = 0; b < blocks; ++b) {
+      __m512i rows_lanes[kTileRows];
+      for (int i = 0; i < kTileRows; ++i) rows_lanes[i] = _mm512_loadu_si512(lanes_of(t, b, i));
+      _mm512_storeu_si512(token_sums + b * kTileRows, SumLanes16(rows_lanes));
+    }
+    AddBlockSumsAvx512(token_sums, rows, TokensOf(a, t), v.base + v.layout.scales_offset + 2 * r0, blocks,
+                       y + t * y_stride + r0);
   }
-  AddBlockSumsAvx512(sums, rows, a, v.base + v.layout.scales_offset + 2 * r0, blocks, y);
   return true;
+}
+
+// SelectGroupQ8_KAvx512 for count (1..4) tokens.
+template <class... Args>
+QF_QMOE_AVX512 bool SelectGroupTokens(int64_t count, Args&&... args) {
+  switch (count) {
+    case 1: return SelectGroupQ8_KAvx512<1>(args...);
+    case 2: return SelectGroupQ8_KAvx512<2>(args...);
+    case 3: return SelectGroupQ8_KAvx512<3>(args...);
+    default: return SelectGroupQ8_KAvx512<4>(args...);
+  }
 }
 
 #pragma GCC diagnostic pop
@@ -684,16 +724,21 @@ absl::Status ForEachTile(const Tensor& w, int64_t row_begin, int64_t row_end, We
 }
 
 absl::Status DotRowsQ8_K(const Tensor& w, int64_t row_begin, int64_t row_end, const Q8_KActivations& a, float* y,
-                         bool bitwise) {
+                         int64_t y_stride, bool bitwise) {
   QF_RETURN_IF_ERROR(CheckRange(w, row_begin, row_end));
   QF_ASSIGN_OR_RETURN(const View v, Open(w));
   QF_RETURN_IF_ERROR(CheckColumns(v, kQ8_KBlockColumns, "Q8_K"));
   const int64_t cols = v.cols, blocks = cols / kQ8_KBlockColumns;
+  auto dot_rows = [&](const int8_t* trits, int64_t r) {
+    for (int64_t t = 0; t < a.tokens; ++t) {
+      y[t * y_stride + r] = DotRowQ8_KScalar(trits, TokensOf(a, t), v.Scale(r), blocks);
+    }
+  };
   if (bitwise || !UseAvx512Decoder()) {
     std::vector<int8_t> trits(static_cast<size_t>(cols));
     return ForEachRow(v, row_begin, row_end, [&](int64_t r, int64_t first) {
       QF_RETURN_IF_ERROR(DecodeRowBitwise(v, r, first, trits.data()));
-      y[r] = DotRowQ8_KScalar(trits.data(), a, v.Scale(r), blocks);
+      dot_rows(trits.data(), r);
       return absl::OkStatus();
     });
   }
@@ -702,23 +747,26 @@ absl::Status DotRowsQ8_K(const Tensor& w, int64_t row_begin, int64_t row_end, co
   auto reference_group = [&](int64_t r0, int64_t rows, int64_t first) -> absl::Status {
     RowGroup g;
     QF_RETURN_IF_ERROR(DecodeGroupBitwise(v, r0, rows, first, g));
-    for (int64_t i = 0; i < rows; ++i) {
-      y[r0 + i] = DotRowQ8_KScalar(g.trits.data() + g.start[i], a, v.Scale(r0 + i), blocks);
-    }
+    for (int64_t i = 0; i < rows; ++i) dot_rows(g.trits.data() + g.start[i], r0 + i);
     return absl::OkStatus();
   };
-  std::vector<int32_t> sums(static_cast<size_t>(kTileRows * blocks));
+  constexpr int64_t kMostTokens = 4;  // tokens a pass at most (SelectGroupTokens)
+  std::vector<int32_t> sums(static_cast<size_t>(kMostTokens * kTileRows * blocks));
   // Every row's words select their activations by their masks; no trit is written. Until 2026-12-08 rows of one
   // block were decoded into trits + 1 and dotted instead: 5-10 % faster on the Zen 4 hosts of docs/moe.md, but
   // 2.1x slower on a Zen 5 one, whose profile put a third of the decoder's time after its branch on a word's
   // length (docs/moe.md).
-  std::vector<int32_t> lanes(static_cast<size_t>(16 * kTileRows * blocks));
+  std::vector<int32_t> lanes(static_cast<size_t>(16 * kMostTokens * kTileRows * blocks));
   std::vector<uint32_t> offset_room;
   return ForEachRowGroup(v, row_begin, row_end, [&](int64_t r0, int64_t rows, int64_t first) -> absl::Status {
-    if (SelectGroupQ8_KAvx512(v, r0, rows, first, a, offset_room, lanes.data(), sums.data(), y + r0)) {
-      return absl::OkStatus();
+    // The tokens up to four at a time, each group's words (in L1 after the first pass) walked once per pass.
+    for (int64_t t = 0; t < a.tokens; t += kMostTokens) {
+      const int64_t count = std::min(a.tokens - t, kMostTokens);
+      const bool done = SelectGroupTokens(count, v, r0, rows, first, TokensOf(a, t, count), offset_room,
+                                          lanes.data(), sums.data(), y + t * y_stride, y_stride);
+      if (!done) return reference_group(r0, rows, first);
     }
-    return reference_group(r0, rows, first);
+    return absl::OkStatus();
   });
 }
 

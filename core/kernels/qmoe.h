@@ -14,9 +14,10 @@
 // are Q8_0 (d = the row's f16 scale, q = its trits as int8, so w = d * q). With int8 activations (kernels.h
 // ActivationMode) they are Q4_K (q = trit + 1, every sub-block's scale and min 1, d = dmin = the row's scale, so
 // w = d * q - dmin = d * trit), which takes ggml's Q8_K activations, one scale per 256 columns, as llama.cpp's
-// ternary types do; several tokens run the Q4_K integer GEMM on them. A single token (decode) computes the same
-// integers without tiles (DotRowsQ8_K): each word's masks select and negate its activations where it stands (one
-// masked load, one masked subtract, a vpdpbusd), so no trit is written.
+// ternary types do; many tokens (a prompt) run the Q4_K integer GEMM on them. One token (decode) or a few (several
+// sequences served at once) compute the same integers without tiles (DotRowsQ8_K): each word's masks select and
+// negate each token's activations where it stands (one masked load, one masked subtract, a vpdpbusd), so no trit
+// is written, and the tokens share the walk over the words.
 #pragma once
 
 #include <cstdint>
@@ -108,21 +109,27 @@ inline constexpr int64_t kTileRows = 16;
 absl::Status ForEachTile(const Tensor& w, int64_t row_begin, int64_t row_end, WeightType tile_type, bool bitwise,
                          const std::function<absl::Status(const Tensor& tile, int64_t first_row)>& f);
 
-// One token's int8 activations in the kQ8_K layout of int_dot.h: cols codes, a scale per 256 columns and the
-// exact sum of the codes of every 32.
+// Tokens' int8 activations in the kQ8_K layout of int_dot.h: per token cols codes, a scale per 256 columns and
+// the exact sum of the codes of every 32; token t's three arrays start t * stride bytes after token 0's.
 struct Q8_KActivations {
   const int8_t* codes;
   const float* scales;
   const int32_t* code_sums;
+  int64_t tokens = 1;
+  int64_t stride = 0;
 };
-// Decode, one token: y[r] for rows [row_begin, row_end), the bits of the Q4_K tiles' integer product (int_dot.h
-// Q4_K with sc = m = 1): per 256-column block, with dw the row's scale, D = dw * dx, T2 the block's code sum and
-// T1 = T2 + sum_c trit[c] * code[c], acc = fma(-D, float(T2), fma(D, float(T1), acc)). So a token's result is the
-// same alone and batched through ForEachTile. bitwise: the reference decoder and dot; otherwise AVX-512 where
-// ForEachTile's are. INVALID_ARGUMENT when cols is not a multiple of 256.
+// Decode, a few tokens: y[t * y_stride + r] for rows [row_begin, row_end), the bits of the Q4_K tiles' integer
+// product (int_dot.h Q4_K with sc = m = 1): per 256-column block, with dw the row's scale, D = dw * dx, T2 the
+// block's code sum and T1 = T2 + sum_c trit[c] * code[c], acc = fma(-D, float(T2), fma(D, float(T1), acc)). So a
+// token's result is the same alone, with others, and batched through ForEachTile. The words are walked once for
+// up to four tokens at a time (the walk is most of a token's cost), so kernels::MatMulRows sends up to
+// kSelectTokens tokens here rather than through the tiles: at 8 the tiles were faster, at 7 this, on the Intel
+// host of docs/moe.md. bitwise: the reference decoder and dot; otherwise AVX-512 where ForEachTile's are.
+// INVALID_ARGUMENT when cols is not a multiple of 256.
 inline constexpr int64_t kQ8_KBlockColumns = 256;
+inline constexpr int64_t kSelectTokens = 7;
 absl::Status DotRowsQ8_K(const Tensor& w, int64_t row_begin, int64_t row_end, const Q8_KActivations& a, float* y,
-                         bool bitwise);
+                         int64_t y_stride, bool bitwise);
 
 // Builds (once per process) the dictionary w's header names, so that the first matmul does not pay for it
 // (~30 ms); the runtime calls it when it loads a model. DATA_LOSS for a bad header.

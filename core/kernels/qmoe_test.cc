@@ -9,6 +9,7 @@
 #include <random>
 #include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/base/half.h"
@@ -173,12 +174,14 @@ TEST(QmoeTest, TilesHoldTheRowsExactlyOnEveryDecoder) {
 }
 
 // fp32 activations: the Q8_0 tiles' product (near the exact one). int8 activations: bit for bit the integer
-// product of the same rows as a Q4_K tensor, on every ISA, for a token alone (the words' masks select the
-// activations; at 768 columns words cross the blocks) or batched (Q4_K tiles), the rows cut anywhere.
+// product of the same rows as a Q4_K tensor, on every ISA, for a token alone or a few (the words' masks select
+// each token's activations, 5 tokens as passes of four and one; at 768 columns words cross the blocks) or more
+// (Q4_K tiles), the rows cut anywhere.
 TEST(QmoeTest, MatMulIsTheTilesProductAndBatchInvariant) {
-  for (const int64_t cols : {256, 768}) {
-    SCOPED_TRACE(cols);
-    const int64_t rows = 80, n = 5;
+  static_assert(qmoe::kSelectTokens >= 5 && qmoe::kSelectTokens < 9);
+  for (const auto& [cols, n] : {std::pair<int64_t, int64_t>{256, 5}, {768, 5}, {256, 9}, {768, 9}}) {
+    SCOPED_TRACE(testing::Message() << cols << " columns, " << n << " tokens");
+    const int64_t rows = 80;
     const Rows r = RandomRows(rows, cols, 0.85, 5);
     const Tensor t = EncodeTensor(r, rows, cols);
     const Tensor q = AsQ8_0(r, rows, cols), q4 = AsQ4_K(r, rows, cols);
@@ -276,10 +279,10 @@ TEST_P(QmoeCorruptTest, CorruptBytesAreDataLoss) {
     const absl::StatusCode dequantized = DequantizeRows(t, 0, rows, out.data()).code();
     for (bool bitwise : {true, false}) {
       std::vector<float> y(rows), y_bitwise(rows);
-      const absl::StatusCode dotted = qmoe::DotRowsQ8_K(t, 0, rows, a, y.data(), bitwise).code();
+      const absl::StatusCode dotted = qmoe::DotRowsQ8_K(t, 0, rows, a, y.data(), rows, bitwise).code();
       EXPECT_EQ(dotted, dequantized) << "DotRowsQ8_K, bitwise " << bitwise;
       if (dotted == absl::StatusCode::kOk && !bitwise) {
-        EXPECT_TRUE(qmoe::DotRowsQ8_K(t, 0, rows, a, y_bitwise.data(), true).ok());
+        EXPECT_TRUE(qmoe::DotRowsQ8_K(t, 0, rows, a, y_bitwise.data(), rows, true).ok());
         EXPECT_EQ(y, y_bitwise);
       }
       for (WeightType type : {WeightType::kQ8_0, WeightType::kQ4_K}) {
