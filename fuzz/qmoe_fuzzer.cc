@@ -1,7 +1,7 @@
 // The QMoE codec's reader on arbitrary bytes. The first 4 bytes give the shape (byte 0: rows 1..128, bytes 1-2:
 // cols 1 + byte 1 + 256 * (byte 2 % 4), so 1..1024; byte 3 spare), the rest is the tensor. Oracles: whatever
 // decodes, decodes to {-s, 0, +s} per row and agrees with the fused matmul on x = 1 (both read the same words),
-// and on rows of a multiple of 256 columns the few-token int8 dot (three tokens) gives the bits of its reference
+// and on rows of a multiple of 256 columns the few-token int8 dot (six tokens) gives the bits of its reference
 // (any NaN for a NaN); anything else is DATA_LOSS or INVALID_ARGUMENT, the same from every reader, never a crash.
 #include <cmath>
 #include <cstdint>
@@ -26,9 +26,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const absl::Status s = qforge::kernels::qmoe::DequantizeRows(t, 0, rows, w.data());
   if (s.ok() != qforge::kernels::qmoe::Validate(t).ok()) std::abort();
   if (cols % qforge::kernels::qmoe::kQ8_KBlockColumns == 0) {
-    // Three tokens (a pass of two and one of one through the AVX-512 selection), each row laid out as
+    // Six tokens (a pass of four and one of two through the AVX-512 selection), each row laid out as
     // PrepareInput lays them out: codes, block scales, code sums.
-    constexpr int64_t kTokens = 3;
+    constexpr int64_t kTokens = 6;
     const int64_t blocks = cols / 256, stride = cols + 4 * blocks + 4 * (cols / 32);
     std::vector<uint8_t> act(static_cast<size_t>(kTokens * stride));
     for (int64_t t = 0; t < kTokens; ++t) {

@@ -416,15 +416,15 @@ QF_QMOE_AVX512 const uint32_t* GroupEntryOffsets(const View& v, int64_t first, i
   return offsets;
 }
 
-// The group's words in one pass, 32 trits per store and a second 32 for a word longer than that: a word's stores
-// are zero past its length in its masks, and the next word's first store, which starts where this word ends,
-// overwrites that (a word of more than 32 trits ends at most 56 in, so that store reaches past its 64th), so
-// stores in word order leave each position its own trit; a row starts where the previous row's last word ended.
-// Two 32-byte stores where needed instead of one 64-byte store per word: a 64-byte store at any offset crosses a
-// cache line, a 32-byte one half the time, and seven words in ten are 32 trits or shorter (88 % zeros). Every
-// condition the reference decoder checks is checked here (a codeword outside the dictionary, a row with too few
-// trits or a word past its columns); false where one fails, and the caller asks the reference decoder for the
-// message.
+// The group's words in one pass, one 64-byte store of trits per word: a word's store is zero past its length in its
+// masks, and the next word's store, which starts where this word ends (at most 56 in), overwrites that, so stores
+// in word order leave each position its own trit; a row starts where the previous row's last word ended. Until
+// 2026-12-08 a word stored 32 trits and a second 32 only when longer (three words in ten at 88 % zeros), as a
+// 64-byte store at any offset crosses a cache line and a 32-byte one half the time: 9 % faster on a Zen 4 host,
+// but the branch on the length made the 24 expert matmuls of docs/moe.md at 8 tokens 27 % slower on an Intel
+// Xeon and prompts 10-15 % slower on a Zen 5. Every condition the reference decoder checks is checked here (a
+// codeword outside the dictionary, a row with too few trits or a word past its columns); false where one fails,
+// and the caller asks the reference decoder for the message.
 QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, int64_t first, RowGroup& g) {
   const int64_t cols = v.cols;
   int64_t counts[kTileRows], total = 0;
@@ -447,17 +447,13 @@ QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, i
     int64_t length = 0;
     for (const int64_t row_end = k + counts[i]; k < row_end; ++k) {
       // An entry's two masks loaded into mask registers as they are. The length bits write -1 to trits
-      // c + 56.. c + 63 of a word longer than 32: past its end, so the next word's first store or the room
-      // after the row takes them.
+      // c + 56.. c + 63: past the word's end, so the next word's store or the room after the row takes them.
       _mm_prefetch(reinterpret_cast<const char*>(entries + offset[k + kPrefetchWords]), _MM_HINT_T0);
       const uint8_t* e = entries + offset[k];
       const __m512i nonzero = _mm512_maskz_mov_epi8(LoadMask(e), plus_trit);
       const __m512i trits = _mm512_mask_mov_epi8(nonzero, LoadMask(e + 8), minus_trit);
       length = e[15];
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), _mm512_castsi512_si256(trits));
-      if (length > 32) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c + 32), _mm512_extracti64x4_epi64(trits, 1));
-      }
+      _mm512_storeu_si512(out + c, trits);
       c += length;
     }
     if (c - length - row_start >= cols || c - row_start < cols) return false;  // the last word starts past cols

@@ -123,11 +123,11 @@ struct Q8_KActivations {
 // block's code sum and T1 = T2 + sum_c trit[c] * code[c], acc = fma(-D, float(T2), fma(D, float(T1), acc)). So a
 // token's result is the same alone, with others, and batched through ForEachTile. The words are walked once for
 // up to four tokens at a time (the walk is most of a token's cost), so kernels::MatMulRows sends up to
-// kSelectTokens tokens here rather than through the tiles: at 8 the tiles were faster, at 7 this, on the Intel
+// kSelectTokens tokens here rather than through the tiles: at 5 the tiles were faster, at 4 this, on the Intel
 // host of docs/moe.md. bitwise: the reference decoder and dot; otherwise AVX-512 where ForEachTile's are.
 // INVALID_ARGUMENT when cols is not a multiple of 256.
 inline constexpr int64_t kQ8_KBlockColumns = 256;
-inline constexpr int64_t kSelectTokens = 7;
+inline constexpr int64_t kSelectTokens = 4;
 absl::Status DotRowsQ8_K(const Tensor& w, int64_t row_begin, int64_t row_end, const Q8_KActivations& a, float* y,
                          int64_t y_stride, bool bitwise);
 
