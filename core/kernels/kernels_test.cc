@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -11,6 +12,7 @@
 #include "core/base/half.h"
 #include "core/kernels/blocks.h"
 #include "core/kernels/ggml_kernels.h"
+#include "core/kernels/int_dot.h"
 #include "core/kernels/iq_grids.h"
 #include "core/model/ggml_types.h"
 #include "gtest/gtest.h"
@@ -1210,7 +1212,9 @@ TEST(IntDotTest, ActivationQuantizationIsGgmlsAndIsaIndependent) {
     const Tensor w = RandomTensor(WeightFormat::Of(t), 1, 512, 3);
     SetIsa(Isa::kScalar);
     const std::vector<float> ref = RunInt(w, 0, 1, x, 1, 1);
-    if (SetIsa(Isa::kAvx2) == Isa::kAvx2) EXPECT_EQ(FloatBits(RunInt(w, 0, 1, x, 1, 1)[0]), FloatBits(ref[0]));
+    if (SetIsa(Isa::kAvx2) == Isa::kAvx2) {
+      EXPECT_EQ(FloatBits(RunInt(w, 0, 1, x, 1, 1)[0]), FloatBits(ref[0]));
+    }
   }
   // A one-block row with a unit weight at column 5 reads back the quantized x[5]: Q8_0 gives d * 127 = x[5]
   // rounded through fp16.
@@ -1222,6 +1226,49 @@ TEST(IntDotTest, ActivationQuantizationIsGgmlsAndIsaIndependent) {
   SetIsa(Isa::kScalar);
   const float got = RunInt(unit, 0, 1, x32, 1, 1)[0];
   EXPECT_EQ(got, HalfToFloat(FloatToHalf(9.0f / 127.0f)) * 127.0f);
+}
+
+// The SIMD quantizers choose each block's largest |x| as the scalar one does where that is delicate: a tie of
+// magnitudes with opposite signs (the first decides the scale's sign), NaNs (skipped: the scale is the largest
+// finite |x|'s), a block of zeros (and a -0), one of only NaNs, the maximum last. (What a NaN x itself becomes
+// differs between them; such a row carries no information either way.)
+TEST(IntDotTest, Q8_KActivationsMatchTheScalarQuantizerOnTiesAndNaNs) {
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) GTEST_SKIP() << "no AVX2";
+  using internal::ActType;
+  const int64_t blocks = 5, cols = blocks * 256;
+  std::vector<float> x = RandomX(1, cols, 91);
+  x[10] = -7.5f;  // block 0: -7.5 first, then +7.5
+  x[200] = 7.5f;
+  x[256 + 3] = std::nanf("");  // block 1: NaNs around a maximum that is not first
+  x[256 + 40] = 6.0f;
+  x[256 + 41] = std::nanf("");
+  x[256 + 90] = -6.0f;
+  std::fill(x.begin() + 512, x.begin() + 768, 0.0f);  // block 2: zeros and a -0
+  x[512 + 5] = -0.0f;
+  std::fill(x.begin() + 768, x.begin() + 1024, std::nanf(""));  // block 3: only NaNs
+  x[1024 + 255] = 8.0f;                                           // block 4: the maximum last
+  const internal::ActRowLayout l = internal::GetActRowLayout(ActType::kQ8_K, cols);
+  std::vector<uint8_t> scalar(l.bytes), simd(l.bytes);
+  internal::QuantizeActScalar(ActType::kQ8_K, x.data(), cols, scalar.data());
+  internal::QuantizeActAvx2(ActType::kQ8_K, x.data(), cols, simd.data());
+  const auto codes = [&](const std::vector<uint8_t>& row) {
+    return reinterpret_cast<const int8_t*>(row.data() + l.codes);
+  };
+  const auto scales = [&](const std::vector<uint8_t>& row) {
+    return reinterpret_cast<const float*>(row.data() + l.scales);
+  };
+  for (int64_t b = 0; b < blocks; ++b) EXPECT_EQ(FloatBits(scales(simd)[b]), FloatBits(scales(scalar)[b])) << b;
+  for (int64_t c = 0; c < cols; ++c) {
+    if (!std::isnan(x[c])) {
+      EXPECT_EQ(codes(simd)[c], codes(scalar)[c]) << c;
+    }
+  }
+  EXPECT_EQ(codes(scalar)[10], -127);  // the first of the tied magnitudes sets the scale's sign
+  EXPECT_EQ(codes(scalar)[200], 127);
+  EXPECT_EQ(codes(scalar)[256 + 40], -127);
+  EXPECT_EQ(scales(scalar)[2], 0.0f);
+  EXPECT_EQ(scales(scalar)[3], 0.0f);
+  EXPECT_EQ(codes(scalar)[1024 + 255], -127);
 }
 
 // Against plain arithmetic: dequantized weights times dequantized activations, in double, is what the integer
