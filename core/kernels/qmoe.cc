@@ -640,6 +640,20 @@ QF_QMOE_AVX512 bool SelectGroupQ8_KAvx512(const View& v, int64_t r0, int64_t row
   return true;
 }
 
+// A Q4_K tile block's codes from 256 trits, as ForEachTile's scalar loop packs them: trit + 1 (0..2) of column
+// 64p + l in the low nibble of qs[32p + l], of column 64p + 32 + l in its high nibble. 32 bytes at a time, where
+// the compiler's loop (SSE2: ForEachTile has no AVX target) was ~12 % of the tiles' time at 8 tokens.
+QF_QMOE_AVX512 void PackQ4_KCodesAvx512(const int8_t* trits, uint8_t* qs) {
+  const __m256i one = _mm256_set1_epi8(1);
+  for (int p = 0; p < 4; ++p) {
+    const __m256i low = _mm256_add_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(trits + 64 * p)), one);
+    const __m256i high =
+        _mm256_add_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(trits + 64 * p + 32)), one);
+    // high < 4, so shifting its 16-bit lanes by 4 moves each byte's value into its own high nibble
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(qs + 32 * p), _mm256_or_si256(low, _mm256_slli_epi16(high, 4)));
+  }
+}
+
 // SelectGroupQ8_KAvx512 for count (1..4) tokens.
 template <class... Args>
 QF_QMOE_AVX512 bool SelectGroupTokens(int64_t count, Args&&... args) {
@@ -706,6 +720,10 @@ absl::Status ForEachTile(const Tensor& w, int64_t row_begin, int64_t row_end, We
         auto& q = *reinterpret_cast<block_q4_K*>(out);
         q.d = q.dmin = scale;
         std::memcpy(q.scales, unit_scales, kKScaleSize);
+        if (simd) {
+          PackQ4_KCodesAvx512(t, q.qs);
+          continue;
+        }
         for (int p = 0; p < 4; ++p) {
           for (int l = 0; l < 32; ++l) {
             q.qs[32 * p + l] = static_cast<uint8_t>((t[64 * p + l] + 1) | (t[64 * p + 32 + l] + 1) << 4);
