@@ -14,6 +14,7 @@
 
 #include "core/base/half.h"
 #include "core/kernels/blocks.h"
+#include "core/kernels/int_dot.h"
 #include "core/kernels/kernels.h"
 #include "gtest/gtest.h"
 
@@ -244,6 +245,42 @@ TEST(QmoeTest, MatMulIsTheTilesProductAndBatchInvariant) {
       }
     }
     SetIsa(before);
+  }
+}
+
+// DotRowsQ8_K on more tokens than a pass takes (9: passes of four, four and one) gives each token the bits of the
+// reference dot and of that token alone, the rows cut anywhere; rows of one block and of two.
+TEST(QmoeTest, FewTokenDotIsEachTokensDotInPasses) {
+  const int64_t rows = 40, tokens = 9;
+  for (const int64_t cols : {256, 512}) {
+    SCOPED_TRACE(cols);
+    const Tensor t = EncodeTensor(RandomRows(rows, cols, 0.88, 12), rows, cols);
+    const internal::ActRowLayout l = internal::GetActRowLayout(internal::ActType::kQ8_K, cols);
+    std::mt19937 rng(13);
+    std::normal_distribution<float> g(0, 1);
+    std::vector<float> x(static_cast<size_t>(cols));
+    std::vector<uint8_t> act(l.bytes * tokens);
+    for (int64_t tok = 0; tok < tokens; ++tok) {
+      for (float& v : x) v = g(rng);
+      internal::QuantizeActScalar(internal::ActType::kQ8_K, x.data(), cols, act.data() + tok * l.bytes);
+    }
+    auto tokens_from = [&](int64_t first, int64_t count) {
+      const uint8_t* row = act.data() + first * l.bytes;
+      return qmoe::Q8_KActivations{reinterpret_cast<const int8_t*>(row + l.codes),
+                                   reinterpret_cast<const float*>(row + l.scales),
+                                   reinterpret_cast<const int32_t*>(row + l.sums), count,
+                                   static_cast<int64_t>(l.bytes)};
+    };
+    std::vector<float> reference(rows * tokens), together(rows * tokens);
+    ASSERT_TRUE(qmoe::DotRowsQ8_K(t, 0, rows, tokens_from(0, tokens), reference.data(), rows, true).ok());
+    ASSERT_TRUE(qmoe::DotRowsQ8_K(t, 0, 21, tokens_from(0, tokens), together.data(), rows, false).ok());
+    ASSERT_TRUE(qmoe::DotRowsQ8_K(t, 21, rows, tokens_from(0, tokens), together.data(), rows, false).ok());
+    EXPECT_EQ(together, reference);
+    for (int64_t tok = 0; tok < tokens; ++tok) {
+      std::vector<float> alone(rows);
+      ASSERT_TRUE(qmoe::DotRowsQ8_K(t, 0, rows, tokens_from(tok, 1), alone.data(), rows, false).ok());
+      for (int64_t r = 0; r < rows; ++r) ASSERT_EQ(alone[r], reference[tok * rows + r]) << tok << " " << r;
+    }
   }
 }
 
