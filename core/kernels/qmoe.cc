@@ -765,12 +765,13 @@ absl::Status DotRowsQ8_K(const Tensor& w, int64_t row_begin, int64_t row_end, co
     return absl::OkStatus();
   };
   constexpr int64_t kMostTokens = 4;  // tokens a pass at most (SelectGroupTokens)
-  std::vector<int32_t> sums(static_cast<size_t>(kMostTokens * kTileRows * blocks));
+  const int64_t pass_tokens = std::min(a.tokens, kMostTokens);
+  std::vector<int32_t> sums(static_cast<size_t>(pass_tokens * kTileRows * blocks));
   // Every row's words select their activations by their masks; no trit is written. Until 2026-12-08 rows of one
   // block were decoded into trits + 1 and dotted instead: 5-10 % faster on the Zen 4 hosts of docs/moe.md, but
   // 2.1x slower on a Zen 5 one, whose profile put a third of the decoder's time after its branch on a word's
   // length (docs/moe.md).
-  std::vector<int32_t> lanes(static_cast<size_t>(16 * kMostTokens * kTileRows * blocks));
+  std::vector<int32_t> lanes(static_cast<size_t>(16 * pass_tokens * kTileRows * blocks));
   std::vector<uint32_t> offset_room;
   return ForEachRowGroup(v, row_begin, row_end, [&](int64_t r0, int64_t rows, int64_t first) -> absl::Status {
     // The tokens up to four at a time, each group's words (in L1 after the first pass) walked once per pass.
