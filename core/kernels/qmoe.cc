@@ -344,7 +344,7 @@ absl::Status DecodeRowBitwise(const View& v, int64_t r, int64_t first, int8_t* t
 struct RowGroup {
   std::vector<int8_t> trits;
   int64_t start[kTileRows] = {};
-  std::vector<uint32_t> offset_room;  // GroupEntryOffsets' (AVX-512 decoder)
+  std::vector<uint32_t> offset_room;  // CheckedGroupOffsets' (AVX-512 decoder)
 };
 
 // The reference decoder for a group: rows at a stride of cols; DATA_LOSS naming the first inconsistent row.
@@ -358,33 +358,6 @@ absl::Status DecodeGroupBitwise(const View& v, int64_t r0, int64_t rows, int64_t
   return absl::OkStatus();
 }
 
-// The checks of a group's words that the AVX-512 paths make before reading any: each row's count is 1..cols,
-// the words exist, and every codeword is in the dictionary. counts[i] is row r0 + i's count, *total their sum.
-QF_QMOE_AVX512 __attribute__((always_inline)) inline bool CheckGroupWordsAvx512(const View& v, int64_t r0,
-                                                                               int64_t rows, int64_t first,
-                                                                               int64_t* counts, int64_t* total) {
-  *total = 0;
-  for (int64_t i = 0; i < rows; ++i) {
-    counts[i] = v.Count(r0 + i);
-    if (counts[i] < 1 || counts[i] > v.cols) return false;
-    *total += counts[i];
-  }
-  if (first + *total > v.words) return false;
-  const uint8_t* words = v.base + v.layout.words_offset + 2 * first;
-  // Codes are 16-bit and the dictionary has at most 65,535 words, so its count fits an unsigned 16-bit compare.
-  const __m512i dictionary_words = _mm512_set1_epi16(static_cast<int16_t>(v.dict->words));
-  __mmask32 outside = 0;
-  int64_t k = 0;
-  for (; k + 32 <= *total; k += 32) {
-    outside |= _mm512_cmpge_epu16_mask(_mm512_loadu_si512(words + 2 * k), dictionary_words);
-  }
-  if (k < *total) {
-    const __mmask32 tail = (uint32_t{1} << (*total - k)) - 1;
-    outside |= _mm512_mask_cmpge_epu16_mask(tail, _mm512_maskz_loadu_epi16(tail, words + 2 * k), dictionary_words);
-  }
-  return outside == 0;
-}
-
 // A 64-bit mask loaded straight into a mask register (kmovq from memory).
 QF_QMOE_AVX512 __attribute__((always_inline)) inline __mmask64 LoadMask(const uint8_t* p) {
   return _load_mask64(reinterpret_cast<__mmask64*>(const_cast<uint8_t*>(p)));
@@ -396,24 +369,37 @@ QF_QMOE_AVX512 __attribute__((always_inline)) inline __mmask64 LoadMask(const ui
 // more lookups overlap.
 constexpr int64_t kPrefetchWords = 16;
 
-// The byte offsets in the dictionary of a group's `total` words (from word `first`), 16 at a time, and
+// A group's words checked and looked up before the AVX-512 paths read any, in one pass over them: each row's count
+// is 1..cols and the words exist (counts[i] is row r0 + i's count, *total their sum), every codeword is in the
+// dictionary (false otherwise), and the result is their byte offsets in the dictionary, 16 at a time, with
 // kPrefetchWords zeros after them (entry 0, so a prefetch ahead of the last word needs no bound); room grows to
 // hold them. The loops over the words then have no address arithmetic (on Zen 5 the selection ~10 % faster).
-QF_QMOE_AVX512 const uint32_t* GroupEntryOffsets(const View& v, int64_t first, int64_t total,
-                                                 std::vector<uint32_t>& room) {
+QF_QMOE_AVX512 const uint32_t* CheckedGroupOffsets(const View& v, int64_t r0, int64_t rows, int64_t first,
+                                                   int64_t* counts, int64_t* total, std::vector<uint32_t>& room) {
   static_assert(sizeof(Dictionary::Entry) == 16 && kPrefetchWords <= 16);
-  if (room.size() < static_cast<size_t>(total + 16 + kPrefetchWords)) {
-    room.resize(static_cast<size_t>(total + 16 + kPrefetchWords));
+  *total = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    counts[i] = v.Count(r0 + i);
+    if (counts[i] < 1 || counts[i] > v.cols) return nullptr;
+    *total += counts[i];
+  }
+  if (first + *total > v.words) return nullptr;
+  if (room.size() < static_cast<size_t>(*total + 16 + kPrefetchWords)) {
+    room.resize(static_cast<size_t>(*total + 16 + kPrefetchWords));
   }
   const uint8_t* words = v.base + v.layout.words_offset + 2 * first;
   uint32_t* offsets = room.data();
-  for (int64_t k = 0; k < total; k += 16) {
-    const auto lanes = static_cast<__mmask16>(total - k >= 16 ? 0xFFFF : (1u << (total - k)) - 1);
-    const __m512i w = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(lanes, words + 2 * k));
-    _mm512_storeu_si512(offsets + k, _mm512_slli_epi32(w, 4));  // lanes past total: 0
+  // Codes are 16-bit and the dictionary has at most 65,535 words, so its count fits an unsigned 16-bit compare.
+  const __m256i dictionary_words = _mm256_set1_epi16(static_cast<int16_t>(v.dict->words));
+  __mmask16 outside = 0;
+  for (int64_t k = 0; k < *total; k += 16) {
+    const auto lanes = static_cast<__mmask16>(*total - k >= 16 ? 0xFFFF : (1u << (*total - k)) - 1);
+    const __m256i w = _mm256_maskz_loadu_epi16(lanes, words + 2 * k);
+    outside |= _mm256_mask_cmpge_epu16_mask(lanes, w, dictionary_words);
+    _mm512_storeu_si512(offsets + k, _mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 4));  // lanes past total: 0
   }
-  _mm512_storeu_si512(offsets + total, _mm512_setzero_si512());
-  return offsets;
+  _mm512_storeu_si512(offsets + *total, _mm512_setzero_si512());
+  return outside == 0 ? offsets : nullptr;
 }
 
 // The group's words in one pass, one 64-byte store of trits per word: a word's store is zero past its length in its
@@ -428,8 +414,8 @@ QF_QMOE_AVX512 const uint32_t* GroupEntryOffsets(const View& v, int64_t first, i
 QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, int64_t first, RowGroup& g) {
   const int64_t cols = v.cols;
   int64_t counts[kTileRows], total = 0;
-  if (!CheckGroupWordsAvx512(v, r0, rows, first, counts, &total)) return false;
-  const uint32_t* offset = GroupEntryOffsets(v, first, total, g.offset_room);
+  const uint32_t* offset = CheckedGroupOffsets(v, r0, rows, first, counts, &total, g.offset_room);
+  if (offset == nullptr) return false;
   // Row i starts before i * (cols + kMaxWordTrits) when the rows before it are valid (each ends before its
   // last word, which starts before cols, passes), and its own words reach at most counts[i] * kMaxWordTrits
   // further, plus the 64-byte store: room for that, so no store needs a bound of its own.
@@ -555,7 +541,7 @@ QF_QMOE_AVX512 __attribute__((always_inline)) inline __m512i AddSelected(__m512i
 // one fails. Each token's row's vector of partial sums per block goes to lanes[16 * ((t * blocks + b) * kTileRows
 // + i)] (rows past `rows` keep what they hold: their lanes are not stored), and the group's are summed by
 // SumLanes16, a few instructions a row instead of a reduction per row (no change measured either way). sums: room
-// for kTokens * kTileRows * blocks; offset_room: GroupEntryOffsets'. One token's row adds its even and odd words
+// for kTokens * kTileRows * blocks; offset_room: CheckedGroupOffsets'. One token's row adds its even and odd words
 // into two vpdpbusd chains; with more tokens each token is a chain. On Zen 5 these took the 24 expert matmuls of
 // docs/moe.md from ~130 to ~100 us (the offsets ~10 %, vpdpbusd into the chain instead of a vpaddd ~8 %, two
 // chains instead of one ~12 %; four were no better). The walk (offsets, entries, columns, branches) is most of one
@@ -567,8 +553,8 @@ QF_QMOE_AVX512 bool SelectGroupQ8_KAvx512(const View& v, int64_t r0, int64_t row
                                           int32_t* lanes, int32_t* sums, float* y, int64_t y_stride) {
   const int64_t cols = v.cols, blocks = cols / kQ8_KBlockColumns;
   int64_t counts[kTileRows], total = 0;
-  if (!CheckGroupWordsAvx512(v, r0, rows, first, counts, &total)) return false;
-  const uint32_t* offset = GroupEntryOffsets(v, first, total, offset_room);
+  const uint32_t* offset = CheckedGroupOffsets(v, r0, rows, first, counts, &total, offset_room);
+  if (offset == nullptr) return false;
   const uint8_t* entries = reinterpret_cast<const uint8_t*>(v.dict->entries.data());
   const int8_t* codes[kTokens];
   for (int t = 0; t < kTokens; ++t) codes[t] = TokensOf(a, t).codes;
