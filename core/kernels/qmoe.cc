@@ -370,10 +370,9 @@ QF_QMOE_AVX512 __attribute__((always_inline)) inline __mmask64 LoadMask(const ui
 constexpr int64_t kPrefetchWords = 16;
 
 // A group's words checked and looked up before the AVX-512 paths read any, in one pass over them: each row's count
-// is 1..cols and the words exist (counts[i] is row r0 + i's count, *total their sum), every codeword is in the
-// dictionary (false otherwise), and the result is their byte offsets in the dictionary, 16 at a time, with
-// kPrefetchWords zeros after them (entry 0, so a prefetch ahead of the last word needs no bound); room grows to
-// hold them. The loops over the words then have no address arithmetic (on Zen 5 the selection ~10 % faster).
+// is 1..cols, the words exist (counts[i] is row r0 + i's count, *total their sum) and every codeword is in the
+// dictionary, else nullptr; the result is their byte offsets in the dictionary, 16 at a time, with kPrefetchWords
+// zeros after them (entry 0, so a prefetch ahead of the last word needs no bound); room grows to hold them. The loops over the words then have no address arithmetic (on Zen 5 the selection ~10 % faster).
 QF_QMOE_AVX512 const uint32_t* CheckedGroupOffsets(const View& v, int64_t r0, int64_t rows, int64_t first,
                                                    int64_t* counts, int64_t* total, std::vector<uint32_t>& room) {
   static_assert(sizeof(Dictionary::Entry) == 16 && kPrefetchWords <= 16);
@@ -408,7 +407,7 @@ QF_QMOE_AVX512 const uint32_t* CheckedGroupOffsets(const View& v, int64_t r0, in
 // 2026-12-08 a word stored 32 trits and a second 32 only when longer (three words in ten at 88 % zeros), as a
 // 64-byte store at any offset crosses a cache line and a 32-byte one half the time: 9 % faster on a Zen 4 host,
 // but the branch on the length made the 24 expert matmuls of docs/moe.md at 8 tokens 27 % slower on an Intel
-// Xeon and prompts 10-15 % slower on a Zen 5. Every condition the reference decoder checks is checked here (a
+// Xeon and prompts ~10-20 % slower on a Zen 5. Every condition the reference decoder checks is checked here (a
 // codeword outside the dictionary, a row with too few trits or a word past its columns); false where one fails,
 // and the caller asks the reference decoder for the message.
 QF_QMOE_AVX512 bool DecodeGroupAvx512(const View& v, int64_t r0, int64_t rows, int64_t first, RowGroup& g) {
@@ -454,7 +453,7 @@ absl::Status DecodeGroup(const View& v, int64_t r0, int64_t rows, int64_t first,
   return DecodeGroupBitwise(v, r0, rows, first, g);
 }
 
-// count of a's tokens from token t, as a view of its own.
+// Tokens [t, t + count) of a, as a view of their own.
 Q8_KActivations TokensOf(const Q8_KActivations& a, int64_t t, int64_t count = 1) {
   const int64_t offset = t * a.stride;
   return {reinterpret_cast<const int8_t*>(reinterpret_cast<const uint8_t*>(a.codes) + offset),
