@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "core/kernels/int_dot.h"
 #include "core/kernels/kernels.h"
 #include "core/kernels/qmoe.h"
 
@@ -27,15 +28,17 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (s.ok() != qforge::kernels::qmoe::Validate(t).ok()) std::abort();
   if (cols % qforge::kernels::qmoe::kQ8_KBlockColumns == 0) {
     // Six tokens (a pass of four and one of two through the AVX-512 selection), each row laid out as
-    // PrepareInput lays them out: codes, block scales, code sums.
+    // PrepareInput lays them out (GetActRowLayout).
     constexpr int64_t kTokens = 6;
-    const int64_t blocks = cols / 256, stride = cols + 4 * blocks + 4 * (cols / 32);
-    std::vector<uint8_t> act(static_cast<size_t>(kTokens * stride));
+    const int64_t blocks = cols / 256;
+    const qforge::kernels::internal::ActRowLayout l =
+        qforge::kernels::internal::GetActRowLayout(qforge::kernels::internal::ActType::kQ8_K, cols);
+    std::vector<uint8_t> act(kTokens * l.bytes);
     for (int64_t t = 0; t < kTokens; ++t) {
-      uint8_t* row = act.data() + t * stride;
-      auto* codes = reinterpret_cast<int8_t*>(row);
-      auto* scales = reinterpret_cast<float*>(row + cols);
-      auto* sums = reinterpret_cast<int32_t*>(row + cols + 4 * blocks);
+      uint8_t* row = act.data() + t * l.bytes;
+      auto* codes = reinterpret_cast<int8_t*>(row + l.codes);
+      auto* scales = reinterpret_cast<float*>(row + l.scales);
+      auto* sums = reinterpret_cast<int32_t*>(row + l.sums);
       for (int64_t b = 0; b < blocks; ++b) scales[b] = 0.5f + 0.25f * static_cast<float>(t);
       for (int64_t c = 0; c < cols / 32; ++c) sums[c] = 0;
       for (int64_t c = 0; c < cols; ++c) {
@@ -43,9 +46,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         sums[c / 32] += codes[c];
       }
     }
-    const qforge::kernels::qmoe::Q8_KActivations a{
-        reinterpret_cast<const int8_t*>(act.data()), reinterpret_cast<const float*>(act.data() + cols),
-        reinterpret_cast<const int32_t*>(act.data() + cols + 4 * blocks), kTokens, stride};
+    const qforge::kernels::qmoe::Q8_KActivations a{reinterpret_cast<const int8_t*>(act.data() + l.codes),
+                                                   reinterpret_cast<const float*>(act.data() + l.scales),
+                                                   reinterpret_cast<const int32_t*>(act.data() + l.sums), kTokens,
+                                                   static_cast<int64_t>(l.bytes)};
     std::vector<float> y_simd(static_cast<size_t>(kTokens * rows)), y_ref(static_cast<size_t>(kTokens * rows));
     const absl::Status simd = qforge::kernels::qmoe::DotRowsQ8_K(t, 0, rows, a, y_simd.data(), rows, false);
     const absl::Status ref = qforge::kernels::qmoe::DotRowsQ8_K(t, 0, rows, a, y_ref.data(), rows, true);
